@@ -1,0 +1,200 @@
+// host_cache_store: per (layer, site), the last `history_depth` rows of every token, each tagged with
+// the timestep it was computed at. Memory is allocated once at construction.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <limits>
+#include <vector>
+
+#include "approximators.hpp"
+#include "concepts.hpp"
+#include "storage.hpp"
+
+namespace specdiff {
+
+/// Geometry of a store. A batch is simply more tokens (sample b's token i is row b * tokens + i): every
+/// row's history is independent, so the store need not know about samples.
+struct cache_shape {
+  index_t layers = 1;
+  index_t sites = 1;
+  index_t tokens = 0;
+  index_t dim = 0;
+  index_t history_depth = 3;  ///< rows kept per token; >= the deepest approximator used
+
+  void validate() const {
+    if (layers <= 0) detail::fail("layers: must be positive, got ", layers);
+    if (sites <= 0) detail::fail("sites: must be positive, got ", sites);
+    if (tokens <= 0) detail::fail("tokens: must be positive, got ", tokens);
+    if (dim <= 0) detail::fail("dim: must be positive, got ", dim);
+    if (history_depth < 1 || history_depth > max_history) detail::fail("history_depth: must lie in [1, ", max_history, "], got ", history_depth);
+  }
+  static constexpr index_t max_history = 8;
+};
+
+template <storage_type Storage = float>
+class host_cache_store {
+  using traits = storage_traits<Storage>;
+
+ public:
+  explicit host_cache_store(cache_shape shape) : shape_((shape.validate(), shape)) {
+    const auto rows = static_cast<std::size_t>(shape_.layers) * shape_.sites * shape_.tokens;
+    data_.resize(rows * shape_.history_depth * shape_.dim);
+    tags_.resize(rows * shape_.history_depth);
+    head_.assign(rows, 0);
+    count_.assign(rows, 0);
+  }
+
+  const cache_shape& shape() const { return shape_; }
+
+  /// Bytes held for features and their bookkeeping.
+  std::size_t memory_bytes() const {
+    return data_.size() * sizeof(Storage) + tags_.size() * sizeof(float) + head_.size() + count_.size();
+  }
+
+  /// Forgets every row (a new image); keeps the memory.
+  void clear() { std::fill(count_.begin(), count_.end(), std::uint8_t{0}); }
+
+  /// Pushes a new history entry for every token: rows[i] is token i.
+  void write(index_t layer, index_t site, float t, matrix_view<const float> rows) {
+    expect_slot(layer, site);
+    detail::expect_matrix("rows", rows, shape_.tokens, shape_.dim);
+    for (index_t i = 0; i < shape_.tokens; ++i) push(layer, site, i, t, rows.row_ptr(i), "rows", i);
+  }
+
+  /// Pushes a new entry for the listed tokens from compact rows: rows[i] is token tokens[i] (what a partial
+  /// forward produces).
+  void scatter(index_t layer, index_t site, float t, std::span<const index_t> tokens, matrix_view<const float> rows) {
+    expect_slot(layer, site);
+    detail::expect_matrix("rows", rows, static_cast<index_t>(tokens.size()), shape_.dim);
+    for (std::size_t i = 0; i < tokens.size(); ++i) {
+      detail::expect_index("tokens[i]", tokens[i], shape_.tokens);
+      push(layer, site, tokens[i], t, rows.row_ptr(static_cast<index_t>(i)), "rows", static_cast<index_t>(i));
+    }
+  }
+
+  /// Pushes a new entry for the listed tokens, read in place from a full matrix: row tokens[i] of `all`.
+  void write_rows(index_t layer, index_t site, float t, std::span<const index_t> tokens, matrix_view<const float> all) {
+    expect_slot(layer, site);
+    detail::expect_matrix("all", all, shape_.tokens, shape_.dim);
+    for (index_t token : tokens) {
+      detail::expect_index("tokens[i]", token, shape_.tokens);
+      push(layer, site, token, t, all.row_ptr(token), "all", token);
+    }
+  }
+
+  /// For each listed token, writes row `token` of `out` (a full tokens x dim matrix) with the
+  /// approximator's mix of the token's history at timestep t.
+  template <approximator A>
+  void fill(index_t layer, index_t site, float t, std::span<const index_t> tokens, const A& approx, matrix_view<float> out) const {
+    expect_slot(layer, site);
+    detail::expect_matrix("out", out, shape_.tokens, shape_.dim);
+    std::array<float, cache_shape::max_history> tags{}, w{};
+    std::array<const Storage*, cache_shape::max_history> src{};
+    for (index_t token : tokens) {
+      detail::expect_index("tokens[i]", token, shape_.tokens);
+      const int n = std::min<int>(A::depth, entries(layer, site, token));
+      if (n == 0) detail::fail_logic("fill: layer ", layer, " site ", site, " token ", token, " has no cached feature (never written)");
+      for (int k = 0; k < n; ++k) {
+        tags[static_cast<std::size_t>(k)] = tag(layer, site, token, k);
+        src[static_cast<std::size_t>(k)] = entry(layer, site, token, k);
+      }
+      if (approx.weights(tags.data(), n, t, w.data()) != n)
+        detail::fail_logic("fill: token ", token, " history tags do not allow this approximator (repeated timestep ", tags[0], ")");
+      float* dst = out.row_ptr(token);
+      for (index_t c = 0; c < shape_.dim; ++c) {
+        float acc = 0.f;
+        for (int k = 0; k < n; ++k) acc += w[static_cast<std::size_t>(k)] * traits::load(src[static_cast<std::size_t>(k)][c]);
+        dst[c] = acc;
+      }
+    }
+  }
+
+  void fill_latest(index_t layer, index_t site, std::span<const index_t> tokens, matrix_view<float> out) const {
+    fill(layer, site, 0.f, tokens, latest{}, out);
+  }
+
+  /// Per token, the L2 norm of (latest - previous) row; +inf where fewer than two rows are cached
+  /// (unknown change: a scorer should compute such a token).
+  void change_norm(index_t layer, index_t site, std::span<float> out) const {
+    expect_slot(layer, site);
+    detail::expect_size("out", out.size(), static_cast<std::size_t>(shape_.tokens));
+    for (index_t i = 0; i < shape_.tokens; ++i) {
+      if (entries(layer, site, i) < 2) {
+        out[static_cast<std::size_t>(i)] = std::numeric_limits<float>::infinity();
+        continue;
+      }
+      const Storage* a = entry(layer, site, i, 0);
+      const Storage* b = entry(layer, site, i, 1);
+      double sum = 0.0;
+      for (index_t c = 0; c < shape_.dim; ++c) {
+        const double d = static_cast<double>(traits::load(a[c])) - static_cast<double>(traits::load(b[c]));
+        sum += d * d;
+      }
+      out[static_cast<std::size_t>(i)] = static_cast<float>(std::sqrt(sum));
+    }
+  }
+
+  /// Number of rows cached for a token (0..history_depth).
+  int entries(index_t layer, index_t site, index_t token) const { return count_[row_id(layer, site, token)]; }
+
+  /// The k-th most recent row of a token (k = 0 is the latest) and its tag.
+  std::span<const Storage> history(index_t layer, index_t site, index_t token, int k) const {
+    expect_slot(layer, site);
+    detail::expect_index("token", token, shape_.tokens);
+    if (k < 0 || k >= entries(layer, site, token))
+      detail::fail_logic("history: layer ", layer, " site ", site, " token ", token, " has ", entries(layer, site, token), " rows cached, asked for row ", k);
+    return {entry(layer, site, token, k), static_cast<std::size_t>(shape_.dim)};
+  }
+  float history_tag(index_t layer, index_t site, index_t token, int k) const {
+    (void)history(layer, site, token, k);
+    return tag(layer, site, token, k);
+  }
+
+ private:
+  void expect_slot(index_t layer, index_t site) const {
+    detail::expect_index("layer", layer, shape_.layers);
+    detail::expect_index("site", site, shape_.sites);
+  }
+
+  std::size_t row_id(index_t layer, index_t site, index_t token) const {
+    return (static_cast<std::size_t>(layer) * shape_.sites + static_cast<std::size_t>(site)) * shape_.tokens + static_cast<std::size_t>(token);
+  }
+  // Ring slot of the k-th most recent entry.
+  std::size_t slot(std::size_t row, int k) const {
+    const int h = shape_.history_depth;
+    return static_cast<std::size_t>((head_[row] - k + h) % h);
+  }
+  const Storage* entry(index_t layer, index_t site, index_t token, int k) const {
+    const std::size_t row = row_id(layer, site, token);
+    return data_.data() + (row * shape_.history_depth + slot(row, k)) * shape_.dim;
+  }
+  float tag(index_t layer, index_t site, index_t token, int k) const {
+    const std::size_t row = row_id(layer, site, token);
+    return tags_[row * shape_.history_depth + slot(row, k)];
+  }
+
+  void push(index_t layer, index_t site, index_t token, float t, const float* src, const char* name, index_t src_row) {
+    if (!std::isfinite(t)) detail::fail("t: timestep is not finite (", t, ")");
+    for (index_t c = 0; c < shape_.dim; ++c)
+      if (!std::isfinite(src[c])) detail::fail(name, "[", src_row, "][", c, "] is not finite (", src[c], ")");
+    const std::size_t row = row_id(layer, site, token);
+    const int h = shape_.history_depth;
+    const std::uint8_t next = count_[row] == 0 ? 0 : static_cast<std::uint8_t>((head_[row] + 1) % h);
+    Storage* dst = data_.data() + (row * h + next) * shape_.dim;
+    for (index_t c = 0; c < shape_.dim; ++c) dst[c] = traits::store(src[c]);
+    tags_[row * h + next] = t;
+    head_[row] = next;
+    if (count_[row] < h) ++count_[row];
+  }
+
+  cache_shape shape_;
+  std::vector<Storage> data_;       // [layer][site][token][slot][dim]
+  std::vector<float> tags_;         // [layer][site][token][slot]
+  std::vector<std::uint8_t> head_;  // slot of the latest entry
+  std::vector<std::uint8_t> count_; // entries cached
+};
+
+static_assert(cache_store<host_cache_store<float>> && cache_store<host_cache_store<bfloat16>>);
+
+}  // namespace specdiff

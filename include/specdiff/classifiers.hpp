@@ -1,0 +1,126 @@
+// Multi-level classifiers (host): log-domain scores -> token_plan. Scratch is sized at construction;
+// classify() never allocates.
+#pragma once
+
+#include <algorithm>
+#include <vector>
+
+#include "concepts.hpp"
+#include "math.hpp"
+
+namespace specdiff {
+
+namespace detail {
+
+inline void expect_rate(double cache_rate) {
+  if (!(cache_rate >= 0.0 && cache_rate < 1.0)) fail("cache_rate: must lie in [0, 1), got ", cache_rate);
+}
+
+inline void expect_scores(std::span<const float> log_score, const token_plan& plan) {
+  if (log_score.empty()) fail("log_score: zero tokens");
+  expect_size("log_score", log_score.size(), static_cast<std::size_t>(plan.tokens()));
+  expect_finite("log_score", log_score);
+}
+
+/// Token indices sorted by descending score, ties by ascending index: a strict total order, so the result
+/// is the same on every run and every standard library.
+inline void rank(std::span<const float> log_score, std::vector<index_t>& order) {
+  order.resize(log_score.size());
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = static_cast<index_t>(i);
+  std::sort(order.begin(), order.end(), [&](index_t a, index_t b) {
+    const float sa = log_score[static_cast<std::size_t>(a)], sb = log_score[static_cast<std::size_t>(b)];
+    return sa > sb || (sa == sb && a < b);
+  });
+}
+
+}  // namespace detail
+
+/// SpecDiff's three levels. C1 = the top ceil((1-CR)·N) tokens by score (a fixed count, so GEMM shapes
+/// are static); C2 = the lowest-scored tokens, taken from the bottom while their cumulative share of the
+/// total score stays <= reuse_mass; C3 = the rest. C2 never takes a C1 token.
+class three_level_classifier {
+ public:
+  three_level_classifier(index_t tokens, double cache_rate, double reuse_mass = 0.10)
+      : cache_rate_(cache_rate), reuse_mass_(reuse_mass) {
+    if (tokens <= 0) detail::fail("tokens: must be positive, got ", tokens);
+    detail::expect_rate(cache_rate);
+    if (!(reuse_mass >= 0.0 && reuse_mass <= 1.0)) detail::fail("reuse_mass: must lie in [0, 1], got ", reuse_mass);
+    order_.reserve(static_cast<std::size_t>(tokens));
+  }
+
+  index_t compute_count(index_t tokens) const { return math::compute_count(cache_rate_, tokens); }
+  double cache_rate() const { return cache_rate_; }
+  double reuse_mass() const { return reuse_mass_; }
+
+  void classify(std::span<const float> log_score, token_plan& plan) {
+    detail::expect_scores(log_score, plan);
+    if (log_score.size() > order_.capacity()) detail::fail("log_score: ", log_score.size(), " tokens, classifier was built for ", order_.capacity());
+    detail::rank(log_score, order_);
+    const index_t n = plan.tokens();
+    const index_t c1 = compute_count(n);
+    // Shares relative to the maximum: exp(s - max) is in (0, 1], so the sum cannot overflow.
+    const float top = log_score[static_cast<std::size_t>(order_[0])];
+    double total = 0.0;
+    for (float s : log_score) total += std::exp(static_cast<double>(s - top));
+    auto levels = plan.mutable_levels();
+    for (index_t r = 0; r < n; ++r) levels[static_cast<std::size_t>(order_[static_cast<std::size_t>(r)])] = r < c1 ? level::compute : level::approximate;
+    double mass = 0.0;
+    for (index_t r = n - 1; r >= c1; --r) {
+      const index_t token = order_[static_cast<std::size_t>(r)];
+      mass += std::exp(static_cast<double>(log_score[static_cast<std::size_t>(token)] - top)) / total;
+      if (mass > reuse_mass_) break;
+      levels[static_cast<std::size_t>(token)] = level::reuse;
+    }
+    plan.commit_levels();
+  }
+
+ private:
+  double cache_rate_;
+  double reuse_mass_;
+  std::vector<index_t> order_;
+};
+
+/// Two levels (ToCa): the top ceil((1-CR)·N) tokens are computed, every other token reuses its cache.
+class top_k_classifier {
+ public:
+  top_k_classifier(index_t tokens, double cache_rate) : cache_rate_(cache_rate) {
+    if (tokens <= 0) detail::fail("tokens: must be positive, got ", tokens);
+    detail::expect_rate(cache_rate);
+    order_.reserve(static_cast<std::size_t>(tokens));
+  }
+
+  void classify(std::span<const float> log_score, token_plan& plan) {
+    detail::expect_scores(log_score, plan);
+    if (log_score.size() > order_.capacity()) detail::fail("log_score: ", log_score.size(), " tokens, classifier was built for ", order_.capacity());
+    detail::rank(log_score, order_);
+    const index_t c1 = math::compute_count(cache_rate_, plan.tokens());
+    auto levels = plan.mutable_levels();
+    for (index_t r = 0; r < plan.tokens(); ++r) levels[static_cast<std::size_t>(order_[static_cast<std::size_t>(r)])] = r < c1 ? level::compute : level::reuse;
+    plan.commit_levels();
+  }
+
+ private:
+  double cache_rate_;
+  std::vector<index_t> order_;
+};
+
+/// Every token computed: the full model, and what a dense step uses.
+struct all_compute_classifier {
+  void classify(std::span<const float> log_score, token_plan& plan) const {
+    detail::expect_scores(log_score, plan);
+    plan.set_all(level::compute);
+  }
+};
+
+/// Every token reused (FORA between refreshes).
+struct all_reuse_classifier {
+  void classify(std::span<const float> log_score, token_plan& plan) const {
+    detail::expect_scores(log_score, plan);
+    plan.set_all(level::reuse);
+  }
+};
+
+static_assert(level_classifier<three_level_classifier> && level_classifier<top_k_classifier> &&
+              level_classifier<all_compute_classifier> && level_classifier<all_reuse_classifier>);
+
+}  // namespace specdiff

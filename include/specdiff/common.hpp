@@ -1,0 +1,95 @@
+// Shared vocabulary: index type, token levels, row-major matrix views, error helpers.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <type_traits>
+
+#if defined(__CUDACC__)
+#define SPECDIFF_HD __host__ __device__
+#else
+#define SPECDIFF_HD
+#endif
+
+namespace specdiff {
+
+/// Token and row indices. 32 bits: a DiT never has 2^31 tokens, and half-width indices halve sort traffic.
+using index_t = std::int32_t;
+
+/// The three levels of SpecDiff. The numeric values are the order of the segments in a token_plan.
+enum class level : std::uint8_t {
+  compute = 0,      ///< C1: run through the network
+  reuse = 1,        ///< C2: take the latest cached feature unchanged
+  approximate = 2,  ///< C3: weighted mix of the cached history
+};
+inline constexpr int level_count = 3;
+
+/// A non-owning row-major matrix: `rows` rows of `cols` values, row r starting at data + r * stride.
+/// Like Eigen::Map / mdspan with a strided layout; the engine owns the memory.
+template <class T>
+struct matrix_view {
+  T* data = nullptr;
+  index_t rows = 0;
+  index_t cols = 0;
+  std::ptrdiff_t stride = 0;  ///< elements between row starts; >= cols
+
+  constexpr matrix_view() = default;
+  constexpr matrix_view(T* d, index_t r, index_t c) : data(d), rows(r), cols(c), stride(c) {}
+  constexpr matrix_view(T* d, index_t r, index_t c, std::ptrdiff_t s) : data(d), rows(r), cols(c), stride(s) {}
+  template <class U>
+    requires std::is_convertible_v<U*, T*>
+  constexpr matrix_view(const matrix_view<U>& o) : data(o.data), rows(o.rows), cols(o.cols), stride(o.stride) {}
+
+  SPECDIFF_HD T* row_ptr(index_t r) const { return data + static_cast<std::ptrdiff_t>(r) * stride; }
+  std::span<T> row(index_t r) const { return {row_ptr(r), static_cast<std::size_t>(cols)}; }
+  bool empty() const { return rows == 0 || cols == 0; }
+};
+
+namespace detail {
+
+template <class... Parts>
+std::string cat(const Parts&... parts) {
+  std::ostringstream os;
+  (os << ... << parts);
+  return os.str();
+}
+
+template <class... Parts>
+[[noreturn]] void fail(const Parts&... parts) {
+  throw std::invalid_argument(cat(parts...));
+}
+
+template <class... Parts>
+[[noreturn]] void fail_logic(const Parts&... parts) {
+  throw std::logic_error(cat(parts...));
+}
+
+inline void expect_size(std::string_view name, std::size_t got, std::size_t want) {
+  if (got != want) fail(name, ": expected ", want, " values, got ", got);
+}
+
+inline void expect_finite(std::string_view name, std::span<const float> values) {
+  for (std::size_t i = 0; i < values.size(); ++i)
+    if (!std::isfinite(values[i])) fail(name, "[", i, "] is not finite (", values[i], ")");
+}
+
+template <class T>
+void expect_matrix(std::string_view name, const matrix_view<T>& m, index_t rows, index_t cols) {
+  if (m.rows != rows || m.cols != cols)
+    fail(name, ": expected a ", rows, "x", cols, " matrix, got ", m.rows, "x", m.cols);
+  if (m.stride < m.cols) fail(name, ": stride ", m.stride, " is smaller than cols ", m.cols);
+  if (m.data == nullptr && rows > 0 && cols > 0) fail(name, ": null data for a ", rows, "x", cols, " matrix");
+}
+
+inline void expect_index(std::string_view name, index_t value, index_t bound) {
+  if (value < 0 || value >= bound) fail(name, " = ", value, " is out of range [0, ", bound, ")");
+}
+
+}  // namespace detail
+}  // namespace specdiff
