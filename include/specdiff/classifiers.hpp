@@ -22,6 +22,11 @@ inline void expect_scores(std::span<const float> log_score, const token_plan& pl
   expect_finite("log_score", log_score);
 }
 
+inline void expect_capacity(std::span<const float> log_score, index_t capacity) {
+  if (log_score.size() > static_cast<std::size_t>(capacity))
+    fail("log_score: ", log_score.size(), " tokens, the classifier was built for ", capacity);
+}
+
 /// Token indices sorted by descending score, ties by ascending index: a strict total order, so the result
 /// is the same on every run and every standard library.
 inline void rank(std::span<const float> log_score, std::vector<index_t>& order) {
@@ -41,7 +46,7 @@ inline void rank(std::span<const float> log_score, std::vector<index_t>& order) 
 class three_level_classifier {
  public:
   three_level_classifier(index_t tokens, double cache_rate, double reuse_mass = 0.10)
-      : cache_rate_(cache_rate), reuse_mass_(reuse_mass) {
+      : cache_rate_(cache_rate), reuse_mass_(reuse_mass), capacity_(tokens) {
     if (tokens <= 0) detail::fail("tokens: must be positive, got ", tokens);
     detail::expect_rate(cache_rate);
     if (!(reuse_mass >= 0.0 && reuse_mass <= 1.0)) detail::fail("reuse_mass: must lie in [0, 1], got ", reuse_mass);
@@ -54,7 +59,7 @@ class three_level_classifier {
 
   void classify(std::span<const float> log_score, token_plan& plan) {
     detail::expect_scores(log_score, plan);
-    if (log_score.size() > order_.capacity()) detail::fail("log_score: ", log_score.size(), " tokens, classifier was built for ", order_.capacity());
+    detail::expect_capacity(log_score, capacity_);
     detail::rank(log_score, order_);
     const index_t n = plan.tokens();
     const index_t c1 = compute_count(n);
@@ -77,13 +82,14 @@ class three_level_classifier {
  private:
   double cache_rate_;
   double reuse_mass_;
+  index_t capacity_;
   std::vector<index_t> order_;
 };
 
 /// Two levels (ToCa): the top ceil((1-CR)·N) tokens are computed, every other token reuses its cache.
 class top_k_classifier {
  public:
-  top_k_classifier(index_t tokens, double cache_rate) : cache_rate_(cache_rate) {
+  top_k_classifier(index_t tokens, double cache_rate) : cache_rate_(cache_rate), capacity_(tokens) {
     if (tokens <= 0) detail::fail("tokens: must be positive, got ", tokens);
     detail::expect_rate(cache_rate);
     order_.reserve(static_cast<std::size_t>(tokens));
@@ -91,7 +97,7 @@ class top_k_classifier {
 
   void classify(std::span<const float> log_score, token_plan& plan) {
     detail::expect_scores(log_score, plan);
-    if (log_score.size() > order_.capacity()) detail::fail("log_score: ", log_score.size(), " tokens, classifier was built for ", order_.capacity());
+    detail::expect_capacity(log_score, capacity_);
     detail::rank(log_score, order_);
     const index_t c1 = math::compute_count(cache_rate_, plan.tokens());
     auto levels = plan.mutable_levels();
@@ -101,6 +107,7 @@ class top_k_classifier {
 
  private:
   double cache_rate_;
+  index_t capacity_;
   std::vector<index_t> order_;
 };
 

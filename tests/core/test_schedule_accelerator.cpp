@@ -1,0 +1,182 @@
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <cmath>
+#include <new>
+#include <specdiff/specdiff.hpp>
+
+#include "helpers.hpp"
+
+using namespace specdiff;
+
+// Counts heap allocations so the tests can assert that the per-step path makes none.
+namespace {
+std::atomic<long> allocations{0};
+}
+void* operator new(std::size_t n) {
+  ++allocations;
+  if (void* p = std::malloc(n ? n : 1)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+
+TEST_CASE("step_schedule: RAS's SD3 setting is dense before 4 and at 12 and 20") {
+  const step_schedule s{4, 8, 2};
+  std::vector<index_t> dense;
+  for (index_t i = 0; i < 28; ++i)
+    if (s.is_dense(i, 28)) dense.push_back(i);
+  CHECK(dense == std::vector<index_t>{0, 1, 2, 3, 12, 20});
+  CHECK(s.speculative_steps() == 2);
+  const step_schedule none{2, 0, 0};
+  CHECK(none.is_dense(1, 10));
+  CHECK_FALSE(none.is_dense(9, 10));
+  testing::expect_error<std::invalid_argument>([&] { (void)s.is_dense(28, 28); }, {"step = 28"});
+  testing::expect_error<std::invalid_argument>([] { step_schedule{-1, 0, 0}.validate(); }, {"warmup_steps", "-1"});
+}
+
+namespace {
+
+// A toy "model": a deterministic velocity per token and timestep, and an attention that favours a moving
+// band of tokens. Enough to exercise every path of the orchestration without an engine.
+float velocity(index_t sample, index_t token, index_t c, float t) {
+  return std::sin(0.3f * static_cast<float>(token + 7 * sample) + 0.1f * static_cast<float>(c)) * (t / 1000.f) + 0.01f * static_cast<float>(c);
+}
+float attention_of(index_t sample, index_t token, float t) {
+  return 1.f + std::cos(0.05f * static_cast<float>(token * (sample + 1)) + t / 200.f);
+}
+
+using specdiff_accelerator = accelerator<specdiff_scorer, self_speculation, three_level_classifier, step_schedule>;
+
+specdiff_accelerator make(index_t tokens, index_t batch, index_t steps, index_t dim, double cr, bool share = false) {
+  const accelerator_config cfg{tokens, batch, steps, dim, share};
+  return specdiff_accelerator(cfg, specdiff_scorer{}, self_speculation(batch * tokens), three_level_classifier(tokens, cr), step_schedule{2, 4, 2});
+}
+
+struct run_result {
+  std::vector<float> final_sum;  // sum over steps of the velocities used (a stand-in for the sampler)
+  long per_step_allocations = 0;
+};
+
+run_result run(specdiff_accelerator& acc, const std::vector<float>& ts, bool check_levels) {
+  const auto& cfg = acc.config();
+  const index_t rows = cfg.batch * cfg.tokens, dim = cfg.feature_dim;
+  std::vector<float> out(static_cast<std::size_t>(rows * dim)), attn(static_cast<std::size_t>(rows)), sum(out.size(), 0.f);
+  std::vector<float> spec_ts = {ts.front(), ts[ts.size() / 2]};
+  acc.begin_speculation(spec_ts);
+  for (index_t s = 0; s < 2; ++s) {
+    for (index_t r = 0; r < rows; ++r) attn[static_cast<std::size_t>(r)] = attention_of(r / cfg.tokens, r % cfg.tokens, spec_ts[static_cast<std::size_t>(s)]);
+    acc.record_speculation(s, attn);
+  }
+  // keep our own copy of every token's history to check the fills independently
+  std::vector<std::vector<std::pair<float, std::vector<float>>>> hist(static_cast<std::size_t>(rows));
+  run_result result;
+  for (index_t step = 0; step < cfg.steps; ++step) {
+    const float t = ts[static_cast<std::size_t>(step)];
+    const long before = allocations.load();
+    const bool dense = acc.plan_step(step, t);
+    result.per_step_allocations += allocations.load() - before;
+    std::fill(out.begin(), out.end(), std::nanf(""));
+    for (index_t b = 0; b < cfg.batch; ++b)
+      for (index_t i : acc.plan(b).compute()) {
+        const index_t r = b * cfg.tokens + i;
+        for (index_t c = 0; c < dim; ++c) out[static_cast<std::size_t>(r * dim + c)] = velocity(b, i, c, t);
+        attn[static_cast<std::size_t>(r)] = attention_of(b, i, t);
+      }
+    const long before2 = allocations.load();
+    acc.complete_step(step, t, matrix_view<float>(out.data(), rows, dim), attn);
+    result.per_step_allocations += allocations.load() - before2;
+    for (index_t b = 0; b < cfg.batch; ++b) {
+      const auto& plan = acc.plan(b);
+      for (index_t i = 0; i < cfg.tokens; ++i) {
+        const index_t r = b * cfg.tokens + i;
+        auto& h = hist[static_cast<std::size_t>(r)];
+        const level l = plan.levels()[static_cast<std::size_t>(i)];
+        const float* row = out.data() + r * dim;
+        if (check_levels && !dense) {
+          if (l == level::compute) CHECK(row[0] == velocity(b, i, 0, t));
+          if (l == level::reuse) CHECK(row[dim - 1] == h.back().second[static_cast<std::size_t>(dim - 1)]);
+          if (l == level::approximate) {
+            const std::size_t n = std::min<std::size_t>(3, h.size());
+            double w[3], norm = 0;
+            for (std::size_t k = 0; k < n; ++k) norm += w[k] = std::exp(-(k + 1.0)) * (h[h.size() - 1 - k].first - t);
+            double want = 0;
+            for (std::size_t k = 0; k < n; ++k) want += w[k] / norm * h[h.size() - 1 - k].second[1];
+            CHECK(row[1] == doctest::Approx(want).epsilon(1e-5));
+          }
+        }
+        if (dense || l == level::compute) h.emplace_back(t, std::vector<float>(row, row + dim));
+        CHECK(std::isfinite(row[0]));
+      }
+    }
+    for (std::size_t k = 0; k < sum.size(); ++k) sum[k] += out[k];
+  }
+  result.final_sum = sum;
+  return result;
+}
+
+std::vector<float> timesteps(index_t steps) {
+  std::vector<float> ts;
+  for (index_t i = 0; i < steps; ++i) ts.push_back(1000.f * (1.f - static_cast<float>(i) / static_cast<float>(steps)));
+  return ts;
+}
+
+}  // namespace
+
+TEST_CASE("accelerator: C1 rows as computed, C2 latest, C3 the SpecDiff mix; no per-step allocation") {
+  auto acc = make(64, 2, 12, 5, 0.75);
+  const auto r = run(acc, timesteps(12), true);
+  CHECK(r.per_step_allocations == 0);
+  CHECK(acc.compute_count() == 16);
+}
+
+TEST_CASE("accelerator: CR = 0 reproduces the full computation bit for bit") {
+  auto acc = make(40, 3, 10, 4, 0.0);
+  const auto cached = run(acc, timesteps(10), false);
+  accelerator full(accelerator_config{40, 3, 10, 4}, specdiff_scorer{}, self_speculation(120), all_compute_classifier{}, dense_schedule{});
+  std::vector<float> out(120 * 4), sum(out.size(), 0.f), attn(120, 1.f);
+  const auto ts = timesteps(10);
+  for (index_t step = 0; step < 10; ++step) {
+    CHECK(full.plan_step(step, ts[static_cast<std::size_t>(step)]));
+    for (index_t r = 0; r < 120; ++r)
+      for (index_t c = 0; c < 4; ++c) out[static_cast<std::size_t>(r * 4 + c)] = velocity(r / 40, r % 40, c, ts[static_cast<std::size_t>(step)]);
+    full.complete_step(step, ts[static_cast<std::size_t>(step)], matrix_view<float>(out.data(), 120, 4), attn);
+    for (std::size_t k = 0; k < sum.size(); ++k) sum[k] += out[k];
+  }
+  CHECK(cached.final_sum == sum);
+}
+
+TEST_CASE("accelerator: starvation counts and independent plans per sample") {
+  auto acc = make(50, 2, 8, 3, 0.8);
+  (void)run(acc, timesteps(8), false);
+  // cf counts the partial steps since a token was last computed
+  for (index_t p = 0; p < 2; ++p) {
+    const auto cf = acc.cache_counts(p);
+    const auto& plan = acc.plan(p);
+    for (index_t i : plan.compute()) CHECK(cf[static_cast<std::size_t>(i)] == 0.f);
+    for (index_t i : plan.approximate()) CHECK(cf[static_cast<std::size_t>(i)] >= 1.f);
+  }
+  // the toy attention differs per sample, so do the plans
+  const auto a = acc.plan(0).compute(), b = acc.plan(1).compute();
+  CHECK_FALSE(std::equal(a.begin(), a.end(), b.begin(), b.end()));
+}
+
+TEST_CASE("accelerator: a CFG pair can share one plan") {
+  auto acc = make(30, 4, 6, 2, 0.5, true);
+  (void)run(acc, timesteps(6), true);
+  for (index_t b = 0; b < 2; ++b) CHECK(&acc.plan(b) == &acc.plan(b + 2));
+  testing::expect_error<std::invalid_argument>([] { (void)make(30, 3, 6, 2, 0.5, true); }, {"batch", "even", "3"});
+}
+
+TEST_CASE("accelerator rejects bad input, naming the parameter") {
+  testing::expect_error<std::invalid_argument>([] { (void)make(0, 1, 6, 2, 0.5); }, {"tokens"});
+  testing::expect_error<std::invalid_argument>([] { (void)make(8, 1, 6, 0, 0.5); }, {"feature_dim"});
+  testing::expect_error<std::invalid_argument>([] { (void)make(8, 1, 6, 2, 1.0); }, {"cache_rate"});
+  auto acc = make(8, 1, 6, 2, 0.5);
+  std::vector<float> out(16, 0.f), attn(8, 1.f);
+  acc.plan_step(0, 1000.f);
+  testing::expect_error<std::invalid_argument>([&] { acc.complete_step(0, 1000.f, matrix_view<float>(out.data(), 4, 2), attn); }, {"output", "8x2", "4x2"});
+  attn[3] = std::nanf("");
+  testing::expect_error<std::invalid_argument>([&] { acc.complete_step(0, 1000.f, matrix_view<float>(out.data(), 8, 2), attn); }, {"attention[3]"});
+  testing::expect_error<std::invalid_argument>([&] { acc.plan_step(1, NAN); }, {"t:"});
+}

@@ -1,0 +1,48 @@
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <limits>
+#include <specdiff/scorers.hpp>
+
+#include "helpers.hpp"
+
+using namespace specdiff;
+
+TEST_CASE("SpecDiff scorer: log(his * fut * exp(cf)), hand computed") {
+  const std::vector<float> his = {0.5f, 2.f, 1.f}, fut = {4.f, 0.25f, 1.f}, cf = {0.f, 1.f, 3.f};
+  std::vector<float> out(3);
+  specdiff_scorer{}.score({his, fut, cf, {}}, out);
+  CHECK(out[0] == doctest::Approx(std::log(2.0)));
+  CHECK(out[1] == doctest::Approx(std::log(0.5) + 1.0));
+  CHECK(out[2] == doctest::Approx(3.0));
+  // the ranking equals the ranking of the product form
+  CHECK(out[2] > out[0]);
+  CHECK(out[0] > out[1]);
+}
+
+TEST_CASE("scorers read only their signals") {
+  const std::vector<float> his = {1.f, 3.f}, cf = {2.f, 0.f}, change = {0.5f, std::numeric_limits<float>::infinity()};
+  std::vector<float> out(2);
+  toca_scorer{0.5f}.score({his, {}, cf, {}}, out);
+  CHECK(out[0] == doctest::Approx(1.0));
+  CHECK(out[1] == doctest::Approx(std::log(3.0)));
+  feature_change_scorer{}.score({{}, {}, cf, change}, out);
+  CHECK(out[0] == doctest::Approx(std::log(0.5) + 2.0));
+  CHECK(std::isfinite(out[1]));  // unknown change ranks first but stays finite
+  CHECK(out[1] > 80.f);
+  uniform_scorer{}.score({{}, {}, cf, {}}, out);
+  CHECK(out[0] == 0.f);
+  CHECK(out[1] == 0.f);
+  uniform_scorer{1.f}.score({{}, {}, cf, {}}, out);
+  CHECK(out[0] == 2.f);
+}
+
+TEST_CASE("scorers reject bad input, naming the parameter") {
+  const std::vector<float> good = {1.f, 1.f}, short_ = {1.f}, nan = {1.f, std::nanf("")};
+  std::vector<float> out(2), none;
+  testing::expect_error<std::invalid_argument>([&] { specdiff_scorer{}.score({good, short_, good, {}}, out); }, {"future", "expected 2", "got 1"});
+  testing::expect_error<std::invalid_argument>([&] { specdiff_scorer{}.score({nan, good, good, {}}, out); }, {"attention[1]", "not finite"});
+  testing::expect_error<std::invalid_argument>([&] { toca_scorer{}.score({good, {}, {}, {}}, out); }, {"cache_count"});
+  testing::expect_error<std::invalid_argument>([&] { specdiff_scorer{}.score({good, good, good, {}}, none); }, {"zero tokens"});
+  testing::expect_error<std::invalid_argument>([&] { feature_change_scorer{}.score({{}, {}, good, nan}, out); }, {"feature_change[1]", "NaN"});
+}
