@@ -1,0 +1,17 @@
+# Builds and runs the consumer project against an install prefix (MODE=find_package) or the source tree
+# (MODE=add_subdirectory). Any failing step fails the test.
+file(REMOVE_RECURSE ${WORK_DIR})
+function(run)
+  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "failed (${rc}): ${ARGN}\n${out}\n${err}")
+  endif()
+endfunction()
+if(MODE STREQUAL "find_package")
+  run(${CMAKE_COMMAND} --install ${SPECDIFF_BUILD_DIR} --prefix ${WORK_DIR}/prefix --component Unspecified)
+  run(${CMAKE_COMMAND} -S ${CONSUMER_DIR} -B ${WORK_DIR}/build -DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix -DCMAKE_BUILD_TYPE=Release)
+else()
+  run(${CMAKE_COMMAND} -S ${CONSUMER_DIR} -B ${WORK_DIR}/build -DSPECDIFF_SOURCE_DIR=${SPECDIFF_SOURCE_DIR} -DCMAKE_BUILD_TYPE=Release)
+endif()
+run(${CMAKE_COMMAND} --build ${WORK_DIR}/build)
+run(${WORK_DIR}/build/consumer)
