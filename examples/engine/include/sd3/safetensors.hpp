@@ -1,0 +1,89 @@
+// Reader (memory-mapped) and small writer for the .safetensors format:
+//   [u64 little-endian header length N][N bytes of JSON header][data bytes]
+// The header maps tensor names to {"dtype", "shape", "data_offsets": [begin, end]} with offsets relative
+// to the start of the data section. Every offset and shape is checked against the file before any byte
+// is read, so a damaged file raises std::runtime_error naming the file (and the tensor), never a crash.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace sd3 {
+
+// Element types this reader converts to float. Others (F64, I64, ...) are rejected with a clear error.
+enum class dtype { f32, f16, bf16 };
+
+std::string_view dtype_name(dtype t) noexcept;
+std::size_t dtype_size(dtype t) noexcept;
+
+struct tensor_info {
+    std::string name;
+    sd3::dtype type = dtype::f32;
+    std::vector<std::int64_t> shape;
+    std::size_t begin = 0;  // byte offsets into the data section (after the header)
+    std::size_t end = 0;
+    std::int64_t numel() const noexcept;
+};
+
+// One safetensors file mapped read-only. Movable, not copyable; the mapping lives as long as the object.
+class safetensors_file {
+public:
+    explicit safetensors_file(const std::filesystem::path& path);
+    ~safetensors_file();
+    safetensors_file(safetensors_file&& other) noexcept;
+    safetensors_file& operator=(safetensors_file&& other) noexcept;
+    safetensors_file(const safetensors_file&) = delete;
+    safetensors_file& operator=(const safetensors_file&) = delete;
+
+    const std::filesystem::path& path() const noexcept { return path_; }
+    bool contains(std::string_view name) const;
+    // Throws std::runtime_error naming the file and the tensor when it is absent.
+    const tensor_info& info(std::string_view name) const;
+    const std::vector<tensor_info>& tensors() const noexcept { return tensors_; }  // sorted by name
+    const std::map<std::string, std::string>& metadata() const noexcept { return metadata_; }
+
+    // The tensor converted to float32.
+    std::vector<float> read(std::string_view name) const;
+    // Same, into caller memory; out.size() must equal the element count.
+    void read_into(std::string_view name, std::span<float> out) const;
+    // The raw little-endian bytes of the tensor.
+    std::span<const std::byte> raw(std::string_view name) const;
+
+private:
+    void parse();
+    void unmap() noexcept;
+
+    std::filesystem::path path_;
+    const std::byte* map_ = nullptr;
+    std::size_t size_ = 0;
+    std::size_t data_start_ = 0;
+    std::vector<tensor_info> tensors_;
+    std::map<std::string, std::string> metadata_;
+};
+
+// A float tensor to save. Values are converted to `type` (round to nearest even for f16 / bf16).
+struct tensor_to_save {
+    std::string name;
+    std::vector<std::int64_t> shape;
+    std::span<const float> values;
+    sd3::dtype type = dtype::f32;
+};
+
+// Writes a safetensors file (tensors in the order given, tightly packed). Throws std::invalid_argument when
+// a tensor's value count disagrees with its shape or a name repeats, std::runtime_error on I/O failure.
+void save_safetensors(const std::filesystem::path& path, std::span<const tensor_to_save> tensors,
+                      const std::map<std::string, std::string>& metadata = {});
+
+// Scalar conversions used by the reader and writer (exposed for tests).
+float half_to_float(std::uint16_t h) noexcept;
+float bfloat16_to_float(std::uint16_t b) noexcept;
+std::uint16_t float_to_half(float f) noexcept;
+std::uint16_t float_to_bfloat16(float f) noexcept;
+
+}  // namespace sd3

@@ -1,0 +1,68 @@
+// Rectified-flow sampling: diffusers' FlowMatchEulerDiscreteScheduler and the SD3 pipeline's denoising loop
+// with classifier-free guidance.
+#pragma once
+
+#include <functional>
+#include <optional>
+#include <span>
+#include <vector>
+
+#include "sd3/transformer.hpp"
+
+namespace sd3 {
+
+// FlowMatchEulerDiscreteScheduler(num_train_timesteps, shift[, use_dynamic_shifting]) after set_timesteps(steps[, mu]):
+//   sigma_max, sigma_min: the training table linspace(1, T, T)/T reversed, shifted once (float32);
+//   sigmas = shift(linspace(sigma_max*T, sigma_min*T, steps) / T), i.e. the endpoints are shifted twice, then a
+//   0 appended; timesteps = sigmas * T (float32). With `mu` (dynamic shifting) the second shift is
+//   exp(mu) / (exp(mu) + (1/sigma - 1)) instead and the training table is not shifted.
+class flow_match_euler {
+public:
+    explicit flow_match_euler(int steps, double shift = 3.0, int num_train_timesteps = 1000,
+                              std::optional<double> mu = std::nullopt);
+    int steps() const noexcept { return static_cast<int>(timesteps_.size()); }
+    const std::vector<float>& sigmas() const noexcept { return sigmas_; }       // steps + 1 values, last 0
+    const std::vector<float>& timesteps() const noexcept { return timesteps_; } // steps values
+    // Euler update of step i: latents += (sigma[i+1] - sigma[i]) * velocity.
+    void step(int i, std::span<const float> velocity, std::span<float> latents) const;
+
+private:
+    std::vector<float> sigmas_, timesteps_;
+};
+
+// Conditioning for sample_cfg, diffusers' names: context = prompt_embeds, pooled = pooled_prompt_embeds.
+struct cfg_inputs {
+    int batch = 0;
+    int height = 0;  // latent pixels
+    int width = 0;
+    int context_tokens = 0;
+    std::span<const float> noise;             // initial latents [batch, in_channels, height, width]
+    std::span<const float> context;           // [batch, context_tokens, joint_attention_dim]
+    std::span<const float> negative_context;  // same shape; needed only when guidance > 1
+    std::span<const float> pooled;            // [batch, pooled_projection_dim]
+    std::span<const float> negative_pooled;   // same shape; needed only when guidance > 1
+};
+
+// One model evaluation requested by the sampler. With guidance > 1 the model batch is [uncond; cond]
+// (2 * batch samples, diffusers' order); the callee fills `velocity` [model batch, out_channels, H, W].
+struct model_call {
+    int step = 0;
+    float timestep = 0;  // sigma * 1000, the value every sample of the batch gets
+    float sigma = 0;
+    float sigma_next = 0;
+    const forward_inputs* inputs = nullptr;
+    std::span<float> velocity;
+};
+
+// Replaces the model call (e.g. a caching policy that runs a token-subset forward); empty = net.forward.
+using model_fn = std::function<void(const model_call&)>;
+// Observes the latents after each Euler step (step index, the sigma reached, latents [batch, C, H, W]).
+using step_fn = std::function<void(int step, float sigma, std::span<const float> latents)>;
+
+// The SD3 pipeline loop: for each step, v = model([uncond; cond], t), v = v_u + guidance (v_c - v_u)
+// (guidance > 1, else the cond batch alone), latents = Euler step. Returns the final latents.
+// The transformer's max_batch must hold the model batch. Buffers are allocated once per call, not per step.
+std::vector<float> sample_cfg(transformer& net, const flow_match_euler& scheduler, const cfg_inputs& in, float guidance,
+                              const model_fn& model = {}, const step_fn& on_step = {});
+
+}  // namespace sd3

@@ -1,0 +1,141 @@
+// The SD3 MMDiT forward pass (diffusers SD3Transformer2DModel semantics) with caching hooks.
+//
+// Plain use:
+//     sd3::transformer net(model, {.max_batch = 2, .max_context_tokens = 77}, /*threads=*/4);
+//     net.forward(inputs, velocity);                    // velocity: [batch, out_channels, height, width]
+//
+// Hooked use (see docs/engine.md): a forward_options object selects
+//   - a token-subset forward (only some image tokens run the blocks; keys/values of the others come from a
+//     per-layer kv_cache, which the computed tokens refresh),
+//   - the attention probe (attention received per image token, summed over layers),
+//   - per layer, per stream, per module (attention / MLP output, before the gate) overrides: reuse caller rows,
+//     compute only a token subset of the MLP, and read the computed values back.
+// All workspaces are sized in the constructor; forward() does not allocate.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "sd3/config.hpp"
+
+namespace sd3 {
+
+struct model;
+
+// Largest problem a transformer object is prepared for (workspaces are sized from these once).
+struct engine_limits {
+    int max_batch = 2;
+    int max_height = 0;           // latent pixels; 0 = config.sample_size
+    int max_width = 0;            // latent pixels; 0 = config.sample_size
+    int max_context_tokens = 256;
+};
+
+// One forward call's inputs: views over caller memory, diffusers' layouts.
+struct forward_inputs {
+    int batch = 0;
+    int height = 0;  // latent pixels, a multiple of patch_size
+    int width = 0;
+    int context_tokens = 0;
+    std::span<const float> latents;    // [batch, in_channels, height, width]
+    std::span<const float> timesteps;  // [batch], on diffusers' scale (sigma * 1000)
+    std::span<const float> context;    // [batch, context_tokens, joint_attention_dim]
+    std::span<const float> pooled;     // [batch, pooled_projection_dim]
+};
+
+// Per-layer keys and values of every image token (after qk-norm), the state a token-subset forward reads
+// for the tokens it does not compute. Layout: [layer][sample][token][hidden], heads contiguous in hidden.
+class kv_cache {
+public:
+    kv_cache(const transformer_config& config, int max_batch, int max_image_tokens);
+    int layers() const noexcept { return layers_; }
+    int max_batch() const noexcept { return max_batch_; }
+    int max_image_tokens() const noexcept { return max_tokens_; }
+    int hidden() const noexcept { return hidden_; }
+    float* keys(int layer, int sample) noexcept { return k_.data() + offset(layer, sample); }
+    float* values(int layer, int sample) noexcept { return v_.data() + offset(layer, sample); }
+    const float* keys(int layer, int sample) const noexcept { return k_.data() + offset(layer, sample); }
+    const float* values(int layer, int sample) const noexcept { return v_.data() + offset(layer, sample); }
+
+private:
+    std::size_t offset(int layer, int sample) const noexcept {
+        return (static_cast<std::size_t>(layer) * max_batch_ + sample) * max_tokens_ * hidden_;
+    }
+    int layers_, max_batch_, max_tokens_, hidden_;
+    std::vector<float> k_, v_;
+};
+
+enum class stream : int { image = 0, context = 1 };
+
+enum class module_mode : std::uint8_t {
+    compute,  // compute for every active token; if `rows` is set, also write the output there (read-back)
+    reuse,    // take every active token's output from `rows`; the module is not computed
+    subset,   // MLP only: compute `tokens`, write them to `rows`; every other token's output is read from `rows`
+};
+
+// One caching site: a module's output before the AdaLN gate (attention = after to_out / to_add_out;
+// MLP = after ff.net.2), for one stream of one block.
+struct module_hook {
+    module_mode mode = module_mode::compute;
+    // [batch, stream tokens, hidden] caller memory indexed by absolute token id (image: (H/p)*(W/p) tokens
+    // row-major over the patch grid; context: context_tokens). Rows of tokens not active are left untouched.
+    float* rows = nullptr;
+    // subset mode: [batch * m], per sample ascending absolute token ids, the same count m for every sample;
+    // in a token-subset forward they must be among the active image tokens.
+    std::span<const std::int32_t> tokens;
+};
+
+struct block_hooks {
+    module_hook attention[2];  // indexed by stream: [0] image, [1] context
+    module_hook mlp[2];
+};
+
+struct forward_options {
+    // Token-subset forward: [batch * n] ascending absolute image-token ids per sample, n the same for every
+    // sample. Empty = every token. With a subset, `velocity` receives [batch, n, patch_features] rows
+    // (features ordered (p, q, c) like proj_out) instead of the image, and `kv` is required.
+    std::span<const std::int32_t> image_tokens;
+    // Per-layer K/V of all image tokens. A forward refreshes the rows of the tokens it computes (all tokens in
+    // a full forward); a subset forward reads the other rows. Layers whose attention is reused leave it as is.
+    kv_cache* kv = nullptr;
+    // [batch, image tokens]: overwritten with, per image token, the column sum over the computed queries of
+    // the head-averaged attention probabilities, summed over all layers that computed attention.
+    std::span<float> attention_probe;
+    bool probe_context_queries = false;  // also count the context tokens' queries (default: image queries only)
+    // Empty, or one entry per layer. The last block (context_pre_only) has no context outputs: its context
+    // hooks must stay {compute, nullptr}.
+    std::span<const block_hooks> blocks;
+};
+
+class transformer {
+public:
+    // `m` must outlive the transformer. threads >= 1 (OpenMP threads used by every stage).
+    explicit transformer(const model& m, const engine_limits& limits = {}, int threads = 1);
+    ~transformer();
+    transformer(transformer&&) noexcept;
+    transformer& operator=(transformer&&) noexcept;
+
+    const transformer_config& config() const noexcept;
+    const engine_limits& limits() const noexcept;
+    int threads() const noexcept;
+    void set_threads(int threads);
+
+    // Full forward: velocity [batch, out_channels, height, width].
+    void forward(const forward_inputs& in, std::span<float> velocity);
+    // Hooked forward (see forward_options). With no subset and no overrides it is bit-identical to the above.
+    void forward(const forward_inputs& in, std::span<float> velocity, const forward_options& options);
+
+private:
+    struct impl;
+    std::unique_ptr<impl> impl_;
+};
+
+// Image [batch, channels, height, width] <-> token rows [batch, n, p*p*channels] ((p, q, c) feature order).
+// tokens: [batch * n] absolute token ids per sample (empty = all tokens, n = (height/p)*(width/p)).
+void patches_to_image(const transformer_config& config, int batch, int height, int width, int channels,
+                      std::span<const std::int32_t> tokens, std::span<const float> rows, std::span<float> image);
+void image_to_patches(const transformer_config& config, int batch, int height, int width, int channels,
+                      std::span<const std::int32_t> tokens, std::span<const float> image, std::span<float> rows);
+
+}  // namespace sd3

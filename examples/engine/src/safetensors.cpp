@@ -1,0 +1,324 @@
+#include "sd3/safetensors.hpp"
+
+#include <algorithm>
+#include <bit>
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <limits>
+#include <set>
+#include <stdexcept>
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <nlohmann/json.hpp>
+
+static_assert(std::endian::native == std::endian::little, "safetensors data is little-endian; big-endian hosts unsupported");
+
+namespace sd3 {
+namespace {
+
+[[noreturn]] void fail(const std::filesystem::path& file, const std::string& what) {
+    throw std::runtime_error("safetensors file '" + file.string() + "': " + what);
+}
+[[noreturn]] void fail(const std::filesystem::path& file, std::string_view tensor, const std::string& what) {
+    throw std::runtime_error("safetensors file '" + file.string() + "', tensor '" + std::string(tensor) + "': " + what);
+}
+
+bool parse_dtype(std::string_view s, dtype& out) {
+    if (s == "F32") { out = dtype::f32; return true; }
+    if (s == "F16") { out = dtype::f16; return true; }
+    if (s == "BF16") { out = dtype::bf16; return true; }
+    return false;
+}
+
+}  // namespace
+
+std::string_view dtype_name(dtype t) noexcept {
+    switch (t) {
+        case dtype::f32: return "F32";
+        case dtype::f16: return "F16";
+        case dtype::bf16: return "BF16";
+    }
+    return "?";
+}
+
+std::size_t dtype_size(dtype t) noexcept { return t == dtype::f32 ? 4 : 2; }
+
+std::int64_t tensor_info::numel() const noexcept {
+    std::int64_t n = 1;
+    for (auto d : shape) n *= d;
+    return n;
+}
+
+float half_to_float(std::uint16_t h) noexcept {
+    const std::uint32_t sign = (h & 0x8000u) << 16;
+    const std::uint32_t exp = (h >> 10) & 0x1fu;
+    const std::uint32_t mant = h & 0x3ffu;
+    if (exp == 0x1f) return std::bit_cast<float>(sign | 0x7f800000u | (mant << 13));  // inf / nan
+    if (exp == 0) {
+        // zero or subnormal: mant * 2^-24, exact in float
+        const float v = static_cast<float>(mant) * 0x1p-24f;
+        return sign ? -v : v;
+    }
+    return std::bit_cast<float>(sign | ((exp + 112u) << 23) | (mant << 13));
+}
+
+float bfloat16_to_float(std::uint16_t b) noexcept { return std::bit_cast<float>(std::uint32_t{b} << 16); }
+
+std::uint16_t float_to_bfloat16(float f) noexcept {
+    const std::uint32_t u = std::bit_cast<std::uint32_t>(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((u >> 16) | 0x40u);  // quiet nan
+    const std::uint32_t rounding = 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+    return static_cast<std::uint16_t>((u + rounding) >> 16);
+}
+
+std::uint16_t float_to_half(float f) noexcept {
+    const std::uint32_t u = std::bit_cast<std::uint32_t>(f);
+    const std::uint16_t sign = static_cast<std::uint16_t>((u >> 16) & 0x8000u);
+    const std::uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return sign | 0x7e00u;                 // nan
+    if (a >= 0x477ff000u) return sign | 0x7c00u;                // overflow (>= 65520) -> inf
+    if (a < 0x38800000u) {                                       // below the smallest normal half
+        // subnormal: value / 2^-24 rounded to nearest even; float arithmetic does the rounding exactly
+        const float scaled = std::bit_cast<float>(a) * 0x1p24f;
+        return sign | static_cast<std::uint16_t>(std::nearbyint(scaled));
+    }
+    const std::uint32_t rounded = a + 0xfffu + ((a >> 13) & 1u);
+    return sign | static_cast<std::uint16_t>((rounded - (112u << 23)) >> 13);
+}
+
+safetensors_file::safetensors_file(const std::filesystem::path& path) : path_(path) {
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) fail(path_, std::string("cannot open: ") + std::strerror(errno));
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) {
+        const int err = errno;
+        ::close(fd);
+        fail(path_, std::string("cannot stat: ") + std::strerror(err));
+    }
+    size_ = static_cast<std::size_t>(st.st_size);
+    if (size_ < 8) {
+        ::close(fd);
+        fail(path_, "truncated: " + std::to_string(size_) + " bytes, shorter than the 8-byte header length");
+    }
+    void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+    const int err = errno;
+    ::close(fd);
+    if (p == MAP_FAILED) fail(path_, std::string("cannot map: ") + std::strerror(err));
+    map_ = static_cast<const std::byte*>(p);
+    try {
+        parse();
+    } catch (...) {
+        unmap();
+        throw;
+    }
+}
+
+safetensors_file::~safetensors_file() { unmap(); }
+
+void safetensors_file::unmap() noexcept {
+    if (map_) ::munmap(const_cast<std::byte*>(map_), size_);
+    map_ = nullptr;
+}
+
+safetensors_file::safetensors_file(safetensors_file&& o) noexcept
+    : path_(std::move(o.path_)), map_(std::exchange(o.map_, nullptr)), size_(o.size_), data_start_(o.data_start_),
+      tensors_(std::move(o.tensors_)), metadata_(std::move(o.metadata_)) {}
+
+safetensors_file& safetensors_file::operator=(safetensors_file&& o) noexcept {
+    if (this != &o) {
+        unmap();
+        path_ = std::move(o.path_);
+        map_ = std::exchange(o.map_, nullptr);
+        size_ = o.size_;
+        data_start_ = o.data_start_;
+        tensors_ = std::move(o.tensors_);
+        metadata_ = std::move(o.metadata_);
+    }
+    return *this;
+}
+
+void safetensors_file::parse() {
+    std::uint64_t header_len = 0;
+    std::memcpy(&header_len, map_, 8);
+    if (header_len > size_ - 8)
+        fail(path_, "header length " + std::to_string(header_len) + " runs past the end of the file (" +
+                        std::to_string(size_) + " bytes)");
+    data_start_ = 8 + static_cast<std::size_t>(header_len);
+    const std::size_t data_size = size_ - data_start_;
+
+    nlohmann::json header;
+    try {
+        header = nlohmann::json::parse(reinterpret_cast<const char*>(map_ + 8),
+                                       reinterpret_cast<const char*>(map_ + data_start_));
+    } catch (const nlohmann::json::exception& e) {
+        fail(path_, std::string("header is not valid JSON: ") + e.what());
+    }
+    if (!header.is_object()) fail(path_, "header is not a JSON object");
+
+    for (auto it = header.begin(); it != header.end(); ++it) {
+        const std::string& name = it.key();
+        const auto& entry = it.value();
+        if (name == "__metadata__") {
+            if (!entry.is_object()) fail(path_, "__metadata__ is not an object");
+            for (auto m = entry.begin(); m != entry.end(); ++m) {
+                if (!m.value().is_string()) fail(path_, "__metadata__ value for '" + m.key() + "' is not a string");
+                metadata_[m.key()] = m.value().get<std::string>();
+            }
+            continue;
+        }
+        if (!entry.is_object()) fail(path_, name, "entry is not an object");
+        tensor_info t;
+        t.name = name;
+
+        const auto dt = entry.find("dtype");
+        if (dt == entry.end() || !dt->is_string()) fail(path_, name, "missing or non-string 'dtype'");
+        if (!parse_dtype(dt->get<std::string>(), t.type))
+            fail(path_, name, "unsupported dtype '" + dt->get<std::string>() + "' (supported: F32, F16, BF16)");
+
+        const auto sh = entry.find("shape");
+        if (sh == entry.end() || !sh->is_array()) fail(path_, name, "missing or non-array 'shape'");
+        std::uint64_t numel = 1;
+        bool overflow = false;
+        for (const auto& d : *sh) {
+            if (!d.is_number_unsigned()) fail(path_, name, "shape entry " + d.dump() + " is not a non-negative integer");
+            const std::uint64_t v = d.get<std::uint64_t>();
+            if (v > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())) overflow = true;
+            else if (v != 0 && numel > std::numeric_limits<std::uint64_t>::max() / v) overflow = true;
+            else numel *= v;
+            t.shape.push_back(static_cast<std::int64_t>(v));
+        }
+        if (overflow || numel > data_size / dtype_size(t.type) + 1)
+            fail(path_, name, "shape " + sh->dump() + " describes more elements than the file can hold");
+
+        const auto off = entry.find("data_offsets");
+        if (off == entry.end() || !off->is_array() || off->size() != 2 || !(*off)[0].is_number_unsigned() ||
+            !(*off)[1].is_number_unsigned())
+            fail(path_, name, "missing or malformed 'data_offsets' (want [begin, end])");
+        const std::uint64_t begin = (*off)[0].get<std::uint64_t>();
+        const std::uint64_t end = (*off)[1].get<std::uint64_t>();
+        if (begin > end)
+            fail(path_, name, "data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) + "] are reversed");
+        if (end > data_size)
+            fail(path_, name, "data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) +
+                                  "] lie outside the data section (" + std::to_string(data_size) + " bytes)");
+        const std::uint64_t want = numel * dtype_size(t.type);
+        if (end - begin != want)
+            fail(path_, name, "shape " + sh->dump() + " with dtype " + std::string(dtype_name(t.type)) + " needs " +
+                                  std::to_string(want) + " bytes but data_offsets span " + std::to_string(end - begin));
+        t.begin = static_cast<std::size_t>(begin);
+        t.end = static_cast<std::size_t>(end);
+        tensors_.push_back(std::move(t));
+    }
+
+    // Overlap check: sort by start offset; every non-empty tensor must start at or after the previous end.
+    std::vector<const tensor_info*> by_offset;
+    for (const auto& t : tensors_)
+        if (t.end > t.begin) by_offset.push_back(&t);
+    std::sort(by_offset.begin(), by_offset.end(), [](auto* a, auto* b) { return a->begin < b->begin; });
+    for (std::size_t i = 1; i < by_offset.size(); ++i)
+        if (by_offset[i]->begin < by_offset[i - 1]->end)
+            fail(path_, by_offset[i]->name, "data overlaps tensor '" + by_offset[i - 1]->name + "'");
+
+    std::sort(tensors_.begin(), tensors_.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
+}
+
+bool safetensors_file::contains(std::string_view name) const {
+    auto it = std::lower_bound(tensors_.begin(), tensors_.end(), name,
+                               [](const tensor_info& t, std::string_view n) { return t.name < n; });
+    return it != tensors_.end() && it->name == name;
+}
+
+const tensor_info& safetensors_file::info(std::string_view name) const {
+    auto it = std::lower_bound(tensors_.begin(), tensors_.end(), name,
+                               [](const tensor_info& t, std::string_view n) { return t.name < n; });
+    if (it == tensors_.end() || it->name != name) fail(path_, name, "no such tensor");
+    return *it;
+}
+
+std::span<const std::byte> safetensors_file::raw(std::string_view name) const {
+    const auto& t = info(name);
+    return {map_ + data_start_ + t.begin, t.end - t.begin};
+}
+
+std::vector<float> safetensors_file::read(std::string_view name) const {
+    std::vector<float> out(static_cast<std::size_t>(info(name).numel()));
+    read_into(name, out);
+    return out;
+}
+
+void safetensors_file::read_into(std::string_view name, std::span<float> out) const {
+    const auto& t = info(name);
+    const auto n = static_cast<std::size_t>(t.numel());
+    if (out.size() != n)
+        fail(path_, name, "destination holds " + std::to_string(out.size()) + " floats, tensor has " + std::to_string(n));
+    const std::byte* src = map_ + data_start_ + t.begin;
+    switch (t.type) {
+        case dtype::f32:
+            std::memcpy(out.data(), src, n * 4);
+            break;
+        case dtype::f16:
+            for (std::size_t i = 0; i < n; ++i) {
+                std::uint16_t h;
+                std::memcpy(&h, src + 2 * i, 2);
+                out[i] = half_to_float(h);
+            }
+            break;
+        case dtype::bf16:
+            for (std::size_t i = 0; i < n; ++i) {
+                std::uint16_t b;
+                std::memcpy(&b, src + 2 * i, 2);
+                out[i] = bfloat16_to_float(b);
+            }
+            break;
+    }
+}
+
+void save_safetensors(const std::filesystem::path& path, std::span<const tensor_to_save> tensors,
+                      const std::map<std::string, std::string>& metadata) {
+    nlohmann::json header = nlohmann::json::object();
+    if (!metadata.empty()) header["__metadata__"] = metadata;
+    std::set<std::string> seen;
+    std::size_t offset = 0;
+    for (const auto& t : tensors) {
+        if (t.name == "__metadata__" || !seen.insert(t.name).second)
+            throw std::invalid_argument("save_safetensors: tensor name '" + t.name + "' is reserved or repeated");
+        std::int64_t numel = 1;
+        for (auto d : t.shape) {
+            if (d < 0) throw std::invalid_argument("save_safetensors: tensor '" + t.name + "' has negative dimension " + std::to_string(d));
+            numel *= d;
+        }
+        if (static_cast<std::size_t>(numel) != t.values.size())
+            throw std::invalid_argument("save_safetensors: tensor '" + t.name + "' shape holds " + std::to_string(numel) +
+                                        " values but " + std::to_string(t.values.size()) + " were given");
+        const std::size_t bytes = t.values.size() * dtype_size(t.type);
+        header[t.name] = {{"dtype", dtype_name(t.type)}, {"shape", t.shape}, {"data_offsets", {offset, offset + bytes}}};
+        offset += bytes;
+    }
+    std::string text = header.dump();
+    text.append((8 - text.size() % 8) % 8, ' ');  // keep the data section 8-byte aligned, as the reference writer does
+    std::ofstream f(path, std::ios::binary);
+    if (!f) throw std::runtime_error("save_safetensors: cannot open '" + path.string() + "' for writing");
+    const std::uint64_t len = text.size();
+    f.write(reinterpret_cast<const char*>(&len), 8);
+    f.write(text.data(), static_cast<std::streamsize>(text.size()));
+    std::vector<std::uint16_t> half;
+    for (const auto& t : tensors) {
+        if (t.type == dtype::f32) {
+            f.write(reinterpret_cast<const char*>(t.values.data()), static_cast<std::streamsize>(t.values.size() * 4));
+        } else {
+            half.resize(t.values.size());
+            for (std::size_t i = 0; i < half.size(); ++i)
+                half[i] = t.type == dtype::f16 ? float_to_half(t.values[i]) : float_to_bfloat16(t.values[i]);
+            f.write(reinterpret_cast<const char*>(half.data()), static_cast<std::streamsize>(half.size() * 2));
+        }
+    }
+    if (!f) throw std::runtime_error("save_safetensors: write to '" + path.string() + "' failed");
+}
+
+}  // namespace sd3

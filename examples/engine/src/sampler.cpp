@@ -1,0 +1,106 @@
+#include "sd3/sampler.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+namespace sd3 {
+
+flow_match_euler::flow_match_euler(int steps, double shift, int num_train_timesteps, std::optional<double> mu) {
+    if (steps < 1) throw std::invalid_argument("flow_match_euler: steps = " + std::to_string(steps) + " must be >= 1");
+    if (!(shift > 0)) throw std::invalid_argument("flow_match_euler: shift = " + std::to_string(shift) + " must be > 0");
+    if (num_train_timesteps < 2)
+        throw std::invalid_argument("flow_match_euler: num_train_timesteps = " + std::to_string(num_train_timesteps) + " must be >= 2");
+    if (mu && !std::isfinite(*mu)) throw std::invalid_argument("flow_match_euler: mu must be finite");
+    const float T = static_cast<float>(num_train_timesteps);
+    // Training table ends (float32 torch arithmetic in diffusers' __init__): sigma = t / T for t = T .. 1.
+    auto train_sigma = [&](float t) {
+        const float s = t / T;
+        if (mu) return s;  // dynamic shifting: the table is not shifted
+        const float a = static_cast<float>(shift) * s;
+        const float d = 1.0f + static_cast<float>(shift - 1.0) * s;
+        return a / d;
+    };
+    const double sigma_max = train_sigma(T), sigma_min = train_sigma(1.0f);
+    // set_timesteps: numpy float64 linspace between the ends on the t scale, shifted again, then float32.
+    const double start = sigma_max * num_train_timesteps, stop = sigma_min * num_train_timesteps;
+    const double step = steps > 1 ? (stop - start) / (steps - 1) : 0.0;
+    for (int i = 0; i < steps; ++i) {
+        const double t = (steps > 1 && i == steps - 1) ? stop : start + i * step;
+        const double s = t / num_train_timesteps;
+        const double shifted = mu ? std::exp(*mu) / (std::exp(*mu) + (1.0 / s - 1.0)) : shift * s / (1.0 + (shift - 1.0) * s);
+        sigmas_.push_back(static_cast<float>(shifted));
+        timesteps_.push_back(sigmas_.back() * T);
+    }
+    sigmas_.push_back(0.0f);
+}
+
+void flow_match_euler::step(int i, std::span<const float> velocity, std::span<float> latents) const {
+    if (i < 0 || i >= steps())
+        throw std::invalid_argument("flow_match_euler::step: i = " + std::to_string(i) + " outside [0, " + std::to_string(steps()) + ")");
+    if (velocity.size() != latents.size())
+        throw std::invalid_argument("flow_match_euler::step: velocity has " + std::to_string(velocity.size()) +
+                                    " values, latents " + std::to_string(latents.size()));
+    const float dt = sigmas_[i + 1] - sigmas_[i];
+    for (std::size_t k = 0; k < latents.size(); ++k) latents[k] = latents[k] + dt * velocity[k];
+}
+
+std::vector<float> sample_cfg(transformer& net, const flow_match_euler& scheduler, const cfg_inputs& in, float guidance,
+                              const model_fn& model, const step_fn& on_step) {
+    const auto& c = net.config();
+    const bool cfg = guidance > 1.0f;  // diffusers: do_classifier_free_guidance = guidance_scale > 1
+    auto bad = [](const std::string& what) { throw std::invalid_argument("sample_cfg: " + what); };
+    if (in.batch < 1) bad("batch = " + std::to_string(in.batch) + " must be >= 1");
+    if (!std::isfinite(guidance)) bad("guidance must be finite");
+    const int mb = cfg ? 2 * in.batch : in.batch;
+    if (mb > net.limits().max_batch)
+        bad("model batch " + std::to_string(mb) + (cfg ? " (2 x batch for guidance)" : "") + " exceeds the transformer's max_batch " +
+            std::to_string(net.limits().max_batch));
+    if (c.in_channels != c.out_channels)
+        bad("in_channels " + std::to_string(c.in_channels) + " != out_channels " + std::to_string(c.out_channels) +
+            ": the velocity cannot update the latents");
+    const std::size_t B = in.batch, latent = static_cast<std::size_t>(c.in_channels) * in.height * in.width;
+    const std::size_t ctx = static_cast<std::size_t>(in.context_tokens) * c.joint_attention_dim, pooled = c.pooled_projection_dim;
+    auto check = [&](const char* name, std::size_t got, std::size_t want) {
+        if (got != want) bad(std::string(name) + " holds " + std::to_string(got) + " floats, expected " + std::to_string(want));
+    };
+    check("noise", in.noise.size(), B * latent);
+    check("context", in.context.size(), B * ctx);
+    check("pooled", in.pooled.size(), B * pooled);
+    if (cfg) {
+        check("negative_context", in.negative_context.size(), B * ctx);
+        check("negative_pooled", in.negative_pooled.size(), B * pooled);
+    }
+
+    // Batched model inputs, [uncond; cond] as the pipeline concatenates them.
+    std::vector<float> latents(in.noise.begin(), in.noise.end());
+    std::vector<float> model_latents(mb * latent), context(mb * ctx), pooled_in(mb * pooled), t(mb), v(mb * latent);
+    auto place = [&](std::span<const float> src, std::vector<float>& dst, std::size_t at) { std::copy(src.begin(), src.end(), dst.begin() + at); };
+    if (cfg) {
+        place(in.negative_context, context, 0);
+        place(in.context, context, B * ctx);
+        place(in.negative_pooled, pooled_in, 0);
+        place(in.pooled, pooled_in, B * pooled);
+    } else {
+        place(in.context, context, 0);
+        place(in.pooled, pooled_in, 0);
+    }
+    const forward_inputs fi{mb, in.height, in.width, in.context_tokens, model_latents, t, context, pooled_in};
+
+    for (int i = 0; i < scheduler.steps(); ++i) {
+        const float ts = scheduler.timesteps()[i];
+        std::fill(t.begin(), t.end(), ts);
+        for (int r = 0; r < (cfg ? 2 : 1); ++r) std::copy(latents.begin(), latents.end(), model_latents.begin() + r * B * latent);
+        const model_call call{i, ts, scheduler.sigmas()[i], scheduler.sigmas()[i + 1], &fi, v};
+        if (model) model(call);
+        else net.forward(fi, v);
+        if (cfg)  // v = v_u + g (v_c - v_u), written over the uncond half
+            for (std::size_t k = 0; k < B * latent; ++k) v[k] = v[k] + guidance * (v[B * latent + k] - v[k]);
+        scheduler.step(i, std::span<const float>(v.data(), B * latent), latents);
+        if (on_step) on_step(i, scheduler.sigmas()[i + 1], latents);
+    }
+    return latents;
+}
+
+}  // namespace sd3

@@ -1,0 +1,740 @@
+// The SD3 MMDiT forward. One implementation per stage (embedding, modulation, norm+modulate, linear, qk-norm,
+// joint attention, gated residual, feed-forward, final layer); the plain forward is the hooked forward with
+// default options. GEMMs are Eigen products on row-major maps, cut into output tiles that are the parallel
+// work units; tile sizes keep Eigen's packing buffers under EIGEN_STACK_ALLOCATION_LIMIT (set in CMake), so
+// no GEMM touches the heap.
+#include "sd3/transformer.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include <Eigen/Core>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "sd3/model.hpp"
+
+namespace sd3 {
+namespace {
+
+using row_matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using const_view = Eigen::Map<const row_matrix, 0, Eigen::OuterStride<>>;
+using view = Eigen::Map<row_matrix, 0, Eigen::OuterStride<>>;
+using const_vec = Eigen::Map<const Eigen::ArrayXf>;
+using vec = Eigen::Map<Eigen::ArrayXf>;
+
+constexpr int tile_rows = 128;    // GEMM output tile (rows x cols): a parallel unit
+constexpr int tile_cols = 256;
+constexpr int query_chunk = 64;   // attention queries per task
+constexpr int key_chunk = 512;    // keys per score GEMM (bounds Eigen's packed-rhs size)
+constexpr float norm_eps = 1e-6f; // LayerNorm and RMSNorm eps in SD3
+
+int ceil_div(int a, int b) { return (a + b - 1) / b; }
+std::size_t round_up(std::size_t a, std::size_t b) { return (a + b - 1) / b * b; }
+
+// 64-byte aligned storage for workspaces. Eigen's vectorised reductions (row sums in the norms and the softmax)
+// peel a scalar head whose length depends on the address's alignment; fixed alignment keeps every result
+// independent of which buffer slot or thread computed it.
+template <class T>
+struct aligned_allocator {
+    using value_type = T;
+    aligned_allocator() = default;
+    template <class U>
+    aligned_allocator(const aligned_allocator<U>&) noexcept {}
+    T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{64})); }
+    void deallocate(T* p, std::size_t) noexcept { ::operator delete(p, std::align_val_t{64}); }
+    template <class U>
+    bool operator==(const aligned_allocator<U>&) const noexcept { return true; }
+};
+using buffer = std::vector<float, aligned_allocator<float>>;
+
+#ifdef _OPENMP
+int thread_index() { return omp_get_thread_num(); }
+#else
+int thread_index() { return 0; }
+#endif
+
+// Runs f(task, thread) for task in [0, n). Static task -> thread assignment does not matter for results: every
+// task writes disjoint memory, and reductions happen afterwards in a fixed order.
+template <class F>
+void parallel_for(int threads, int n, F&& f) {
+    if (threads <= 1 || n <= 1) {
+        for (int i = 0; i < n; ++i) f(i, 0);
+        return;
+    }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int i = 0; i < n; ++i) f(i, thread_index());
+}
+
+struct no_epilogue {
+    void operator()(float*, int) const {}
+};
+
+// GELU, tanh approximation, written as torch's kernel writes it.
+struct gelu_tanh_epilogue {
+    void operator()(float* row, int n) const {
+        constexpr float beta = 0.7978845608028654f;  // sqrt(2/pi)
+        constexpr float kappa = 0.044715f;
+        vec x(row, n);
+        x = 0.5f * x * (1.0f + (beta * (x + kappa * x * x * x)).tanh());
+    }
+};
+
+// Y[rows, W.out] = X[rows, W.in] * W^T + b, then epi(row, width) on each finished tile row.
+template <class Epilogue = no_epilogue>
+void linear_rows(int threads, const float* X, int ldx, int rows, const linear& W, float* Y, int ldy,
+                 Epilogue epi = {}) {
+    if (rows <= 0) return;
+    const int rt = ceil_div(rows, tile_rows), ct = ceil_div(W.out, tile_cols);
+    parallel_for(threads, rt * ct, [&](int task, int) {
+        const int r0 = (task / ct) * tile_rows, c0 = (task % ct) * tile_cols;
+        const int nr = std::min(tile_rows, rows - r0), nc = std::min(tile_cols, W.out - c0);
+        const_view x(X + static_cast<std::ptrdiff_t>(r0) * ldx, nr, W.in, Eigen::OuterStride<>(ldx));
+        const_view w(W.weight.data() + static_cast<std::ptrdiff_t>(c0) * W.in, nc, W.in, Eigen::OuterStride<>(W.in));
+        view y(Y + static_cast<std::ptrdiff_t>(r0) * ldy + c0, nr, nc, Eigen::OuterStride<>(ldy));
+        y.noalias() = x * w.transpose();
+        const Eigen::Map<const Eigen::RowVectorXf> bias(W.bias.data() + c0, nc);
+        for (int r = 0; r < nr; ++r) {
+            y.row(r) += bias;
+            epi(&y(r, 0), nc);
+        }
+    });
+}
+
+// y = LayerNorm(x) * (1 + scale) + shift (no affine, eps 1e-6).
+void norm_modulate(const float* x, float* y, int D, const float* shift, const float* scale) {
+    const const_vec xv(x, D);
+    const float mean = xv.sum() / static_cast<float>(D);
+    const float var = (xv - mean).square().sum() / static_cast<float>(D);
+    const float rstd = 1.0f / std::sqrt(var + norm_eps);
+    vec(y, D) = ((xv - mean) * rstd) * (1.0f + const_vec(scale, D)) + const_vec(shift, D);
+}
+
+// Per-head RMSNorm with learned weight, in place on `heads` contiguous vectors of length hd.
+void rms_norm_heads(float* x, int heads, int hd, const float* weight) {
+    for (int h = 0; h < heads; ++h) {
+        vec v(x + static_cast<std::ptrdiff_t>(h) * hd, hd);
+        const float ms = v.square().sum() / static_cast<float>(hd);
+        v = (v * (1.0f / std::sqrt(ms + norm_eps))) * const_vec(weight, hd);
+    }
+}
+
+void silu_inplace(float* x, int n) {
+    vec v(x, n);
+    v = v / (1.0f + (-v).exp());
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------------
+
+kv_cache::kv_cache(const transformer_config& config, int max_batch, int max_image_tokens)
+    : layers_(config.num_layers), max_batch_(max_batch), max_tokens_(max_image_tokens), hidden_(config.hidden()) {
+    if (max_batch < 1) throw std::invalid_argument("kv_cache: max_batch = " + std::to_string(max_batch) + " must be >= 1");
+    if (max_image_tokens < 1)
+        throw std::invalid_argument("kv_cache: max_image_tokens = " + std::to_string(max_image_tokens) + " must be >= 1");
+    const std::size_t n = static_cast<std::size_t>(layers_) * max_batch_ * max_tokens_ * hidden_;
+    k_.assign(n, 0.0f);
+    v_.assign(n, 0.0f);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+
+struct transformer::impl {
+    const model* m;
+    engine_limits limits;
+    int threads;
+    int D, F, P, hd, heads, max_tokens, max_ctx, max_tasks;
+
+    // workspaces (sized once)
+    buffer tproj, temb, silu_temb, small_hidden, mod_img, mod_ctx, mod_final;
+    buffer x_img, x_ctx, nrm_img, nrm_ctx, qkv_img, qkv_ctx, att_img, att_ctx, out_img, out_ctx;
+    buffer hidden, patches, out_rows, scores, probe_parts;
+    std::size_t score_slot = 0;  // floats per thread in `scores`, a multiple of 16 (64 bytes)
+    std::vector<std::int32_t> positions;
+
+    // per-call state
+    int B = 0, Hg = 0, Wg = 0, N = 0, n = 0, L = 0;
+    const std::int32_t* tokens = nullptr;  // active image tokens, [B * n] (nullptr = all)
+    const forward_options* opts = nullptr;
+
+    impl(const model& model_, const engine_limits& lim, int threads_) : m(&model_), limits(lim), threads(threads_) {
+        const auto& c = m->config;
+        c.validate();
+        if (static_cast<int>(m->blocks.size()) != c.num_layers)
+            throw std::invalid_argument("transformer: model has " + std::to_string(m->blocks.size()) +
+                                        " blocks but config.num_layers = " + std::to_string(c.num_layers));
+        if (limits.max_height == 0) limits.max_height = c.sample_size;
+        if (limits.max_width == 0) limits.max_width = c.sample_size;
+        if (limits.max_batch < 1) throw std::invalid_argument("engine_limits.max_batch = " + std::to_string(limits.max_batch) + " must be >= 1");
+        if (limits.max_context_tokens < 1)
+            throw std::invalid_argument("engine_limits.max_context_tokens = " + std::to_string(limits.max_context_tokens) + " must be >= 1");
+        if (limits.max_height < c.patch_size || limits.max_width < c.patch_size)
+            throw std::invalid_argument("engine_limits.max_height/max_width = " + std::to_string(limits.max_height) + "/" +
+                                        std::to_string(limits.max_width) + " must be >= patch_size " + std::to_string(c.patch_size));
+        check_threads(threads);
+        D = c.hidden();
+        F = 4 * D;
+        P = c.patch_features();
+        hd = c.attention_head_dim;
+        heads = c.num_attention_heads;
+        max_tokens = (limits.max_height / c.patch_size) * (limits.max_width / c.patch_size);
+        max_ctx = limits.max_context_tokens;
+        const std::size_t Bm = limits.max_batch, Nm = max_tokens, Lm = max_ctx;
+        max_tasks = limits.max_batch * (ceil_div(max_tokens, query_chunk) + ceil_div(max_ctx, query_chunk));
+
+        tproj.resize(Bm * c.timestep_channels());
+        temb.resize(Bm * D);
+        silu_temb.resize(Bm * D);
+        small_hidden.resize(Bm * D);
+        mod_img.resize(Bm * 6 * D);
+        mod_ctx.resize(Bm * 6 * D);
+        mod_final.resize(Bm * 2 * D);
+        x_img.resize(Bm * Nm * D);
+        nrm_img.resize(Bm * Nm * D);
+        qkv_img.resize(Bm * Nm * 3 * D);
+        att_img.resize(Bm * Nm * D);
+        out_img.resize(Bm * Nm * D);
+        x_ctx.resize(Bm * Lm * D);
+        nrm_ctx.resize(Bm * Lm * D);
+        qkv_ctx.resize(Bm * Lm * 3 * D);
+        att_ctx.resize(Bm * Lm * D);
+        out_ctx.resize(Bm * Lm * D);
+        hidden.resize(Bm * std::max(Nm, Lm) * F);
+        patches.resize(Bm * Nm * c.in_channels * c.patch_size * c.patch_size);
+        out_rows.resize(Bm * Nm * P);
+        probe_parts.resize(static_cast<std::size_t>(max_tasks) * Nm);
+        positions.resize(Bm * std::max(Nm, Lm));
+        size_scores();
+    }
+
+    static void check_threads(int t) {
+        if (t < 1) throw std::invalid_argument("transformer: threads = " + std::to_string(t) + " must be >= 1");
+    }
+    void size_scores() {
+        score_slot = round_up(static_cast<std::size_t>(query_chunk) * (max_tokens + max_ctx), 16);
+        scores.assign(threads * score_slot, 0.0f);
+    }
+
+    int tokens_of(stream s) const { return s == stream::image ? n : L; }        // active rows per sample
+    int all_tokens_of(stream s) const { return s == stream::image ? N : L; }    // rows of a hook buffer per sample
+    // absolute token id of active row r of sample b
+    int token_id(stream s, int b, int r) const {
+        return (s == stream::image && tokens) ? tokens[static_cast<std::size_t>(b) * n + r] : r;
+    }
+    float* x_of(stream s) { return s == stream::image ? x_img.data() : x_ctx.data(); }
+
+    // ----- validation (everything is checked before any state changes) -----
+    void validate(const forward_inputs& in, std::span<float> velocity, const forward_options& o) const;
+    void validate_hook(const module_hook& h, int layer, stream s, bool is_mlp, const forward_inputs& in,
+                       std::span<const std::int32_t> active) const;
+
+    // ----- stages -----
+    void embed(const forward_inputs& in);
+    void modulation(const block_weights& w);
+    void attention_stage(int layer, const block_weights& w, const block_hooks& h);
+    void attend(int layer, bool image_queries, bool context_queries);
+    void apply_module(stream s, const module_hook& h, const float* computed, int gate_offset);
+    void mlp_stage(stream s, const module_hook& h, const linear& ff1, const linear& ff2);
+    void final_layer(std::span<float> velocity);
+    void run(const forward_inputs& in, std::span<float> velocity, const forward_options& o);
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+
+namespace {
+[[noreturn]] void bad_arg(const std::string& what) { throw std::invalid_argument("transformer::forward: " + what); }
+
+void check_size(const char* name, std::size_t got, std::size_t want) {
+    if (got != want)
+        bad_arg(std::string(name) + " holds " + std::to_string(got) + " floats, expected " + std::to_string(want));
+}
+
+// Checks [batch * count] ascending ids in [0, limit); returns count.
+int check_token_list(const char* name, std::span<const std::int32_t> ids, int batch, int limit) {
+    if (ids.empty() || ids.size() % static_cast<std::size_t>(batch) != 0)
+        bad_arg(std::string(name) + " has " + std::to_string(ids.size()) + " entries, not a positive multiple of batch " +
+                std::to_string(batch));
+    const int count = static_cast<int>(ids.size() / batch);
+    for (int b = 0; b < batch; ++b)
+        for (int i = 0; i < count; ++i) {
+            const std::int32_t t = ids[static_cast<std::size_t>(b) * count + i];
+            if (t < 0 || t >= limit)
+                bad_arg(std::string(name) + "[" + std::to_string(b * count + i) + "] = " + std::to_string(t) +
+                        " is outside [0, " + std::to_string(limit) + ")");
+            if (i > 0 && t <= ids[static_cast<std::size_t>(b) * count + i - 1])
+                bad_arg(std::string(name) + " of sample " + std::to_string(b) + " is not strictly ascending at position " +
+                        std::to_string(i) + " (" + std::to_string(ids[static_cast<std::size_t>(b) * count + i - 1]) +
+                        ", " + std::to_string(t) + ")");
+        }
+    return count;
+}
+}  // namespace
+
+void transformer::impl::validate(const forward_inputs& in, std::span<float> velocity, const forward_options& o) const {
+    const auto& c = m->config;
+    if (in.batch < 1 || in.batch > limits.max_batch)
+        bad_arg("batch = " + std::to_string(in.batch) + " outside [1, max_batch = " + std::to_string(limits.max_batch) + "]");
+    if (in.height < 1 || in.width < 1 || in.height % c.patch_size || in.width % c.patch_size)
+        bad_arg("height x width = " + std::to_string(in.height) + " x " + std::to_string(in.width) +
+                " must be positive multiples of patch_size " + std::to_string(c.patch_size));
+    if (in.height > limits.max_height || in.width > limits.max_width)
+        bad_arg("height x width = " + std::to_string(in.height) + " x " + std::to_string(in.width) + " exceeds the limits " +
+                std::to_string(limits.max_height) + " x " + std::to_string(limits.max_width));
+    const int hg = in.height / c.patch_size, wg = in.width / c.patch_size;
+    if (hg > c.pos_embed_max_size || wg > c.pos_embed_max_size)
+        bad_arg("patch grid " + std::to_string(hg) + " x " + std::to_string(wg) + " exceeds pos_embed_max_size " +
+                std::to_string(c.pos_embed_max_size));
+    if (in.context_tokens < 1 || in.context_tokens > limits.max_context_tokens)
+        bad_arg("context_tokens = " + std::to_string(in.context_tokens) + " outside [1, max_context_tokens = " +
+                std::to_string(limits.max_context_tokens) + "]");
+    const std::size_t B = in.batch;
+    check_size("latents", in.latents.size(), B * c.in_channels * in.height * in.width);
+    check_size("timesteps", in.timesteps.size(), B);
+    check_size("context", in.context.size(), B * in.context_tokens * c.joint_attention_dim);
+    check_size("pooled", in.pooled.size(), B * c.pooled_projection_dim);
+    const int tokens_all = hg * wg;
+
+    int active = tokens_all;
+    if (!o.image_tokens.empty()) {
+        active = check_token_list("image_tokens", o.image_tokens, in.batch, tokens_all);
+        if (!o.kv) bad_arg("a token-subset forward (image_tokens set) needs a kv_cache (options.kv is null)");
+        check_size("velocity (token rows)", velocity.size(), B * active * c.patch_features());
+    } else {
+        check_size("velocity", velocity.size(), B * c.out_channels * in.height * in.width);
+    }
+    if (o.kv) {
+        if (o.kv->layers() != c.num_layers || o.kv->hidden() != c.hidden())
+            bad_arg("kv_cache has " + std::to_string(o.kv->layers()) + " layers x hidden " + std::to_string(o.kv->hidden()) +
+                    ", model needs " + std::to_string(c.num_layers) + " x " + std::to_string(c.hidden()));
+        if (o.kv->max_batch() < in.batch || o.kv->max_image_tokens() < tokens_all)
+            bad_arg("kv_cache holds batch " + std::to_string(o.kv->max_batch()) + " x " + std::to_string(o.kv->max_image_tokens()) +
+                    " tokens, call needs " + std::to_string(in.batch) + " x " + std::to_string(tokens_all));
+    }
+    if (!o.attention_probe.empty()) check_size("attention_probe", o.attention_probe.size(), B * tokens_all);
+    if (!o.blocks.empty()) {
+        if (o.blocks.size() != static_cast<std::size_t>(c.num_layers))
+            bad_arg("blocks has " + std::to_string(o.blocks.size()) + " entries, expected 0 or num_layers = " +
+                    std::to_string(c.num_layers));
+        for (int l = 0; l < c.num_layers; ++l)
+            for (int s = 0; s < 2; ++s) {
+                validate_hook(o.blocks[l].attention[s], l, static_cast<stream>(s), false, in, o.image_tokens);
+                validate_hook(o.blocks[l].mlp[s], l, static_cast<stream>(s), true, in, o.image_tokens);
+            }
+    }
+}
+
+void transformer::impl::validate_hook(const module_hook& h, int layer, stream s, bool is_mlp, const forward_inputs& in,
+                                      std::span<const std::int32_t> active) const {
+    const std::string site = "blocks[" + std::to_string(layer) + "]." + (is_mlp ? "mlp" : "attention") + "[" +
+                             (s == stream::image ? "image" : "context") + "]";
+    const int mode = static_cast<int>(h.mode);
+    if (mode < 0 || mode > 2) bad_arg(site + ".mode = " + std::to_string(mode) + " is not a module_mode");
+    if (s == stream::context && m->blocks[layer].context_pre_only) {
+        if (h.mode != module_mode::compute || h.rows || !h.tokens.empty())
+            bad_arg(site + ": the last block (context_pre_only) has no context outputs; leave this hook {compute, nullptr}");
+        return;
+    }
+    if (h.mode != module_mode::compute && !h.rows) bad_arg(site + ": mode reuse/subset needs rows (got nullptr)");
+    if (h.mode != module_mode::subset) {
+        if (!h.tokens.empty()) bad_arg(site + ".tokens is set but mode is not subset");
+        return;
+    }
+    if (!is_mlp) bad_arg(site + ".mode = subset: only the MLP takes a token subset (use options.image_tokens for attention)");
+    const int limit = s == stream::image ? (in.height / m->config.patch_size) * (in.width / m->config.patch_size)
+                                         : in.context_tokens;
+    const int count = check_token_list((site + ".tokens").c_str(), h.tokens, in.batch, limit);
+    if (s == stream::image && !active.empty()) {
+        const int n_active = static_cast<int>(active.size() / in.batch);
+        for (int b = 0; b < in.batch; ++b) {
+            int j = 0;
+            for (int i = 0; i < count; ++i) {
+                const std::int32_t t = h.tokens[static_cast<std::size_t>(b) * count + i];
+                while (j < n_active && active[static_cast<std::size_t>(b) * n_active + j] < t) ++j;
+                if (j == n_active || active[static_cast<std::size_t>(b) * n_active + j] != t)
+                    bad_arg(site + ".tokens: token " + std::to_string(t) + " of sample " + std::to_string(b) +
+                            " is not among options.image_tokens (only active tokens can run the MLP)");
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+
+void transformer::impl::embed(const forward_inputs& in) {
+    const auto& c = m->config;
+    const int T = c.timestep_channels(), half = T / 2;
+    // Sinusoidal timestep projection (flip_sin_to_cos: [cos, sin]), freq_i = exp(-ln(1e4) * i / half).
+    // The exponent is formed in float like torch; exp is evaluated correctly rounded.
+    for (int b = 0; b < B; ++b) {
+        const float t = in.timesteps[b];
+        for (int i = 0; i < half; ++i) {
+            const float e = (static_cast<float>(-std::log(10000.0)) * static_cast<float>(i)) / static_cast<float>(half);
+            const float freq = static_cast<float>(std::exp(static_cast<double>(e)));
+            const float arg = t * freq;
+            tproj[static_cast<std::size_t>(b) * T + i] = std::cos(arg);
+            tproj[static_cast<std::size_t>(b) * T + half + i] = std::sin(arg);
+        }
+    }
+    // temb = timestep MLP + pooled-text MLP
+    linear_rows(1, tproj.data(), T, B, m->time_linear1, small_hidden.data(), D);
+    silu_inplace(small_hidden.data(), B * D);
+    linear_rows(1, small_hidden.data(), D, B, m->time_linear2, temb.data(), D);
+    linear_rows(1, in.pooled.data(), c.pooled_projection_dim, B, m->text_linear1, small_hidden.data(), D);
+    silu_inplace(small_hidden.data(), B * D);
+    linear_rows(1, small_hidden.data(), D, B, m->text_linear2, silu_temb.data(), D);
+    for (int i = 0; i < B * D; ++i) temb[i] += silu_temb[i];
+    std::copy_n(temb.data(), B * D, silu_temb.data());
+    silu_inplace(silu_temb.data(), B * D);  // every AdaLN linear reads SiLU(temb)
+
+    linear_rows(threads, in.context.data(), c.joint_attention_dim, B * L, m->context_embedder, x_ctx.data(), D);
+
+    // Patch embedding: im2col of the active tokens ((c, u, v) order, as the conv weight), GEMM, + cropped table.
+    const int p = c.patch_size, C = c.in_channels, K = C * p * p, M = c.pos_embed_max_size;
+    const int top = (M - Hg) / 2, left = (M - Wg) / 2;
+    parallel_for(threads, B, [&](int b, int) {
+        for (int r = 0; r < n; ++r) {
+            const int t = token_id(stream::image, b, r), i = t / Wg, j = t % Wg;
+            float* dst = patches.data() + (static_cast<std::size_t>(b) * n + r) * K;
+            for (int ch = 0; ch < C; ++ch)
+                for (int u = 0; u < p; ++u)
+                    for (int v = 0; v < p; ++v)
+                        *dst++ = in.latents[((static_cast<std::size_t>(b) * C + ch) * in.height + i * p + u) * in.width + j * p + v];
+        }
+    });
+    linear_rows(threads, patches.data(), K, B * n, m->patch_embed, x_img.data(), D);
+    parallel_for(threads, B, [&](int b, int) {
+        for (int r = 0; r < n; ++r) {
+            const int t = token_id(stream::image, b, r), i = t / Wg, j = t % Wg;
+            vec(x_img.data() + (static_cast<std::size_t>(b) * n + r) * D, D) +=
+                const_vec(m->pos_table.data() + (static_cast<std::size_t>(top + i) * M + left + j) * D, D);
+        }
+    });
+}
+
+void transformer::impl::modulation(const block_weights& w) {
+    linear_rows(threads, silu_temb.data(), D, B, w.norm1, mod_img.data(), 6 * D);
+    linear_rows(threads, silu_temb.data(), D, B, w.norm1_context, mod_ctx.data(), w.norm1_context.out);
+}
+
+void transformer::impl::attention_stage(int layer, const block_weights& w, const block_hooks& h) {
+    const bool image_out = h.attention[0].mode == module_mode::compute;
+    const bool context_out = !w.context_pre_only && h.attention[1].mode == module_mode::compute;
+    const bool probe = !opts->attention_probe.empty();
+    if (image_out || context_out) {
+        // norm1 of both streams. AdaLayerNormZero chunks: shift, scale, gate (msa), shift, scale, gate (mlp);
+        // the last block's context AdaLayerNormContinuous chunks are (scale, shift).
+        const int shift_c = w.context_pre_only ? D : 0, scale_c = w.context_pre_only ? 0 : D;
+        parallel_for(threads, B * n + B * L, [&](int r, int) {
+            if (r < B * n) {
+                const float* mod = mod_img.data() + static_cast<std::size_t>(r / n) * 6 * D;
+                norm_modulate(x_img.data() + static_cast<std::size_t>(r) * D, nrm_img.data() + static_cast<std::size_t>(r) * D,
+                              D, mod, mod + D);
+            } else {
+                r -= B * n;
+                const float* mod = mod_ctx.data() + static_cast<std::size_t>(r / L) * w.norm1_context.out;
+                norm_modulate(x_ctx.data() + static_cast<std::size_t>(r) * D, nrm_ctx.data() + static_cast<std::size_t>(r) * D,
+                              D, mod + shift_c, mod + scale_c);
+            }
+        });
+        linear_rows(threads, nrm_img.data(), D, B * n, w.to_qkv, qkv_img.data(), 3 * D);
+        linear_rows(threads, nrm_ctx.data(), D, B * L, w.add_qkv, qkv_ctx.data(), 3 * D);
+        if (m->config.qk_norm) {
+            parallel_for(threads, B * n + B * L, [&](int r, int) {
+                const bool img = r < B * n;
+                float* row = img ? qkv_img.data() + static_cast<std::size_t>(r) * 3 * D
+                                 : qkv_ctx.data() + static_cast<std::size_t>(r - B * n) * 3 * D;
+                rms_norm_heads(row, heads, hd, (img ? w.norm_q : w.norm_added_q).data());
+                rms_norm_heads(row + D, heads, hd, (img ? w.norm_k : w.norm_added_k).data());
+            });
+        }
+        if (opts->kv) {
+            parallel_for(threads, B, [&](int b, int) {
+                for (int r = 0; r < n; ++r) {
+                    const float* row = qkv_img.data() + (static_cast<std::size_t>(b) * n + r) * 3 * D;
+                    const std::size_t t = static_cast<std::size_t>(token_id(stream::image, b, r)) * D;
+                    std::copy_n(row + D, D, opts->kv->keys(layer, b) + t);
+                    std::copy_n(row + 2 * D, D, opts->kv->values(layer, b) + t);
+                }
+            });
+        }
+        attend(layer, image_out, context_out || (probe && opts->probe_context_queries));
+        if (image_out) linear_rows(threads, att_img.data(), D, B * n, w.to_out, out_img.data(), D);
+        if (context_out) linear_rows(threads, att_ctx.data(), D, B * L, w.to_add_out, out_ctx.data(), D);
+    }
+    apply_module(stream::image, h.attention[0], out_img.data(), 2 * D);
+    if (!w.context_pre_only) apply_module(stream::context, h.attention[1], out_ctx.data(), 2 * D);
+}
+
+// softmax(Q K^T / sqrt(hd)) V over the keys [image tokens (all N); context tokens], per head; queries are the
+// active image rows and/or the context rows. Optionally records the probe's column sums per task.
+void transformer::impl::attend(int layer, bool image_queries, bool context_queries) {
+    const bool probe = !opts->attention_probe.empty();
+    const int img_chunks = image_queries ? ceil_div(n, query_chunk) : 0;
+    const int ctx_chunks = context_queries ? ceil_div(L, query_chunk) : 0;
+    const int per_sample = img_chunks + ctx_chunks;
+    const int ld_s = N + L;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    parallel_for(threads, B * per_sample, [&](int task, int thread) {
+        const int b = task / per_sample, chunk = task % per_sample;
+        const bool img = chunk < img_chunks;
+        const int q0 = (img ? chunk : chunk - img_chunks) * query_chunk;
+        const int nq = std::min(query_chunk, (img ? n : L) - q0);
+        const float* q = img ? qkv_img.data() + (static_cast<std::size_t>(b) * n + q0) * 3 * D
+                             : qkv_ctx.data() + (static_cast<std::size_t>(b) * L + q0) * 3 * D;
+        float* o = img ? att_img.data() + (static_cast<std::size_t>(b) * n + q0) * D
+                       : att_ctx.data() + (static_cast<std::size_t>(b) * L + q0) * D;
+        const float *k_img, *v_img;
+        int ld_kv;
+        if (opts->kv) {
+            k_img = opts->kv->keys(layer, b);
+            v_img = opts->kv->values(layer, b);
+            ld_kv = D;
+        } else {  // full forward without cache: n == N, keys are in the projection rows
+            k_img = qkv_img.data() + static_cast<std::size_t>(b) * n * 3 * D + D;
+            v_img = k_img + D;
+            ld_kv = 3 * D;
+        }
+        const float* k_ctx = qkv_ctx.data() + static_cast<std::size_t>(b) * L * 3 * D + D;
+        const float* v_ctx = k_ctx + D;
+        view s(scores.data() + thread * score_slot, nq, N + L, Eigen::OuterStride<>(ld_s));
+        float* part = probe ? probe_parts.data() + static_cast<std::size_t>(task) * N : nullptr;
+        if (part) std::fill_n(part, N, 0.0f);
+        for (int h = 0; h < heads; ++h) {
+            const const_view qh(q + h * hd, nq, hd, Eigen::OuterStride<>(3 * D));
+            for (int k0 = 0; k0 < N; k0 += key_chunk) {
+                const int nk = std::min(key_chunk, N - k0);
+                const const_view kh(k_img + static_cast<std::ptrdiff_t>(k0) * ld_kv + h * hd, nk, hd, Eigen::OuterStride<>(ld_kv));
+                s.middleCols(k0, nk).noalias() = qh * kh.transpose();
+            }
+            const const_view kc(k_ctx + h * hd, L, hd, Eigen::OuterStride<>(3 * D));
+            s.rightCols(L).noalias() = qh * kc.transpose();
+            for (int r = 0; r < nq; ++r) {
+                auto row = s.row(r).array();
+                const float mx = row.maxCoeff();
+                row = ((row - mx) * scale).exp();
+                row *= 1.0f / row.sum();
+            }
+            if (part) vec(part, N) += s.leftCols(N).colwise().sum().array().transpose();
+            view oh(o + h * hd, nq, hd, Eigen::OuterStride<>(D));
+            const const_view vi(v_img + h * hd, N, hd, Eigen::OuterStride<>(ld_kv));
+            const const_view vc(v_ctx + h * hd, L, hd, Eigen::OuterStride<>(3 * D));
+            oh.noalias() = s.leftCols(N) * vi;
+            oh.noalias() += s.rightCols(L) * vc;
+        }
+    });
+    if (probe) {  // fixed-order reduction: results do not depend on the thread count
+        const int col_chunks = ceil_div(N, 256);
+        parallel_for(threads, B * col_chunks, [&](int t, int) {
+            const int b = t / col_chunks, c0 = (t % col_chunks) * 256, nc = std::min(256, N - c0);
+            vec dst(opts->attention_probe.data() + static_cast<std::size_t>(b) * N + c0, nc);
+            for (int chunk = 0; chunk < per_sample; ++chunk)
+                dst += const_vec(probe_parts.data() + static_cast<std::size_t>(b * per_sample + chunk) * N + c0, nc) *
+                       (1.0f / static_cast<float>(heads));
+        });
+    }
+}
+
+// Residual update x += gate * module_output for every active row of a stream. The output comes from the
+// freshly computed rows (`computed`, mode compute) or from the hook's rows (reuse / subset).
+void transformer::impl::apply_module(stream s, const module_hook& h, const float* computed, int gate_offset) {
+    const int rows = tokens_of(s), all = all_tokens_of(s);
+    const float* mod = s == stream::image ? mod_img.data() : mod_ctx.data();
+    float* x = x_of(s);
+    const bool from_hook = h.mode != module_mode::compute;
+    parallel_for(threads, B, [&](int b, int) {
+        const const_vec gate(mod + static_cast<std::size_t>(b) * 6 * D + gate_offset, D);
+        for (int r = 0; r < rows; ++r) {
+            const std::size_t active_row = static_cast<std::size_t>(b) * rows + r;
+            const std::size_t hook_row = static_cast<std::size_t>(b) * all + token_id(s, b, r);
+            const float* src = from_hook ? h.rows + hook_row * D : computed + active_row * D;
+            if (!from_hook && h.rows) std::copy_n(src, D, h.rows + hook_row * D);  // read-back for the caller's cache
+            vec(x + active_row * D, D) += gate * const_vec(src, D);
+        }
+    });
+}
+
+void transformer::impl::mlp_stage(stream s, const module_hook& h, const linear& ff1, const linear& ff2) {
+    if (h.mode != module_mode::reuse) {
+        const int rows = tokens_of(s), all = all_tokens_of(s);
+        // Rows to compute, as active-row positions per sample: all rows, or the hook's subset.
+        int count = rows;
+        const std::int32_t* pos = nullptr;
+        if (h.mode == module_mode::subset) {
+            count = static_cast<int>(h.tokens.size() / B);
+            for (int b = 0; b < B; ++b) {
+                int j = 0;
+                for (int i = 0; i < count; ++i) {
+                    const std::int32_t t = h.tokens[static_cast<std::size_t>(b) * count + i];
+                    while (token_id(s, b, j) < t) ++j;  // validated: t is an active token
+                    positions[static_cast<std::size_t>(b) * count + i] = j;
+                }
+            }
+            pos = positions.data();
+        }
+        const float* x = x_of(s);
+        const float* mod = s == stream::image ? mod_img.data() : mod_ctx.data();
+        float* nrm = s == stream::image ? nrm_img.data() : nrm_ctx.data();
+        float* out = s == stream::image ? out_img.data() : out_ctx.data();
+        parallel_for(threads, B * count, [&](int r, int) {
+            const int b = r / count, src_row = pos ? pos[r] : r % count;
+            const float* md = mod + static_cast<std::size_t>(b) * 6 * D;
+            norm_modulate(x + (static_cast<std::size_t>(b) * rows + src_row) * D, nrm + static_cast<std::size_t>(r) * D, D,
+                          md + 3 * D, md + 4 * D);
+        });
+        linear_rows(threads, nrm, D, B * count, ff1, hidden.data(), F, gelu_tanh_epilogue{});
+        linear_rows(threads, hidden.data(), F, B * count, ff2, out, D);
+        if (h.mode == module_mode::subset) {  // computed rows go to the caller's buffer, which then feeds every row
+            parallel_for(threads, B, [&](int b, int) {
+                for (int i = 0; i < count; ++i) {
+                    const std::size_t r = static_cast<std::size_t>(b) * count + i;
+                    std::copy_n(out + r * D, D, h.rows + (static_cast<std::size_t>(b) * all + h.tokens[r]) * D);
+                }
+            });
+        }
+    }
+    apply_module(s, h, s == stream::image ? out_img.data() : out_ctx.data(), 5 * D);
+}
+
+void transformer::impl::final_layer(std::span<float> velocity) {
+    const auto& c = m->config;
+    // norm_out: AdaLayerNormContinuous, chunks (scale, shift)
+    linear_rows(threads, silu_temb.data(), D, B, m->norm_out, mod_final.data(), 2 * D);
+    parallel_for(threads, B * n, [&](int r, int) {
+        const float* md = mod_final.data() + static_cast<std::size_t>(r / n) * 2 * D;
+        norm_modulate(x_img.data() + static_cast<std::size_t>(r) * D, nrm_img.data() + static_cast<std::size_t>(r) * D, D,
+                      md + D, md);
+    });
+    const bool rows_out = tokens != nullptr;
+    float* dst = rows_out ? velocity.data() : out_rows.data();
+    linear_rows(threads, nrm_img.data(), D, B * n, m->proj_out, dst, P);
+    if (!rows_out) {  // unpatchify: row (i, j) features (u, v, ch) -> image [ch, i*p+u, j*p+v]
+        const int p = c.patch_size, C = c.out_channels, Hp = Hg * p, Wp = Wg * p;
+        parallel_for(threads, B, [&](int b, int) {
+            for (int t = 0; t < N; ++t) {
+                const int i = t / Wg, j = t % Wg;
+                const float* row = out_rows.data() + (static_cast<std::size_t>(b) * N + t) * P;
+                for (int u = 0; u < p; ++u)
+                    for (int v = 0; v < p; ++v)
+                        for (int ch = 0; ch < C; ++ch)
+                            velocity[((static_cast<std::size_t>(b) * C + ch) * Hp + i * p + u) * Wp + j * p + v] =
+                                row[(u * p + v) * C + ch];
+            }
+        });
+    }
+}
+
+void transformer::impl::run(const forward_inputs& in, std::span<float> velocity, const forward_options& o) {
+    validate(in, velocity, o);
+    const auto& c = m->config;
+    opts = &o;
+    B = in.batch;
+    Hg = in.height / c.patch_size;
+    Wg = in.width / c.patch_size;
+    N = Hg * Wg;
+    L = in.context_tokens;
+    tokens = o.image_tokens.empty() ? nullptr : o.image_tokens.data();
+    n = tokens ? static_cast<int>(o.image_tokens.size() / B) : N;
+    if (!o.attention_probe.empty()) std::fill(o.attention_probe.begin(), o.attention_probe.end(), 0.0f);
+
+    embed(in);
+    const block_hooks defaults{};
+    for (int l = 0; l < c.num_layers; ++l) {
+        const auto& w = m->blocks[l];
+        const block_hooks& h = o.blocks.empty() ? defaults : o.blocks[l];
+        modulation(w);
+        attention_stage(l, w, h);
+        mlp_stage(stream::image, h.mlp[0], w.ff1, w.ff2);
+        if (!w.context_pre_only) mlp_stage(stream::context, h.mlp[1], w.ff_context1, w.ff_context2);
+    }
+    final_layer(velocity);
+    opts = nullptr;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+
+transformer::transformer(const model& m, const engine_limits& limits, int threads)
+    : impl_(std::make_unique<impl>(m, limits, threads)) {}
+transformer::~transformer() = default;
+transformer::transformer(transformer&&) noexcept = default;
+transformer& transformer::operator=(transformer&&) noexcept = default;
+
+const transformer_config& transformer::config() const noexcept { return impl_->m->config; }
+const engine_limits& transformer::limits() const noexcept { return impl_->limits; }
+int transformer::threads() const noexcept { return impl_->threads; }
+void transformer::set_threads(int threads) {
+    impl::check_threads(threads);
+    impl_->threads = threads;
+    impl_->size_scores();
+}
+
+void transformer::forward(const forward_inputs& in, std::span<float> velocity) { impl_->run(in, velocity, {}); }
+void transformer::forward(const forward_inputs& in, std::span<float> velocity, const forward_options& options) {
+    impl_->run(in, velocity, options);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+
+namespace {
+void check_patch_args(const char* fn, const transformer_config& c, int batch, int height, int width, int channels,
+                      std::span<const std::int32_t> tokens, std::size_t rows_size, std::size_t image_size, int& n) {
+    const std::string f = fn;
+    if (batch < 1 || height < 1 || width < 1 || channels < 1 || height % c.patch_size || width % c.patch_size)
+        throw std::invalid_argument(f + ": batch/height/width/channels = " + std::to_string(batch) + "/" + std::to_string(height) +
+                                    "/" + std::to_string(width) + "/" + std::to_string(channels) +
+                                    " must be positive, height and width multiples of patch_size " + std::to_string(c.patch_size));
+    const int all = (height / c.patch_size) * (width / c.patch_size);
+    n = all;
+    if (!tokens.empty()) {
+        if (tokens.size() % static_cast<std::size_t>(batch))
+            throw std::invalid_argument(f + ": tokens has " + std::to_string(tokens.size()) + " entries, not a multiple of batch " +
+                                        std::to_string(batch));
+        n = static_cast<int>(tokens.size() / batch);
+        for (auto t : tokens)
+            if (t < 0 || t >= all)
+                throw std::invalid_argument(f + ": token id " + std::to_string(t) + " outside [0, " + std::to_string(all) + ")");
+    }
+    const std::size_t want_rows = static_cast<std::size_t>(batch) * n * c.patch_size * c.patch_size * channels;
+    const std::size_t want_image = static_cast<std::size_t>(batch) * channels * height * width;
+    if (rows_size != want_rows || image_size != want_image)
+        throw std::invalid_argument(f + ": rows/image hold " + std::to_string(rows_size) + "/" + std::to_string(image_size) +
+                                    " floats, expected " + std::to_string(want_rows) + "/" + std::to_string(want_image));
+}
+
+template <bool ToImage, class Rows, class Image>
+void move_patches(const transformer_config& c, int batch, int height, int width, int channels,
+                  std::span<const std::int32_t> tokens, int n, Rows rows, Image image) {
+    const int p = c.patch_size, wg = width / p, feat = p * p * channels;
+    for (int b = 0; b < batch; ++b)
+        for (int r = 0; r < n; ++r) {
+            const int t = tokens.empty() ? r : tokens[static_cast<std::size_t>(b) * n + r], i = t / wg, j = t % wg;
+            for (int u = 0; u < p; ++u)
+                for (int v = 0; v < p; ++v)
+                    for (int ch = 0; ch < channels; ++ch) {
+                        const std::size_t ri = (static_cast<std::size_t>(b) * n + r) * feat + (u * p + v) * channels + ch;
+                        const std::size_t ii = ((static_cast<std::size_t>(b) * channels + ch) * height + i * p + u) * width + j * p + v;
+                        if constexpr (ToImage) image[ii] = rows[ri];
+                        else rows[ri] = image[ii];
+                    }
+        }
+}
+}  // namespace
+
+void patches_to_image(const transformer_config& c, int batch, int height, int width, int channels,
+                      std::span<const std::int32_t> tokens, std::span<const float> rows, std::span<float> image) {
+    int n = 0;
+    check_patch_args("patches_to_image", c, batch, height, width, channels, tokens, rows.size(), image.size(), n);
+    move_patches<true>(c, batch, height, width, channels, tokens, n, rows, image);
+}
+
+void image_to_patches(const transformer_config& c, int batch, int height, int width, int channels,
+                      std::span<const std::int32_t> tokens, std::span<const float> image, std::span<float> rows) {
+    int n = 0;
+    check_patch_args("image_to_patches", c, batch, height, width, channels, tokens, rows.size(), image.size(), n);
+    move_patches<false>(c, batch, height, width, channels, tokens, n, rows, image);
+}
+
+}  // namespace sd3

@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Makes the diffusers parity fixtures for the C++ SD3 engine (tests/data/parity/<variant>/).
+
+Pinned environment (the /work/venv used to make the committed fixtures):
+    torch==2.5.1 (CPU), diffusers==0.31.0, safetensors==0.4.5, numpy==1.26.4
+
+Each variant is a tiny SD3Transformer2DModel whose every weight (and the pos_embed buffer) is random, so no
+layer is an identity or a zero and a wrong term in the C++ forward changes its output. Saved per variant:
+    config.json, diffusion_pytorch_model.safetensors   the model, in save_pretrained layout; the reference
+                                                       outputs come from diffusers loading these very files
+    io.safetensors   inputs and diffusers' outputs (float32):
+        latents [B,C,H,W], context [B,L,J], pooled [B,P],
+        t0, t1 [B] and out_t0, out_t1 [B,C_out,H,W]: the transformer at two timestep pairs;
+        with sampling: noise, neg_context, neg_pooled, sigmas, timesteps, sample (8-step CFG result).
+Variants:
+    rms    qk_norm "rms_norm", 3 blocks, 2 heads x 16, F32 weights, 8-step CFG sampling (shift 3, guidance 4.5)
+    plain  qk_norm null, 2 blocks, 3 heads x 8, out_channels 3 != in_channels 4, weights stored alternately as
+           F16 and BF16 (the values are rounded first, so diffusers and the engine see the same numbers)
+Both use a non-square 6x10 latent (3x5 patches of 2) cropped from a 7x7 position table.
+
+Run:  /work/venv/bin/python tools/make_parity_fixtures.py [--out tests/data/parity]
+"""
+import argparse
+import json
+import math
+import os
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from safetensors.torch import save_file
+
+VARIANTS = {
+    "rms": dict(
+        config=dict(sample_size=6, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=16,
+                    num_attention_heads=2, joint_attention_dim=20, caption_projection_dim=32, pooled_projection_dim=12,
+                    pos_embed_max_size=7, qk_norm="rms_norm"),
+        dtypes=[torch.float32], sample=True, seed=1234),
+    "plain": dict(
+        config=dict(sample_size=6, patch_size=2, in_channels=4, out_channels=3, num_layers=2, attention_head_dim=8,
+                    num_attention_heads=3, joint_attention_dim=20, caption_projection_dim=24, pooled_projection_dim=12,
+                    pos_embed_max_size=7, qk_norm=None),
+        dtypes=[torch.float16, torch.bfloat16], sample=False, seed=4321),
+}
+BATCH, HEIGHT, WIDTH, CONTEXT = 2, 6, 10, 5
+TIMESTEPS = ([1000.0, 562.5], [271.25, 3.0])
+STEPS, SHIFT, GUIDANCE = 8, 3.0, 4.5
+
+
+def randomize(model, gen):
+    """Overwrites every parameter and buffer with random values (diffusers zero-inits nothing here, but make
+    sure: norms get 1 + noise, everything else N(0, 1/fan_in), the position table N(0, 0.25))."""
+    state = {}
+    for name, t in model.state_dict().items():
+        if name.endswith("pos_embed.pos_embed"):
+            v = 0.5 * torch.randn(t.shape, generator=gen)
+        elif ".norm_" in name and name.endswith(".weight") and t.dim() == 1:
+            v = 1.0 + 0.2 * torch.randn(t.shape, generator=gen)
+        elif t.dim() >= 2:
+            fan_in = math.prod(t.shape[1:])
+            v = torch.randn(t.shape, generator=gen) / math.sqrt(fan_in)
+        else:  # biases: fan_in of the owning weight
+            owner = model.state_dict()[name[: -len("bias")] + "weight"]
+            v = torch.randn(t.shape, generator=gen) / math.sqrt(math.prod(owner.shape[1:]))
+        state[name] = v
+    return state
+
+
+def make_variant(name, spec, out_root):
+    out = os.path.join(out_root, name)
+    os.makedirs(out, exist_ok=True)
+    gen = torch.Generator().manual_seed(spec["seed"])
+    model = SD3Transformer2DModel(**spec["config"])
+    state = randomize(model, gen)
+
+    # Store weights in the variant's dtypes (cycled over tensors); round first so both sides see the same values.
+    stored = {}
+    for i, (k, v) in enumerate(sorted(state.items())):
+        dt = spec["dtypes"][i % len(spec["dtypes"])]
+        stored[k] = v.to(dt).contiguous()
+    model.save_config(out)
+    save_file(stored, os.path.join(out, "diffusion_pytorch_model.safetensors"))
+
+    # The reference: diffusers loading exactly those files.
+    ref = SD3Transformer2DModel.from_pretrained(out, torch_dtype=torch.float32).eval()
+    for k, v in ref.state_dict().items():  # every tensor really came from the file
+        assert torch.equal(v, stored[k].to(torch.float32)), k
+
+    cfg = spec["config"]
+    io = {}
+    io["latents"] = torch.randn(BATCH, cfg["in_channels"], HEIGHT, WIDTH, generator=gen)
+    io["context"] = torch.randn(BATCH, CONTEXT, cfg["joint_attention_dim"], generator=gen)
+    io["pooled"] = torch.randn(BATCH, cfg["pooled_projection_dim"], generator=gen)
+    with torch.no_grad():
+        for i, ts in enumerate(TIMESTEPS):
+            t = torch.tensor(ts, dtype=torch.float32)
+            io[f"t{i}"] = t
+            io[f"out_t{i}"] = ref(hidden_states=io["latents"], encoder_hidden_states=io["context"],
+                                  pooled_projections=io["pooled"], timestep=t, return_dict=False)[0]
+
+        if spec["sample"]:
+            # The SD3 pipeline's denoising loop, written out: batch [uncond; cond], v = v_u + g (v_c - v_u).
+            sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SHIFT)
+            sched.set_timesteps(STEPS)
+            noise = torch.randn(BATCH, cfg["in_channels"], HEIGHT, WIDTH, generator=gen)
+            neg_context = torch.randn(BATCH, CONTEXT, cfg["joint_attention_dim"], generator=gen)
+            neg_pooled = torch.randn(BATCH, cfg["pooled_projection_dim"], generator=gen)
+            ctx = torch.cat([neg_context, io["context"]])
+            pooled = torch.cat([neg_pooled, io["pooled"]])
+            latents = noise.clone()
+            for t in sched.timesteps:
+                model_in = torch.cat([latents] * 2)
+                v = ref(hidden_states=model_in, encoder_hidden_states=ctx, pooled_projections=pooled,
+                        timestep=t.expand(model_in.shape[0]), return_dict=False)[0]
+                v_u, v_c = v.chunk(2)
+                v = v_u + GUIDANCE * (v_c - v_u)
+                latents = sched.step(v, t, latents, return_dict=False)[0]
+            io.update(noise=noise, neg_context=neg_context, neg_pooled=neg_pooled, sigmas=sched.sigmas.clone(),
+                      timesteps=sched.timesteps.clone(), sample=latents)
+            io["guidance"] = torch.tensor([GUIDANCE])
+            io["shift"] = torch.tensor([SHIFT])
+
+    save_file({k: v.to(torch.float32).contiguous() for k, v in io.items()}, os.path.join(out, "io.safetensors"),
+              metadata={"torch": torch.__version__, "diffusers": __import__("diffusers").__version__})
+    print(name, "->", out, {k: tuple(v.shape) for k, v in io.items()})
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "data", "parity"))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    for name, spec in VARIANTS.items():
+        make_variant(name, spec, args.out)
+
+
+if __name__ == "__main__":
+    main()
