@@ -1,0 +1,217 @@
+#include "quality/classifier.hpp"
+
+#include <algorithm>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <stdexcept>
+
+#include "quality/tensor_file.hpp"
+
+namespace quality {
+namespace {
+
+// Shape of the activation flowing between layers: c x h x w before flatten, c features after it.
+struct activation_shape {
+  std::size_t c, h, w;
+  bool flat;
+};
+
+std::runtime_error layer_error(const std::filesystem::path& json, std::size_t index, const std::string& what) {
+  return std::runtime_error("digit_classifier: '" + json.string() + "' layer " + std::to_string(index) + ": " + what);
+}
+
+void conv2d(const digit_classifier::layer& l, const std::vector<float>& in, std::size_t h, std::size_t w,
+            std::vector<float>& out, std::size_t oh, std::size_t ow) {
+  out.assign(l.out * oh * ow, 0.0f);
+  const auto k = l.kernel;
+  for (std::size_t o = 0; o < l.out; ++o)
+    for (std::size_t y = 0; y < oh; ++y)
+      for (std::size_t x = 0; x < ow; ++x) {
+        float acc = l.bias[o];
+        for (std::size_t i = 0; i < l.in; ++i)
+          for (std::size_t ky = 0; ky < k; ++ky) {
+            // Input row = y*stride + ky - padding; skipped when it falls in the zero padding.
+            const std::size_t sy = y * l.stride + ky;
+            if (sy < l.padding || sy - l.padding >= h) continue;
+            for (std::size_t kx = 0; kx < k; ++kx) {
+              const std::size_t sx = x * l.stride + kx;
+              if (sx < l.padding || sx - l.padding >= w) continue;
+              acc += l.weight[((o * l.in + i) * k + ky) * k + kx] * in[(i * h + sy - l.padding) * w + sx - l.padding];
+            }
+          }
+        out[(o * oh + y) * ow + x] = acc;
+      }
+}
+
+void maxpool(const std::vector<float>& in, std::size_t c, std::size_t h, std::size_t w, std::size_t k,
+             std::size_t stride, std::vector<float>& out, std::size_t oh, std::size_t ow) {
+  out.assign(c * oh * ow, 0.0f);
+  for (std::size_t ch = 0; ch < c; ++ch)
+    for (std::size_t y = 0; y < oh; ++y)
+      for (std::size_t x = 0; x < ow; ++x) {
+        float m = in[(ch * h + y * stride) * w + x * stride];
+        for (std::size_t ky = 0; ky < k; ++ky)
+          for (std::size_t kx = 0; kx < k; ++kx) m = std::max(m, in[(ch * h + y * stride + ky) * w + x * stride + kx]);
+        out[(ch * oh + y) * ow + x] = m;
+      }
+}
+
+}  // namespace
+
+digit_classifier digit_classifier::load(const std::filesystem::path& dir) {
+  const auto json_path = dir / "classifier.json";
+  std::ifstream in(json_path);
+  if (!in) throw std::runtime_error("digit_classifier: cannot open '" + json_path.string() + "'");
+  const auto weights = tensor_file::load(dir / "classifier.safetensors");
+  digit_classifier net;
+  try {
+    const auto desc = nlohmann::json::parse(in);
+    net.channels_ = desc.at("input").at("channels").get<std::size_t>();
+    net.height_ = desc.at("input").at("height").get<std::size_t>();
+    net.width_ = desc.at("input").at("width").get<std::size_t>();
+    net.classes_ = desc.at("classes").get<std::size_t>();
+    activation_shape shape{net.channels_, net.height_, net.width_, false};
+    std::size_t index = 0;
+    for (const auto& spec : desc.at("layers")) {
+      layer l{};
+      const auto type = spec.at("type").get<std::string>();
+      if (type == "conv2d" || type == "linear") {
+        const auto wname = spec.at("weight").get<std::string>(), bname = spec.at("bias").get<std::string>();
+        const auto& wshape = weights.at(wname).shape;
+        l.weight = weights.floats(wname);
+        l.bias = weights.floats(bname);
+        if (type == "conv2d") {
+          if (shape.flat) throw layer_error(json_path, index, "conv2d after flatten");
+          if (wshape.size() != 4 || wshape[2] != wshape[3])
+            throw layer_error(json_path, index, "conv2d weight '" + wname + "' must be [out, in, k, k]");
+          l.type = layer::kind::conv2d;
+          l.out = static_cast<std::size_t>(wshape[0]);
+          l.in = static_cast<std::size_t>(wshape[1]);
+          l.kernel = static_cast<std::size_t>(wshape[2]);
+          l.stride = spec.value("stride", std::size_t{1});
+          l.padding = spec.value("padding", std::size_t{0});
+          if (l.in != shape.c)
+            throw layer_error(json_path, index, "conv2d expects " + std::to_string(l.in) + " input channels, gets " +
+                                                    std::to_string(shape.c));
+          if (l.stride == 0 || shape.h + 2 * l.padding < l.kernel || shape.w + 2 * l.padding < l.kernel)
+            throw layer_error(json_path, index, "conv2d kernel/stride do not fit the input");
+          shape = {l.out, (shape.h + 2 * l.padding - l.kernel) / l.stride + 1,
+                   (shape.w + 2 * l.padding - l.kernel) / l.stride + 1, false};
+        } else {
+          if (!shape.flat) throw layer_error(json_path, index, "linear before flatten");
+          if (wshape.size() != 2) throw layer_error(json_path, index, "linear weight '" + wname + "' must be [out, in]");
+          l.type = layer::kind::linear;
+          l.out = static_cast<std::size_t>(wshape[0]);
+          l.in = static_cast<std::size_t>(wshape[1]);
+          if (l.in != shape.c)
+            throw layer_error(json_path, index, "linear expects " + std::to_string(l.in) + " features, gets " +
+                                                    std::to_string(shape.c));
+          shape.c = l.out;
+        }
+        if (l.bias.size() != l.out)
+          throw layer_error(json_path, index, "bias '" + bname + "' has " + std::to_string(l.bias.size()) +
+                                                  " values, expected " + std::to_string(l.out));
+      } else if (type == "relu") {
+        l.type = layer::kind::relu;
+      } else if (type == "maxpool2d") {
+        if (shape.flat) throw layer_error(json_path, index, "maxpool2d after flatten");
+        l.type = layer::kind::maxpool2d;
+        l.kernel = spec.at("kernel").get<std::size_t>();
+        l.stride = spec.value("stride", l.kernel);
+        if (l.kernel == 0 || l.stride == 0 || shape.h < l.kernel || shape.w < l.kernel)
+          throw layer_error(json_path, index, "maxpool2d kernel/stride do not fit the input");
+        shape = {shape.c, (shape.h - l.kernel) / l.stride + 1, (shape.w - l.kernel) / l.stride + 1, false};
+      } else if (type == "flatten") {
+        l.type = layer::kind::flatten;
+        shape = {shape.c * shape.h * shape.w, 1, 1, true};
+      } else {
+        throw layer_error(json_path, index, "unknown layer type '" + type + "'");
+      }
+      net.layers_.push_back(std::move(l));
+      ++index;
+    }
+    if (!shape.flat || shape.c != net.classes_)
+      throw std::runtime_error("digit_classifier: '" + json_path.string() + "' network ends with " +
+                               std::to_string(shape.c) + " outputs, expected " + std::to_string(net.classes_) +
+                               " flat class logits");
+  } catch (const nlohmann::json::exception& e) {
+    throw std::runtime_error("digit_classifier: '" + json_path.string() + "' is malformed: " + e.what());
+  }
+  return net;
+}
+
+std::vector<float> digit_classifier::logits(const image_batch& images) const {
+  validate(images, "images");
+  if (images.channels != channels_ || images.height != height_ || images.width != width_) {
+    throw std::invalid_argument("digit_classifier: images are " + std::to_string(images.channels) + "x" +
+                                std::to_string(images.height) + "x" + std::to_string(images.width) +
+                                ", the network takes " + std::to_string(channels_) + "x" + std::to_string(height_) +
+                                "x" + std::to_string(width_));
+  }
+  std::vector<float> out(images.count * classes_), a, b;
+  for (std::size_t n = 0; n < images.count; ++n) {
+    const auto img = images.image(n);
+    a.assign(img.begin(), img.end());
+    std::size_t c = channels_, h = height_, w = width_;
+    for (const auto& l : layers_) {
+      switch (l.type) {
+        case layer::kind::conv2d: {
+          const std::size_t oh = (h + 2 * l.padding - l.kernel) / l.stride + 1;
+          const std::size_t ow = (w + 2 * l.padding - l.kernel) / l.stride + 1;
+          conv2d(l, a, h, w, b, oh, ow);
+          c = l.out, h = oh, w = ow;
+          std::swap(a, b);
+          break;
+        }
+        case layer::kind::relu:
+          for (float& v : a) v = std::max(v, 0.0f);
+          break;
+        case layer::kind::maxpool2d: {
+          const std::size_t oh = (h - l.kernel) / l.stride + 1, ow = (w - l.kernel) / l.stride + 1;
+          maxpool(a, c, h, w, l.kernel, l.stride, b, oh, ow);
+          h = oh, w = ow;
+          std::swap(a, b);
+          break;
+        }
+        case layer::kind::flatten:  // C, H, W order is already the memory order
+          c = c * h * w, h = 1, w = 1;
+          break;
+        case layer::kind::linear:
+          b.assign(l.out, 0.0f);
+          for (std::size_t o = 0; o < l.out; ++o) {
+            float acc = l.bias[o];
+            for (std::size_t i = 0; i < l.in; ++i) acc += l.weight[o * l.in + i] * a[i];
+            b[o] = acc;
+          }
+          c = l.out;
+          std::swap(a, b);
+          break;
+      }
+    }
+    std::copy(a.begin(), a.end(), out.begin() + static_cast<std::ptrdiff_t>(n * classes_));
+  }
+  return out;
+}
+
+std::vector<int> digit_classifier::predict(const image_batch& images) const {
+  const auto z = logits(images);
+  std::vector<int> out(images.count);
+  for (std::size_t n = 0; n < images.count; ++n) {
+    const auto row = z.begin() + static_cast<std::ptrdiff_t>(n * classes_);
+    out[n] = static_cast<int>(std::max_element(row, row + static_cast<std::ptrdiff_t>(classes_)) - row);
+  }
+  return out;
+}
+
+double digit_classifier::accuracy(const image_batch& images, std::span<const int> labels) const {
+  if (labels.size() != images.count) {
+    throw std::invalid_argument("digit_classifier::accuracy: labels has " + std::to_string(labels.size()) +
+                                " entries for " + std::to_string(images.count) + " images");
+  }
+  const auto pred = predict(images);
+  std::size_t correct = 0;
+  for (std::size_t n = 0; n < pred.size(); ++n) correct += pred[n] == labels[n];
+  return static_cast<double>(correct) / static_cast<double>(pred.size());
+}
+
+}  // namespace quality
