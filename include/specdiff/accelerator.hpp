@@ -52,7 +52,7 @@ class accelerator {
         approx_(approx),
         store_(cache_shape{1, 1, config.batch * config.tokens, config.feature_dim, std::max<index_t>(Approx::depth, 2)}),
         plans_(static_cast<std::size_t>(config.plans()), token_plan(config.tokens)),
-        his_(per_plan()), fut_(per_plan()), cf_(per_plan()), change_(per_plan()),
+        his_(per_plan()), fut_(per_plan()), cf_(per_plan()), change_(per_plan()), metric_(per_plan()),
         change_all_(static_cast<std::size_t>(config.batch * config.tokens)),
         scores_(static_cast<std::size_t>(config.tokens)),
         global_(static_cast<std::size_t>(config.tokens)) {}
@@ -79,7 +79,7 @@ class accelerator {
     }
     const auto n = static_cast<std::size_t>(config_.tokens);
     for (std::size_t p = 0; p < plans_.size(); ++p) {
-      const score_inputs in{slice(his_, p), slice(fut_, p), slice(cf_, p), slice(change_, p)};
+      const score_inputs in{slice(his_, p), slice(fut_, p), slice(cf_, p), slice(change_, p), slice(metric_, p)};
       scorer_.score(in, scores_);
       classifier_.classify(std::span<const float>(scores_.data(), n), plans_[p]);
     }
@@ -94,7 +94,8 @@ class accelerator {
 
   /// Caches the computed rows of `output` (batch*tokens x feature_dim, sample b's token i at row
   /// b*tokens + i), fills the C2 rows with their latest cached value and the C3 rows with the
-  /// approximator's mix, and takes `attention` (batch*tokens) as the next step's history.
+  /// approximator's mix, and takes `attention` (batch*tokens) as the next step's history. A scorer that
+  /// reads signal::metric gets it from set_metric(), typically computed from the filled `output`.
   void complete_step(index_t step, float t, matrix_view<float> output, std::span<const float> attention) {
     detail::expect_index("step", step, config_.steps);
     detail::expect_matrix("output", output, config_.batch * config_.tokens, config_.feature_dim);
@@ -117,6 +118,12 @@ class accelerator {
       for (std::size_t i = 0; i < levels.size(); ++i) cf[i] = levels[i] == level::compute ? 0.f : cf[i] + 1.f;
     }
     has_history_ = true;
+  }
+
+  /// Sets the engine-defined per-token metric (batch*tokens) the next plan_step scores with.
+  void set_metric(std::span<const float> metric) {
+    detail::expect_finite("metric", metric);
+    merge(metric, metric_);
   }
 
   /// Forgets all history (a new image), keeping the memory.
@@ -168,7 +175,7 @@ class accelerator {
   Approx approx_;
   store_type store_;
   std::vector<token_plan> plans_;
-  std::vector<float> his_, fut_, cf_, change_;  // [plan][token]
+  std::vector<float> his_, fut_, cf_, change_, metric_;  // [plan][token]
   std::vector<float> change_all_;               // [sample][token]
   std::vector<float> scores_;
   std::vector<index_t> global_;

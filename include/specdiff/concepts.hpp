@@ -17,10 +17,11 @@ struct score_inputs {
   std::span<const float> future;           ///< fut: speculative score at the nearest future timestep
   std::span<const float> cache_count;      ///< cf: times cached since last computed
   std::span<const float> feature_change;   ///< L2 change between the last two computed features
+  std::span<const float> metric;           ///< an engine-defined per-token metric (e.g. RAS's output norm)
 };
 
 /// Bit set of score_inputs fields.
-enum class signal : unsigned { none = 0, attention = 1, future = 2, cache_count = 4, feature_change = 8 };
+enum class signal : unsigned { none = 0, attention = 1, future = 2, cache_count = 4, feature_change = 8, metric = 16 };
 constexpr signal operator|(signal a, signal b) { return static_cast<signal>(static_cast<unsigned>(a) | static_cast<unsigned>(b)); }
 constexpr bool has(signal set, signal s) { return (static_cast<unsigned>(set) & static_cast<unsigned>(s)) != 0; }
 

@@ -15,6 +15,7 @@ inline void expect_inputs(const score_inputs& in, signal needs, std::size_t toke
   if (has(needs, signal::attention)) { expect_size("attention", in.attention.size(), tokens); expect_finite("attention", in.attention); }
   if (has(needs, signal::future)) { expect_size("future", in.future.size(), tokens); expect_finite("future", in.future); }
   if (has(needs, signal::cache_count)) { expect_size("cache_count", in.cache_count.size(), tokens); expect_finite("cache_count", in.cache_count); }
+  if (has(needs, signal::metric)) { expect_size("metric", in.metric.size(), tokens); expect_finite("metric", in.metric); }
   if (has(needs, signal::feature_change)) {
     expect_size("feature_change", in.feature_change.size(), tokens);
     for (std::size_t i = 0; i < tokens; ++i)

@@ -1,0 +1,113 @@
+// Views over caller-owned device memory, and the workspace carving shared by the device models.
+// A distinct type from the host matrix_view: a device pointer must not be mistaken for a host one.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string_view>
+#include <type_traits>
+
+#include "../common.hpp"
+
+namespace specdiff::gpu {
+
+/// `size` contiguous values in device memory.
+template <class T>
+struct device_span {
+  T* data = nullptr;
+  index_t size = 0;
+
+  constexpr device_span() = default;
+  constexpr device_span(T* d, index_t n) : data(d), size(n) {}
+  template <class U>
+    requires std::is_convertible_v<U*, T*>
+  constexpr device_span(const device_span<U>& o) : data(o.data), size(o.size) {}
+
+  SPECDIFF_HD T& operator[](index_t i) const { return data[i]; }
+};
+
+/// Row-major matrix in device memory: row r starts at data + r * stride (elements).
+template <class T>
+struct device_matrix {
+  T* data = nullptr;
+  index_t rows = 0;
+  index_t cols = 0;
+  std::ptrdiff_t stride = 0;
+
+  constexpr device_matrix() = default;
+  constexpr device_matrix(T* d, index_t r, index_t c) : data(d), rows(r), cols(c), stride(c) {}
+  constexpr device_matrix(T* d, index_t r, index_t c, std::ptrdiff_t s) : data(d), rows(r), cols(c), stride(s) {}
+  template <class U>
+    requires std::is_convertible_v<U*, T*>
+  constexpr device_matrix(const device_matrix<U>& o) : data(o.data), rows(o.rows), cols(o.cols), stride(o.stride) {}
+
+  SPECDIFF_HD T* row_ptr(index_t r) const { return data + static_cast<std::ptrdiff_t>(r) * stride; }
+};
+
+namespace detail {
+
+using specdiff::detail::fail;
+
+template <class T>
+void expect_span(std::string_view name, const device_span<T>& s, index_t size) {
+  if (s.size != size) fail(name, ": expected ", size, " values, got ", s.size);
+  if (s.data == nullptr && size > 0) fail(name, ": null data for ", size, " values");
+}
+
+template <class T>
+void expect_matrix(std::string_view name, const device_matrix<T>& m, index_t rows, index_t cols) {
+  if (m.rows != rows || m.cols != cols) fail(name, ": expected a ", rows, "x", cols, " matrix, got ", m.rows, "x", m.cols);
+  if (m.stride < m.cols) fail(name, ": stride ", m.stride, " is smaller than cols ", m.cols);
+  if (m.data == nullptr && rows > 0 && cols > 0) fail(name, ": null data for a ", rows, "x", cols, " matrix");
+}
+
+/// Whether rows of `m` can be moved in 16-byte units: aligned base, and row starts and widths that stay on
+/// 16-byte boundaries.
+template <class T>
+bool vectorisable(const device_matrix<T>& m) {
+  return reinterpret_cast<std::uintptr_t>(m.data) % 16 == 0 && (static_cast<std::size_t>(m.cols) * sizeof(T)) % 16 == 0 &&
+         (static_cast<std::size_t>(m.stride) * sizeof(T)) % 16 == 0;
+}
+
+/// Lays sub-buffers out in one caller-supplied workspace, each aligned like cudaMalloc's results.
+class workspace_layout {
+ public:
+  static constexpr std::size_t alignment = 256;
+
+  /// Reserves `bytes` and returns the offset of the new sub-buffer.
+  std::size_t add(std::size_t bytes) {
+    const std::size_t offset = total_;
+    total_ += (bytes + alignment - 1) / alignment * alignment;
+    return offset;
+  }
+  std::size_t bytes() const { return total_; }
+
+  template <class T>
+  static T* at(void* base, std::size_t offset) {
+    return reinterpret_cast<T*>(static_cast<unsigned char*>(base) + offset);
+  }
+
+ private:
+  std::size_t total_ = 0;
+};
+
+inline void expect_workspace(const void* workspace, std::size_t bytes, std::size_t required) {
+  if (bytes < required) fail("workspace_bytes: ", bytes, " bytes supplied, ", required, " needed (query with a null workspace)");
+  if (workspace == nullptr) fail("workspace: null pointer with workspace_bytes = ", bytes);
+  if (reinterpret_cast<std::uintptr_t>(workspace) % workspace_layout::alignment != 0)
+    fail("workspace: must be ", workspace_layout::alignment, "-byte aligned (as cudaMalloc returns), got address ", workspace);
+}
+
+/// Blocks for `work` items at `per_block` items per block, at least 1, capped so that grid-stride loops
+/// cover the rest.
+inline unsigned blocks_for(std::size_t work, std::size_t per_block, std::size_t cap = 1u << 16) {
+  std::size_t blocks = (work + per_block - 1) / per_block;
+  if (blocks < 1) blocks = 1;
+  if (blocks > cap) blocks = cap;
+  return static_cast<unsigned>(blocks);
+}
+
+}  // namespace detail
+}  // namespace specdiff::gpu
