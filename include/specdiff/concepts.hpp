@@ -13,11 +13,11 @@ namespace specdiff {
 /// What a scorer may read for one sample at one step. Spans have one value per token; a scorer declares
 /// in `needs` which of them it reads, and the orchestration fills only those.
 struct score_inputs {
-  std::span<const float> attention;        ///< his: attention received, summed over layers, last step
-  std::span<const float> future;           ///< fut: speculative score at the nearest future timestep
-  std::span<const float> cache_count;      ///< cf: times cached since last computed
-  std::span<const float> feature_change;   ///< L2 change between the last two computed features
-  std::span<const float> metric;           ///< an engine-defined per-token metric (e.g. RAS's output norm)
+  std::span<const float> attention{};        ///< his: attention received, summed over layers, last step
+  std::span<const float> future{};           ///< fut: speculative score at the nearest future timestep
+  std::span<const float> cache_count{};      ///< cf: times cached since last computed
+  std::span<const float> feature_change{};   ///< L2 change between the last two computed features
+  std::span<const float> metric{};           ///< an engine-defined per-token metric (e.g. RAS's output norm)
 };
 
 /// Bit set of score_inputs fields.

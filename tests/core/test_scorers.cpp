@@ -11,7 +11,7 @@ using namespace specdiff;
 TEST_CASE("SpecDiff scorer: log(his * fut * exp(cf)), hand computed") {
   const std::vector<float> his = {0.5f, 2.f, 1.f}, fut = {4.f, 0.25f, 1.f}, cf = {0.f, 1.f, 3.f};
   std::vector<float> out(3);
-  specdiff_scorer{}.score({his, fut, cf, {}}, out);
+  specdiff_scorer{}.score({.attention = his, .future = fut, .cache_count = cf}, out);
   CHECK(out[0] == doctest::Approx(std::log(2.0)));
   CHECK(out[1] == doctest::Approx(std::log(0.5) + 1.0));
   CHECK(out[2] == doctest::Approx(3.0));
@@ -23,26 +23,28 @@ TEST_CASE("SpecDiff scorer: log(his * fut * exp(cf)), hand computed") {
 TEST_CASE("scorers read only their signals") {
   const std::vector<float> his = {1.f, 3.f}, cf = {2.f, 0.f}, change = {0.5f, std::numeric_limits<float>::infinity()};
   std::vector<float> out(2);
-  toca_scorer{0.5f}.score({his, {}, cf, {}}, out);
+  toca_scorer{0.5f}.score({.attention = his, .cache_count = cf}, out);
   CHECK(out[0] == doctest::Approx(1.0));
   CHECK(out[1] == doctest::Approx(std::log(3.0)));
-  feature_change_scorer{}.score({{}, {}, cf, change}, out);
+  feature_change_scorer{}.score({.cache_count = cf, .feature_change = change}, out);
   CHECK(out[0] == doctest::Approx(std::log(0.5) + 2.0));
   CHECK(std::isfinite(out[1]));  // unknown change ranks first but stays finite
   CHECK(out[1] > 80.f);
-  uniform_scorer{}.score({{}, {}, cf, {}}, out);
+  uniform_scorer{}.score({.cache_count = cf}, out);
   CHECK(out[0] == 0.f);
   CHECK(out[1] == 0.f);
-  uniform_scorer{1.f}.score({{}, {}, cf, {}}, out);
+  uniform_scorer{1.f}.score({.cache_count = cf}, out);
   CHECK(out[0] == 2.f);
 }
 
 TEST_CASE("scorers reject bad input, naming the parameter") {
   const std::vector<float> good = {1.f, 1.f}, short_ = {1.f}, nan = {1.f, std::nanf("")};
   std::vector<float> out(2), none;
-  testing::expect_error<std::invalid_argument>([&] { specdiff_scorer{}.score({good, short_, good, {}}, out); }, {"future", "expected 2", "got 1"});
-  testing::expect_error<std::invalid_argument>([&] { specdiff_scorer{}.score({nan, good, good, {}}, out); }, {"attention[1]", "not finite"});
-  testing::expect_error<std::invalid_argument>([&] { toca_scorer{}.score({good, {}, {}, {}}, out); }, {"cache_count"});
-  testing::expect_error<std::invalid_argument>([&] { specdiff_scorer{}.score({good, good, good, {}}, none); }, {"zero tokens"});
-  testing::expect_error<std::invalid_argument>([&] { feature_change_scorer{}.score({{}, {}, good, nan}, out); }, {"feature_change[1]", "NaN"});
+  testing::expect_error<std::invalid_argument>([&] { specdiff_scorer{}.score({.attention = good, .future = short_, .cache_count = good}, out); }, {"future", "expected 2", "got 1"});
+  testing::expect_error<std::invalid_argument>([&] { specdiff_scorer{}.score({.attention = nan, .future = good, .cache_count = good}, out); }, {"attention[1]", "not finite"});
+  testing::expect_error<std::invalid_argument>([&] { toca_scorer{}.score({.attention = good}, out); }, {"cache_count"});
+  testing::expect_error<std::invalid_argument>([&] { specdiff_scorer{}.score({.attention = good, .future = good, .cache_count = good}, none); }, {"zero tokens"});
+  testing::expect_error<std::invalid_argument>([&] { specdiff::score_inputs in{.attention = good, .future = good, .cache_count = good, .metric = short_};
+    detail::expect_inputs(in, signal::metric, 2); }, {"metric", "expected 2", "got 1"});
+  testing::expect_error<std::invalid_argument>([&] { feature_change_scorer{}.score({.cache_count = good, .feature_change = nan}, out); }, {"feature_change[1]", "NaN"});
 }

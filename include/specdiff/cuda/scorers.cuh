@@ -54,13 +54,21 @@ struct uniform_scorer {
 
 namespace detail {
 
+/// Which inputs a scorer reads, as constants device code may use (has() itself is host-only constexpr).
+template <class Scorer>
+struct reads {
+  static constexpr bool attention = has(Scorer::needs, signal::attention);
+  static constexpr bool future = has(Scorer::needs, signal::future);
+  static constexpr bool cache_count = has(Scorer::needs, signal::cache_count);
+  static constexpr bool feature_change = has(Scorer::needs, signal::feature_change);
+};
+
 template <int BlockThreads, class Scorer>
 __global__ void __launch_bounds__(BlockThreads) score_kernel(Scorer scorer, device_score_inputs in, device_span<float> out) {
-  constexpr bool his = has(Scorer::needs, signal::attention), fut = has(Scorer::needs, signal::future),
-                 cf = has(Scorer::needs, signal::cache_count), change = has(Scorer::needs, signal::feature_change);
+  using r = reads<Scorer>;
   for (index_t i = blockIdx.x * BlockThreads + threadIdx.x; i < out.size; i += gridDim.x * BlockThreads)
-    out[i] = scorer.token(his ? in.attention[i] : 1.f, fut ? in.future[i] : 1.f, cf ? in.cache_count[i] : 0.f,
-                          change ? in.feature_change[i] : 0.f);
+    out[i] = scorer.token(r::attention ? in.attention[i] : 1.f, r::future ? in.future[i] : 1.f, r::cache_count ? in.cache_count[i] : 0.f,
+                          r::feature_change ? in.feature_change[i] : 0.f);
 }
 
 template <int BlockThreads>
