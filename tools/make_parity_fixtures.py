@@ -11,7 +11,12 @@ layer is an identity or a zero and a wrong term in the C++ forward changes its o
     io.safetensors   inputs and diffusers' outputs (float32):
         latents [B,C,H,W], context [B,L,J], pooled [B,P],
         t0, t1 [B] and out_t0, out_t1 [B,C_out,H,W]: the transformer at two timestep pairs;
-        with sampling: noise, neg_context, neg_pooled, sigmas, timesteps, sample (8-step CFG result).
+        with sampling: noise, neg_context, neg_pooled, sigmas, timesteps, sample (8-step CFG result),
+        sigmas_mu, timesteps_mu (a 5-step dynamic-shift schedule, mu = 0.7);
+        probe_img, probe_ctx [B,N]: at t0, per image token, the column sums of head-averaged attention
+        probabilities over the image queries / the context queries, summed over layers;
+        attn_img.{l}, attn_ctx.{l}, mlp_img.{l}, mlp_ctx.{l}: at t0, each block's module outputs before the
+        gate (attention after to_out / to_add_out, feed-forward), the values the C++ read-back hooks return.
 Variants:
     rms    qk_norm "rms_norm", 3 blocks, 2 heads x 16, F32 weights, 8-step CFG sampling (shift 3, guidance 4.5)
     plain  qk_norm null, 2 blocks, 3 heads x 8, out_channels 3 != in_channels 4, weights stored alternately as
@@ -27,6 +32,7 @@ import os
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers.models.attention_processor import JointAttnProcessor2_0
 from safetensors.torch import save_file
 
 VARIANTS = {
@@ -65,6 +71,33 @@ def randomize(model, gen):
     return state
 
 
+class ProbingJointAttnProcessor(JointAttnProcessor2_0):
+    """diffusers' joint attention, plus a record of the attention each image key receives (the probe)."""
+
+    def __init__(self, record):
+        super().__init__()
+        self.record = record
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        if self.record.get("on"):
+            b, n = hidden_states.shape[:2]
+            heads = attn.heads
+
+            def split(x):
+                return x.view(b, -1, heads, x.shape[-1] // heads).transpose(1, 2)
+
+            q, k = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states))
+            cq, ck = split(attn.add_q_proj(encoder_hidden_states)), split(attn.add_k_proj(encoder_hidden_states))
+            if attn.norm_q is not None:
+                q, k, cq, ck = attn.norm_q(q), attn.norm_k(k), attn.norm_added_q(cq), attn.norm_added_k(ck)
+            q, k = torch.cat([q, cq], 2), torch.cat([k, ck], 2)
+            probs = torch.softmax((q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1]), -1)
+            received = probs.mean(1)[:, :, :n]  # head average, image keys only: [b, queries, n]
+            self.record["img"] += received[:, :n].sum(1)
+            self.record["ctx"] += received[:, n:].sum(1)
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+
+
 def make_variant(name, spec, out_root):
     out = os.path.join(out_root, name)
     os.makedirs(out, exist_ok=True)
@@ -90,12 +123,43 @@ def make_variant(name, spec, out_root):
     io["latents"] = torch.randn(BATCH, cfg["in_channels"], HEIGHT, WIDTH, generator=gen)
     io["context"] = torch.randn(BATCH, CONTEXT, cfg["joint_attention_dim"], generator=gen)
     io["pooled"] = torch.randn(BATCH, cfg["pooled_projection_dim"], generator=gen)
+    # Probe and module outputs at t0 (read-back references).
+    n_img = (HEIGHT // cfg["patch_size"]) * (WIDTH // cfg["patch_size"])
+    record = {"on": False, "img": torch.zeros(BATCH, n_img, dtype=torch.float64),
+              "ctx": torch.zeros(BATCH, n_img, dtype=torch.float64)}
+    ref.set_attn_processor(ProbingJointAttnProcessor(record))
+    modules = {}
+    handles = []
+    for l, block in enumerate(ref.transformer_blocks):
+        def keep(key):
+            def hook(_module, _inputs, output):
+                if record["on"]:
+                    modules[key] = output
+            return hook
+        def keep_attn(l, last):
+            def hook(_module, _inputs, output):
+                if record["on"]:
+                    modules[f"attn_img.{l}"] = output[0]
+                    if not last:
+                        modules[f"attn_ctx.{l}"] = output[1]
+            return hook
+        handles.append(block.attn.register_forward_hook(keep_attn(l, block.context_pre_only)))
+        handles.append(block.ff.register_forward_hook(keep(f"mlp_img.{l}")))
+        if block.ff_context is not None:
+            handles.append(block.ff_context.register_forward_hook(keep(f"mlp_ctx.{l}")))
+
     with torch.no_grad():
         for i, ts in enumerate(TIMESTEPS):
+            record["on"] = i == 0
             t = torch.tensor(ts, dtype=torch.float32)
             io[f"t{i}"] = t
             io[f"out_t{i}"] = ref(hidden_states=io["latents"], encoder_hidden_states=io["context"],
                                   pooled_projections=io["pooled"], timestep=t, return_dict=False)[0]
+        record["on"] = False
+        for h in handles:
+            h.remove()
+        io["probe_img"], io["probe_ctx"] = record["img"], record["ctx"]
+        io.update(modules)
 
         if spec["sample"]:
             # The SD3 pipeline's denoising loop, written out: batch [uncond; cond], v = v_u + g (v_c - v_u).
@@ -118,6 +182,9 @@ def make_variant(name, spec, out_root):
                       timesteps=sched.timesteps.clone(), sample=latents)
             io["guidance"] = torch.tensor([GUIDANCE])
             io["shift"] = torch.tensor([SHIFT])
+            dyn = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, use_dynamic_shifting=True)
+            dyn.set_timesteps(5, mu=0.7)
+            io["sigmas_mu"], io["timesteps_mu"] = dyn.sigmas.clone(), dyn.timesteps.clone()
 
     save_file({k: v.to(torch.float32).contiguous() for k, v in io.items()}, os.path.join(out, "io.safetensors"),
               metadata={"torch": torch.__version__, "diffusers": __import__("diffusers").__version__})

@@ -82,3 +82,70 @@ TEST_CASE("diffusers_parity: 8-step CFG sampling") {
     MESSAGE("sampling relative L2 error " << err);
     CHECK(err <= tolerance);
 }
+
+TEST_CASE("diffusers_parity: dynamic-shift schedule (mu)") {
+    const fixture fx("rms");
+    const auto sigmas = fx.get("sigmas_mu"), timesteps = fx.get("timesteps_mu");
+    const sd3::flow_match_euler s(static_cast<int>(timesteps.size()), 1.0, 1000, 0.7);
+    REQUIRE(s.sigmas().size() == sigmas.size());
+    for (std::size_t i = 0; i < sigmas.size(); ++i) CHECK(s.sigmas()[i] == doctest::Approx(sigmas[i]).epsilon(1e-7));
+    for (std::size_t i = 0; i < timesteps.size(); ++i) CHECK(s.timesteps()[i] == doctest::Approx(timesteps[i]).epsilon(1e-7));
+}
+
+// The hooks' read-back rows are diffusers' module outputs before the gate, and the probe is the attention each
+// image key receives (head-averaged, summed over queries and layers), computed by a probing processor in diffusers.
+TEST_CASE("diffusers_parity: module read-back hooks and attention probe") {
+    for (const std::string variant : {"rms", "plain"}) {
+        CAPTURE(variant);
+        const fixture fx(variant);
+        const auto& c = fx.model.config;
+        const auto latents = fx.get("latents"), context = fx.get("context"), pooled = fx.get("pooled");
+        const auto timesteps = fx.get("t0"), expected = fx.get("out_t0");
+        const int B = fx.dim("latents", 0), N = (fx.dim("latents", 2) / 2) * (fx.dim("latents", 3) / 2), L = fx.dim("context", 1);
+        const int D = c.hidden();
+        sd3::transformer net(fx.model, {.max_batch = 2, .max_height = 6, .max_width = 10, .max_context_tokens = 5}, 2);
+        const sd3::forward_inputs in{B, fx.dim("latents", 2), fx.dim("latents", 3), L, latents, timesteps, context, pooled};
+
+        // rows[l][0..3] = attn image, attn context, mlp image, mlp context
+        std::vector<std::vector<std::vector<float>>> rows(c.num_layers);
+        std::vector<sd3::block_hooks> hooks(c.num_layers);
+        for (int l = 0; l < c.num_layers; ++l) {
+            const bool last = l == c.num_layers - 1;
+            rows[l] = {std::vector<float>(B * N * D), std::vector<float>(B * L * D), std::vector<float>(B * N * D),
+                       std::vector<float>(B * L * D)};
+            hooks[l].attention[0].rows = rows[l][0].data();
+            hooks[l].mlp[0].rows = rows[l][2].data();
+            if (!last) {
+                hooks[l].attention[1].rows = rows[l][1].data();
+                hooks[l].mlp[1].rows = rows[l][3].data();
+            }
+        }
+        for (bool context_queries : {false, true}) {
+            CAPTURE(context_queries);
+            std::vector<float> v(expected.size()), probe(B * N);
+            sd3::forward_options opts;
+            opts.attention_probe = probe;
+            opts.probe_context_queries = context_queries;
+            opts.blocks = hooks;
+            net.forward(in, v, opts);
+            CHECK(test_util::rel_l2(v, expected) <= tolerance);
+            auto want = fx.get("probe_img");
+            if (context_queries) {
+                const auto extra = fx.get("probe_ctx");
+                for (std::size_t i = 0; i < want.size(); ++i) want[i] += extra[i];
+            }
+            const double perr = test_util::rel_l2(probe, want);
+            MESSAGE(variant << " probe relative L2 error " << perr);
+            CHECK(perr <= tolerance);
+        }
+        for (int l = 0; l < c.num_layers; ++l) {
+            const std::string s = std::to_string(l);
+            CHECK(test_util::rel_l2(rows[l][0], fx.get(("attn_img." + s).c_str())) <= tolerance);
+            CHECK(test_util::rel_l2(rows[l][2], fx.get(("mlp_img." + s).c_str())) <= tolerance);
+            if (l + 1 < c.num_layers) {
+                CHECK(test_util::rel_l2(rows[l][1], fx.get(("attn_ctx." + s).c_str())) <= tolerance);
+                CHECK(test_util::rel_l2(rows[l][3], fx.get(("mlp_ctx." + s).c_str())) <= tolerance);
+            }
+        }
+    }
+}

@@ -501,7 +501,8 @@ void transformer::impl::attend(int layer, bool image_queries, bool context_queri
         const float* k_ctx = qkv_ctx.data() + static_cast<std::size_t>(b) * L * 3 * D + D;
         const float* v_ctx = k_ctx + D;
         view s(scores.data() + thread * score_slot, nq, N + L, Eigen::OuterStride<>(ld_s));
-        float* part = probe ? probe_parts.data() + static_cast<std::size_t>(task) * N : nullptr;
+        float* part = probe && (img || opts->probe_context_queries) ? probe_parts.data() + static_cast<std::size_t>(task) * N
+                                                                    : nullptr;
         if (part) std::fill_n(part, N, 0.0f);
         for (int h = 0; h < heads; ++h) {
             const const_view qh(q + h * hd, nq, hd, Eigen::OuterStride<>(3 * D));
@@ -531,7 +532,8 @@ void transformer::impl::attend(int layer, bool image_queries, bool context_queri
         parallel_for(threads, B * col_chunks, [&](int t, int) {
             const int b = t / col_chunks, c0 = (t % col_chunks) * 256, nc = std::min(256, N - c0);
             vec dst(opts->attention_probe.data() + static_cast<std::size_t>(b) * N + c0, nc);
-            for (int chunk = 0; chunk < per_sample; ++chunk)
+            const int counted = opts->probe_context_queries ? per_sample : img_chunks;
+            for (int chunk = 0; chunk < counted; ++chunk)
                 dst += const_vec(probe_parts.data() + static_cast<std::size_t>(b * per_sample + chunk) * N + c0, nc) *
                        (1.0f / static_cast<float>(heads));
         });
