@@ -27,9 +27,12 @@ inline void expect_capacity(std::span<const float> log_score, index_t capacity) 
     fail("log_score: ", log_score.size(), " tokens, the classifier was built for ", capacity);
 }
 
+}  // namespace detail
+
 /// Token indices sorted by descending score, ties by ascending index: a strict total order, so the result
-/// is the same on every run and every standard library.
-inline void rank(std::span<const float> log_score, std::vector<index_t>& order) {
+/// is the same on every run and every standard library. For classifiers, ours and yours; `order` must
+/// have the capacity for every token (it is resized, not reallocated, on the per-step path).
+inline void rank_by_score(std::span<const float> log_score, std::vector<index_t>& order) {
   order.resize(log_score.size());
   for (std::size_t i = 0; i < order.size(); ++i) order[i] = static_cast<index_t>(i);
   std::sort(order.begin(), order.end(), [&](index_t a, index_t b) {
@@ -37,8 +40,6 @@ inline void rank(std::span<const float> log_score, std::vector<index_t>& order) 
     return sa > sb || (sa == sb && a < b);
   });
 }
-
-}  // namespace detail
 
 /// SpecDiff's three levels. C1 = the top ceil((1-CR)·N) tokens by score (a fixed count, so GEMM shapes
 /// are static); C2 = the lowest-scored tokens, taken from the bottom while their cumulative share of the
@@ -60,7 +61,7 @@ class three_level_classifier {
   void classify(std::span<const float> log_score, token_plan& plan) {
     detail::expect_scores(log_score, plan);
     detail::expect_capacity(log_score, capacity_);
-    detail::rank(log_score, order_);
+    rank_by_score(log_score, order_);
     const index_t n = plan.tokens();
     const index_t c1 = compute_count(n);
     // Shares relative to the maximum: exp(s - max) is in (0, 1], so the sum cannot overflow.
@@ -98,7 +99,7 @@ class top_k_classifier {
   void classify(std::span<const float> log_score, token_plan& plan) {
     detail::expect_scores(log_score, plan);
     detail::expect_capacity(log_score, capacity_);
-    detail::rank(log_score, order_);
+    rank_by_score(log_score, order_);
     const index_t c1 = math::compute_count(cache_rate_, plan.tokens());
     auto levels = plan.mutable_levels();
     for (index_t r = 0; r < plan.tokens(); ++r) levels[static_cast<std::size_t>(order_[static_cast<std::size_t>(r)])] = r < c1 ? level::compute : level::reuse;

@@ -1,29 +1,37 @@
 // Step schedules: which main-pass steps are dense, and the speculative pass length.
 #pragma once
 
+#include <algorithm>
+#include <vector>
+
 #include "concepts.hpp"
 
 namespace specdiff {
 
-/// Dense for the first `warmup_steps` steps, then every `refresh_interval` steps after warm-up (0 = never);
-/// everything else is a partial (cached) step. RAS's SD3 setting — dense before step 4 and at 12 and 20 —
-/// is {warmup_steps = 4, refresh_interval = 8}.
+/// Dense for the first `warmup_steps` steps; then every `refresh_interval` steps counted from the last
+/// warm-up step (0 = never), and at each step listed in `reset_steps`; every other step is partial.
+///   RAS's SD3 setting (dense before 4, "error reset" at 12 and 20): {4, 0, 2, {12, 20}} — the default.
+///   TaylorSeer's FLUX setting (first 3 full, then every 6th: 8, 14, ...): {3, 6}.
+///   FORA (a full step every N from the first): {1, N}. Any {w, 1} is dense throughout.
 struct step_schedule {
   index_t warmup_steps = 4;
-  index_t refresh_interval = 8;
+  index_t refresh_interval = 0;
   index_t speculative = 2;  ///< steps of the speculative pass (SpecDiff's S); 0 = none
+  std::vector<index_t> reset_steps = {12, 20};
 
   void validate() const {
     if (warmup_steps < 0) detail::fail("warmup_steps: must be >= 0, got ", warmup_steps);
     if (refresh_interval < 0) detail::fail("refresh_interval: must be >= 0, got ", refresh_interval);
     if (speculative < 0) detail::fail("speculative_steps: must be >= 0, got ", speculative);
+    for (index_t r : reset_steps)
+      if (r < 0) detail::fail("reset_steps: must be >= 0, got ", r);
   }
 
   bool is_dense(index_t step, index_t steps) const {
     if (step < 0 || step >= steps) detail::fail("step = ", step, " is out of range [0, ", steps, ")");
     if (step < warmup_steps) return true;
-    const index_t since = step - warmup_steps;
-    return refresh_interval > 0 && since > 0 && since % refresh_interval == 0;
+    if (refresh_interval > 0 && (step - warmup_steps + 1) % refresh_interval == 0) return true;
+    return std::find(reset_steps.begin(), reset_steps.end(), step) != reset_steps.end();
   }
   index_t speculative_steps() const { return speculative; }
 };

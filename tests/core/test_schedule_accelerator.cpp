@@ -21,18 +21,24 @@ void* operator new(std::size_t n) {
 void operator delete(void* p) noexcept { std::free(p); }
 void operator delete(void* p, std::size_t) noexcept { std::free(p); }
 
-TEST_CASE("step_schedule: RAS's SD3 setting is dense before 4 and at 12 and 20") {
-  const step_schedule s{4, 8, 2};
-  std::vector<index_t> dense;
-  for (index_t i = 0; i < 28; ++i)
-    if (s.is_dense(i, 28)) dense.push_back(i);
-  CHECK(dense == std::vector<index_t>{0, 1, 2, 3, 12, 20});
-  CHECK(s.speculative_steps() == 2);
-  const step_schedule none{2, 0, 0};
-  CHECK(none.is_dense(1, 10));
-  CHECK_FALSE(none.is_dense(9, 10));
-  testing::expect_error<std::invalid_argument>([&] { (void)s.is_dense(28, 28); }, {"step = 28"});
-  testing::expect_error<std::invalid_argument>([] { step_schedule{-1, 0, 0}.validate(); }, {"warmup_steps", "-1"});
+TEST_CASE("step_schedule: RAS's, TaylorSeer's and FORA's settings") {
+  auto dense_steps = [](const step_schedule& s, index_t steps) {
+    std::vector<index_t> dense;
+    for (index_t i = 0; i < steps; ++i)
+      if (s.is_dense(i, steps)) dense.push_back(i);
+    return dense;
+  };
+  const step_schedule ras{};  // the default: dense before 4 and at 12, 20
+  CHECK(dense_steps(ras, 28) == std::vector<index_t>{0, 1, 2, 3, 12, 20});
+  CHECK(ras.speculative_steps() == 2);
+  CHECK(dense_steps(step_schedule{3, 6, 0, {}}, 28) == std::vector<index_t>{0, 1, 2, 8, 14, 20, 26});
+  CHECK(dense_steps(step_schedule{1, 3, 0, {}}, 10) == std::vector<index_t>{0, 3, 6, 9});
+  CHECK(dense_steps(step_schedule{2, 1, 0, {}}, 5) == std::vector<index_t>{0, 1, 2, 3, 4});
+  CHECK(dense_steps(step_schedule{2, 0, 0, {}}, 5) == std::vector<index_t>{0, 1});
+  testing::expect_error<std::invalid_argument>([&] { (void)ras.is_dense(28, 28); }, {"step = 28"});
+  testing::expect_error<std::invalid_argument>([] { step_schedule{-1, 0, 0, {}}.validate(); }, {"warmup_steps", "-1"});
+  testing::expect_error<std::invalid_argument>([] { step_schedule{1, -2, 0, {}}.validate(); }, {"refresh_interval", "-2"});
+  testing::expect_error<std::invalid_argument>([] { step_schedule{1, 0, 0, {-3}}.validate(); }, {"reset_steps", "-3"});
 }
 
 namespace {
@@ -50,7 +56,7 @@ using specdiff_accelerator = accelerator<specdiff_scorer, self_speculation, thre
 
 specdiff_accelerator make(index_t tokens, index_t batch, index_t steps, index_t dim, double cr, bool share = false) {
   const accelerator_config cfg{tokens, batch, steps, dim, share};
-  return specdiff_accelerator(cfg, specdiff_scorer{}, self_speculation(batch * tokens), three_level_classifier(tokens, cr), step_schedule{2, 4, 2});
+  return specdiff_accelerator(cfg, specdiff_scorer{}, self_speculation(batch * tokens), three_level_classifier(tokens, cr), step_schedule{2, 4, 2, {}});
 }
 
 struct run_result {

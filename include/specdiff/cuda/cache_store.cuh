@@ -240,7 +240,7 @@ class device_cache_store {
   /// A store over caller memory; enqueues clear() on `stream` (no host synchronisation).
   device_cache_store(cache_shape shape, void* memory, std::size_t bytes, cudaStream_t stream) : shape_((shape.validate(), shape)) {
     const offsets o = layout(shape_);
-    detail::expect_workspace(memory, bytes, o.total);
+    detail::expect_memory("memory", memory, bytes, o.total);
     auto* base = static_cast<unsigned char*>(memory);
     data_ = reinterpret_cast<Storage*>(base + o.data);
     tags_ = reinterpret_cast<float*>(base + o.tags);

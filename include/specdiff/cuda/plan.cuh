@@ -35,7 +35,7 @@ struct device_plan_view {
   /// the memory held: a classifier (or fill_plan) writes them.
   static device_plan_view carve(void* memory, std::size_t memory_bytes, index_t batch, index_t tokens) {
     validate(batch, tokens);
-    detail::expect_workspace(memory, memory_bytes, bytes(batch, tokens));
+    detail::expect_memory("memory", memory, memory_bytes, bytes(batch, tokens));
     device_plan_view p;
     const std::size_t n = static_cast<std::size_t>(batch) * static_cast<std::size_t>(tokens);
     detail::workspace_layout l;

@@ -93,11 +93,17 @@ class workspace_layout {
   std::size_t total_ = 0;
 };
 
+/// Caller memory for a workspace or a store: large enough, non-null, aligned like cudaMalloc's results.
+/// `what` names the parameter pair ("workspace" -> workspace / workspace_bytes).
+inline void expect_memory(std::string_view what, const void* memory, std::size_t bytes, std::size_t required) {
+  if (bytes < required) fail(what, "_bytes: ", bytes, " bytes supplied, ", required, " needed (ask the size query)");
+  if (memory == nullptr) fail(what, ": null pointer with ", what, "_bytes = ", bytes);
+  if (reinterpret_cast<std::uintptr_t>(memory) % workspace_layout::alignment != 0)
+    fail(what, ": must be ", workspace_layout::alignment, "-byte aligned (as cudaMalloc returns), got address ", memory);
+}
+
 inline void expect_workspace(const void* workspace, std::size_t bytes, std::size_t required) {
-  if (bytes < required) fail("workspace_bytes: ", bytes, " bytes supplied, ", required, " needed (query with a null workspace)");
-  if (workspace == nullptr) fail("workspace: null pointer with workspace_bytes = ", bytes);
-  if (reinterpret_cast<std::uintptr_t>(workspace) % workspace_layout::alignment != 0)
-    fail("workspace: must be ", workspace_layout::alignment, "-byte aligned (as cudaMalloc returns), got address ", workspace);
+  expect_memory("workspace", workspace, bytes, required);
 }
 
 /// Blocks for `work` items at `per_block` items per block, at least 1, capped so that grid-stride loops
