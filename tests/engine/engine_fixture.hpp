@@ -1,0 +1,58 @@
+// A small random SD3 model and random inputs for the hook, sampler and error tests.
+#pragma once
+
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "sd3/model.hpp"
+#include "sd3/transformer.hpp"
+
+namespace test_util {
+
+inline sd3::transformer_config small_config(bool qk_norm = true) {
+    sd3::transformer_config c;
+    c.sample_size = 8;
+    c.patch_size = 2;
+    c.in_channels = 4;
+    c.out_channels = 4;
+    c.num_layers = 3;
+    c.attention_head_dim = 16;
+    c.num_attention_heads = 2;
+    c.joint_attention_dim = 16;
+    c.caption_projection_dim = 32;
+    c.pooled_projection_dim = 8;
+    c.pos_embed_max_size = 8;
+    c.qk_norm = qk_norm;
+    return c;
+}
+
+struct random_problem {
+    sd3::model model;
+    int batch = 2, height = 8, width = 12, context_tokens = 7;
+    std::vector<float> latents, timesteps, context, pooled;
+
+    random_problem(std::uint32_t seed, bool qk_norm = true)
+        : model(sd3::model::random(small_config(qk_norm), seed)) {
+        std::mt19937 rng(seed + 1);
+        std::normal_distribution<float> normal;
+        const auto& c = model.config;
+        latents.resize(static_cast<std::size_t>(batch) * c.in_channels * height * width);
+        context.resize(static_cast<std::size_t>(batch) * context_tokens * c.joint_attention_dim);
+        pooled.resize(static_cast<std::size_t>(batch) * c.pooled_projection_dim);
+        for (auto* v : {&latents, &context, &pooled})
+            for (auto& x : *v) x = normal(rng);
+        timesteps = {std::uniform_real_distribution<float>(0, 1000)(rng), std::uniform_real_distribution<float>(0, 1000)(rng)};
+    }
+    int tokens() const { return (height / model.config.patch_size) * (width / model.config.patch_size); }
+    int hidden() const { return model.config.hidden(); }
+    std::size_t velocity_size() const {
+        return static_cast<std::size_t>(batch) * model.config.out_channels * height * width;
+    }
+    sd3::forward_inputs inputs() const {
+        return {batch, height, width, context_tokens, latents, timesteps, context, pooled};
+    }
+    sd3::engine_limits limits() const { return {.max_batch = 4, .max_height = 8, .max_width = 12, .max_context_tokens = 8}; }
+};
+
+}  // namespace test_util
