@@ -254,19 +254,21 @@ void check_size(const char* name, std::size_t got, std::size_t want) {
 }
 
 // Checks [batch * count] ascending ids in [0, limit); returns count.
-int check_token_list(const char* name, std::span<const std::int32_t> ids, int batch, int limit) {
+template <class Name>
+int check_token_list(Name name_of, const char* suffix, std::span<const std::int32_t> ids, int batch, int limit) {
+    auto name = [&] { return std::string(name_of()) + suffix; };
     if (ids.empty() || ids.size() % static_cast<std::size_t>(batch) != 0)
-        bad_arg(std::string(name) + " has " + std::to_string(ids.size()) + " entries, not a positive multiple of batch " +
+        bad_arg(name() + " has " + std::to_string(ids.size()) + " entries, not a positive multiple of batch " +
                 std::to_string(batch));
     const int count = static_cast<int>(ids.size() / batch);
     for (int b = 0; b < batch; ++b)
         for (int i = 0; i < count; ++i) {
             const std::int32_t t = ids[static_cast<std::size_t>(b) * count + i];
             if (t < 0 || t >= limit)
-                bad_arg(std::string(name) + "[" + std::to_string(b * count + i) + "] = " + std::to_string(t) +
+                bad_arg(name() + "[" + std::to_string(b * count + i) + "] = " + std::to_string(t) +
                         " is outside [0, " + std::to_string(limit) + ")");
             if (i > 0 && t <= ids[static_cast<std::size_t>(b) * count + i - 1])
-                bad_arg(std::string(name) + " of sample " + std::to_string(b) + " is not strictly ascending at position " +
+                bad_arg(name() + " of sample " + std::to_string(b) + " is not strictly ascending at position " +
                         std::to_string(i) + " (" + std::to_string(ids[static_cast<std::size_t>(b) * count + i - 1]) +
                         ", " + std::to_string(t) + ")");
         }
@@ -300,7 +302,7 @@ void transformer::impl::validate(const forward_inputs& in, std::span<float> velo
 
     int active = tokens_all;
     if (!o.image_tokens.empty()) {
-        active = check_token_list("image_tokens", o.image_tokens, in.batch, tokens_all);
+        active = check_token_list([] { return "image_tokens"; }, "", o.image_tokens, in.batch, tokens_all);
         if (!o.kv) bad_arg("a token-subset forward (image_tokens set) needs a kv_cache (options.kv is null)");
         check_size("velocity (token rows)", velocity.size(), B * active * c.patch_features());
     } else {
@@ -329,24 +331,27 @@ void transformer::impl::validate(const forward_inputs& in, std::span<float> velo
 
 void transformer::impl::validate_hook(const module_hook& h, int layer, stream s, bool is_mlp, const forward_inputs& in,
                                       std::span<const std::int32_t> active) const {
-    const std::string site = "blocks[" + std::to_string(layer) + "]." + (is_mlp ? "mlp" : "attention") + "[" +
-                             (s == stream::image ? "image" : "context") + "]";
+    // Messages are built only on failure: validation runs on every call and must not allocate.
+    auto site = [&] {
+        return "blocks[" + std::to_string(layer) + "]." + (is_mlp ? "mlp" : "attention") + "[" +
+               (s == stream::image ? "image" : "context") + "]";
+    };
     const int mode = static_cast<int>(h.mode);
-    if (mode < 0 || mode > 2) bad_arg(site + ".mode = " + std::to_string(mode) + " is not a module_mode");
+    if (mode < 0 || mode > 2) bad_arg(site() + ".mode = " + std::to_string(mode) + " is not a module_mode");
     if (s == stream::context && m->blocks[layer].context_pre_only) {
         if (h.mode != module_mode::compute || h.rows || !h.tokens.empty())
-            bad_arg(site + ": the last block (context_pre_only) has no context outputs; leave this hook {compute, nullptr}");
+            bad_arg(site() + ": the last block (context_pre_only) has no context outputs; leave this hook {compute, nullptr}");
         return;
     }
-    if (h.mode != module_mode::compute && !h.rows) bad_arg(site + ": mode reuse/subset needs rows (got nullptr)");
+    if (h.mode != module_mode::compute && !h.rows) bad_arg(site() + ": mode reuse/subset needs rows (got nullptr)");
     if (h.mode != module_mode::subset) {
-        if (!h.tokens.empty()) bad_arg(site + ".tokens is set but mode is not subset");
+        if (!h.tokens.empty()) bad_arg(site() + ".tokens is set but mode is not subset");
         return;
     }
-    if (!is_mlp) bad_arg(site + ".mode = subset: only the MLP takes a token subset (use options.image_tokens for attention)");
+    if (!is_mlp) bad_arg(site() + ".mode = subset: only the MLP takes a token subset (use options.image_tokens for attention)");
     const int limit = s == stream::image ? (in.height / m->config.patch_size) * (in.width / m->config.patch_size)
                                          : in.context_tokens;
-    const int count = check_token_list((site + ".tokens").c_str(), h.tokens, in.batch, limit);
+    const int count = check_token_list(site, ".tokens", h.tokens, in.batch, limit);
     if (s == stream::image && !active.empty()) {
         const int n_active = static_cast<int>(active.size() / in.batch);
         for (int b = 0; b < in.batch; ++b) {
@@ -355,7 +360,7 @@ void transformer::impl::validate_hook(const module_hook& h, int layer, stream s,
                 const std::int32_t t = h.tokens[static_cast<std::size_t>(b) * count + i];
                 while (j < n_active && active[static_cast<std::size_t>(b) * n_active + j] < t) ++j;
                 if (j == n_active || active[static_cast<std::size_t>(b) * n_active + j] != t)
-                    bad_arg(site + ".tokens: token " + std::to_string(t) + " of sample " + std::to_string(b) +
+                    bad_arg(site() + ".tokens: token " + std::to_string(t) + " of sample " + std::to_string(b) +
                             " is not among options.image_tokens (only active tokens can run the MLP)");
             }
         }

@@ -1,0 +1,108 @@
+// After a warm-up call, a forward pass (plain, hooked, token-subset, with probe) allocates nothing: every heap
+// request in this process is counted while the calls run. Without AddressSanitizer the whole malloc family is
+// interposed (catching Eigen's and the OpenMP runtime's requests too); under ASan, which owns malloc, global
+// operator new is counted instead.
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <new>
+#include <numeric>
+#include <vector>
+
+#include "engine_fixture.hpp"
+#include "sd3/transformer.hpp"
+
+namespace {
+std::atomic<bool> counting{false};
+std::atomic<long> allocations{0};
+void note() {
+    if (counting.load(std::memory_order_relaxed)) allocations.fetch_add(1, std::memory_order_relaxed);
+}
+}  // namespace
+
+#if defined(__SANITIZE_ADDRESS__)
+void* operator new(std::size_t n) {
+    note();
+    if (void* p = std::malloc(n ? n : 1)) return p;
+    throw std::bad_alloc();
+}
+void* operator new[](std::size_t n) { return operator new(n); }
+void* operator new(std::size_t n, std::align_val_t a) {
+    note();
+    if (void* p = std::aligned_alloc(static_cast<std::size_t>(a), (n + static_cast<std::size_t>(a) - 1) / static_cast<std::size_t>(a) * static_cast<std::size_t>(a))) return p;
+    throw std::bad_alloc();
+}
+void* operator new[](std::size_t n, std::align_val_t a) { return operator new(n, a); }
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+#else
+extern "C" {
+void* __libc_malloc(std::size_t);
+void* __libc_calloc(std::size_t, std::size_t);
+void* __libc_realloc(void*, std::size_t);
+void* __libc_memalign(std::size_t, std::size_t);
+void* malloc(std::size_t n) { note(); return __libc_malloc(n); }
+void* calloc(std::size_t n, std::size_t s) { note(); return __libc_calloc(n, s); }
+void* realloc(void* p, std::size_t n) { note(); return __libc_realloc(p, n); }
+void* memalign(std::size_t a, std::size_t n) { note(); return __libc_memalign(a, n); }
+void* aligned_alloc(std::size_t a, std::size_t n) { note(); return __libc_memalign(a, n); }
+int posix_memalign(void** out, std::size_t a, std::size_t n) {
+    note();
+    *out = __libc_memalign(a, n);
+    return *out ? 0 : 12;  // ENOMEM
+}
+}
+#endif
+
+TEST_CASE("forward passes allocate nothing after warm-up") {
+    const test_util::random_problem p(3);
+    const auto& c = p.model.config;
+    sd3::transformer net(p.model, p.limits(), 2);
+    sd3::kv_cache kv(c, p.batch, p.tokens());
+    std::vector<float> v(p.velocity_size()), probe(p.batch * p.tokens());
+    const int n = p.tokens() / 2;
+    std::vector<std::int32_t> tokens(p.batch * n);
+    for (int b = 0; b < p.batch; ++b)
+        for (int i = 0; i < n; ++i) tokens[b * n + i] = 2 * i;
+    std::vector<float> rows(p.batch * n * c.patch_features());
+    std::vector<float> site(p.batch * p.tokens() * p.hidden());
+    // MLP subset: the first n/2 active tokens of each sample (ids 0, 2, 4, ...).
+    std::vector<std::int32_t> mlp_tokens(p.batch * (n / 2));
+    for (int b = 0; b < p.batch; ++b)
+        for (int i = 0; i < n / 2; ++i) mlp_tokens[b * (n / 2) + i] = 2 * i;
+    std::vector<sd3::block_hooks> hooks(c.num_layers);
+    for (auto& h : hooks) {
+        h.mlp[0] = {sd3::module_mode::subset, site.data(), mlp_tokens};
+        h.attention[0].rows = site.data();
+    }
+
+    sd3::forward_options full_opts;
+    full_opts.kv = &kv;
+    full_opts.attention_probe = probe;
+    full_opts.probe_context_queries = true;
+    sd3::forward_options subset_opts;
+    subset_opts.image_tokens = tokens;
+    subset_opts.kv = &kv;
+    subset_opts.attention_probe = probe;
+    subset_opts.blocks = hooks;
+
+    auto run_all = [&] {
+        net.forward(p.inputs(), v);
+        net.forward(p.inputs(), v, full_opts);
+        net.forward(p.inputs(), rows, subset_opts);
+    };
+    run_all();  // warm-up: the OpenMP pool starts, lazily sized runtime state settles
+    allocations = 0;
+    counting = true;
+    run_all();
+    run_all();
+    counting = false;
+    CHECK(allocations.load() == 0);
+}
