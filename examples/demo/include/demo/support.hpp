@@ -1,0 +1,62 @@
+// What the demo and the Pareto benchmark share: the default model with its class conditioning, problems
+// built from a seed, methods chosen by name, and the quality of a run against full RFlow.
+#pragma once
+
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "methods/methods.hpp"
+#include "quality/classifier.hpp"
+#include "quality/default_model.hpp"
+#include "sd3/model.hpp"
+
+namespace demo {
+
+/// The default model folder of the source tree (models/mnist-sd3).
+std::filesystem::path default_model_dir();
+
+/// A class-conditional SD3-architecture model: the transformer, a class-embedding table feeding both
+/// MMDiT paths (pooled projection and context tokens; the last row is the null class for CFG), the
+/// scheduler shift it samples with, and the digit classifier that judges its samples.
+struct conditional_model {
+  sd3::model transformer;
+  quality::class_embeddings classes;
+  double shift = 3.0;
+  quality::digit_classifier classifier;
+
+  static conditional_model load(const std::filesystem::path& dir);
+};
+
+/// The inputs of one batch of samples: noise from (seed, stream 0), labels i % classes, the class rows.
+struct sample_batch {
+  std::vector<int> labels;
+  std::vector<float> noise, context, negative_context, pooled, negative_pooled;
+  int height = 0, width = 0;
+};
+sample_batch make_batch(const conditional_model& m, int samples, std::uint64_t seed);
+methods::problem make_problem(sd3::transformer& net, const conditional_model& m, const sample_batch& b, int steps, float guidance);
+
+/// A method and its settings, as the command line names them.
+struct method_spec {
+  std::string name = "specdiff";  ///< full | specdiff | ras | toca | fora | taylorseer | steps
+  std::optional<double> cache_rate;
+  std::optional<int> spec_steps, interval, order, fast_steps;
+  /// The settings actually used (defaults filled in), for tables and JSON.
+  std::string describe() const;
+};
+methods::run_result run_method(const methods::problem& p, const method_spec& spec, const methods::progress_fn& progress = {});
+bool known_method(const std::string& name);
+
+/// Quality of a run's images against full RFlow's, both clamped to the image range [-1, 1].
+struct quality_report {
+  std::optional<double> psnr_db;  ///< empty when the images are identical (infinite PSNR)
+  double ssim = 1.0;
+  double class_acc = 0.0;         ///< the classifier's accuracy against the requested labels
+};
+quality_report evaluate(const conditional_model& m, const sample_batch& b, std::span<const float> reference, std::span<const float> images);
+double class_accuracy(const conditional_model& m, const sample_batch& b, std::span<const float> images);
+std::vector<float> clamp_images(std::span<const float> latents);
+
+}  // namespace demo

@@ -1,0 +1,165 @@
+#include "demo/support.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+#include <stdexcept>
+
+#include "quality/metrics.hpp"
+#include "quality/noise.hpp"
+
+namespace demo {
+
+std::filesystem::path default_model_dir() { return std::filesystem::path(SPECDIFF_SOURCE_DIR) / "models" / "mnist-sd3"; }
+
+conditional_model conditional_model::load(const std::filesystem::path& dir) {
+  if (!std::filesystem::is_directory(dir)) throw std::runtime_error("model: " + dir.string() + " is not a folder");
+  conditional_model m{sd3::model::load(dir / "transformer"), quality::class_embeddings::load(dir),
+                      quality::load_scheduler_shift(dir), quality::digit_classifier::load(dir)};
+  const auto& c = m.transformer.config;
+  if (m.classes.pooled_dim != c.pooled_projection_dim || m.classes.joint_attention_dim != c.joint_attention_dim)
+    throw std::runtime_error("model: " + dir.string() + ": class embeddings (pooled " + std::to_string(m.classes.pooled_dim) + ", context " +
+                             std::to_string(m.classes.joint_attention_dim) + ") do not match the transformer (pooled_projection_dim " +
+                             std::to_string(c.pooled_projection_dim) + ", joint_attention_dim " + std::to_string(c.joint_attention_dim) + ")");
+  return m;
+}
+
+sample_batch make_batch(const conditional_model& m, int samples, std::uint64_t seed) {
+  if (samples < 1) throw std::invalid_argument("samples: must be >= 1, got " + std::to_string(samples));
+  const auto& c = m.transformer.config;
+  const auto& e = m.classes;
+  sample_batch b;
+  b.height = b.width = c.sample_size;
+  b.noise = quality::gaussian_noise(static_cast<std::size_t>(samples) * c.in_channels * b.height * b.width, seed);
+  const int labelled = e.null_class;  // classes 0 .. null_class - 1
+  for (int i = 0; i < samples; ++i) b.labels.push_back(i % labelled);
+  const std::vector<int> nulls(static_cast<std::size_t>(samples), e.null_class);
+  const std::size_t ctx = static_cast<std::size_t>(samples) * e.context_tokens * e.joint_attention_dim, pool = static_cast<std::size_t>(samples) * e.pooled_dim;
+  b.context.resize(ctx), b.negative_context.resize(ctx), b.pooled.resize(pool), b.negative_pooled.resize(pool);
+  e.gather(b.labels, b.context, b.pooled);
+  e.gather(nulls, b.negative_context, b.negative_pooled);
+  return b;
+}
+
+methods::problem make_problem(sd3::transformer& net, const conditional_model& m, const sample_batch& b, int steps, float guidance) {
+  methods::problem p;
+  p.net = &net;
+  p.inputs.batch = static_cast<int>(b.labels.size());
+  p.inputs.height = b.height;
+  p.inputs.width = b.width;
+  p.inputs.context_tokens = m.classes.context_tokens;
+  p.inputs.noise = b.noise;
+  p.inputs.context = b.context;
+  p.inputs.negative_context = b.negative_context;
+  p.inputs.pooled = b.pooled;
+  p.inputs.negative_pooled = b.negative_pooled;
+  p.steps = steps;
+  p.guidance = guidance;
+  p.shift = m.shift;
+  return p;
+}
+
+bool known_method(const std::string& name) {
+  for (const char* k : {"full", "specdiff", "ras", "toca", "fora", "taylorseer", "steps"})
+    if (name == k) return true;
+  return false;
+}
+
+namespace {
+
+methods::specdiff_options specdiff_of(const method_spec& s) {
+  methods::specdiff_options o;
+  o.cache_rate = s.cache_rate.value_or(o.cache_rate);
+  o.spec_steps = s.spec_steps.value_or(o.spec_steps);
+  if (s.interval) o.refresh_interval = *s.interval;
+  return o;
+}
+methods::ras_options ras_of(const method_spec& s) {
+  methods::ras_options o;
+  o.cache_rate = s.cache_rate.value_or(o.cache_rate);
+  return o;
+}
+// Peers' defaults (docs/results.md): ToCa FLUX (R = 0.1, N = 5, 3 full steps first), FORA (N = 3),
+// TaylorSeer FLUX (N = 6, order 1, 3 full steps first).
+methods::module_cache_options module_of(const method_spec& s) {
+  using kind = methods::module_cache_options::kind;
+  methods::module_cache_options o;
+  if (s.name == "toca") {
+    o.method = kind::toca;
+    o.interval = s.interval.value_or(5);
+    o.warmup_steps = 3;
+    o.cache_rate = s.cache_rate.value_or(0.9);
+  } else if (s.name == "fora") {
+    o.method = kind::fora;
+    o.interval = s.interval.value_or(3);
+    o.warmup_steps = 1;
+  } else {
+    o.method = kind::taylorseer;
+    o.interval = s.interval.value_or(6);
+    o.warmup_steps = 3;
+    o.order = s.order.value_or(1);
+  }
+  return o;
+}
+
+}  // namespace
+
+std::string method_spec::describe() const {
+  std::ostringstream os;
+  os << name;
+  if (name == "specdiff") {
+    const auto o = specdiff_of(*this);
+    os << " cr=" << o.cache_rate << " S=" << o.spec_steps;
+  } else if (name == "ras") {
+    os << " cr=" << ras_of(*this).cache_rate;
+  } else if (name == "toca") {
+    const auto o = module_of(*this);
+    os << " N=" << o.interval << " cr=" << o.cache_rate;
+  } else if (name == "fora") {
+    os << " N=" << module_of(*this).interval;
+  } else if (name == "taylorseer") {
+    const auto o = module_of(*this);
+    os << " N=" << o.interval << " O=" << o.order;
+  } else if (name == "steps") {
+    os << " n=" << fast_steps.value_or(10);
+  }
+  return os.str();
+}
+
+methods::run_result run_method(const methods::problem& p, const method_spec& s, const methods::progress_fn& progress) {
+  if (s.name == "full") return methods::run_full(p, progress);
+  if (s.name == "steps") return methods::run_steps(p, s.fast_steps.value_or(10), progress);
+  if (s.name == "specdiff") return methods::run_specdiff(p, specdiff_of(s), progress);
+  if (s.name == "ras") return methods::run_ras(p, ras_of(s), progress);
+  if (s.name == "toca" || s.name == "fora" || s.name == "taylorseer") return methods::run_module_cache(p, module_of(s), progress);
+  throw std::invalid_argument("method: unknown '" + s.name + "' (full, specdiff, ras, toca, fora, taylorseer, steps)");
+}
+
+std::vector<float> clamp_images(std::span<const float> latents) {
+  std::vector<float> out(latents.begin(), latents.end());
+  for (auto& x : out) x = std::clamp(x, -1.f, 1.f);
+  return out;
+}
+
+double class_accuracy(const conditional_model& m, const sample_batch& b, std::span<const float> images) {
+  const auto& c = m.transformer.config;
+  const auto clamped = clamp_images(images);
+  const quality::image_batch batch{clamped, b.labels.size(), static_cast<std::size_t>(c.out_channels), static_cast<std::size_t>(b.height), static_cast<std::size_t>(b.width)};
+  return m.classifier.accuracy(batch, b.labels);
+}
+
+quality_report evaluate(const conditional_model& m, const sample_batch& b, std::span<const float> reference, std::span<const float> images) {
+  const auto& c = m.transformer.config;
+  const auto ref = clamp_images(reference), img = clamp_images(images);
+  auto as_batch = [&](const std::vector<float>& v) {
+    return quality::image_batch{v, b.labels.size(), static_cast<std::size_t>(c.out_channels), static_cast<std::size_t>(b.height), static_cast<std::size_t>(b.width)};
+  };
+  quality_report r;
+  const double psnr = quality::mean_psnr(as_batch(ref), as_batch(img), 2.0);
+  if (std::isfinite(psnr)) r.psnr_db = psnr;
+  r.ssim = quality::mean_ssim(as_batch(ref), as_batch(img), 2.0);
+  r.class_acc = class_accuracy(m, b, images);
+  return r;
+}
+
+}  // namespace demo

@@ -1,0 +1,58 @@
+// SpecDiff and its peers on the reference engine. Each method is the library's components composed
+// differently; see docs/results.md for what each one caches and the defaults' sources.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "methods/run.hpp"
+
+namespace methods {
+
+/// Full RFlow: every step, every token (the reference every method is measured against).
+run_result run_full(const problem& p, const progress_fn& progress = {});
+
+/// Plain fewer-step RFlow: the naive baseline at `steps` steps.
+run_result run_steps(const problem& p, int steps, const progress_fn& progress = {});
+
+/// SpecDiff at token level (RAS-style structure): an S-step speculative pass records attention; each
+/// main step scores his·fut·star, classifies C1/C2/C3; C1 image tokens (+ all context) run every block
+/// against cached K/V; C2 reuse their last output, C3 get the weighted mix of their last three.
+struct specdiff_options {
+  double cache_rate = 0.9;
+  int spec_steps = 2;
+  double reuse_mass = 0.10;
+  int warmup_steps = 2;      ///< dense steps at the start
+  int refresh_interval = 0;  ///< a dense step every this many steps after warm-up (0 = none)
+  std::vector<int> reset_steps = {14};  ///< further dense steps
+  float starvation_scale = 1.f;
+  bool share_cfg_plan = true;
+};
+run_result run_specdiff(const problem& p, const specdiff_options& o, const progress_fn& progress = {});
+
+/// RAS (Region-Adaptive Sampling), SD3 script defaults: output-level metric (here the L2 norm of the
+/// velocity over channels, averaged per patch: our model has one channel, where RAS's channel std is 0),
+/// starvation exp(scale·drop_count), dense before step 4 and at steps 12 and 20, cached tokens reuse
+/// their last output; computed tokens run every block against cached K/V.
+struct ras_options {
+  double cache_rate = 0.5;   ///< 1 - sample_ratio
+  int warmup_steps = 4;
+  std::vector<int> reset_steps = {12, 20};
+  float starvation_scale = 1.f;
+  double high_ratio = 0.3;   ///< share of the cached set taken from the highest-metric tokens
+};
+run_result run_ras(const problem& p, const ras_options& o, const progress_fn& progress = {});
+
+/// Per-layer module caching (ToCa, FORA, TaylorSeer): per block and stream, the attention and MLP
+/// outputs (before the gate) are cached on full steps and reused or forecast on the others.
+struct module_cache_options {
+  enum class kind { fora, toca, taylorseer } method = kind::fora;
+  int interval = 3;          ///< a full step every `interval` steps after warm-up
+  int warmup_steps = 1;      ///< full steps at the start
+  double cache_rate = 0.9;   ///< ToCa: share of image tokens whose MLP is reused (1 - fresh ratio)
+  float starvation_scale = 0.f;  ///< ToCa: staleness weight in the score
+  int order = 1;             ///< TaylorSeer: Taylor order (1 or 2)
+};
+run_result run_module_cache(const problem& p, const module_cache_options& o, const progress_fn& progress = {});
+
+}  // namespace methods

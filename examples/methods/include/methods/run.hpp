@@ -1,0 +1,60 @@
+// A sampling problem (the same noise and conditioning for every method) and what a run reports.
+#pragma once
+
+#include <chrono>
+#include <span>
+#include <vector>
+
+#include "sd3/sampler.hpp"
+#include "sd3/transformer.hpp"
+
+namespace methods {
+
+/// One batch of class-conditional samples: the engine, the noise and conditioning (diffusers' names), the
+/// sampler settings. Every method run on the same problem starts from the same latents.
+struct problem {
+  sd3::transformer* net = nullptr;
+  sd3::cfg_inputs inputs;
+  int steps = 28;
+  float guidance = 4.f;
+  double shift = 3.0;
+};
+
+/// What a run reports. `seconds` is the whole run's wall time (a speculative pass included); `flops` the
+/// model FLOPs executed (2 per multiply-add); `overhead_seconds` the time spent in scoring, classifying and
+/// cache operations (stores, fills, gathers) — what a method adds on top of the network it runs.
+struct run_result {
+  std::vector<float> latents;  ///< final latents [samples, channels, height, width]
+  double seconds = 0;
+  double flops = 0;
+  double overhead_seconds = 0;
+  int model_calls = 0;
+};
+
+/// Observes progress: (model calls done, model calls planned).
+using progress_fn = std::function<void(int done, int total)>;
+
+/// Accumulates wall time of scoped regions.
+class stopwatch {
+ public:
+  class scope {
+   public:
+    explicit scope(double& total) : total_(total), start_(std::chrono::steady_clock::now()) {}
+    ~scope() { total_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count(); }
+    scope(const scope&) = delete;
+    scope& operator=(const scope&) = delete;
+
+   private:
+    double& total_;
+    std::chrono::steady_clock::time_point start_;
+  };
+};
+
+inline double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+/// The model batch of a problem: [uncond; cond] when guidance > 1.
+inline int model_batch(const problem& p) { return p.guidance > 1.f ? 2 * p.inputs.batch : p.inputs.batch; }
+
+}  // namespace methods

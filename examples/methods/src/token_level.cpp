@@ -1,0 +1,179 @@
+// Token-level caching (SpecDiff, RAS): the computed image tokens run every block against cached K/V; the
+// other tokens' model outputs come from the library's cache store. One runner, two policy sets.
+#include <algorithm>
+#include <cmath>
+
+#include <specdiff/specdiff.hpp>
+
+#include "methods/flops.hpp"
+#include "methods/methods.hpp"
+
+namespace methods {
+namespace {
+
+using specdiff::index_t;
+
+// RAS's output metric as a plug-in scorer: metric · exp(scale · drop count).
+struct ras_scorer {
+  static constexpr specdiff::signal needs = specdiff::signal::metric | specdiff::signal::cache_count;
+  float starvation_scale = 1.f;
+  void score(const specdiff::score_inputs& in, std::span<float> out) const {
+    for (std::size_t i = 0; i < out.size(); ++i)
+      out[i] = specdiff::math::log_score(in.metric[i], 1.f, in.cache_count[i], starvation_scale);
+  }
+};
+
+// RAS's selection: of the k tokens to cache, the k·high_ratio highest-scored and the k·(1 - high_ratio)
+// lowest-scored are cached (reused); the tokens in between are computed. |C1| stays ceil((1-CR)·N).
+class ras_classifier {
+ public:
+  ras_classifier(index_t tokens, double cache_rate, double high_ratio) : cache_rate_(cache_rate), high_ratio_(high_ratio) {
+    if (!(cache_rate >= 0.0 && cache_rate < 1.0)) throw std::invalid_argument("cache_rate: must lie in [0, 1), got " + std::to_string(cache_rate));
+    if (!(high_ratio >= 0.0 && high_ratio <= 1.0)) throw std::invalid_argument("high_ratio: must lie in [0, 1], got " + std::to_string(high_ratio));
+    order_.reserve(static_cast<std::size_t>(tokens));
+  }
+  void classify(std::span<const float> log_score, specdiff::token_plan& plan) {
+    specdiff::rank_by_score(log_score, order_);
+    const index_t n = plan.tokens();
+    const index_t cached = n - specdiff::math::compute_count(cache_rate_, n);
+    const auto high = static_cast<index_t>(std::floor(cached * high_ratio_));
+    auto levels = plan.mutable_levels();
+    for (index_t r = 0; r < n; ++r) {
+      const bool reuse = r < high || r >= n - (cached - high);
+      levels[static_cast<std::size_t>(order_[static_cast<std::size_t>(r)])] = reuse ? specdiff::level::reuse : specdiff::level::compute;
+    }
+    plan.commit_levels();
+  }
+
+ private:
+  double cache_rate_, high_ratio_;
+  std::vector<index_t> order_;
+};
+static_assert(specdiff::importance_scorer<ras_scorer> && specdiff::level_classifier<ras_classifier>);
+
+// The shared loop. `after_step(acc, rows)` runs once the step's output rows are complete (RAS derives its
+// metric there).
+template <class Accelerator, class AfterStep>
+run_result run_token_level(const problem& p, Accelerator& acc, int spec_steps, AfterStep&& after_step, const progress_fn& progress) {
+  const auto start = std::chrono::steady_clock::now();
+  sd3::transformer& net = *p.net;
+  const auto& c = net.config();
+  const int batch = model_batch(p), h = p.inputs.height, w = p.inputs.width, ctx = p.inputs.context_tokens;
+  const int tokens = (h / c.patch_size) * (w / c.patch_size), features = c.patch_features();
+  sd3::kv_cache kv(c, batch, tokens);
+  std::vector<float> probe(static_cast<std::size_t>(batch * tokens)), rows(static_cast<std::size_t>(batch * tokens * features)), compact(rows.size());
+  std::vector<std::int32_t> ids(static_cast<std::size_t>(batch * tokens));
+  const specdiff::matrix_view<float> row_view(rows.data(), batch * tokens, features);
+  run_result r;
+  const int total = spec_steps + p.steps;
+  auto tick = [&] {
+    ++r.model_calls;
+    if (progress) progress(r.model_calls, total);
+  };
+
+  if (spec_steps > 0) {  // 1. the speculative pass: same noise, same conditioning, every token computed
+    const sd3::flow_match_euler spec(spec_steps, p.shift);
+    acc.begin_speculation(spec.timesteps());
+    (void)sd3::sample_cfg(net, spec, p.inputs, p.guidance, [&](const sd3::model_call& call) {
+      sd3::forward_options options;
+      options.attention_probe = probe;
+      net.forward(*call.inputs, call.velocity, options);
+      {
+        stopwatch::scope s(r.overhead_seconds);
+        acc.record_speculation(call.step, probe);
+      }
+      r.flops += batch * full_forward_flops(c, tokens, ctx);
+      tick();
+    });
+  }
+
+  const sd3::flow_match_euler scheduler(p.steps, p.shift);  // 2. the main pass
+  r.latents = sd3::sample_cfg(net, scheduler, p.inputs, p.guidance, [&](const sd3::model_call& call) {
+    bool dense;
+    {
+      stopwatch::scope s(r.overhead_seconds);
+      dense = acc.plan_step(call.step, call.timestep);
+    }
+    const int computed = dense ? tokens : acc.compute_count();
+    sd3::forward_options options;
+    options.kv = &kv;
+    options.attention_probe = probe;
+    if (computed == tokens) {  // every token: the plain forward, so CR = 0 is bit-identical to full RFlow
+      net.forward(*call.inputs, call.velocity, options);
+      stopwatch::scope s(r.overhead_seconds);
+      sd3::image_to_patches(c, batch, h, w, c.out_channels, {}, call.velocity, rows);
+    } else {
+      {
+        stopwatch::scope s(r.overhead_seconds);
+        for (int b = 0; b < batch; ++b) std::ranges::copy(acc.plan(b).compute(), ids.begin() + b * computed);
+      }
+      options.image_tokens = std::span<const std::int32_t>(ids.data(), static_cast<std::size_t>(batch * computed));
+      net.forward(*call.inputs, std::span<float>(compact.data(), static_cast<std::size_t>(batch * computed * features)), options);
+      stopwatch::scope s(r.overhead_seconds);
+      for (int b = 0; b < batch; ++b)
+        for (int i = 0; i < computed; ++i)
+          std::copy_n(compact.begin() + (b * computed + i) * features, features,
+                      rows.begin() + (b * tokens + ids[static_cast<std::size_t>(b * computed + i)]) * features);
+    }
+    {
+      stopwatch::scope s(r.overhead_seconds);
+      acc.complete_step(call.step, call.timestep, row_view, probe);
+      after_step(acc, rows);
+      sd3::patches_to_image(c, batch, h, w, c.out_channels, {}, rows, call.velocity);
+    }
+    r.flops += batch * subset_forward_flops(c, tokens, ctx, computed);
+    tick();
+  });
+  r.seconds = seconds_since(start);
+  return r;
+}
+
+int image_tokens(const problem& p) {
+  const int patch = p.net->config().patch_size;
+  return (p.inputs.height / patch) * (p.inputs.width / patch);
+}
+
+}  // namespace
+
+run_result run_specdiff(const problem& p, const specdiff_options& o, const progress_fn& progress) {
+  const int tokens = image_tokens(p), batch = model_batch(p);
+  const specdiff::accelerator_config config{tokens, batch, p.steps, p.net->config().patch_features(), o.share_cfg_plan && batch % 2 == 0 && p.guidance > 1.f};
+  const specdiff::step_schedule schedule{o.warmup_steps, o.refresh_interval, o.spec_steps, o.reset_steps};
+  schedule.validate();
+  specdiff::accelerator acc(config, specdiff::specdiff_scorer{o.starvation_scale}, specdiff::self_speculation(batch * tokens),
+                            specdiff::three_level_classifier(tokens, o.cache_rate, o.reuse_mass), schedule, specdiff::specdiff_weighted{});
+  return run_token_level(p, acc, o.spec_steps, [](auto&, const std::vector<float>&) {}, progress);
+}
+
+run_result run_ras(const problem& p, const ras_options& o, const progress_fn& progress) {
+  const int tokens = image_tokens(p), batch = model_batch(p);
+  const auto& c = p.net->config();
+  // RAS selects on the guided output, so both CFG halves share one plan.
+  const specdiff::accelerator_config config{tokens, batch, p.steps, c.patch_features(), batch % 2 == 0 && p.guidance > 1.f};
+  const specdiff::step_schedule schedule{o.warmup_steps, 0, 0, o.reset_steps};
+  schedule.validate();
+  specdiff::accelerator acc(config, ras_scorer{o.starvation_scale}, specdiff::no_speculation(batch * tokens),
+                            ras_classifier(tokens, o.cache_rate, o.high_ratio), schedule, specdiff::latest{});
+  // Metric per token: the mean over the patch's pixels of the L2 norm of the velocity across channels
+  // (RAS's `l2norm` metric; its default channel std is 0 for a one-channel model).
+  std::vector<float> metric(static_cast<std::size_t>(batch * tokens));
+  const int pixels = c.patch_size * c.patch_size, channels = c.out_channels;
+  auto after_step = [&](auto& a, const std::vector<float>& rows) {
+    for (std::size_t t = 0; t < metric.size(); ++t) {
+      double sum = 0;
+      for (int px = 0; px < pixels; ++px) {
+        double sq = 0;
+        for (int ch = 0; ch < channels; ++ch) {
+          const double v = rows[(t * pixels + px) * channels + ch];
+          sq += v * v;
+        }
+        sum += std::sqrt(sq);
+      }
+      metric[t] = static_cast<float>(sum / pixels);
+    }
+    a.set_metric(metric);
+  };
+  return run_token_level(p, acc, 0, after_step, progress);
+}
+
+}  // namespace methods
