@@ -74,7 +74,7 @@ run_result run_token_level(const problem& p, Accelerator& acc, int spec_steps, A
   if (spec_steps > 0) {  // 1. the speculative pass: same noise, same conditioning, every token computed
     const sd3::flow_match_euler spec(spec_steps, p.shift);
     acc.begin_speculation(spec.timesteps());
-    (void)sd3::sample_cfg(net, spec, p.inputs, p.guidance, [&](const sd3::model_call& call) {
+    r.speculative_latents = sd3::sample_cfg(net, spec, p.inputs, p.guidance, [&](const sd3::model_call& call) {
       sd3::forward_options options;
       options.attention_probe = probe;
       net.forward(*call.inputs, call.velocity, options);

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <span>
 #include <vector>
 
@@ -29,6 +30,7 @@ struct run_result {
   double flops = 0;
   double overhead_seconds = 0;
   int model_calls = 0;
+  std::vector<float> speculative_latents;  ///< SpecDiff: where its speculative pass ended (for checks)
 };
 
 /// Observes progress: (model calls done, model calls planned).
