@@ -1,0 +1,187 @@
+// specdiff-pareto: sweeps each method's parameters on one batch of samples and writes results.csv,
+// results.json and pareto.svg (speedup against PSNR and against class accuracy).
+//
+// Timing: full RFlow is run first and again after every `--full-every` method runs; each method's speedup
+// divides the mean of the two full runs around it by its own time (same process, same threads,
+// interleaved). Quality is measured against the first full run's images (sampling is deterministic).
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <thread>
+
+#include "demo/support.hpp"
+
+namespace {
+
+struct row {
+  demo::method_spec spec;
+  double seconds = 0, seconds_full = 0, speedup = 0, flops_ratio = 0, overhead_share = 0;
+  demo::quality_report quality;
+};
+
+std::vector<demo::method_spec> sweep(bool quick) {
+  std::vector<demo::method_spec> s;
+  auto add = [&](std::string name, std::optional<double> cr, std::optional<int> interval, std::optional<int> order, std::optional<int> fast) {
+    s.push_back({std::move(name), cr, {}, interval, order, fast});
+  };
+  const std::vector<double> rates = quick ? std::vector<double>{0.9} : std::vector<double>{0.6, 0.8, 0.9, 0.95};
+  for (double cr : rates) add("specdiff", cr, {}, {}, {});
+  for (double cr : rates) add("ras", cr, {}, {}, {});
+  for (int n : quick ? std::vector<int>{3} : std::vector<int>{2, 3, 5}) add("toca", 0.9, n, {}, {});
+  for (int n : quick ? std::vector<int>{3} : std::vector<int>{2, 3, 4, 6}) add("fora", {}, n, {}, {});
+  for (int n : quick ? std::vector<int>{4} : std::vector<int>{3, 4, 6})
+    for (int o : quick ? std::vector<int>{1} : std::vector<int>{1, 2}) add("taylorseer", {}, n, o, {});
+  for (int n : quick ? std::vector<int>{10} : std::vector<int>{7, 10, 14}) add("steps", {}, {}, {}, n);
+  return s;
+}
+
+// Two scatter panels: speedup (x) against PSNR and against class accuracy (y), one colour per method.
+std::string svg(const std::vector<row>& rows, double full_acc) {
+  const std::vector<std::pair<std::string, std::string>> colours = {{"specdiff", "#d62728"}, {"ras", "#1f77b4"}, {"toca", "#2ca02c"},
+                                                                   {"fora", "#9467bd"}, {"taylorseer", "#ff7f0e"}, {"steps", "#7f7f7f"}};
+  auto colour = [&](const std::string& m) {
+    for (auto& [k, c] : colours) if (k == m) return c;
+    return std::string("#000");
+  };
+  double max_speed = 1, min_psnr = 1e9, max_psnr = 0;
+  for (const auto& r : rows) {
+    max_speed = std::max(max_speed, r.speedup);
+    if (r.quality.psnr_db) min_psnr = std::min(min_psnr, *r.quality.psnr_db), max_psnr = std::max(max_psnr, *r.quality.psnr_db);
+  }
+  if (min_psnr > max_psnr) min_psnr = 0, max_psnr = 40;
+  min_psnr = std::floor(min_psnr / 5) * 5, max_psnr = std::ceil(max_psnr / 5) * 5 + (max_psnr == min_psnr ? 5 : 0);
+  const double xmax = std::ceil(max_speed + 0.5);
+  const int w = 460, h = 340, left = 60, top = 40, pw = 370, ph = 250;
+  std::ostringstream s;
+  s << "<svg xmlns='http://www.w3.org/2000/svg' width='" << 2 * w << "' height='" << h + 40 << "' font-family='sans-serif' font-size='12'>\n";
+  s << "<rect width='100%' height='100%' fill='white'/>\n";
+  for (int panel = 0; panel < 2; ++panel) {
+    const int ox = panel * w + left;
+    const double ylo = panel == 0 ? min_psnr : 0.0, yhi = panel == 0 ? max_psnr : 1.0;
+    auto X = [&](double v) { return ox + (v - 1.0) / (xmax - 1.0) * pw; };
+    auto Y = [&](double v) { return top + ph - (v - ylo) / (yhi - ylo) * ph; };
+    s << "<text x='" << ox + pw / 2 << "' y='20' text-anchor='middle' font-size='14'>" << (panel == 0 ? "PSNR vs full RFlow (dB)" : "class accuracy") << "</text>\n";
+    s << "<rect x='" << ox << "' y='" << top << "' width='" << pw << "' height='" << ph << "' fill='none' stroke='#333'/>\n";
+    for (int i = 0; i <= 4; ++i) {
+      const double yv = ylo + (yhi - ylo) * i / 4, xv = 1.0 + (xmax - 1.0) * i / 4;
+      s << "<line x1='" << ox << "' x2='" << ox + pw << "' y1='" << Y(yv) << "' y2='" << Y(yv) << "' stroke='#eee'/>";
+      s << "<text x='" << ox - 6 << "' y='" << Y(yv) + 4 << "' text-anchor='end'>" << std::round(yv * 100) / 100 << "</text>";
+      s << "<text x='" << X(xv) << "' y='" << top + ph + 16 << "' text-anchor='middle'>" << std::round(xv * 10) / 10 << "x</text>\n";
+    }
+    s << "<text x='" << ox + pw / 2 << "' y='" << top + ph + 34 << "' text-anchor='middle'>speedup (wall time)</text>\n";
+    if (panel == 1)
+      s << "<line x1='" << ox << "' x2='" << ox + pw << "' y1='" << Y(full_acc) << "' y2='" << Y(full_acc) << "' stroke='#333' stroke-dasharray='4 3'/>"
+        << "<text x='" << ox + pw - 4 << "' y='" << Y(full_acc) - 4 << "' text-anchor='end'>full RFlow</text>\n";
+    for (const auto& r : rows) {
+      const double y = panel == 0 ? (r.quality.psnr_db ? *r.quality.psnr_db : yhi) : r.quality.class_acc;
+      s << "<circle cx='" << X(r.speedup) << "' cy='" << Y(std::clamp(y, ylo, yhi)) << "' r='4.5' fill='" << colour(r.spec.name) << "'><title>"
+        << r.spec.describe() << "</title></circle>\n";
+    }
+  }
+  int lx = left;
+  for (auto& [k, c] : colours) {
+    s << "<circle cx='" << lx << "' cy='" << h + 20 << "' r='5' fill='" << c << "'/><text x='" << lx + 9 << "' y='" << h + 24 << "'>" << k << "</text>\n";
+    lx += 110;
+  }
+  s << "</svg>\n";
+  return s.str();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Speed/quality sweep of SpecDiff and its peers on the default model"};
+  int samples = 64, steps = 28, threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency())), full_every = 4;
+  float cfg = 4.f;
+  std::uint64_t seed = 0;
+  std::string out_dir = "pareto-out", model_dir = demo::default_model_dir().string(), only;
+  bool quick = false;
+  app.add_option("--samples", samples)->capture_default_str()->check(CLI::Range(1, 4096));
+  app.add_option("--steps", steps)->capture_default_str()->check(CLI::Range(1, 1000));
+  app.add_option("--cfg", cfg)->capture_default_str();
+  app.add_option("--seed", seed)->capture_default_str();
+  app.add_option("--threads", threads)->capture_default_str()->check(CLI::Range(1, 1024));
+  app.add_option("--full-every", full_every, "re-time full RFlow after this many method runs")->capture_default_str()->check(CLI::Range(1, 100));
+  app.add_option("--out", out_dir, "output folder")->capture_default_str();
+  app.add_option("--model", model_dir)->capture_default_str();
+  app.add_option("--only", only, "run only this method's settings");
+  app.add_flag("--quick", quick, "one setting per method (a smoke run)");
+  CLI11_PARSE(app, argc, argv);
+
+  try {
+    const auto model = demo::conditional_model::load(model_dir);
+    const auto batch = demo::make_batch(model, samples, seed);
+    sd3::engine_limits limits;
+    limits.max_batch = 2 * samples;
+    limits.max_context_tokens = model.classes.context_tokens;
+    sd3::transformer net(model.transformer, limits, threads);
+    const auto problem = demo::make_problem(net, model, batch, steps, cfg);
+    auto specs = sweep(quick);
+    if (!only.empty()) std::erase_if(specs, [&](const demo::method_spec& s) { return s.name != only; });
+
+    const demo::method_spec full_spec{"full", {}, {}, {}, {}, {}};
+    std::vector<double> full_times;
+    auto time_full = [&] {
+      const auto r = demo::run_method(problem, full_spec);
+      full_times.push_back(r.seconds);
+      std::fprintf(stderr, "full RFlow: %.2f s\n", r.seconds);
+      return r;
+    };
+    const auto full = time_full();
+    const double full_acc = demo::class_accuracy(model, batch, full.latents);
+    std::vector<row> rows;
+    std::size_t block_start = 0;
+    for (std::size_t i = 0; i < specs.size(); ++i) {
+      const auto r = demo::run_method(problem, specs[i]);
+      row x;
+      x.spec = specs[i];
+      x.seconds = r.seconds;
+      x.flops_ratio = full.flops / r.flops;
+      x.overhead_share = r.overhead_seconds / r.seconds;
+      x.quality = demo::evaluate(model, batch, full.latents, r.latents);
+      rows.push_back(x);
+      std::fprintf(stderr, "%-26s %7.2f s  FLOP ratio %5.2f  PSNR %6.2f  SSIM %.3f  acc %.3f\n", specs[i].describe().c_str(), r.seconds, x.flops_ratio,
+                   x.quality.psnr_db.value_or(INFINITY), x.quality.ssim, x.quality.class_acc);
+      if ((i + 1) % static_cast<std::size_t>(full_every) == 0 || i + 1 == specs.size()) {
+        const double before = full_times.back();
+        const double after = time_full().seconds;
+        for (std::size_t k = block_start; k < rows.size(); ++k) {
+          rows[k].seconds_full = 0.5 * (before + after);
+          rows[k].speedup = rows[k].seconds_full / rows[k].seconds;
+        }
+        block_start = rows.size();
+      }
+    }
+
+    std::filesystem::create_directories(out_dir);
+    const auto dir = std::filesystem::path(out_dir);
+    std::ofstream csv(dir / "results.csv");
+    csv << "method,settings,speedup,flops_ratio,psnr_db,ssim,class_acc,seconds_full,seconds_method,overhead_share\n";
+    nlohmann::json j = nlohmann::json::array();
+    std::printf("| method | settings | speedup | FLOP ratio | PSNR dB | SSIM | class acc | overhead |\n|---|---|---|---|---|---|---|---|\n");
+    std::printf("| full | 28 steps | 1.00x | 1.00 | - | 1.000 | %.3f | - |\n", full_acc);
+    for (const auto& r : rows) {
+      const std::string psnr = r.quality.psnr_db ? std::to_string(*r.quality.psnr_db) : "";
+      csv << r.spec.name << ",\"" << r.spec.describe() << "\"," << r.speedup << "," << r.flops_ratio << "," << psnr << "," << r.quality.ssim << ","
+          << r.quality.class_acc << "," << r.seconds_full << "," << r.seconds << "," << r.overhead_share << "\n";
+      j.push_back({{"method", r.spec.name}, {"settings", r.spec.describe()}, {"speedup", r.speedup}, {"flops_ratio", r.flops_ratio},
+                   {"psnr_db", r.quality.psnr_db ? nlohmann::json(*r.quality.psnr_db) : nlohmann::json(nullptr)}, {"ssim", r.quality.ssim},
+                   {"class_acc", r.quality.class_acc}, {"seconds_full", r.seconds_full}, {"seconds_method", r.seconds}, {"overhead_share", r.overhead_share}});
+      std::printf("| %s | %s | %.2fx | %.2f | %s | %.3f | %.3f | %.1f%% |\n", r.spec.name.c_str(), r.spec.describe().c_str(), r.speedup, r.flops_ratio,
+                  r.quality.psnr_db ? std::to_string(*r.quality.psnr_db).substr(0, 5).c_str() : "inf", r.quality.ssim, r.quality.class_acc, 100 * r.overhead_share);
+    }
+    nlohmann::json all{{"samples", samples}, {"steps", steps}, {"cfg", cfg}, {"seed", seed}, {"threads", threads}, {"class_acc_full", full_acc},
+                       {"seconds_full", full_times}, {"results", j}};
+    std::ofstream(dir / "results.json") << all.dump(2) << "\n";
+    std::ofstream(dir / "pareto.svg") << svg(rows, full_acc);
+    std::fprintf(stderr, "wrote %s/{results.csv,results.json,pareto.svg}\n", out_dir.c_str());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "specdiff-pareto: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
