@@ -100,38 +100,63 @@ struct counter_of_level {
   SPECDIFF_HD std::uint64_t operator()(level l) const { return level_counter(l); }
 };
 
+/// The per-element rules of steps 3-4, shared by the kernels and by the sequential model of this pipeline
+/// that the host suite checks against the host classifier (tests/cuda/main.cu).
+struct classify_rules {
+  index_t tokens;
+  index_t c1;
+  double reuse_mass;
+
+  /// Ranks a C2 may take: every rank below C1.
+  SPECDIFF_HD index_t reusable() const { return tokens - c1; }
+
+  /// Step 3: for reversed position j (sample b = j / tokens, its jl-th lowest rank), jl when the bottom
+  /// run up to it holds more than reuse_mass of the sample's total, else -1. `suffix` is the inclusive
+  /// scan by sample of reversed_share; its last element per sample is the total.
+  SPECDIFF_HD index_t exceedance(const double* suffix, index_t j) const {
+    const index_t b = j / tokens, jl = j - b * tokens;
+    if (jl >= reusable()) return -1;
+    const double total = suffix[static_cast<std::ptrdiff_t>(b) * tokens + tokens - 1];
+    return suffix[j] / total > reuse_mass ? jl : -1;
+  }
+
+  /// Step 4: the level of rank r (0 = highest score) when the first exceedance is at reversed position c2
+  /// (so the C2 run is the c2 lowest ranks).
+  SPECDIFF_HD level level_of_rank(index_t r, index_t c2) const {
+    return r < c1 ? level::compute : (tokens - 1 - r < c2 ? level::reuse : level::approximate);
+  }
+
+  /// Step 4: where a token of level l goes in its sample's C1 | C2 | C3 segment, given the packed counts
+  /// of the sample's tokens before it.
+  SPECDIFF_HD index_t list_position(level l, std::uint64_t before, index_t c2) const {
+    const index_t begin = l == level::compute ? 0 : l == level::reuse ? c1 : c1 + c2;
+    return begin + counter_of(before, l);
+  }
+};
+
 template <int BlockThreads>
-__global__ void __launch_bounds__(BlockThreads) prepare_kernel(const float* scores, index_t batch, index_t tokens, index_t reusable,
-                                                               std::uint64_t* keys, index_t* values, index_t* first_exceed,
-                                                               std::uint32_t* status) {
-  const index_t total = batch * tokens;
+__global__ void __launch_bounds__(BlockThreads) prepare_kernel(const float* scores, index_t batch, classify_rules rules, std::uint64_t* keys,
+                                                               index_t* values, index_t* first_exceed, std::uint32_t* status) {
+  const index_t tokens = rules.tokens, total = batch * tokens;
   for (index_t p = blockIdx.x * BlockThreads + threadIdx.x; p < total; p += gridDim.x * BlockThreads) {
     const index_t b = p / tokens, i = p - b * tokens;
     const float s = scores[p];
     if (!isfinite(s)) raise_status(status, status_nonfinite_score);
     keys[p] = rank_key(b, s);
     values[p] = i;
-    if (i == 0) first_exceed[b] = reusable;  // no exceedance found yet: every non-C1 rank may be C2
+    if (i == 0) first_exceed[b] = rules.reusable();  // none found yet: every non-C1 rank may be C2
   }
 }
 
 template <int BlockThreads>
-__global__ void __launch_bounds__(BlockThreads) boundary_kernel(const double* suffix, index_t batch, index_t tokens, index_t reusable,
-                                                                double reuse_mass, index_t* first_exceed) {
-  const index_t total = batch * tokens;
+__global__ void __launch_bounds__(BlockThreads) boundary_kernel(const double* suffix, index_t batch, classify_rules rules, index_t* first_exceed) {
+  const index_t tokens = rules.tokens, total = batch * tokens;
   // The loop bound is block-uniform so that whole warps reach the warp collectives.
   for (index_t base = blockIdx.x * BlockThreads; base < total; base += gridDim.x * BlockThreads) {
     const index_t j = base + static_cast<index_t>(threadIdx.x);
-    int b = -1;
-    unsigned candidate = 0xffffffffu;
-    if (j < total) {
-      b = j / tokens;
-      const index_t jl = j - b * tokens;
-      if (jl < reusable) {
-        const double all = suffix[static_cast<std::ptrdiff_t>(b) * tokens + tokens - 1];
-        if (suffix[j] / all > reuse_mass) candidate = static_cast<unsigned>(jl);
-      }
-    }
+    const int b = j < total ? j / tokens : -1;
+    const index_t jl = j < total ? rules.exceedance(suffix, j) : -1;
+    const unsigned candidate = jl < 0 ? 0xffffffffu : static_cast<unsigned>(jl);
 #if __CUDA_ARCH__ >= 800
     // One atomic per (warp, sample) instead of one per thread: most ranks exceed, all on one address.
     const unsigned same = __match_any_sync(0xffffffffu, b);
@@ -145,32 +170,29 @@ __global__ void __launch_bounds__(BlockThreads) boundary_kernel(const double* su
 }
 
 template <int BlockThreads>
-__global__ void __launch_bounds__(BlockThreads) assign_kernel(const index_t* ranked, index_t batch, index_t tokens, index_t c1,
+__global__ void __launch_bounds__(BlockThreads) assign_kernel(const index_t* ranked, index_t batch, classify_rules rules,
                                                               const index_t* first_exceed, level* levels) {
-  const index_t total = batch * tokens;
+  const index_t tokens = rules.tokens, total = batch * tokens;
   for (index_t p = blockIdx.x * BlockThreads + threadIdx.x; p < total; p += gridDim.x * BlockThreads) {
     const index_t b = p / tokens, r = p - b * tokens;
-    const level l = r < c1 ? level::compute : (tokens - 1 - r < first_exceed[b] ? level::reuse : level::approximate);
-    levels[static_cast<std::ptrdiff_t>(b) * tokens + ranked[p]] = l;
+    levels[static_cast<std::ptrdiff_t>(b) * tokens + ranked[p]] = rules.level_of_rank(r, first_exceed[b]);
   }
 }
 
 template <int BlockThreads>
-__global__ void __launch_bounds__(BlockThreads) lists_kernel(const level* levels, const std::uint64_t* prefix, index_t batch, index_t tokens,
-                                                             index_t c1, const index_t* first_exceed, index_t* order, index_t* counts) {
-  const index_t total = batch * tokens;
+__global__ void __launch_bounds__(BlockThreads) lists_kernel(const level* levels, const std::uint64_t* prefix, index_t batch, classify_rules rules,
+                                                             const index_t* first_exceed, index_t* order, index_t* counts) {
+  const index_t tokens = rules.tokens, total = batch * tokens;
   for (index_t p = blockIdx.x * BlockThreads + threadIdx.x; p < total; p += gridDim.x * BlockThreads) {
     const index_t b = p / tokens, i = p - b * tokens;
     const std::ptrdiff_t base = static_cast<std::ptrdiff_t>(b) * tokens;
     const index_t c2 = first_exceed[b];
-    const level l = levels[p];
-    const std::uint64_t before = prefix[p] - prefix[base];  // counts of sample b's tokens before i, per level
-    const index_t begin = l == level::compute ? 0 : l == level::reuse ? c1 : c1 + c2;
-    order[base + begin + counter_of(before, l)] = i;
+    // prefix counts every sample's tokens before p; the difference leaves sample b's own.
+    order[base + rules.list_position(levels[p], prefix[p] - prefix[base], c2)] = i;
     if (i == 0) {
-      counts[b * level_count + 0] = c1;
+      counts[b * level_count + 0] = rules.c1;
       counts[b * level_count + 1] = c2;
-      counts[b * level_count + 2] = tokens - c1 - c2;
+      counts[b * level_count + 2] = tokens - rules.c1 - c2;
     }
   }
 }
@@ -228,27 +250,25 @@ class three_level_classifier {
     std::size_t temp_bytes = temp_bytes_;
 
     const index_t n = batch_ * tokens_;
-    const index_t reusable = tokens_ - c1_;
+    const detail::classify_rules rules{tokens_, c1_, reuse_mass_};
     constexpr int threads = Policy::block_threads;
     const unsigned blocks = detail::blocks_for(static_cast<std::size_t>(n), threads);
 
-    detail::prepare_kernel<threads><<<blocks, threads, 0, stream>>>(log_score.data, batch_, tokens_, reusable, keys_in, values_in,
-                                                                     first_exceed, plan.status);
+    detail::prepare_kernel<threads><<<blocks, threads, 0, stream>>>(log_score.data, batch_, rules, keys_in, values_in, first_exceed, plan.status);
     SPECDIFF_CUDA_CHECK_LAUNCH("prepare_kernel");
     SPECDIFF_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys_in, keys_out, values_in, ranked, n, 0, 32 + sample_bits_, stream));
-    if (reusable > 0) {
+    if (rules.reusable() > 0) {
       temp_bytes = temp_bytes_;
       SPECDIFF_CUDA_CHECK(cub::DeviceScan::InclusiveSumByKey(temp, temp_bytes, sample_keys(), shares(keys_out), suffix, n,
                                                              ::cuda::std::equal_to<>{}, stream));
-      detail::boundary_kernel<threads><<<blocks, threads, 0, stream>>>(suffix, batch_, tokens_, reusable, reuse_mass_, first_exceed);
+      detail::boundary_kernel<threads><<<blocks, threads, 0, stream>>>(suffix, batch_, rules, first_exceed);
       SPECDIFF_CUDA_CHECK_LAUNCH("boundary_kernel");
     }
-    detail::assign_kernel<threads><<<blocks, threads, 0, stream>>>(ranked, batch_, tokens_, c1_, first_exceed, plan.levels);
+    detail::assign_kernel<threads><<<blocks, threads, 0, stream>>>(ranked, batch_, rules, first_exceed, plan.levels);
     SPECDIFF_CUDA_CHECK_LAUNCH("assign_kernel");
     temp_bytes = temp_bytes_;
     SPECDIFF_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(temp, temp_bytes, counters(plan.levels), prefix, n, stream));
-    detail::lists_kernel<threads><<<blocks, threads, 0, stream>>>(plan.levels, prefix, batch_, tokens_, c1_, first_exceed, plan.order,
-                                                                  plan.counts);
+    detail::lists_kernel<threads><<<blocks, threads, 0, stream>>>(plan.levels, prefix, batch_, rules, first_exceed, plan.order, plan.counts);
     SPECDIFF_CUDA_CHECK_LAUNCH("lists_kernel");
   }
 

@@ -1,0 +1,757 @@
+// Device suites: every device op against its host model on fresh random inputs (token counts 1..16384,
+// dims 64..1536, batch 1 and 4). Index and integer outputs must match exactly; floats within 1e-6 of the
+// magnitude of the terms they are made of (the host and device libm differ by an ulp or so, and a sum of
+// terms of both signs can cancel, so relative-to-result would test the cancellation, not the code).
+#include "support.cuh"
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+
+namespace gpu = specdiff::gpu;
+using namespace cudatest;
+using specdiff::bfloat16;
+using specdiff::index_t;
+using specdiff::level;
+
+namespace {
+
+constexpr index_t token_counts[] = {1, 31, 256, 4096, 16384};
+
+template <class T>
+std::vector<T> slice(const std::vector<T>& v, std::size_t begin, std::size_t n) {
+  return {v.begin() + static_cast<std::ptrdiff_t>(begin), v.begin() + static_cast<std::ptrdiff_t>(begin + n)};
+}
+
+/// First index where two equally long sequences differ, or -1.
+template <class A, class B>
+long first_mismatch(const A& a, const B& b) {
+  if (a.size() != b.size()) return 0;
+  for (std::size_t i = 0; i < a.size(); ++i)
+    if (!(a[i] == b[i])) return static_cast<long>(i);
+  return -1;
+}
+
+bool close(float got, float want, double magnitude) {
+  if (std::isinf(want) || std::isinf(got)) return got == want;
+  return std::abs(static_cast<double>(got) - static_cast<double>(want)) <= 1e-6 * magnitude + 1e-37;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------
+TEST_SUITE("scorers") {
+  template <class Host, class Device>
+  void compare_scorer(const Host& host, const Device& device, const std::vector<std::vector<float>>& in, const std::vector<buffer<float>>& d_in,
+                      index_t tokens, index_t batch, const stream& s) {
+    const auto n = static_cast<std::size_t>(tokens);
+    std::vector<float> want(n * static_cast<std::size_t>(batch));
+    for (index_t b = 0; b < batch; ++b) {
+      const std::size_t o = static_cast<std::size_t>(b) * n;
+      auto part = [&](int k) { return std::span<const float>(in[static_cast<std::size_t>(k)].data() + o, n); };
+      host.score(specdiff::score_inputs{part(0), part(1), part(2), part(3)}, std::span<float>(want.data() + o, n));
+    }
+    buffer<float> out(want.size());
+    gpu::score(device, {d_in[0].cspan(), d_in[1].cspan(), d_in[2].cspan(), d_in[3].cspan()}, out.span(), s);
+    const auto got = out.download();
+    int bad = 0;
+    for (std::size_t i = 0; i < want.size(); ++i) {
+      // Magnitude of the terms the score adds up.
+      double m = 0.0;
+      if (has(Host::needs, specdiff::signal::attention)) m += std::abs(specdiff::math::safe_log(in[0][i]));
+      if (has(Host::needs, specdiff::signal::future)) m += std::abs(specdiff::math::safe_log(in[1][i]));
+      if (has(Host::needs, specdiff::signal::cache_count)) m += std::abs(host.starvation_scale * in[2][i]);
+      if (has(Host::needs, specdiff::signal::feature_change)) m += std::abs(specdiff::math::safe_log(std::min(in[3][i], FLT_MAX)));
+      if (!close(got[i], want[i], m) && bad++ < 5) FAIL_CHECK("token ", i, ": device ", got[i], ", host ", want[i]);
+    }
+    CHECK(bad == 0);
+  }
+
+  TEST_CASE("every device scorer matches its host scorer") {
+    auto g = rng(10);
+    const stream s;
+    std::uniform_real_distribution<float> scale(0.f, 2.f);
+    for (index_t tokens : token_counts)
+      for (index_t batch : {1, 4}) {
+        INFO("tokens ", tokens, ", batch ", batch);
+        const auto n = static_cast<std::size_t>(tokens * batch);
+        std::vector<std::vector<float>> in = {lognormal(g, n, 0.05), lognormal(g, n, 0.05), counts(g, n, 12), lognormal(g, n, 0.02)};
+        for (std::size_t i = 0; i < n; i += 7) in[3][i] = INFINITY;  // fewer than two cached rows
+        std::vector<buffer<float>> d_in;
+        for (const auto& v : in) d_in.emplace_back(v);
+        const float a = scale(g), b = scale(g), c = scale(g), d = scale(g);
+        compare_scorer(specdiff::specdiff_scorer{a}, gpu::specdiff_scorer{a}, in, d_in, tokens, batch, s);
+        compare_scorer(specdiff::toca_scorer{b}, gpu::toca_scorer{b}, in, d_in, tokens, batch, s);
+        compare_scorer(specdiff::feature_change_scorer{c}, gpu::feature_change_scorer{c}, in, d_in, tokens, batch, s);
+        compare_scorer(specdiff::uniform_scorer{d}, gpu::uniform_scorer{d}, in, d_in, tokens, batch, s);
+      }
+  }
+
+  TEST_CASE("staleness counts advance as the accelerator advances them") {
+    auto g = rng(11);
+    const stream s;
+    for (index_t tokens : token_counts)
+      for (index_t batch : {1, 4}) {
+        std::vector<specdiff::token_plan> plans;
+        for (index_t b = 0; b < batch; ++b) plans.push_back(random_plan(g, tokens));
+        device_plan plan(batch, tokens);
+        upload(plans, plan.view);
+        std::vector<float> cf = counts(g, static_cast<std::size_t>(batch * tokens), 30);
+        buffer<float> d_cf(cf);
+        gpu::advance_cache_counts(plan.view, d_cf.span(), s);
+        for (index_t b = 0; b < batch; ++b)
+          for (index_t i = 0; i < tokens; ++i) {
+            float& x = cf[static_cast<std::size_t>(b * tokens + i)];
+            x = plans[static_cast<std::size_t>(b)].levels()[static_cast<std::size_t>(i)] == level::compute ? 0.f : x + 1.f;
+          }
+        CHECK(first_mismatch(d_cf.download(), cf) == -1);
+      }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+TEST_SUITE("attention") {
+  struct attention_case {
+    index_t batch, heads, queries, keys;
+    std::ptrdiff_t row_stride = 0, key_offset = 0;
+  };
+
+  template <class T>
+  void check_column_sums(const attention_case& c, std::mt19937_64& g, const stream& s) {
+    INFO("batch ", c.batch, ", heads ", c.heads, ", queries ", c.queries, ", keys ", c.keys, ", row stride ", c.row_stride, ", element bytes ", sizeof(T));
+    const gpu::attention_shape shape = gpu::attention_shape{c.batch, c.heads, c.queries, c.keys, c.row_stride}.resolved();
+    const std::size_t extent = shape.extent() + static_cast<std::size_t>(c.key_offset);
+    std::uniform_real_distribution<float> u(0.f, 1.f);
+    std::vector<T> p(extent);
+    for (auto& x : p) x = specdiff::storage_traits<T>::store(u(g));
+    buffer<T> d_p(p);
+
+    // Independent reference: double sums over the [b][h][q][k] definition.
+    std::vector<float> want(static_cast<std::size_t>(c.batch * c.keys));
+    for (index_t b = 0; b < c.batch; ++b)
+      for (index_t k = 0; k < c.keys; ++k) {
+        double sum = 0.0;
+        for (index_t h = 0; h < c.heads; ++h)
+          for (index_t q = 0; q < c.queries; ++q)
+            sum += specdiff::storage_traits<T>::load(
+                p[static_cast<std::size_t>(c.key_offset + b * shape.sample_stride + h * shape.head_stride + q * shape.row_stride + k)]);
+        want[static_cast<std::size_t>(b * c.keys + k)] = static_cast<float>(sum / c.heads);
+      }
+
+    const gpu::attention_column_sums<> sums(shape);
+    std::size_t bytes = 0;
+    sums.reduce(nullptr, bytes, gpu::device_span<const T>{}, {}, gpu::column_mode::overwrite, s);
+    REQUIRE(bytes == sums.workspace_bytes());
+    buffer<unsigned char> ws(bytes);
+    buffer<float> out(want.size());
+    const gpu::device_span<const T> probs(d_p.get() + c.key_offset, static_cast<index_t>(extent) - static_cast<index_t>(c.key_offset));
+    sums.reduce(ws.get(), bytes, probs, out.span(), gpu::column_mode::overwrite, s);
+    auto got = out.download();
+    int bad = 0;
+    for (std::size_t i = 0; i < want.size(); ++i)
+      if (!close(got[i], want[i], std::abs(want[i])) && bad++ < 5) FAIL_CHECK("column ", i, ": device ", got[i], ", reference ", want[i]);
+    CHECK(bad == 0);
+
+    // Accumulate mode adds onto what the output held (a running sum over layers).
+    std::vector<float> before(want.size());
+    for (auto& x : before) x = u(g) * 10.f;
+    out.upload(before);
+    sums.reduce(ws.get(), bytes, probs, out.span(), gpu::column_mode::accumulate, s);
+    got = out.download();
+    bad = 0;
+    for (std::size_t i = 0; i < want.size(); ++i) {
+      const float expect = before[i] + want[i];
+      if (!close(got[i], expect, std::abs(before[i]) + std::abs(want[i])) && bad++ < 5)
+        FAIL_CHECK("column ", i, ": device ", got[i], ", reference ", expect);
+    }
+    CHECK(bad == 0);
+  }
+
+  TEST_CASE("head-averaged column sums match a double-precision reference") {
+    auto g = rng(20);
+    const stream s;
+    const attention_case cases[] = {
+        {1, 1, 1, 1},         {1, 3, 31, 31},           {4, 2, 256, 256},   {1, 24, 64, 4096},
+        {4, 4, 37, 1000, 1077, 77},  // image keys 77..1076 of joint attention rows 1077 wide
+        {1, 2, 16, 16384},    {4, 1, 1, 4096},          {1, 6, 600, 64},    // several row chunks
+    };
+    for (const auto& c : cases) {
+      check_column_sums<float>(c, g, s);
+      check_column_sums<bfloat16>(c, g, s);
+    }
+  }
+
+  TEST_CASE("accumulate adds a layer's column sums") {
+    auto g = rng(21);
+    const stream s;
+    for (index_t n : token_counts) {
+      std::vector<float> total = lognormal(g, static_cast<std::size_t>(n), 0.1), layer = lognormal(g, static_cast<std::size_t>(n), 0.1);
+      buffer<float> d_total(total), d_layer(layer);
+      gpu::accumulate(d_layer.cspan(), d_total.span(), s);
+      for (std::size_t i = 0; i < total.size(); ++i) total[i] += layer[i];
+      CHECK(first_mismatch(d_total.download(), total) == -1);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+TEST_SUITE("classifier") {
+  void check_against_host(const std::vector<float>& scores, index_t tokens, index_t batch, double cache_rate, double reuse_mass, const stream& s) {
+    INFO("tokens ", tokens, ", batch ", batch, ", cache_rate ", cache_rate, ", reuse_mass ", reuse_mass);
+    const gpu::three_level_classifier<> device(tokens, batch, cache_rate, reuse_mass);
+    specdiff::three_level_classifier host(tokens, cache_rate, reuse_mass);
+    CHECK(device.compute_count() == host.compute_count(tokens));
+
+    device_plan plan(batch, tokens);
+    buffer<float> d_scores(scores);
+    std::size_t bytes = 0;
+    device.classify(nullptr, bytes, d_scores.cspan(), plan.view, s);
+    REQUIRE(bytes == device.workspace_bytes());
+    buffer<unsigned char> ws(bytes);
+    device.classify(ws.get(), bytes, d_scores.cspan(), plan.view, s);
+    const plan_copy got = download(plan.view);
+    CHECK(got.status == 0);
+
+    const auto n = static_cast<std::size_t>(tokens);
+    specdiff::token_plan want(tokens);
+    for (index_t b = 0; b < batch; ++b) {
+      INFO("sample ", b);
+      const std::size_t o = static_cast<std::size_t>(b) * n;
+      host.classify(std::span<const float>(scores.data() + o, n), want);
+      std::size_t at = o;
+      for (int l = 0; l < specdiff::level_count; ++l) {
+        const auto lv = static_cast<level>(l);
+        INFO("level ", l);
+        REQUIRE(got.counts[static_cast<std::size_t>(b * specdiff::level_count + l)] == want.count(lv));
+        const auto expect = want.indices(lv);
+        const std::vector<index_t> list(got.order.begin() + static_cast<std::ptrdiff_t>(at), got.order.begin() + static_cast<std::ptrdiff_t>(at + expect.size()));
+        const long m = first_mismatch(list, std::vector<index_t>(expect.begin(), expect.end()));
+        CHECK_MESSAGE(m == -1, "first difference at position ", m);
+        at += expect.size();
+      }
+      const long m = first_mismatch(slice(got.levels, o, n), std::vector<level>(want.levels().begin(), want.levels().end()));
+      CHECK_MESSAGE(m == -1, "levels differ first at token ", m);
+    }
+  }
+
+  TEST_CASE("plans match the host classifier exactly") {
+    auto g = rng(30);
+    const stream s;
+    const double rates[] = {0.5, 0.9, 0.99, 0.0};
+    const double masses[] = {0.1, 0.0, 0.3, 0.1};
+    int k = 0;
+    for (index_t tokens : token_counts)
+      for (index_t batch : {1, 4})
+        for (auto kind : {scores_kind::continuous, scores_kind::ties, scores_kind::signals, scores_kind::wide, scores_kind::constant}) {
+          const double rate = rates[k % 4], mass = masses[(k / 4) % 4];
+          ++k;
+          INFO("scores kind ", static_cast<int>(kind));
+          check_against_host(make_scores(kind, g, static_cast<std::size_t>(tokens * batch)), tokens, batch, rate, mass, s);
+        }
+  }
+
+  TEST_CASE("classification is deterministic and reuses its workspace") {
+    auto g = rng(31);
+    const stream s;
+    const index_t tokens = 4096, batch = 4;
+    const gpu::three_level_classifier<> device(tokens, batch, 0.9);
+    buffer<float> scores(make_scores(scores_kind::ties, g, static_cast<std::size_t>(tokens * batch)));
+    buffer<unsigned char> ws(device.workspace_bytes());
+    device_plan a(batch, tokens), b(batch, tokens);
+    std::size_t bytes = ws.size();
+    device.classify(ws.get(), bytes, scores.cspan(), a.view, s);
+    device.classify(ws.get(), bytes, scores.cspan(), b.view, s);
+    const auto pa = download(a.view), pb = download(b.view);
+    CHECK(pa.order == pb.order);
+    CHECK(pa.counts == pb.counts);
+    CHECK(pa.levels == pb.levels);
+  }
+
+  TEST_CASE("non-finite scores raise the status bit and still give a valid plan") {
+    auto g = rng(32);
+    const stream s;
+    const index_t tokens = 256, batch = 4;
+    auto v = make_scores(scores_kind::continuous, g, static_cast<std::size_t>(tokens * batch));
+    v[3] = NAN, v[300] = INFINITY, v[700] = -INFINITY;
+    const gpu::three_level_classifier<> device(tokens, batch, 0.7);
+    buffer<float> scores(v);
+    buffer<unsigned char> ws(device.workspace_bytes());
+    device_plan plan(batch, tokens);
+    std::size_t bytes = ws.size();
+    device.classify(ws.get(), bytes, scores.cspan(), plan.view, s);
+    const auto got = download(plan.view);
+    CHECK((got.status & gpu::status_nonfinite_score) != 0);
+    for (index_t b = 0; b < batch; ++b) {  // every token listed exactly once, counts adding up
+      std::vector<index_t> seen(got.order.begin() + b * tokens, got.order.begin() + (b + 1) * tokens);
+      std::sort(seen.begin(), seen.end());
+      std::vector<index_t> all(static_cast<std::size_t>(tokens));
+      std::iota(all.begin(), all.end(), 0);
+      CHECK(seen == all);
+      CHECK(got.counts[static_cast<std::size_t>(b * 3)] + got.counts[static_cast<std::size_t>(b * 3 + 1)] + got.counts[static_cast<std::size_t>(b * 3 + 2)] == tokens);
+    }
+  }
+
+  TEST_CASE("classify checks its arguments") {
+    const stream s;
+    const gpu::three_level_classifier<> device(100, 2, 0.5);
+    device_plan plan(2, 100), other(1, 100);
+    buffer<float> scores(200);
+    buffer<unsigned char> ws(device.workspace_bytes());
+    std::size_t bytes = ws.size(), small = bytes - 1;
+    expect_error<std::invalid_argument>([&] { device.classify(ws.get(), small, scores.cspan(), plan.view, s); }, {"workspace_bytes"});
+    expect_error<std::invalid_argument>([&] { device.classify(ws.get(), bytes, {scores.get(), 199}, plan.view, s); }, {"log_score", "200", "199"});
+    expect_error<std::invalid_argument>([&] { device.classify(ws.get(), bytes, scores.cspan(), other.view, s); }, {"plan", "1 x 100", "2 x 100"});
+  }
+
+  TEST_CASE("fill_plan matches token_plan::set_all") {
+    const stream s;
+    device_plan plan(4, 31);
+    for (int l = 0; l < specdiff::level_count; ++l) {
+      gpu::fill_plan(plan.view, static_cast<level>(l), s);
+      specdiff::token_plan want(31);
+      want.set_all(static_cast<level>(l));
+      const auto got = download(plan.view);
+      for (index_t b = 0; b < 4; ++b) {
+        CHECK(slice(got.order, static_cast<std::size_t>(b) * 31, 31) == std::vector<index_t>(want.indices(static_cast<level>(l)).begin(), want.indices(static_cast<level>(l)).end()));
+        for (int k = 0; k < 3; ++k) CHECK(got.counts[static_cast<std::size_t>(b * 3 + k)] == want.count(static_cast<level>(k)));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+TEST_SUITE("rows") {
+  /// A matrix of `rows` x `dim` in device memory with the given stride and element offset from an aligned
+  /// allocation (offset 1 forces the element-wise path).
+  template <class T>
+  struct test_matrix {
+    buffer<T> memory;
+    gpu::device_matrix<T> view;
+    std::vector<T> host;  // the whole allocation
+    test_matrix(index_t rows, index_t dim, std::ptrdiff_t stride, std::ptrdiff_t offset, std::mt19937_64& g)
+        : memory(static_cast<std::size_t>(rows * stride + offset)), view(memory.get() + offset, rows, dim, stride) {
+      std::uniform_real_distribution<float> u(-1.f, 1.f);
+      host.resize(memory.size());
+      for (auto& x : host) x = specdiff::storage_traits<T>::store(u(g));
+      memory.upload(host);
+    }
+    const T* row(const std::vector<T>& all, index_t r) const { return all.data() + (view.data - memory.get()) + r * view.stride; }
+  };
+
+  template <class T>
+  bool same_row(const T* a, const T* b, index_t dim) {
+    return std::memcmp(a, b, static_cast<std::size_t>(dim) * sizeof(T)) == 0;
+  }
+
+  // Runs gather then scatter for one row set and checks both against host copies.
+  template <class T, class Rows>
+  void check_copies(const Rows& rows, const std::vector<std::vector<index_t>>& lists, index_t dim, bool aligned, std::mt19937_64& g, const stream& s) {
+    const index_t samples = rows.samples(), cap = rows.capacity(), extent = rows.extent();
+    const std::ptrdiff_t pad = aligned ? 16 / static_cast<std::ptrdiff_t>(sizeof(T)) : 1;
+    const std::ptrdiff_t stride = aligned ? (dim + pad - 1) / pad * pad + pad : dim + 1;
+    test_matrix<T> full(extent, dim, stride, aligned ? 0 : 1, g);
+    test_matrix<T> compact(samples * cap, dim, stride, aligned ? 0 : 1, g);
+    buffer<std::uint32_t> status(std::vector<std::uint32_t>{0});
+
+    gpu::gather_rows<gpu::copy_policy<>, T>(full.view, rows, compact.view, s, status.get());
+    auto got = compact.memory.download();
+    for (index_t b = 0; b < samples; ++b)
+      for (index_t r = 0; r < cap; ++r) {
+        const auto& list = lists[static_cast<std::size_t>(b)];
+        const T* want = r < static_cast<index_t>(list.size()) ? full.row(full.host, list[static_cast<std::size_t>(r)]) : compact.row(compact.host, b * cap + r);
+        if (!same_row(compact.row(got, b * cap + r), want, dim)) {
+          FAIL_CHECK("gather: sample ", b, " row ", r, " differs");
+          return;
+        }
+      }
+    // Scatter the (new) compact rows back into the full matrix.
+    gpu::scatter_rows<gpu::copy_policy<>, T>(compact.view, rows, full.view, s, status.get());
+    const auto full_got = full.memory.download();
+    std::vector<T> expect = full.host;
+    for (index_t b = 0; b < samples; ++b) {
+      const auto& list = lists[static_cast<std::size_t>(b)];
+      for (std::size_t r = 0; r < list.size(); ++r)
+        std::memcpy(const_cast<T*>(full.row(expect, list[r])), compact.row(got, b * cap + static_cast<index_t>(r)), static_cast<std::size_t>(dim) * sizeof(T));
+    }
+    CHECK(std::memcmp(full_got.data(), expect.data(), expect.size() * sizeof(T)) == 0);
+    CHECK(status.download()[0] == 0);
+  }
+
+  template <class T>
+  void check_all_row_sets(std::mt19937_64& g, const stream& s) {
+    const index_t dims[] = {64, 67, 100, 1536};
+    int k = 0;
+    for (index_t tokens : {1, 31, 256, 4096})
+      for (index_t batch : {1, 4}) {
+        const index_t dim = dims[k++ % 4];
+        for (bool aligned : {true, false}) {
+          INFO("tokens ", tokens, ", batch ", batch, ", dim ", dim, ", aligned ", aligned, ", element bytes ", sizeof(T));
+          // A plan's C1 and C3 rows, capacity = the largest count (a compact matrix exactly that tall).
+          std::vector<specdiff::token_plan> plans;
+          for (index_t b = 0; b < batch; ++b) plans.push_back(random_plan(g, tokens));
+          device_plan plan(batch, tokens);
+          upload(plans, plan.view);
+          for (level l : {level::compute, level::approximate}) {
+            std::vector<std::vector<index_t>> lists;
+            index_t cap = 0;
+            for (index_t b = 0; b < batch; ++b) {
+              std::vector<index_t> list;
+              for (index_t i : plans[static_cast<std::size_t>(b)].indices(l)) list.push_back(b * tokens + i);
+              cap = std::max(cap, static_cast<index_t>(list.size()));
+              lists.push_back(list);
+            }
+            if (cap > 0) check_copies<T>(gpu::rows_of(plan.view, l, cap), lists, dim, aligned, g, s);
+          }
+          // A shuffled list of distinct rows.
+          std::vector<index_t> rows(static_cast<std::size_t>(batch * tokens));
+          std::iota(rows.begin(), rows.end(), 0);
+          std::shuffle(rows.begin(), rows.end(), g);
+          rows.resize((rows.size() + 1) / 2);
+          buffer<index_t> d_rows(rows);
+          check_copies<T>(gpu::index_list{d_rows.get(), static_cast<index_t>(rows.size()), batch * tokens}, {rows}, dim, aligned, g, s);
+          // Every row.
+          std::vector<index_t> every(static_cast<std::size_t>(batch * tokens));
+          std::iota(every.begin(), every.end(), 0);
+          check_copies<T>(gpu::all_rows{batch * tokens}, {every}, dim, aligned, g, s);
+        }
+      }
+  }
+
+  TEST_CASE("gather and scatter move exactly the listed rows (float)") {
+    auto g = rng(40);
+    const stream s;
+    check_all_row_sets<float>(g, s);
+  }
+
+  TEST_CASE("gather and scatter move exactly the listed rows (bfloat16)") {
+    auto g = rng(41);
+    const stream s;
+    check_all_row_sets<bfloat16>(g, s);
+  }
+
+  TEST_CASE("bad indices and counts over capacity are reported, not followed") {
+    auto g = rng(42);
+    const stream s;
+    test_matrix<float> full(10, 8, 8, 0, g), compact(4, 8, 8, 0, g);
+    const std::vector<index_t> rows = {2, -1, 10, 5};
+    buffer<index_t> d_rows(rows);
+    buffer<std::uint32_t> status(std::vector<std::uint32_t>{0});
+    gpu::gather_rows<gpu::copy_policy<>, float>(full.view, gpu::index_list{d_rows.get(), 4, 10}, compact.view, s, status.get());
+    CHECK(status.download()[0] == gpu::status_index_out_of_range);
+    const auto got = compact.memory.download();
+    CHECK(same_row(compact.row(got, 0), full.row(full.host, 2), 8));
+    CHECK(same_row(compact.row(got, 1), compact.row(compact.host, 1), 8));  // skipped: left as it was
+    CHECK(same_row(compact.row(got, 3), full.row(full.host, 5), 8));
+
+    // A plan level with more rows than the capacity asked for: the first `capacity` rows move.
+    std::vector<specdiff::token_plan> plans = {specdiff::token_plan(10)};
+    plans[0].set_all(level::compute);
+    device_plan plan(1, 10);
+    upload(plans, plan.view);
+    buffer<std::uint32_t> status2(std::vector<std::uint32_t>{0});
+    gpu::gather_rows<gpu::copy_policy<>, float>(full.view, gpu::rows_of(plan.view, level::compute, 4), compact.view, s, status2.get());
+    CHECK(status2.download()[0] == gpu::status_count_over_capacity);
+    const auto got2 = compact.memory.download();
+    for (index_t r = 0; r < 4; ++r) CHECK(same_row(compact.row(got2, r), full.row(full.host, r), 8));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+TEST_SUITE("cache_store") {
+  template <class Storage>
+  struct twin_stores {
+    specdiff::cache_shape shape;
+    specdiff::host_cache_store<Storage> host;
+    buffer<unsigned char> memory;
+    gpu::device_cache_store<Storage> device;
+    twin_stores(specdiff::cache_shape sh, const stream& s)
+        : shape(sh), host(sh), memory(gpu::device_cache_store<Storage>::memory_bytes(sh)), device(sh, memory.get(), memory.size(), s) {}
+  };
+
+  std::vector<float> random_rows(std::mt19937_64& g, index_t rows, index_t dim) {
+    std::normal_distribution<float> d(0.f, 1.f);
+    std::vector<float> v(static_cast<std::size_t>(rows) * static_cast<std::size_t>(dim));
+    for (auto& x : v) x = d(g);
+    return v;
+  }
+
+  // Host scatter from the compact layout a plan level uses (sample b's r-th row at b * cap + r).
+  template <class Storage>
+  void host_scatter_plan(specdiff::host_cache_store<Storage>& host, index_t layer, index_t site, float t, const std::vector<specdiff::token_plan>& plans,
+                         level l, index_t cap, const std::vector<float>& compact, index_t dim) {
+    const index_t tokens = plans[0].tokens();
+    for (std::size_t b = 0; b < plans.size(); ++b) {
+      const auto local = plans[b].indices(l);
+      std::vector<index_t> global;
+      for (index_t i : local) global.push_back(static_cast<index_t>(b) * tokens + i);
+      host.scatter(layer, site, t, global,
+                   specdiff::matrix_view<const float>(compact.data() + b * static_cast<std::size_t>(cap) * static_cast<std::size_t>(dim),
+                                                      static_cast<index_t>(global.size()), dim));
+    }
+  }
+
+  // Magnitude of the terms of token's fill at column c: sum_k |w_k x_k| with the host's weights.
+  template <class Storage, class A>
+  double fill_magnitude(const specdiff::host_cache_store<Storage>& host, index_t layer, index_t site, index_t token, const A& a, float t, index_t c) {
+    const int n = std::min<int>(A::depth, host.entries(layer, site, token));
+    float tags[8], w[8];
+    for (int k = 0; k < n; ++k) tags[k] = host.history_tag(layer, site, token, k);
+    a.weights(tags, n, t, w);
+    double m = 0.0;
+    for (int k = 0; k < n; ++k)
+      m += std::abs(static_cast<double>(w[k]) * specdiff::storage_traits<Storage>::load(host.history(layer, site, token, k)[static_cast<std::size_t>(c)]));
+    return m;
+  }
+
+  template <class Storage, class A>
+  void compare_fill(twin_stores<Storage>& st, index_t layer, index_t site, float t, const std::vector<specdiff::token_plan>& plans, const device_plan& plan,
+                    level l, const A& a, std::mt19937_64& g, const stream& s) {
+    const index_t dim = st.shape.dim, rows = st.shape.tokens, tokens = plans[0].tokens();
+    const auto init = random_rows(g, rows, dim);
+    std::vector<float> want = init;
+    for (std::size_t b = 0; b < plans.size(); ++b) {
+      std::vector<index_t> global;
+      for (index_t i : plans[b].indices(l)) global.push_back(static_cast<index_t>(b) * tokens + i);
+      st.host.fill(layer, site, t, global, a, specdiff::matrix_view<float>(want.data(), rows, dim));
+    }
+    buffer<float> out(init);
+    st.device.fill(layer, site, t, gpu::rows_of(plan.view, l), a, gpu::device_matrix<float>(out.get(), rows, dim), s);
+    const auto got = out.download();
+    int bad = 0;
+    for (index_t r = 0; r < rows && bad < 5; ++r)
+      for (index_t c = 0; c < dim; ++c) {
+        const std::size_t i = static_cast<std::size_t>(r) * static_cast<std::size_t>(dim) + static_cast<std::size_t>(c);
+        if (got[i] == want[i]) continue;
+        if (want[i] != init[i] && close(got[i], want[i], fill_magnitude(st.host, layer, site, r, a, t, c))) continue;
+        FAIL_CHECK("row ", r, " column ", c, ": device ", got[i], ", host ", want[i]);
+        ++bad;
+        break;
+      }
+    CHECK(bad == 0);
+  }
+
+  template <class Storage>
+  void check_store(index_t tokens, index_t batch, index_t dim, index_t depth, std::mt19937_64& g, const stream& s) {
+    INFO("tokens ", tokens, ", batch ", batch, ", dim ", dim, ", depth ", depth, ", storage bytes ", sizeof(Storage));
+    const index_t rows = tokens * batch;
+    twin_stores<Storage> st({2, 2, rows, dim, depth}, s);
+    const index_t L = 1, S = 0;  // a slot away from the start of the memory
+
+    // t = 1000: every row (a dense step).
+    auto all = random_rows(g, rows, dim);
+    buffer<float> d_all(all);
+    st.host.write(L, S, 1000.f, specdiff::matrix_view<const float>(all.data(), rows, dim));
+    st.device.write(L, S, 1000.f, gpu::device_matrix<const float>(d_all.get(), rows, dim), s);
+
+    // t = 950, 900, 850: partial steps scattering a plan's C1 rows from a compact matrix, plus rows written
+    // in place from a full matrix (write_rows) at one of them.
+    float t = 950.f;
+    for (int step = 0; step < 3; ++step, t -= 50.f) {
+      std::vector<specdiff::token_plan> plans;
+      for (index_t b = 0; b < batch; ++b) plans.push_back(random_plan(g, tokens));
+      device_plan plan(batch, tokens);
+      upload(plans, plan.view);
+      index_t cap = 0;
+      for (const auto& p : plans) cap = std::max(cap, p.count(level::compute));
+      if (cap > 0) {
+        const auto compact = random_rows(g, batch * cap, dim);
+        buffer<float> d_compact(compact);
+        host_scatter_plan(st.host, L, S, t, plans, level::compute, cap, compact, dim);
+        st.device.scatter(L, S, t, gpu::rows_of(plan.view, level::compute, cap), gpu::device_matrix<const float>(d_compact.get(), batch * cap, dim), s);
+      }
+      if (step == 1) {
+        std::vector<index_t> list;
+        for (index_t r = 0; r < rows; r += 3) list.push_back(r);
+        auto full = random_rows(g, rows, dim);
+        buffer<float> d_full(full);
+        buffer<index_t> d_list(list);
+        st.host.write_rows(L, S, t - 10.f, list, specdiff::matrix_view<const float>(full.data(), rows, dim));
+        st.device.write_rows(L, S, t - 10.f, gpu::index_list{d_list.get(), static_cast<index_t>(list.size()), rows},
+                             gpu::device_matrix<const float>(d_full.get(), rows, dim), s);
+      }
+    }
+
+    // Fills at t = 780 of a fresh plan's C2 (latest) and C3 rows (each approximator).
+    std::vector<specdiff::token_plan> plans;
+    for (index_t b = 0; b < batch; ++b) plans.push_back(random_plan(g, tokens));
+    device_plan plan(batch, tokens);
+    upload(plans, plan.view);
+    compare_fill(st, L, S, 780.f, plans, plan, level::reuse, specdiff::latest{}, g, s);
+    compare_fill(st, L, S, 780.f, plans, plan, level::approximate, specdiff::specdiff_weighted{}, g, s);
+    compare_fill(st, L, S, 780.f, plans, plan, level::approximate, specdiff::taylor<2>{}, g, s);
+    compare_fill(st, L, S, 780.f, plans, plan, level::compute, specdiff::linear{}, g, s);
+
+    // Feature change per token.
+    std::vector<float> want(static_cast<std::size_t>(rows));
+    st.host.change_norm(L, S, want);
+    buffer<float> change(want.size());
+    st.device.change_norm(L, S, change.span(), s);
+    const auto got = change.download();
+    int bad = 0;
+    for (std::size_t i = 0; i < want.size(); ++i)
+      if (!close(got[i], want[i], std::abs(want[i])) && bad++ < 5) FAIL_CHECK("token ", i, ": device ", got[i], ", host ", want[i]);
+    CHECK(bad == 0);
+    CHECK(st.device.read_status(s) == 0);
+  }
+
+  TEST_CASE("the device store matches the host store (float)") {
+    auto g = rng(50);
+    const stream s;
+    check_store<float>(1, 1, 64, 3, g, s);
+    check_store<float>(31, 4, 100, 3, g, s);
+    check_store<float>(256, 1, 1536, 4, g, s);
+    check_store<float>(4096, 4, 64, 3, g, s);
+    check_store<float>(16384, 1, 128, 3, g, s);
+    check_store<float>(1024, 4, 67, 2, g, s);  // odd width: element-wise path
+  }
+
+  TEST_CASE("the device store matches the host store (bfloat16)") {
+    auto g = rng(51);
+    const stream s;
+    check_store<bfloat16>(1, 1, 64, 3, g, s);
+    check_store<bfloat16>(31, 4, 100, 3, g, s);  // 100 is no multiple of 8: element-wise path
+    check_store<bfloat16>(256, 1, 1536, 4, g, s);
+    check_store<bfloat16>(4096, 4, 64, 3, g, s);
+    check_store<bfloat16>(16384, 1, 128, 3, g, s);
+  }
+
+  TEST_CASE("where the host store throws, the device store raises a status bit and skips the row") {
+    auto g = rng(52);
+    const stream s;
+    const index_t rows = 16, dim = 32;
+    twin_stores<float> st({1, 2, rows, dim, 3}, s);
+    auto init = random_rows(g, rows, dim);
+    buffer<float> out(init);
+    const gpu::device_matrix<float> o(out.get(), rows, dim);
+    std::vector<index_t> list = {0, 5};
+    buffer<index_t> d_list(list);
+    const gpu::index_list tokens{d_list.get(), 2, rows};
+
+    // Never written: the host throws logic_error, the device leaves the rows as they were.
+    expect_error<std::logic_error>([&] { st.host.fill(0, 0, 1.f, list, specdiff::latest{}, specdiff::matrix_view<float>(init.data(), rows, dim)); }, {"no cached feature"});
+    st.device.fill_latest(0, 0, tokens, o, s);
+    CHECK(st.device.read_status(s) == gpu::status_empty_history);
+    CHECK(out.download() == init);
+    expect_error<std::runtime_error>([&] { st.device.check_status(s); }, {"device_cache_store", "no cached row"});
+
+    // The same timestep twice: Taylor extrapolation cannot use the tags.
+    st.device.clear(s);
+    auto a = random_rows(g, rows, dim);
+    buffer<float> d_a(a);
+    for (int k = 0; k < 2; ++k) {
+      st.host.write(0, 1, 5.f, specdiff::matrix_view<const float>(a.data(), rows, dim));
+      st.device.write(0, 1, 5.f, gpu::device_matrix<const float>(d_a.get(), rows, dim), s);
+    }
+    expect_error<std::logic_error>([&] { st.host.fill(0, 1, 1.f, list, specdiff::linear{}, specdiff::matrix_view<float>(init.data(), rows, dim)); }, {"repeated timestep"});
+    st.device.fill(0, 1, 1.f, tokens, specdiff::linear{}, o, s);
+    CHECK(st.device.read_status(s) == gpu::status_rejected_tags);
+    CHECK(out.download() == init);
+
+    // Out-of-range rows and non-finite features.
+    st.device.clear(s);
+    std::vector<index_t> wild = {3, rows, -2};
+    buffer<index_t> d_wild(wild);
+    a[7] = NAN;
+    d_a.upload(a);
+    st.device.write_rows(0, 0, 2.f, gpu::index_list{d_wild.get(), 3, rows}, gpu::device_matrix<const float>(d_a.get(), rows, dim), s);
+    CHECK(st.device.read_status(s) == gpu::status_index_out_of_range);
+    st.device.write(0, 0, 2.f, gpu::device_matrix<const float>(d_a.get(), rows, dim), s);
+    CHECK((st.device.read_status(s) & gpu::status_nonfinite_feature) != 0);
+
+    // Argument checks, as the host store makes them.
+    expect_error<std::invalid_argument>([&] { st.device.fill_latest(1, 0, tokens, o, s); }, {"layer", "1"});
+    expect_error<std::invalid_argument>([&] { st.device.fill_latest(0, 2, tokens, o, s); }, {"site", "2"});
+    expect_error<std::invalid_argument>([&] { st.device.fill(0, 0, NAN, tokens, specdiff::latest{}, o, s); }, {"t", "not finite"});
+    expect_error<std::invalid_argument>([&] { st.device.fill_latest(0, 0, tokens, gpu::device_matrix<float>(out.get(), rows, dim - 1), s); }, {"out", "16x32", "16x31"});
+    expect_error<std::invalid_argument>([&] { st.device.fill_latest(0, 0, gpu::index_list{d_list.get(), 2, rows + 1}, o, s); }, {"tokens", "17", "16"});
+    expect_error<std::invalid_argument>(
+        [&] { st.device.scatter(0, 0, 1.f, tokens, gpu::device_matrix<const float>(d_a.get(), 1, dim), s); }, {"rows", "1 rows", "2"});
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+TEST_SUITE("graph") {
+  TEST_CASE("a whole cached step captures into a CUDA graph and replays exactly") {
+    auto g = rng(60);
+    const stream s;
+    const index_t tokens = 4096, batch = 2, dim = 64, n = tokens * batch;
+    const gpu::three_level_classifier<> classifier(tokens, batch, 0.9);
+    const index_t c1 = classifier.compute_count();
+    const specdiff::cache_shape shape{1, 1, n, dim, 3};
+
+    buffer<unsigned char> store_memory(gpu::device_cache_store<float>::memory_bytes(shape));
+    buffer<unsigned char> workspace(classifier.workspace_bytes());
+    device_plan plan(batch, tokens);
+    buffer<float> his(lognormal(g, static_cast<std::size_t>(n), 0.01)), fut(lognormal(g, static_cast<std::size_t>(n), 0.01));
+    const auto features_init = [&] {
+      std::normal_distribution<float> d(0.f, 1.f);
+      std::vector<float> v(static_cast<std::size_t>(n * dim));
+      for (auto& x : v) x = d(g);
+      return v;
+    }();
+    buffer<float> cf(static_cast<std::size_t>(n)), scores(static_cast<std::size_t>(n)), features(features_init),
+        compact(static_cast<std::size_t>(batch * c1 * dim));
+    const gpu::device_matrix<float> out(features.get(), n, dim);
+    const gpu::device_matrix<float> c1_rows(compact.get(), batch * c1, dim);
+
+    // One partial step, as an engine would issue it: score, classify, gather C1, (the network would run
+    // here), cache C1, fill C2 and C3, advance staleness.
+    auto step = [&](gpu::device_cache_store<float>& store, float t) {
+      gpu::score(gpu::specdiff_scorer{}, {his.cspan(), fut.cspan(), cf.cspan(), {}}, scores.span(), s);
+      std::size_t bytes = workspace.size();
+      classifier.classify(workspace.get(), bytes, scores.cspan(), plan.view, s);
+      gpu::gather_rows<gpu::copy_policy<>, float>(out, gpu::rows_of(plan.view, level::compute, c1), c1_rows, s);
+      store.scatter(0, 0, t, gpu::rows_of(plan.view, level::compute, c1), c1_rows, s);
+      store.fill_latest(0, 0, gpu::rows_of(plan.view, level::reuse), out, s);
+      store.fill(0, 0, t, gpu::rows_of(plan.view, level::approximate), specdiff::specdiff_weighted{}, out, s);
+      gpu::advance_cache_counts(plan.view, cf.span(), s);
+    };
+    // Fresh state: zeroed store memory and counts, the dense step's rows cached at t = 1000 and 900.
+    auto reset = [&] {
+      SPECDIFF_CUDA_CHECK(cudaMemset(store_memory.get(), 0, store_memory.size()));
+      SPECDIFF_CUDA_CHECK(cudaMemset(cf.get(), 0, cf.bytes()));
+      SPECDIFF_CUDA_CHECK(cudaDeviceSynchronize());
+      features.upload(features_init);
+      gpu::device_cache_store<float> store(shape, store_memory.get(), store_memory.size(), s);
+      store.write(0, 0, 1000.f, out, s);
+      store.write(0, 0, 900.f, out, s);
+      s.sync();
+      return store;
+    };
+    struct snapshot {
+      std::vector<unsigned char> store;
+      std::vector<float> features, cf;
+      plan_copy plan;
+    };
+    auto take = [&] { return snapshot{store_memory.download(), features.download(), cf.download(), download(plan.view)}; };
+
+    auto eager = reset();
+    step(eager, 800.f);
+    step(eager, 700.f);
+    s.sync();
+    const snapshot want = take();
+
+    auto captured = reset();
+    cudaGraph_t graph = nullptr;
+    SPECDIFF_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));  // a sync or malloc inside would fail capture
+    step(captured, 800.f);
+    step(captured, 700.f);
+    SPECDIFF_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
+    cudaGraphExec_t exec = nullptr;
+    SPECDIFF_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    SPECDIFF_CUDA_CHECK(cudaGraphLaunch(exec, s));
+    s.sync();
+    const snapshot got = take();
+    CHECK(got.store == want.store);
+    CHECK(got.features == want.features);
+    CHECK(got.cf == want.cf);
+    CHECK(got.plan.order == want.plan.order);
+    CHECK(got.plan.counts == want.plan.counts);
+    CHECK(got.plan.status == 0);
+    CHECK(captured.read_status(s) == 0);
+    SPECDIFF_CUDA_CHECK(cudaGraphExecDestroy(exec));
+    SPECDIFF_CUDA_CHECK(cudaGraphDestroy(graph));
+  }
+}
