@@ -54,7 +54,7 @@ TEST_SUITE("scorers") {
       host.score(specdiff::score_inputs{part(0), part(1), part(2), part(3)}, std::span<float>(want.data() + o, n));
     }
     buffer<float> out(want.size());
-    gpu::score(device, {d_in[0].cspan(), d_in[1].cspan(), d_in[2].cspan(), d_in[3].cspan()}, out.span(), s);
+    gpu::score(device, {d_in[0].cspan(), d_in[1].cspan(), d_in[2].cspan(), d_in[3].cspan(), {}}, out.span(), s);
     const auto got = out.download();
     int bad = 0;
     for (std::size_t i = 0; i < want.size(); ++i) {
@@ -87,6 +87,29 @@ TEST_SUITE("scorers") {
         compare_scorer(specdiff::feature_change_scorer{c}, gpu::feature_change_scorer{c}, in, d_in, tokens, batch, s);
         compare_scorer(specdiff::uniform_scorer{d}, gpu::uniform_scorer{d}, in, d_in, tokens, batch, s);
       }
+  }
+
+  // A scorer of one's own: any struct with `needs` and an HD token(); here RAS-style, from the engine metric.
+  struct metric_scorer {
+    static constexpr specdiff::signal needs = specdiff::signal::metric | specdiff::signal::cache_count;
+    SPECDIFF_HD float token(float, float, float cf, float, float metric) const { return specdiff::math::log_score(metric, 1.f, cf, 0.5f); }
+  };
+
+  TEST_CASE("a user-defined scorer reads the engine metric") {
+    auto g = rng(12);
+    const stream s;
+    const auto n = static_cast<std::size_t>(4096 * 4);
+    const auto metric = lognormal(g, n, 0.01), cf = counts(g, n, 9);
+    buffer<float> d_metric(metric), d_cf(cf), out(n);
+    gpu::score(metric_scorer{}, {{}, {}, d_cf.cspan(), {}, d_metric.cspan()}, out.span(), s);
+    const auto got = out.download();
+    int bad = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      const float want = specdiff::math::safe_log(metric[i]) + 0.5f * cf[i];
+      if (!close(got[i], want, std::abs(specdiff::math::safe_log(metric[i])) + 0.5f * cf[i]) && bad++ < 5) FAIL_CHECK("token ", i, ": ", got[i], " vs ", want);
+    }
+    CHECK(bad == 0);
+    expect_error<std::invalid_argument>([&] { gpu::score(metric_scorer{}, {{}, {}, d_cf.cspan(), {}, {}}, out.span(), s); }, {"metric", "16384", "0"});
   }
 
   TEST_CASE("staleness counts advance as the accelerator advances them") {
@@ -699,7 +722,7 @@ TEST_SUITE("graph") {
     // One partial step, as an engine would issue it: score, classify, gather C1, (the network would run
     // here), cache C1, fill C2 and C3, advance staleness.
     auto step = [&](gpu::device_cache_store<float>& store, float t) {
-      gpu::score(gpu::specdiff_scorer{}, {his.cspan(), fut.cspan(), cf.cspan(), {}}, scores.span(), s);
+      gpu::score(gpu::specdiff_scorer{}, {his.cspan(), fut.cspan(), cf.cspan(), {}, {}}, scores.span(), s);
       std::size_t bytes = workspace.size();
       classifier.classify(workspace.get(), bytes, scores.cspan(), plan.view, s);
       gpu::gather_rows<gpu::copy_policy<>, float>(out, gpu::rows_of(plan.view, level::compute, c1), c1_rows, s);

@@ -279,9 +279,9 @@ TEST_SUITE("host") {
   TEST_CASE("scorer and accumulate spans are checked before launching") {
     static float fake[64];
     const gpu::device_span<const float> a(fake, 16), short_span(fake, 15);
-    expect_error<std::invalid_argument>([&] { gpu::score(gpu::specdiff_scorer{}, {a, short_span, a, {}}, {fake, 16}, nullptr); }, {"future", "16", "15"});
-    expect_error<std::invalid_argument>([&] { gpu::score(gpu::toca_scorer{}, {a, {}, {}, {}}, {fake, 16}, nullptr); }, {"cache_count", "16", "0"});
-    expect_error<std::invalid_argument>([&] { gpu::score(gpu::uniform_scorer{}, {a, {}, a, {}}, {fake, 0}, nullptr); }, {"log_score", "zero"});
+    expect_error<std::invalid_argument>([&] { gpu::score(gpu::specdiff_scorer{}, {a, short_span, a, {}, {}}, {fake, 16}, nullptr); }, {"future", "16", "15"});
+    expect_error<std::invalid_argument>([&] { gpu::score(gpu::toca_scorer{}, {a, {}, {}, {}, {}}, {fake, 16}, nullptr); }, {"cache_count", "16", "0"});
+    expect_error<std::invalid_argument>([&] { gpu::score(gpu::uniform_scorer{}, {a, {}, a, {}, {}}, {fake, 0}, nullptr); }, {"log_score", "zero"});
     expect_error<std::invalid_argument>([&] { gpu::accumulate(short_span, {fake, 16}, nullptr); }, {"layer", "16", "15"});
   }
 

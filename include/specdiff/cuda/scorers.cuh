@@ -1,5 +1,6 @@
 // Device scorers: the host scorers' per-token formulas (math::log_score), one thread per token over a batch
 // of samples laid out [sample][token]. Inputs a scorer does not need (see `needs`) may be empty spans.
+// A scorer of your own is a struct with `needs` and an HD token(his, fut, cf, change, metric) -> log score.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -20,27 +21,28 @@ struct device_score_inputs {
   device_span<const float> future;          ///< fut
   device_span<const float> cache_count;     ///< cf
   device_span<const float> feature_change;  ///< L2 change of the last two cached rows
+  device_span<const float> metric;          ///< an engine-defined per-token metric (signal::metric)
 };
 
 /// SpecDiff: log his + log fut + scale * cf.
 struct specdiff_scorer {
   static constexpr signal needs = signal::attention | signal::future | signal::cache_count;
   float starvation_scale = 1.f;
-  SPECDIFF_HD float token(float his, float fut, float cf, float) const { return math::log_score(his, fut, cf, starvation_scale); }
+  SPECDIFF_HD float token(float his, float fut, float cf, float, float) const { return math::log_score(his, fut, cf, starvation_scale); }
 };
 
 /// ToCa-like: history only.
 struct toca_scorer {
   static constexpr signal needs = signal::attention | signal::cache_count;
   float starvation_scale = 1.f;
-  SPECDIFF_HD float token(float his, float, float cf, float) const { return math::log_score(his, 1.f, cf, starvation_scale); }
+  SPECDIFF_HD float token(float his, float, float cf, float, float) const { return math::log_score(his, 1.f, cf, starvation_scale); }
 };
 
 /// RAS-like feature change; +inf change (fewer than two cached rows) is clamped to the largest float.
 struct feature_change_scorer {
   static constexpr signal needs = signal::feature_change | signal::cache_count;
   float starvation_scale = 1.f;
-  SPECDIFF_HD float token(float, float, float cf, float change) const {
+  SPECDIFF_HD float token(float, float, float cf, float change, float) const {
     return math::log_score(change > FLT_MAX ? FLT_MAX : change, 1.f, cf, starvation_scale);
   }
 };
@@ -49,7 +51,7 @@ struct feature_change_scorer {
 struct uniform_scorer {
   static constexpr signal needs = signal::cache_count;
   float starvation_scale = 0.f;
-  SPECDIFF_HD float token(float, float, float cf, float) const { return starvation_scale * cf; }
+  SPECDIFF_HD float token(float, float, float cf, float, float) const { return starvation_scale * cf; }
 };
 
 namespace detail {
@@ -61,6 +63,7 @@ struct reads {
   static constexpr bool future = has(Scorer::needs, signal::future);
   static constexpr bool cache_count = has(Scorer::needs, signal::cache_count);
   static constexpr bool feature_change = has(Scorer::needs, signal::feature_change);
+  static constexpr bool metric = has(Scorer::needs, signal::metric);
 };
 
 template <int BlockThreads, class Scorer>
@@ -68,7 +71,7 @@ __global__ void __launch_bounds__(BlockThreads) score_kernel(Scorer scorer, devi
   using r = reads<Scorer>;
   for (index_t i = blockIdx.x * BlockThreads + threadIdx.x; i < out.size; i += gridDim.x * BlockThreads)
     out[i] = scorer.token(r::attention ? in.attention[i] : 1.f, r::future ? in.future[i] : 1.f, r::cache_count ? in.cache_count[i] : 0.f,
-                          r::feature_change ? in.feature_change[i] : 0.f);
+                          r::feature_change ? in.feature_change[i] : 0.f, r::metric ? in.metric[i] : 0.f);
 }
 
 template <int BlockThreads>
@@ -93,6 +96,7 @@ void score(const Scorer& scorer, const device_score_inputs& in, device_span<floa
   detail::expect_needed("future", has(Scorer::needs, signal::future), in.future, n);
   detail::expect_needed("cache_count", has(Scorer::needs, signal::cache_count), in.cache_count, n);
   detail::expect_needed("feature_change", has(Scorer::needs, signal::feature_change), in.feature_change, n);
+  detail::expect_needed("metric", has(Scorer::needs, signal::metric), in.metric, n);
   detail::score_kernel<256><<<detail::blocks_for(static_cast<std::size_t>(n), 256), 256, 0, stream>>>(scorer, in, log_score);
   SPECDIFF_CUDA_CHECK_LAUNCH("score_kernel");
 }
