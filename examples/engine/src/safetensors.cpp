@@ -257,6 +257,7 @@ void safetensors_file::read_into(std::string_view name, std::span<float> out) co
     const auto n = static_cast<std::size_t>(t.numel());
     if (out.size() != n)
         fail(path_, name, "destination holds " + std::to_string(out.size()) + " floats, tensor has " + std::to_string(n));
+    if (n == 0) return;  // empty tensors: nothing to copy (and memcpy must not see a null pointer)
     const std::byte* src = map_ + data_start_ + t.begin;
     switch (t.type) {
         case dtype::f32:

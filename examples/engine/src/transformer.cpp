@@ -26,7 +26,7 @@ using view = Eigen::Map<row_matrix, 0, Eigen::OuterStride<>>;
 using const_vec = Eigen::Map<const Eigen::ArrayXf>;
 using vec = Eigen::Map<Eigen::ArrayXf>;
 
-constexpr int tile_rows = 128;    // GEMM output tile (rows x cols): a parallel unit
+constexpr int tile_rows = 512;    // GEMM output tile (rows x cols): a parallel unit
 constexpr int tile_cols = 256;
 constexpr int query_chunk = 64;   // attention queries per task
 constexpr int key_chunk = 512;    // keys per score GEMM (bounds Eigen's packed-rhs size)
