@@ -404,11 +404,13 @@ TEST_SUITE("rows") {
 
   template <class T>
   void check_all_row_sets(std::mt19937_64& g, const stream& s) {
-    const index_t dims[] = {64, 67, 100, 1536};
+    // Widths per (tokens, batch): the widest rows with the fewer tokens, so the suite stays quick under
+    // compute-sanitizer; 64 and 1536 take the 16-byte path, 67 and 100 (for bfloat16) the element-wise one.
+    const index_t dims[] = {64, 1536, 67, 1536, 100, 1536, 64, 100};
     int k = 0;
     for (index_t tokens : {1, 31, 256, 4096})
       for (index_t batch : {1, 4}) {
-        const index_t dim = dims[k++ % 4];
+        const index_t dim = dims[k++];
         for (bool aligned : {true, false}) {
           INFO("tokens ", tokens, ", batch ", batch, ", dim ", dim, ", aligned ", aligned, ", element bytes ", sizeof(T));
           // A plan's C1 and C3 rows, capacity = the largest count (a compact matrix exactly that tall).
