@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
     CLI::App app{"SD3 engine forward timing"};
     int threads = 2, batch = 2, reps = 5, warmup = 1, layers = 12, heads = 6, head_dim = 64, latent = 64, context = 77;
     bool qk_norm = false;
+    double subset = 0.0;
     app.add_option("--threads", threads, "OpenMP threads")->check(CLI::PositiveNumber);
     app.add_option("--batch", batch)->check(CLI::PositiveNumber);
     app.add_option("--reps", reps, "timed forwards")->check(CLI::PositiveNumber);
@@ -26,6 +27,8 @@ int main(int argc, char** argv) {
     app.add_option("--latent", latent, "latent side in pixels (tokens = (latent/2)^2)")->check(CLI::PositiveNumber);
     app.add_option("--context", context, "context tokens")->check(CLI::PositiveNumber);
     app.add_flag("--qk-norm", qk_norm, "RMS qk-norm (SD3.5 style)");
+    app.add_option("--subset", subset, "also time a token-subset forward computing this fraction of the image tokens")
+        ->check(CLI::Range(0.0, 1.0));
     CLI11_PARSE(app, argc, argv);
 
     sd3::transformer_config c;
@@ -59,9 +62,36 @@ int main(int argc, char** argv) {
         net.forward(in, v);
         ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
     }
+    auto time_it = [&](auto&& fn) {
+        for (int i = 0; i < warmup; ++i) fn();
+        std::vector<double> t_ms;
+        for (int i = 0; i < reps; ++i) {
+            const auto t0 = std::chrono::steady_clock::now();
+            fn();
+            t_ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+        }
+        std::sort(t_ms.begin(), t_ms.end());
+        return t_ms;
+    };
     std::sort(ms.begin(), ms.end());
     std::printf("engine forward: layers %d hidden %d tokens %d context %d batch %d threads %d: median %.1f ms, min %.1f ms (%d reps)\n",
                 layers, c.hidden(), (latent / 2) * (latent / 2), context, batch, threads, ms[ms.size() / 2], ms.front(), reps);
     std::printf("RESULT median_ms=%.3f min_ms=%.3f\n", ms[ms.size() / 2], ms.front());
+    if (subset > 0.0) {  // token-subset forward (K/V of the other tokens from the cache): cost should follow n
+        const int N = (latent / 2) * (latent / 2), n = std::max(1, static_cast<int>(subset * N + 0.5));
+        sd3::kv_cache kv(c, batch, N);
+        std::vector<std::int32_t> tokens;
+        for (int b = 0; b < batch; ++b)
+            for (int i = 0; i < n; ++i) tokens.push_back(static_cast<std::int32_t>(static_cast<long>(i) * N / n));
+        std::vector<float> rows(static_cast<std::size_t>(batch) * n * c.patch_features());
+        sd3::forward_options full;
+        full.kv = &kv;
+        net.forward(in, v, full);
+        sd3::forward_options part = full;
+        part.image_tokens = tokens;
+        const auto sub = time_it([&] { net.forward(in, rows, part); });
+        std::printf("engine subset forward: %d of %d tokens (%.0f%%): median %.1f ms = %.2f of the full forward\n", n, N,
+                    100.0 * n / N, sub[sub.size() / 2], sub[sub.size() / 2] / ms[ms.size() / 2]);
+    }
     return 0;
 }

@@ -95,12 +95,11 @@ void linear_rows(int threads, const float* X, int ldx, int rows, const linear& W
         const_view x(X + static_cast<std::ptrdiff_t>(r0) * ldx, nr, W.in, Eigen::OuterStride<>(ldx));
         const_view w(W.weight.data() + static_cast<std::ptrdiff_t>(c0) * W.in, nc, W.in, Eigen::OuterStride<>(W.in));
         view y(Y + static_cast<std::ptrdiff_t>(r0) * ldy + c0, nr, nc, Eigen::OuterStride<>(ldy));
-        y.noalias() = x * w.transpose();
+        // Start from the bias and accumulate the product onto it (saves Eigen's zero fill and a bias pass).
         const Eigen::Map<const Eigen::RowVectorXf> bias(W.bias.data() + c0, nc);
-        for (int r = 0; r < nr; ++r) {
-            y.row(r) += bias;
-            epi(&y(r, 0), nc);
-        }
+        y.rowwise() = bias;
+        y.noalias() += x * w.transpose();
+        for (int r = 0; r < nr; ++r) epi(&y(r, 0), nc);
     });
 }
 
