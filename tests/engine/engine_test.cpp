@@ -210,6 +210,15 @@ TEST_CASE("forward rejects bad arguments with messages naming them") {
     CHECK_THROWS_WITH_AS(sd3::transformer(p.model, lim, 1), doctest::Contains("max_batch = 0"), std::invalid_argument);
     CHECK_THROWS_WITH_AS(sd3::kv_cache(p.model.config, 0, 4), doctest::Contains("max_batch = 0"), std::invalid_argument);
 
+    auto broken = p.model;
+    broken.blocks[1].ff2.bias.pop_back();
+    CHECK_THROWS_WITH_AS(sd3::transformer(broken, p.limits(), 1), doctest::Contains("'transformer_blocks.1.ff.net.2'"),
+                         std::invalid_argument);
+    broken = p.model;
+    broken.pos_table.resize(10);
+    CHECK_THROWS_WITH_AS(sd3::transformer(broken, p.limits(), 1), doctest::Contains("'pos_embed.pos_embed' has 10 values"),
+                         std::invalid_argument);
+
     // A failed call leaves the engine usable.
     std::vector<float> again(p.velocity_size()), first(p.velocity_size());
     net.forward(in, first);

@@ -175,6 +175,7 @@ struct transformer::impl {
             throw std::invalid_argument("engine_limits.max_height/max_width = " + std::to_string(limits.max_height) + "/" +
                                         std::to_string(limits.max_width) + " must be >= patch_size " + std::to_string(c.patch_size));
         check_threads(threads);
+        check_model();
         D = c.hidden();
         F = 4 * D;
         P = c.patch_features();
@@ -210,6 +211,57 @@ struct transformer::impl {
         size_scores();
     }
 
+    // Every weight's size against the config, so a hand-built model cannot make a GEMM read out of bounds.
+    void check_model() const {
+        const auto& c = m->config;
+        const int d = c.hidden(), hd_ = c.attention_head_dim;
+        auto lin = [](const std::string& name, const linear& l, int in, int out) {
+            if (l.in != in || l.out != out || l.weight.size() != static_cast<std::size_t>(in) * out ||
+                l.bias.size() != static_cast<std::size_t>(out))
+                throw std::invalid_argument("transformer: model weight '" + name + "' is " + std::to_string(l.out) + " x " +
+                                            std::to_string(l.in) + " (" + std::to_string(l.weight.size()) + " weights, " +
+                                            std::to_string(l.bias.size()) + " biases), config needs " + std::to_string(out) +
+                                            " x " + std::to_string(in));
+        };
+        auto vecn = [](const std::string& name, const std::vector<float>& v, std::size_t n) {
+            if (v.size() != n)
+                throw std::invalid_argument("transformer: model tensor '" + name + "' has " + std::to_string(v.size()) +
+                                            " values, config needs " + std::to_string(n));
+        };
+        lin("pos_embed.proj", m->patch_embed, c.in_channels * c.patch_size * c.patch_size, d);
+        vecn("pos_embed.pos_embed", m->pos_table, static_cast<std::size_t>(c.pos_embed_max_size) * c.pos_embed_max_size * d);
+        lin("time_text_embed.timestep_embedder.linear_1", m->time_linear1, c.timestep_channels(), d);
+        lin("time_text_embed.timestep_embedder.linear_2", m->time_linear2, d, d);
+        lin("time_text_embed.text_embedder.linear_1", m->text_linear1, c.pooled_projection_dim, d);
+        lin("time_text_embed.text_embedder.linear_2", m->text_linear2, d, d);
+        lin("context_embedder", m->context_embedder, c.joint_attention_dim, d);
+        lin("norm_out.linear", m->norm_out, d, 2 * d);
+        lin("proj_out", m->proj_out, d, c.patch_features());
+        for (int l = 0; l < c.num_layers; ++l) {
+            const auto& w = m->blocks[l];
+            const std::string b = "transformer_blocks." + std::to_string(l) + ".";
+            if (w.context_pre_only != (l == c.num_layers - 1))
+                throw std::invalid_argument("transformer: " + b + "context_pre_only must be set on the last block only");
+            lin(b + "norm1.linear", w.norm1, d, 6 * d);
+            lin(b + "norm1_context.linear", w.norm1_context, d, (w.context_pre_only ? 2 : 6) * d);
+            lin(b + "attn.to_qkv", w.to_qkv, d, 3 * d);
+            lin(b + "attn.add_qkv", w.add_qkv, d, 3 * d);
+            lin(b + "attn.to_out.0", w.to_out, d, d);
+            lin(b + "ff.net.0.proj", w.ff1, d, 4 * d);
+            lin(b + "ff.net.2", w.ff2, 4 * d, d);
+            if (!w.context_pre_only) {
+                lin(b + "attn.to_add_out", w.to_add_out, d, d);
+                lin(b + "ff_context.net.0.proj", w.ff_context1, d, 4 * d);
+                lin(b + "ff_context.net.2", w.ff_context2, 4 * d, d);
+            }
+            if (c.qk_norm) {
+                vecn(b + "attn.norm_q.weight", w.norm_q, hd_);
+                vecn(b + "attn.norm_k.weight", w.norm_k, hd_);
+                vecn(b + "attn.norm_added_q.weight", w.norm_added_q, hd_);
+                vecn(b + "attn.norm_added_k.weight", w.norm_added_k, hd_);
+            }
+        }
+    }
     static void check_threads(int t) {
         if (t < 1) throw std::invalid_argument("transformer: threads = " + std::to_string(t) + " must be >= 1");
     }
