@@ -113,13 +113,8 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   try {
-    const auto model = demo::conditional_model::load(model_dir);
-    const auto batch = demo::make_batch(model, samples, seed);
-    sd3::engine_limits limits;
-    limits.max_batch = 2 * samples;
-    limits.max_context_tokens = model.classes.context_tokens;
-    sd3::transformer net(model.transformer, limits, threads);
-    const auto problem = demo::make_problem(net, model, batch, steps, cfg);
+    const auto work = demo::make_workload(model_dir, samples, seed, steps, cfg, threads);
+    const auto& [model, batch, net, problem] = *work;
     auto specs = sweep(quick);
     if (!only.empty()) std::erase_if(specs, [&](const demo::method_spec& s) { return s.name != only; });
 

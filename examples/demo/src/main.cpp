@@ -62,14 +62,9 @@ int main(int argc, char** argv) {
   if (fs->count()) spec.fast_steps = fast_steps;
 
   try {
-    const auto model = demo::conditional_model::load(model_dir);
     const float guidance = cf->count() ? cfg : 4.f;
-    const auto batch = demo::make_batch(model, samples, seed);
-    sd3::engine_limits limits;
-    limits.max_batch = 2 * samples;
-    limits.max_context_tokens = model.classes.context_tokens;
-    sd3::transformer net(model.transformer, limits, threads);
-    const auto problem = demo::make_problem(net, model, batch, steps, guidance);
+    const auto work = demo::make_workload(model_dir, samples, seed, steps, guidance, threads);
+    const auto& [model, batch, net, problem] = *work;
     const demo::method_spec full_spec{"full", {}, {}, {}, {}, {}};
     const bool bar = !no_progress;
 

@@ -59,6 +59,18 @@ methods::problem make_problem(sd3::transformer& net, const conditional_model& m,
   return p;
 }
 
+std::unique_ptr<workload> make_workload(const std::filesystem::path& model_dir, int samples, std::uint64_t seed, int steps, float guidance,
+                                        int threads) {
+  auto w = std::make_unique<workload>(workload{conditional_model::load(model_dir), {}, nullptr, {}});
+  w->batch = make_batch(w->model, samples, seed);
+  sd3::engine_limits limits;
+  limits.max_batch = 2 * samples;
+  limits.max_context_tokens = w->model.classes.context_tokens;
+  w->net = std::make_unique<sd3::transformer>(w->model.transformer, limits, threads);
+  w->problem = make_problem(*w->net, w->model, w->batch, steps, guidance);
+  return w;
+}
+
 bool known_method(const std::string& name) {
   for (const char* k : {"full", "specdiff", "ras", "toca", "fora", "taylorseer", "steps"})
     if (name == k) return true;

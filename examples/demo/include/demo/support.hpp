@@ -3,6 +3,7 @@
 #pragma once
 
 #include <filesystem>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -37,6 +38,17 @@ struct sample_batch {
 };
 sample_batch make_batch(const conditional_model& m, int samples, std::uint64_t seed);
 methods::problem make_problem(sd3::transformer& net, const conditional_model& m, const sample_batch& b, int steps, float guidance);
+
+/// Everything a run needs, built once: the model, a batch from the seed, an engine sized for the CFG
+/// batch, and the problem over them (it points into this object, which therefore stays put).
+struct workload {
+  conditional_model model;
+  sample_batch batch;
+  std::unique_ptr<sd3::transformer> net;
+  methods::problem problem;
+};
+std::unique_ptr<workload> make_workload(const std::filesystem::path& model_dir, int samples, std::uint64_t seed, int steps, float guidance,
+                                        int threads);
 
 /// A method and its settings, as the command line names them.
 struct method_spec {
