@@ -3,7 +3,7 @@
 #include <cmath>
 #include <specdiff/cache_store.hpp>
 
-#include "helpers.hpp"
+#include "../common/testing.hpp"
 
 using namespace specdiff;
 

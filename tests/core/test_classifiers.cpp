@@ -4,7 +4,7 @@
 #include <cmath>
 #include <specdiff/classifiers.hpp>
 
-#include "helpers.hpp"
+#include "../common/testing.hpp"
 
 using namespace specdiff;
 

@@ -4,7 +4,7 @@
 #include <specdiff/approximators.hpp>
 #include <specdiff/math.hpp>
 
-#include "helpers.hpp"
+#include "../common/testing.hpp"
 
 using namespace specdiff;
 
@@ -32,7 +32,7 @@ TEST_CASE("compute_count = ceil((1 - CR) * N), at least one") {
 
 TEST_CASE("SpecDiff weights follow W_i = e^-i (T_{t+i} - T_t) / sum, hand computed") {
   const float T[3] = {950.f, 975.f, 1000.f};  // newest first: the cached steps are earlier (larger t)
-  float w[3];
+  float w[3] = {};
   REQUIRE(specdiff_weighted{}.weights(T, 3, 900.f, w) == 3);
   const double r1 = std::exp(-1.0) * 50, r2 = std::exp(-2.0) * 75, r3 = std::exp(-3.0) * 100;
   const double s = r1 + r2 + r3;
@@ -49,7 +49,7 @@ TEST_CASE("SpecDiff weights on fresh random tags sum to 1 and equal the formula"
     std::uniform_real_distribution<float> d(0.f, 1000.f);
     const float target = d(rng);
     const int n = 1 + trial % 3;
-    float T[3], w[3];
+    float T[3] = {}, w[3] = {};
     float t = target;
     for (int i = 0; i < n; ++i) T[i] = (t += 1.f + d(rng) / 10.f);
     REQUIRE(specdiff_weighted{}.weights(T, n, target, w) == n);
@@ -65,7 +65,7 @@ TEST_CASE("SpecDiff weights on fresh random tags sum to 1 and equal the formula"
 
 TEST_CASE("SpecDiff weights fall back to the latest feature when all tags equal the target") {
   const float T[3] = {5.f, 5.f, 5.f};
-  float w[3];
+  float w[3] = {};
   REQUIRE(specdiff_weighted{}.weights(T, 3, 5.f, w) == 3);
   CHECK(w[0] == 1.f);
   CHECK(w[1] == 0.f);
@@ -87,7 +87,7 @@ void check_taylor_reproduces_polynomials(std::mt19937_64& rng) {
     double t = 0;
     for (int i = 0; i <= Order; ++i) T[i] = static_cast<float>(t += gap(rng));  // uneven spacing
     const float target = static_cast<float>(-gap(rng));                          // extrapolate
-    float w[Order + 1];
+    float w[Order + 1] = {};
     REQUIRE(taylor<Order>{}.weights(T, Order + 1, target, w) == Order + 1);
     double pred = 0, magnitude = 0;
     for (int i = 0; i <= Order; ++i) {
@@ -109,7 +109,7 @@ TEST_CASE("Taylor of order k reproduces a polynomial of degree k exactly (fresh 
 
 TEST_CASE("Taylor order 1 is linear extrapolation, hand computed") {
   const float T[2] = {10.f, 20.f};  // f(10) = a, f(20) = b -> f(0) = 2a - b
-  float w[2];
+  float w[2] = {};
   REQUIRE(linear{}.weights(T, 2, 0.f, w) == 2);
   CHECK(w[0] == doctest::Approx(2.0));
   CHECK(w[1] == doctest::Approx(-1.0));

@@ -2,7 +2,7 @@
 
 #include <specdiff/predictors.hpp>
 
-#include "helpers.hpp"
+#include "../common/testing.hpp"
 
 using namespace specdiff;
 

@@ -4,7 +4,7 @@
 #include <limits>
 #include <specdiff/scorers.hpp>
 
-#include "helpers.hpp"
+#include "../common/testing.hpp"
 
 using namespace specdiff;
 

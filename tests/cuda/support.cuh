@@ -16,36 +16,15 @@
 #include <specdiff/cuda/specdiff.cuh>
 #include <specdiff/specdiff.hpp>
 
+#include "../common/testing.hpp"
+
 namespace cudatest {
 
 using specdiff::index_t;
 
-/// Fresh every run, printed by main; SPECDIFF_TEST_SEED=<n> reproduces a run.
-inline std::uint64_t seed() {
-  static const std::uint64_t s = [] {
-    if (const char* env = std::getenv("SPECDIFF_TEST_SEED")) return static_cast<std::uint64_t>(std::strtoull(env, nullptr, 10));
-    return static_cast<std::uint64_t>(std::random_device{}()) << 32 | std::random_device{}();
-  }();
-  return s;
-}
-
-/// A generator per test case, seeded from the run seed and the case's own salt.
-inline std::mt19937_64 rng(std::uint64_t salt) { return std::mt19937_64(seed() ^ (salt * 0x9e3779b97f4a7c15ull)); }
-
-/// Runs f, expects an exception of type E whose message contains every fragment.
-template <class E, class F>
-void expect_error(F&& f, std::initializer_list<const char*> fragments) {
-  bool thrown = false;
-  try {
-    f();
-  } catch (const E& e) {
-    thrown = true;
-    const std::string msg = e.what();
-    INFO("message: ", msg);
-    for (const char* frag : fragments) CHECK_MESSAGE(msg.find(frag) != std::string::npos, "missing '", frag, "'");
-  }
-  CHECK_MESSAGE(thrown, "expected an exception");
-}
+using testing::expect_error;
+inline std::uint64_t seed() { return testing::fresh_seed(); }
+inline std::mt19937_64 rng(std::uint64_t salt) { return testing::rng(salt); }
 
 /// Device memory for n values of T (tests only: the library itself never allocates).
 template <class T>
