@@ -13,6 +13,8 @@ Sub-commands (each writes into --out, default models/mnist-sd3, and logs to --lo
   evaluate     sample with diffusers' FlowMatchEulerDiscreteScheduler + the trained transformer (CFG) and
                report the classifier's accuracy on the samples
   noise        write the Philox/Box-Muller reference values the C++ noise test checks against
+  scheduler    write scheduler_config.json (diffusers format) with --shifts[0], the shift chosen by evaluate
+  compare      sample in Python from the same Philox latents as specdiff-sample and compare with its --raw output
   all          classifier, then diffusion, then evaluate for shift 1.0 and 3.0
 
 The held-out split is fixed: a seeded permutation of each class's 500 images; its first 50 are held out
@@ -272,6 +274,12 @@ def cmd_diffusion(args):
     x_train, y_train = images[train], labels[train]
     transformer = make_transformer(args.layers)
     conditioner = ClassConditioner()
+    if args.resume:
+        # Continue from the saved (EMA) weights; the optimiser state starts fresh, hence the warm-up again.
+        saved_t, saved_c = load_diffusion(args.out)
+        transformer.load_state_dict(saved_t.state_dict())
+        conditioner.load_state_dict(saved_c.state_dict())
+        log(args, f"resuming from the weights in {args.out}")
     params = list(transformer.parameters()) + list(conditioner.parameters())
     ema_t, ema_c = make_transformer(args.layers), ClassConditioner()
     ema_t.load_state_dict(transformer.state_dict())
@@ -386,6 +394,40 @@ def gaussian_reference(seed, stream, count):
     return np.array(out, dtype=np.float64)
 
 
+def philox_latents(seed, count):
+    """The latents specdiff-sample uses: sample k = gaussian_reference(seed, stream k), float32."""
+    n = IMAGE_SIZE * IMAGE_SIZE
+    return torch.from_numpy(np.stack([gaussian_reference(seed, k, n) for k in range(count)]).astype(np.float32)
+                            ).view(count, 1, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def cmd_compare(args):
+    """Python (diffusers) vs C++ (specdiff-sample --raw) on identical latents and settings."""
+    transformer, conditioner = load_diffusion(args.out)
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(args.per_class)
+    noise = philox_latents(args.seed, len(labels))
+    shift = args.shifts[0]
+    x = sample(transformer, conditioner, labels, noise, args.steps, args.cfgs[0], shift)
+    cpp = torch.from_numpy(np.fromfile(args.raw, dtype=np.float32)).view_as(x)
+    diff = (x - cpp).abs()
+    mse = ((x.clamp(-1, 1) - cpp.clamp(-1, 1)) ** 2).mean().item()
+    psnr = 10 * math.log10(4.0 / mse) if mse > 0 else float("inf")
+    classifier = load_classifier(args.out)
+    with torch.no_grad():
+        acc_py = (classifier(x.clamp(-1, 1)).argmax(1) == labels).float().mean().item()
+        acc_cpp = (classifier(cpp.clamp(-1, 1)).argmax(1) == labels).float().mean().item()
+    log(args, f"compare python vs C++ ({len(labels)} samples, steps {args.steps}, cfg {args.cfgs[0]}, shift {shift}, "
+              f"seed {args.seed}): max |diff| {diff.max().item():.2e}, mean |diff| {diff.mean().item():.2e}, "
+              f"PSNR {psnr:.1f} dB; accuracy python {acc_py:.3f}, C++ {acc_cpp:.3f}")
+
+
+def cmd_scheduler(args):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=args.shifts[0]).save_config(args.out)
+    log(args, f"wrote {os.path.join(args.out, 'scheduler_config.json')} with shift {args.shifts[0]}")
+
+
 def cmd_noise(args):
     cases = [(0, 0, 64), (42, 7, 64), (0xDEADBEEFCAFEF00D, 1 << 40, 64)]
     tensors = {}
@@ -401,7 +443,7 @@ def cmd_noise(args):
 # ----------------------------------------------------------------------------------------------- main
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["classifier", "diffusion", "evaluate", "noise", "all"])
+    parser.add_argument("command", choices=["classifier", "diffusion", "evaluate", "noise", "compare", "scheduler", "all"])
     parser.add_argument("--out", default=os.path.join(REPO, "models", "mnist-sd3"))
     parser.add_argument("--log", default=os.path.join(REPO, "docs", "train_log.txt"))
     parser.add_argument("--seed", type=int, default=0)
@@ -414,6 +456,7 @@ def main():
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--label-drop", type=float, default=0.1)
     parser.add_argument("--budget-min", type=float, default=45.0)
+    parser.add_argument("--resume", action="store_true", help="diffusion: start from the weights in --out")
     parser.add_argument("--save-every-min", type=float, default=5.0)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--steps", type=int, default=28)
@@ -421,6 +464,7 @@ def main():
     parser.add_argument("--shifts", type=float, nargs="+", default=[1.0, 3.0])
     parser.add_argument("--cfgs", type=float, nargs="+", default=[4.0])
     parser.add_argument("--grid", default="", help="folder for Python sample grids (evaluate)")
+    parser.add_argument("--raw", default="", help="specdiff-sample --raw output (compare)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(os.path.dirname(args.log), exist_ok=True)
@@ -433,6 +477,10 @@ def main():
         cmd_evaluate(args)
     if args.command == "noise":
         cmd_noise(args)
+    if args.command == "scheduler":
+        cmd_scheduler(args)
+    if args.command == "compare":
+        cmd_compare(args)
 
 
 if __name__ == "__main__":

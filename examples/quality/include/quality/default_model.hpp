@@ -1,0 +1,34 @@
+#pragma once
+// The default model's conditioning files (models/mnist-sd3/): the learned class-embedding table that feeds
+// both MMDiT conditioning paths, and the scheduler shift it samples best with. The transformer itself is a
+// plain diffusers folder (transformer/) that the engine loads.
+
+#include <filesystem>
+#include <span>
+#include <vector>
+
+namespace quality {
+
+struct class_embeddings {
+  int classes = 0;         // table rows, the null class included
+  int null_class = 0;      // the "no label" row that classifier-free guidance uses (the last row)
+  int context_tokens = 0;
+  int joint_attention_dim = 0;
+  int pooled_dim = 0;
+  std::vector<float> pooled;   // [classes, pooled_dim]
+  std::vector<float> context;  // [classes, context_tokens, joint_attention_dim]
+
+  /// Reads `dir`/class_embeddings.safetensors (tensors `pooled` [K, P] and `context` [K, T, J]).
+  /// Throws std::runtime_error naming the file when a tensor is missing or the shapes disagree.
+  static class_embeddings load(const std::filesystem::path& dir);
+
+  /// Writes, for each label, its context rows [T, J] and pooled row [P] (the layouts sd3::cfg_inputs takes).
+  /// Throws std::invalid_argument for a label outside [0, classes) or output spans of the wrong size.
+  void gather(std::span<const int> labels, std::span<float> context_out, std::span<float> pooled_out) const;
+};
+
+/// `shift` from `dir`/scheduler_config.json (diffusers FlowMatchEulerDiscreteScheduler config).
+/// Throws std::runtime_error naming the file when it is missing or has no positive `shift`.
+double load_scheduler_shift(const std::filesystem::path& dir);
+
+}  // namespace quality
