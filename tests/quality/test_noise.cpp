@@ -1,6 +1,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <numbers>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -89,7 +90,7 @@ TEST_CASE("portable log / sincos agree with the C library to double precision") 
     const double t = unit(rng);
     double s = 0, c = 0;
     quality::portable_sincos_turns(t, s, c);
-    const double theta = 2.0 * M_PI * t;
+    const double theta = 2.0 * std::numbers::pi * t;
     CHECK(std::fabs(s - std::sin(theta)) < 1e-15);
     CHECK(std::fabs(c - std::cos(theta)) < 1e-15);
   }
