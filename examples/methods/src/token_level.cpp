@@ -140,9 +140,20 @@ run_result run_specdiff(const problem& p, const specdiff_options& o, const progr
   const specdiff::accelerator_config config{tokens, batch, p.steps, p.net->config().patch_features(), o.share_cfg_plan && batch % 2 == 0 && p.guidance > 1.f};
   const specdiff::step_schedule schedule{o.warmup_steps, o.refresh_interval, o.spec_steps, o.reset_steps};
   schedule.validate();
-  specdiff::accelerator acc(config, specdiff::specdiff_scorer{o.starvation_scale}, specdiff::self_speculation(batch * tokens),
-                            specdiff::three_level_classifier(tokens, o.cache_rate, o.reuse_mass), schedule, specdiff::specdiff_weighted{});
-  return run_token_level(p, acc, o.spec_steps, [](auto&, const std::vector<float>&) {}, progress);
+  // With no speculative pass the future factor is 1 (no_speculation): Score = his · star.
+  auto run = [&](auto approximator) {
+    auto with = [&](auto predictor) {
+      specdiff::accelerator acc(config, specdiff::specdiff_scorer{o.starvation_scale}, std::move(predictor),
+                                specdiff::three_level_classifier(tokens, o.cache_rate, o.reuse_mass), schedule, approximator);
+      return run_token_level(p, acc, o.spec_steps, [](auto&, const std::vector<float>&) {}, progress);
+    };
+    return o.spec_steps > 0 ? with(specdiff::self_speculation(batch * tokens)) : with(specdiff::no_speculation(batch * tokens));
+  };
+  switch (o.c3) {
+    case specdiff_options::c3_rule::latest: return run(specdiff::latest{});
+    case specdiff_options::c3_rule::linear: return run(specdiff::linear{});
+    default: return run(specdiff::specdiff_weighted{});
+  }
 }
 
 run_result run_ras(const problem& p, const ras_options& o, const progress_fn& progress) {

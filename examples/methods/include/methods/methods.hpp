@@ -27,6 +27,7 @@ struct specdiff_options {
   std::vector<int> reset_steps = {14};  ///< further dense steps
   float starvation_scale = 1.f;
   bool share_cfg_plan = true;
+  enum class c3_rule { specdiff, latest, linear } c3 = c3_rule::specdiff;  ///< how C3 rows are filled
 };
 run_result run_specdiff(const problem& p, const specdiff_options& o, const progress_fn& progress = {});
 

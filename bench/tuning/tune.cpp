@@ -1,0 +1,64 @@
+// specdiff-tune: varies one SpecDiff setting at a time around the defaults, at a fixed cache rate, and
+// prints speedup (against full RFlow timed before and after), FLOP ratio, PSNR, SSIM and class accuracy.
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <thread>
+
+#include "demo/support.hpp"
+
+int main(int argc, char** argv) {
+  CLI::App app{"SpecDiff's settings, one at a time, against full RFlow"};
+  int samples = 32, steps = 28, threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  double cache_rate = 0.9;
+  float cfg = 4.f;
+  std::string model_dir = demo::default_model_dir().string();
+  app.add_option("--samples", samples)->capture_default_str();
+  app.add_option("--steps", steps)->capture_default_str();
+  app.add_option("--cache-rate", cache_rate)->capture_default_str()->check(CLI::Range(0.0, 0.999));
+  app.add_option("--cfg", cfg)->capture_default_str();
+  app.add_option("--threads", threads)->capture_default_str();
+  app.add_option("--model", model_dir)->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  try {
+    const auto work = demo::make_workload(model_dir, samples, 0, steps, cfg, threads);
+    const auto& p = work->problem;
+    const auto full = methods::run_full(p);
+    using rule = methods::specdiff_options::c3_rule;
+    methods::specdiff_options base;
+    base.cache_rate = cache_rate;
+    std::vector<std::pair<std::string, methods::specdiff_options>> variants = {{"default", base}};
+    auto vary = [&](std::string name, auto change) {
+      auto o = base;
+      change(o);
+      variants.emplace_back(std::move(name), o);
+    };
+    vary("C3 latest", [](auto& o) { o.c3 = rule::latest; });
+    vary("C3 linear", [](auto& o) { o.c3 = rule::linear; });
+    vary("reuse_mass 0", [](auto& o) { o.reuse_mass = 0.0; });
+    vary("reuse_mass 0.3", [](auto& o) { o.reuse_mass = 0.3; });
+    vary("S = 0 (no future)", [](auto& o) { o.spec_steps = 0; });
+    vary("S = 3", [](auto& o) { o.spec_steps = 3; });
+    vary("RAS schedule 4 + {12, 20}", [](auto& o) { o.warmup_steps = 4, o.reset_steps = {12, 20}; });
+    vary("warm-up 2, no reset", [](auto& o) { o.reset_steps = {}; });
+    vary("warm-up 3 + {14}", [](auto& o) { o.warmup_steps = 3; });
+    vary("starvation 0.5", [](auto& o) { o.starvation_scale = 0.5f; });
+    vary("starvation 2", [](auto& o) { o.starvation_scale = 2.f; });
+    vary("plans per sample", [](auto& o) { o.share_cfg_plan = false; });
+    std::printf("| variant (CR %.2f) | speedup | FLOP ratio | PSNR dB | SSIM | class acc |\n|---|---|---|---|---|---|\n", cache_rate);
+    double full_seconds = full.seconds;
+    for (const auto& [name, o] : variants) {
+      const auto r = methods::run_specdiff(p, o);
+      const auto again = methods::run_full(p);
+      const double reference = 0.5 * (full_seconds + again.seconds);
+      full_seconds = again.seconds;
+      const auto q = demo::evaluate(work->model, work->batch, full.latents, r.latents);
+      std::printf("| %s | %.2fx | %.2f | %.2f | %.3f | %.3f |\n", name.c_str(), reference / r.seconds, full.flops / r.flops,
+                  q.psnr_db.value_or(INFINITY), q.ssim, q.class_acc);
+      std::fflush(stdout);
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "specdiff-tune: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
