@@ -1,12 +1,14 @@
-// The safetensors reader: round trips in every dtype, conversions against hand-computed bit patterns, and a
+// The safetensors reader: round trips in every float dtype, exact F64 / I64 / I32 reads, conversions against hand-computed bit patterns, and a
 // corrupt-file suite where each damaged file must raise std::runtime_error naming the file and the tensor.
 #include <doctest/doctest.h>
 
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -49,6 +51,32 @@ void expect_corrupt(const fs::path& p, const std::string& fragment) {
 }
 
 std::vector<unsigned char> zeros(std::size_t n) { return std::vector<unsigned char>(n, 0); }
+
+// Appends the little-endian bytes of `values` to `data` (the host is little-endian: the reader asserts it).
+template <class T>
+void append_bytes(std::vector<unsigned char>& data, const std::vector<T>& values) {
+    const auto* p = reinterpret_cast<const unsigned char*>(values.data());
+    data.insert(data.end(), p, p + values.size() * sizeof(T));
+}
+
+// Expects `read` to throw std::runtime_error whose message names the file, the tensor and `fragment`.
+template <class F>
+void expect_read_error(const fs::path& p, const std::string& tensor, const std::string& fragment, F read) {
+    CAPTURE(tensor);
+    CAPTURE(fragment);
+    bool threw = false;
+    try {
+        read();
+    } catch (const std::runtime_error& e) {
+        threw = true;
+        const std::string msg = e.what();
+        CAPTURE(msg);
+        CHECK(msg.find(p.string()) != std::string::npos);
+        CHECK(msg.find("'" + tensor + "'") != std::string::npos);
+        CHECK(msg.find(fragment) != std::string::npos);
+    }
+    CHECK(threw);
+}
 
 }  // namespace
 
@@ -136,6 +164,86 @@ TEST_CASE("safetensors round trip in F32, F16 and BF16 with metadata") {
     CHECK_THROWS_AS(sd3::save_safetensors(path, std::vector<sd3::tensor_to_save>{{"x", {7}, b}, {"x", {7}, b}}), std::invalid_argument);
 }
 
+TEST_CASE("F64, I64 and I32 tensors read exactly; asking for the wrong kind is an error naming the dtype") {
+    // Fixed edge cases, then fresh random bit patterns (so the check covers every byte of each element).
+    std::vector<double> f64{0.1, -1e300, 5e-324, -0.0, std::numeric_limits<double>::infinity()};
+    std::vector<std::int64_t> i64{-3, 0, std::int64_t{1} << 40, std::numeric_limits<std::int64_t>::min(),
+                                  std::numeric_limits<std::int64_t>::max()};
+    std::vector<std::int32_t> i32{-1, 7, std::numeric_limits<std::int32_t>::min(), std::numeric_limits<std::int32_t>::max()};
+    std::mt19937_64 rng(test_util::fresh_seed());
+    for (int i = 0; i < 11; ++i) {
+        double d;
+        do d = std::bit_cast<double>(rng()); while (std::isnan(d));  // NaN != NaN would make == useless
+        f64.push_back(d);
+        i64.push_back(static_cast<std::int64_t>(rng()));
+        i32.push_back(static_cast<std::int32_t>(static_cast<std::uint32_t>(rng())));
+    }
+    const std::vector<float> f32{1.5f, -2.0f, 3.25f, 0.0f, 7.0f, -0.5f};
+    const std::vector<std::uint16_t> f16{0x3C00, 0xC000, 0x7BFF, 0x0001};  // 1, -2, 65504, 2^-24
+    const std::vector<std::uint16_t> bf16{0x3F80, 0xC0A0};                  // 1, -5
+
+    std::vector<unsigned char> data;
+    std::string header = "{";
+    auto add = [&](const std::string& name, const std::string& type, const auto& values) {
+        const std::size_t begin = data.size();
+        append_bytes(data, values);
+        if (header.size() > 1) header += ",";
+        header += "\"" + name + "\":{\"dtype\":\"" + type + "\",\"shape\":[" + std::to_string(values.size()) +
+                  "],\"data_offsets\":[" + std::to_string(begin) + "," + std::to_string(data.size()) + "]}";
+    };
+    add("d", "F64", f64);
+    add("ids", "I64", i64);
+    add("small", "I32", i32);
+    add("weights", "F32", f32);
+    add("half", "F16", f16);
+    add("brain", "BF16", bf16);
+    add("no_ids", "I64", std::vector<std::int64_t>{});
+    header += "}";
+    const auto path = write_raw("kinds.safetensors", header, data);
+
+    const sd3::safetensors_file f(path);
+    CHECK(f.info("d").type == dtype::f64);
+    CHECK(f.info("ids").type == dtype::i64);
+    CHECK(f.info("small").type == dtype::i32);
+    CHECK(sd3::dtype_size(dtype::f64) == 8);
+    CHECK(sd3::dtype_size(dtype::i64) == 8);
+    CHECK(sd3::dtype_size(dtype::i32) == 4);
+    CHECK(sd3::dtype_name(dtype::i32) == "I32");
+
+    const auto d = f.read_doubles("d");
+    REQUIRE(d.size() == f64.size());
+    for (std::size_t i = 0; i < d.size(); ++i) {
+        CAPTURE(i);
+        CHECK(std::bit_cast<std::uint64_t>(d[i]) == std::bit_cast<std::uint64_t>(f64[i]));  // -0.0 keeps its sign
+    }
+    CHECK(f.read_ints("ids") == i64);
+    CHECK(f.read_ints("small") == std::vector<std::int64_t>(i32.begin(), i32.end()));  // sign-extended
+    CHECK(f.read_ints("no_ids").empty());
+    // The floating types widen exactly to double; half values against hand-computed ones.
+    CHECK(f.read_doubles("weights") == std::vector<double>(f32.begin(), f32.end()));
+    CHECK(f.read("half") == std::vector<float>{1.0f, -2.0f, 65504.0f, std::ldexp(1.0f, -24)});
+    CHECK(f.read_doubles("half") == std::vector<double>{1.0, -2.0, 65504.0, std::ldexp(1.0, -24)});
+    CHECK(f.read_doubles("brain") == std::vector<double>{1.0, -5.0});
+
+    std::vector<float> out(i64.size());
+    expect_read_error(path, "ids", "dtype I64", [&] { (void)f.read("ids"); });
+    expect_read_error(path, "ids", "dtype I64", [&] { f.read_into("ids", out); });
+    expect_read_error(path, "small", "dtype I32", [&] { (void)f.read("small"); });
+    expect_read_error(path, "d", "dtype F64", [&] { (void)f.read("d"); });  // no silent narrowing to float
+    expect_read_error(path, "ids", "dtype I64", [&] { (void)f.read_doubles("ids"); });
+    expect_read_error(path, "weights", "dtype F32", [&] { (void)f.read_ints("weights"); });
+    expect_read_error(path, "half", "dtype F16", [&] { (void)f.read_ints("half"); });
+    expect_read_error(path, "d", "dtype F64", [&] { (void)f.read_ints("d"); });
+    expect_read_error(path, "gone", "no such tensor", [&] { (void)f.read_ints("gone"); });
+    expect_read_error(path, "gone", "no such tensor", [&] { (void)f.read_doubles("gone"); });
+
+    // The writer stores float tensors only.
+    const std::vector<float> three(3);
+    CHECK_THROWS_WITH_AS(sd3::save_safetensors(test_util::scratch_dir() / "w.safetensors",
+                                               std::vector<sd3::tensor_to_save>{{"x", {3}, three, dtype::i64}}),
+                         doctest::Contains("tensor 'x' has dtype I64"), std::invalid_argument);
+}
+
 TEST_CASE("corrupt safetensors files raise errors naming the file and tensor") {
     const std::string good_entry = R"("w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]})";
 
@@ -182,8 +290,11 @@ TEST_CASE("corrupt safetensors files raise errors naming the file and tensor") {
         expect_corrupt(write_raw("overlap.safetensors", h, zeros(16)), "overlaps tensor 'a'");
     }
     SUBCASE("unsupported dtype") {
-        const std::string h = R"({"w":{"dtype":"F64","shape":[2],"data_offsets":[0,16]}})";
-        expect_corrupt(write_raw("f64.safetensors", h, zeros(16)), "unsupported dtype 'F64'");
+        const std::string h = R"({"w":{"dtype":"U8","shape":[3],"data_offsets":[0,3]}})";
+        expect_corrupt(write_raw("u8.safetensors", h, zeros(3)), "unsupported dtype 'U8'");
+        expect_corrupt(write_raw("u8.safetensors", h, zeros(3)), "'w'");
+        const std::string hb = R"({"mask":{"dtype":"BOOL","shape":[2],"data_offsets":[0,2]}})";
+        expect_corrupt(write_raw("bool.safetensors", hb, zeros(2)), "unsupported dtype 'BOOL'");
         const std::string h2 = R"({"q":{"dtype":"I8","shape":[2],"data_offsets":[0,2]}})";
         expect_corrupt(write_raw("i8.safetensors", h2, zeros(2)), "'q'");
     }
@@ -196,6 +307,12 @@ TEST_CASE("corrupt safetensors files raise errors naming the file and tensor") {
         expect_corrupt(write_raw("shape.safetensors", h, zeros(16)), "needs 12 bytes but data_offsets span 16");
         const std::string h16 = R"({"w":{"dtype":"BF16","shape":[2,2],"data_offsets":[0,16]}})";
         expect_corrupt(write_raw("shape16.safetensors", h16, zeros(16)), "needs 8 bytes");
+        const std::string h64 = R"({"ids":{"dtype":"I64","shape":[3],"data_offsets":[0,16]}})";
+        expect_corrupt(write_raw("shape64.safetensors", h64, zeros(16)), "with dtype I64 needs 24 bytes");
+        const std::string hd = R"({"d":{"dtype":"F64","shape":[1],"data_offsets":[0,4]}})";
+        expect_corrupt(write_raw("shapef64.safetensors", hd, zeros(4)), "with dtype F64 needs 8 bytes");
+        const std::string h32 = R"({"n":{"dtype":"I32","shape":[2,2],"data_offsets":[0,8]}})";
+        expect_corrupt(write_raw("shape32.safetensors", h32, zeros(16)), "with dtype I32 needs 16 bytes but data_offsets span 8");
     }
     SUBCASE("shape with a huge dimension") {
         const std::string h = R"({"w":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,16]}})";

@@ -33,7 +33,20 @@ bool parse_dtype(std::string_view s, dtype& out) {
     if (s == "F32") { out = dtype::f32; return true; }
     if (s == "F16") { out = dtype::f16; return true; }
     if (s == "BF16") { out = dtype::bf16; return true; }
+    if (s == "F64") { out = dtype::f64; return true; }
+    if (s == "I64") { out = dtype::i64; return true; }
+    if (s == "I32") { out = dtype::i32; return true; }
     return false;
+}
+
+bool is_float(dtype t) noexcept { return t == dtype::f32 || t == dtype::f16 || t == dtype::bf16; }
+bool is_integer(dtype t) noexcept { return t == dtype::i64 || t == dtype::i32; }
+
+template <class T>
+T load_le(const std::byte* p) noexcept {
+    T v;
+    std::memcpy(&v, p, sizeof(T));
+    return v;
 }
 
 }  // namespace
@@ -43,11 +56,24 @@ std::string_view dtype_name(dtype t) noexcept {
         case dtype::f32: return "F32";
         case dtype::f16: return "F16";
         case dtype::bf16: return "BF16";
+        case dtype::f64: return "F64";
+        case dtype::i64: return "I64";
+        case dtype::i32: return "I32";
     }
     return "?";
 }
 
-std::size_t dtype_size(dtype t) noexcept { return t == dtype::f32 ? 4 : 2; }
+std::size_t dtype_size(dtype t) noexcept {
+    switch (t) {
+        case dtype::f16:
+        case dtype::bf16: return 2;
+        case dtype::f32:
+        case dtype::i32: return 4;
+        case dtype::f64:
+        case dtype::i64: return 8;
+    }
+    return 0;
+}
 
 std::int64_t tensor_info::numel() const noexcept {
     std::int64_t n = 1;
@@ -179,7 +205,7 @@ void safetensors_file::parse() {
         const auto dt = entry.find("dtype");
         if (dt == entry.end() || !dt->is_string()) fail(path_, name, "missing or non-string 'dtype'");
         if (!parse_dtype(dt->get<std::string>(), t.type))
-            fail(path_, name, "unsupported dtype '" + dt->get<std::string>() + "' (supported: F32, F16, BF16)");
+            fail(path_, name, "unsupported dtype '" + dt->get<std::string>() + "' (supported: F32, F16, BF16, F64, I64, I32)");
 
         const auto sh = entry.find("shape");
         if (sh == entry.end() || !sh->is_array()) fail(path_, name, "missing or non-array 'shape'");
@@ -254,6 +280,9 @@ std::vector<float> safetensors_file::read(std::string_view name) const {
 
 void safetensors_file::read_into(std::string_view name, std::span<float> out) const {
     const auto& t = info(name);
+    if (!is_float(t.type))
+        fail(path_, name, "dtype " + std::string(dtype_name(t.type)) + " cannot be read as float (" +
+                              (is_integer(t.type) ? "use read_ints" : "use read_doubles") + ")");
     const auto n = static_cast<std::size_t>(t.numel());
     if (out.size() != n)
         fail(path_, name, "destination holds " + std::to_string(out.size()) + " floats, tensor has " + std::to_string(n));
@@ -277,7 +306,36 @@ void safetensors_file::read_into(std::string_view name, std::span<float> out) co
                 out[i] = bfloat16_to_float(b);
             }
             break;
+        case dtype::f64:
+        case dtype::i64:
+        case dtype::i32:
+            break;  // rejected above
     }
+}
+
+std::vector<double> safetensors_file::read_doubles(std::string_view name) const {
+    const auto& t = info(name);
+    if (is_integer(t.type))
+        fail(path_, name, "dtype " + std::string(dtype_name(t.type)) + " is an integer type, asked for floating values");
+    if (t.type != dtype::f64) {
+        const auto f = read(name);  // every float, half and bfloat16 value is exact in double
+        return {f.begin(), f.end()};
+    }
+    std::vector<double> out(static_cast<std::size_t>(t.numel()));
+    const std::byte* src = map_ + data_start_ + t.begin;
+    for (std::size_t i = 0; i < out.size(); ++i) out[i] = load_le<double>(src + 8 * i);
+    return out;
+}
+
+std::vector<std::int64_t> safetensors_file::read_ints(std::string_view name) const {
+    const auto& t = info(name);
+    if (!is_integer(t.type))
+        fail(path_, name, "dtype " + std::string(dtype_name(t.type)) + " is a floating type, asked for integer values");
+    std::vector<std::int64_t> out(static_cast<std::size_t>(t.numel()));
+    const std::byte* src = map_ + data_start_ + t.begin;
+    for (std::size_t i = 0; i < out.size(); ++i)
+        out[i] = t.type == dtype::i64 ? load_le<std::int64_t>(src + 8 * i) : load_le<std::int32_t>(src + 4 * i);
+    return out;
 }
 
 void save_safetensors(const std::filesystem::path& path, std::span<const tensor_to_save> tensors,
@@ -287,6 +345,9 @@ void save_safetensors(const std::filesystem::path& path, std::span<const tensor_
     std::set<std::string> seen;
     std::size_t offset = 0;
     for (const auto& t : tensors) {
+        if (!is_float(t.type))
+            throw std::invalid_argument("save_safetensors: tensor '" + t.name + "' has dtype " +
+                                        std::string(dtype_name(t.type)) + "; the writer stores F32, F16 or BF16 only");
         if (t.name == "__metadata__" || !seen.insert(t.name).second)
             throw std::invalid_argument("save_safetensors: tensor name '" + t.name + "' is reserved or repeated");
         std::int64_t numel = 1;

@@ -16,8 +16,10 @@
 
 namespace sd3 {
 
-// Element types this reader converts to float. Others (F64, I64, ...) are rejected with a clear error.
-enum class dtype { f32, f16, bf16 };
+// Element types this reader understands; a file holding any other (U8, BOOL, F8, ...) is rejected when opened.
+// The floating types F32 / F16 / BF16 read as float (the model weights); F64 reads as double and I64 / I32 as
+// int64 (test fixtures, class labels). Asking for the wrong kind is an error naming the dtype, never a silent cast.
+enum class dtype { f32, f16, bf16, f64, i64, i32 };
 
 std::string_view dtype_name(dtype t) noexcept;
 std::size_t dtype_size(dtype t) noexcept;
@@ -48,10 +50,14 @@ public:
     const std::vector<tensor_info>& tensors() const noexcept { return tensors_; }  // sorted by name
     const std::map<std::string, std::string>& metadata() const noexcept { return metadata_; }
 
-    // The tensor converted to float32.
+    // An F32 / F16 / BF16 tensor converted to float32 (F64 and the integer types throw: see below).
     std::vector<float> read(std::string_view name) const;
     // Same, into caller memory; out.size() must equal the element count.
     void read_into(std::string_view name, std::span<float> out) const;
+    // A floating tensor (F64, or F32 / F16 / BF16 widened exactly) as double; integer types throw.
+    std::vector<double> read_doubles(std::string_view name) const;
+    // An I64 / I32 tensor as int64; floating types throw.
+    std::vector<std::int64_t> read_ints(std::string_view name) const;
     // The raw little-endian bytes of the tensor.
     std::span<const std::byte> raw(std::string_view name) const;
 
@@ -76,7 +82,8 @@ struct tensor_to_save {
 };
 
 // Writes a safetensors file (tensors in the order given, tightly packed). Throws std::invalid_argument when
-// a tensor's value count disagrees with its shape or a name repeats, std::runtime_error on I/O failure.
+// a tensor's value count disagrees with its shape, a name repeats or the type is not F32 / F16 / BF16,
+// std::runtime_error on I/O failure.
 void save_safetensors(const std::filesystem::path& path, std::span<const tensor_to_save> tensors,
                       const std::map<std::string, std::string>& metadata = {});
 
