@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "quality/classifier.hpp"
-#include "quality/tensor_file.hpp"
+#include "sd3/safetensors.hpp"
 #include "test_support.hpp"
 
 using test_support::make_tensor;
@@ -63,11 +63,11 @@ TEST_CASE("classifier layers match a hand-computed network") {
 
 TEST_CASE("C++ inference of the shipped classifier matches the PyTorch logits fixture") {
   const auto net = quality::digit_classifier::load(SPECDIFF_MODEL_DIR);
-  const auto fixture = quality::tensor_file::load(SPECDIFF_QUALITY_DATA_DIR "/classifier_fixture.safetensors");
-  const auto images = fixture.floats("images");
-  const auto expected = fixture.floats("logits");
-  const auto labels64 = fixture.ints("labels");
-  const auto n = static_cast<std::size_t>(fixture.at("images").shape[0]);
+  const sd3::safetensors_file fixture(SPECDIFF_QUALITY_DATA_DIR "/classifier_fixture.safetensors");
+  const auto images = fixture.read("images");
+  const auto expected = fixture.read("logits");
+  const auto labels64 = fixture.read_ints("labels");
+  const auto n = static_cast<std::size_t>(fixture.info("images").shape[0]);
   REQUIRE(n >= 10);
   const quality::image_batch batch{images, n, 1, 32, 32};
   const auto got = net.logits(batch);

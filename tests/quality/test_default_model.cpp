@@ -5,7 +5,6 @@
 #include <vector>
 
 #include "quality/default_model.hpp"
-#include "quality/tensor_file.hpp"
 #include "test_support.hpp"
 
 using test_support::make_tensor;

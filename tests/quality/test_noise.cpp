@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "quality/noise.hpp"
-#include "quality/tensor_file.hpp"
+#include "sd3/safetensors.hpp"
 #include "test_support.hpp"
 
 TEST_CASE("philox4x32-10 reproduces the Random123 known-answer vectors") {
@@ -21,13 +21,13 @@ TEST_CASE("philox4x32-10 reproduces the Random123 known-answer vectors") {
 }
 
 TEST_CASE("gaussian noise matches the independent Python reference (tools/train_default_model.py noise)") {
-  const auto ref = quality::tensor_file::load(SPECDIFF_QUALITY_DATA_DIR "/noise_reference.safetensors");
+  const sd3::safetensors_file ref(SPECDIFF_QUALITY_DATA_DIR "/noise_reference.safetensors");
   for (int k = 0; k < 3; ++k) {
     const std::string name = "case" + std::to_string(k);
-    const auto ss = ref.ints(name + ".seed_stream");
+    const auto ss = ref.read_ints(name + ".seed_stream");
     const std::uint64_t seed = static_cast<std::uint64_t>(ss[0]) | static_cast<std::uint64_t>(ss[1]) << 32;
     const std::uint64_t stream = static_cast<std::uint64_t>(ss[2]) | static_cast<std::uint64_t>(ss[3]) << 32;
-    const auto expected = ref.doubles(name + ".values");
+    const auto expected = ref.read_doubles(name + ".values");
     const auto got = quality::gaussian_noise(expected.size(), seed, stream);
     INFO("case " << k << " seed " << seed << " stream " << stream);
     for (std::size_t i = 0; i < expected.size(); ++i) {

@@ -5,7 +5,7 @@
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 
-#include "quality/tensor_file.hpp"
+#include "sd3/safetensors.hpp"
 
 namespace quality {
 namespace {
@@ -62,7 +62,7 @@ digit_classifier digit_classifier::load(const std::filesystem::path& dir) {
   const auto json_path = dir / "classifier.json";
   std::ifstream in(json_path);
   if (!in) throw std::runtime_error("digit_classifier: cannot open '" + json_path.string() + "'");
-  const auto weights = tensor_file::load(dir / "classifier.safetensors");
+  const sd3::safetensors_file weights(dir / "classifier.safetensors");
   digit_classifier net;
   try {
     const auto desc = nlohmann::json::parse(in);
@@ -77,9 +77,9 @@ digit_classifier digit_classifier::load(const std::filesystem::path& dir) {
       const auto type = spec.at("type").get<std::string>();
       if (type == "conv2d" || type == "linear") {
         const auto wname = spec.at("weight").get<std::string>(), bname = spec.at("bias").get<std::string>();
-        const auto& wshape = weights.at(wname).shape;
-        l.weight = weights.floats(wname);
-        l.bias = weights.floats(bname);
+        const auto& wshape = weights.info(wname).shape;
+        l.weight = weights.read(wname);
+        l.bias = weights.read(bname);
         if (type == "conv2d") {
           if (shape.flat) throw layer_error(json_path, index, "conv2d after flatten");
           if (wshape.size() != 4 || wshape[2] != wshape[3])

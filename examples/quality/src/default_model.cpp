@@ -6,15 +6,15 @@
 #include <stdexcept>
 #include <string>
 
-#include "quality/tensor_file.hpp"
+#include "sd3/safetensors.hpp"
 
 namespace quality {
 
 class_embeddings class_embeddings::load(const std::filesystem::path& dir) {
   const auto path = dir / "class_embeddings.safetensors";
-  const auto file = tensor_file::load(path);
-  const auto& pooled = file.at("pooled").shape;
-  const auto& context = file.at("context").shape;
+  const sd3::safetensors_file file(path);
+  const auto& pooled = file.info("pooled").shape;
+  const auto& context = file.info("context").shape;
   if (pooled.size() != 2 || context.size() != 3 || pooled[0] != context[0] || pooled[0] < 2) {
     throw std::runtime_error("class_embeddings: '" + path.string() + "' needs pooled [K, P] and context [K, T, J] " +
                              "with the same K >= 2");
@@ -25,8 +25,8 @@ class_embeddings class_embeddings::load(const std::filesystem::path& dir) {
   table.pooled_dim = static_cast<int>(pooled[1]);
   table.context_tokens = static_cast<int>(context[1]);
   table.joint_attention_dim = static_cast<int>(context[2]);
-  table.pooled = file.floats("pooled");
-  table.context = file.floats("context");
+  table.pooled = file.read("pooled");
+  table.context = file.read("context");
   return table;
 }
 
