@@ -30,9 +30,13 @@ enum class level : std::uint8_t {
 };
 inline constexpr int level_count = 3;
 
+/// Where a view's memory lives. Part of the view's type, so a device pointer is never taken for a host one.
+enum class memory_space { host, device };
+
 /// A non-owning row-major matrix: `rows` rows of `cols` values, row r starting at data + r * stride.
-/// Like Eigen::Map / mdspan with a strided layout; the engine owns the memory.
-template <class T>
+/// Like Eigen::Map / mdspan with a strided layout; the engine owns the memory. Device views
+/// (gpu::device_matrix) are the same type with Space = device.
+template <class T, memory_space Space = memory_space::host>
 struct matrix_view {
   T* data = nullptr;
   index_t rows = 0;
@@ -44,10 +48,14 @@ struct matrix_view {
   constexpr matrix_view(T* d, index_t r, index_t c, std::ptrdiff_t s) : data(d), rows(r), cols(c), stride(s) {}
   template <class U>
     requires std::is_convertible_v<U*, T*>
-  constexpr matrix_view(const matrix_view<U>& o) : data(o.data), rows(o.rows), cols(o.cols), stride(o.stride) {}
+  constexpr matrix_view(const matrix_view<U, Space>& o) : data(o.data), rows(o.rows), cols(o.cols), stride(o.stride) {}
 
   SPECDIFF_HD T* row_ptr(index_t r) const { return data + static_cast<std::ptrdiff_t>(r) * stride; }
-  std::span<T> row(index_t r) const { return {row_ptr(r), static_cast<std::size_t>(cols)}; }
+  std::span<T> row(index_t r) const
+    requires(Space == memory_space::host)
+  {
+    return {row_ptr(r), static_cast<std::size_t>(cols)};
+  }
   bool empty() const { return rows == 0 || cols == 0; }
 };
 
@@ -79,8 +87,8 @@ inline void expect_finite(std::string_view name, std::span<const float> values) 
     if (!std::isfinite(values[i])) fail(name, "[", i, "] is not finite (", values[i], ")");
 }
 
-template <class T>
-void expect_matrix(std::string_view name, const matrix_view<T>& m, index_t rows, index_t cols) {
+template <class T, memory_space Space>
+void expect_matrix(std::string_view name, const matrix_view<T, Space>& m, index_t rows, index_t cols) {
   if (m.rows != rows || m.cols != cols)
     fail(name, ": expected a ", rows, "x", cols, " matrix, got ", m.rows, "x", m.cols);
   if (m.stride < m.cols) fail(name, ": stride ", m.stride, " is smaller than cols ", m.cols);

@@ -1,5 +1,5 @@
 // Views over caller-owned device memory, and the workspace carving shared by the device models.
-// A distinct type from the host matrix_view: a device pointer must not be mistaken for a host one.
+// Device views are the host views with memory_space::device: distinct types, one definition.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -28,39 +28,19 @@ struct device_span {
   SPECDIFF_HD T& operator[](index_t i) const { return data[i]; }
 };
 
-/// Row-major matrix in device memory: row r starts at data + r * stride (elements).
+/// Row-major matrix in device memory: the library's matrix_view in the device memory space.
 template <class T>
-struct device_matrix {
-  T* data = nullptr;
-  index_t rows = 0;
-  index_t cols = 0;
-  std::ptrdiff_t stride = 0;
-
-  constexpr device_matrix() = default;
-  constexpr device_matrix(T* d, index_t r, index_t c) : data(d), rows(r), cols(c), stride(c) {}
-  constexpr device_matrix(T* d, index_t r, index_t c, std::ptrdiff_t s) : data(d), rows(r), cols(c), stride(s) {}
-  template <class U>
-    requires std::is_convertible_v<U*, T*>
-  constexpr device_matrix(const device_matrix<U>& o) : data(o.data), rows(o.rows), cols(o.cols), stride(o.stride) {}
-
-  SPECDIFF_HD T* row_ptr(index_t r) const { return data + static_cast<std::ptrdiff_t>(r) * stride; }
-};
+using device_matrix = matrix_view<T, memory_space::device>;
 
 namespace detail {
 
+using specdiff::detail::expect_matrix;
 using specdiff::detail::fail;
 
 template <class T>
 void expect_span(std::string_view name, const device_span<T>& s, index_t size) {
   if (s.size != size) fail(name, ": expected ", size, " values, got ", s.size);
   if (s.data == nullptr && size > 0) fail(name, ": null data for ", size, " values");
-}
-
-template <class T>
-void expect_matrix(std::string_view name, const device_matrix<T>& m, index_t rows, index_t cols) {
-  if (m.rows != rows || m.cols != cols) fail(name, ": expected a ", rows, "x", cols, " matrix, got ", m.rows, "x", m.cols);
-  if (m.stride < m.cols) fail(name, ": stride ", m.stride, " is smaller than cols ", m.cols);
-  if (m.data == nullptr && rows > 0 && cols > 0) fail(name, ": null data for a ", rows, "x", cols, " matrix");
 }
 
 /// Whether rows of `m` can be moved in 16-byte units: aligned base, and row starts and widths that stay on
