@@ -89,8 +89,9 @@ class host_cache_store {
   void fill(index_t layer, index_t site, float t, std::span<const index_t> tokens, const A& approx, matrix_view<float> out) const {
     expect_slot(layer, site);
     detail::expect_matrix("out", out, shape_.tokens, shape_.dim);
-    std::array<float, cache_shape::max_history> tags{}, w{};
+    std::array<float, cache_shape::max_history> tags{}, w{}, last_tags{};
     std::array<const Storage*, cache_shape::max_history> src{};
+    int last_n = 0;  // tokens refreshed at the same steps share their weights: compute them once per run
     for (index_t token : tokens) {
       detail::expect_index("tokens[i]", token, shape_.tokens);
       const int n = std::min<int>(A::depth, entries(layer, site, token));
@@ -99,8 +100,12 @@ class host_cache_store {
         tags[static_cast<std::size_t>(k)] = tag(layer, site, token, k);
         src[static_cast<std::size_t>(k)] = entry(layer, site, token, k);
       }
-      if (approx.weights(tags.data(), n, t, w.data()) != n)
-        detail::fail_logic("fill: token ", token, " history tags do not allow this approximator (repeated timestep ", tags[0], ")");
+      if (n != last_n || !std::equal(tags.begin(), tags.begin() + n, last_tags.begin())) {
+        if (approx.weights(tags.data(), n, t, w.data()) != n)
+          detail::fail_logic("fill: token ", token, " history tags do not allow this approximator (repeated timestep ", tags[0], ")");
+        last_tags = tags;
+        last_n = n;
+      }
       float* dst = out.row_ptr(token);
       for (index_t c = 0; c < shape_.dim; ++c) {
         float acc = 0.f;
