@@ -44,6 +44,8 @@ int main(int argc, char** argv) {
     vary("starvation 0.5", [](auto& o) { o.starvation_scale = 0.5f; });
     vary("starvation 2", [](auto& o) { o.starvation_scale = 2.f; });
     vary("plans per sample", [](auto& o) { o.share_cfg_plan = false; });
+    vary("his/fut with context queries", [](auto& o) { o.context_queries = true; });
+    vary("context queries + C3 latest", [](auto& o) { o.context_queries = true, o.c3 = rule::latest; });
     std::printf("| variant (CR %.2f) | speedup | FLOP ratio | PSNR dB | SSIM | class acc |\n|---|---|---|---|---|---|\n", cache_rate);
     double full_seconds = full.seconds;
     for (const auto& [name, o] : variants) {

@@ -54,7 +54,8 @@ static_assert(specdiff::importance_scorer<ras_scorer> && specdiff::level_classif
 // The shared loop. `after_step(acc, rows)` runs once the step's output rows are complete (RAS derives its
 // metric there).
 template <class Accelerator, class AfterStep>
-run_result run_token_level(const problem& p, Accelerator& acc, int spec_steps, AfterStep&& after_step, const progress_fn& progress) {
+run_result run_token_level(const problem& p, Accelerator& acc, int spec_steps, bool context_queries, AfterStep&& after_step,
+                           const progress_fn& progress) {
   const auto start = std::chrono::steady_clock::now();
   sd3::transformer& net = *p.net;
   const auto& c = net.config();
@@ -77,6 +78,7 @@ run_result run_token_level(const problem& p, Accelerator& acc, int spec_steps, A
     r.speculative_latents = sd3::sample_cfg(net, spec, p.inputs, p.guidance, [&](const sd3::model_call& call) {
       sd3::forward_options options;
       options.attention_probe = probe;
+      options.probe_context_queries = context_queries;
       net.forward(*call.inputs, call.velocity, options);
       {
         stopwatch::scope s(r.overhead_seconds);
@@ -98,6 +100,7 @@ run_result run_token_level(const problem& p, Accelerator& acc, int spec_steps, A
     sd3::forward_options options;
     options.kv = &kv;
     options.attention_probe = probe;
+    options.probe_context_queries = context_queries;
     if (computed == tokens) {  // every token: the plain forward, so CR = 0 is bit-identical to full RFlow
       net.forward(*call.inputs, call.velocity, options);
       stopwatch::scope s(r.overhead_seconds);
@@ -145,7 +148,7 @@ run_result run_specdiff(const problem& p, const specdiff_options& o, const progr
     auto with = [&](auto predictor) {
       specdiff::accelerator acc(config, specdiff::specdiff_scorer{o.starvation_scale}, std::move(predictor),
                                 specdiff::three_level_classifier(tokens, o.cache_rate, o.reuse_mass), schedule, approximator);
-      return run_token_level(p, acc, o.spec_steps, [](auto&, const std::vector<float>&) {}, progress);
+      return run_token_level(p, acc, o.spec_steps, o.context_queries, [](auto&, const std::vector<float>&) {}, progress);
     };
     return o.spec_steps > 0 ? with(specdiff::self_speculation(batch * tokens)) : with(specdiff::no_speculation(batch * tokens));
   };
@@ -184,7 +187,7 @@ run_result run_ras(const problem& p, const ras_options& o, const progress_fn& pr
     }
     a.set_metric(metric);
   };
-  return run_token_level(p, acc, 0, after_step, progress);
+  return run_token_level(p, acc, 0, false, after_step, progress);
 }
 
 }  // namespace methods

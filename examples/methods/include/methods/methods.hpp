@@ -28,6 +28,7 @@ struct specdiff_options {
   float starvation_scale = 1.f;
   bool share_cfg_plan = true;
   enum class c3_rule { specdiff, latest, linear } c3 = c3_rule::specdiff;  ///< how C3 rows are filled
+  bool context_queries = false;  ///< his/fut also count the attention paid by the context (class) tokens
 };
 run_result run_specdiff(const problem& p, const specdiff_options& o, const progress_fn& progress = {});
 
