@@ -65,11 +65,7 @@ int run(const options& opt) {
   for (int first = 0; first < total; first += opt.batch) {
     const int b = std::min(opt.batch, total - first);
     const auto ub = static_cast<std::size_t>(b);
-    std::vector<float> noise(ub * latent);
-    for (int i = 0; i < b; ++i) {
-      quality::fill_gaussian(std::span<float>(noise).subspan(static_cast<std::size_t>(i) * latent, latent), opt.seed,
-                             static_cast<std::uint64_t>(first + i));
-    }
+    const auto noise = quality::sample_latents(ub, latent, opt.seed, static_cast<std::uint64_t>(first));
     const std::span<const int> batch_labels(labels.data() + first, ub);
     const std::vector<int> null_labels(ub, table.null_class);
     const std::size_t ctx = static_cast<std::size_t>(table.context_tokens) * table.joint_attention_dim;

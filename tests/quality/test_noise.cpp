@@ -115,3 +115,18 @@ TEST_CASE("portable math rejects arguments outside its domain") {
                        std::invalid_argument);
   CHECK_THROWS_AS(quality::portable_sincos_turns(-0.1, s, c), std::invalid_argument);
 }
+
+TEST_CASE("sample latents: sample k is stream k, whatever the batching") {
+  const std::uint64_t seed = std::random_device{}();
+  INFO("seed ", seed);
+  const std::size_t per_sample = 37;
+  const auto all = quality::sample_latents(5, per_sample, seed);
+  REQUIRE(all.size() == 5 * per_sample);
+  for (std::size_t k = 0; k < 5; ++k) {
+    const auto stream = quality::gaussian_noise(per_sample, seed, k);
+    CHECK(std::equal(stream.begin(), stream.end(), all.begin() + static_cast<std::ptrdiff_t>(k * per_sample)));
+  }
+  const auto tail = quality::sample_latents(2, per_sample, seed, 3);  // samples 3 and 4 on their own
+  CHECK(std::equal(tail.begin(), tail.end(), all.begin() + static_cast<std::ptrdiff_t>(3 * per_sample)));
+  CHECK(quality::sample_latents(1, per_sample, seed + 1) != quality::sample_latents(1, per_sample, seed));
+}

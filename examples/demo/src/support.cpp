@@ -30,7 +30,7 @@ sample_batch make_batch(const conditional_model& m, int samples, std::uint64_t s
   const auto& e = m.classes;
   sample_batch b;
   b.height = b.width = c.sample_size;
-  b.noise = quality::gaussian_noise(static_cast<std::size_t>(samples) * c.in_channels * b.height * b.width, seed);
+  b.noise = quality::sample_latents(static_cast<std::size_t>(samples), static_cast<std::size_t>(c.in_channels) * b.height * b.width, seed);
   const int labelled = e.null_class;  // classes 0 .. null_class - 1
   for (int i = 0; i < samples; ++i) b.labels.push_back(i % labelled);
   const std::vector<int> nulls(static_cast<std::size_t>(samples), e.null_class);

@@ -109,4 +109,11 @@ std::vector<float> gaussian_noise(std::size_t count, std::uint64_t seed, std::ui
   return out;
 }
 
+std::vector<float> sample_latents(std::size_t samples, std::size_t per_sample, std::uint64_t seed, std::uint64_t first_sample) {
+  std::vector<float> out(samples * per_sample);
+  for (std::size_t k = 0; k < samples; ++k)
+    fill_gaussian(std::span<float>(out).subspan(k * per_sample, per_sample), seed, first_sample + k, 0);
+  return out;
+}
+
 }  // namespace quality

@@ -28,6 +28,11 @@ void fill_gaussian(std::span<float> out, std::uint64_t seed, std::uint64_t strea
 /// `count` elements of (seed, stream), starting at index 0.
 std::vector<float> gaussian_noise(std::size_t count, std::uint64_t seed, std::uint64_t stream = 0);
 
+/// Initial latents of samples first_sample .. first_sample + samples - 1, `per_sample` values each: sample k
+/// draws from stream k of `seed`, so a sample's latents do not depend on how runs are batched (the
+/// convention of specdiff-sample, the demo and the benchmarks, and of the Python tools).
+std::vector<float> sample_latents(std::size_t samples, std::size_t per_sample, std::uint64_t seed, std::uint64_t first_sample = 0);
+
 /// Natural log for finite x > 0, computed with basic IEEE operations only (within ~2 ulp of the true value).
 /// Throws std::invalid_argument for x <= 0 or non-finite x.
 double portable_log(double x);
