@@ -85,14 +85,13 @@ int main(int argc, char** argv) {
     const double overhead_share = overhead / seconds_method;
 
     std::filesystem::create_directories(out_dir);
-    const auto& c = model.transformer.config;
     auto grid = [&](const std::string& name, const std::vector<float>& latents) {
       const auto images = demo::clamp_images(latents);
       quality::grid_options g;
       g.columns = static_cast<std::size_t>(std::min(samples, 10));
       g.scale = 2;
       const auto path = std::filesystem::path(out_dir) / (name + ".png");
-      quality::write_png_grid(path, {images, batch.labels.size(), static_cast<std::size_t>(c.out_channels), static_cast<std::size_t>(batch.height), static_cast<std::size_t>(batch.width)}, g);
+      quality::write_png_grid(path, demo::as_image_batch(model, batch, images), g);
       return path.string();
     };
     const auto full_png = grid("full", full.latents), method_png = grid(spec.name, accelerated.latents);

@@ -153,24 +153,24 @@ std::vector<float> clamp_images(std::span<const float> latents) {
   return out;
 }
 
+quality::image_batch as_image_batch(const conditional_model& m, const sample_batch& b, std::span<const float> images) {
+  return {images, b.labels.size(), static_cast<std::size_t>(m.transformer.config.out_channels), static_cast<std::size_t>(b.height),
+          static_cast<std::size_t>(b.width)};
+}
+
 double class_accuracy(const conditional_model& m, const sample_batch& b, std::span<const float> images) {
-  const auto& c = m.transformer.config;
   const auto clamped = clamp_images(images);
-  const quality::image_batch batch{clamped, b.labels.size(), static_cast<std::size_t>(c.out_channels), static_cast<std::size_t>(b.height), static_cast<std::size_t>(b.width)};
-  return m.classifier.accuracy(batch, b.labels);
+  return m.classifier.accuracy(as_image_batch(m, b, clamped), b.labels);
 }
 
 quality_report evaluate(const conditional_model& m, const sample_batch& b, std::span<const float> reference, std::span<const float> images) {
-  const auto& c = m.transformer.config;
   const auto ref = clamp_images(reference), img = clamp_images(images);
-  auto as_batch = [&](const std::vector<float>& v) {
-    return quality::image_batch{v, b.labels.size(), static_cast<std::size_t>(c.out_channels), static_cast<std::size_t>(b.height), static_cast<std::size_t>(b.width)};
-  };
+  const auto ref_batch = as_image_batch(m, b, ref), img_batch = as_image_batch(m, b, img);
   quality_report r;
-  const double psnr = quality::mean_psnr(as_batch(ref), as_batch(img), 2.0);
+  const double psnr = quality::mean_psnr(ref_batch, img_batch, 2.0);
   if (std::isfinite(psnr)) r.psnr_db = psnr;
-  r.ssim = quality::mean_ssim(as_batch(ref), as_batch(img), 2.0);
-  r.class_acc = class_accuracy(m, b, images);
+  r.ssim = quality::mean_ssim(ref_batch, img_batch, 2.0);
+  r.class_acc = m.classifier.accuracy(img_batch, b.labels);  // on the clamped images, as class_accuracy does
   return r;
 }
 

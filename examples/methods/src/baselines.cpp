@@ -10,7 +10,7 @@ run_result run_steps(const problem& p, int steps, const progress_fn& progress) {
   const auto start = std::chrono::steady_clock::now();
   const sd3::flow_match_euler scheduler(steps, p.shift);
   const auto& c = p.net->config();
-  const int tokens = (p.inputs.height / c.patch_size) * (p.inputs.width / c.patch_size);
+  const int tokens = image_tokens(p);
   run_result r;
   r.latents = sd3::sample_cfg(*p.net, scheduler, p.inputs, p.guidance, {}, [&](int step, float, std::span<const float>) {
     ++r.model_calls;

@@ -31,7 +31,7 @@ run_result run_module_cache(const problem& p, const module_cache_options& o, con
   sd3::transformer& net = *p.net;
   const auto& c = net.config();
   const int batch = model_batch(p), ctx = p.inputs.context_tokens, hidden = c.hidden(), layers = c.num_layers;
-  const int tokens = (p.inputs.height / c.patch_size) * (p.inputs.width / c.patch_size);
+  const int tokens = image_tokens(p);
   const int image_rows = batch * tokens, context_rows = batch * ctx;
   // Forecasts need as many cached steps as the Taylor order + 1; reuse needs the latest only.
   const int depth = o.method == kind::taylorseer ? o.order + 1 : 1;

@@ -60,7 +60,7 @@ run_result run_token_level(const problem& p, Accelerator& acc, int spec_steps, b
   sd3::transformer& net = *p.net;
   const auto& c = net.config();
   const int batch = model_batch(p), h = p.inputs.height, w = p.inputs.width, ctx = p.inputs.context_tokens;
-  const int tokens = (h / c.patch_size) * (w / c.patch_size), features = c.patch_features();
+  const int tokens = image_tokens(p), features = c.patch_features();
   sd3::kv_cache kv(c, batch, tokens);
   std::vector<float> probe(static_cast<std::size_t>(batch * tokens)), rows(static_cast<std::size_t>(batch * tokens * features)), compact(rows.size());
   std::vector<std::int32_t> ids(static_cast<std::size_t>(batch * tokens));
@@ -129,11 +129,6 @@ run_result run_token_level(const problem& p, Accelerator& acc, int spec_steps, b
   });
   r.seconds = seconds_since(start);
   return r;
-}
-
-int image_tokens(const problem& p) {
-  const int patch = p.net->config().patch_size;
-  return (p.inputs.height / patch) * (p.inputs.width / patch);
 }
 
 }  // namespace

@@ -70,5 +70,7 @@ struct quality_report {
 quality_report evaluate(const conditional_model& m, const sample_batch& b, std::span<const float> reference, std::span<const float> images);
 double class_accuracy(const conditional_model& m, const sample_batch& b, std::span<const float> images);
 std::vector<float> clamp_images(std::span<const float> latents);
+/// A batch's images (already clamped) as the quality tools take them.
+quality::image_batch as_image_batch(const conditional_model& m, const sample_batch& b, std::span<const float> images);
 
 }  // namespace demo

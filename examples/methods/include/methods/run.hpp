@@ -56,6 +56,12 @@ inline double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
+/// Image tokens per sample: the latent's patch grid.
+inline int image_tokens(const problem& p) {
+  const int patch = p.net->config().patch_size;
+  return (p.inputs.height / patch) * (p.inputs.width / patch);
+}
+
 /// The model batch of a problem: [uncond; cond] when guidance > 1.
 inline int model_batch(const problem& p) { return p.guidance > 1.f ? 2 * p.inputs.batch : p.inputs.batch; }
 
