@@ -1,30 +1,44 @@
-// accelerator: the orchestration. Composes a scorer, a speculative predictor, a classifier, a schedule
-// and a cache store (with its C3 approximator) into a per-step plan for the engine:
+// accelerator: the orchestration. Composes a scorer, a speculative predictor, a classifier, a schedule, a
+// cache store and its C3 approximator into a per-step plan for the engine. The step protocol is a type:
 //
-//   begin_speculation(ts); for each speculative step s: engine runs all tokens -> record_speculation(s, attn)
-//   for each main step:  dense = plan_step(step, t)
-//                        engine computes plan(b).compute() rows of every sample (all rows when dense),
-//                        writing them in place into `output` and the attention received into `attention`
-//                        complete_step(step, t, output, attention)   // caches C1, fills C2/C3 in place
+//   acc.begin_speculation(ts); for each speculative step s: engine runs all tokens -> acc.record_speculation(s, attn)
+//   for each main step k (0, 1, ... in order, timesteps strictly falling):
+//     auto step = acc.plan_step(k, t);           // a move-only ticket: step.compute_tokens() = what to run
+//     engine computes those rows (all rows when step.dense())
+//     acc.complete_step(std::move(step), computed_rows, output, attention);  // caches C1, fills C2/C3
 //
-// Everything is sized in the constructor; plan_step/complete_step do not allocate.
+// Module-level engines cache several (layer, site) slots per step: acc.fill(step, layer, site, rows) before
+// the forward, acc.cache_rows[_in_place](step, layer, site, rows) after it (or acc.fill_all for a site
+// reused whole), then acc.complete_step(std::move(step), attention).
+//
+// Misuse throws at once: std::logic_error for calls out of protocol order (a second plan_step, a step
+// object completed twice or from another accelerator, steps out of order), std::invalid_argument for bad
+// values (sizes, NaN, rising timesteps). Every public call validates before it mutates: a call that throws
+// leaves the accelerator as it was. Everything is sized in the constructor; the per-step path does not
+// allocate.
 #pragma once
 
 #include <algorithm>
+#include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "approximators.hpp"
 #include "cache_store.hpp"
 #include "concepts.hpp"
 #include "schedules.hpp"
+#include "scorers.hpp"
 
 namespace specdiff {
 
+/// The sizes, given once.
 struct accelerator_config {
   index_t tokens = 0;          ///< image tokens per sample
   index_t batch = 1;           ///< samples per model call; a CFG batch counts both halves
   index_t steps = 0;           ///< main-pass steps
-  index_t feature_dim = 0;     ///< width of a cached output row (the model output per token)
+  index_t feature_dim = 0;     ///< width of a cached row (token level: the model output per token)
+  index_t layers = 1;          ///< cached layers (token level: 1)
+  index_t sites = 1;           ///< cached sites per layer (token level: 1, the output; module level: e.g. attention, MLP)
   bool share_cfg_plan = false; ///< samples b and b + batch/2 (diffusers' [uncond; cond] layout) share a plan
 
   void validate() const {
@@ -32,139 +46,428 @@ struct accelerator_config {
     if (batch <= 0) detail::fail("batch: must be positive, got ", batch);
     if (steps <= 0) detail::fail("steps: must be positive, got ", steps);
     if (feature_dim <= 0) detail::fail("feature_dim: must be positive, got ", feature_dim);
+    if (layers <= 0) detail::fail("layers: must be positive, got ", layers);
+    if (sites <= 0) detail::fail("sites: must be positive, got ", sites);
     if (share_cfg_plan && batch % 2 != 0) detail::fail("batch: share_cfg_plan needs an even batch (uncond + cond halves), got ", batch);
+    (void)rows();
+    (void)detail::checked_product<std::size_t>("layers * sites * batch * tokens * feature_dim", layers, sites, batch, tokens, feature_dim);
   }
   index_t plans() const { return share_cfg_plan ? batch / 2 : batch; }
+  /// Rows of a full output matrix: batch * tokens.
+  index_t rows() const { return detail::checked_product<index_t>("batch * tokens", batch, tokens); }
 };
 
+/// Passed to complete_step instead of attention: this step measured none (e.g. ToCa's partial steps run no
+/// attention probe); the scorer keeps the last step's.
+struct attention_unchanged_t {
+  explicit constexpr attention_unchanged_t() = default;
+};
+inline constexpr attention_unchanged_t attention_unchanged{};
+
 template <importance_scorer Scorer, speculative_predictor Predictor, level_classifier Classifier, schedule Schedule,
-          approximator Approx = specdiff_weighted, storage_type Storage = float>
+          approximator Approx = specdiff_weighted, cache_store Store = host_cache_store<float>>
 class accelerator {
  public:
-  using store_type = host_cache_store<Storage>;
+  using store_type = Store;
+
+  /// A planned main step: what the engine must compute, until complete_step consumes it. Move-only; one
+  /// exists at a time per accelerator. Destroying it unconsumed abandons the step: the accelerator is as
+  /// before plan_step if no rows were cached in it, and needs reset() otherwise.
+  class step {
+   public:
+    step(step&& o) noexcept : owner_(o.owner_), generation_(o.generation_), index_(o.index_), t_(o.t_), dense_(o.dense_) { o.owner_ = nullptr; }
+    step& operator=(step&& o) noexcept {
+      if (this != &o) {
+        abandon();
+        owner_ = o.owner_;
+        generation_ = o.generation_;
+        index_ = o.index_;
+        t_ = o.t_;
+        dense_ = o.dense_;
+        o.owner_ = nullptr;
+      }
+      return *this;
+    }
+    step(const step&) = delete;
+    step& operator=(const step&) = delete;
+    ~step() { abandon(); }
+
+    index_t index() const { return live().index_; }
+    float timestep() const { return live().t_; }
+    /// Every token computed (the schedule's choice, or step 0: there is no history to score).
+    bool dense() const { return live().dense_; }
+    /// Tokens computed per sample: the same for every sample (tokens on dense steps).
+    index_t compute_count() const { return live().owner_->compute_count_; }
+    /// The plan of sample b (CFG pairs share one when share_cfg_plan).
+    const token_plan& plan(index_t sample) const { return live().owner_->plan_of(sample); }
+    /// Every sample's C1 token ids, [sample][compute_count()], each sample's ascending: what a token-subset
+    /// forward takes.
+    std::span<const index_t> compute_tokens() const {
+      const auto& a = *live().owner_;
+      return {a.compute_ids_.data(), static_cast<std::size_t>(a.config_.batch) * static_cast<std::size_t>(a.compute_count_)};
+    }
+
+   private:
+    friend class accelerator;
+    step(accelerator* owner, std::uint64_t generation, index_t index, float t, bool dense)
+        : owner_(owner), generation_(generation), index_(index), t_(t), dense_(dense) {}
+    const step& live() const {
+      if (owner_ == nullptr) detail::fail_logic("step: this step object is empty (moved from, or already completed)");
+      owner_->expect_current(*this);
+      return *this;
+    }
+    void abandon() noexcept {
+      if (owner_ != nullptr) owner_->abandon_step(generation_);
+      owner_ = nullptr;
+    }
+    accelerator* owner_ = nullptr;
+    std::uint64_t generation_ = 0;
+    index_t index_ = 0;
+    float t_ = 0.f;
+    bool dense_ = true;
+  };
 
   accelerator(accelerator_config config, Scorer scorer, Predictor predictor, Classifier classifier, Schedule schedule, Approx approx = {})
       : config_((config.validate(), config)),
         scorer_(std::move(scorer)),
         predictor_(std::move(predictor)),
         classifier_(std::move(classifier)),
-        schedule_(std::move(schedule)),
+        schedule_((schedule.validate(config.steps), std::move(schedule))),
         approx_(approx),
-        store_(cache_shape{1, 1, config.batch * config.tokens, config.feature_dim, std::max<index_t>(Approx::depth, 2)}),
+        store_(cache_shape{config.layers, config.sites, config.rows(), config.feature_dim, std::max<index_t>(Approx::depth, 2)}),
         plans_(static_cast<std::size_t>(config.plans()), token_plan(config.tokens)),
         his_(per_plan()), fut_(per_plan()), cf_(per_plan()), change_(per_plan()), metric_(per_plan()),
-        change_all_(static_cast<std::size_t>(config.batch * config.tokens)),
+        change_all_(static_cast<std::size_t>(config.rows())),
         scores_(static_cast<std::size_t>(config.tokens)),
-        global_(static_cast<std::size_t>(config.tokens)) {}
+        compute_ids_(static_cast<std::size_t>(config.rows())),
+        global_ids_(static_cast<std::size_t>(config.rows())),
+        site_done_(static_cast<std::size_t>(config.layers) * static_cast<std::size_t>(config.sites), 0) {
+    predictor_.prepare(config_.rows());
+    classifier_.prepare(config_.tokens);
+    partial_count_ = classifier_.compute_count(config_.tokens);
+    if (partial_count_ < 0 || partial_count_ > config_.tokens)
+      detail::fail("classifier: compute_count(", config_.tokens, ") = ", partial_count_, " is out of range [0, ", config_.tokens, "]");
+  }
+
+  // Steps point back at their accelerator, so it stays where it was built.
+  accelerator(const accelerator&) = delete;
+  accelerator& operator=(const accelerator&) = delete;
 
   // --- speculative pass -------------------------------------------------------------------------
-  void begin_speculation(std::span<const float> timesteps) { predictor_.begin(timesteps); }
+  /// Starts the speculative pass of a new image, before main step 0 (see aligned_speculative_timesteps).
+  void begin_speculation(std::span<const float> timesteps) {
+    if (planned_ || next_step_ != 0)
+      detail::fail_logic("begin_speculation: the main pass has started (next step ", next_step_, "); reset() first");
+    predictor_.begin(timesteps);
+  }
   /// `attention`: batch * tokens values, the attention each image token received summed over layers.
-  void record_speculation(index_t step, std::span<const float> attention) { predictor_.record(step, attention); }
+  void record_speculation(index_t step_index, std::span<const float> attention) { predictor_.record(step_index, attention); }
 
   // --- main pass --------------------------------------------------------------------------------
-  /// Plans step `step` (timestep t). Returns true when the step is dense. Step 0 — or any step before the
-  /// first complete_step — is dense whatever the schedule says: there is no attention history to score.
-  bool plan_step(index_t step, float t) {
+  /// Plans main step `step_index` at timestep t: steps run 0, 1, ... in order with strictly falling
+  /// timesteps. Returns the step to hand to complete_step.
+  [[nodiscard]] step plan_step(index_t step_index, float t) {
+    if (needs_reset_) detail::fail_logic("plan_step: step ", next_step_, " was abandoned after rows were cached; reset() first");
+    if (planned_) detail::fail_logic("plan_step: step ", next_step_, " is planned and not completed; complete_step it first");
+    detail::expect_index("step", step_index, config_.steps);
+    if (step_index != next_step_)
+      detail::fail_logic("plan_step: expected step ", next_step_, ", got ", step_index, " (steps run in order; reset() starts a new image)");
     if (!std::isfinite(t)) detail::fail("t: timestep is not finite (", t, ")");
-    dense_ = !has_history_ || schedule_.is_dense(step, config_.steps);
-    if (dense_) {
+    if (next_step_ > 0 && !(t < last_t_))
+      detail::fail("t: timesteps must fall from step to step; step ", next_step_ - 1, " had t = ", last_t_, ", step ", step_index, " has t = ", t);
+    const bool dense = next_step_ == 0 || schedule_.is_dense(step_index, config_.steps);
+    if (dense) {
       for (auto& p : plans_) p.set_all(level::compute);
-      return true;
-    }
-    if constexpr (has(Scorer::needs, signal::future)) merge(predictor_.future(t), fut_);
-    if constexpr (has(Scorer::needs, signal::feature_change)) {
-      store_.change_norm(0, 0, change_all_);
-      merge(change_all_, change_);
-    }
-    const auto n = static_cast<std::size_t>(config_.tokens);
-    for (std::size_t p = 0; p < plans_.size(); ++p) {
-      const score_inputs in{slice(his_, p), slice(fut_, p), slice(cf_, p), slice(change_, p), slice(metric_, p)};
-      scorer_.score(in, scores_);
-      classifier_.classify(std::span<const float>(scores_.data(), n), plans_[p]);
-    }
-    return false;
-  }
-
-  bool dense() const { return dense_; }
-  const token_plan& plan(index_t sample) const {
-    detail::expect_index("sample", sample, config_.batch);
-    return plans_[static_cast<std::size_t>(plan_of(sample))];
-  }
-
-  /// Caches the computed rows of `output` (batch*tokens x feature_dim, sample b's token i at row
-  /// b*tokens + i), fills the C2 rows with their latest cached value and the C3 rows with the
-  /// approximator's mix, and takes `attention` (batch*tokens) as the next step's history. A scorer that
-  /// reads signal::metric gets it from set_metric(), typically computed from the filled `output`.
-  void complete_step(index_t step, float t, matrix_view<float> output, std::span<const float> attention) {
-    detail::expect_index("step", step, config_.steps);
-    detail::expect_matrix("output", output, config_.batch * config_.tokens, config_.feature_dim);
-    detail::expect_size("attention", attention.size(), static_cast<std::size_t>(config_.batch * config_.tokens));
-    detail::expect_finite("attention", attention);
-    if (dense_) {
-      store_.write(0, 0, t, output);
     } else {
+      classify_all(t);  // validates first, writes only scratch and plans (visible through a step alone)
+    }
+    compute_count_ = dense ? config_.tokens : partial_count_;
+    for (index_t b = 0; b < config_.batch; ++b)
+      std::ranges::copy(plan_of(b).compute(), compute_ids_.begin() + static_cast<std::ptrdiff_t>(b) * compute_count_);
+    std::ranges::fill(site_done_, char{0});
+    rows_cached_ = false;
+    planned_ = true;
+    return step(this, ++generation_, step_index, t, dense);
+  }
+
+  /// Token level, compact rows: `computed` holds step.compute_count() rows per sample, sample b's i-th row
+  /// being token step.plan(b).compute()[i] (what a token-subset forward returns; all tokens in order on
+  /// dense steps). They are cached and copied into `output` (batch*tokens x feature_dim, sample b's token i
+  /// at row b*tokens + i), whose C2 rows get their latest cached value and C3 rows the approximator's mix.
+  /// `attention` (batch*tokens; may be empty when the scorer does not read it) becomes the next step's his.
+  void complete_step(step&& s, matrix_view<const float> computed, matrix_view<float> output, std::span<const float> attention) {
+    expect_own(s);
+    expect_other_sites_done("complete_step");
+    detail::expect_matrix("computed", computed, detail::checked_product<index_t>("batch * compute_count", config_.batch, compute_count_), config_.feature_dim);
+    detail::expect_matrix("output", output, config_.rows(), config_.feature_dim);
+    expect_attention(attention);
+    expect_finite_rows("computed", computed);
+    fill(s, 0, 0, output);  // reads the store only; may throw (an approximator refusing its tags)
+    for (index_t r = 0; r < computed.rows; ++r) {
+      const float* src = computed.row_ptr(r);
+      std::copy(src, src + config_.feature_dim, output.row_ptr(global_row(r)));
+    }
+    cache_validated(s, 0, 0, computed);
+    finish(s, attention);
+  }
+
+  /// Token level, rows in place: the engine wrote the C1 rows of every sample into `output` itself.
+  void complete_step(step&& s, matrix_view<float> output, std::span<const float> attention) {
+    expect_own(s);
+    expect_other_sites_done("complete_step");
+    detail::expect_matrix("output", output, config_.rows(), config_.feature_dim);
+    expect_attention(attention);
+    const matrix_view<const float> all(output);
+    for (index_t r = 0; r < config_.batch * compute_count_; ++r) expect_finite_row("output", all, global_row(r));
+    fill(s, 0, 0, output);
+    cache_in_place_validated(s, 0, 0, all);
+    finish(s, attention);
+  }
+
+  /// Module level: every (layer, site) was cached (or filled whole) during the step; takes the attention.
+  void complete_step(step&& s, std::span<const float> attention) {
+    expect_own(s);
+    expect_sites_done();
+    expect_attention(attention);
+    finish(s, attention);
+  }
+  /// Module level, with no attention measured this step: the scorer keeps the last step's.
+  void complete_step(step&& s, attention_unchanged_t) {
+    expect_own(s);
+    expect_sites_done();
+    if (has(Scorer::needs, signal::attention) && !has_his_)
+      detail::fail_logic("complete_step: the scorer reads attention and none was ever given (attention_unchanged on the first step)");
+    finish(s, {});
+  }
+
+  /// Caches the C1 rows of one (layer, site) from compact rows (layout as in complete_step).
+  void cache_rows(const step& s, index_t layer, index_t site, matrix_view<const float> computed) {
+    expect_own(s);
+    expect_site_open(layer, site);
+    detail::expect_matrix("computed", computed, config_.batch * compute_count_, config_.feature_dim);
+    expect_finite_rows("computed", computed);
+    cache_validated(s, layer, site, computed);
+  }
+  /// Caches the C1 rows of one (layer, site), read in place from a full batch*tokens matrix.
+  void cache_rows_in_place(const step& s, index_t layer, index_t site, matrix_view<const float> all) {
+    expect_own(s);
+    expect_site_open(layer, site);
+    detail::expect_matrix("all", all, config_.rows(), config_.feature_dim);
+    for (index_t r = 0; r < config_.batch * compute_count_; ++r) expect_finite_row("all", all, global_row(r));
+    cache_in_place_validated(s, layer, site, all);
+  }
+
+  /// Fills the C2 rows (latest cached) and C3 rows (approximator) of one (layer, site) into a full
+  /// batch*tokens matrix; C1 rows are left as they are. Nothing to do on dense steps.
+  void fill(const step& s, index_t layer, index_t site, matrix_view<float> out) {
+    expect_own(s);
+    detail::expect_index("layer", layer, config_.layers);
+    detail::expect_index("site", site, config_.sites);
+    detail::expect_matrix("out", out, config_.rows(), config_.feature_dim);
+    if (s.dense_) return;
+    for (level l : {level::reuse, level::approximate}) {
       for (index_t b = 0; b < config_.batch; ++b) {
-        const token_plan& p = plan(b);
-        store_.write_rows(0, 0, t, to_global(b, p.compute()), output);
-        store_.fill(0, 0, t, to_global(b, p.reuse()), latest{}, output);
-        store_.fill(0, 0, t, to_global(b, p.approximate()), approx_, output);
+        const auto local = plan_of(b).indices(l);
+        const index_t offset = b * config_.tokens;
+        for (std::size_t i = 0; i < local.size(); ++i) global_ids_[i] = offset + local[i];
+        const std::span<const index_t> rows(global_ids_.data(), local.size());
+        if (l == level::reuse) store_.fill(layer, site, s.t_, rows, out);
+        else store_.fill(layer, site, s.t_, rows, approx_, out);
       }
     }
-    merge(attention, his_);
-    for (std::size_t p = 0; p < plans_.size(); ++p) {
-      const auto levels = plans_[p].levels();
-      float* cf = cf_.data() + p * static_cast<std::size_t>(config_.tokens);
-      for (std::size_t i = 0; i < levels.size(); ++i) cf[i] = levels[i] == level::compute ? 0.f : cf[i] + 1.f;
-    }
-    has_history_ = true;
+  }
+
+  /// Module level: on a partial step, a site computed for no token — every row comes from the cache, as
+  /// level `as` (reuse: latest; approximate: the approximator). The site counts as done for the step.
+  void fill_all(const step& s, index_t layer, index_t site, level as, matrix_view<float> out) {
+    expect_own(s);
+    if (s.dense_) detail::fail_logic("fill_all: step ", s.index_, " is dense; every site is computed and cached");
+    expect_site_open(layer, site);
+    detail::expect_matrix("out", out, config_.rows(), config_.feature_dim);
+    if (as == level::compute) detail::fail("as: fill_all takes level::reuse or level::approximate, got compute");
+    for (index_t r = 0; r < config_.rows(); ++r) global_ids_[static_cast<std::size_t>(r)] = r;
+    const std::span<const index_t> all(global_ids_.data(), static_cast<std::size_t>(config_.rows()));
+    if (as == level::reuse) store_.fill(layer, site, s.t_, all, out);
+    else store_.fill(layer, site, s.t_, all, approx_, out);
+    site_done_[slot(layer, site)] = 1;
   }
 
   /// Sets the engine-defined per-token metric (batch*tokens) the next plan_step scores with.
   void set_metric(std::span<const float> metric) {
+    detail::expect_size("metric", metric.size(), static_cast<std::size_t>(config_.rows()));
     detail::expect_finite("metric", metric);
     merge(metric, metric_);
+    has_metric_ = true;
   }
 
-  /// Forgets all history (a new image), keeping the memory.
+  /// Forgets everything (a new image): cached rows, staleness, attention and metric history, the
+  /// speculative records, the step count; an outstanding step object becomes empty. Keeps the memory.
   void reset() {
     store_.clear();
-    std::fill(cf_.begin(), cf_.end(), 0.f);
-    has_history_ = false;
+    std::ranges::fill(cf_, 0.f);
+    std::ranges::fill(his_, 0.f);
+    std::ranges::fill(metric_, 0.f);
+    predictor_.clear();
+    has_his_ = has_metric_ = planned_ = rows_cached_ = needs_reset_ = false;
+    next_step_ = 0;
+    last_t_ = std::numeric_limits<float>::infinity();
+    ++generation_;
   }
 
+  // --- observers ----------------------------------------------------------------------------------
   const accelerator_config& config() const { return config_; }
-  index_t compute_count() const { return plans_[0].count(level::compute); }
+  /// The next step plan_step expects, and the timestep of the last completed step (+inf before step 0).
+  index_t next_step() const { return next_step_; }
+  float last_timestep() const { return last_t_; }
+  /// |C1| per sample on partial steps (the classifier's count).
+  index_t partial_compute_count() const { return partial_count_; }
   const store_type& store() const { return store_; }
-  std::span<const float> cache_counts(index_t plan) const { return slice(cf_, static_cast<std::size_t>(plan)); }
-  Scorer& scorer() { return scorer_; }
-  Predictor& predictor() { return predictor_; }
-  Classifier& classifier() { return classifier_; }
+  std::span<const float> cache_counts(index_t plan) const { return slice(cf_, plan); }
+  std::span<const float> attention_history(index_t plan) const { return slice(his_, plan); }
+  const Scorer& scorer() const { return scorer_; }
+  const Predictor& predictor() const { return predictor_; }
+  const Classifier& classifier() const { return classifier_; }
   const Schedule& step_schedule() const { return schedule_; }
 
  private:
-  std::vector<float> per_plan() const { return std::vector<float>(static_cast<std::size_t>(config_.plans() * config_.tokens), 0.f); }
-  index_t plan_of(index_t sample) const { return config_.share_cfg_plan ? sample % config_.plans() : sample; }
-  std::span<const float> slice(const std::vector<float>& v, std::size_t p) const {
+  std::vector<float> per_plan() const {
+    return std::vector<float>(static_cast<std::size_t>(config_.plans()) * static_cast<std::size_t>(config_.tokens), 0.f);
+  }
+  index_t plan_index(index_t sample) const { return config_.share_cfg_plan ? sample % config_.plans() : sample; }
+  const token_plan& plan_of(index_t sample) const {
+    detail::expect_index("sample", sample, config_.batch);
+    return plans_[static_cast<std::size_t>(plan_index(sample))];
+  }
+  std::span<const float> slice(const std::vector<float>& v, index_t plan) const {
+    detail::expect_index("plan", plan, config_.plans());
     const auto n = static_cast<std::size_t>(config_.tokens);
-    return {v.data() + p * n, n};
+    return {v.data() + static_cast<std::size_t>(plan) * n, n};
+  }
+  std::size_t slot(index_t layer, index_t site) const {
+    return static_cast<std::size_t>(layer) * static_cast<std::size_t>(config_.sites) + static_cast<std::size_t>(site);
+  }
+  // Row of the full matrix that compact row r (sample r / |C1|, its (r % |C1|)-th C1 token) belongs to.
+  index_t global_row(index_t r) const {
+    const index_t b = r / compute_count_;
+    return b * config_.tokens + compute_ids_[static_cast<std::size_t>(r)];
   }
 
   // Per-sample values (batch*tokens) -> per-plan values; a shared CFG plan sees the pair's mean.
   void merge(std::span<const float> per_sample, std::vector<float>& per_plan_out) const {
-    detail::expect_size("per-sample values", per_sample.size(), static_cast<std::size_t>(config_.batch * config_.tokens));
     if (!config_.share_cfg_plan) {
-      std::copy(per_sample.begin(), per_sample.end(), per_plan_out.begin());
+      std::ranges::copy(per_sample, per_plan_out.begin());
       return;
     }
     const std::size_t half = per_plan_out.size();
     for (std::size_t i = 0; i < half; ++i) per_plan_out[i] = 0.5f * (per_sample[i] + per_sample[i + half]);
   }
 
-  std::span<const index_t> to_global(index_t sample, std::span<const index_t> local) {
-    const index_t offset = sample * config_.tokens;
-    for (std::size_t i = 0; i < local.size(); ++i) global_[i] = offset + local[i];
-    return {global_.data(), local.size()};
+  void classify_all(float t) {
+    if constexpr (has(Scorer::needs, signal::future)) {
+      if (!predictor_.ready()) detail::fail_logic("plan_step: the scorer reads the speculative future and the speculative pass is not complete");
+      const auto future = predictor_.future(t);
+      detail::expect_size("future", future.size(), static_cast<std::size_t>(config_.rows()));
+      merge(future, fut_);
+    }
+    if constexpr (has(Scorer::needs, signal::metric))
+      if (!has_metric_) detail::fail_logic("plan_step: the scorer reads signal::metric and set_metric was not called");
+    if constexpr (has(Scorer::needs, signal::feature_change)) {  // the first slot's rows
+      store_.change_norm(0, 0, change_all_);
+      merge(change_all_, change_);
+    }
+    for (index_t p = 0; p < config_.plans(); ++p) {
+      const score_inputs in{slice(his_, p), slice(fut_, p), slice(cf_, p), slice(change_, p), slice(metric_, p)};
+      score_tokens(scorer_, in, scores_);
+      auto& plan = plans_[static_cast<std::size_t>(p)];
+      classifier_.classify(std::span<const float>(scores_), plan);
+      if (plan.count(level::compute) != partial_count_)
+        detail::fail_logic("classifier: put ", plan.count(level::compute), " tokens in C1, its compute_count promised ", partial_count_);
+    }
+  }
+
+  void expect_own(const step& s) const {
+    if (s.owner_ == nullptr) detail::fail_logic("step: this step object is empty (moved from, or already completed)");
+    if (s.owner_ != this) detail::fail_logic("step: step ", s.index_, " belongs to another accelerator");
+    expect_current(s);
+  }
+  void expect_current(const step& s) const {
+    if (!planned_ || s.generation_ != generation_) detail::fail_logic("step: step ", s.index_, " is stale (reset() was called since it was planned)");
+  }
+  void expect_attention(std::span<const float> attention) const {
+    if (has(Scorer::needs, signal::attention) || !attention.empty()) {
+      detail::expect_size("attention", attention.size(), static_cast<std::size_t>(config_.rows()));
+      detail::expect_finite("attention", attention);
+    }
+  }
+  void expect_site_open(index_t layer, index_t site) const {
+    detail::expect_index("layer", layer, config_.layers);
+    detail::expect_index("site", site, config_.sites);
+    if (site_done_[slot(layer, site)]) detail::fail_logic("layer ", layer, " site ", site, ": already cached in step ", next_step_);
+  }
+  void expect_sites_done() const {
+    for (index_t l = 0; l < config_.layers; ++l)
+      for (index_t s = 0; s < config_.sites; ++s)
+        if (!site_done_[slot(l, s)])
+          detail::fail_logic("complete_step: layer ", l, " site ", s, " was neither cached nor filled whole in step ", next_step_);
+  }
+  // The token-level complete_step does slot (0, 0) itself; any other slot must be done already.
+  void expect_other_sites_done(const char* what) const {
+    if (site_done_[0]) detail::fail_logic(what, ": layer 0 site 0 was already cached in step ", next_step_);
+    for (index_t l = 0; l < config_.layers; ++l)
+      for (index_t s = 0; s < config_.sites; ++s)
+        if ((l != 0 || s != 0) && !site_done_[slot(l, s)])
+          detail::fail_logic(what, ": layer ", l, " site ", s, " was neither cached nor filled whole in step ", next_step_);
+  }
+  static void expect_finite_row(const char* name, matrix_view<const float> m, index_t r) {
+    const float* src = m.row_ptr(r);
+    for (index_t c = 0; c < m.cols; ++c)
+      if (!std::isfinite(src[c])) detail::fail(name, "[", r, "][", c, "] is not finite (", src[c], ")");
+  }
+  static void expect_finite_rows(const char* name, matrix_view<const float> m) {
+    for (index_t r = 0; r < m.rows; ++r) expect_finite_row(name, m, r);
+  }
+
+  // Validated: these cannot fail.
+  void cache_validated(const step& s, index_t layer, index_t site, matrix_view<const float> computed) {
+    if (s.dense_) {
+      store_.write(layer, site, s.t_, computed);
+    } else {
+      for (index_t r = 0; r < computed.rows; ++r) global_ids_[static_cast<std::size_t>(r)] = global_row(r);
+      store_.scatter(layer, site, s.t_, std::span<const index_t>(global_ids_.data(), static_cast<std::size_t>(computed.rows)), computed);
+    }
+    site_done_[slot(layer, site)] = 1;
+    rows_cached_ = true;
+  }
+  void cache_in_place_validated(const step& s, index_t layer, index_t site, matrix_view<const float> all) {
+    if (s.dense_) {
+      store_.write(layer, site, s.t_, all);
+    } else {
+      const index_t n = config_.batch * compute_count_;
+      for (index_t r = 0; r < n; ++r) global_ids_[static_cast<std::size_t>(r)] = global_row(r);
+      store_.write_rows(layer, site, s.t_, std::span<const index_t>(global_ids_.data(), static_cast<std::size_t>(n)), all);
+    }
+    site_done_[slot(layer, site)] = 1;
+    rows_cached_ = true;
+  }
+  void finish(step& s, std::span<const float> attention) {
+    if (!attention.empty()) {
+      merge(attention, his_);
+      has_his_ = true;
+    }
+    for (std::size_t p = 0; p < plans_.size(); ++p) {
+      const auto levels = plans_[p].levels();
+      float* cf = cf_.data() + p * static_cast<std::size_t>(config_.tokens);
+      for (std::size_t i = 0; i < levels.size(); ++i) cf[i] = math::advance_cache_count(levels[i], cf[i]);
+    }
+    last_t_ = s.t_;
+    ++next_step_;
+    planned_ = false;
+    s.owner_ = nullptr;
+  }
+  void abandon_step(std::uint64_t generation) noexcept {
+    if (!planned_ || generation != generation_) return;
+    planned_ = false;
+    if (rows_cached_) needs_reset_ = true;
   }
 
   accelerator_config config_;
@@ -176,11 +479,17 @@ class accelerator {
   store_type store_;
   std::vector<token_plan> plans_;
   std::vector<float> his_, fut_, cf_, change_, metric_;  // [plan][token]
-  std::vector<float> change_all_;               // [sample][token]
+  std::vector<float> change_all_;                         // [sample][token]
   std::vector<float> scores_;
-  std::vector<index_t> global_;
-  bool dense_ = true;
-  bool has_history_ = false;
+  std::vector<index_t> compute_ids_;                      // [sample][C1 token]
+  std::vector<index_t> global_ids_;               // scratch: full-matrix rows of a token list
+  std::vector<char> site_done_;                           // [layer][site] in the planned step
+  index_t partial_count_ = 0, compute_count_ = 0;
+  index_t next_step_ = 0;
+  float last_t_ = std::numeric_limits<float>::infinity();
+  std::uint64_t generation_ = 0;
+  bool planned_ = false, rows_cached_ = false, needs_reset_ = false;
+  bool has_his_ = false, has_metric_ = false;
 };
 
 }  // namespace specdiff

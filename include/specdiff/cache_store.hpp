@@ -13,25 +13,6 @@
 
 namespace specdiff {
 
-/// Geometry of a store. A batch is simply more tokens (sample b's token i is row b * tokens + i): every
-/// row's history is independent, so the store need not know about samples.
-struct cache_shape {
-  index_t layers = 1;
-  index_t sites = 1;
-  index_t tokens = 0;
-  index_t dim = 0;
-  index_t history_depth = 3;  ///< rows kept per token; >= the deepest approximator used
-
-  void validate() const {
-    if (layers <= 0) detail::fail("layers: must be positive, got ", layers);
-    if (sites <= 0) detail::fail("sites: must be positive, got ", sites);
-    if (tokens <= 0) detail::fail("tokens: must be positive, got ", tokens);
-    if (dim <= 0) detail::fail("dim: must be positive, got ", dim);
-    if (history_depth < 1 || history_depth > max_history) detail::fail("history_depth: must lie in [1, ", max_history, "], got ", history_depth);
-  }
-  static constexpr index_t max_history = 8;
-};
-
 template <storage_type Storage = float>
 class host_cache_store {
   using traits = storage_traits<Storage>;
@@ -59,28 +40,31 @@ class host_cache_store {
   void write(index_t layer, index_t site, float t, matrix_view<const float> rows) {
     expect_slot(layer, site);
     detail::expect_matrix("rows", rows, shape_.tokens, shape_.dim);
-    for (index_t i = 0; i < shape_.tokens; ++i) push(layer, site, i, t, rows.row_ptr(i), "rows", i);
+    expect_tag(t);
+    for (index_t i = 0; i < shape_.tokens; ++i) expect_finite_row("rows", rows, i);
+    for (index_t i = 0; i < shape_.tokens; ++i) push(layer, site, i, t, rows.row_ptr(i));
   }
 
-  /// Pushes a new entry for the listed tokens from compact rows: rows[i] is token tokens[i] (what a partial
-  /// forward produces).
+  /// Pushes a new entry for the listed tokens (strictly ascending) from compact rows: rows[i] is token
+  /// tokens[i] (what a partial forward produces).
   void scatter(index_t layer, index_t site, float t, std::span<const index_t> tokens, matrix_view<const float> rows) {
     expect_slot(layer, site);
     detail::expect_matrix("rows", rows, static_cast<index_t>(tokens.size()), shape_.dim);
-    for (std::size_t i = 0; i < tokens.size(); ++i) {
-      detail::expect_index("tokens[i]", tokens[i], shape_.tokens);
-      push(layer, site, tokens[i], t, rows.row_ptr(static_cast<index_t>(i)), "rows", static_cast<index_t>(i));
-    }
+    expect_tag(t);
+    expect_tokens(tokens);
+    for (std::size_t i = 0; i < tokens.size(); ++i) expect_finite_row("rows", rows, static_cast<index_t>(i));
+    for (std::size_t i = 0; i < tokens.size(); ++i) push(layer, site, tokens[i], t, rows.row_ptr(static_cast<index_t>(i)));
   }
 
-  /// Pushes a new entry for the listed tokens, read in place from a full matrix: row tokens[i] of `all`.
+  /// Pushes a new entry for the listed tokens (strictly ascending), read in place from a full matrix:
+  /// row tokens[i] of `all`.
   void write_rows(index_t layer, index_t site, float t, std::span<const index_t> tokens, matrix_view<const float> all) {
     expect_slot(layer, site);
     detail::expect_matrix("all", all, shape_.tokens, shape_.dim);
-    for (index_t token : tokens) {
-      detail::expect_index("tokens[i]", token, shape_.tokens);
-      push(layer, site, token, t, all.row_ptr(token), "all", token);
-    }
+    expect_tag(t);
+    expect_tokens(tokens);
+    for (index_t token : tokens) expect_finite_row("all", all, token);
+    for (index_t token : tokens) push(layer, site, token, t, all.row_ptr(token));
   }
 
   /// For each listed token, writes row `token` of `out` (a full tokens x dim matrix) with the
@@ -115,8 +99,9 @@ class host_cache_store {
     }
   }
 
-  void fill_latest(index_t layer, index_t site, std::span<const index_t> tokens, matrix_view<float> out) const {
-    fill(layer, site, 0.f, tokens, latest{}, out);
+  /// C2: each listed token's latest cached row, unchanged (`t` is not read).
+  void fill(index_t layer, index_t site, float t, std::span<const index_t> tokens, matrix_view<float> out) const {
+    fill(layer, site, t, tokens, latest{}, out);
   }
 
   /// Per token, the L2 norm of (latest - previous) row; +inf where fewer than two rows are cached
@@ -179,10 +164,24 @@ class host_cache_store {
     return tags_[row * shape_.history_depth + slot(row, k)];
   }
 
-  void push(index_t layer, index_t site, index_t token, float t, const float* src, const char* name, index_t src_row) {
+  static void expect_tag(float t) {
     if (!std::isfinite(t)) detail::fail("t: timestep is not finite (", t, ")");
-    for (index_t c = 0; c < shape_.dim; ++c)
-      if (!std::isfinite(src[c])) detail::fail(name, "[", src_row, "][", c, "] is not finite (", src[c], ")");
+  }
+  void expect_tokens(std::span<const index_t> tokens) const {
+    for (std::size_t i = 0; i < tokens.size(); ++i) {
+      detail::expect_index("tokens[i]", tokens[i], shape_.tokens);
+      if (i > 0 && tokens[i] <= tokens[i - 1])
+        detail::fail("tokens: must be strictly ascending, got ", tokens[i - 1], " then ", tokens[i], " at ", i);
+    }
+  }
+  static void expect_finite_row(const char* name, matrix_view<const float> m, index_t r) {
+    const float* src = m.row_ptr(r);
+    for (index_t c = 0; c < m.cols; ++c)
+      if (!std::isfinite(src[c])) detail::fail(name, "[", r, "][", c, "] is not finite (", src[c], ")");
+  }
+
+  // Callers have validated everything: push cannot fail, so a write is all or nothing.
+  void push(index_t layer, index_t site, index_t token, float t, const float* src) {
     const std::size_t row = row_id(layer, site, token);
     const int h = shape_.history_depth;
     const std::uint8_t next = count_[row] == 0 ? 0 : static_cast<std::uint8_t>((head_[row] + 1) % h);

@@ -12,19 +12,11 @@ namespace specdiff {
 
 namespace detail {
 
-inline void expect_rate(double cache_rate) {
-  if (!(cache_rate >= 0.0 && cache_rate < 1.0)) fail("cache_rate: must lie in [0, 1), got ", cache_rate);
-}
-
-inline void expect_scores(std::span<const float> log_score, const token_plan& plan) {
+inline void expect_scores(std::span<const float> log_score, const token_plan& plan, std::size_t capacity) {
   if (log_score.empty()) fail("log_score: zero tokens");
   expect_size("log_score", log_score.size(), static_cast<std::size_t>(plan.tokens()));
+  if (log_score.size() > capacity) fail("log_score: ", log_score.size(), " tokens, the classifier was prepared for ", capacity);
   expect_finite("log_score", log_score);
-}
-
-inline void expect_capacity(std::span<const float> log_score, index_t capacity) {
-  if (log_score.size() > static_cast<std::size_t>(capacity))
-    fail("log_score: ", log_score.size(), " tokens, the classifier was built for ", capacity);
 }
 
 }  // namespace detail
@@ -46,21 +38,21 @@ inline void rank_by_score(std::span<const float> log_score, std::vector<index_t>
 /// total score stays <= reuse_mass; C3 = the rest. C2 never takes a C1 token.
 class three_level_classifier {
  public:
-  three_level_classifier(index_t tokens, double cache_rate, double reuse_mass = 0.10)
-      : cache_rate_(cache_rate), reuse_mass_(reuse_mass), capacity_(tokens) {
-    if (tokens <= 0) detail::fail("tokens: must be positive, got ", tokens);
-    detail::expect_rate(cache_rate);
-    if (!(reuse_mass >= 0.0 && reuse_mass <= 1.0)) detail::fail("reuse_mass: must lie in [0, 1], got ", reuse_mass);
-    order_.reserve(static_cast<std::size_t>(tokens));
+  explicit three_level_classifier(double cache_rate, double reuse_mass = 0.10) : cache_rate_(cache_rate), reuse_mass_(reuse_mass) {
+    detail::expect_cache_rate(cache_rate);
+    detail::expect_reuse_mass(reuse_mass);
   }
 
+  void prepare(index_t tokens) {
+    if (tokens <= 0) detail::fail("tokens: must be positive, got ", tokens);
+    order_.reserve(static_cast<std::size_t>(tokens));
+  }
   index_t compute_count(index_t tokens) const { return math::compute_count(cache_rate_, tokens); }
   double cache_rate() const { return cache_rate_; }
   double reuse_mass() const { return reuse_mass_; }
 
   void classify(std::span<const float> log_score, token_plan& plan) {
-    detail::expect_scores(log_score, plan);
-    detail::expect_capacity(log_score, capacity_);
+    detail::expect_scores(log_score, plan, order_.capacity());
     rank_by_score(log_score, order_);
     const index_t n = plan.tokens();
     const index_t c1 = compute_count(n);
@@ -83,22 +75,22 @@ class three_level_classifier {
  private:
   double cache_rate_;
   double reuse_mass_;
-  index_t capacity_;
   std::vector<index_t> order_;
 };
 
 /// Two levels (ToCa): the top ceil((1-CR)·N) tokens are computed, every other token reuses its cache.
 class top_k_classifier {
  public:
-  top_k_classifier(index_t tokens, double cache_rate) : cache_rate_(cache_rate), capacity_(tokens) {
+  explicit top_k_classifier(double cache_rate) : cache_rate_(cache_rate) { detail::expect_cache_rate(cache_rate); }
+
+  void prepare(index_t tokens) {
     if (tokens <= 0) detail::fail("tokens: must be positive, got ", tokens);
-    detail::expect_rate(cache_rate);
     order_.reserve(static_cast<std::size_t>(tokens));
   }
+  index_t compute_count(index_t tokens) const { return math::compute_count(cache_rate_, tokens); }
 
   void classify(std::span<const float> log_score, token_plan& plan) {
-    detail::expect_scores(log_score, plan);
-    detail::expect_capacity(log_score, capacity_);
+    detail::expect_scores(log_score, plan, order_.capacity());
     rank_by_score(log_score, order_);
     const index_t c1 = math::compute_count(cache_rate_, plan.tokens());
     auto levels = plan.mutable_levels();
@@ -108,27 +100,31 @@ class top_k_classifier {
 
  private:
   double cache_rate_;
-  index_t capacity_;
   std::vector<index_t> order_;
 };
 
-/// Every token computed: the full model, and what a dense step uses.
-struct all_compute_classifier {
+/// Every token at one level: the building block of the three below.
+template <level Level>
+struct uniform_level_classifier {
+  void prepare(index_t tokens) const {
+    if (tokens <= 0) detail::fail("tokens: must be positive, got ", tokens);
+  }
+  index_t compute_count(index_t tokens) const { return Level == level::compute ? tokens : 0; }
   void classify(std::span<const float> log_score, token_plan& plan) const {
-    detail::expect_scores(log_score, plan);
-    plan.set_all(level::compute);
+    detail::expect_scores(log_score, plan, log_score.size());
+    plan.set_all(Level);
   }
 };
 
-/// Every token reused (FORA between refreshes).
-struct all_reuse_classifier {
-  void classify(std::span<const float> log_score, token_plan& plan) const {
-    detail::expect_scores(log_score, plan);
-    plan.set_all(level::reuse);
-  }
-};
+/// Every token computed: the full model, and what a dense step uses.
+using all_compute_classifier = uniform_level_classifier<level::compute>;
+/// Every token reused on partial steps (FORA between refreshes).
+using all_reuse_classifier = uniform_level_classifier<level::reuse>;
+/// Every token approximated on partial steps (TaylorSeer's forecasts between refreshes).
+using all_approximate_classifier = uniform_level_classifier<level::approximate>;
 
 static_assert(level_classifier<three_level_classifier> && level_classifier<top_k_classifier> &&
-              level_classifier<all_compute_classifier> && level_classifier<all_reuse_classifier>);
+              level_classifier<all_compute_classifier> && level_classifier<all_reuse_classifier> &&
+              level_classifier<all_approximate_classifier>);
 
 }  // namespace specdiff

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <span>
 #include <sstream>
 #include <stdexcept>
@@ -97,6 +98,41 @@ void expect_matrix(std::string_view name, const matrix_view<T, Space>& m, index_
 
 inline void expect_index(std::string_view name, index_t value, index_t bound) {
   if (value < 0 || value >= bound) fail(name, " = ", value, " is out of range [0, ", bound, ")");
+}
+
+/// The product of positive sizes, or an error naming it ("batch * tokens") and its factors when it does not
+/// fit `Result` (index_t for row counts, std::size_t for element counts and bytes).
+template <class Result, class... Sizes>
+Result checked_product(std::string_view name, Sizes... factors) {
+  static_assert(sizeof...(Sizes) >= 1);
+  unsigned long long product = 1;
+  bool overflow = false;
+  for (const long long f : {static_cast<long long>(factors)...}) {
+    if (f < 0) fail(name, ": negative factor ", f);
+    const auto u = static_cast<unsigned long long>(f);
+    if (u != 0 && product > static_cast<unsigned long long>(std::numeric_limits<Result>::max()) / u) overflow = true;
+    product *= u;
+  }
+  if (overflow || product > static_cast<unsigned long long>(std::numeric_limits<Result>::max())) {
+    std::ostringstream factors_text;
+    const char* sep = "";
+    for (const long long f : {static_cast<long long>(factors)...}) {
+      factors_text << sep << f;
+      sep = " * ";
+    }
+    fail(name, ": ", factors_text.str(), " overflows (the largest supported is ", std::numeric_limits<Result>::max(), ")");
+  }
+  return static_cast<Result>(product);
+}
+
+/// SpecDiff's cache rate: the share of tokens not computed on a partial step, in [0, 1).
+inline void expect_cache_rate(double cache_rate) {
+  if (!(cache_rate >= 0.0 && cache_rate < 1.0)) fail("cache_rate: must lie in [0, 1), got ", cache_rate);
+}
+
+/// The score mass C2 may take, in [0, 1].
+inline void expect_reuse_mass(double reuse_mass) {
+  if (!(reuse_mass >= 0.0 && reuse_mass <= 1.0)) fail("reuse_mass: must lie in [0, 1], got ", reuse_mass);
 }
 
 }  // namespace detail

@@ -1,56 +1,85 @@
 // The contracts. Every policy the library ships — and every policy a researcher writes — models one of
-// these; the orchestration (accelerator.hpp) is written against them only.
+// these; the orchestration (accelerator.hpp) is written against them only. A contract is written once for
+// host and device: what has to run in a kernel (a scorer's per-token formula, an approximator's weights) is
+// a SPECDIFF_HD function, and the host loop and the CUDA kernel are both generic over it.
 #pragma once
 
+#include <array>
 #include <concepts>
 #include <span>
+#include <string_view>
 
 #include "common.hpp"
 #include "token_plan.hpp"
 
 namespace specdiff {
 
-/// What a scorer may read for one sample at one step. Spans have one value per token; a scorer declares
-/// in `needs` which of them it reads, and the orchestration fills only those.
-struct score_inputs {
-  std::span<const float> attention{};        ///< his: attention received, summed over layers, last step
-  std::span<const float> future{};           ///< fut: speculative score at the nearest future timestep
-  std::span<const float> cache_count{};      ///< cf: times cached since last computed
-  std::span<const float> feature_change{};   ///< L2 change between the last two computed features
-  std::span<const float> metric{};           ///< an engine-defined per-token metric (e.g. RAS's output norm)
+// --- scoring -----------------------------------------------------------------------------------------
+
+/// The per-token signals a scorer may read. A scorer declares in `needs` which it reads; the others hold
+/// these neutral values (log 1 = 0, no staleness, no change), so a formula may ignore them.
+struct token_signals {
+  float attention = 1.f;       ///< his: attention received, summed over layers, at the last step
+  float future = 1.f;          ///< fut: attention received at the nearest future speculative timestep
+  float cache_count = 0.f;     ///< cf: partial steps since the token was last computed
+  float feature_change = 0.f;  ///< L2 change between the token's last two cached rows (+inf: unknown)
+  float metric = 0.f;          ///< an engine-defined per-token metric (e.g. RAS's output norm)
 };
 
-/// Bit set of score_inputs fields.
+/// Bit set of token_signals fields.
 enum class signal : unsigned { none = 0, attention = 1, future = 2, cache_count = 4, feature_change = 8, metric = 16 };
 constexpr signal operator|(signal a, signal b) { return static_cast<signal>(static_cast<unsigned>(a) | static_cast<unsigned>(b)); }
 constexpr bool has(signal set, signal s) { return (static_cast<unsigned>(set) & static_cast<unsigned>(s)) != 0; }
 
-/// Importance scorer: writes one log-domain score per token (higher = more important to compute).
-/// Scores are logarithms so that products such as his·fut·exp(cf) never overflow; classifiers that need
-/// the score mass exponentiate relative to the maximum.
+inline constexpr int signal_count = 5;
+/// The signals in token_signals order, and their names in messages.
+inline constexpr std::array<signal, signal_count> all_signals = {signal::attention, signal::future, signal::cache_count,
+                                                                  signal::feature_change, signal::metric};
+inline constexpr std::array<std::string_view, signal_count> signal_names = {"attention", "future", "cache_count",
+                                                                             "feature_change", "metric"};
+
+/// Importance scorer: one log-domain score per token from that token's signals (higher = more important
+/// to compute). `score` is host-and-device, so one scorer type runs in the host loop (score_tokens,
+/// scorers.hpp) and in the CUDA kernel (gpu::score) alike. Scores are logarithms so that products such as
+/// his·fut·exp(cf) never overflow; classifiers that need the score mass exponentiate relative to the max.
 template <class S>
-concept importance_scorer = requires(const S& s, const score_inputs& in, std::span<float> log_score) {
+concept importance_scorer = std::copy_constructible<S> && requires(const S& s, const token_signals& x) {
   { S::needs } -> std::convertible_to<signal>;
-  s.score(in, log_score);
+  { s.score(x) } -> std::same_as<float>;
 };
+
+// --- speculation -------------------------------------------------------------------------------------
 
 /// Speculative predictor: records per-token scores of a short speculative pass and answers, for a
 /// main-pass timestep, the scores recorded at the nearest future speculative timestep.
-/// Scores are laid out [sample][token]; `begin` is setup (may allocate), `record`/`future` do not.
+/// Scores are laid out [sample][token]. `prepare(values)` is called once by the accelerator with
+/// batch * tokens; `begin` starts a pass (may allocate); `record`/`future` do not allocate; `ready()`
+/// says whether every step of the pass was recorded; `clear()` forgets the pass (a new image).
 template <class P>
-concept speculative_predictor =
-    requires(P& p, const P& cp, std::span<const float> timesteps, index_t step, std::span<const float> scores, float t) {
-      p.begin(timesteps);
-      p.record(step, scores);
-      { cp.future(t) } -> std::convertible_to<std::span<const float>>;
-    };
+concept speculative_predictor = requires(P& p, const P& cp, std::span<const float> timesteps, index_t step,
+                                         std::span<const float> scores, float t, index_t values) {
+  p.prepare(values);
+  p.begin(timesteps);
+  p.record(step, scores);
+  { cp.ready() } -> std::convertible_to<bool>;
+  { cp.future(t) } -> std::convertible_to<std::span<const float>>;
+  p.clear();
+};
+
+// --- classification ----------------------------------------------------------------------------------
 
 /// Multi-level classifier: log-domain scores of one sample -> token levels. Deterministic: equal scores
-/// are ordered by token index (lower index ranks higher). Must not allocate in classify.
+/// are ordered by token index (lower index ranks higher). `prepare(tokens)` is called once by the
+/// accelerator (may allocate); `classify` must not allocate and must put exactly `compute_count(tokens)`
+/// tokens in C1 — the same count for every sample and step, so an engine's GEMM shapes are static.
 template <class C>
-concept level_classifier = requires(C& c, std::span<const float> log_score, token_plan& plan) {
+concept level_classifier = requires(C& c, const C& cc, std::span<const float> log_score, token_plan& plan, index_t tokens) {
+  c.prepare(tokens);
+  { cc.compute_count(tokens) } -> std::convertible_to<index_t>;
   c.classify(log_score, plan);
 };
+
+// --- approximation -----------------------------------------------------------------------------------
 
 /// C3 approximator: weights w over a token's cached history such that F(target) ≈ Σ_i w_i F_i, where
 /// history_t[i] is the tag (timestep) of the i-th most recent cached feature. `depth` is the most entries
@@ -62,24 +91,61 @@ concept approximator = requires(const A& a, const float* history_t, int n, float
   { a.weights(history_t, n, target, w) } -> std::convertible_to<int>;
 };
 
-/// Step schedule: which main-pass steps are dense (every token computed), and how long the speculative
-/// pass is.
+// --- schedules ---------------------------------------------------------------------------------------
+
+/// Step schedule: which main-pass steps are dense (every token computed) and how long the speculative pass
+/// is. `validate(steps)` is called once by the accelerator with the step count and rejects settings that
+/// do not fit it.
 template <class S>
 concept schedule = requires(const S& s, index_t step, index_t steps) {
+  s.validate(steps);
   { s.is_dense(step, steps) } -> std::convertible_to<bool>;
   { s.speculative_steps() } -> std::convertible_to<index_t>;
 };
 
-/// Cache store: per (layer, site) the last few rows of every token, each tagged with its timestep.
-/// Rows are written for all tokens (dense steps) or scattered for the computed ones, and read back as
-/// fills (latest row or an approximator's mix) into the rows of the tokens not computed.
-template <class S>
-concept cache_store = requires(S& s, const S& cs, index_t layer, index_t site, float t, std::span<const index_t> tokens,
-                               matrix_view<const float> rows, matrix_view<float> out) {
-  s.write(layer, site, t, rows);
-  s.scatter(layer, site, t, tokens, rows);
-  cs.fill_latest(layer, site, tokens, out);
-  { cs.memory_bytes() } -> std::convertible_to<std::size_t>;
+// --- the cache ---------------------------------------------------------------------------------------
+
+/// Geometry of a cache store. A batch is simply more tokens (sample b's token i is row b * tokens + i):
+/// every row's history is independent, so the store need not know about samples.
+struct cache_shape {
+  index_t layers = 1;
+  index_t sites = 1;          ///< caching sites per layer (e.g. attention and MLP outputs)
+  index_t tokens = 0;         ///< rows per (layer, site): batch * tokens per sample
+  index_t dim = 0;
+  index_t history_depth = 3;  ///< rows kept per token; >= the deepest approximator used
+  static constexpr index_t max_history = 8;
+
+  void validate() const {
+    if (layers <= 0) detail::fail("layers: must be positive, got ", layers);
+    if (sites <= 0) detail::fail("sites: must be positive, got ", sites);
+    if (tokens <= 0) detail::fail("tokens: must be positive, got ", tokens);
+    if (dim <= 0) detail::fail("dim: must be positive, got ", dim);
+    if (history_depth < 1 || history_depth > max_history)
+      detail::fail("history_depth: must lie in [1, ", max_history, "], got ", history_depth);
+    (void)detail::checked_product<std::size_t>("layers * sites * tokens * history_depth * dim", layers, sites, tokens,
+                                                history_depth, dim);
+  }
 };
+
+/// Cache store: per (layer, site) the last `history_depth` rows of every token, each tagged with its
+/// timestep. Everything the orchestration uses is here: rows are written for all tokens (dense steps),
+/// scattered from compact rows, or read in place from a full matrix for listed tokens (ascending); fills
+/// write the approximator's mix of a token's history (latest = C2) into the rows of a full matrix;
+/// `change_norm` gives the last change per token; `clear` forgets every row. Every mutating call
+/// validates all its arguments (sizes, indices, finiteness) before it writes anything.
+template <class S>
+concept cache_store =
+    std::constructible_from<S, cache_shape> &&
+    requires(S& s, const S& cs, index_t layer, index_t site, float t, std::span<const index_t> tokens,
+             matrix_view<const float> rows, matrix_view<float> out, std::span<float> norms) {
+      { cs.shape() } -> std::convertible_to<cache_shape>;
+      s.write(layer, site, t, rows);
+      s.scatter(layer, site, t, tokens, rows);
+      s.write_rows(layer, site, t, tokens, rows);
+      cs.fill(layer, site, t, tokens, out);  // latest (C2); fill(..., approximator, out) for C3
+      cs.change_norm(layer, site, norms);
+      s.clear();
+      { cs.memory_bytes() } -> std::convertible_to<std::size_t>;
+    };
 
 }  // namespace specdiff

@@ -21,6 +21,10 @@ SPECDIFF_HD inline float log_score(float attention, float future, float cache_co
   return safe_log(attention) + safe_log(future) + starvation_scale * cache_count;
 }
 
+/// The staleness update after a step: a computed token's cache count restarts at 0, every other token's
+/// grows by one. One definition for the host accelerator and the device kernel.
+SPECDIFF_HD inline float advance_cache_count(level l, float cache_count) { return l == level::compute ? 0.f : cache_count + 1.f; }
+
 /// |C1| = ceil((1 - CR) * N), at least one token. The small tolerance keeps products such as
 /// (1 - 0.7) * 10 = 3.0000000000000004 from rounding up to 4.
 SPECDIFF_HD inline index_t compute_count(double cache_rate, index_t tokens) {

@@ -1,4 +1,5 @@
-// Speculative predictors (host): what the short speculative pass says about each token's future.
+// Speculative predictors (host): what the short speculative pass says about each token's future, and where
+// that pass evaluates the model.
 #pragma once
 
 #include <algorithm>
@@ -14,33 +15,44 @@ namespace specdiff {
 /// ahead (t below the last speculative timestep) the last record — the nearest in the past — is used.
 class self_speculation {
  public:
-  /// `values` = scores per record: batch * tokens.
-  explicit self_speculation(index_t values) : values_(values) {
+  /// Sized by the accelerator: `values` = batch * tokens scores per record.
+  void prepare(index_t values) {
     if (values <= 0) detail::fail("values: must be positive, got ", values);
+    values_ = values;
+    clear();
   }
 
+  /// Starts a pass over `timesteps` (strictly falling). Records of an earlier pass are dropped.
   void begin(std::span<const float> timesteps) {
+    if (values_ == 0) detail::fail_logic("begin: the predictor was not prepared (the accelerator prepares it)");
     if (timesteps.empty()) detail::fail("timesteps: the speculative pass needs at least one step");
     detail::expect_finite("timesteps", timesteps);
     for (std::size_t i = 1; i < timesteps.size(); ++i)
       if (!(timesteps[i] < timesteps[i - 1]))
         detail::fail("timesteps: must strictly decrease, got ", timesteps[i - 1], " then ", timesteps[i], " at ", i);
+    const std::size_t n = detail::checked_product<std::size_t>("speculative steps * values", timesteps.size(), values_);
     timesteps_.assign(timesteps.begin(), timesteps.end());
-    records_.assign(timesteps.size() * static_cast<std::size_t>(values_), 0.f);
+    records_.assign(n, 0.f);
     recorded_.assign(timesteps.size(), false);
   }
 
   void record(index_t step, std::span<const float> scores) {
+    if (timesteps_.empty()) detail::fail_logic("record: the speculative pass was not begun (call begin_speculation(timesteps) first)");
     detail::expect_index("step", step, static_cast<index_t>(timesteps_.size()));
+    if (recorded_[static_cast<std::size_t>(step)]) detail::fail_logic("record: speculative step ", step, " was already recorded");
     detail::expect_size("scores", scores.size(), static_cast<std::size_t>(values_));
     detail::expect_finite("scores", scores);
     std::copy(scores.begin(), scores.end(), records_.begin() + static_cast<std::ptrdiff_t>(step) * values_);
     recorded_[static_cast<std::size_t>(step)] = true;
   }
 
+  /// Every step of the begun pass recorded.
+  bool ready() const { return !timesteps_.empty() && std::all_of(recorded_.begin(), recorded_.end(), [](bool r) { return r; }); }
+  index_t recorded_steps() const { return static_cast<index_t>(std::count(recorded_.begin(), recorded_.end(), true)); }
+
   /// Index of the record future(t) answers with.
   index_t nearest_future(float t) const {
-    if (timesteps_.empty()) detail::fail_logic("future: begin() was not called");
+    if (timesteps_.empty()) detail::fail_logic("future: the speculative pass was not begun");
     if (!std::isfinite(t)) detail::fail("t: not finite (", t, ")");
     for (std::size_t i = 0; i < timesteps_.size(); ++i)
       if (timesteps_[i] <= t) return static_cast<index_t>(i);
@@ -56,8 +68,14 @@ class self_speculation {
 
   std::span<const float> timesteps() const { return timesteps_; }
 
+  /// Forgets the pass (a new image); keeps the memory.
+  void clear() {
+    timesteps_.clear();
+    recorded_.clear();
+  }
+
  private:
-  index_t values_;
+  index_t values_ = 0;
   std::vector<float> timesteps_;
   std::vector<float> records_;  // [record][sample][token]
   std::vector<bool> recorded_;
@@ -66,17 +84,73 @@ class self_speculation {
 /// No speculation: every token's future score is 1, which leaves log-domain scores unchanged.
 class no_speculation {
  public:
-  explicit no_speculation(index_t values) : ones_(static_cast<std::size_t>(values), 1.f) {
+  void prepare(index_t values) {
     if (values <= 0) detail::fail("values: must be positive, got ", values);
+    ones_.assign(static_cast<std::size_t>(values), 1.f);
   }
   void begin(std::span<const float>) {}
   void record(index_t, std::span<const float>) {}
+  bool ready() const { return true; }
   std::span<const float> future(float) const { return ones_; }
+  void clear() {}
 
  private:
   std::vector<float> ones_;
 };
 
 static_assert(speculative_predictor<self_speculation> && speculative_predictor<no_speculation>);
+
+// --- the speculative pass, specified ------------------------------------------------------------------
+//
+// The pass runs the model itself on every token at S timesteps tau_1 > ... > tau_S, from the same noise
+// and conditioning as the main pass, and records the attention each image token receives (image queries
+// only, summed over layers — what the main pass's `his` measures). The latent is integrated: it starts as
+// the noise at tau_1 and takes an Euler step (the main sampler's update) from each tau_j to tau_{j+1}, and
+// from tau_S to 0, so each record is taken on a latent at its own noise level. Where the S timesteps lie
+// decides which record each main step reads (the largest tau_j <= t, see self_speculation):
+
+/// Where the speculative pass evaluates the model.
+enum class speculative_grid {
+  /// The first main timestep (the noise is exact there), then S - 1 main timesteps at the ends of S - 1
+  /// equal runs of the partial steps: every partial step of run j reads record j + 1 as its nearest
+  /// future, a record on its own side of the trajectory. The default.
+  aligned,
+  /// The sampler's own S-step schedule (0.1's choice): the engine computes it (for rectified flow,
+  /// FlowMatchEuler(S, shift)), so this library function does not; with S = 2 it gives t = [1000, ~9]
+  /// and every partial step reads the same record.
+  sampler,
+};
+
+/// The `aligned` grid: S speculative timesteps taken from the main grid `main_timesteps` (falling), given
+/// which steps the schedule makes dense. S = 0 gives none; S must not exceed the number of steps.
+template <schedule Schedule>
+std::vector<float> aligned_speculative_timesteps(std::span<const float> main_timesteps, index_t speculative_steps,
+                                                 const Schedule& sched) {
+  const auto steps = static_cast<index_t>(main_timesteps.size());
+  if (steps <= 0) detail::fail("main_timesteps: empty");
+  detail::expect_finite("main_timesteps", main_timesteps);
+  for (std::size_t i = 1; i < main_timesteps.size(); ++i)
+    if (!(main_timesteps[i] < main_timesteps[i - 1]))
+      detail::fail("main_timesteps: must strictly decrease, got ", main_timesteps[i - 1], " then ", main_timesteps[i], " at ", i);
+  if (speculative_steps < 0 || speculative_steps > steps)
+    detail::fail("speculative_steps: must lie in [0, ", steps, "] (the main steps), got ", speculative_steps);
+  sched.validate(steps);
+  std::vector<float> out;
+  if (speculative_steps == 0) return out;
+  out.push_back(main_timesteps[0]);
+  // Candidates: the partial steps; when there are fewer than the runs, every step after the first.
+  std::vector<index_t> candidates;
+  const auto runs = static_cast<std::size_t>(speculative_steps - 1);
+  for (index_t k = 1; k < steps; ++k)
+    if (!sched.is_dense(k, steps)) candidates.push_back(k);
+  if (candidates.size() < runs) {
+    candidates.clear();
+    for (index_t k = 1; k < steps; ++k) candidates.push_back(k);
+  }
+  // Run j ends at candidate ceil(j |C| / runs) - 1: strictly increasing in j because |C| >= runs.
+  for (std::size_t j = 1; j <= runs; ++j)
+    out.push_back(main_timesteps[static_cast<std::size_t>(candidates[(j * candidates.size() + runs - 1) / runs - 1])]);
+  return out;
+}
 
 }  // namespace specdiff

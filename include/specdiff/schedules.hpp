@@ -19,12 +19,15 @@ struct step_schedule {
   index_t speculative = 2;  ///< steps of the speculative pass (SpecDiff's S); 0 = none
   std::vector<index_t> reset_steps = {12, 20};
 
-  void validate() const {
+  /// Rejects negative fields, and reset steps or a speculative pass that do not fit `steps` main steps.
+  void validate(index_t steps) const {
+    if (steps <= 0) detail::fail("steps: must be positive, got ", steps);
     if (warmup_steps < 0) detail::fail("warmup_steps: must be >= 0, got ", warmup_steps);
     if (refresh_interval < 0) detail::fail("refresh_interval: must be >= 0, got ", refresh_interval);
-    if (speculative < 0) detail::fail("speculative_steps: must be >= 0, got ", speculative);
+    if (speculative < 0 || speculative > steps)
+      detail::fail("speculative_steps: must lie in [0, ", steps, "] (the main steps), got ", speculative);
     for (index_t r : reset_steps)
-      if (r < 0) detail::fail("reset_steps: must be >= 0, got ", r);
+      if (r < 0 || r >= steps) detail::fail("reset_steps: ", r, " is out of range [0, ", steps, ")");
   }
 
   bool is_dense(index_t step, index_t steps) const {
@@ -38,6 +41,9 @@ struct step_schedule {
 
 /// Every step dense: the full model (and the "no caching" setting every method must reproduce).
 struct dense_schedule {
+  void validate(index_t steps) const {
+    if (steps <= 0) detail::fail("steps: must be positive, got ", steps);
+  }
   bool is_dense(index_t, index_t) const { return true; }
   index_t speculative_steps() const { return 0; }
 };

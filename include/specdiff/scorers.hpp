@@ -1,52 +1,26 @@
-// Importance scorers (host). Each writes log-domain scores; see concepts.hpp for the contract.
+// Importance scorers: per-token, host-and-device formulas (see concepts.hpp), and the host loop over them.
+// The CUDA kernel over the same scorer types is gpu::score (<specdiff/cuda/scorers.cuh>).
 #pragma once
 
-#include <limits>
+#include <cfloat>
 
 #include "concepts.hpp"
 #include "math.hpp"
 
 namespace specdiff {
 
-namespace detail {
-
-inline void expect_inputs(const score_inputs& in, signal needs, std::size_t tokens) {
-  if (tokens == 0) fail("log_score: zero tokens");
-  if (has(needs, signal::attention)) { expect_size("attention", in.attention.size(), tokens); expect_finite("attention", in.attention); }
-  if (has(needs, signal::future)) { expect_size("future", in.future.size(), tokens); expect_finite("future", in.future); }
-  if (has(needs, signal::cache_count)) { expect_size("cache_count", in.cache_count.size(), tokens); expect_finite("cache_count", in.cache_count); }
-  if (has(needs, signal::metric)) { expect_size("metric", in.metric.size(), tokens); expect_finite("metric", in.metric); }
-  if (has(needs, signal::feature_change)) {
-    expect_size("feature_change", in.feature_change.size(), tokens);
-    for (std::size_t i = 0; i < tokens; ++i)
-      if (std::isnan(in.feature_change[i])) fail("feature_change[", i, "] is NaN");
-  }
-}
-
-}  // namespace detail
-
 /// SpecDiff: Score = his · fut · exp(starvation_scale · cf), ranked as its logarithm.
 struct specdiff_scorer {
   static constexpr signal needs = signal::attention | signal::future | signal::cache_count;
   float starvation_scale = 1.f;
-
-  void score(const score_inputs& in, std::span<float> out) const {
-    detail::expect_inputs(in, needs, out.size());
-    for (std::size_t i = 0; i < out.size(); ++i)
-      out[i] = math::log_score(in.attention[i], in.future[i], in.cache_count[i], starvation_scale);
-  }
+  SPECDIFF_HD float score(const token_signals& x) const { return math::log_score(x.attention, x.future, x.cache_count, starvation_scale); }
 };
 
 /// ToCa-like: history only, Score = his · exp(starvation_scale · cf).
 struct toca_scorer {
   static constexpr signal needs = signal::attention | signal::cache_count;
   float starvation_scale = 1.f;
-
-  void score(const score_inputs& in, std::span<float> out) const {
-    detail::expect_inputs(in, needs, out.size());
-    for (std::size_t i = 0; i < out.size(); ++i)
-      out[i] = math::log_score(in.attention[i], 1.f, in.cache_count[i], starvation_scale);
-  }
+  SPECDIFF_HD float score(const token_signals& x) const { return math::log_score(x.attention, 1.f, x.cache_count, starvation_scale); }
 };
 
 /// Feature change (RAS-like): tokens whose features moved most between the last two computed steps
@@ -55,14 +29,8 @@ struct toca_scorer {
 struct feature_change_scorer {
   static constexpr signal needs = signal::feature_change | signal::cache_count;
   float starvation_scale = 1.f;
-
-  void score(const score_inputs& in, std::span<float> out) const {
-    detail::expect_inputs(in, needs, out.size());
-    constexpr float big = std::numeric_limits<float>::max();
-    for (std::size_t i = 0; i < out.size(); ++i) {
-      const float change = in.feature_change[i] > big ? big : in.feature_change[i];
-      out[i] = math::log_score(change, 1.f, in.cache_count[i], starvation_scale);
-    }
+  SPECDIFF_HD float score(const token_signals& x) const {
+    return math::log_score(x.feature_change > FLT_MAX ? FLT_MAX : x.feature_change, 1.f, x.cache_count, starvation_scale);
   }
 };
 
@@ -71,14 +39,71 @@ struct feature_change_scorer {
 struct uniform_scorer {
   static constexpr signal needs = signal::cache_count;
   float starvation_scale = 0.f;
-
-  void score(const score_inputs& in, std::span<float> out) const {
-    detail::expect_inputs(in, needs, out.size());
-    for (std::size_t i = 0; i < out.size(); ++i) out[i] = starvation_scale * in.cache_count[i];
-  }
+  SPECDIFF_HD float score(const token_signals& x) const { return starvation_scale * x.cache_count; }
 };
 
 static_assert(importance_scorer<specdiff_scorer> && importance_scorer<toca_scorer> &&
               importance_scorer<feature_change_scorer> && importance_scorer<uniform_scorer>);
+
+/// What a scorer may read for a batch of tokens, one span per signal (token_signals order). A scorer
+/// declares in `needs` which it reads; the others may stay empty. Host memory; the device twin is
+/// gpu::device_score_inputs.
+struct score_inputs {
+  std::span<const float> attention{};
+  std::span<const float> future{};
+  std::span<const float> cache_count{};
+  std::span<const float> feature_change{};
+  std::span<const float> metric{};
+};
+
+namespace detail {
+
+/// The sizes check both backends make before scoring: every signal the scorer needs holds `tokens`
+/// values (and memory behind them). `sizes`/`present` are in token_signals order.
+inline void expect_signals(signal needs, std::size_t tokens, const std::array<std::size_t, signal_count>& sizes,
+                           const std::array<bool, signal_count>& present) {
+  if (tokens == 0) fail("log_score: zero tokens");
+  for (std::size_t k = 0; k < static_cast<std::size_t>(signal_count); ++k) {
+    if (!has(needs, all_signals[k])) continue;
+    if (sizes[k] != tokens) fail(signal_names[k], ": expected ", tokens, " values, got ", sizes[k]);
+    if (!present[k]) fail(signal_names[k], ": null data for ", tokens, " values");
+  }
+}
+
+}  // namespace detail
+
+/// Host loop: log_score[i] = scorer.score(signals of token i). Checks sizes and finiteness of what the
+/// scorer reads (feature_change may be +inf: unknown change) before writing anything.
+template <importance_scorer Scorer>
+void score_tokens(const Scorer& scorer, const score_inputs& in, std::span<float> log_score) {
+  const std::array<std::span<const float>, signal_count> spans = {in.attention, in.future, in.cache_count, in.feature_change, in.metric};
+  std::array<std::size_t, signal_count> sizes{};
+  std::array<bool, signal_count> present{};
+  for (std::size_t k = 0; k < spans.size(); ++k) {
+    sizes[k] = spans[k].size();
+    present[k] = spans[k].data() != nullptr || spans[k].empty();
+  }
+  detail::expect_signals(Scorer::needs, log_score.size(), sizes, present);
+  for (std::size_t k = 0; k < spans.size(); ++k) {
+    if (!has(Scorer::needs, all_signals[k])) continue;
+    const bool may_be_inf = all_signals[k] == signal::feature_change;
+    for (std::size_t i = 0; i < spans[k].size(); ++i) {
+      const float v = spans[k][i];
+      if (std::isnan(v) || (!may_be_inf && std::isinf(v))) detail::fail(signal_names[k], "[", i, "] is not finite (", v, ")");
+    }
+  }
+  constexpr bool attention = has(Scorer::needs, signal::attention), future = has(Scorer::needs, signal::future),
+                 cache_count = has(Scorer::needs, signal::cache_count), change = has(Scorer::needs, signal::feature_change),
+                 metric = has(Scorer::needs, signal::metric);
+  for (std::size_t i = 0; i < log_score.size(); ++i) {
+    token_signals x;
+    if constexpr (attention) x.attention = in.attention[i];
+    if constexpr (future) x.future = in.future[i];
+    if constexpr (cache_count) x.cache_count = in.cache_count[i];
+    if constexpr (change) x.feature_change = in.feature_change[i];
+    if constexpr (metric) x.metric = in.metric[i];
+    log_score[i] = scorer.score(x);
+  }
+}
 
 }  // namespace specdiff

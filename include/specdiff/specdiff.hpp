@@ -17,5 +17,5 @@
 
 namespace specdiff {
 inline constexpr int version_major = 0;
-inline constexpr int version_minor = 1;
+inline constexpr int version_minor = 2;
 }  // namespace specdiff

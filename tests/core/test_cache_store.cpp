@@ -76,7 +76,7 @@ TEST_CASE("fill: latest, SpecDiff mix and Taylor, against the formulas (fresh ra
     }
   CHECK(out[1 * dim] == -7.f);  // rows not listed are untouched
 
-  s.fill_latest(0, 0, tokens, o);
+  s.fill(0, 0, 0.f, tokens, o);
   for (index_t c = 0; c < dim; ++c) CHECK(out[static_cast<std::size_t>(5 * dim + c)] == hist[2][static_cast<std::size_t>(5 * dim + c)]);
 
   // Taylor order 2 through (930, 960, 1000) reproduces a quadratic in t exactly
@@ -150,7 +150,7 @@ TEST_CASE("cache store rejects bad input, naming the parameter") {
   testing::expect_error<std::invalid_argument>([&] { s.write(2, 0, 1.f, matrix_view<const float>(m.data(), 3, 2)); }, {"layer = 2", "[0, 2)"});
   testing::expect_error<std::invalid_argument>([&] { s.write(0, -1, 1.f, matrix_view<const float>(m.data(), 3, 2)); }, {"site = -1"});
   testing::expect_error<std::invalid_argument>([&] { s.write(0, 0, 1.f, matrix_view<const float>(m.data(), 2, 3)); }, {"rows", "3x2", "2x3"});
-  testing::expect_error<std::logic_error>([&] { s.fill_latest(0, 0, tok, matrix_view<float>(out.data(), 3, 2)); }, {"never written", "token 0"});
+  testing::expect_error<std::logic_error>([&] { s.fill(0, 0, 0.f, tok, matrix_view<float>(out.data(), 3, 2)); }, {"never written", "token 0"});
   testing::expect_error<std::logic_error>([&] { (void)s.history(0, 0, 1, 0); }, {"history", "token 1"});
   m[3] = std::nanf("");
   testing::expect_error<std::invalid_argument>([&] { s.write(0, 0, 1.f, matrix_view<const float>(m.data(), 3, 2)); }, {"rows[1][1]", "not finite"});
@@ -160,4 +160,21 @@ TEST_CASE("cache store rejects bad input, naming the parameter") {
   const std::vector<index_t> bad = {3};
   testing::expect_error<std::invalid_argument>([&] { s.scatter(0, 0, 1.f, bad, matrix_view<const float>(m.data(), 1, 2)); }, {"tokens[i] = 3"});
   testing::expect_error<std::invalid_argument>([&] { s.write(0, 0, NAN, matrix_view<const float>(m.data(), 3, 2)); }, {"t:"});
+  const std::vector<index_t> unsorted = {2, 1};
+  testing::expect_error<std::invalid_argument>([&] { s.scatter(0, 0, 1.f, unsorted, matrix_view<const float>(m.data(), 2, 2)); }, {"strictly ascending", "2 then 1"});
+  testing::expect_error<std::invalid_argument>([] { host_cache_store<float> s2({1 << 20, 1 << 20, 1 << 20, 1 << 20, 8}); }, {"overflows"});
+}
+
+TEST_CASE("a failed write leaves the store as it was (all or nothing)") {
+  host_cache_store<float> s({1, 1, 3, 2, 3});
+  std::vector<float> m = {1.f, 2.f, 3.f, 4.f, 5.f, 6.f};
+  s.write(0, 0, 10.f, matrix_view<const float>(m.data(), 3, 2));
+  m[5] = std::nanf("");  // the last row is bad: the first two must not be pushed either
+  testing::expect_error<std::invalid_argument>([&] { s.write(0, 0, 9.f, matrix_view<const float>(m.data(), 3, 2)); }, {"rows[2][1]"});
+  const std::vector<index_t> two = {0, 2};
+  testing::expect_error<std::invalid_argument>([&] { s.write_rows(0, 0, 9.f, two, matrix_view<const float>(m.data(), 3, 2)); }, {"all[2][1]"});
+  for (index_t i = 0; i < 3; ++i) {
+    CHECK(s.entries(0, 0, i) == 1);
+    CHECK(s.history_tag(0, 0, i, 0) == 10.f);
+  }
 }

@@ -41,7 +41,8 @@ TEST_CASE("three levels, hand computed") {
   // scores 10, 1, 5, 0.5, 3, 0.5 (total 20); CR 0.5 -> C1 = top 3 = {0, 2, 4}.
   // From the bottom: token 5 (share .025, tie with 3 broken by index), token 3 (.05 cumulative) fit in
   // reuse_mass .08; token 1 would make .10 -> C3.
-  three_level_classifier c(6, 0.5, 0.08);
+  three_level_classifier c(0.5, 0.08);
+  c.prepare(6);
   token_plan plan(6);
   c.classify(logs({10, 1, 5, 0.5, 3, 0.5}), plan);
   CHECK(as_vector(plan.compute()) == std::vector<index_t>{0, 2, 4});
@@ -51,12 +52,14 @@ TEST_CASE("three levels, hand computed") {
 }
 
 TEST_CASE("ties are broken by token index") {
-  three_level_classifier c(5, 0.6, 0.0);  // C1 = 2 tokens
+  three_level_classifier c(0.6, 0.0);
+  c.prepare(5);  // C1 = 2 tokens
   token_plan plan(5);
   c.classify(std::vector<float>(5, 1.f), plan);
   CHECK(as_vector(plan.compute()) == std::vector<index_t>{0, 1});
   CHECK(plan.reuse().empty());
-  top_k_classifier k(5, 0.6);
+  top_k_classifier k(0.6);
+  k.prepare(5);
   k.classify(std::vector<float>(5, 0.f), plan);
   CHECK(as_vector(plan.compute()) == std::vector<index_t>{0, 1});
   CHECK(as_vector(plan.reuse()) == std::vector<index_t>{2, 3, 4});
@@ -72,7 +75,8 @@ TEST_CASE("three levels: properties on fresh random scores") {
     auto s = testing::random_vector(rng, static_cast<std::size_t>(n), -8.f, 8.f);
     if (trial % 4 == 0)  // many exact ties
       for (auto& x : s) x = std::round(x);
-    three_level_classifier c(n, cr, mass);
+    three_level_classifier c(cr, mass);
+  c.prepare(n);
     token_plan plan(n);
     c.classify(s, plan);
     check_partition(plan);
@@ -108,9 +112,13 @@ TEST_CASE("CR = 0 computes every token; all-compute and all-reuse") {
   std::mt19937_64 rng(testing::fresh_seed());
   const auto s = testing::random_vector(rng, 77, -3.f, 3.f);
   token_plan plan(77);
-  three_level_classifier(77, 0.0).classify(s, plan);
+  three_level_classifier c0(0.0);
+  c0.prepare(77);
+  c0.classify(s, plan);
   CHECK(plan.count(level::compute) == 77);
-  top_k_classifier(77, 0.0).classify(s, plan);
+  top_k_classifier k0(0.0);
+  k0.prepare(77);
+  k0.classify(s, plan);
   CHECK(plan.count(level::compute) == 77);
   all_reuse_classifier{}.classify(s, plan);
   CHECK(plan.count(level::reuse) == 77);
@@ -120,18 +128,25 @@ TEST_CASE("CR = 0 computes every token; all-compute and all-reuse") {
 }
 
 TEST_CASE("classifiers reject bad input, naming the parameter") {
-  testing::expect_error<std::invalid_argument>([] { three_level_classifier(8, 1.0); }, {"cache_rate", "[0, 1)", "1"});
-  testing::expect_error<std::invalid_argument>([] { three_level_classifier(8, -0.1); }, {"cache_rate", "-0.1"});
-  testing::expect_error<std::invalid_argument>([] { three_level_classifier(8, std::nan("")); }, {"cache_rate"});
-  testing::expect_error<std::invalid_argument>([] { top_k_classifier(8, 1.5); }, {"cache_rate", "1.5"});
-  testing::expect_error<std::invalid_argument>([] { three_level_classifier(8, 0.5, 1.5); }, {"reuse_mass", "1.5"});
-  testing::expect_error<std::invalid_argument>([] { three_level_classifier(0, 0.5); }, {"tokens", "0"});
-  three_level_classifier c(4, 0.5);
+  testing::expect_error<std::invalid_argument>([] { three_level_classifier(1.0); }, {"cache_rate", "[0, 1)", "1"});
+  testing::expect_error<std::invalid_argument>([] { three_level_classifier(-0.1); }, {"cache_rate", "-0.1"});
+  testing::expect_error<std::invalid_argument>([] { three_level_classifier(std::nan("")); }, {"cache_rate"});
+  testing::expect_error<std::invalid_argument>([] { top_k_classifier(1.5); }, {"cache_rate", "1.5"});
+  testing::expect_error<std::invalid_argument>([] { three_level_classifier(0.5, 1.5); }, {"reuse_mass", "1.5"});
+  testing::expect_error<std::invalid_argument>([] { three_level_classifier(0.5).prepare(0); }, {"tokens", "0"});
+  {
+    three_level_classifier unprepared(0.5);
+    token_plan p4(4);
+    const std::vector<float> four(4, 0.f);
+    testing::expect_error<std::invalid_argument>([&] { unprepared.classify(four, p4); }, {"prepared for 0"});
+  }
+  three_level_classifier c(0.5);
+  c.prepare(4);
   token_plan plan(4);
   testing::expect_error<std::invalid_argument>([&] { c.classify(std::vector<float>(3, 0.f), plan); }, {"log_score", "expected 4", "got 3"});
   testing::expect_error<std::invalid_argument>([&] { c.classify(std::vector<float>{0.f, 1.f, INFINITY, 0.f}, plan); }, {"log_score[2]", "not finite"});
   testing::expect_error<std::invalid_argument>([&] { c.classify(std::vector<float>{}, plan); }, {"zero tokens"});
   token_plan big(5);
-  testing::expect_error<std::invalid_argument>([&] { c.classify(std::vector<float>(5, 0.f), big); }, {"built for 4"});
+  testing::expect_error<std::invalid_argument>([&] { c.classify(std::vector<float>(5, 0.f), big); }, {"prepared for 4"});
   testing::expect_error<std::invalid_argument>([] { token_plan p(0); }, {"tokens"});
 }

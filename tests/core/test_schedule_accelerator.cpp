@@ -44,9 +44,11 @@ TEST_CASE("step_schedule: RAS's, TaylorSeer's and FORA's settings") {
   CHECK(dense_steps(step_schedule{2, 1, 0, {}}, 5) == std::vector<index_t>{0, 1, 2, 3, 4});
   CHECK(dense_steps(step_schedule{2, 0, 0, {}}, 5) == std::vector<index_t>{0, 1});
   testing::expect_error<std::invalid_argument>([&] { (void)ras.is_dense(28, 28); }, {"step = 28"});
-  testing::expect_error<std::invalid_argument>([] { step_schedule{-1, 0, 0, {}}.validate(); }, {"warmup_steps", "-1"});
-  testing::expect_error<std::invalid_argument>([] { step_schedule{1, -2, 0, {}}.validate(); }, {"refresh_interval", "-2"});
-  testing::expect_error<std::invalid_argument>([] { step_schedule{1, 0, 0, {-3}}.validate(); }, {"reset_steps", "-3"});
+  testing::expect_error<std::invalid_argument>([] { step_schedule{-1, 0, 0, {}}.validate(10); }, {"warmup_steps", "-1"});
+  testing::expect_error<std::invalid_argument>([] { step_schedule{1, -2, 0, {}}.validate(10); }, {"refresh_interval", "-2"});
+  testing::expect_error<std::invalid_argument>([] { step_schedule{1, 0, 0, {-3}}.validate(10); }, {"reset_steps", "-3"});
+  testing::expect_error<std::invalid_argument>([] { step_schedule{1, 0, 0, {10}}.validate(10); }, {"reset_steps", "10", "[0, 10)"});
+  testing::expect_error<std::invalid_argument>([] { step_schedule{1, 0, 11, {}}.validate(10); }, {"speculative_steps", "11"});
 }
 
 namespace {
@@ -64,8 +66,8 @@ float attention_of(index_t sample, index_t token, float t) {
 using specdiff_accelerator = accelerator<specdiff_scorer, self_speculation, three_level_classifier, step_schedule>;
 
 specdiff_accelerator make(index_t tokens, index_t batch, index_t steps, index_t dim, double cr, bool share = false) {
-  const accelerator_config cfg{tokens, batch, steps, dim, share};
-  return specdiff_accelerator(cfg, specdiff_scorer{}, self_speculation(batch * tokens), three_level_classifier(tokens, cr), step_schedule{2, 4, 2, {}});
+  const accelerator_config cfg{.tokens = tokens, .batch = batch, .steps = steps, .feature_dim = dim, .share_cfg_plan = share};
+  return specdiff_accelerator(cfg, specdiff_scorer{}, self_speculation{}, three_level_classifier(cr), step_schedule{2, 4, 2, {}});
 }
 
 struct run_result {
@@ -89,20 +91,30 @@ run_result run(specdiff_accelerator& acc, const std::vector<float>& ts, bool che
   for (index_t step = 0; step < cfg.steps; ++step) {
     const float t = ts[static_cast<std::size_t>(step)];
     const long before = allocations.load();
-    const bool dense = acc.plan_step(step, t);
+    auto planned = acc.plan_step(step, t);
     result.per_step_allocations += allocations.load() - before;
+    const bool dense = planned.dense();
+    // the plans of this step, kept beyond complete_step (which consumes the step object)
+    std::vector<token_plan> plans;
+    for (index_t b = 0; b < cfg.batch; ++b) plans.push_back(planned.plan(b));
     std::fill(out.begin(), out.end(), std::nanf(""));
+    // compact C1 rows, as a token-subset forward returns them; step.compute_tokens() lists them
+    const index_t m = planned.compute_count();
+    std::vector<float> computed(static_cast<std::size_t>(cfg.batch * m * dim));
+    const auto ids = planned.compute_tokens();
+    REQUIRE(ids.size() == static_cast<std::size_t>(cfg.batch * m));
     for (index_t b = 0; b < cfg.batch; ++b)
-      for (index_t i : acc.plan(b).compute()) {
-        const index_t r = b * cfg.tokens + i;
-        for (index_t c = 0; c < dim; ++c) out[static_cast<std::size_t>(r * dim + c)] = velocity(b, i, c, t);
-        attn[static_cast<std::size_t>(r)] = attention_of(b, i, t);
+      for (index_t k = 0; k < m; ++k) {
+        const index_t i = ids[static_cast<std::size_t>(b * m + k)];
+        CHECK(i == planned.plan(b).compute()[static_cast<std::size_t>(k)]);
+        for (index_t c = 0; c < dim; ++c) computed[static_cast<std::size_t>((b * m + k) * dim + c)] = velocity(b, i, c, t);
+        attn[static_cast<std::size_t>(b * cfg.tokens + i)] = attention_of(b, i, t);
       }
     const long before2 = allocations.load();
-    acc.complete_step(step, t, matrix_view<float>(out.data(), rows, dim), attn);
+    acc.complete_step(std::move(planned), matrix_view<const float>(computed.data(), cfg.batch * m, dim), matrix_view<float>(out.data(), rows, dim), attn);
     result.per_step_allocations += allocations.load() - before2;
     for (index_t b = 0; b < cfg.batch; ++b) {
-      const auto& plan = acc.plan(b);
+      const auto& plan = plans[static_cast<std::size_t>(b)];
       for (index_t i = 0; i < cfg.tokens; ++i) {
         const index_t r = b * cfg.tokens + i;
         auto& h = hist[static_cast<std::size_t>(r)];
@@ -142,20 +154,21 @@ TEST_CASE("accelerator: C1 rows as computed, C2 latest, C3 the SpecDiff mix; no 
   auto acc = make(64, 2, 12, 5, 0.75);
   const auto r = run(acc, timesteps(12), true);
   CHECK(r.per_step_allocations == 0);
-  CHECK(acc.compute_count() == 16);
+  CHECK(acc.partial_compute_count() == 16);
 }
 
 TEST_CASE("accelerator: CR = 0 reproduces the full computation bit for bit") {
   auto acc = make(40, 3, 10, 4, 0.0);
   const auto cached = run(acc, timesteps(10), false);
-  accelerator full(accelerator_config{40, 3, 10, 4}, specdiff_scorer{}, self_speculation(120), all_compute_classifier{}, dense_schedule{});
+  accelerator full(accelerator_config{40, 3, 10, 4}, specdiff_scorer{}, self_speculation{}, all_compute_classifier{}, dense_schedule{});
   std::vector<float> out(120 * 4), sum(out.size(), 0.f), attn(120, 1.f);
   const auto ts = timesteps(10);
   for (index_t step = 0; step < 10; ++step) {
-    CHECK(full.plan_step(step, ts[static_cast<std::size_t>(step)]));
+    auto planned = full.plan_step(step, ts[static_cast<std::size_t>(step)]);
+    CHECK(planned.dense());
     for (index_t r = 0; r < 120; ++r)
       for (index_t c = 0; c < 4; ++c) out[static_cast<std::size_t>(r * 4 + c)] = velocity(r / 40, r % 40, c, ts[static_cast<std::size_t>(step)]);
-    full.complete_step(step, ts[static_cast<std::size_t>(step)], matrix_view<float>(out.data(), 120, 4), attn);
+    full.complete_step(std::move(planned), matrix_view<float>(out.data(), 120, 4), attn);
     for (std::size_t k = 0; k < sum.size(); ++k) sum[k] += out[k];
   }
   CHECK(cached.final_sum == sum);
@@ -164,34 +177,40 @@ TEST_CASE("accelerator: CR = 0 reproduces the full computation bit for bit") {
 TEST_CASE("accelerator: starvation counts and independent plans per sample") {
   auto acc = make(50, 2, 8, 3, 0.8);
   (void)run(acc, timesteps(8), false);
-  // cf counts the partial steps since a token was last computed
+  // cf counts the partial steps since a token was last computed: after the last (partial) step, the tokens
+  // it computed have 0, every other token at least 1
   for (index_t p = 0; p < 2; ++p) {
     const auto cf = acc.cache_counts(p);
-    const auto& plan = acc.plan(p);
-    for (index_t i : plan.compute()) CHECK(cf[static_cast<std::size_t>(i)] == 0.f);
-    for (index_t i : plan.approximate()) CHECK(cf[static_cast<std::size_t>(i)] >= 1.f);
+    index_t zeros = 0;
+    for (float c : cf) zeros += c == 0.f ? 1 : 0;
+    CHECK(zeros == acc.partial_compute_count());
   }
   // the toy attention differs per sample, so do the plans
-  const auto a = acc.plan(0).compute(), b = acc.plan(1).compute();
+  const auto a = acc.cache_counts(0), b = acc.cache_counts(1);
   CHECK_FALSE(std::equal(a.begin(), a.end(), b.begin(), b.end()));
 }
 
 TEST_CASE("accelerator: a CFG pair can share one plan") {
   auto acc = make(30, 4, 6, 2, 0.5, true);
   (void)run(acc, timesteps(6), true);
-  for (index_t b = 0; b < 2; ++b) CHECK(&acc.plan(b) == &acc.plan(b + 2));
+  // replay to the first partial step (warm-up 2) and look at the plans
+  acc.reset();
+  const auto ts = timesteps(6);
+  const std::vector<float> spec = {ts[0], ts[3]};
+  std::vector<float> attn(120), out(120 * 2, 0.5f);
+  acc.begin_speculation(spec);
+  for (index_t s = 0; s < 2; ++s) {
+    for (index_t r = 0; r < 120; ++r) attn[static_cast<std::size_t>(r)] = attention_of(r / 30, r % 30, spec[static_cast<std::size_t>(s)]);
+    acc.record_speculation(s, attn);
+  }
+  for (index_t k = 0; k < 2; ++k) {
+    for (index_t r = 0; r < 120; ++r) attn[static_cast<std::size_t>(r)] = attention_of(r / 30, r % 30, ts[static_cast<std::size_t>(k)]);
+    acc.complete_step(acc.plan_step(k, ts[static_cast<std::size_t>(k)]), matrix_view<float>(out.data(), 120, 2), attn);
+  }
+  const auto partial = acc.plan_step(2, ts[2]);
+  REQUIRE_FALSE(partial.dense());
+  for (index_t b = 0; b < 2; ++b) CHECK(&partial.plan(b) == &partial.plan(b + 2));
+  const auto ids = partial.compute_tokens();
+  CHECK(std::equal(ids.begin(), ids.begin() + 15, ids.begin() + 30));  // sample 0 and sample 2 compute the same tokens
   testing::expect_error<std::invalid_argument>([] { (void)make(30, 3, 6, 2, 0.5, true); }, {"batch", "even", "3"});
-}
-
-TEST_CASE("accelerator rejects bad input, naming the parameter") {
-  testing::expect_error<std::invalid_argument>([] { (void)make(0, 1, 6, 2, 0.5); }, {"tokens"});
-  testing::expect_error<std::invalid_argument>([] { (void)make(8, 1, 6, 0, 0.5); }, {"feature_dim"});
-  testing::expect_error<std::invalid_argument>([] { (void)make(8, 1, 6, 2, 1.0); }, {"cache_rate"});
-  auto acc = make(8, 1, 6, 2, 0.5);
-  std::vector<float> out(16, 0.f), attn(8, 1.f);
-  acc.plan_step(0, 1000.f);
-  testing::expect_error<std::invalid_argument>([&] { acc.complete_step(0, 1000.f, matrix_view<float>(out.data(), 4, 2), attn); }, {"output", "8x2", "4x2"});
-  attn[3] = std::nanf("");
-  testing::expect_error<std::invalid_argument>([&] { acc.complete_step(0, 1000.f, matrix_view<float>(out.data(), 8, 2), attn); }, {"attention[3]"});
-  testing::expect_error<std::invalid_argument>([&] { acc.plan_step(1, NAN); }, {"t:"});
 }
