@@ -68,6 +68,11 @@ template <importance_scorer Scorer, speculative_predictor Predictor, level_class
           approximator Approx = specdiff_weighted, cache_store Store = host_cache_store<float>>
 class accelerator {
  public:
+  using scorer_type = Scorer;
+  using predictor_type = Predictor;
+  using classifier_type = Classifier;
+  using schedule_type = Schedule;
+  using approximator_type = Approx;
   using store_type = Store;
 
   /// A planned main step: what the engine must compute, until complete_step consumes it. Move-only; one

@@ -3,6 +3,8 @@
 // partial forward runs only the C1 rows through the network.
 #include <doctest/doctest.h>
 
+#include <algorithm>
+
 #include <random>
 #include <specdiff/specdiff.hpp>
 
@@ -123,6 +125,22 @@ TEST_CASE("the speculative pass samples from the same noise and conditioning") {
     CHECK(r.speculative_latents == methods::run_steps(p, s).latents);
     CHECK(r.model_calls == p.steps + s);
   }
+  // the aligned grid: the pass integrates along the library's main-grid timesteps, starting at the first
+  for (int s : {1, 2, 3}) {
+    methods::specdiff_options sd;
+    sd.spec_steps = s;
+    sd.spec_grid = specdiff::speculative_grid::aligned;
+    const auto pass = methods::speculative_pass(p, sd);
+    REQUIRE(pass.has_value());
+    const sd3::flow_match_euler main(p.steps, static_cast<double>(p.shift));
+    const auto& ts = pass->timesteps();
+    REQUIRE(ts.size() == static_cast<std::size_t>(s));
+    CHECK(ts[0] == main.timesteps()[0]);
+    for (float t : ts) CHECK(std::find(main.timesteps().begin(), main.timesteps().end(), t) != main.timesteps().end());
+    const auto r = methods::run_specdiff(p, sd);
+    CHECK(r.speculative_latents == sd3::sample_cfg(f.net, *pass, p.inputs, p.guidance));
+    CHECK(r.model_calls == p.steps + s);
+  }
 }
 
 TEST_CASE("a partial forward runs only the C1 rows (plus context) through the network") {
@@ -139,14 +157,15 @@ TEST_CASE("a partial forward runs only the C1 rows (plus context) through the ne
   f.net.forward(in, velocity, full);  // fills the K/V cache
 
   // C1 from the library's classifier on the measured attention
-  specdiff::three_level_classifier classify(tokens, 0.75);
+  specdiff::three_level_classifier classify(0.75);
+  classify.prepare(tokens);
   std::vector<std::int32_t> ids;
   for (int b = 0; b < batch; ++b) {
     specdiff::token_plan plan(tokens);
     std::vector<float> log_score(tokens);
-    specdiff::specdiff_scorer{}.score({.attention = std::span<const float>(probe).subspan(b * tokens, tokens),
-                                       .future = std::vector<float>(tokens, 1.f),
-                                       .cache_count = std::vector<float>(tokens, 0.f)}, log_score);
+    const std::vector<float> ones(tokens, 1.f), zeros(tokens, 0.f);
+    specdiff::score_tokens(specdiff::specdiff_scorer{}, {.attention = std::span<const float>(probe).subspan(b * tokens, tokens), .future = ones,
+                                                         .cache_count = zeros}, log_score);
     classify.classify(log_score, plan);
     ids.insert(ids.end(), plan.compute().begin(), plan.compute().end());
   }

@@ -5,14 +5,17 @@
 #include <stdexcept>
 #include <string>
 
+#include "sd3/errors.hpp"
+
 namespace sd3 {
 
 flow_match_euler::flow_match_euler(int steps, double shift, int num_train_timesteps, std::optional<double> mu) {
-    if (steps < 1) throw std::invalid_argument("flow_match_euler: steps = " + std::to_string(steps) + " must be >= 1");
-    if (!(shift > 0)) throw std::invalid_argument("flow_match_euler: shift = " + std::to_string(shift) + " must be > 0");
-    if (num_train_timesteps < 2)
-        throw std::invalid_argument("flow_match_euler: num_train_timesteps = " + std::to_string(num_train_timesteps) + " must be >= 2");
-    if (mu && !std::isfinite(*mu)) throw std::invalid_argument("flow_match_euler: mu must be finite");
+    auto bad = [](const auto&... what) { throw std::invalid_argument(message("flow_match_euler: ", what...)); };
+    if (steps < 1 || steps > max_steps) bad("steps = ", steps, " is out of range [1, ", max_steps, "]");
+    if (!(shift > 0) || !std::isfinite(shift)) bad("shift = ", shift, " must be finite and > 0");
+    if (num_train_timesteps < 2 || num_train_timesteps > max_steps)
+        bad("num_train_timesteps = ", num_train_timesteps, " is out of range [2, ", max_steps, "]");
+    if (mu && !std::isfinite(*mu)) bad("mu = ", *mu, " must be finite");
     const float T = static_cast<float>(num_train_timesteps);
     // Training table ends (float32 torch arithmetic in diffusers' __init__): sigma = t / T for t = T .. 1.
     auto train_sigma = [&](float t) {
@@ -34,6 +37,31 @@ flow_match_euler::flow_match_euler(int steps, double shift, int num_train_timest
         timesteps_.push_back(sigmas_.back() * T);
     }
     sigmas_.push_back(0.0f);
+    // A finite but extreme shift (or mu) overflows the shift formula; report it by name, not as NaN timesteps later.
+    for (int i = 0; i < steps; ++i)
+        if (!(sigmas_[i] >= 0.0f && sigmas_[i] <= 1.0f))
+        {
+            if (mu) bad("mu = ", *mu, " gives sigma[", i, "] = ", sigmas_[i], ", outside [0, 1]");
+            bad("shift = ", shift, " gives sigma[", i, "] = ", sigmas_[i], ", outside [0, 1]");
+        }
+}
+
+flow_match_euler flow_match_euler::at_timesteps(std::span<const float> timesteps, int num_train_timesteps) {
+    if (timesteps.empty()) throw std::invalid_argument("flow_match_euler::at_timesteps: timesteps is empty");
+    if (num_train_timesteps < 2)
+        throw std::invalid_argument("flow_match_euler::at_timesteps: num_train_timesteps = " + std::to_string(num_train_timesteps) + " must be >= 2");
+    const float T = static_cast<float>(num_train_timesteps);
+    flow_match_euler s;
+    for (std::size_t i = 0; i < timesteps.size(); ++i) {
+        const float t = timesteps[i];
+        if (!(t > 0.f && t <= T) || (i > 0 && !(t < timesteps[i - 1])))
+            throw std::invalid_argument("flow_match_euler::at_timesteps: timesteps[" + std::to_string(i) + "] = " + std::to_string(t) +
+                                        " must lie in (0, " + std::to_string(num_train_timesteps) + "] and below the previous one");
+        s.timesteps_.push_back(t);
+        s.sigmas_.push_back(t / T);
+    }
+    s.sigmas_.push_back(0.0f);
+    return s;
 }
 
 void flow_match_euler::step(int i, std::span<const float> velocity, std::span<float> latents) const {

@@ -21,68 +21,59 @@ struct site_rows {
   specdiff::matrix_view<float> view(int rows, int hidden) { return {data.data(), rows, hidden}; }
 };
 
-}  // namespace
-
-run_result run_module_cache(const problem& p, const module_cache_options& o, const progress_fn& progress) {
+// One accelerator drives every method: a plan per step (ToCa: top-k tokens by attention·staleness; FORA
+// and TaylorSeer: no token computed on partial steps), the cached image rows of every (layer, site), the
+// staleness. The context stream's rows (a few tokens, never planned) sit in a plain store beside it.
+template <class Accelerator>
+run_result run_module(const problem& p, const module_cache_options& o, Accelerator& acc, const progress_fn& progress) {
   using kind = module_cache_options::kind;
-  if (o.interval < 1) throw std::invalid_argument("interval: must be >= 1, got " + std::to_string(o.interval));
-  if (o.method == kind::taylorseer && (o.order < 1 || o.order > 2)) throw std::invalid_argument("order: must be 1 or 2, got " + std::to_string(o.order));
   const auto start = std::chrono::steady_clock::now();
   sd3::transformer& net = *p.net;
   const auto& c = net.config();
   const int batch = model_batch(p), ctx = p.inputs.context_tokens, hidden = c.hidden(), layers = c.num_layers;
   const int tokens = image_tokens(p);
   const int image_rows = batch * tokens, context_rows = batch * ctx;
-  // Forecasts need as many cached steps as the Taylor order + 1; reuse needs the latest only.
-  const int depth = o.method == kind::taylorseer ? o.order + 1 : 1;
-  specdiff::host_cache_store<float> image_cache({layers, 2, image_rows, hidden, depth});
-  specdiff::host_cache_store<float> context_cache({layers, 2, std::max(context_rows, 1), hidden, depth});
-  // Full steps: the warm-up, then every `interval` steps ("dense" = full).
-  const specdiff::step_schedule schedule{std::max(o.warmup_steps, 1), o.interval, 0, {}};
-  schedule.validate();
+  const bool toca = o.method == kind::toca;
+  // Reused sites: FORA reuses (latest), TaylorSeer forecasts (the accelerator's approximator).
+  const specdiff::level partial_level = o.method == kind::taylorseer ? specdiff::level::approximate : specdiff::level::reuse;
+  specdiff::host_cache_store<float> context_cache({layers, 2, std::max(context_rows, 1), hidden, std::max(Accelerator::approximator_type::depth, 1)});
 
   std::vector<site_rows> image(static_cast<std::size_t>(layers * 2)), context(static_cast<std::size_t>(layers * 2));
   for (auto& s : image) s.data.assign(static_cast<std::size_t>(image_rows * hidden), 0.f);
   for (auto& s : context) s.data.assign(static_cast<std::size_t>(std::max(context_rows, 1) * hidden), 0.f);
   std::vector<sd3::block_hooks> hooks(static_cast<std::size_t>(layers));
-  std::vector<index_t> all_image(static_cast<std::size_t>(image_rows)), all_context(static_cast<std::size_t>(context_rows));
-  for (index_t i = 0; i < image_rows; ++i) all_image[static_cast<std::size_t>(i)] = i;
+  std::vector<index_t> all_context(static_cast<std::size_t>(context_rows));
   for (index_t i = 0; i < context_rows; ++i) all_context[static_cast<std::size_t>(i)] = i;
+  std::vector<float> probe(static_cast<std::size_t>(image_rows));
   auto last = [&](int l) { return l + 1 == layers; };  // context_pre_only: no context outputs to cache
-
-  // ToCa's token choice: scorer + top-k classifier per sample over the attention of the last full step.
-  const bool toca = o.method == kind::toca;
-  specdiff::toca_scorer scorer{o.starvation_scale};
-  specdiff::top_k_classifier classifier(tokens, toca ? o.cache_rate : 0.0);
-  std::vector<specdiff::token_plan> plans(static_cast<std::size_t>(batch), specdiff::token_plan(tokens));
-  std::vector<float> probe(static_cast<std::size_t>(image_rows)), staleness(probe.size(), 0.f), scores(static_cast<std::size_t>(tokens));
-  const int fresh = specdiff::math::compute_count(toca ? o.cache_rate : 0.0, tokens);
-  std::vector<std::int32_t> fresh_ids(static_cast<std::size_t>(batch * fresh));
-  std::vector<index_t> fresh_rows(fresh_ids.size());
-
-  auto forecast = [&](auto& store, int l, int site, float tag, std::span<const index_t> rows_all, specdiff::matrix_view<float> out) {
-    if (o.method == kind::taylorseer && o.order == 2) store.fill(l, site, tag, rows_all, specdiff::taylor<2>{}, out);
-    else if (o.method == kind::taylorseer) store.fill(l, site, tag, rows_all, specdiff::taylor<1>{}, out);
-    else store.fill_latest(l, site, rows_all, out);
+  auto image_view = [&](int l, int site) { return image[static_cast<std::size_t>(l * 2 + site)].view(image_rows, hidden); };
+  auto context_view = [&](int l, int site) { return context[static_cast<std::size_t>(l * 2 + site)].view(context_rows, hidden); };
+  auto forecast_context = [&](int l, int site, float tag) {
+    if (partial_level == specdiff::level::approximate) context_cache.fill(l, site, tag, all_context, typename Accelerator::approximator_type{}, context_view(l, site));
+    else context_cache.fill(l, site, tag, all_context, context_view(l, site));
   };
 
   run_result r;
   const sd3::flow_match_euler scheduler(p.steps, p.shift);
   r.latents = sd3::sample_cfg(net, scheduler, p.inputs, p.guidance, [&](const sd3::model_call& call) {
-    // TaylorSeer differentiates over step indices, as its code does; reuse ignores the tag.
-    const float tag = static_cast<float>(call.step);
-    const bool full = schedule.is_dense(call.step, p.steps);
+    // TaylorSeer differentiates over step indices, as its code does: the tag falls by one per step (the
+    // accelerator wants falling timesteps; extrapolation is the same under this affine change of variable).
+    const float tag = static_cast<float>(p.steps - call.step);
+    auto step = [&] {
+      stopwatch::scope s(r.overhead_seconds);
+      return acc.plan_step(call.step, tag);
+    }();
     sd3::forward_options options;
     options.blocks = hooks;
-    if (full) {
+    if (step.dense()) {
       for (int l = 0; l < layers; ++l) {
         auto& h = hooks[static_cast<std::size_t>(l)];
-        h.attention[0] = {sd3::module_mode::compute, image[static_cast<std::size_t>(l * 2 + attention_site)].data.data(), {}};
-        h.mlp[0] = {sd3::module_mode::compute, image[static_cast<std::size_t>(l * 2 + mlp_site)].data.data(), {}};
+        h.attention[0] = {sd3::module_mode::compute, image_view(l, attention_site).data, {}};
+        h.mlp[0] = {sd3::module_mode::compute, image_view(l, mlp_site).data, {}};
         h.attention[1] = h.mlp[1] = {};
         if (!last(l)) {
-          h.attention[1] = {sd3::module_mode::compute, context[static_cast<std::size_t>(l * 2 + attention_site)].data.data(), {}};
-          h.mlp[1] = {sd3::module_mode::compute, context[static_cast<std::size_t>(l * 2 + mlp_site)].data.data(), {}};
+          h.attention[1] = {sd3::module_mode::compute, context_view(l, attention_site).data, {}};
+          h.mlp[1] = {sd3::module_mode::compute, context_view(l, mlp_site).data, {}};
         }
       }
       if (toca) options.attention_probe = probe;
@@ -90,57 +81,45 @@ run_result run_module_cache(const problem& p, const module_cache_options& o, con
       stopwatch::scope s(r.overhead_seconds);
       for (int l = 0; l < layers; ++l)
         for (int site : {attention_site, mlp_site}) {
-          image_cache.write(l, site, tag, image[static_cast<std::size_t>(l * 2 + site)].view(image_rows, hidden));
-          if (!last(l) && ctx > 0) context_cache.write(l, site, tag, context[static_cast<std::size_t>(l * 2 + site)].view(context_rows, hidden));
+          acc.cache_rows_in_place(step, l, site, image_view(l, site));
+          if (!last(l) && ctx > 0) context_cache.write(l, site, tag, context_view(l, site));
         }
-      std::ranges::fill(staleness, 0.f);
+      if (toca) acc.complete_step(std::move(step), probe);
+      else acc.complete_step(std::move(step), specdiff::attention_unchanged);
       r.flops += batch * full_forward_flops(c, tokens, ctx);
     } else {
       {
         stopwatch::scope s(r.overhead_seconds);
         for (int l = 0; l < layers; ++l) {
           auto& h = hooks[static_cast<std::size_t>(l)];
-          for (int site : {attention_site, mlp_site}) {
-            forecast(image_cache, l, site, tag, all_image, image[static_cast<std::size_t>(l * 2 + site)].view(image_rows, hidden));
-            if (!last(l) && ctx > 0) forecast(context_cache, l, site, tag, all_context, context[static_cast<std::size_t>(l * 2 + site)].view(context_rows, hidden));
-          }
-          h.attention[0] = {sd3::module_mode::reuse, image[static_cast<std::size_t>(l * 2 + attention_site)].data.data(), {}};
-          h.mlp[0] = {sd3::module_mode::reuse, image[static_cast<std::size_t>(l * 2 + mlp_site)].data.data(), {}};
+          acc.fill_all(step, l, attention_site, partial_level, image_view(l, attention_site));
+          // ToCa: the MLP runs for the plan's C1 tokens, the others reuse it; FORA/TaylorSeer: reused whole
+          if (toca) acc.fill(step, l, mlp_site, image_view(l, mlp_site));
+          else acc.fill_all(step, l, mlp_site, partial_level, image_view(l, mlp_site));
+          for (int site : {attention_site, mlp_site})
+            if (!last(l) && ctx > 0) forecast_context(l, site, tag);
+          h.attention[0] = {sd3::module_mode::reuse, image_view(l, attention_site).data, {}};
+          h.mlp[0] = {toca ? sd3::module_mode::subset : sd3::module_mode::reuse, image_view(l, mlp_site).data,
+                      toca ? step.compute_tokens() : std::span<const index_t>()};
           h.attention[1] = h.mlp[1] = {};
           if (!last(l)) {
-            h.attention[1] = {sd3::module_mode::reuse, context[static_cast<std::size_t>(l * 2 + attention_site)].data.data(), {}};
+            h.attention[1] = {sd3::module_mode::reuse, context_view(l, attention_site).data, {}};
             // ToCa recomputes the (few) context tokens' MLP; the others reuse it.
-            h.mlp[1] = {toca ? sd3::module_mode::compute : sd3::module_mode::reuse, context[static_cast<std::size_t>(l * 2 + mlp_site)].data.data(), {}};
-          }
-        }
-        if (toca) {  // the fresh tokens: top (1 - CR)·N by attention of the last full step × staleness
-          for (int b = 0; b < batch; ++b) {
-            const std::span<const float> his(probe.data() + b * tokens, static_cast<std::size_t>(tokens));
-            const std::span<const float> cf(staleness.data() + b * tokens, static_cast<std::size_t>(tokens));
-            scorer.score({.attention = his, .cache_count = cf}, scores);
-            auto& plan = plans[static_cast<std::size_t>(b)];
-            classifier.classify(scores, plan);
-            std::ranges::copy(plan.compute(), fresh_ids.begin() + b * fresh);
-            for (int i = 0; i < fresh; ++i) fresh_rows[static_cast<std::size_t>(b * fresh + i)] = b * tokens + plan.compute()[static_cast<std::size_t>(i)];
-            for (int i = 0; i < tokens; ++i)
-              staleness[static_cast<std::size_t>(b * tokens + i)] = plan.levels()[static_cast<std::size_t>(i)] == specdiff::level::compute ? 0.f : staleness[static_cast<std::size_t>(b * tokens + i)] + 1.f;
-          }
-          for (int l = 0; l < layers; ++l) {
-            auto& mlp = hooks[static_cast<std::size_t>(l)].mlp[0];
-            mlp.mode = sd3::module_mode::subset;
-            mlp.tokens = fresh_ids;
+            h.mlp[1] = {toca ? sd3::module_mode::compute : sd3::module_mode::reuse, context_view(l, mlp_site).data, {}};
           }
         }
       }
       net.forward(*call.inputs, call.velocity, options);
-      if (toca) {
+      {
         stopwatch::scope s(r.overhead_seconds);
-        for (int l = 0; l < layers; ++l) {
-          image_cache.write_rows(l, mlp_site, tag, fresh_rows, image[static_cast<std::size_t>(l * 2 + mlp_site)].view(image_rows, hidden));
-          if (!last(l) && ctx > 0) context_cache.write(l, mlp_site, tag, context[static_cast<std::size_t>(l * 2 + mlp_site)].view(context_rows, hidden));
-        }
+        if (toca)
+          for (int l = 0; l < layers; ++l) {
+            acc.cache_rows_in_place(step, l, mlp_site, image_view(l, mlp_site));
+            if (!last(l) && ctx > 0) context_cache.write(l, mlp_site, tag, context_view(l, mlp_site));
+          }
+        acc.complete_step(std::move(step), specdiff::attention_unchanged);  // ToCa scores with the last full step's attention
       }
-      const int mlp_tokens = toca ? fresh : 0;
+      const int mlp_tokens = toca ? acc.partial_compute_count() : 0;
       r.flops += batch * forward_flops(c, tokens, ctx, tokens, [&](int) { return block_work{0, false, mlp_tokens, toca}; });
     }
     ++r.model_calls;
@@ -148,6 +127,39 @@ run_result run_module_cache(const problem& p, const module_cache_options& o, con
   });
   r.seconds = seconds_since(start);
   return r;
+}
+
+}  // namespace
+
+run_result run_module_cache(const problem& p, const module_cache_options& o, const progress_fn& progress) {
+  using kind = module_cache_options::kind;
+  if (o.interval < 1) throw std::invalid_argument("interval: must be >= 1, got " + std::to_string(o.interval));
+  if (o.method == kind::taylorseer && (o.order < 1 || o.order > 2)) throw std::invalid_argument("order: must be 1 or 2, got " + std::to_string(o.order));
+  const auto& c = p.net->config();
+  const specdiff::accelerator_config config{.tokens = image_tokens(p), .batch = model_batch(p), .steps = p.steps, .feature_dim = c.hidden(),
+                                            .layers = c.num_layers, .sites = 2};
+  // Full steps: the warm-up, then every `interval` steps ("dense" = full).
+  const specdiff::step_schedule schedule{std::max(o.warmup_steps, 1), o.interval, 0, {}};
+  switch (o.method) {
+    case kind::toca: {
+      specdiff::accelerator acc(config, specdiff::toca_scorer{o.starvation_scale}, specdiff::no_speculation{},
+                                specdiff::top_k_classifier(o.cache_rate), schedule, specdiff::latest{});
+      return run_module(p, o, acc, progress);
+    }
+    case kind::taylorseer: {
+      auto with = [&](auto approximator) {
+        specdiff::accelerator acc(config, specdiff::uniform_scorer{}, specdiff::no_speculation{}, specdiff::all_approximate_classifier{},
+                                  schedule, approximator);
+        return run_module(p, o, acc, progress);
+      };
+      return o.order == 2 ? with(specdiff::taylor<2>{}) : with(specdiff::taylor<1>{});
+    }
+    default: {
+      specdiff::accelerator acc(config, specdiff::uniform_scorer{}, specdiff::no_speculation{}, specdiff::all_reuse_classifier{}, schedule,
+                                specdiff::latest{});
+      return run_module(p, o, acc, progress);
+    }
+  }
 }
 
 }  // namespace methods

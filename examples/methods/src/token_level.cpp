@@ -2,6 +2,7 @@
 // other tokens' model outputs come from the library's cache store. One runner, two policy sets.
 #include <algorithm>
 #include <cmath>
+#include <optional>
 
 #include <specdiff/specdiff.hpp>
 
@@ -17,9 +18,8 @@ using specdiff::index_t;
 struct ras_scorer {
   static constexpr specdiff::signal needs = specdiff::signal::metric | specdiff::signal::cache_count;
   float starvation_scale = 1.f;
-  void score(const specdiff::score_inputs& in, std::span<float> out) const {
-    for (std::size_t i = 0; i < out.size(); ++i)
-      out[i] = specdiff::math::log_score(in.metric[i], 1.f, in.cache_count[i], starvation_scale);
+  SPECDIFF_HD float score(const specdiff::token_signals& x) const {
+    return specdiff::math::log_score(x.metric, 1.f, x.cache_count, starvation_scale);
   }
 };
 
@@ -27,15 +27,16 @@ struct ras_scorer {
 // lowest-scored are cached (reused); the tokens in between are computed. |C1| stays ceil((1-CR)·N).
 class ras_classifier {
  public:
-  ras_classifier(index_t tokens, double cache_rate, double high_ratio) : cache_rate_(cache_rate), high_ratio_(high_ratio) {
-    if (!(cache_rate >= 0.0 && cache_rate < 1.0)) throw std::invalid_argument("cache_rate: must lie in [0, 1), got " + std::to_string(cache_rate));
-    if (!(high_ratio >= 0.0 && high_ratio <= 1.0)) throw std::invalid_argument("high_ratio: must lie in [0, 1], got " + std::to_string(high_ratio));
-    order_.reserve(static_cast<std::size_t>(tokens));
+  ras_classifier(double cache_rate, double high_ratio) : cache_rate_(cache_rate), high_ratio_(high_ratio) {
+    specdiff::detail::expect_cache_rate(cache_rate);
+    if (!(high_ratio >= 0.0 && high_ratio <= 1.0)) specdiff::detail::fail("high_ratio: must lie in [0, 1], got ", high_ratio);
   }
+  void prepare(index_t tokens) { order_.reserve(static_cast<std::size_t>(tokens)); }
+  index_t compute_count(index_t tokens) const { return specdiff::math::compute_count(cache_rate_, tokens); }
   void classify(std::span<const float> log_score, specdiff::token_plan& plan) {
     specdiff::rank_by_score(log_score, order_);
     const index_t n = plan.tokens();
-    const index_t cached = n - specdiff::math::compute_count(cache_rate_, n);
+    const index_t cached = n - compute_count(n);
     const auto high = static_cast<index_t>(std::floor(cached * high_ratio_));
     auto levels = plan.mutable_levels();
     for (index_t r = 0; r < n; ++r) {
@@ -52,30 +53,31 @@ class ras_classifier {
 static_assert(specdiff::importance_scorer<ras_scorer> && specdiff::level_classifier<ras_classifier>);
 
 // The shared loop. `after_step(acc, rows)` runs once the step's output rows are complete (RAS derives its
-// metric there).
+// metric there). The attention probe runs only when the scorer reads attention.
 template <class Accelerator, class AfterStep>
-run_result run_token_level(const problem& p, Accelerator& acc, int spec_steps, bool context_queries, AfterStep&& after_step,
-                           const progress_fn& progress) {
+run_result run_token_level(const problem& p, Accelerator& acc, const std::optional<sd3::flow_match_euler>& speculative, bool context_queries,
+                           AfterStep&& after_step, const progress_fn& progress) {
   const auto start = std::chrono::steady_clock::now();
   sd3::transformer& net = *p.net;
   const auto& c = net.config();
   const int batch = model_batch(p), h = p.inputs.height, w = p.inputs.width, ctx = p.inputs.context_tokens;
   const int tokens = image_tokens(p), features = c.patch_features();
+  constexpr bool probe_attention = specdiff::has(Accelerator::scorer_type::needs, specdiff::signal::attention);
   sd3::kv_cache kv(c, batch, tokens);
   std::vector<float> probe(static_cast<std::size_t>(batch * tokens)), rows(static_cast<std::size_t>(batch * tokens * features)), compact(rows.size());
-  std::vector<std::int32_t> ids(static_cast<std::size_t>(batch * tokens));
   const specdiff::matrix_view<float> row_view(rows.data(), batch * tokens, features);
+  const std::span<const float> attention = probe_attention ? std::span<const float>(probe) : std::span<const float>();
   run_result r;
+  const int spec_steps = speculative ? speculative->steps() : 0;
   const int total = spec_steps + p.steps;
   auto tick = [&] {
     ++r.model_calls;
     if (progress) progress(r.model_calls, total);
   };
 
-  if (spec_steps > 0) {  // 1. the speculative pass: same noise, same conditioning, every token computed
-    const sd3::flow_match_euler spec(spec_steps, p.shift);
-    acc.begin_speculation(spec.timesteps());
-    r.speculative_latents = sd3::sample_cfg(net, spec, p.inputs, p.guidance, [&](const sd3::model_call& call) {
+  if (speculative) {  // 1. the speculative pass: same noise and conditioning, every token computed
+    acc.begin_speculation(std::span<const float>(speculative->timesteps()));
+    r.speculative_latents = sd3::sample_cfg(net, *speculative, p.inputs, p.guidance, [&](const sd3::model_call& call) {
       sd3::forward_options options;
       options.attention_probe = probe;
       options.probe_context_queries = context_queries;
@@ -91,36 +93,29 @@ run_result run_token_level(const problem& p, Accelerator& acc, int spec_steps, b
 
   const sd3::flow_match_euler scheduler(p.steps, p.shift);  // 2. the main pass
   r.latents = sd3::sample_cfg(net, scheduler, p.inputs, p.guidance, [&](const sd3::model_call& call) {
-    bool dense;
-    {
+    auto step = [&] {
       stopwatch::scope s(r.overhead_seconds);
-      dense = acc.plan_step(call.step, call.timestep);
-    }
-    const int computed = dense ? tokens : acc.compute_count();
+      return acc.plan_step(call.step, call.timestep);
+    }();
+    const int computed = step.compute_count();
     sd3::forward_options options;
     options.kv = &kv;
-    options.attention_probe = probe;
+    if (probe_attention) options.attention_probe = probe;
     options.probe_context_queries = context_queries;
     if (computed == tokens) {  // every token: the plain forward, so CR = 0 is bit-identical to full RFlow
       net.forward(*call.inputs, call.velocity, options);
       stopwatch::scope s(r.overhead_seconds);
       sd3::image_to_patches(c, batch, h, w, c.out_channels, {}, call.velocity, rows);
+      acc.complete_step(std::move(step), row_view, attention);
     } else {
-      {
-        stopwatch::scope s(r.overhead_seconds);
-        for (int b = 0; b < batch; ++b) std::ranges::copy(acc.plan(b).compute(), ids.begin() + b * computed);
-      }
-      options.image_tokens = std::span<const std::int32_t>(ids.data(), static_cast<std::size_t>(batch * computed));
-      net.forward(*call.inputs, std::span<float>(compact.data(), static_cast<std::size_t>(batch * computed * features)), options);
+      options.image_tokens = step.compute_tokens();
+      const std::span<float> out(compact.data(), static_cast<std::size_t>(batch * computed * features));
+      net.forward(*call.inputs, out, options);
       stopwatch::scope s(r.overhead_seconds);
-      for (int b = 0; b < batch; ++b)
-        for (int i = 0; i < computed; ++i)
-          std::copy_n(compact.begin() + (b * computed + i) * features, features,
-                      rows.begin() + (b * tokens + ids[static_cast<std::size_t>(b * computed + i)]) * features);
+      acc.complete_step(std::move(step), specdiff::matrix_view<const float>(out.data(), batch * computed, features), row_view, attention);
     }
     {
       stopwatch::scope s(r.overhead_seconds);
-      acc.complete_step(call.step, call.timestep, row_view, probe);
       after_step(acc, rows);
       sd3::patches_to_image(c, batch, h, w, c.out_channels, {}, rows, call.velocity);
     }
@@ -131,21 +126,38 @@ run_result run_token_level(const problem& p, Accelerator& acc, int spec_steps, b
   return r;
 }
 
+/// The method defaults are SD3's 28-step settings: reset steps past a shorter run are dropped.
+std::vector<index_t> resets_within(const std::vector<int>& resets, int steps) {
+  std::vector<index_t> kept;
+  for (int r : resets)
+    if (r < steps) kept.push_back(r);
+  return kept;
+}
+
 }  // namespace
+
+std::optional<sd3::flow_match_euler> speculative_pass(const problem& p, const specdiff_options& o) {
+  if (o.spec_steps <= 0) return std::nullopt;
+  if (o.spec_grid == specdiff::speculative_grid::sampler) return sd3::flow_match_euler(o.spec_steps, p.shift);
+  const sd3::flow_match_euler main(p.steps, p.shift);
+  const specdiff::step_schedule schedule{o.warmup_steps, o.refresh_interval, o.spec_steps, resets_within(o.reset_steps, p.steps)};
+  return sd3::flow_match_euler::at_timesteps(specdiff::aligned_speculative_timesteps(std::span<const float>(main.timesteps()), o.spec_steps, schedule));
+}
 
 run_result run_specdiff(const problem& p, const specdiff_options& o, const progress_fn& progress) {
   const int tokens = image_tokens(p), batch = model_batch(p);
-  const specdiff::accelerator_config config{tokens, batch, p.steps, p.net->config().patch_features(), o.share_cfg_plan && batch % 2 == 0 && p.guidance > 1.f};
-  const specdiff::step_schedule schedule{o.warmup_steps, o.refresh_interval, o.spec_steps, o.reset_steps};
-  schedule.validate();
+  const specdiff::accelerator_config config{.tokens = tokens, .batch = batch, .steps = p.steps, .feature_dim = p.net->config().patch_features(),
+                                            .share_cfg_plan = o.share_cfg_plan && batch % 2 == 0 && p.guidance > 1.f};
+  const specdiff::step_schedule schedule{o.warmup_steps, o.refresh_interval, o.spec_steps, resets_within(o.reset_steps, p.steps)};
+  const auto speculative = speculative_pass(p, o);
   // With no speculative pass the future factor is 1 (no_speculation): Score = his · star.
   auto run = [&](auto approximator) {
     auto with = [&](auto predictor) {
       specdiff::accelerator acc(config, specdiff::specdiff_scorer{o.starvation_scale}, std::move(predictor),
-                                specdiff::three_level_classifier(tokens, o.cache_rate, o.reuse_mass), schedule, approximator);
-      return run_token_level(p, acc, o.spec_steps, o.context_queries, [](auto&, const std::vector<float>&) {}, progress);
+                                specdiff::three_level_classifier(o.cache_rate, o.reuse_mass), schedule, approximator);
+      return run_token_level(p, acc, speculative, o.context_queries, [](auto&, const std::vector<float>&) {}, progress);
     };
-    return o.spec_steps > 0 ? with(specdiff::self_speculation(batch * tokens)) : with(specdiff::no_speculation(batch * tokens));
+    return o.spec_steps > 0 ? with(specdiff::self_speculation{}) : with(specdiff::no_speculation{});
   };
   switch (o.c3) {
     case specdiff_options::c3_rule::latest: return run(specdiff::latest{});
@@ -158,11 +170,11 @@ run_result run_ras(const problem& p, const ras_options& o, const progress_fn& pr
   const int tokens = image_tokens(p), batch = model_batch(p);
   const auto& c = p.net->config();
   // RAS selects on the guided output, so both CFG halves share one plan.
-  const specdiff::accelerator_config config{tokens, batch, p.steps, c.patch_features(), batch % 2 == 0 && p.guidance > 1.f};
-  const specdiff::step_schedule schedule{o.warmup_steps, 0, 0, o.reset_steps};
-  schedule.validate();
-  specdiff::accelerator acc(config, ras_scorer{o.starvation_scale}, specdiff::no_speculation(batch * tokens),
-                            ras_classifier(tokens, o.cache_rate, o.high_ratio), schedule, specdiff::latest{});
+  const specdiff::accelerator_config config{.tokens = tokens, .batch = batch, .steps = p.steps, .feature_dim = c.patch_features(),
+                                            .share_cfg_plan = batch % 2 == 0 && p.guidance > 1.f};
+  const specdiff::step_schedule schedule{o.warmup_steps, 0, 0, resets_within(o.reset_steps, p.steps)};
+  specdiff::accelerator acc(config, ras_scorer{o.starvation_scale}, specdiff::no_speculation{},
+                            ras_classifier(o.cache_rate, o.high_ratio), schedule, specdiff::latest{});
   // Metric per token: the mean over the patch's pixels of the L2 norm of the velocity across channels
   // (RAS's `l2norm` metric; its default channel std is 0 for a one-channel model).
   std::vector<float> metric(static_cast<std::size_t>(batch * tokens));
@@ -182,7 +194,7 @@ run_result run_ras(const problem& p, const ras_options& o, const progress_fn& pr
     }
     a.set_metric(metric);
   };
-  return run_token_level(p, acc, 0, false, after_step, progress);
+  return run_token_level(p, acc, std::nullopt, false, after_step, progress);
 }
 
 }  // namespace methods

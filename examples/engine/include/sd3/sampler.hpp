@@ -18,8 +18,15 @@ namespace sd3 {
 //   exp(mu) / (exp(mu) + (1/sigma - 1)) instead and the training table is not shifted.
 class flow_match_euler {
 public:
+    // Most steps (and training timesteps) accepted; the tables hold one float per step.
+    static constexpr int max_steps = 100000;
+    // Throws std::invalid_argument naming the argument: steps or num_train_timesteps outside their range, a
+    // shift that is not finite and > 0, a non-finite mu, or a shift / mu so extreme that a sigma leaves [0, 1].
     explicit flow_match_euler(int steps, double shift = 3.0, int num_train_timesteps = 1000,
                               std::optional<double> mu = std::nullopt);
+    // The Euler sampler over given timesteps (strictly falling, in (0, T]): sigma = t / T, then 0. What a
+    // speculative pass at chosen main-grid timesteps integrates along (specdiff::aligned_speculative_timesteps).
+    static flow_match_euler at_timesteps(std::span<const float> timesteps, int num_train_timesteps = 1000);
     int steps() const noexcept { return static_cast<int>(timesteps_.size()); }
     const std::vector<float>& sigmas() const noexcept { return sigmas_; }       // steps + 1 values, last 0
     const std::vector<float>& timesteps() const noexcept { return timesteps_; } // steps values
@@ -27,6 +34,7 @@ public:
     void step(int i, std::span<const float> velocity, std::span<float> latents) const;
 
 private:
+    flow_match_euler() = default;
     std::vector<float> sigmas_, timesteps_;
 };
 

@@ -2,8 +2,11 @@
 // differently; see docs/results.md for what each one caches and the defaults' sources.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <vector>
+
+#include <specdiff/predictors.hpp>
 
 #include "methods/run.hpp"
 
@@ -29,8 +32,14 @@ struct specdiff_options {
   bool share_cfg_plan = true;
   enum class c3_rule { specdiff, latest, linear } c3 = c3_rule::specdiff;  ///< how C3 rows are filled
   bool context_queries = false;  ///< his/fut also count the attention paid by the context (class) tokens
+  /// Where the speculative pass evaluates the model (specdiff::speculative_grid): `aligned` main-grid
+  /// timesteps, or the sampler's own S-step schedule (0.1's choice).
+  specdiff::speculative_grid spec_grid = specdiff::speculative_grid::sampler;
 };
 run_result run_specdiff(const problem& p, const specdiff_options& o, const progress_fn& progress = {});
+/// SpecDiff's speculative pass for a problem (none when spec_steps = 0): the sampler the pass integrates
+/// along, at the timesteps spec_grid chooses.
+std::optional<sd3::flow_match_euler> speculative_pass(const problem& p, const specdiff_options& o);
 
 /// RAS (Region-Adaptive Sampling), SD3 script defaults: output-level metric (here the L2 norm of the
 /// velocity over channels, averaged per patch: our model has one channel, where RAS's channel std is 0),
