@@ -43,33 +43,48 @@ bool close(float got, float want, double magnitude) {
 
 // ---------------------------------------------------------------------------------------------------------
 TEST_SUITE("scorers") {
-  template <class Host, class Device>
-  void compare_scorer(const Host& host, const Device& device, const std::vector<std::vector<float>>& in, const std::vector<buffer<float>>& d_in,
-                      index_t tokens, index_t batch, const stream& s) {
-    const auto n = static_cast<std::size_t>(tokens);
-    std::vector<float> want(n * static_cast<std::size_t>(batch));
-    for (index_t b = 0; b < batch; ++b) {
-      const std::size_t o = static_cast<std::size_t>(b) * n;
-      auto part = [&](int k) { return std::span<const float>(in[static_cast<std::size_t>(k)].data() + o, n); };
-      host.score(specdiff::score_inputs{part(0), part(1), part(2), part(3)}, std::span<float>(want.data() + o, n));
-    }
-    buffer<float> out(want.size());
-    gpu::score(device, {d_in[0].cspan(), d_in[1].cspan(), d_in[2].cspan(), d_in[3].cspan(), {}}, out.span(), s);
+  // A scorer of one's own, written once (RAS-style, from the engine metric): the host loop and the kernel
+  // both run this very type.
+  struct metric_scorer {
+    static constexpr specdiff::signal needs = specdiff::signal::metric | specdiff::signal::cache_count;
+    float starvation_scale = 0.5f;
+    SPECDIFF_HD float score(const specdiff::token_signals& x) const { return specdiff::math::log_score(x.metric, 1.f, x.cache_count, starvation_scale); }
+  };
+
+  // Reads only signals it does not need: it sees their neutral values (1 + 1 + 0 + 0 + 0), as on the host.
+  struct neutral_probe {
+    static constexpr specdiff::signal needs = specdiff::signal::attention;
+    SPECDIFF_HD float score(const specdiff::token_signals& x) const { return 0.f * x.attention + x.future + x.cache_count + x.feature_change + x.metric + 1.f; }
+  };
+
+  /// gpu::score against specdiff::score_tokens for one scorer type, on the same inputs ([sample][token]).
+  template <class Scorer>
+  void compare_scorer(const Scorer& scorer, const std::vector<std::vector<float>>& in, const std::vector<buffer<float>>& d_in, const stream& s) {
+    const std::size_t n = in[0].size();
+    std::vector<float> want(n);
+    auto all = [&](int k) { return std::span<const float>(in[static_cast<std::size_t>(k)]); };
+    specdiff::score_tokens(scorer, specdiff::score_inputs{all(0), all(1), all(2), all(3), all(4)}, want);
+    buffer<float> out(n);
+    gpu::score(scorer, {d_in[0].cspan(), d_in[1].cspan(), d_in[2].cspan(), d_in[3].cspan(), d_in[4].cspan()}, out.span(), s);
     const auto got = out.download();
     int bad = 0;
-    for (std::size_t i = 0; i < want.size(); ++i) {
+    for (std::size_t i = 0; i < n; ++i) {
       // Magnitude of the terms the score adds up.
       double m = 0.0;
-      if (has(Host::needs, specdiff::signal::attention)) m += std::abs(specdiff::math::safe_log(in[0][i]));
-      if (has(Host::needs, specdiff::signal::future)) m += std::abs(specdiff::math::safe_log(in[1][i]));
-      if (has(Host::needs, specdiff::signal::cache_count)) m += std::abs(host.starvation_scale * in[2][i]);
-      if (has(Host::needs, specdiff::signal::feature_change)) m += std::abs(specdiff::math::safe_log(std::min(in[3][i], FLT_MAX)));
+      if constexpr (requires { scorer.starvation_scale; }) {
+        using specdiff::signal;
+        if (has(Scorer::needs, signal::attention)) m += std::abs(specdiff::math::safe_log(in[0][i]));
+        if (has(Scorer::needs, signal::future)) m += std::abs(specdiff::math::safe_log(in[1][i]));
+        if (has(Scorer::needs, signal::cache_count)) m += std::abs(scorer.starvation_scale * in[2][i]);
+        if (has(Scorer::needs, signal::feature_change)) m += std::abs(specdiff::math::safe_log(std::min(in[3][i], FLT_MAX)));
+        if (has(Scorer::needs, signal::metric)) m += std::abs(specdiff::math::safe_log(in[4][i]));
+      }
       if (!close(got[i], want[i], m) && bad++ < 5) FAIL_CHECK("token ", i, ": device ", got[i], ", host ", want[i]);
     }
     CHECK(bad == 0);
   }
 
-  TEST_CASE("every device scorer matches its host scorer") {
+  TEST_CASE("gpu::score runs the host scorer types exactly as score_tokens does") {
     auto g = rng(10);
     const stream s;
     std::uniform_real_distribution<float> scale(0.f, 2.f);
@@ -77,37 +92,35 @@ TEST_SUITE("scorers") {
       for (index_t batch : {1, 4}) {
         INFO("tokens ", tokens, ", batch ", batch);
         const auto n = static_cast<std::size_t>(tokens * batch);
-        std::vector<std::vector<float>> in = {lognormal(g, n, 0.05), lognormal(g, n, 0.05), counts(g, n, 12), lognormal(g, n, 0.02)};
+        std::vector<std::vector<float>> in = {lognormal(g, n, 0.05), lognormal(g, n, 0.05), counts(g, n, 12), lognormal(g, n, 0.02),
+                                              lognormal(g, n, 0.01)};
         for (std::size_t i = 0; i < n; i += 7) in[3][i] = INFINITY;  // fewer than two cached rows
         std::vector<buffer<float>> d_in;
         for (const auto& v : in) d_in.emplace_back(v);
-        const float a = scale(g), b = scale(g), c = scale(g), d = scale(g);
-        compare_scorer(specdiff::specdiff_scorer{a}, gpu::specdiff_scorer{a}, in, d_in, tokens, batch, s);
-        compare_scorer(specdiff::toca_scorer{b}, gpu::toca_scorer{b}, in, d_in, tokens, batch, s);
-        compare_scorer(specdiff::feature_change_scorer{c}, gpu::feature_change_scorer{c}, in, d_in, tokens, batch, s);
-        compare_scorer(specdiff::uniform_scorer{d}, gpu::uniform_scorer{d}, in, d_in, tokens, batch, s);
+        compare_scorer(specdiff::specdiff_scorer{scale(g)}, in, d_in, s);
+        compare_scorer(specdiff::toca_scorer{scale(g)}, in, d_in, s);
+        compare_scorer(specdiff::feature_change_scorer{scale(g)}, in, d_in, s);
+        compare_scorer(specdiff::uniform_scorer{scale(g)}, in, d_in, s);
+        compare_scorer(specdiff::uniform_scorer{}, in, d_in, s);
+        compare_scorer(metric_scorer{scale(g)}, in, d_in, s);
+        compare_scorer(neutral_probe{}, in, d_in, s);
       }
   }
 
-  // A scorer of one's own: any struct with `needs` and an HD token(); here RAS-style, from the engine metric.
-  struct metric_scorer {
-    static constexpr specdiff::signal needs = specdiff::signal::metric | specdiff::signal::cache_count;
-    SPECDIFF_HD float token(float, float, float cf, float, float metric) const { return specdiff::math::log_score(metric, 1.f, cf, 0.5f); }
-  };
-
-  TEST_CASE("a user-defined scorer reads the engine metric") {
+  TEST_CASE("a user-defined scorer reads only the signals it needs") {
     auto g = rng(12);
     const stream s;
     const auto n = static_cast<std::size_t>(4096 * 4);
     const auto metric = lognormal(g, n, 0.01), cf = counts(g, n, 9);
     buffer<float> d_metric(metric), d_cf(cf), out(n);
+    // Only metric and cache_count given: the others stay empty, as on the host.
+    std::vector<float> want(n);
+    specdiff::score_tokens(metric_scorer{}, {.cache_count = cf, .metric = metric}, want);
     gpu::score(metric_scorer{}, {{}, {}, d_cf.cspan(), {}, d_metric.cspan()}, out.span(), s);
     const auto got = out.download();
     int bad = 0;
-    for (std::size_t i = 0; i < n; ++i) {
-      const float want = specdiff::math::safe_log(metric[i]) + 0.5f * cf[i];
-      if (!close(got[i], want, std::abs(specdiff::math::safe_log(metric[i])) + 0.5f * cf[i]) && bad++ < 5) FAIL_CHECK("token ", i, ": ", got[i], " vs ", want);
-    }
+    for (std::size_t i = 0; i < n; ++i)
+      if (!close(got[i], want[i], std::abs(specdiff::math::safe_log(metric[i])) + 0.5f * cf[i]) && bad++ < 5) FAIL_CHECK("token ", i, ": ", got[i], " vs ", want[i]);
     CHECK(bad == 0);
     expect_error<std::invalid_argument>([&] { gpu::score(metric_scorer{}, {{}, {}, d_cf.cspan(), {}, {}}, out.span(), s); }, {"metric", "16384", "0"});
   }
@@ -127,7 +140,7 @@ TEST_SUITE("scorers") {
         for (index_t b = 0; b < batch; ++b)
           for (index_t i = 0; i < tokens; ++i) {
             float& x = cf[static_cast<std::size_t>(b * tokens + i)];
-            x = plans[static_cast<std::size_t>(b)].levels()[static_cast<std::size_t>(i)] == level::compute ? 0.f : x + 1.f;
+            x = specdiff::math::advance_cache_count(plans[static_cast<std::size_t>(b)].levels()[static_cast<std::size_t>(i)], x);
           }
         CHECK(first_mismatch(d_cf.download(), cf) == -1);
       }
@@ -224,7 +237,8 @@ TEST_SUITE("classifier") {
   void check_against_host(const std::vector<float>& scores, index_t tokens, index_t batch, double cache_rate, double reuse_mass, const stream& s) {
     INFO("tokens ", tokens, ", batch ", batch, ", cache_rate ", cache_rate, ", reuse_mass ", reuse_mass);
     const gpu::three_level_classifier<> device(tokens, batch, cache_rate, reuse_mass);
-    specdiff::three_level_classifier host(tokens, cache_rate, reuse_mass);
+    specdiff::three_level_classifier host(cache_rate, reuse_mass);
+    host.prepare(tokens);
     CHECK(device.compute_count() == host.compute_count(tokens));
 
     device_plan plan(batch, tokens);
@@ -656,7 +670,7 @@ TEST_SUITE("cache_store") {
 
     // Never written: the host throws logic_error, the device leaves the rows as they were.
     expect_error<std::logic_error>([&] { st.host.fill(0, 0, 1.f, list, specdiff::latest{}, specdiff::matrix_view<float>(init.data(), rows, dim)); }, {"no cached feature"});
-    st.device.fill_latest(0, 0, tokens, o, s);
+    st.device.fill(0, 0, 1.f, tokens, o, s);
     CHECK(st.device.read_status(s) == gpu::status_empty_history);
     CHECK(out.download() == init);
     expect_error<std::runtime_error>([&] { st.device.check_status(s); }, {"device_cache_store", "no cached row"});
@@ -686,11 +700,11 @@ TEST_SUITE("cache_store") {
     CHECK((st.device.read_status(s) & gpu::status_nonfinite_feature) != 0);
 
     // Argument checks, as the host store makes them.
-    expect_error<std::invalid_argument>([&] { st.device.fill_latest(1, 0, tokens, o, s); }, {"layer", "1"});
-    expect_error<std::invalid_argument>([&] { st.device.fill_latest(0, 2, tokens, o, s); }, {"site", "2"});
+    expect_error<std::invalid_argument>([&] { st.device.fill(1, 0, 1.f, tokens, o, s); }, {"layer", "1"});
+    expect_error<std::invalid_argument>([&] { st.device.fill(0, 2, 1.f, tokens, o, s); }, {"site", "2"});
     expect_error<std::invalid_argument>([&] { st.device.fill(0, 0, NAN, tokens, specdiff::latest{}, o, s); }, {"t", "not finite"});
-    expect_error<std::invalid_argument>([&] { st.device.fill_latest(0, 0, tokens, gpu::device_matrix<float>(out.get(), rows, dim - 1), s); }, {"out", "16x32", "16x31"});
-    expect_error<std::invalid_argument>([&] { st.device.fill_latest(0, 0, gpu::index_list{d_list.get(), 2, rows + 1}, o, s); }, {"tokens", "17", "16"});
+    expect_error<std::invalid_argument>([&] { st.device.fill(0, 0, 1.f, tokens, gpu::device_matrix<float>(out.get(), rows, dim - 1), s); }, {"out", "16x32", "16x31"});
+    expect_error<std::invalid_argument>([&] { st.device.fill(0, 0, 1.f, gpu::index_list{d_list.get(), 2, rows + 1}, o, s); }, {"tokens", "17", "16"});
     expect_error<std::invalid_argument>(
         [&] { st.device.scatter(0, 0, 1.f, tokens, gpu::device_matrix<const float>(d_a.get(), 1, dim), s); }, {"rows", "1 rows", "2"});
   }
@@ -724,12 +738,12 @@ TEST_SUITE("graph") {
     // One partial step, as an engine would issue it: score, classify, gather C1, (the network would run
     // here), cache C1, fill C2 and C3, advance staleness.
     auto step = [&](gpu::device_cache_store<float>& store, float t) {
-      gpu::score(gpu::specdiff_scorer{}, {his.cspan(), fut.cspan(), cf.cspan(), {}, {}}, scores.span(), s);
+      gpu::score(specdiff::specdiff_scorer{}, {his.cspan(), fut.cspan(), cf.cspan(), {}, {}}, scores.span(), s);
       std::size_t bytes = workspace.size();
       classifier.classify(workspace.get(), bytes, scores.cspan(), plan.view, s);
       gpu::gather_rows<gpu::copy_policy<>, float>(out, gpu::rows_of(plan.view, level::compute, c1), c1_rows, s);
       store.scatter(0, 0, t, gpu::rows_of(plan.view, level::compute, c1), c1_rows, s);
-      store.fill_latest(0, 0, gpu::rows_of(plan.view, level::reuse), out, s);
+      store.fill(0, 0, t, gpu::rows_of(plan.view, level::reuse), out, s);
       store.fill(0, 0, t, gpu::rows_of(plan.view, level::approximate), specdiff::specdiff_weighted{}, out, s);
       gpu::advance_cache_counts(plan.view, cf.span(), s);
     };

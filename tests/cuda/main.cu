@@ -144,7 +144,8 @@ TEST_SUITE("host") {
           INFO("tokens ", tokens, ", batch ", batch, ", kind ", static_cast<int>(kind), ", cache_rate ", rate, ", reuse_mass ", mass);
           const auto scores = cudatest::make_scores(kind, g, static_cast<std::size_t>(tokens * batch));
           const auto got = model_classify(scores, batch, tokens, rate, mass);
-          specdiff::three_level_classifier host(tokens, rate, mass);
+          specdiff::three_level_classifier host(rate, mass);
+          host.prepare(tokens);
           specdiff::token_plan want(tokens);
           for (index_t b = 0; b < batch; ++b) {
             const auto o = static_cast<std::size_t>(b * tokens);
@@ -276,12 +277,41 @@ TEST_SUITE("host") {
     expect_error<std::invalid_argument>([&] { (void)gpu::rows_of(plan, level::compute, 6).validate(); }, {"capacity", "6"});
   }
 
-  TEST_CASE("scorer and accumulate spans are checked before launching") {
+  // gpu::score takes the host scorer types; a type that is no importance_scorer does not compile.
+  struct not_a_scorer {
+    float score(float x) const { return x; }
+  };
+  template <class S>
+  constexpr bool scorable = requires(const S& sc, const gpu::device_score_inputs& in) { gpu::score(sc, in, gpu::device_span<float>{}, cudaStream_t{}); };
+  static_assert(scorable<specdiff::specdiff_scorer> && scorable<specdiff::toca_scorer> && scorable<specdiff::feature_change_scorer> &&
+                scorable<specdiff::uniform_scorer> && !scorable<not_a_scorer>);
+
+  TEST_CASE("scorer and accumulate spans are checked before launching, with the host loop's messages") {
     static float fake[64];
-    const gpu::device_span<const float> a(fake, 16), short_span(fake, 15);
-    expect_error<std::invalid_argument>([&] { gpu::score(gpu::specdiff_scorer{}, {a, short_span, a, {}, {}}, {fake, 16}, nullptr); }, {"future", "16", "15"});
-    expect_error<std::invalid_argument>([&] { gpu::score(gpu::toca_scorer{}, {a, {}, {}, {}, {}}, {fake, 16}, nullptr); }, {"cache_count", "16", "0"});
-    expect_error<std::invalid_argument>([&] { gpu::score(gpu::uniform_scorer{}, {a, {}, a, {}, {}}, {fake, 0}, nullptr); }, {"log_score", "zero"});
+    const gpu::device_span<const float> a(fake, 16), short_span(fake, 15), null_span(nullptr, 16);
+    expect_error<std::invalid_argument>([&] { gpu::score(specdiff::specdiff_scorer{}, {a, short_span, a, {}, {}}, {fake, 16}, nullptr); }, {"future", "expected 16", "got 15"});
+    expect_error<std::invalid_argument>([&] { gpu::score(specdiff::toca_scorer{}, {a, {}, {}, {}, {}}, {fake, 16}, nullptr); }, {"cache_count", "16", "0"});
+    expect_error<std::invalid_argument>([&] { gpu::score(specdiff::feature_change_scorer{}, {{}, {}, a, null_span, {}}, {fake, 16}, nullptr); },
+                                        {"feature_change", "null data", "16"});
+    expect_error<std::invalid_argument>([&] { gpu::score(specdiff::uniform_scorer{}, {a, {}, a, {}, {}}, {fake, 0}, nullptr); }, {"log_score", "zero tokens"});
+    expect_error<std::invalid_argument>([&] { gpu::score(specdiff::uniform_scorer{}, {{}, {}, a, {}, {}}, {nullptr, 16}, nullptr); }, {"log_score", "null data"});
+    expect_error<std::invalid_argument>([&] { gpu::score(specdiff::uniform_scorer{}, {{}, {}, {fake, -3}, {}, {}}, {fake, 16}, nullptr); }, {"cache_count", "negative", "-3"});
+    // The same message from the host loop and the device check, for the same mistake.
+    const std::vector<float> good(16, 1.f), short_host(15, 1.f);
+    std::vector<float> out(16);
+    std::string host_msg, device_msg;
+    try {
+      specdiff::score_tokens(specdiff::specdiff_scorer{}, {good, short_host, good, {}, {}}, out);
+    } catch (const std::invalid_argument& e) {
+      host_msg = e.what();
+    }
+    try {
+      gpu::score(specdiff::specdiff_scorer{}, {a, short_span, a, {}, {}}, {fake, 16}, nullptr);
+    } catch (const std::invalid_argument& e) {
+      device_msg = e.what();
+    }
+    CHECK(!host_msg.empty());
+    CHECK(host_msg == device_msg);
     expect_error<std::invalid_argument>([&] { gpu::accumulate(short_span, {fake, 16}, nullptr); }, {"layer", "16", "15"});
   }
 

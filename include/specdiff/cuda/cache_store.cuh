@@ -311,9 +311,11 @@ class device_cache_store {
     SPECDIFF_CUDA_CHECK_LAUNCH("fill_kernel");
   }
 
+  /// C2: each listed token's latest cached row, unchanged (as host_cache_store::fill without an
+  /// approximator; `t` is checked but not read).
   template <class Rows>
-  void fill_latest(index_t layer, index_t site, const Rows& tokens, device_matrix<float> out, cudaStream_t stream) const {
-    fill(layer, site, 0.f, tokens, latest{}, out, stream);
+  void fill(index_t layer, index_t site, float t, const Rows& tokens, device_matrix<float> out, cudaStream_t stream) const {
+    fill(layer, site, t, tokens, latest{}, out, stream);
   }
 
   /// Per token, the L2 norm of (latest - previous) row; +inf where fewer than two rows are cached.

@@ -208,8 +208,8 @@ class three_level_classifier {
       : tokens_(tokens), batch_(batch), cache_rate_(cache_rate), reuse_mass_(reuse_mass) {
     if (tokens <= 0) detail::fail("tokens: must be positive, got ", tokens);
     if (batch <= 0) detail::fail("batch: must be positive, got ", batch);
-    if (!(cache_rate >= 0.0 && cache_rate < 1.0)) detail::fail("cache_rate: must lie in [0, 1), got ", cache_rate);
-    if (!(reuse_mass >= 0.0 && reuse_mass <= 1.0)) detail::fail("reuse_mass: must lie in [0, 1], got ", reuse_mass);
+    specdiff::detail::expect_cache_rate(cache_rate);  // the host classifier's checks
+    specdiff::detail::expect_reuse_mass(reuse_mass);
     if (static_cast<long long>(batch) * tokens > static_cast<long long>(detail::counter_mask))
       detail::fail("batch * tokens: ", batch, " * ", tokens, " exceeds ", detail::counter_mask, " (the packed level counters' range)");
     c1_ = math::compute_count(cache_rate, tokens);

@@ -1,14 +1,15 @@
-// Device scorers: the host scorers' per-token formulas (math::log_score), one thread per token over a batch
-// of samples laid out [sample][token]. Inputs a scorer does not need (see `needs`) may be empty spans.
-// A scorer of your own is a struct with `needs` and an HD token(his, fut, cf, change, metric) -> log score.
+// Device scoring: the host scorer types themselves (scorers.hpp), run one thread per token over a batch of
+// samples laid out [sample][token]. A scorer is written once — `static constexpr signal needs` and a
+// SPECDIFF_HD `score(const token_signals&)` — and specdiff::score_tokens (host) and gpu::score (device)
+// both run it. Inputs a scorer does not need (see `needs`) may be empty spans; it sees neutral values there.
 #pragma once
 
 #include <cuda_runtime.h>
 
-#include <cfloat>
+#include <array>
 
-#include "../concepts.hpp"
 #include "../math.hpp"
+#include "../scorers.hpp"
 #include "error.cuh"
 #include "plan.cuh"
 #include "views.cuh"
@@ -24,85 +25,67 @@ struct device_score_inputs {
   device_span<const float> metric;          ///< an engine-defined per-token metric (signal::metric)
 };
 
-/// SpecDiff: log his + log fut + scale * cf.
-struct specdiff_scorer {
-  static constexpr signal needs = signal::attention | signal::future | signal::cache_count;
-  float starvation_scale = 1.f;
-  SPECDIFF_HD float token(float his, float fut, float cf, float, float) const { return math::log_score(his, fut, cf, starvation_scale); }
-};
-
-/// ToCa-like: history only.
-struct toca_scorer {
-  static constexpr signal needs = signal::attention | signal::cache_count;
-  float starvation_scale = 1.f;
-  SPECDIFF_HD float token(float his, float, float cf, float, float) const { return math::log_score(his, 1.f, cf, starvation_scale); }
-};
-
-/// RAS-like feature change; +inf change (fewer than two cached rows) is clamped to the largest float.
-struct feature_change_scorer {
-  static constexpr signal needs = signal::feature_change | signal::cache_count;
-  float starvation_scale = 1.f;
-  SPECDIFF_HD float token(float, float, float cf, float change, float) const {
-    return math::log_score(change > FLT_MAX ? FLT_MAX : change, 1.f, cf, starvation_scale);
-  }
-};
-
-/// No information: staleness only.
-struct uniform_scorer {
-  static constexpr signal needs = signal::cache_count;
-  float starvation_scale = 0.f;
-  SPECDIFF_HD float token(float, float, float cf, float, float) const { return starvation_scale * cf; }
-};
-
 namespace detail {
 
-/// Which inputs a scorer reads, as constants device code may use (has() itself is host-only constexpr).
+/// has(Scorer::needs, s) as a constant device code may read (has() itself is a host constexpr function).
+template <class Scorer, signal S>
+inline constexpr bool reads = has(Scorer::needs, S);
+
+/// The signals of token i, as the host loop (score_tokens) builds them: the needed ones read, the others
+/// left at token_signals' neutral values.
 template <class Scorer>
-struct reads {
-  static constexpr bool attention = has(Scorer::needs, signal::attention);
-  static constexpr bool future = has(Scorer::needs, signal::future);
-  static constexpr bool cache_count = has(Scorer::needs, signal::cache_count);
-  static constexpr bool feature_change = has(Scorer::needs, signal::feature_change);
-  static constexpr bool metric = has(Scorer::needs, signal::metric);
-};
+__device__ token_signals signals_of(const device_score_inputs& in, index_t i) {
+  token_signals x;
+  if constexpr (reads<Scorer, signal::attention>) x.attention = in.attention[i];
+  if constexpr (reads<Scorer, signal::future>) x.future = in.future[i];
+  if constexpr (reads<Scorer, signal::cache_count>) x.cache_count = in.cache_count[i];
+  if constexpr (reads<Scorer, signal::feature_change>) x.feature_change = in.feature_change[i];
+  if constexpr (reads<Scorer, signal::metric>) x.metric = in.metric[i];
+  return x;
+}
 
 template <int BlockThreads, class Scorer>
 __global__ void __launch_bounds__(BlockThreads) score_kernel(Scorer scorer, device_score_inputs in, device_span<float> out) {
-  using r = reads<Scorer>;
   for (index_t i = blockIdx.x * BlockThreads + threadIdx.x; i < out.size; i += gridDim.x * BlockThreads)
-    out[i] = scorer.token(r::attention ? in.attention[i] : 1.f, r::future ? in.future[i] : 1.f, r::cache_count ? in.cache_count[i] : 0.f,
-                          r::feature_change ? in.feature_change[i] : 0.f, r::metric ? in.metric[i] : 0.f);
+    out[i] = scorer.score(signals_of<Scorer>(in, i));
 }
 
 template <int BlockThreads>
 __global__ void __launch_bounds__(BlockThreads) advance_counts_kernel(const level* levels, float* cache_count, index_t n) {
   for (index_t i = blockIdx.x * BlockThreads + threadIdx.x; i < n; i += gridDim.x * BlockThreads)
-    cache_count[i] = levels[i] == level::compute ? 0.f : cache_count[i] + 1.f;
+    cache_count[i] = math::advance_cache_count(levels[i], cache_count[i]);
 }
 
-inline void expect_needed(std::string_view name, bool needed, const device_span<const float>& s, index_t n) {
-  if (needed) expect_span(name, s, n);
+/// The scorer's argument check, made by the host loop's own (specdiff::detail::expect_signals): every
+/// needed signal holds `log_score.size` values and memory behind them.
+inline void expect_score_args(signal needs, const device_score_inputs& in, device_span<float> log_score) {
+  const std::array<device_span<const float>, signal_count> spans = {in.attention, in.future, in.cache_count, in.feature_change, in.metric};
+  std::array<std::size_t, signal_count> sizes{};
+  std::array<bool, signal_count> present{};
+  if (log_score.size < 0) fail("log_score: negative size ", log_score.size);
+  for (std::size_t k = 0; k < spans.size(); ++k) {
+    if (has(needs, all_signals[k]) && spans[k].size < 0) fail(signal_names[k], ": negative size ", spans[k].size);
+    sizes[k] = spans[k].size < 0 ? 0 : static_cast<std::size_t>(spans[k].size);
+    present[k] = spans[k].data != nullptr || spans[k].size == 0;
+  }
+  specdiff::detail::expect_signals(needs, static_cast<std::size_t>(log_score.size), sizes, present);
+  expect_span("log_score", log_score, log_score.size);  // memory behind the output
 }
 
 }  // namespace detail
 
-/// Writes one log-domain score per token into `log_score` (batch * tokens values). Stream-ordered.
-template <class Scorer>
+/// Writes one log-domain score per token into `log_score` (batch * tokens values): scorer.score of each
+/// token's signals, exactly as score_tokens does on the host. Stream-ordered; the sizes are checked on the
+/// host, the values are not read there (a non-finite score raises the classifier's status bit).
+template <importance_scorer Scorer>
 void score(const Scorer& scorer, const device_score_inputs& in, device_span<float> log_score, cudaStream_t stream) {
-  const index_t n = log_score.size;
-  if (n <= 0) detail::fail("log_score: zero tokens");
-  detail::expect_span("log_score", log_score, n);
-  detail::expect_needed("attention", has(Scorer::needs, signal::attention), in.attention, n);
-  detail::expect_needed("future", has(Scorer::needs, signal::future), in.future, n);
-  detail::expect_needed("cache_count", has(Scorer::needs, signal::cache_count), in.cache_count, n);
-  detail::expect_needed("feature_change", has(Scorer::needs, signal::feature_change), in.feature_change, n);
-  detail::expect_needed("metric", has(Scorer::needs, signal::metric), in.metric, n);
-  detail::score_kernel<256><<<detail::blocks_for(static_cast<std::size_t>(n), 256), 256, 0, stream>>>(scorer, in, log_score);
+  detail::expect_score_args(Scorer::needs, in, log_score);
+  detail::score_kernel<256><<<detail::blocks_for(static_cast<std::size_t>(log_score.size), 256), 256, 0, stream>>>(scorer, in, log_score);
   SPECDIFF_CUDA_CHECK_LAUNCH("score_kernel");
 }
 
-/// cf <- 0 for computed tokens, cf + 1 for the others (the accelerator's staleness update), over every
-/// sample of `plan`; `cache_count` is [batch][tokens].
+/// The accelerator's staleness update (math::advance_cache_count: cf <- 0 for computed tokens, cf + 1 for
+/// the others) over every sample of `plan`; `cache_count` is [batch][tokens].
 inline void advance_cache_counts(const device_plan_view& plan, device_span<float> cache_count, cudaStream_t stream) {
   if (plan.levels == nullptr) detail::fail("plan: null levels");
   detail::expect_span("cache_count", cache_count, plan.batch * plan.tokens);
