@@ -206,7 +206,7 @@ class accelerator {
     detail::expect_matrix("computed", computed, detail::checked_product<index_t>("batch * compute_count", config_.batch, compute_count_), config_.feature_dim);
     detail::expect_matrix("output", output, config_.rows(), config_.feature_dim);
     expect_attention(attention);
-    expect_finite_rows("computed", computed);
+    for (index_t r = 0; r < computed.rows; ++r) detail::expect_finite_row("computed", computed, r);
     fill(s, 0, 0, output);  // reads the store only; may throw (an approximator refusing its tags)
     for (index_t r = 0; r < computed.rows; ++r) {
       const float* src = computed.row_ptr(r);
@@ -223,7 +223,7 @@ class accelerator {
     detail::expect_matrix("output", output, config_.rows(), config_.feature_dim);
     expect_attention(attention);
     const matrix_view<const float> all(output);
-    for (index_t r = 0; r < config_.batch * compute_count_; ++r) expect_finite_row("output", all, global_row(r));
+    for (index_t r = 0; r < config_.batch * compute_count_; ++r) detail::expect_finite_row("output", all, global_row(r));
     fill(s, 0, 0, output);
     cache_in_place_validated(s, 0, 0, all);
     finish(s, attention);
@@ -250,7 +250,7 @@ class accelerator {
     expect_own(s);
     expect_site_open(layer, site);
     detail::expect_matrix("computed", computed, config_.batch * compute_count_, config_.feature_dim);
-    expect_finite_rows("computed", computed);
+    for (index_t r = 0; r < computed.rows; ++r) detail::expect_finite_row("computed", computed, r);
     cache_validated(s, layer, site, computed);
   }
   /// Caches the C1 rows of one (layer, site), read in place from a full batch*tokens matrix.
@@ -258,7 +258,7 @@ class accelerator {
     expect_own(s);
     expect_site_open(layer, site);
     detail::expect_matrix("all", all, config_.rows(), config_.feature_dim);
-    for (index_t r = 0; r < config_.batch * compute_count_; ++r) expect_finite_row("all", all, global_row(r));
+    for (index_t r = 0; r < config_.batch * compute_count_; ++r) detail::expect_finite_row("all", all, global_row(r));
     cache_in_place_validated(s, layer, site, all);
   }
 
@@ -422,14 +422,6 @@ class accelerator {
       for (index_t s = 0; s < config_.sites; ++s)
         if ((l != 0 || s != 0) && !site_done_[slot(l, s)])
           detail::fail_logic(what, ": layer ", l, " site ", s, " was neither cached nor filled whole in step ", next_step_);
-  }
-  static void expect_finite_row(const char* name, matrix_view<const float> m, index_t r) {
-    const float* src = m.row_ptr(r);
-    for (index_t c = 0; c < m.cols; ++c)
-      if (!std::isfinite(src[c])) detail::fail(name, "[", r, "][", c, "] is not finite (", src[c], ")");
-  }
-  static void expect_finite_rows(const char* name, matrix_view<const float> m) {
-    for (index_t r = 0; r < m.rows; ++r) expect_finite_row(name, m, r);
   }
 
   // Validated: these cannot fail.

@@ -19,9 +19,9 @@ class host_cache_store {
 
  public:
   explicit host_cache_store(cache_shape shape) : shape_((shape.validate(), shape)) {
-    const auto rows = static_cast<std::size_t>(shape_.layers) * shape_.sites * shape_.tokens;
-    data_.resize(rows * shape_.history_depth * shape_.dim);
-    tags_.resize(rows * shape_.history_depth);
+    const std::size_t rows = size(shape_.layers) * size(shape_.sites) * size(shape_.tokens);
+    data_.resize(rows * size(shape_.history_depth) * size(shape_.dim));
+    tags_.resize(rows * size(shape_.history_depth));
     head_.assign(rows, 0);
     count_.assign(rows, 0);
   }
@@ -41,7 +41,7 @@ class host_cache_store {
     expect_slot(layer, site);
     detail::expect_matrix("rows", rows, shape_.tokens, shape_.dim);
     expect_tag(t);
-    for (index_t i = 0; i < shape_.tokens; ++i) expect_finite_row("rows", rows, i);
+    for (index_t i = 0; i < shape_.tokens; ++i) detail::expect_finite_row("rows", rows, i);
     for (index_t i = 0; i < shape_.tokens; ++i) push(layer, site, i, t, rows.row_ptr(i));
   }
 
@@ -52,7 +52,7 @@ class host_cache_store {
     detail::expect_matrix("rows", rows, static_cast<index_t>(tokens.size()), shape_.dim);
     expect_tag(t);
     expect_tokens(tokens);
-    for (std::size_t i = 0; i < tokens.size(); ++i) expect_finite_row("rows", rows, static_cast<index_t>(i));
+    for (std::size_t i = 0; i < tokens.size(); ++i) detail::expect_finite_row("rows", rows, static_cast<index_t>(i));
     for (std::size_t i = 0; i < tokens.size(); ++i) push(layer, site, tokens[i], t, rows.row_ptr(static_cast<index_t>(i)));
   }
 
@@ -63,7 +63,7 @@ class host_cache_store {
     detail::expect_matrix("all", all, shape_.tokens, shape_.dim);
     expect_tag(t);
     expect_tokens(tokens);
-    for (index_t token : tokens) expect_finite_row("all", all, token);
+    for (index_t token : tokens) detail::expect_finite_row("all", all, token);
     for (index_t token : tokens) push(layer, site, token, t, all.row_ptr(token));
   }
 
@@ -147,8 +147,10 @@ class host_cache_store {
     detail::expect_index("site", site, shape_.sites);
   }
 
+  // Indices are validated before use; sizes are positive (cache_shape::validate).
+  static std::size_t size(index_t v) { return static_cast<std::size_t>(v); }
   std::size_t row_id(index_t layer, index_t site, index_t token) const {
-    return (static_cast<std::size_t>(layer) * shape_.sites + static_cast<std::size_t>(site)) * shape_.tokens + static_cast<std::size_t>(token);
+    return (size(layer) * size(shape_.sites) + size(site)) * size(shape_.tokens) + size(token);
   }
   // Ring slot of the k-th most recent entry.
   std::size_t slot(std::size_t row, int k) const {
@@ -157,11 +159,11 @@ class host_cache_store {
   }
   const Storage* entry(index_t layer, index_t site, index_t token, int k) const {
     const std::size_t row = row_id(layer, site, token);
-    return data_.data() + (row * shape_.history_depth + slot(row, k)) * shape_.dim;
+    return data_.data() + (row * size(shape_.history_depth) + slot(row, k)) * size(shape_.dim);
   }
   float tag(index_t layer, index_t site, index_t token, int k) const {
     const std::size_t row = row_id(layer, site, token);
-    return tags_[row * shape_.history_depth + slot(row, k)];
+    return tags_[row * size(shape_.history_depth) + slot(row, k)];
   }
 
   static void expect_tag(float t) {
@@ -174,20 +176,16 @@ class host_cache_store {
         detail::fail("tokens: must be strictly ascending, got ", tokens[i - 1], " then ", tokens[i], " at ", i);
     }
   }
-  static void expect_finite_row(const char* name, matrix_view<const float> m, index_t r) {
-    const float* src = m.row_ptr(r);
-    for (index_t c = 0; c < m.cols; ++c)
-      if (!std::isfinite(src[c])) detail::fail(name, "[", r, "][", c, "] is not finite (", src[c], ")");
-  }
 
   // Callers have validated everything: push cannot fail, so a write is all or nothing.
   void push(index_t layer, index_t site, index_t token, float t, const float* src) {
     const std::size_t row = row_id(layer, site, token);
     const int h = shape_.history_depth;
     const std::uint8_t next = count_[row] == 0 ? 0 : static_cast<std::uint8_t>((head_[row] + 1) % h);
-    Storage* dst = data_.data() + (row * h + next) * shape_.dim;
+    const std::size_t at = row * size(h) + next;
+    Storage* dst = data_.data() + at * size(shape_.dim);
     for (index_t c = 0; c < shape_.dim; ++c) dst[c] = traits::store(src[c]);
-    tags_[row * h + next] = t;
+    tags_[at] = t;
     head_[row] = next;
     if (count_[row] < h) ++count_[row];
   }

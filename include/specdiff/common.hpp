@@ -96,6 +96,15 @@ void expect_matrix(std::string_view name, const matrix_view<T, Space>& m, index_
   if (m.data == nullptr && rows > 0 && cols > 0) fail(name, ": null data for a ", rows, "x", cols, " matrix");
 }
 
+/// Row r of a matrix holds finite values only; names the first bad element.
+template <memory_space Space>
+void expect_finite_row(std::string_view name, const matrix_view<const float, Space>& m, index_t r) {
+  static_assert(Space == memory_space::host, "expect_finite_row reads host memory");
+  const float* src = m.row_ptr(r);
+  for (index_t c = 0; c < m.cols; ++c)
+    if (!std::isfinite(src[c])) fail(name, "[", r, "][", c, "] is not finite (", src[c], ")");
+}
+
 inline void expect_index(std::string_view name, index_t value, index_t bound) {
   if (value < 0 || value >= bound) fail(name, " = ", value, " is out of range [0, ", bound, ")");
 }

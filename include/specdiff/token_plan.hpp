@@ -22,7 +22,7 @@ class token_plan {
   }
 
   index_t tokens() const { return static_cast<index_t>(order_.size()); }
-  index_t count(level l) const { return counts_[static_cast<int>(l)]; }
+  index_t count(level l) const { return counts_[slot(l)]; }
 
   /// Ascending token indices of one level.
   std::span<const index_t> indices(level l) const {
@@ -39,9 +39,9 @@ class token_plan {
   /// Classifiers fill `mutable_levels()` and then call this.
   void commit_levels() {
     counts_ = {0, 0, 0};
-    for (level l : levels_) ++counts_[static_cast<int>(l)];
+    for (level l : levels_) ++counts_[slot(l)];
     std::array<index_t, level_count> next = {0, counts_[0], counts_[0] + counts_[1]};
-    for (index_t i = 0; i < tokens(); ++i) order_[static_cast<std::size_t>(next[static_cast<int>(levels_[static_cast<std::size_t>(i)])]++)] = i;
+    for (index_t i = 0; i < tokens(); ++i) order_[static_cast<std::size_t>(next[slot(levels_[static_cast<std::size_t>(i)])]++)] = i;
   }
   std::span<level> mutable_levels() { return levels_; }
 
@@ -52,9 +52,10 @@ class token_plan {
   }
 
  private:
+  static std::size_t slot(level l) { return static_cast<std::size_t>(l); }
   index_t offset(level l) const {
     index_t o = 0;
-    for (int k = 0; k < static_cast<int>(l); ++k) o += counts_[k];
+    for (std::size_t k = 0; k < slot(l); ++k) o += counts_[k];
     return o;
   }
 
