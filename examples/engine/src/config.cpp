@@ -1,60 +1,78 @@
 #include "sd3/config.hpp"
 
-#include <fstream>
-#include <sstream>
 #include <stdexcept>
 
 #include <nlohmann/json.hpp>
 
+#include "sd3/errors.hpp"
+#include "sd3/files.hpp"
+#include "sd3/json_input.hpp"
+
 namespace sd3 {
 namespace {
 
-[[noreturn]] void bad(std::string_view source, const std::string& what) {
-    throw std::invalid_argument(std::string(source) + ": " + what);
+template <class... Parts>
+[[noreturn]] void bad(std::string_view source, const Parts&... what) {
+    throw std::invalid_argument(message(path_excerpt(source), ": ", what...));
 }
 
 void read_int(const nlohmann::json& j, const char* key, int& out, std::string_view source) {
     const auto it = j.find(key);
     if (it == j.end()) return;  // diffusers' default applies
-    if (!it->is_number_integer()) bad(source, std::string(key) + " must be an integer, got " + it->dump());
-    const auto v = it->get<long long>();
-    if (v < 1 || v > (1 << 24)) bad(source, std::string(key) + " = " + std::to_string(v) + " is out of range [1, 2^24]");
+    if (!it->is_number_integer()) bad(source, key, " must be an integer, got ", json_excerpt(*it));
+    // Unsigned values above INT64_MAX read as such (not wrapped negative) so the message shows the real value.
+    if (it->is_number_unsigned() && it->get<std::uint64_t>() > static_cast<std::uint64_t>(max_config_field))
+        bad(source, key, " = ", it->get<std::uint64_t>(), " is out of range [1, ", max_config_field, "]");
+    const auto v = it->get<std::int64_t>();
+    if (v < 1 || v > max_config_field) bad(source, key, " = ", v, " is out of range [1, ", max_config_field, "]");
     out = static_cast<int>(v);
 }
 
 }  // namespace
 
 void transformer_config::validate() const {
-    auto positive = [](const char* name, int v) {
-        if (v < 1) throw std::invalid_argument(std::string("transformer_config.") + name + " = " + std::to_string(v) + " must be >= 1");
+    auto in_range = [](const char* name, int v, int most) {
+        if (v < 1 || v > most)
+            throw std::invalid_argument(message("transformer_config.", name, " = ", v, " is out of range [1, ", most, "]"));
     };
-    positive("sample_size", sample_size);
-    positive("patch_size", patch_size);
-    positive("in_channels", in_channels);
-    positive("out_channels", out_channels);
-    positive("num_layers", num_layers);
-    positive("attention_head_dim", attention_head_dim);
-    positive("num_attention_heads", num_attention_heads);
-    positive("joint_attention_dim", joint_attention_dim);
-    positive("caption_projection_dim", caption_projection_dim);
-    positive("pooled_projection_dim", pooled_projection_dim);
-    positive("pos_embed_max_size", pos_embed_max_size);
+    in_range("sample_size", sample_size, max_config_field);
+    in_range("patch_size", patch_size, max_config_field);
+    in_range("in_channels", in_channels, max_config_field);
+    in_range("out_channels", out_channels, max_config_field);
+    in_range("num_layers", num_layers, max_layers);
+    in_range("attention_head_dim", attention_head_dim, max_config_field);
+    in_range("num_attention_heads", num_attention_heads, max_config_field);
+    in_range("joint_attention_dim", joint_attention_dim, max_config_field);
+    in_range("caption_projection_dim", caption_projection_dim, max_config_field);
+    in_range("pooled_projection_dim", pooled_projection_dim, max_config_field);
+    in_range("pos_embed_max_size", pos_embed_max_size, max_pos_embed_size);
+    // Products, in 64 bits: each field may be in range while their product overflows int.
+    auto product_in_range = [](const char* what, std::int64_t product, int most) {
+        if (product > most)
+            throw std::invalid_argument(message("transformer_config: ", what, " = ", product, " exceeds the limit ", most));
+    };
+    product_in_range("num_attention_heads * attention_head_dim (hidden width)",
+                     std::int64_t{num_attention_heads} * attention_head_dim, max_hidden);
+    product_in_range("patch_size^2 * in_channels (patch inputs)", std::int64_t{patch_size} * patch_size * in_channels,
+                     max_patch_features);
+    product_in_range("patch_size^2 * out_channels (patch features)", std::int64_t{patch_size} * patch_size * out_channels,
+                     max_patch_features);
     if (caption_projection_dim != hidden())
-        throw std::invalid_argument("transformer_config.caption_projection_dim = " + std::to_string(caption_projection_dim) +
-                                    " must equal num_attention_heads * attention_head_dim = " + std::to_string(hidden()) +
-                                    " (the context stream shares the blocks' width)");
+        throw std::invalid_argument(message("transformer_config.caption_projection_dim = ", caption_projection_dim,
+                                            " must equal num_attention_heads * attention_head_dim = ", hidden(),
+                                            " (the context stream shares the blocks' width)"));
 }
 
 transformer_config parse_transformer_config(std::string_view json_text, std::string_view source) {
     nlohmann::json j;
     try {
-        j = nlohmann::json::parse(json_text);
-    } catch (const nlohmann::json::exception& e) {
-        bad(source, std::string("not valid JSON: ") + e.what());
+        j = parse_json(json_text);
+    } catch (const std::runtime_error& e) {
+        bad(source, e.what());
     }
     if (!j.is_object()) bad(source, "top level is not a JSON object");
     if (auto it = j.find("_class_name"); it != j.end() && it->is_string() && *it != "SD3Transformer2DModel")
-        bad(source, "_class_name = " + it->dump() + ", expected \"SD3Transformer2DModel\"");
+        bad(source, "_class_name = ", json_excerpt(*it), ", expected \"SD3Transformer2DModel\"");
 
     transformer_config c;
     read_int(j, "sample_size", c.sample_size, source);
@@ -75,13 +93,13 @@ transformer_config parse_transformer_config(std::string_view json_text, std::str
         read_int(j, "pos_embed_max_size", c.pos_embed_max_size, source);
     }
     if (auto it = j.find("qk_norm"); it != j.end() && !it->is_null()) {
-        if (!it->is_string() || *it != "rms_norm") bad(source, "qk_norm = " + it->dump() + " is not supported (null or \"rms_norm\")");
+        if (!it->is_string() || *it != "rms_norm") bad(source, "qk_norm = ", json_excerpt(*it), " is not supported (null or \"rms_norm\")");
         c.qk_norm = true;
     }
     if (auto it = j.find("dual_attention_layers"); it != j.end() && !it->is_null()) {
-        if (!it->is_array()) bad(source, "dual_attention_layers = " + it->dump() + " must be an array");
+        if (!it->is_array()) bad(source, "dual_attention_layers = ", json_excerpt(*it), " must be an array");
         if (!it->empty())
-            bad(source, "dual_attention_layers = " + it->dump() + " is not supported (SD3.5 dual attention; only SD3 blocks)");
+            bad(source, "dual_attention_layers = ", json_excerpt(*it), " is not supported (SD3.5 dual attention; only SD3 blocks)");
     }
     try {
         c.validate();
@@ -92,11 +110,8 @@ transformer_config parse_transformer_config(std::string_view json_text, std::str
 }
 
 transformer_config load_transformer_config(const std::filesystem::path& config_json) {
-    std::ifstream f(config_json);
-    if (!f) throw std::runtime_error("cannot open transformer config '" + config_json.string() + "'");
-    std::stringstream ss;
-    ss << f.rdbuf();
-    return parse_transformer_config(ss.str(), config_json.string());
+    // read_text_file refuses a directory, FIFO or device by name, and bounds the size.
+    return parse_transformer_config(read_text_file(config_json, "transformer config"), config_json.string());
 }
 
 }  // namespace sd3

@@ -5,6 +5,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "sd3/errors.hpp"
 #include "sd3/safetensors.hpp"
 
 namespace sd3 {
@@ -16,16 +17,17 @@ std::string shape_text(const std::vector<std::int64_t>& s) {
     return t + "]";
 }
 
-// Reads `name` and checks that its shape is `want` exactly.
+// Reads `name`, checking that its shape is `want` exactly and that every value is finite.
 std::vector<float> read_tensor(const safetensors_file& f, const std::string& name, const std::vector<std::int64_t>& want) {
-    if (!f.contains(name))
-        throw std::runtime_error("safetensors file '" + f.path().string() + "': missing tensor '" + name + "' (shape " +
-                                 shape_text(want) + ")");
+    auto fail = [&](const auto&... what) {
+        throw std::runtime_error(message("safetensors file '", path_excerpt(f.path().string()), "'", what...));
+    };
+    if (!f.contains(name)) fail(": missing tensor '", name, "' (shape ", shape_text(want), ")");
     const auto& info = f.info(name);
     if (info.shape != want)
-        throw std::runtime_error("safetensors file '" + f.path().string() + "', tensor '" + name + "': shape " +
-                                 shape_text(info.shape) + " does not match the config, which needs " + shape_text(want));
-    return f.read(name);
+        fail(", tensor '", name, "': shape ", excerpt(shape_text(info.shape)), " does not match the config, which needs ",
+             shape_text(want));
+    return f.read_finite(name);
 }
 
 linear read_linear(const safetensors_file& f, const std::string& prefix, int in, int out) {

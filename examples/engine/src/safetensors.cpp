@@ -5,7 +5,6 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
-#include <fstream>
 #include <limits>
 #include <set>
 #include <stdexcept>
@@ -17,16 +16,23 @@
 
 #include <nlohmann/json.hpp>
 
+#include "sd3/errors.hpp"
+#include "sd3/files.hpp"
+#include "sd3/json_input.hpp"
+#include "sd3/resources.hpp"
+
 static_assert(std::endian::native == std::endian::little, "safetensors data is little-endian; big-endian hosts unsupported");
 
 namespace sd3 {
 namespace {
 
+constexpr std::string_view file_role = "safetensors file";
+
 [[noreturn]] void fail(const std::filesystem::path& file, const std::string& what) {
-    throw std::runtime_error("safetensors file '" + file.string() + "': " + what);
+    throw std::runtime_error(message(file_role, " '", path_excerpt(file.string()), "': ", what));
 }
 [[noreturn]] void fail(const std::filesystem::path& file, std::string_view tensor, const std::string& what) {
-    throw std::runtime_error("safetensors file '" + file.string() + "', tensor '" + std::string(tensor) + "': " + what);
+    throw std::runtime_error(message(file_role, " '", path_excerpt(file.string()), "', tensor '", excerpt(tensor), "': ", what));
 }
 
 bool parse_dtype(std::string_view s, dtype& out) {
@@ -76,9 +82,14 @@ std::size_t dtype_size(dtype t) noexcept {
 }
 
 std::int64_t tensor_info::numel() const noexcept {
-    std::int64_t n = 1;
-    for (auto d : shape) n *= d;
-    return n;
+    // In unsigned arithmetic with saturation: a shape may hold huge dimensions next to a zero (a legal empty
+    // tensor), and for a tensor read from a file parse() has already bounded the product by the file size.
+    for (auto d : shape)
+        if (d <= 0) return 0;
+    std::size_t n = 1;
+    for (auto d : shape) n = saturating_mul(n, static_cast<std::size_t>(d));
+    constexpr auto most = static_cast<std::size_t>(std::numeric_limits<std::int64_t>::max());
+    return static_cast<std::int64_t>(std::min(n, most));
 }
 
 float half_to_float(std::uint16_t h) noexcept {
@@ -119,18 +130,12 @@ std::uint16_t float_to_half(float f) noexcept {
 }
 
 safetensors_file::safetensors_file(const std::filesystem::path& path) : path_(path) {
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) fail(path_, std::string("cannot open: ") + std::strerror(errno));
-    struct stat st {};
-    if (::fstat(fd, &st) != 0) {
-        const int err = errno;
-        ::close(fd);
-        fail(path_, std::string("cannot stat: ") + std::strerror(err));
-    }
-    size_ = static_cast<std::size_t>(st.st_size);
+    const auto file = open_regular_file(path, file_role);  // a directory, FIFO or device is refused here
+    const int fd = file.fd;
+    size_ = file.size;
     if (size_ < 8) {
         ::close(fd);
-        fail(path_, "truncated: " + std::to_string(size_) + " bytes, shorter than the 8-byte header length");
+        fail(path_, message("truncated: ", size_, " bytes, shorter than the 8-byte header length"));
     }
     void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
     const int err = errno;
@@ -173,17 +178,17 @@ void safetensors_file::parse() {
     std::uint64_t header_len = 0;
     std::memcpy(&header_len, map_, 8);
     if (header_len > size_ - 8)
-        fail(path_, "header length " + std::to_string(header_len) + " runs past the end of the file (" +
-                        std::to_string(size_) + " bytes)");
+        fail(path_, message("header length ", header_len, " runs past the end of the file (", size_, " bytes)"));
+    if (header_len > max_safetensors_header_bytes)
+        fail(path_, message("header length ", header_len, " exceeds the limit of ", max_safetensors_header_bytes, " bytes"));
     data_start_ = 8 + static_cast<std::size_t>(header_len);
     const std::size_t data_size = size_ - data_start_;
 
     nlohmann::json header;
     try {
-        header = nlohmann::json::parse(reinterpret_cast<const char*>(map_ + 8),
-                                       reinterpret_cast<const char*>(map_ + data_start_));
-    } catch (const nlohmann::json::exception& e) {
-        fail(path_, std::string("header is not valid JSON: ") + e.what());
+        header = parse_json({reinterpret_cast<const char*>(map_ + 8), static_cast<std::size_t>(header_len)});
+    } catch (const std::runtime_error& e) {
+        fail(path_, message("header is ", e.what()));
     }
     if (!header.is_object()) fail(path_, "header is not a JSON object");
 
@@ -193,7 +198,7 @@ void safetensors_file::parse() {
         if (name == "__metadata__") {
             if (!entry.is_object()) fail(path_, "__metadata__ is not an object");
             for (auto m = entry.begin(); m != entry.end(); ++m) {
-                if (!m.value().is_string()) fail(path_, "__metadata__ value for '" + m.key() + "' is not a string");
+                if (!m.value().is_string()) fail(path_, message("__metadata__ value for '", excerpt(m.key()), "' is not a string"));
                 metadata_[m.key()] = m.value().get<std::string>();
             }
             continue;
@@ -205,14 +210,14 @@ void safetensors_file::parse() {
         const auto dt = entry.find("dtype");
         if (dt == entry.end() || !dt->is_string()) fail(path_, name, "missing or non-string 'dtype'");
         if (!parse_dtype(dt->get<std::string>(), t.type))
-            fail(path_, name, "unsupported dtype '" + dt->get<std::string>() + "' (supported: F32, F16, BF16, F64, I64, I32)");
+            fail(path_, name, message("unsupported dtype '", excerpt(dt->get<std::string>()), "' (supported: F32, F16, BF16, F64, I64, I32)"));
 
         const auto sh = entry.find("shape");
         if (sh == entry.end() || !sh->is_array()) fail(path_, name, "missing or non-array 'shape'");
         std::uint64_t numel = 1;
         bool overflow = false;
         for (const auto& d : *sh) {
-            if (!d.is_number_unsigned()) fail(path_, name, "shape entry " + d.dump() + " is not a non-negative integer");
+            if (!d.is_number_unsigned()) fail(path_, name, message("shape entry ", json_excerpt(d), " is not a non-negative integer"));
             const std::uint64_t v = d.get<std::uint64_t>();
             if (v > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())) overflow = true;
             else if (v != 0 && numel > std::numeric_limits<std::uint64_t>::max() / v) overflow = true;
@@ -220,7 +225,7 @@ void safetensors_file::parse() {
             t.shape.push_back(static_cast<std::int64_t>(v));
         }
         if (overflow || numel > data_size / dtype_size(t.type) + 1)
-            fail(path_, name, "shape " + sh->dump() + " describes more elements than the file can hold");
+            fail(path_, name, message("shape ", json_excerpt(*sh), " describes more elements than the file can hold"));
 
         const auto off = entry.find("data_offsets");
         if (off == entry.end() || !off->is_array() || off->size() != 2 || !(*off)[0].is_number_unsigned() ||
@@ -229,14 +234,13 @@ void safetensors_file::parse() {
         const std::uint64_t begin = (*off)[0].get<std::uint64_t>();
         const std::uint64_t end = (*off)[1].get<std::uint64_t>();
         if (begin > end)
-            fail(path_, name, "data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) + "] are reversed");
+            fail(path_, name, message("data_offsets [", begin, ", ", end, "] are reversed"));
         if (end > data_size)
-            fail(path_, name, "data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) +
-                                  "] lie outside the data section (" + std::to_string(data_size) + " bytes)");
+            fail(path_, name, message("data_offsets [", begin, ", ", end, "] lie outside the data section (", data_size, " bytes)"));
         const std::uint64_t want = numel * dtype_size(t.type);
         if (end - begin != want)
-            fail(path_, name, "shape " + sh->dump() + " with dtype " + std::string(dtype_name(t.type)) + " needs " +
-                                  std::to_string(want) + " bytes but data_offsets span " + std::to_string(end - begin));
+            fail(path_, name, message("shape ", json_excerpt(*sh), " with dtype ", dtype_name(t.type), " needs ", want,
+                                      " bytes but data_offsets span ", end - begin));
         t.begin = static_cast<std::size_t>(begin);
         t.end = static_cast<std::size_t>(end);
         tensors_.push_back(std::move(t));
@@ -249,7 +253,7 @@ void safetensors_file::parse() {
     std::sort(by_offset.begin(), by_offset.end(), [](auto* a, auto* b) { return a->begin < b->begin; });
     for (std::size_t i = 1; i < by_offset.size(); ++i)
         if (by_offset[i]->begin < by_offset[i - 1]->end)
-            fail(path_, by_offset[i]->name, "data overlaps tensor '" + by_offset[i - 1]->name + "'");
+            fail(path_, by_offset[i]->name, message("data overlaps tensor '", excerpt(by_offset[i - 1]->name), "'"));
 
     std::sort(tensors_.begin(), tensors_.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
 }
@@ -281,11 +285,11 @@ std::vector<float> safetensors_file::read(std::string_view name) const {
 void safetensors_file::read_into(std::string_view name, std::span<float> out) const {
     const auto& t = info(name);
     if (!is_float(t.type))
-        fail(path_, name, "dtype " + std::string(dtype_name(t.type)) + " cannot be read as float (" +
-                              (is_integer(t.type) ? "use read_ints" : "use read_doubles") + ")");
+        fail(path_, name, message("dtype ", dtype_name(t.type), " cannot be read as float (",
+                                  is_integer(t.type) ? "use read_ints" : "use read_doubles", ")"));
     const auto n = static_cast<std::size_t>(t.numel());
     if (out.size() != n)
-        fail(path_, name, "destination holds " + std::to_string(out.size()) + " floats, tensor has " + std::to_string(n));
+        fail(path_, name, message("destination holds ", out.size(), " floats, tensor has ", n));
     if (n == 0) return;  // empty tensors: nothing to copy (and memcpy must not see a null pointer)
     const std::byte* src = map_ + data_start_ + t.begin;
     switch (t.type) {
@@ -313,10 +317,19 @@ void safetensors_file::read_into(std::string_view name, std::span<float> out) co
     }
 }
 
+std::vector<float> safetensors_file::read_finite(std::string_view name) const {
+    auto values = read(name);
+    const auto bad = std::find_if(values.begin(), values.end(), [](float v) { return !std::isfinite(v); });
+    if (bad != values.end())
+        fail(path_, name, message("element ", bad - values.begin(), " of ", values.size(), " is ", *bad,
+                                  " (weights must be finite)"));
+    return values;
+}
+
 std::vector<double> safetensors_file::read_doubles(std::string_view name) const {
     const auto& t = info(name);
     if (is_integer(t.type))
-        fail(path_, name, "dtype " + std::string(dtype_name(t.type)) + " is an integer type, asked for floating values");
+        fail(path_, name, message("dtype ", dtype_name(t.type), " is an integer type, asked for floating values"));
     if (t.type != dtype::f64) {
         const auto f = read(name);  // every float, half and bfloat16 value is exact in double
         return {f.begin(), f.end()};
@@ -330,7 +343,7 @@ std::vector<double> safetensors_file::read_doubles(std::string_view name) const 
 std::vector<std::int64_t> safetensors_file::read_ints(std::string_view name) const {
     const auto& t = info(name);
     if (!is_integer(t.type))
-        fail(path_, name, "dtype " + std::string(dtype_name(t.type)) + " is a floating type, asked for integer values");
+        fail(path_, name, message("dtype ", dtype_name(t.type), " is a floating type, asked for integer values"));
     std::vector<std::int64_t> out(static_cast<std::size_t>(t.numel()));
     const std::byte* src = map_ + data_start_ + t.begin;
     for (std::size_t i = 0; i < out.size(); ++i)
@@ -340,47 +353,47 @@ std::vector<std::int64_t> safetensors_file::read_ints(std::string_view name) con
 
 void save_safetensors(const std::filesystem::path& path, std::span<const tensor_to_save> tensors,
                       const std::map<std::string, std::string>& metadata) {
+    auto bad = [](const tensor_to_save& t, const auto&... what) {
+        throw std::invalid_argument(message("save_safetensors: tensor '", excerpt(t.name), "' ", what...));
+    };
     nlohmann::json header = nlohmann::json::object();
     if (!metadata.empty()) header["__metadata__"] = metadata;
     std::set<std::string> seen;
     std::size_t offset = 0;
     for (const auto& t : tensors) {
-        if (!is_float(t.type))
-            throw std::invalid_argument("save_safetensors: tensor '" + t.name + "' has dtype " +
-                                        std::string(dtype_name(t.type)) + "; the writer stores F32, F16 or BF16 only");
-        if (t.name == "__metadata__" || !seen.insert(t.name).second)
-            throw std::invalid_argument("save_safetensors: tensor name '" + t.name + "' is reserved or repeated");
-        std::int64_t numel = 1;
+        if (!is_float(t.type)) bad(t, "has dtype ", dtype_name(t.type), "; the writer stores F32, F16 or BF16 only");
+        if (t.name == "__metadata__" || !seen.insert(t.name).second) bad(t, "has a reserved or repeated name");
+        std::size_t numel = 1;
         for (auto d : t.shape) {
-            if (d < 0) throw std::invalid_argument("save_safetensors: tensor '" + t.name + "' has negative dimension " + std::to_string(d));
-            numel *= d;
+            if (d < 0) bad(t, "has negative dimension ", d);
+            numel = saturating_mul(numel, static_cast<std::size_t>(d));
         }
-        if (static_cast<std::size_t>(numel) != t.values.size())
-            throw std::invalid_argument("save_safetensors: tensor '" + t.name + "' shape holds " + std::to_string(numel) +
-                                        " values but " + std::to_string(t.values.size()) + " were given");
+        if (numel != t.values.size()) bad(t, "shape holds ", numel == size_overflow ? std::string("more than 2^64") : std::to_string(numel),
+                                          " values but ", t.values.size(), " were given");
         const std::size_t bytes = t.values.size() * dtype_size(t.type);
         header[t.name] = {{"dtype", dtype_name(t.type)}, {"shape", t.shape}, {"data_offsets", {offset, offset + bytes}}};
         offset += bytes;
     }
     std::string text = header.dump();
     text.append((8 - text.size() % 8) % 8, ' ');  // keep the data section 8-byte aligned, as the reference writer does
-    std::ofstream f(path, std::ios::binary);
-    if (!f) throw std::runtime_error("save_safetensors: cannot open '" + path.string() + "' for writing");
+    std::vector<char> file(8 + text.size() + offset);
     const std::uint64_t len = text.size();
-    f.write(reinterpret_cast<const char*>(&len), 8);
-    f.write(text.data(), static_cast<std::streamsize>(text.size()));
-    std::vector<std::uint16_t> half;
+    std::memcpy(file.data(), &len, 8);
+    std::memcpy(file.data() + 8, text.data(), text.size());
+    char* out = file.data() + 8 + text.size();
     for (const auto& t : tensors) {
         if (t.type == dtype::f32) {
-            f.write(reinterpret_cast<const char*>(t.values.data()), static_cast<std::streamsize>(t.values.size() * 4));
-        } else {
-            half.resize(t.values.size());
-            for (std::size_t i = 0; i < half.size(); ++i)
-                half[i] = t.type == dtype::f16 ? float_to_half(t.values[i]) : float_to_bfloat16(t.values[i]);
-            f.write(reinterpret_cast<const char*>(half.data()), static_cast<std::streamsize>(half.size() * 2));
+            if (!t.values.empty()) std::memcpy(out, t.values.data(), t.values.size() * 4);
+            out += t.values.size() * 4;
+            continue;
+        }
+        for (const float v : t.values) {
+            const std::uint16_t h = t.type == dtype::f16 ? float_to_half(v) : float_to_bfloat16(v);
+            std::memcpy(out, &h, 2);
+            out += 2;
         }
     }
-    if (!f) throw std::runtime_error("save_safetensors: write to '" + path.string() + "' failed");
+    write_file(path, file, "save_safetensors: output file");
 }
 
 }  // namespace sd3

@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -15,7 +17,9 @@
 #include <omp.h>
 #endif
 
+#include "sd3/errors.hpp"
 #include "sd3/model.hpp"
+#include "sd3/resources.hpp"
 
 namespace sd3 {
 namespace {
@@ -132,10 +136,14 @@ void silu_inplace(float* x, int n) {
 
 kv_cache::kv_cache(const transformer_config& config, int max_batch, int max_image_tokens)
     : layers_(config.num_layers), max_batch_(max_batch), max_tokens_(max_image_tokens), hidden_(config.hidden()) {
-    if (max_batch < 1) throw std::invalid_argument("kv_cache: max_batch = " + std::to_string(max_batch) + " must be >= 1");
+    config.validate();
+    if (max_batch < 1) throw std::invalid_argument(message("kv_cache: max_batch = ", max_batch, " must be >= 1"));
     if (max_image_tokens < 1)
-        throw std::invalid_argument("kv_cache: max_image_tokens = " + std::to_string(max_image_tokens) + " must be >= 1");
-    const std::size_t n = static_cast<std::size_t>(layers_) * max_batch_ * max_tokens_ * hidden_;
+        throw std::invalid_argument(message("kv_cache: max_image_tokens = ", max_image_tokens, " must be >= 1"));
+    const std::size_t n = saturating_product(layers_, max_batch_, max_tokens_, hidden_);
+    require_memory(message("kv_cache: keys and values for ", layers_, " layers, max_batch ", max_batch, " and ",
+                           max_image_tokens, " image tokens"),
+                   saturating_product(n, 2, sizeof(float)));
     k_.assign(n, 0.0f);
     v_.assign(n, 0.0f);
 }
@@ -164,16 +172,15 @@ struct transformer::impl {
         const auto& c = m->config;
         c.validate();
         if (static_cast<int>(m->blocks.size()) != c.num_layers)
-            throw std::invalid_argument("transformer: model has " + std::to_string(m->blocks.size()) +
-                                        " blocks but config.num_layers = " + std::to_string(c.num_layers));
+            throw std::invalid_argument(message("transformer: model has ", m->blocks.size(), " blocks but config.num_layers = ",
+                                                c.num_layers));
         if (limits.max_height == 0) limits.max_height = c.sample_size;
         if (limits.max_width == 0) limits.max_width = c.sample_size;
-        if (limits.max_batch < 1) throw std::invalid_argument("engine_limits.max_batch = " + std::to_string(limits.max_batch) + " must be >= 1");
-        if (limits.max_context_tokens < 1)
-            throw std::invalid_argument("engine_limits.max_context_tokens = " + std::to_string(limits.max_context_tokens) + " must be >= 1");
+        auto bad_limit = [](const auto&... what) { throw std::invalid_argument(message("engine_limits.", what...)); };
+        if (limits.max_batch < 1) bad_limit("max_batch = ", limits.max_batch, " must be >= 1");
+        if (limits.max_context_tokens < 1) bad_limit("max_context_tokens = ", limits.max_context_tokens, " must be >= 1");
         if (limits.max_height < c.patch_size || limits.max_width < c.patch_size)
-            throw std::invalid_argument("engine_limits.max_height/max_width = " + std::to_string(limits.max_height) + "/" +
-                                        std::to_string(limits.max_width) + " must be >= patch_size " + std::to_string(c.patch_size));
+            bad_limit("max_height/max_width = ", limits.max_height, "/", limits.max_width, " must be >= patch_size ", c.patch_size);
         check_threads(threads);
         check_model();
         D = c.hidden();
@@ -181,10 +188,41 @@ struct transformer::impl {
         P = c.patch_features();
         hd = c.attention_head_dim;
         heads = c.num_attention_heads;
-        max_tokens = (limits.max_height / c.patch_size) * (limits.max_width / c.patch_size);
+        // Counts the engine keeps in int, formed in 64 bits first: each limit may be in range while a product is not.
+        const std::int64_t tokens64 = std::int64_t{limits.max_height / c.patch_size} * (limits.max_width / c.patch_size);
+        const std::int64_t tasks64 = std::int64_t{limits.max_batch} *
+                                     ((tokens64 + query_chunk - 1) / query_chunk + ceil_div(limits.max_context_tokens, query_chunk));
+        if (tokens64 > std::numeric_limits<int>::max() || tasks64 > std::numeric_limits<int>::max())
+            bad_limit("max_batch/max_height/max_width = ", limits.max_batch, "/", limits.max_height, "/", limits.max_width,
+                      " give ", tokens64, " image tokens per sample and ", tasks64, " attention tasks, more than the engine indexes");
+        max_tokens = static_cast<int>(tokens64);
         max_ctx = limits.max_context_tokens;
+        max_tasks = static_cast<int>(tasks64);
         const std::size_t Bm = limits.max_batch, Nm = max_tokens, Lm = max_ctx;
-        max_tasks = limits.max_batch * (ceil_div(max_tokens, query_chunk) + ceil_div(max_ctx, query_chunk));
+        const std::size_t rows = std::max(Nm, Lm);
+
+        // Every workspace's element count, saturating: the total is checked against the machine's memory before
+        // anything is allocated, so an absurd limit is refused with the amount it would need.
+        const std::size_t per_sample = saturating_product(Bm, D), image = saturating_product(Bm, Nm, D),
+                          context = saturating_product(Bm, Lm, D);
+        const std::size_t floats[] = {
+            saturating_product(Bm, c.timestep_channels()),    // tproj
+            saturating_mul(per_sample, 3 + 6 + 6 + 2),          // temb, silu_temb, small_hidden, mod_img, mod_ctx, mod_final
+            saturating_mul(image, 4 + 3),                       // x, nrm, att, out, qkv (image stream)
+            saturating_mul(context, 4 + 3),                     // the same for the context stream
+            saturating_product(Bm, rows, F),                    // hidden
+            saturating_product(Bm, Nm, c.patch_inputs()),       // patches
+            saturating_product(Bm, Nm, P),                      // out_rows
+            saturating_product(max_tasks, Nm),                  // probe_parts
+            saturating_product(Bm, rows),                       // positions (int32, same size as a float)
+            saturating_mul(score_slot_for(max_tokens, max_ctx), static_cast<std::size_t>(threads)),  // scores
+        };
+        std::size_t total = 0;
+        for (const std::size_t f : floats) total = saturating_add(total, f);
+        require_memory(message("transformer: workspaces for max_batch ", limits.max_batch, ", max_height ", limits.max_height,
+                               ", max_width ", limits.max_width, ", max_context_tokens ", limits.max_context_tokens, " and ",
+                               threads, " threads"),
+                       saturating_mul(total, sizeof(float)));
 
         tproj.resize(Bm * c.timestep_channels());
         temb.resize(Bm * D);
@@ -203,12 +241,12 @@ struct transformer::impl {
         qkv_ctx.resize(Bm * Lm * 3 * D);
         att_ctx.resize(Bm * Lm * D);
         out_ctx.resize(Bm * Lm * D);
-        hidden.resize(Bm * std::max(Nm, Lm) * F);
-        patches.resize(Bm * Nm * c.in_channels * c.patch_size * c.patch_size);
+        hidden.resize(Bm * rows * F);
+        patches.resize(Bm * Nm * c.patch_inputs());
         out_rows.resize(Bm * Nm * P);
         probe_parts.resize(static_cast<std::size_t>(max_tasks) * Nm);
-        positions.resize(Bm * std::max(Nm, Lm));
-        size_scores();
+        positions.resize(Bm * rows);
+        size_scores(threads);
     }
 
     // Every weight's size against the config, so a hand-built model cannot make a GEMM read out of bounds.
@@ -263,11 +301,21 @@ struct transformer::impl {
         }
     }
     static void check_threads(int t) {
-        if (t < 1) throw std::invalid_argument("transformer: threads = " + std::to_string(t) + " must be >= 1");
+        if (t < 1 || t > max_threads)
+            throw std::invalid_argument(message("transformer: threads = ", t, " is out of range [1, ", max_threads, "]"));
     }
-    void size_scores() {
-        score_slot = round_up(static_cast<std::size_t>(query_chunk) * (max_tokens + max_ctx), 16);
-        scores.assign(threads * score_slot, 0.0f);
+    // Floats per thread in `scores`: one query chunk's scores against every key, a multiple of 16 (64 bytes).
+    static std::size_t score_slot_for(int image_tokens, int context_tokens) {
+        return round_up(saturating_product(query_chunk, std::int64_t{image_tokens} + context_tokens), 16);
+    }
+    // Sizes the per-thread score slots for `t` threads; on failure nothing changes.
+    void size_scores(int t) {
+        const std::size_t slot = score_slot_for(max_tokens, max_ctx);
+        require_memory(message("transformer: attention scores for ", t, " threads"),
+                       saturating_product(t, slot, sizeof(float)));
+        buffer fresh(static_cast<std::size_t>(t) * slot, 0.0f);
+        scores.swap(fresh);
+        score_slot = slot;
     }
 
     int tokens_of(stream s) const { return s == stream::image ? n : L; }        // active rows per sample
@@ -725,8 +773,8 @@ const engine_limits& transformer::limits() const noexcept { return impl_->limits
 int transformer::threads() const noexcept { return impl_->threads; }
 void transformer::set_threads(int threads) {
     impl::check_threads(threads);
+    impl_->size_scores(threads);
     impl_->threads = threads;
-    impl_->size_scores();
 }
 
 void transformer::forward(const forward_inputs& in, std::span<float> velocity) { impl_->run(in, velocity, {}); }

@@ -2,7 +2,9 @@
 //   [u64 little-endian header length N][N bytes of JSON header][data bytes]
 // The header maps tensor names to {"dtype", "shape", "data_offsets": [begin, end]} with offsets relative
 // to the start of the data section. Every offset and shape is checked against the file before any byte
-// is read, so a damaged file raises std::runtime_error naming the file (and the tensor), never a crash.
+// is read, so a damaged file raises std::runtime_error naming the file (and the tensor), never a crash. The
+// path must be a regular file (a directory, FIFO or device is reported); the JSON header may nest at most
+// sd3::max_json_depth levels and hold at most max_safetensors_header_bytes.
 #pragma once
 
 #include <cstddef>
@@ -15,6 +17,9 @@
 #include <vector>
 
 namespace sd3 {
+
+// Largest header accepted (the format's reference implementation uses the same bound).
+inline constexpr std::uint64_t max_safetensors_header_bytes = 100'000'000;
 
 // Element types this reader understands; a file holding any other (U8, BOOL, F8, ...) is rejected when opened.
 // The floating types F32 / F16 / BF16 read as float (the model weights); F64 reads as double and I64 / I32 as
@@ -30,6 +35,8 @@ struct tensor_info {
     std::vector<std::int64_t> shape;
     std::size_t begin = 0;  // byte offsets into the data section (after the header)
     std::size_t end = 0;
+    // Product of the dimensions; 0 when any is 0. Tensors read from a file are bounded by its size; for a
+    // hand-built shape whose product does not fit, the result saturates at INT64_MAX (never overflows).
     std::int64_t numel() const noexcept;
 };
 
@@ -52,7 +59,10 @@ public:
 
     // An F32 / F16 / BF16 tensor converted to float32 (F64 and the integer types throw: see below).
     std::vector<float> read(std::string_view name) const;
-    // Same, into caller memory; out.size() must equal the element count.
+    // read(), then every value checked: a NaN or infinity throws std::runtime_error naming the file, the
+    // tensor, the element and its value. Loaders of weights use this, so a damaged weight is found at load.
+    std::vector<float> read_finite(std::string_view name) const;
+    // Same as read, into caller memory; out.size() must equal the element count.
     void read_into(std::string_view name, std::span<float> out) const;
     // A floating tensor (F64, or F32 / F16 / BF16 widened exactly) as double; integer types throw.
     std::vector<double> read_doubles(std::string_view name) const;

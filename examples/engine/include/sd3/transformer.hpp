@@ -24,6 +24,9 @@ namespace sd3 {
 
 struct model;
 
+// Most OpenMP threads a transformer accepts (each thread also gets its own attention-score workspace).
+inline constexpr int max_threads = 1024;
+
 // Largest problem a transformer object is prepared for (workspaces are sized from these once).
 struct engine_limits {
     int max_batch = 2;
@@ -110,7 +113,9 @@ struct forward_options {
 
 class transformer {
 public:
-    // `m` must outlive the transformer. threads >= 1 (OpenMP threads used by every stage).
+    // `m` must outlive the transformer. threads in [1, max_threads] (OpenMP threads used by every stage).
+    // Workspaces are sized here from `limits`; their total is checked against the machine's memory first, and
+    // limits whose workspaces would not fit are refused (std::invalid_argument stating the bytes needed).
     explicit transformer(const model& m, const engine_limits& limits = {}, int threads = 1);
     ~transformer();
     transformer(transformer&&) noexcept;

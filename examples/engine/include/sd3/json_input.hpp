@@ -1,0 +1,23 @@
+// JSON from files the engine does not control (safetensors headers, config.json, the quality tools'
+// descriptions): nesting is bounded while parsing, so nothing that walks the value later (dump(), a
+// message quoting it) can recurse deeper than max_json_depth.
+#pragma once
+
+#include <string>
+#include <string_view>
+
+#include <nlohmann/json.hpp>
+
+namespace sd3 {
+
+// Deepest nesting of arrays and objects accepted; real headers and configs use 3 levels.
+inline constexpr int max_json_depth = 64;
+
+// Parses `text`. Throws std::runtime_error "not valid JSON: ..." or "nested deeper than 64 levels ...";
+// callers prefix the file they read.
+nlohmann::json parse_json(std::string_view text);
+
+// A parsed value as messages quote it: its compact JSON text through excerpt().
+std::string json_excerpt(const nlohmann::json& value);
+
+}  // namespace sd3
