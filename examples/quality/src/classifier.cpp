@@ -1,10 +1,12 @@
 #include "quality/classifier.hpp"
 
 #include <algorithm>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 
+#include "sd3/errors.hpp"
+#include "sd3/files.hpp"
+#include "sd3/json_input.hpp"
 #include "sd3/safetensors.hpp"
 
 namespace quality {
@@ -16,8 +18,27 @@ struct activation_shape {
   bool flat;
 };
 
+// Largest value accepted for any size in classifier.json (image sides, channels, classes, kernel, stride,
+// padding): keeps every shape product far from overflow.
+constexpr std::size_t max_description_size = 4096;
+
 std::runtime_error layer_error(const std::filesystem::path& json, std::size_t index, const std::string& what) {
-  return std::runtime_error("digit_classifier: '" + json.string() + "' layer " + std::to_string(index) + ": " + what);
+  return std::runtime_error(sd3::message("digit_classifier: '", sd3::path_excerpt(json.string()), "' layer ", index, ": ", what));
+}
+
+// A size field of the description: an integer in [least, max_description_size].
+std::size_t size_field(const nlohmann::json& spec, const char* key, std::size_t least, const std::filesystem::path& json,
+                       const std::string& where) {
+  const auto& v = spec.at(key);
+  if (!v.is_number_unsigned() || v.get<std::uint64_t>() < least || v.get<std::uint64_t>() > max_description_size)
+    throw std::runtime_error(sd3::message("digit_classifier: '", sd3::path_excerpt(json.string()), "' ", where, key, " = ",
+                                          sd3::json_excerpt(v), " is not an integer in [", least, ", ", max_description_size,
+                                          "]"));
+  return v.get<std::size_t>();
+}
+std::size_t size_field(const nlohmann::json& spec, const char* key, std::size_t least, std::size_t fallback,
+                       const std::filesystem::path& json, const std::string& where) {
+  return spec.contains(key) ? size_field(spec, key, least, json, where) : fallback;
 }
 
 void conv2d(const digit_classifier::layer& l, const std::vector<float>& in, std::size_t h, std::size_t w,
@@ -60,26 +81,31 @@ void maxpool(const std::vector<float>& in, std::size_t c, std::size_t h, std::si
 
 digit_classifier digit_classifier::load(const std::filesystem::path& dir) {
   const auto json_path = dir / "classifier.json";
-  std::ifstream in(json_path);
-  if (!in) throw std::runtime_error("digit_classifier: cannot open '" + json_path.string() + "'");
+  const auto text = sd3::read_text_file(json_path, "digit_classifier: description");  // names the path itself
+  nlohmann::json desc;
+  try {
+    desc = sd3::parse_json(text);
+  } catch (const std::runtime_error& e) {
+    throw std::runtime_error(sd3::message("digit_classifier: '", sd3::path_excerpt(json_path.string()), "': ", e.what()));
+  }
   const sd3::safetensors_file weights(dir / "classifier.safetensors");
   digit_classifier net;
   try {
-    const auto desc = nlohmann::json::parse(in);
-    net.channels_ = desc.at("input").at("channels").get<std::size_t>();
-    net.height_ = desc.at("input").at("height").get<std::size_t>();
-    net.width_ = desc.at("input").at("width").get<std::size_t>();
-    net.classes_ = desc.at("classes").get<std::size_t>();
+    net.channels_ = size_field(desc.at("input"), "channels", 1, json_path, "input.");
+    net.height_ = size_field(desc.at("input"), "height", 1, json_path, "input.");
+    net.width_ = size_field(desc.at("input"), "width", 1, json_path, "input.");
+    net.classes_ = size_field(desc, "classes", 1, json_path, "");
     activation_shape shape{net.channels_, net.height_, net.width_, false};
     std::size_t index = 0;
     for (const auto& spec : desc.at("layers")) {
       layer l{};
+      const auto where = sd3::message("layer ", index, ": ");
       const auto type = spec.at("type").get<std::string>();
       if (type == "conv2d" || type == "linear") {
         const auto wname = spec.at("weight").get<std::string>(), bname = spec.at("bias").get<std::string>();
         const auto& wshape = weights.info(wname).shape;
-        l.weight = weights.read(wname);
-        l.bias = weights.read(bname);
+        l.weight = weights.read_finite(wname);  // a NaN weight would otherwise make every prediction class 0
+        l.bias = weights.read_finite(bname);
         if (type == "conv2d") {
           if (shape.flat) throw layer_error(json_path, index, "conv2d after flatten");
           if (wshape.size() != 4 || wshape[2] != wshape[3])
@@ -88,8 +114,8 @@ digit_classifier digit_classifier::load(const std::filesystem::path& dir) {
           l.out = static_cast<std::size_t>(wshape[0]);
           l.in = static_cast<std::size_t>(wshape[1]);
           l.kernel = static_cast<std::size_t>(wshape[2]);
-          l.stride = spec.value("stride", std::size_t{1});
-          l.padding = spec.value("padding", std::size_t{0});
+          l.stride = size_field(spec, "stride", 1, 1, json_path, where);
+          l.padding = size_field(spec, "padding", 0, 0, json_path, where);
           if (l.in != shape.c)
             throw layer_error(json_path, index, "conv2d expects " + std::to_string(l.in) + " input channels, gets " +
                                                     std::to_string(shape.c));
@@ -116,8 +142,8 @@ digit_classifier digit_classifier::load(const std::filesystem::path& dir) {
       } else if (type == "maxpool2d") {
         if (shape.flat) throw layer_error(json_path, index, "maxpool2d after flatten");
         l.type = layer::kind::maxpool2d;
-        l.kernel = spec.at("kernel").get<std::size_t>();
-        l.stride = spec.value("stride", l.kernel);
+        l.kernel = size_field(spec, "kernel", 1, json_path, where);
+        l.stride = size_field(spec, "stride", 1, l.kernel, json_path, where);
         if (l.kernel == 0 || l.stride == 0 || shape.h < l.kernel || shape.w < l.kernel)
           throw layer_error(json_path, index, "maxpool2d kernel/stride do not fit the input");
         shape = {shape.c, (shape.h - l.kernel) / l.stride + 1, (shape.w - l.kernel) / l.stride + 1, false};
@@ -125,7 +151,7 @@ digit_classifier digit_classifier::load(const std::filesystem::path& dir) {
         l.type = layer::kind::flatten;
         shape = {shape.c * shape.h * shape.w, 1, 1, true};
       } else {
-        throw layer_error(json_path, index, "unknown layer type '" + type + "'");
+        throw layer_error(json_path, index, sd3::message("unknown layer type '", sd3::excerpt(type), "'"));
       }
       net.layers_.push_back(std::move(l));
       ++index;
@@ -135,7 +161,8 @@ digit_classifier digit_classifier::load(const std::filesystem::path& dir) {
                                std::to_string(shape.c) + " outputs, expected " + std::to_string(net.classes_) +
                                " flat class logits");
   } catch (const nlohmann::json::exception& e) {
-    throw std::runtime_error("digit_classifier: '" + json_path.string() + "' is malformed: " + e.what());
+    throw std::runtime_error(sd3::message("digit_classifier: '", sd3::path_excerpt(json_path.string()), "' is malformed: ",
+                                          sd3::excerpt(e.what(), 4 * sd3::max_quoted_chars)));
   }
   return net;
 }

@@ -1,11 +1,13 @@
 #include "quality/default_model.hpp"
 
 #include <algorithm>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 #include <string>
 
+#include "sd3/errors.hpp"
+#include "sd3/files.hpp"
+#include "sd3/json_input.hpp"
 #include "sd3/safetensors.hpp"
 
 namespace quality {
@@ -15,9 +17,16 @@ class_embeddings class_embeddings::load(const std::filesystem::path& dir) {
   const sd3::safetensors_file file(path);
   const auto& pooled = file.info("pooled").shape;
   const auto& context = file.info("context").shape;
-  if (pooled.size() != 2 || context.size() != 3 || pooled[0] != context[0] || pooled[0] < 2) {
-    throw std::runtime_error("class_embeddings: '" + path.string() + "' needs pooled [K, P] and context [K, T, J] " +
-                             "with the same K >= 2");
+  // Every dimension bounded, so the int fields below and the products programs form from them cannot overflow.
+  constexpr std::int64_t most = 1 << 20;
+  const auto in_range = [&](const std::vector<std::int64_t>& shape) {
+    return std::all_of(shape.begin(), shape.end(), [&](std::int64_t d) { return d >= 1 && d <= most; });
+  };
+  if (pooled.size() != 2 || context.size() != 3 || pooled[0] != context[0] || pooled[0] < 2 || !in_range(pooled) ||
+      !in_range(context)) {
+    throw std::runtime_error(sd3::message("class_embeddings: '", sd3::path_excerpt(path.string()),
+                                          "' needs pooled [K, P] and context [K, T, J] with the same K >= 2 and every "
+                                          "dimension in [1, ", most, "]"));
   }
   class_embeddings table;
   table.classes = static_cast<int>(pooled[0]);
@@ -25,8 +34,8 @@ class_embeddings class_embeddings::load(const std::filesystem::path& dir) {
   table.pooled_dim = static_cast<int>(pooled[1]);
   table.context_tokens = static_cast<int>(context[1]);
   table.joint_attention_dim = static_cast<int>(context[2]);
-  table.pooled = file.read("pooled");
-  table.context = file.read("context");
+  table.pooled = file.read_finite("pooled");
+  table.context = file.read_finite("context");
   return table;
 }
 
@@ -56,18 +65,21 @@ void class_embeddings::gather(std::span<const int> labels, std::span<float> cont
 
 double load_scheduler_shift(const std::filesystem::path& dir) {
   const auto path = dir / "scheduler_config.json";
-  std::ifstream in(path);
-  if (!in) throw std::runtime_error("load_scheduler_shift: cannot open '" + path.string() + "'");
-  double shift = 0.0;
+  const auto text = sd3::read_text_file(path, "load_scheduler_shift: scheduler config");  // names the path itself
+  auto fail = [&](const auto&... what) {
+    throw std::runtime_error(sd3::message("load_scheduler_shift: '", sd3::path_excerpt(path.string()), "' ", what...));
+  };
+  nlohmann::json config;
   try {
-    shift = nlohmann::json::parse(in).at("shift").get<double>();
-  } catch (const nlohmann::json::exception& e) {
-    throw std::runtime_error("load_scheduler_shift: '" + path.string() + "' has no numeric shift: " + e.what());
+    config = sd3::parse_json(text);
+  } catch (const std::runtime_error& e) {
+    fail("is ", e.what());
   }
-  if (!(shift > 0.0)) {
-    throw std::runtime_error("load_scheduler_shift: '" + path.string() + "' has shift " + std::to_string(shift) +
-                             ", must be > 0");
-  }
+  const auto it = config.is_object() ? config.find("shift") : config.end();
+  if (it == config.end() || !it->is_number()) fail("has no numeric shift");
+  const double shift = it->get<double>();
+  if (!(shift > 0.0 && shift <= max_scheduler_shift))
+    fail("has shift ", sd3::json_excerpt(*it), ", allowed: (0, ", max_scheduler_shift, "]");
   return shift;
 }
 

@@ -19,7 +19,8 @@ struct class_embeddings {
   std::vector<float> context;  // [classes, context_tokens, joint_attention_dim]
 
   /// Reads `dir`/class_embeddings.safetensors (tensors `pooled` [K, P] and `context` [K, T, J]).
-  /// Throws std::runtime_error naming the file when a tensor is missing or the shapes disagree.
+  /// Throws std::runtime_error naming the file when a tensor is missing, the shapes disagree (or a dimension
+  /// exceeds 2^20), or a value is not finite.
   static class_embeddings load(const std::filesystem::path& dir);
 
   /// Writes, for each label, its context rows [T, J] and pooled row [P] (the layouts sd3::cfg_inputs takes).
@@ -27,8 +28,13 @@ struct class_embeddings {
   void gather(std::span<const int> labels, std::span<float> context_out, std::span<float> pooled_out) const;
 };
 
+/// Largest scheduler shift accepted from a file or the command line (SD3 uses 3; larger values squeeze
+/// every step against sigma = 1).
+inline constexpr double max_scheduler_shift = 1000.0;
+
 /// `shift` from `dir`/scheduler_config.json (diffusers FlowMatchEulerDiscreteScheduler config).
-/// Throws std::runtime_error naming the file when it is missing or has no positive `shift`.
+/// Throws std::runtime_error naming the file when it is missing, not a regular file, or has no `shift` in
+/// (0, max_scheduler_shift].
 double load_scheduler_shift(const std::filesystem::path& dir);
 
 }  // namespace quality
