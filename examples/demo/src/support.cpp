@@ -7,6 +7,8 @@
 
 #include "quality/metrics.hpp"
 #include "quality/noise.hpp"
+#include "sd3/errors.hpp"
+#include "sd3/resources.hpp"
 
 namespace demo {
 
@@ -61,7 +63,15 @@ methods::problem make_problem(sd3::transformer& net, const conditional_model& m,
 
 std::unique_ptr<workload> make_workload(const std::filesystem::path& model_dir, int samples, std::uint64_t seed, int steps, float guidance,
                                         int threads) {
+  if (samples < 1) throw std::invalid_argument(sd3::message("samples: must be >= 1, got ", samples));
   auto w = std::make_unique<workload>(workload{conditional_model::load(model_dir), {}, nullptr, {}});
+  // The largest per-run state of any method, checked before anything is sized from `samples`: per layer, the
+  // CFG batch's image rows at two sites with up to three cached steps each (TaylorSeer order 2) and the
+  // token-level methods' K/V, which that bounds; the engine checks its own workspaces when it is built.
+  const auto& c = w->model.transformer.config;
+  const std::size_t rows = sd3::saturating_product(2 * std::int64_t{samples}, (c.sample_size / c.patch_size) * std::int64_t{c.sample_size / c.patch_size});
+  sd3::require_memory(sd3::message("demo: the methods' caches for ", samples, " samples"),
+                      sd3::saturating_product(c.num_layers, rows, c.hidden(), 2 * (1 + 3), sizeof(float)));
   w->batch = make_batch(w->model, samples, seed);
   sd3::engine_limits limits;
   limits.max_batch = 2 * samples;
