@@ -1,7 +1,11 @@
 // After a warm-up call, a forward pass (plain, hooked, token-subset, with probe) allocates nothing: every heap
-// request in this process is counted while the calls run. Without AddressSanitizer the whole malloc family is
-// interposed (catching Eigen's and the OpenMP runtime's requests too); under ASan, which owns malloc, global
-// operator new is counted instead.
+// request in this process is counted while the calls run.
+//
+// The counting operators form consistent pairs, so memory checkers (valgrind, ASan) see matched calls: every
+// operator new variant takes its block from the C allocator, every operator delete variant returns it with
+// free(), and none is inlined. Without AddressSanitizer the C allocator itself is interposed too (catching Eigen's and the OpenMP
+// runtime's requests), and operator new draws from glibc's own entry points so each request counts once;
+// under ASan, which owns malloc, operator new is what is counted.
 #include <doctest/doctest.h>
 
 #include <atomic>
@@ -21,27 +25,15 @@ void note() {
 }
 }  // namespace
 
+// Never inlined: a memory checker that replaces the global operators (valgrind does, even in the executable)
+// must see every call, or it pairs its own operator new with an inlined free() and reports a mismatch.
+#define NOT_INLINED [[gnu::noinline]]
+
 #if defined(__SANITIZE_ADDRESS__)
-void* operator new(std::size_t n) {
-    note();
-    if (void* p = std::malloc(n ? n : 1)) return p;
-    throw std::bad_alloc();
-}
-void* operator new[](std::size_t n) { return operator new(n); }
-void* operator new(std::size_t n, std::align_val_t a) {
-    note();
-    if (void* p = std::aligned_alloc(static_cast<std::size_t>(a), (n + static_cast<std::size_t>(a) - 1) / static_cast<std::size_t>(a) * static_cast<std::size_t>(a))) return p;
-    throw std::bad_alloc();
-}
-void* operator new[](std::size_t n, std::align_val_t a) { return operator new(n, a); }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
-void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+namespace {
+void* c_alloc(std::size_t n) { return std::malloc(n); }
+void* c_aligned_alloc(std::size_t a, std::size_t n) { return std::aligned_alloc(a, (n + a - 1) / a * a); }
+}  // namespace
 #else
 extern "C" {
 void* __libc_malloc(std::size_t);
@@ -59,7 +51,46 @@ int posix_memalign(void** out, std::size_t a, std::size_t n) {
     return *out ? 0 : 12;  // ENOMEM
 }
 }
+namespace {
+void* c_alloc(std::size_t n) { return __libc_malloc(n); }
+void* c_aligned_alloc(std::size_t a, std::size_t n) { return __libc_memalign(a, n); }
+}  // namespace
 #endif
+
+NOT_INLINED void* operator new(std::size_t n) {
+    note();
+    if (void* p = c_alloc(n ? n : 1)) return p;
+    throw std::bad_alloc();
+}
+NOT_INLINED void* operator new[](std::size_t n) { return operator new(n); }
+NOT_INLINED void* operator new(std::size_t n, const std::nothrow_t&) noexcept {
+    note();
+    return c_alloc(n ? n : 1);
+}
+NOT_INLINED void* operator new[](std::size_t n, const std::nothrow_t& t) noexcept { return operator new(n, t); }
+NOT_INLINED void* operator new(std::size_t n, std::align_val_t a) {
+    note();
+    if (void* p = c_aligned_alloc(static_cast<std::size_t>(a), n ? n : 1)) return p;
+    throw std::bad_alloc();
+}
+NOT_INLINED void* operator new[](std::size_t n, std::align_val_t a) { return operator new(n, a); }
+NOT_INLINED void* operator new(std::size_t n, std::align_val_t a, const std::nothrow_t&) noexcept {
+    note();
+    return c_aligned_alloc(static_cast<std::size_t>(a), n ? n : 1);
+}
+NOT_INLINED void* operator new[](std::size_t n, std::align_val_t a, const std::nothrow_t& t) noexcept { return operator new(n, a, t); }
+NOT_INLINED void operator delete(void* p) noexcept { std::free(p); }
+NOT_INLINED void operator delete[](void* p) noexcept { std::free(p); }
+NOT_INLINED void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+NOT_INLINED void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+NOT_INLINED void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
+NOT_INLINED void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
+NOT_INLINED void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
+NOT_INLINED void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
+NOT_INLINED void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+NOT_INLINED void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+NOT_INLINED void operator delete(void* p, std::align_val_t, const std::nothrow_t&) noexcept { std::free(p); }
+NOT_INLINED void operator delete[](void* p, std::align_val_t, const std::nothrow_t&) noexcept { std::free(p); }
 
 TEST_CASE("forward passes allocate nothing after warm-up") {
     const test_util::random_problem p(3);
