@@ -322,3 +322,32 @@ TEST_CASE("sample_cfg: guidance arithmetic and the model-call hook") {
         CHECK_THROWS_WITH_AS(sd3::sample_cfg(net, sched, bad, 4.0f), doctest::Contains("noise holds 4"), std::invalid_argument);
     }
 }
+
+TEST_CASE("batching changes a sample's velocity only at float rounding level (the documented contract)") {
+    // docs/engine.md, "Reproducibility": results are bit-identical across thread counts, but not across batch
+    // sizes (GEMM blocking depends on the row count). This bounds how far batching may move a sample.
+    const auto seed = test_util::fresh_seed();
+    const test_util::random_problem p(seed);
+    const auto& c = p.model.config;
+    sd3::transformer net(p.model, p.limits(), 2);
+    std::vector<float> batched(p.velocity_size());
+    net.forward(p.inputs(), batched);
+    const std::size_t latent = static_cast<std::size_t>(c.in_channels) * p.height * p.width;
+    const std::size_t ctx = static_cast<std::size_t>(p.context_tokens) * c.joint_attention_dim;
+    const std::size_t out = static_cast<std::size_t>(c.out_channels) * p.height * p.width;
+    for (int b = 0; b < p.batch; ++b) {
+        const auto at = static_cast<std::size_t>(b);
+        const sd3::forward_inputs one{1,
+                                      p.height,
+                                      p.width,
+                                      p.context_tokens,
+                                      std::span<const float>(p.latents).subspan(at * latent, latent),
+                                      std::span<const float>(p.timesteps).subspan(at, 1),
+                                      std::span<const float>(p.context).subspan(at * ctx, ctx),
+                                      std::span<const float>(p.pooled).subspan(at * c.pooled_projection_dim, c.pooled_projection_dim)};
+        std::vector<float> alone(out);
+        net.forward(one, alone);
+        const std::span<const float> in_batch(batched.data() + at * out, out);
+        CHECK(test_util::rel_l2(alone, in_batch) < 1e-5);
+    }
+}
