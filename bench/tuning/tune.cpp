@@ -1,10 +1,41 @@
 // specdiff-tune: varies one SpecDiff setting at a time around the defaults, at a fixed cache rate, and
 // prints speedup (against full RFlow timed before and after), FLOP ratio, PSNR, SSIM and class accuracy.
 #include <CLI/CLI.hpp>
+#include <cmath>
 #include <cstdio>
+#include <string>
 #include <thread>
 
 #include "demo/support.hpp"
+
+namespace {
+
+// Does a spread speculative grid make the future factor matter? Quality against full RFlow for S = 0 (no
+// future) and S = 1..4 on both grids, everything else at the defaults.
+int speculative_grid_table(const demo::workload& work, const methods::run_result& full, const methods::specdiff_options& base) {
+  std::printf("| S | grid | speculative timesteps | FLOP ratio | PSNR dB | dPSNR vs S=0 | SSIM | class acc |\n|---|---|---|---|---|---|---|---|\n");
+  double psnr0 = 0;
+  for (int s = 0; s <= 4; ++s)
+    for (auto grid : {specdiff::speculative_grid::sampler, specdiff::speculative_grid::aligned}) {
+      if (s == 0 && grid == specdiff::speculative_grid::aligned) continue;
+      auto o = base;
+      o.spec_steps = s;
+      o.spec_grid = grid;
+      std::string ts;
+      if (const auto pass = methods::speculative_pass(work.problem, o))
+        for (float t : pass->timesteps()) ts += (ts.empty() ? "" : ", ") + std::to_string(static_cast<int>(std::lround(t)));
+      const auto r = methods::run_specdiff(work.problem, o);
+      const auto q = demo::evaluate(work.model, work.batch, full.latents, r.latents);
+      const double psnr = q.psnr_db.value_or(INFINITY);
+      if (s == 0) psnr0 = psnr;
+      std::printf("| %d | %s | %s | %.2f | %.2f | %+.2f | %.3f | %.3f |\n", s, s == 0 ? "-" : grid == specdiff::speculative_grid::aligned ? "aligned" : "sampler",
+                  ts.empty() ? "-" : ts.c_str(), full.flops / r.flops, psnr, psnr - psnr0, q.ssim, q.class_acc);
+      std::fflush(stdout);
+    }
+  return 0;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"SpecDiff's settings, one at a time, against full RFlow"};
@@ -12,12 +43,14 @@ int main(int argc, char** argv) {
   double cache_rate = 0.9;
   float cfg = 4.f;
   std::string model_dir = demo::default_model_dir().string();
+  bool grids = false;
   app.add_option("--samples", samples)->capture_default_str();
   app.add_option("--steps", steps)->capture_default_str();
   app.add_option("--cache-rate", cache_rate)->capture_default_str()->check(CLI::Range(0.0, 0.999));
   app.add_option("--cfg", cfg)->capture_default_str();
   app.add_option("--threads", threads)->capture_default_str();
   app.add_option("--model", model_dir)->capture_default_str();
+  app.add_flag("--speculative-grid", grids, "instead: the speculative pass's grid (aligned vs the sampler's) for S = 0..4");
   CLI11_PARSE(app, argc, argv);
   try {
     const auto work = demo::make_workload(model_dir, samples, 0, steps, cfg, threads);
@@ -26,6 +59,7 @@ int main(int argc, char** argv) {
     using rule = methods::specdiff_options::c3_rule;
     methods::specdiff_options base;
     base.cache_rate = cache_rate;
+    if (grids) return speculative_grid_table(*work, full, base);
     std::vector<std::pair<std::string, methods::specdiff_options>> variants = {{"default", base}};
     auto vary = [&](std::string name, auto change) {
       auto o = base;

@@ -111,9 +111,10 @@ static_assert(speculative_predictor<self_speculation> && speculative_predictor<n
 
 /// Where the speculative pass evaluates the model.
 enum class speculative_grid {
-  /// The first main timestep (the noise is exact there), then S - 1 main timesteps at the ends of S - 1
-  /// equal runs of the partial steps: every partial step of run j reads record j + 1 as its nearest
-  /// future, a record on its own side of the trajectory. The default.
+  /// The first main timestep (the noise is exact there), then S - 1 main timesteps at the middles of
+  /// S - 1 equal runs of the partial steps: each record is read by the partial steps around it (as their
+  /// nearest future up to it, as the nearest past after the last one), not by the whole pass. The
+  /// methods' default (docs/results.md measures both).
   aligned,
   /// The sampler's own S-step schedule (0.1's choice): the engine computes it (for rectified flow,
   /// FlowMatchEuler(S, shift)), so this library function does not; with S = 2 it gives t = [1000, ~9]
@@ -147,9 +148,10 @@ std::vector<float> aligned_speculative_timesteps(std::span<const float> main_tim
     candidates.clear();
     for (index_t k = 1; k < steps; ++k) candidates.push_back(k);
   }
-  // Run j ends at candidate ceil(j |C| / runs) - 1: strictly increasing in j because |C| >= runs.
+  // Run j's record sits at its middle, candidate floor((2j - 1) |C| / (2 runs)): consecutive positions
+  // differ by |C| / runs >= 1, so they strictly increase.
   for (std::size_t j = 1; j <= runs; ++j)
-    out.push_back(main_timesteps[static_cast<std::size_t>(candidates[(j * candidates.size() + runs - 1) / runs - 1])]);
+    out.push_back(main_timesteps[static_cast<std::size_t>(candidates[(2 * j - 1) * candidates.size() / (2 * runs)])]);
   return out;
 }
 

@@ -58,26 +58,27 @@ TEST_CASE("no_speculation answers all-ones") {
   CHECK(p.future(0.f).size() == 5);
 }
 
-TEST_CASE("aligned speculative grid: the first main timestep, then the ends of equal runs of partial steps") {
+TEST_CASE("aligned speculative grid: the first main timestep, then the middles of equal runs of partial steps") {
   std::vector<float> ts;
   for (int i = 0; i < 28; ++i) ts.push_back(1000.f - 35.f * static_cast<float>(i));
-  const step_schedule sched{2, 0, 3, {14}};  // dense 0, 1, 14; partial: 2..13, 15..27 (25 steps)
-  // S = 3: runs of ceil(25/2) -> partial[12] = step 14? no: partial = {2..13, 15..27}; partial[12] = 15
+  const step_schedule sched{2, 0, 3, {14}};  // dense 0, 1, 14; partial P = {2..13, 15..27}: 25 steps
+  // S = 3: two runs; their middles are P[floor(25/4)] = P[6] = step 8 and P[floor(75/4)] = P[18] = step 21
   const auto g3 = aligned_speculative_timesteps(ts, 3, sched);
   REQUIRE(g3.size() == 3);
   CHECK(g3[0] == ts[0]);
-  CHECK(g3[1] == ts[15]);
-  CHECK(g3[2] == ts[27]);
+  CHECK(g3[1] == ts[8]);
+  CHECK(g3[2] == ts[21]);
+  // S = 2: one run, its middle P[12] = step 15
+  CHECK(aligned_speculative_timesteps(ts, 2, sched) == std::vector<float>{ts[0], ts[15]});
   const auto g1 = aligned_speculative_timesteps(ts, 1, sched);
   CHECK(g1 == std::vector<float>{ts[0]});
   CHECK(aligned_speculative_timesteps(ts, 0, sched).empty());
-  // every partial step of a run reads that run's record as its nearest future
+  // the partial steps up to a record read it as their nearest future; those after the last read it back
   self_speculation p;
   p.prepare(1);
   p.begin(g3);
-  for (int k = 2; k <= 15; ++k)
-    if (k != 14) CHECK(p.nearest_future(ts[static_cast<std::size_t>(k)]) == 1);
-  for (int k = 16; k <= 27; ++k) CHECK(p.nearest_future(ts[static_cast<std::size_t>(k)]) == 2);
+  for (int k = 2; k <= 8; ++k) CHECK(p.nearest_future(ts[static_cast<std::size_t>(k)]) == 1);
+  for (int k = 9; k <= 27; ++k) CHECK(p.nearest_future(ts[static_cast<std::size_t>(k)]) == 2);
   // fresh random grids: strictly falling, all from the main grid, first = ts[0]
   auto rng = testing::rng(77);
   for (int trial = 0; trial < 50; ++trial) {

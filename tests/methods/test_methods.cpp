@@ -118,9 +118,10 @@ TEST_CASE("the speculative pass samples from the same noise and conditioning") {
   fixture f;
   INFO("seed ", f.seed);
   const auto p = f.problem();
-  for (int s : {1, 2, 3}) {
+  for (int s : {1, 2, 3}) {  // the sampler's own S-step grid (0.1's choice): plain S-step sampling
     methods::specdiff_options sd;
     sd.spec_steps = s;
+    sd.spec_grid = specdiff::speculative_grid::sampler;
     const auto r = methods::run_specdiff(p, sd);
     CHECK(r.speculative_latents == methods::run_steps(p, s).latents);
     CHECK(r.model_calls == p.steps + s);

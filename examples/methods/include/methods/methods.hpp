@@ -34,7 +34,7 @@ struct specdiff_options {
   bool context_queries = false;  ///< his/fut also count the attention paid by the context (class) tokens
   /// Where the speculative pass evaluates the model (specdiff::speculative_grid): `aligned` main-grid
   /// timesteps, or the sampler's own S-step schedule (0.1's choice).
-  specdiff::speculative_grid spec_grid = specdiff::speculative_grid::sampler;
+  specdiff::speculative_grid spec_grid = specdiff::speculative_grid::aligned;
 };
 run_result run_specdiff(const problem& p, const specdiff_options& o, const progress_fn& progress = {});
 /// SpecDiff's speculative pass for a problem (none when spec_steps = 0): the sampler the pass integrates
