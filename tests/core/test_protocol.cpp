@@ -90,6 +90,16 @@ struct engine {  // a toy model: rows and attention from (sample, token, step)
   }
 };
 
+// An accelerator with its speculative pass recorded and the first `done` main steps run.
+struct fixture {
+  test_accelerator acc = make();
+  engine e;
+  explicit fixture(index_t done) {
+    e.speculate(acc);
+    e.run(acc, done);
+  }
+};
+
 // The call must throw E and leave the accelerator as it was.
 template <class E, class Acc, class F>
 void refused(Acc& acc, F&& f, std::initializer_list<const char*> fragments) {
@@ -101,9 +111,9 @@ void refused(Acc& acc, F&& f, std::initializer_list<const char*> fragments) {
 }  // namespace
 
 TEST_CASE("protocol: steps must run 0, 1, 2, ... in range") {
-  auto acc = make();
-  engine e;
-  e.speculate(acc);
+  fixture f(0);
+  auto& acc = f.acc;
+  auto& e = f.e;
   refused<std::invalid_argument>(acc, [&] { (void)acc.plan_step(-7, ts(0)); }, {"step = -7", "[0, 8)"});
   refused<std::invalid_argument>(acc, [&] { (void)acc.plan_step(12345, ts(0)); }, {"step = 12345"});
   refused<std::logic_error>(acc, [&] { (void)acc.plan_step(5, ts(5)); }, {"expected step 0", "got 5"});
@@ -113,10 +123,9 @@ TEST_CASE("protocol: steps must run 0, 1, 2, ... in range") {
 }
 
 TEST_CASE("protocol: a second plan_step before complete_step is refused") {
-  auto acc = make();
-  engine e;
-  e.speculate(acc);
-  e.run(acc, 2);
+  fixture f(2);
+  auto& acc = f.acc;
+  auto& e = f.e;
   auto s = acc.plan_step(2, ts(2));
   refused<std::logic_error>(acc, [&] { (void)acc.plan_step(2, ts(2)); }, {"step 2 is planned and not completed"});
   refused<std::logic_error>(acc, [&] { (void)acc.plan_step(3, ts(3)); }, {"step 2 is planned"});
@@ -126,9 +135,9 @@ TEST_CASE("protocol: a second plan_step before complete_step is refused") {
 }
 
 TEST_CASE("protocol: a step object completes once") {
-  auto acc = make();
-  engine e;
-  e.speculate(acc);
+  fixture f(0);
+  auto& acc = f.acc;
+  auto& e = f.e;
   auto s = acc.plan_step(0, ts(0));
   const auto rows = e.compute(s);
   acc.complete_step(std::move(s), rows, e.out(), e.attention);
@@ -138,9 +147,9 @@ TEST_CASE("protocol: a step object completes once") {
 }
 
 TEST_CASE("protocol: a moved-from step is empty, the moved-to one completes") {
-  auto acc = make();
-  engine e;
-  e.speculate(acc);
+  fixture f(0);
+  auto& acc = f.acc;
+  auto& e = f.e;
   auto s = acc.plan_step(0, ts(0));
   auto t = std::move(s);
   const auto rows = e.compute(t);
@@ -166,9 +175,9 @@ TEST_CASE("protocol: a step of another accelerator is refused") {
 }
 
 TEST_CASE("protocol: rising or repeated timesteps are refused") {
-  auto acc = make();
-  engine e;
-  e.speculate(acc);
+  fixture f(0);
+  auto& acc = f.acc;
+  auto& e = f.e;
   e.run(acc, 2);  // t = 1000, 900 cached
   refused<std::invalid_argument>(acc, [&] { (void)acc.plan_step(2, 934.f); }, {"timesteps must fall", "900", "934"});
   refused<std::invalid_argument>(acc, [&] { (void)acc.plan_step(2, 900.f); }, {"timesteps must fall"});
@@ -195,10 +204,9 @@ TEST_CASE("protocol: the speculative pass must be begun, complete, and before th
 }
 
 TEST_CASE("protocol: bad rows or attention in complete_step change nothing (strong guarantee)") {
-  auto acc = make();
-  engine e;
-  e.speculate(acc);
-  e.run(acc, 2);
+  fixture f(2);
+  auto& acc = f.acc;
+  auto& e = f.e;
   auto s = acc.plan_step(2, ts(2));
   auto rows = e.compute(s);
   // a NaN in the last computed row: no row of this step may be cached, no staleness advanced
@@ -247,10 +255,9 @@ TEST_CASE("protocol: an approximator refusing its tags in the fill changes nothi
 }
 
 TEST_CASE("protocol: reset() forgets everything, including the speculative records and a live step") {
-  auto acc = make();
-  engine e;
-  e.speculate(acc);
-  e.run(acc, 3);
+  fixture f(3);
+  auto& acc = f.acc;
+  auto& e = f.e;
   auto s = acc.plan_step(3, ts(3));
   acc.reset();
   const auto fresh = take(make());
@@ -266,10 +273,9 @@ TEST_CASE("protocol: reset() forgets everything, including the speculative recor
 }
 
 TEST_CASE("protocol: an abandoned step leaves the accelerator as before plan_step") {
-  auto acc = make();
-  engine e;
-  e.speculate(acc);
-  e.run(acc, 2);
+  fixture f(2);
+  auto& acc = f.acc;
+  auto& e = f.e;
   const snapshot before = take(acc);
   {
     auto s = acc.plan_step(2, ts(2));
