@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "quality/classifier.hpp"
+#include "quality/cli.hpp"
 #include "quality/default_model.hpp"
 #include "quality/noise.hpp"
 #include "quality/options.hpp"
@@ -179,15 +180,8 @@ int run(const options& opt) {
   return 0;
 }
 
-// A CLI11 validator from one of quality's checks.
-template <class Check>
-CLI::Validator checked(Check check, std::string description) {
-  return CLI::Validator([check](std::string& text) { return check(text); }, std::move(description));
-}
-CLI::Validator integer_in(long long lo, long long hi) {
-  return checked([lo, hi](const std::string& t) { return quality::check_integer(t, lo, hi); },
-                 sd3::message("INT in [", lo, ", ", hi, "]"));
-}
+using quality::cli::checked;
+using quality::cli::integer_in;
 
 }  // namespace
 

@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "demo/support.hpp"
+#include "quality/cli.hpp"
 #include "quality/options.hpp"
 #include "quality/png_grid.hpp"
 #include "sd3/errors.hpp"
@@ -15,18 +16,9 @@
 
 namespace {
 
-// A CLI11 validator from one of quality's checks (messages quote the value and say what is allowed).
-template <class Check>
-CLI::Validator checked(Check check, std::string description) {
-  return CLI::Validator([check](std::string& text) { return check(text); }, std::move(description));
-}
-CLI::Validator integer_in(long long lo, long long hi) {
-  return checked([lo, hi](const std::string& t) { return quality::check_integer(t, lo, hi); },
-                 sd3::message("INT in [", lo, ", ", hi, "]"));
-}
-CLI::Validator real_in(double lo, double hi, quality::interval ends = quality::interval::closed) {
-  return checked([=](const std::string& t) { return quality::check_real(t, lo, hi, ends); }, "REAL");
-}
+using quality::cli::checked;
+using quality::cli::integer_in;
+using quality::cli::real_in;
 
 // Which of the method options each method reads; any other given option would be silently ignored, so it is refused.
 struct method_option {
