@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <exception>
 #include <initializer_list>
 #include <random>
 #include <string>
@@ -32,9 +33,10 @@ inline std::vector<float> random_vector(std::mt19937_64& rng, std::size_t n, flo
   return v;
 }
 
-/// Runs f, expects an exception of type E whose message contains every fragment.
+/// Runs f, expects an exception of type E whose message contains every fragment (and, when given, is shorter
+/// than max_length characters). Another exception type fails the check, naming its message.
 template <class E, class F>
-void expect_error(F&& f, std::initializer_list<const char*> fragments) {
+void expect_error(F&& f, std::initializer_list<const char*> fragments, std::size_t max_length = std::string::npos) {
   bool thrown = false;
   try {
     f();
@@ -43,6 +45,9 @@ void expect_error(F&& f, std::initializer_list<const char*> fragments) {
     const std::string msg = e.what();
     INFO("message: ", msg);
     for (const char* frag : fragments) CHECK_MESSAGE(msg.find(frag) != std::string::npos, "missing '", frag, "'");
+    if (max_length != std::string::npos) CHECK(msg.size() < max_length);
+  } catch (const std::exception& e) {
+    FAIL("wrong exception type: ", e.what());
   }
   CHECK_MESSAGE(thrown, "expected an exception");
 }

@@ -10,6 +10,8 @@
 #include <string>
 #include <unistd.h>
 
+#include "../common/testing.hpp"
+#include "../engine/engine_fixture.hpp"
 #include "hostile_inputs.hpp"
 #include "quality/classifier.hpp"
 #include "quality/default_model.hpp"
@@ -30,22 +32,10 @@ namespace fs = std::filesystem;
 // Longest message any case accepts: enough for the file's path and the reason, far below the inputs' sizes.
 constexpr std::size_t short_message = 600;
 
-// Runs f; expects exactly an E whose message holds every fragment and is short.
+// Every case also wants a short message.
 template <class E, class F>
-void expect_error(F&& f, std::initializer_list<std::string_view> fragments) {
-    bool thrown = false;
-    try {
-        f();
-    } catch (const E& e) {
-        thrown = true;
-        const std::string text = e.what();
-        INFO("message: ", text);
-        for (const auto fragment : fragments) CHECK_MESSAGE(text.find(fragment) != std::string::npos, "missing '", fragment, "'");
-        CHECK(text.size() < short_message);
-    } catch (const std::exception& e) {
-        FAIL("wrong exception type: ", e.what());
-    }
-    CHECK_MESSAGE(thrown, "expected an exception");
+void expect_error(F&& f, std::initializer_list<const char*> fragments) {
+    testing::expect_error<E>(std::forward<F>(f), fragments, short_message);
 }
 
 const fs::path& scratch() {
@@ -61,21 +51,6 @@ fs::path model_variant(const std::string& name) {
     return dir;
 }
 
-sd3::transformer_config tiny_config() {
-    sd3::transformer_config c;
-    c.sample_size = 8;
-    c.patch_size = 2;
-    c.in_channels = 4;
-    c.out_channels = 4;
-    c.num_layers = 2;
-    c.attention_head_dim = 8;
-    c.num_attention_heads = 2;
-    c.joint_attention_dim = 8;
-    c.caption_projection_dim = 16;
-    c.pooled_projection_dim = 8;
-    c.pos_embed_max_size = 8;
-    return c;
-}
 
 }  // namespace
 
@@ -129,7 +104,7 @@ TEST_CASE("tensor_info::numel neither overflows for [2^62, 2, 0] nor for a hand-
 }
 
 TEST_CASE("config products are checked: 65537 heads x 65536 head_dim, patch_size 65536") {
-    auto c = tiny_config();
+    auto c = test_util::small_config();
     c.num_attention_heads = 65537;
     c.attention_head_dim = 65536;
     c.caption_projection_dim = 1;
@@ -138,7 +113,7 @@ TEST_CASE("config products are checked: 65537 heads x 65536 head_dim, patch_size
     expect_error<std::invalid_argument>(
         [] { sd3::parse_transformer_config(R"({"num_attention_heads": 65537, "attention_head_dim": 65536})"); },
         {"config.json", "hidden width", "4295032832"});
-    auto p = tiny_config();
+    auto p = test_util::small_config();
     p.patch_size = 65536;
     expect_error<std::invalid_argument>([&] { p.validate(); }, {"patch_size^2 * in_channels", "17179869184"});
     expect_error<std::invalid_argument>([] { sd3::parse_transformer_config(R"({"num_layers": 18446744073709551615})"); },
@@ -148,7 +123,7 @@ TEST_CASE("config products are checked: 65537 heads x 65536 head_dim, patch_size
 // ----- 2, 6. threads and sizes bounded where the engine takes them --------------------------------------------
 
 TEST_CASE("the engine bounds threads; a failed set_threads leaves the transformer unchanged") {
-    const auto model = sd3::model::random(tiny_config(), 1);
+    const auto model = sd3::model::random(test_util::small_config(), 1);
     expect_error<std::invalid_argument>([&] { sd3::transformer net(model, {}, 100000); },
                                         {"threads = 100000", "out of range [1, 1024]"});
     sd3::transformer net(model, {}, 2);
@@ -158,7 +133,7 @@ TEST_CASE("the engine bounds threads; a failed set_threads leaves the transforme
 }
 
 TEST_CASE("engine limits whose workspaces cannot fit are refused with the memory they need") {
-    const auto model = sd3::model::random(tiny_config(), 2);
+    const auto model = sd3::model::random(test_util::small_config(), 2);
     expect_error<std::invalid_argument>([&] { sd3::transformer net(model, {.max_batch = 1 << 28, .max_context_tokens = 8}); },
                                         {"max_batch 268435456", "need", "TiB", "more than this machine's"});
     expect_error<std::invalid_argument>([&] { sd3::transformer net(model, {.max_batch = 1 << 30, .max_context_tokens = 8}); },
@@ -166,11 +141,11 @@ TEST_CASE("engine limits whose workspaces cannot fit are refused with the memory
     expect_error<std::invalid_argument>(
         [&] { sd3::transformer net(model, {.max_batch = 2, .max_height = 1 << 30, .max_width = 1 << 30}); },
         {"engine_limits", "image tokens", "more than the engine indexes"});
-    auto big = tiny_config();
+    auto big = test_util::small_config();
     big.sample_size = 1 << 14;  // the default limits follow sample_size
     const auto big_model = sd3::model::random(big, 3);
     expect_error<std::invalid_argument>([&] { sd3::transformer net(big_model); }, {"max_height 16384", "need", "TiB"});
-    expect_error<std::invalid_argument>([&] { sd3::kv_cache kv(tiny_config(), 1 << 30, 1 << 30); },
+    expect_error<std::invalid_argument>([&] { sd3::kv_cache kv(test_util::small_config(), 1 << 30, 1 << 30); },
                                         {"kv_cache", "need", "more than this machine's"});
 }
 
