@@ -202,7 +202,7 @@ class accelerator {
   /// `attention` (batch*tokens; may be empty when the scorer does not read it) becomes the next step's his.
   void complete_step(step&& s, matrix_view<const float> computed, matrix_view<float> output, std::span<const float> attention) {
     expect_own(s);
-    expect_other_sites_done("complete_step");
+    expect_sites_done("complete_step", /*first_slot_pending=*/true);
     detail::expect_matrix("computed", computed, detail::checked_product<index_t>("batch * compute_count", config_.batch, compute_count_), config_.feature_dim);
     detail::expect_matrix("output", output, config_.rows(), config_.feature_dim);
     expect_attention(attention);
@@ -219,7 +219,7 @@ class accelerator {
   /// Token level, rows in place: the engine wrote the C1 rows of every sample into `output` itself.
   void complete_step(step&& s, matrix_view<float> output, std::span<const float> attention) {
     expect_own(s);
-    expect_other_sites_done("complete_step");
+    expect_sites_done("complete_step", /*first_slot_pending=*/true);
     detail::expect_matrix("output", output, config_.rows(), config_.feature_dim);
     expect_attention(attention);
     const matrix_view<const float> all(output);
@@ -232,14 +232,14 @@ class accelerator {
   /// Module level: every (layer, site) was cached (or filled whole) during the step; takes the attention.
   void complete_step(step&& s, std::span<const float> attention) {
     expect_own(s);
-    expect_sites_done();
+    expect_sites_done("complete_step");
     expect_attention(attention);
     finish(s, attention);
   }
   /// Module level, with no attention measured this step: the scorer keeps the last step's.
   void complete_step(step&& s, attention_unchanged_t) {
     expect_own(s);
-    expect_sites_done();
+    expect_sites_done("complete_step");
     if (has(Scorer::needs, signal::attention) && !has_his_)
       detail::fail_logic("complete_step: the scorer reads attention and none was ever given (attention_unchanged on the first step)");
     finish(s, {});
@@ -409,21 +409,15 @@ class accelerator {
     detail::expect_index("site", site, config_.sites);
     if (site_done_[slot(layer, site)]) detail::fail_logic("layer ", layer, " site ", site, ": already cached in step ", next_step_);
   }
-  void expect_sites_done() const {
+  // Every (layer, site) cached or filled whole in this step — except slot (0, 0) when the token-level
+  // complete_step is about to do it itself (it must then still be open).
+  void expect_sites_done(const char* what, bool first_slot_pending = false) const {
+    if (first_slot_pending && site_done_[0]) detail::fail_logic(what, ": layer 0 site 0 was already cached in step ", next_step_);
     for (index_t l = 0; l < config_.layers; ++l)
       for (index_t s = 0; s < config_.sites; ++s)
-        if (!site_done_[slot(l, s)])
-          detail::fail_logic("complete_step: layer ", l, " site ", s, " was neither cached nor filled whole in step ", next_step_);
-  }
-  // The token-level complete_step does slot (0, 0) itself; any other slot must be done already.
-  void expect_other_sites_done(const char* what) const {
-    if (site_done_[0]) detail::fail_logic(what, ": layer 0 site 0 was already cached in step ", next_step_);
-    for (index_t l = 0; l < config_.layers; ++l)
-      for (index_t s = 0; s < config_.sites; ++s)
-        if ((l != 0 || s != 0) && !site_done_[slot(l, s)])
+        if (!site_done_[slot(l, s)] && !(first_slot_pending && l == 0 && s == 0))
           detail::fail_logic(what, ": layer ", l, " site ", s, " was neither cached nor filled whole in step ", next_step_);
   }
-
   // Validated: these cannot fail.
   void cache_validated(const step& s, index_t layer, index_t site, matrix_view<const float> computed) {
     if (s.dense_) {
