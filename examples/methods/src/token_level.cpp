@@ -76,6 +76,7 @@ run_result run_token_level(const problem& p, Accelerator& acc, const std::option
   };
 
   if (speculative) {  // 1. the speculative pass: same noise and conditioning, every token computed
+    const auto spec_start = std::chrono::steady_clock::now();
     acc.begin_speculation(std::span<const float>(speculative->timesteps()));
     r.speculative_latents = sd3::sample_cfg(net, *speculative, p.inputs, p.guidance, [&](const sd3::model_call& call) {
       sd3::forward_options options;
@@ -89,6 +90,7 @@ run_result run_token_level(const problem& p, Accelerator& acc, const std::option
       r.flops += batch * full_forward_flops(c, tokens, ctx);
       tick();
     });
+    r.speculative_seconds = seconds_since(spec_start);
   }
 
   const sd3::flow_match_euler scheduler(p.steps, p.shift);  // 2. the main pass

@@ -21,12 +21,14 @@ struct problem {
   double shift = 3.0;
 };
 
-/// What a run reports. `seconds` is the whole run's wall time (a speculative pass included); `flops` the
-/// model FLOPs executed (2 per multiply-add); `overhead_seconds` the time spent in scoring, classifying and
-/// cache operations (stores, fills, gathers) — what a method adds on top of the network it runs.
+/// What a run reports. `seconds` is the wall time of sampling (a speculative pass included; the caches are
+/// allocated before the clock starts); `flops` the model FLOPs executed (2 per multiply-add);
+/// `overhead_seconds` the time spent in scoring, classifying and cache operations (stores, fills, gathers)
+/// — what a method adds on top of the network it runs.
 struct run_result {
   std::vector<float> latents;  ///< final latents [samples, channels, height, width]
   double seconds = 0;
+  double speculative_seconds = 0;  ///< SpecDiff: wall time of its speculative pass, inside `seconds` (0 for the others)
   double flops = 0;
   double overhead_seconds = 0;
   int model_calls = 0;
