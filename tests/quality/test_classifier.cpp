@@ -78,6 +78,48 @@ TEST_CASE("C++ inference of the shipped classifier matches the PyTorch logits fi
   CHECK(net.accuracy(batch, labels) >= 0.9);
 }
 
+TEST_CASE("features are the activations entering the last layer; logits are unchanged") {
+  test_support::temp_dir dir;
+  write_network_a(dir.path());
+  const auto net = quality::digit_classifier::load(dir.path());
+  // Network A by hand (first test case): maxpool -> [0, 4], flatten keeps it; the last layer (linear) is left out.
+  CHECK(net.feature_size() == 2);
+  const std::vector<float> two{1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 8, 7, 6, 5, 4, 3, 2, 1};
+  const quality::image_batch batch{two, 2, 1, 3, 3};
+  // Second image: ch0 = x00 - x11 = 4 everywhere -> max 4; ch1 = sum/2 - 10 = [4, 2, -2, -4] -> relu, max 4;
+  // its logits: [4 + 4 + 0.5, 8 - 4 + 0, 0 + 2 - 1] = [8.5, 4, 1].
+  CHECK(net.features(batch) == std::vector<float>{0.0f, 4.0f, 4.0f, 4.0f});
+  CHECK(net.logits(batch) == std::vector<float>{4.5f, -4.0f, 1.0f, 8.5f, 4.0f, 1.0f});
+  std::vector<float> nan(two);
+  nan[10] = std::nanf("");
+  CHECK_THROWS_WITH_AS((void)net.features({nan, 2, 1, 3, 3}), doctest::Contains("non-finite"), std::invalid_argument);
+  CHECK_THROWS_WITH_AS((void)net.features({two, 1, 2, 3, 3}), doctest::Contains("images are 2x3x3, the network takes 1x3x3"),
+                       std::invalid_argument);
+}
+
+TEST_CASE("the shipped classifier's features give its logits through its last layer (fc2)") {
+  const auto net = quality::digit_classifier::load(SPECDIFF_MODEL_DIR);
+  REQUIRE(net.feature_size() == 128);
+  const sd3::safetensors_file weights(SPECDIFF_MODEL_DIR "/classifier.safetensors");
+  const auto w = weights.read("fc2.weight"), b = weights.read("fc2.bias");
+  REQUIRE(w.size() == net.classes() * net.feature_size());
+  const sd3::safetensors_file fixture(SPECDIFF_QUALITY_DATA_DIR "/classifier_fixture.safetensors");
+  const auto images = fixture.read("images");
+  const auto n = static_cast<std::size_t>(fixture.info("images").shape[0]);
+  const quality::image_batch batch{images, n, 1, 32, 32};
+  const auto features = net.features(batch), logits = net.logits(batch);
+  REQUIRE(features.size() == n * 128);
+  // The hidden units come after a relu.
+  for (const float f : features) CHECK(f >= 0.0f);
+  // An independent last layer in double: logits = fc2.weight features + fc2.bias.
+  for (std::size_t i = 0; i < n; ++i)
+    for (std::size_t k = 0; k < net.classes(); ++k) {
+      double z = b[k];
+      for (std::size_t j = 0; j < 128; ++j) z += static_cast<double>(w[k * 128 + j]) * features[i * 128 + j];
+      CHECK(logits[i * net.classes() + k] == doctest::Approx(z).epsilon(1e-5).scale(1.0));
+    }
+}
+
 TEST_CASE("classifier rejects bad input and inconsistent descriptions") {
   test_support::temp_dir dir;
   write_network_a(dir.path());

@@ -98,6 +98,7 @@ digit_classifier digit_classifier::load(const std::filesystem::path& dir) {
     activation_shape shape{net.channels_, net.height_, net.width_, false};
     std::size_t index = 0;
     for (const auto& spec : desc.at("layers")) {
+      net.features_ = shape.c * shape.h * shape.w;  // this layer's input: the features if it is the last one
       layer l{};
       const auto where = sd3::message("layer ", index, ": ");
       const auto type = spec.at("type").get<std::string>();
@@ -167,7 +168,13 @@ digit_classifier digit_classifier::load(const std::filesystem::path& dir) {
   return net;
 }
 
-std::vector<float> digit_classifier::logits(const image_batch& images) const {
+std::vector<float> digit_classifier::logits(const image_batch& images) const { return run_layers(images, layers_.size(), classes_); }
+
+std::vector<float> digit_classifier::features(const image_batch& images) const {
+  return run_layers(images, layers_.size() - 1, features_);  // load() refuses a network without layers
+}
+
+std::vector<float> digit_classifier::run_layers(const image_batch& images, std::size_t layer_count, std::size_t outputs) const {
   validate(images, "images");
   if (images.channels != channels_ || images.height != height_ || images.width != width_) {
     throw std::invalid_argument("digit_classifier: images are " + std::to_string(images.channels) + "x" +
@@ -175,12 +182,12 @@ std::vector<float> digit_classifier::logits(const image_batch& images) const {
                                 ", the network takes " + std::to_string(channels_) + "x" + std::to_string(height_) +
                                 "x" + std::to_string(width_));
   }
-  std::vector<float> out(images.count * classes_), a, b;
+  std::vector<float> out(images.count * outputs), a, b;
   for (std::size_t n = 0; n < images.count; ++n) {
     const auto img = images.image(n);
     a.assign(img.begin(), img.end());
     std::size_t c = channels_, h = height_, w = width_;
-    for (const auto& l : layers_) {
+    for (const auto& l : std::span(layers_).first(layer_count)) {
       switch (l.type) {
         case layer::kind::conv2d: {
           const std::size_t oh = (h + 2 * l.padding - l.kernel) / l.stride + 1;
@@ -215,7 +222,7 @@ std::vector<float> digit_classifier::logits(const image_batch& images) const {
           break;
       }
     }
-    std::copy(a.begin(), a.end(), out.begin() + static_cast<std::ptrdiff_t>(n * classes_));
+    std::copy(a.begin(), a.end(), out.begin() + static_cast<std::ptrdiff_t>(n * outputs));
   }
   return out;
 }

@@ -30,18 +30,27 @@ class digit_classifier {
   [[nodiscard]] std::size_t input_channels() const noexcept { return channels_; }
   [[nodiscard]] std::size_t input_height() const noexcept { return height_; }
   [[nodiscard]] std::size_t input_width() const noexcept { return width_; }
+  /// Values per image that features() returns: the size of the last layer's input.
+  [[nodiscard]] std::size_t feature_size() const noexcept { return features_; }
 
   /// Logits, [count x classes] row-major. Throws std::invalid_argument when the batch's image shape is not
   /// the network's input shape or holds non-finite values.
   [[nodiscard]] std::vector<float> logits(const image_batch& images) const;
+  /// The activations of every layer but the last, [count x feature_size()] row-major: for the shipped classifiers
+  /// the 128 hidden units after the relu that feeds the final linear layer, the space the Fréchet distance
+  /// (quality/frechet.hpp) compares in. Same checks as logits.
+  [[nodiscard]] std::vector<float> features(const image_batch& images) const;
   /// Arg-max class per image.
   [[nodiscard]] std::vector<int> predict(const image_batch& images) const;
   /// Fraction of images whose predicted class equals labels[i]; labels.size() must equal images.count.
   [[nodiscard]] double accuracy(const image_batch& images, std::span<const int> labels) const;
 
  private:
+  // The first `layer_count` layers applied to every image; `outputs` values per image come out.
+  std::vector<float> run_layers(const image_batch& images, std::size_t layer_count, std::size_t outputs) const;
+
   std::vector<layer> layers_;
-  std::size_t classes_ = 0, channels_ = 0, height_ = 0, width_ = 0;
+  std::size_t classes_ = 0, channels_ = 0, height_ = 0, width_ = 0, features_ = 0;
 };
 
 }  // namespace quality
