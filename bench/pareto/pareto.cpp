@@ -1,9 +1,12 @@
 // specdiff-pareto: sweeps each method's parameters on one batch of samples and writes results.csv,
 // results.json and pareto.svg (speedup against PSNR and against class accuracy).
 //
-// Timing: full RFlow is run first and again after every `--full-every` method runs; each method's speedup
-// divides the mean of the two full runs around it by its own time (same process, same threads,
-// interleaved). Quality is measured against the first full run's images (sampling is deterministic).
+// Timing (demo/timing.hpp, the demo's protocol): full RFlow runs once untimed first (the process's warm-up and
+// the quality reference: sampling is deterministic); then each setting gets an untimed warm-up run and
+// `--repeats` timed pairs with full RFlow, alternating which runs first, and its speedup is median(full) /
+// median(setting) with the range of the per-pair ratios. Full RFlow's row reports the median and range of all
+// its timed runs. FD (the Fréchet distance of the classifier features to the model's held-out real digits) is
+// in every row; full RFlow's is the baseline, and it is only comparable between runs of the same --samples.
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cmath>
@@ -14,14 +17,18 @@
 #include <thread>
 
 #include "demo/support.hpp"
+#include "demo/timing.hpp"
 
 namespace {
 
 struct row {
   demo::method_spec spec;
-  double seconds = 0, seconds_full = 0, speedup = 0, flops_ratio = 0, overhead_share = 0;
+  double seconds = 0, seconds_full = 0, speedup = 0, flops_ratio = 0, overhead_share = 0;  // seconds: medians
+  demo::spread seconds_spread, seconds_full_spread, speedup_spread;
   demo::quality_report quality;
 };
+
+std::string optional_text(const std::optional<double>& v) { return v ? std::to_string(*v) : ""; }
 
 std::vector<demo::method_spec> sweep(bool quick) {
   std::vector<demo::method_spec> s;
@@ -95,7 +102,7 @@ std::string svg(const std::vector<row>& rows, double full_acc) {
 
 int main(int argc, char** argv) {
   CLI::App app{"Speed/quality sweep of SpecDiff and its peers on the default model"};
-  int samples = 64, steps = 28, threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency())), full_every = 4;
+  int samples = 64, steps = 28, threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency())), repeats = 3;
   float cfg = 4.f;
   std::uint64_t seed = 0;
   std::string out_dir = "pareto-out", model_dir = demo::default_model_dir().string(), only;
@@ -105,7 +112,8 @@ int main(int argc, char** argv) {
   app.add_option("--cfg", cfg)->capture_default_str();
   app.add_option("--seed", seed)->capture_default_str();
   app.add_option("--threads", threads)->capture_default_str()->check(CLI::Range(1, 1024));
-  app.add_option("--full-every", full_every, "re-time full RFlow after this many method runs")->capture_default_str()->check(CLI::Range(1, 100));
+  app.add_option("--repeats", repeats, "timed pairs with full RFlow per setting, after an untimed warm-up; medians are reported")
+      ->capture_default_str()->check(CLI::Range(1, 100));
   app.add_option("--out", out_dir, "output folder")->capture_default_str();
   app.add_option("--model", model_dir)->capture_default_str();
   app.add_option("--only", only, "run only this method's settings");
@@ -119,58 +127,67 @@ int main(int argc, char** argv) {
     if (!only.empty()) std::erase_if(specs, [&](const demo::method_spec& s) { return s.name != only; });
 
     const demo::method_spec full_spec{"full", {}, {}, {}, {}, {}};
-    std::vector<double> full_times;
-    auto time_full = [&] {
-      const auto r = demo::run_method(problem, full_spec);
-      full_times.push_back(r.seconds);
-      std::fprintf(stderr, "full RFlow: %.2f s\n", r.seconds);
-      return r;
-    };
-    const auto full = time_full();
+    // Untimed: the process's warm-up for full RFlow and the images every setting's quality is measured against.
+    const auto full = demo::run_method(problem, full_spec);
     const double full_acc = demo::class_accuracy(model, batch, full.latents);
+    const auto full_fd = demo::image_fd(model, batch, full.latents);
+    if (const auto why = demo::fd_unavailable_reason(model, batch); !why.empty()) std::fprintf(stderr, "FD not measured: %s\n", why.c_str());
+    std::vector<double> full_times;  // every timed run of full RFlow
     std::vector<row> rows;
-    std::size_t block_start = 0;
-    for (std::size_t i = 0; i < specs.size(); ++i) {
-      const auto r = demo::run_method(problem, specs[i]);
+    for (const auto& spec : specs) {
+      const auto t = demo::time_against_full(problem, spec, {repeats, false});
+      full_times.insert(full_times.end(), t.full_seconds.begin(), t.full_seconds.end());
       row x;
-      x.spec = specs[i];
-      x.seconds = r.seconds;
-      x.flops_ratio = full.flops / r.flops;
-      x.overhead_share = r.overhead_seconds / r.seconds;
-      x.quality = demo::evaluate(model, batch, full.latents, r.latents);
+      x.spec = spec;
+      x.seconds = t.seconds_method();
+      x.seconds_full = t.seconds_full();
+      x.speedup = t.speedup();
+      x.seconds_spread = t.seconds_method_spread();
+      x.seconds_full_spread = t.seconds_full_spread();
+      x.speedup_spread = t.speedup_spread();
+      x.flops_ratio = full.flops / t.method.flops;
+      x.overhead_share = t.overhead_share();
+      x.quality = demo::evaluate(model, batch, full.latents, t.method.latents);
       rows.push_back(x);
-      std::fprintf(stderr, "%-26s %7.2f s  FLOP ratio %5.2f  PSNR %6.2f  SSIM %.3f  acc %.3f\n", specs[i].describe().c_str(), r.seconds, x.flops_ratio,
-                   x.quality.psnr_db.value_or(INFINITY), x.quality.ssim, x.quality.class_acc);
-      if ((i + 1) % static_cast<std::size_t>(full_every) == 0 || i + 1 == specs.size()) {
-        const double before = full_times.back();
-        const double after = time_full().seconds;
-        for (std::size_t k = block_start; k < rows.size(); ++k) {
-          rows[k].seconds_full = 0.5 * (before + after);
-          rows[k].speedup = rows[k].seconds_full / rows[k].seconds;
-        }
-        block_start = rows.size();
-      }
+      std::fprintf(stderr, "%-26s %7.2f s (full %.2f s)  speedup %.2fx (%.2f-%.2f)  FLOP ratio %5.2f  PSNR %6.2f  SSIM %.3f  acc %.3f  FD %s\n",
+                   spec.describe().c_str(), x.seconds, x.seconds_full, x.speedup, x.speedup_spread.min, x.speedup_spread.max, x.flops_ratio,
+                   x.quality.psnr_db.value_or(INFINITY), x.quality.ssim, x.quality.class_acc, optional_text(x.quality.fd).c_str());
     }
+    if (full_times.empty()) throw std::invalid_argument("--only: no setting of method '" + only + "' in the sweep");
+    const double full_median = demo::median(full_times);
+    const auto full_spread = demo::spread_of(full_times);
 
     std::filesystem::create_directories(out_dir);
     const auto dir = std::filesystem::path(out_dir);
     std::ofstream csv(dir / "results.csv");
-    csv << "method,settings,speedup,flops_ratio,psnr_db,ssim,class_acc,seconds_full,seconds_method,overhead_share\n";
+    // Every row has every column; full RFlow's row comes first (its speedup range and PSNR are empty: not measured).
+    csv << "method,settings,speedup,speedup_min,speedup_max,flops_ratio,psnr_db,ssim,class_acc,fd,seconds_full,seconds_full_min,"
+           "seconds_full_max,seconds_method,seconds_method_min,seconds_method_max,overhead_share\n";
+    csv << "full,\"" << steps << " steps\",1,,,1,,1," << full_acc << "," << optional_text(full_fd) << "," << full_median << "," << full_spread.min
+        << "," << full_spread.max << "," << full_median << "," << full_spread.min << "," << full_spread.max << ",0\n";
+    const auto number = [](const std::optional<double>& v) { return v ? nlohmann::json(*v) : nlohmann::json(nullptr); };
+    const auto pair = [](const demo::spread& s) { return nlohmann::json::array({s.min, s.max}); };
     nlohmann::json j = nlohmann::json::array();
-    std::printf("| method | settings | speedup | FLOP ratio | PSNR dB | SSIM | class acc | overhead |\n|---|---|---|---|---|---|---|---|\n");
-    std::printf("| full | 28 steps | 1.00x | 1.00 | - | 1.000 | %.3f | - |\n", full_acc);
+    std::printf("| method | settings | speedup (min-max) | FLOP ratio | PSNR dB | SSIM | class acc | FD | overhead |\n|---|---|---|---|---|---|---|---|---|\n");
+    std::printf("| full | %d steps | 1.00x | 1.00 | - | 1.000 | %.3f | %s | - |\n", steps, full_acc, full_fd ? std::to_string(*full_fd).substr(0, 6).c_str() : "-");
     for (const auto& r : rows) {
-      const std::string psnr = r.quality.psnr_db ? std::to_string(*r.quality.psnr_db) : "";
-      csv << r.spec.name << ",\"" << r.spec.describe() << "\"," << r.speedup << "," << r.flops_ratio << "," << psnr << "," << r.quality.ssim << ","
-          << r.quality.class_acc << "," << r.seconds_full << "," << r.seconds << "," << r.overhead_share << "\n";
-      j.push_back({{"method", r.spec.name}, {"settings", r.spec.describe()}, {"speedup", r.speedup}, {"flops_ratio", r.flops_ratio},
-                   {"psnr_db", r.quality.psnr_db ? nlohmann::json(*r.quality.psnr_db) : nlohmann::json(nullptr)}, {"ssim", r.quality.ssim},
-                   {"class_acc", r.quality.class_acc}, {"seconds_full", r.seconds_full}, {"seconds_method", r.seconds}, {"overhead_share", r.overhead_share}});
-      std::printf("| %s | %s | %.2fx | %.2f | %s | %.3f | %.3f | %.1f%% |\n", r.spec.name.c_str(), r.spec.describe().c_str(), r.speedup, r.flops_ratio,
-                  r.quality.psnr_db ? std::to_string(*r.quality.psnr_db).substr(0, 5).c_str() : "inf", r.quality.ssim, r.quality.class_acc, 100 * r.overhead_share);
+      csv << r.spec.name << ",\"" << r.spec.describe() << "\"," << r.speedup << "," << r.speedup_spread.min << "," << r.speedup_spread.max << ","
+          << r.flops_ratio << "," << optional_text(r.quality.psnr_db) << "," << r.quality.ssim << "," << r.quality.class_acc << ","
+          << optional_text(r.quality.fd) << "," << r.seconds_full << "," << r.seconds_full_spread.min << "," << r.seconds_full_spread.max << ","
+          << r.seconds << "," << r.seconds_spread.min << "," << r.seconds_spread.max << "," << r.overhead_share << "\n";
+      j.push_back({{"method", r.spec.name}, {"settings", r.spec.describe()}, {"speedup", r.speedup}, {"speedup_spread", pair(r.speedup_spread)},
+                   {"flops_ratio", r.flops_ratio}, {"psnr_db", number(r.quality.psnr_db)}, {"ssim", r.quality.ssim},
+                   {"class_acc", r.quality.class_acc}, {"fd", number(r.quality.fd)}, {"seconds_full", r.seconds_full},
+                   {"seconds_full_spread", pair(r.seconds_full_spread)}, {"seconds_method", r.seconds},
+                   {"seconds_method_spread", pair(r.seconds_spread)}, {"overhead_share", r.overhead_share}});
+      std::printf("| %s | %s | %.2fx (%.2f-%.2f) | %.2f | %s | %.3f | %.3f | %s | %.1f%% |\n", r.spec.name.c_str(), r.spec.describe().c_str(),
+                  r.speedup, r.speedup_spread.min, r.speedup_spread.max, r.flops_ratio,
+                  r.quality.psnr_db ? std::to_string(*r.quality.psnr_db).substr(0, 5).c_str() : "inf", r.quality.ssim, r.quality.class_acc,
+                  r.quality.fd ? std::to_string(*r.quality.fd).substr(0, 6).c_str() : "-", 100 * r.overhead_share);
     }
-    nlohmann::json all{{"samples", samples}, {"steps", steps}, {"cfg", cfg}, {"seed", seed}, {"threads", threads}, {"class_acc_full", full_acc},
-                       {"seconds_full", full_times}, {"results", j}};
+    nlohmann::json all{{"samples", samples}, {"steps", steps}, {"cfg", cfg}, {"seed", seed}, {"threads", threads}, {"repeats", repeats},
+                       {"class_acc_full", full_acc}, {"fd_full", number(full_fd)}, {"seconds_full", full_median},
+                       {"seconds_full_spread", pair(full_spread)}, {"seconds_full_runs", full_times}, {"results", j}};
     std::ofstream(dir / "results.json") << all.dump(2) << "\n";
     std::ofstream(dir / "pareto.svg") << svg(rows, full_acc);
     std::fprintf(stderr, "wrote %s/{results.csv,results.json,pareto.svg}\n", out_dir.c_str());

@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "demo/support.hpp"
+#include "demo/timing.hpp"
 #include "quality/cli.hpp"
 #include "quality/options.hpp"
 #include "quality/png_grid.hpp"
@@ -47,12 +48,19 @@ methods::progress_fn progress_bar(const std::string& label, bool enabled) {
   };
 }
 
+// `value` with `digits` decimals.
+std::string format_fixed(double value, int digits) {
+  char text[64];
+  std::snprintf(text, sizeof text, "%.*f", digits, value);
+  return text;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"SpecDiff demo: full RFlow vs an accelerated method on the default model, same noise"};
   demo::method_spec spec;
-  int steps = 28, samples = 16, threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency())), repeats = 1;
+  int steps = 28, samples = 16, threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency())), repeats = 3;
   float cfg = 0.f;
   std::string seed_text = "0";
   std::string out_dir = "demo-out", json_path, model_dir = demo::default_model_dir().string();
@@ -77,7 +85,8 @@ int main(int argc, char** argv) {
       ->check(checked([](const std::string& t) { return quality::check_seed(t); }, "UINT64"));
   threads = std::min(threads, sd3::max_threads);
   app.add_option("--threads", threads, "threads")->capture_default_str()->check(integer_in(1, sd3::max_threads));
-  app.add_option("--repeats", repeats, "interleaved timing repeats (full, method, full, method, ...)")->capture_default_str()->check(integer_in(1, 100));
+  app.add_option("--repeats", repeats, "timed pairs after an untimed warm-up of each, alternating (full, method; method, full; ...); medians are reported")
+      ->capture_default_str()->check(integer_in(1, 100));
   app.add_option("--out", out_dir, "folder for the PNG grids")->capture_default_str();
   app.add_option("--json", json_path, "write the results as one JSON object to this file");
   app.add_option("--model", model_dir, "model folder")->capture_default_str();
@@ -116,24 +125,20 @@ int main(int argc, char** argv) {
     const float guidance = cf->count() ? cfg : 4.f;
     const auto work = demo::make_workload(model_dir, samples, seed, steps, guidance, threads);
     const auto& [model, batch, net, problem] = *work;
-    const demo::method_spec full_spec{"full", {}, {}, {}, {}, {}};
     const bool bar = !no_progress;
 
-    std::printf("SpecDiff demo: %d samples, %d steps, cfg %.1f, seed %llu, %d threads, model %s\n", samples, steps, guidance,
-                static_cast<unsigned long long>(seed), threads, model_dir.c_str());
-    methods::run_result full, accelerated;
-    double seconds_full = 0, seconds_method = 0, overhead = 0;
-    for (int r = 0; r < repeats; ++r) {
-      full = demo::run_method(problem, full_spec, progress_bar("full RFlow", bar));
-      accelerated = demo::run_method(problem, spec, progress_bar(spec.describe(), bar));
-      seconds_full += full.seconds;
-      seconds_method += accelerated.seconds;
-      overhead += accelerated.overhead_seconds;
-    }
+    std::printf("SpecDiff demo: %d samples, %d steps, cfg %.1f, seed %llu, %d threads, %d timed repeats, model %s\n", samples, steps,
+                guidance, static_cast<unsigned long long>(seed), threads, repeats, model_dir.c_str());
+    const auto timing = demo::time_against_full(problem, spec, {repeats, true},
+                                                [&](const std::string& label) { return progress_bar(label, bar); });
+    const auto& full = timing.full;
+    const auto& accelerated = timing.method;
     const auto q = demo::evaluate(model, batch, full.latents, accelerated.latents);
     const double acc_full = demo::class_accuracy(model, batch, full.latents);
-    const double speedup = seconds_full / seconds_method, flops_ratio = full.flops / accelerated.flops;
-    const double overhead_share = overhead / seconds_method;
+    const auto fd_full = demo::image_fd(model, batch, full.latents);
+    const double speedup = timing.speedup(), flops_ratio = full.flops / accelerated.flops, overhead_share = timing.overhead_share();
+    const auto full_spread = timing.seconds_full_spread(), method_spread = timing.seconds_method_spread(),
+               speedup_spread = timing.speedup_spread();
 
     auto grid = [&](const std::filesystem::path& path, const std::vector<float>& latents) {
       const auto images = demo::clamp_images(latents);
@@ -145,25 +150,47 @@ int main(int argc, char** argv) {
     grid(full_png, full.latents);
     grid(method_png, accelerated.latents);
 
-    std::printf("\n%-26s %9s %8s %11s %8s %7s %9s %9s\n", "method", "seconds", "speedup", "FLOP ratio", "PSNR dB", "SSIM", "class acc", "overhead");
-    std::printf("%-26s %9.2f %7.2fx %11.2f %8s %7.3f %9.3f %9s\n", "full RFlow", seconds_full / repeats, 1.0, 1.0, "-", 1.0, acc_full, "-");
-    const std::string psnr = q.psnr_db ? std::to_string(*q.psnr_db).substr(0, 6) : "inf";
-    std::printf("%-26s %9.2f %7.2fx %11.2f %8s %7.3f %9.3f %8.1f%%\n", spec.describe().c_str(), seconds_method / repeats, speedup, flops_ratio,
-                psnr.c_str(), q.ssim, q.class_acc, 100 * overhead_share);
-    std::printf("\ngrids: %s, %s\n", full_png.string().c_str(), method_png.string().c_str());
+    // Medians of the timed runs with their (min-max); the speedup's range is that of the per-pair ratios.
+    const auto range = [](double lo, double hi, const char* unit) { return sd3::message("(", format_fixed(lo, 2), "-", format_fixed(hi, 2), unit, ")"); };
+    const auto fd_text = [](const std::optional<double>& fd) { return fd ? format_fixed(*fd, 2) : std::string("-"); };
+    std::printf("\n%-26s %-21s %-21s %10s %8s %6s %9s %8s %8s\n", "method", "seconds (min-max)", "speedup (min-max)", "FLOP ratio", "PSNR dB",
+                "SSIM", "class acc", "FD", "overhead");
+    std::printf("%-26s %7.2f %-13s %6.2fx %-13s %10.2f %8s %6.3f %9.3f %8s %8s\n", "full RFlow", timing.seconds_full(),
+                range(full_spread.min, full_spread.max, "").c_str(), 1.0, "", 1.0, "-", 1.0, acc_full, fd_text(fd_full).c_str(), "-");
+    const std::string psnr = q.psnr_db ? format_fixed(*q.psnr_db, 2) : "inf";
+    std::printf("%-26s %7.2f %-13s %6.2fx %-13s %10.2f %8s %6.3f %9.3f %8s %7.1f%%\n", spec.describe().c_str(), timing.seconds_method(),
+                range(method_spread.min, method_spread.max, "").c_str(), speedup, range(speedup_spread.min, speedup_spread.max, "x").c_str(),
+                flops_ratio, psnr.c_str(), q.ssim, q.class_acc, fd_text(q.fd).c_str(), 100 * overhead_share);
+    if (const auto why = demo::fd_unavailable_reason(model, batch); !why.empty()) std::printf("\nFD not measured: %s.\n", why.c_str());
+    else
+      std::printf("\nFD: Frechet distance of the classifier's features to held-out real digits (lower is closer; full RFlow's is the\n"
+                  "baseline; biased upward at few samples, so compare only runs with the same --samples).\n");
+    // A wide spread says the machine was busy while timing: the median is then the best estimate, its range the honest one.
+    const double spread_percent = 100 * std::max(full_spread.max / full_spread.min, method_spread.max / method_spread.min) - 100;
+    if (repeats > 1 && spread_percent > 10)
+      std::printf("note: the timed runs of one method differ by up to %.0f%%: the machine was busy; read the speedup with its range\n"
+                  "(on a shared machine OMP_WAIT_POLICY=passive keeps idle OpenMP threads from spinning against the working ones).\n",
+                  spread_percent);
+    std::printf("grids: %s, %s\n", full_png.string().c_str(), method_png.string().c_str());
 
     if (!json_path.empty()) {
+      const auto optional_number = [](const std::optional<double>& v) { return v ? nlohmann::json(*v) : nlohmann::json(nullptr); };
       nlohmann::json j;
       j["method"] = spec.name;
       j["settings"] = spec.describe();
       j["speedup"] = speedup;
+      j["speedup_spread"] = {speedup_spread.min, speedup_spread.max};
       j["flops_ratio"] = flops_ratio;
-      j["psnr_db"] = q.psnr_db ? nlohmann::json(*q.psnr_db) : nlohmann::json(nullptr);
+      j["psnr_db"] = optional_number(q.psnr_db);
       j["ssim"] = q.ssim;
       j["class_acc"] = q.class_acc;
       j["class_acc_full"] = acc_full;
-      j["seconds_full"] = seconds_full / repeats;
-      j["seconds_method"] = seconds_method / repeats;
+      j["fd"] = optional_number(q.fd);
+      j["fd_full"] = optional_number(fd_full);
+      j["seconds_full"] = timing.seconds_full();
+      j["seconds_method"] = timing.seconds_method();
+      j["seconds_full_spread"] = {full_spread.min, full_spread.max};
+      j["seconds_method_spread"] = {method_spread.min, method_spread.max};
       j["overhead_share"] = overhead_share;
       j["samples"] = samples;
       j["steps"] = steps;

@@ -17,7 +17,10 @@ std::filesystem::path default_model_dir() { return std::filesystem::path(SPECDIF
 conditional_model conditional_model::load(const std::filesystem::path& dir) {
   if (!std::filesystem::is_directory(dir)) throw std::runtime_error("model: " + dir.string() + " is not a folder");
   conditional_model m{sd3::model::load(dir / "transformer"), quality::class_embeddings::load(dir),
-                      quality::load_scheduler_shift(dir), quality::digit_classifier::load(dir)};
+                      quality::load_scheduler_shift(dir), quality::digit_classifier::load(dir), std::nullopt};
+  // Older model folders have no reference statistics: FD is then reported as unavailable, not as an error.
+  if (const auto reference = dir / quality::fd_reference_file_name; std::filesystem::exists(reference))
+    m.fd_reference = quality::load_fd_reference(reference, m.classifier.feature_size());
   const auto& c = m.transformer.config;
   if (m.classes.pooled_dim != c.pooled_projection_dim || m.classes.joint_attention_dim != c.joint_attention_dim)
     throw std::runtime_error("model: " + dir.string() + ": class embeddings (pooled " + std::to_string(m.classes.pooled_dim) + ", context " +
@@ -181,7 +184,20 @@ quality_report evaluate(const conditional_model& m, const sample_batch& b, std::
   if (std::isfinite(psnr)) r.psnr_db = psnr;
   r.ssim = quality::mean_ssim(ref_batch, img_batch, 2.0);
   r.class_acc = m.classifier.accuracy(img_batch, b.labels);  // on the clamped images, as class_accuracy does
+  if (fd_unavailable_reason(m, b).empty()) r.fd = quality::classifier_fd(m.classifier, img_batch, *m.fd_reference);
   return r;
+}
+
+std::string fd_unavailable_reason(const conditional_model& m, const sample_batch& b) {
+  if (!m.fd_reference) return sd3::message("the model folder has no ", quality::fd_reference_file_name);
+  if (b.labels.size() < 2) return "it needs at least 2 samples";
+  return "";
+}
+
+std::optional<double> image_fd(const conditional_model& m, const sample_batch& b, std::span<const float> images) {
+  if (!fd_unavailable_reason(m, b).empty()) return std::nullopt;
+  const auto clamped = clamp_images(images);  // as class_accuracy measures them
+  return quality::classifier_fd(m.classifier, as_image_batch(m, b, clamped), *m.fd_reference);
 }
 
 }  // namespace demo

@@ -11,6 +11,7 @@
 #include "methods/methods.hpp"
 #include "quality/classifier.hpp"
 #include "quality/default_model.hpp"
+#include "quality/frechet.hpp"
 #include "sd3/model.hpp"
 
 namespace demo {
@@ -20,12 +21,15 @@ std::filesystem::path default_model_dir();
 
 /// A class-conditional SD3-architecture model: the transformer, a class-embedding table feeding both
 /// MMDiT paths (pooled projection and context tokens; the last row is the null class for CFG), the
-/// scheduler shift it samples with, and the digit classifier that judges its samples.
+/// scheduler shift it samples with, the digit classifier that judges its samples, and the statistics of the
+/// classifier's features over held-out real images that the Fréchet distance compares with (empty for a
+/// model folder without fd_reference.safetensors).
 struct conditional_model {
   sd3::model transformer;
   quality::class_embeddings classes;
   double shift = 3.0;
   quality::digit_classifier classifier;
+  std::optional<quality::feature_statistics> fd_reference;
 
   static conditional_model load(const std::filesystem::path& dir);
 };
@@ -66,9 +70,16 @@ struct quality_report {
   std::optional<double> psnr_db;  ///< empty when the images are identical (infinite PSNR)
   double ssim = 1.0;
   double class_acc = 0.0;         ///< the classifier's accuracy against the requested labels
+  std::optional<double> fd;       ///< image_fd of the run's images
 };
 quality_report evaluate(const conditional_model& m, const sample_batch& b, std::span<const float> reference, std::span<const float> images);
 double class_accuracy(const conditional_model& m, const sample_batch& b, std::span<const float> images);
+/// Fréchet distance between the classifier features of the (clamped) images and the model's reference set;
+/// empty when the model has no reference statistics or the batch has fewer than 2 samples. With few samples
+/// it is biased upward: compare it only between runs of the same sample count.
+std::optional<double> image_fd(const conditional_model& m, const sample_batch& b, std::span<const float> images);
+/// Why image_fd is empty for this model and batch ("" when it is not).
+std::string fd_unavailable_reason(const conditional_model& m, const sample_batch& b);
 std::vector<float> clamp_images(std::span<const float> latents);
 /// A batch's images (already clamped) as the quality tools take them.
 quality::image_batch as_image_batch(const conditional_model& m, const sample_batch& b, std::span<const float> images);
