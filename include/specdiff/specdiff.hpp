@@ -12,6 +12,7 @@
 #include "predictors.hpp"
 #include "schedules.hpp"
 #include "scorers.hpp"
+#include "step_cache.hpp"
 #include "storage.hpp"
 #include "token_plan.hpp"
 

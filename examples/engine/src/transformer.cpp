@@ -339,6 +339,7 @@ struct transformer::impl {
     void apply_module(stream s, const module_hook& h, const float* computed, int gate_offset);
     void mlp_stage(stream s, const module_hook& h, const linear& ff1, const linear& ff2);
     void final_layer(std::span<float> velocity);
+    int boundary(int next);
     void run(const forward_inputs& in, std::span<float> velocity, const forward_options& o);
 };
 
@@ -733,6 +734,22 @@ void transformer::impl::final_layer(std::span<float> velocity) {
     }
 }
 
+// Hands the hidden states before block `next` (num_layers: before the final layer) to the caller's callback;
+// returns the block to run next, checked against its range.
+int transformer::impl::boundary(int next) {
+    const int layers = m->config.num_layers;
+    const block_boundary b{next, std::span<float>(x_img.data(), static_cast<std::size_t>(B) * n * D),
+                           std::span<float>(x_ctx.data(), static_cast<std::size_t>(B) * L * D),
+                           next < layers ? std::span<const float>(mod_img.data(), static_cast<std::size_t>(B) * 6 * D)
+                                         : std::span<const float>()};
+    const int to = opts->between_blocks(b);
+    const int last = next < layers ? layers : next;  // before the final layer only num_layers is allowed
+    if (to < next || to > last)
+        throw std::logic_error(message("transformer::forward: between_blocks returned ", to, " at next_layer ", next,
+                                       ", expected a block in [", next, ", ", last, "]"));
+    return to;
+}
+
 void transformer::impl::run(const forward_inputs& in, std::span<float> velocity, const forward_options& o) {
     validate(in, velocity, o);
     const auto& c = m->config;
@@ -748,14 +765,23 @@ void transformer::impl::run(const forward_inputs& in, std::span<float> velocity,
 
     embed(in);
     const block_hooks defaults{};
-    for (int l = 0; l < c.num_layers; ++l) {
+    for (int l = 0; l < c.num_layers;) {
         const auto& w = m->blocks[l];
         const block_hooks& h = o.blocks.empty() ? defaults : o.blocks[l];
         modulation(w);
+        if (o.between_blocks) {
+            const int next = boundary(l);
+            if (next != l) {
+                l = next;
+                continue;
+            }
+        }
         attention_stage(l, w, h);
         mlp_stage(stream::image, h.mlp[0], w.ff1, w.ff2);
         if (!w.context_pre_only) mlp_stage(stream::context, h.mlp[1], w.ff_context1, w.ff_context2);
+        ++l;
     }
+    if (o.between_blocks) boundary(c.num_layers);
     final_layer(velocity);
     opts = nullptr;
 }

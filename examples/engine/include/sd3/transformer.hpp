@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <vector>
@@ -94,6 +95,21 @@ struct block_hooks {
     module_hook mlp[2];
 };
 
+// Step-level caching (First-Block cache, DBCache, TeaCache): the hidden states between two blocks, handed to
+// forward_options::between_blocks. Views into the engine's workspace, valid during the call only.
+struct block_boundary {
+    int next_layer = 0;  // the block about to run; num_layers = the final layer (norm_out, proj_out) is next
+    std::span<float> image;    // [batch, active image tokens, hidden]: the image stream, editable
+    std::span<float> context;  // [batch, context tokens, hidden]: the context stream, editable
+    // next_layer's AdaLN-Zero output for the image stream, [batch, 6 * hidden]: shift, scale, gate (attention),
+    // shift, scale, gate (MLP), as diffusers chunks it; empty before the final layer.
+    std::span<const float> modulation;
+};
+// Called before every block (after its modulation is computed) and once before the final layer. Returns the next
+// block to run, in [next_layer, num_layers]: next_layer goes on; a larger value skips the blocks in between,
+// num_layers goes straight to the final layer. Before the final layer it must return num_layers.
+using boundary_fn = std::function<int(const block_boundary&)>;
+
 struct forward_options {
     // Token-subset forward: [batch * n] ascending absolute image-token ids per sample, n the same for every
     // sample. Empty = every token. With a subset, `velocity` receives [batch, n, patch_features] rows
@@ -109,6 +125,9 @@ struct forward_options {
     // Empty, or one entry per layer. The last block (context_pre_only) has no context outputs: its context
     // hooks must stay {compute, nullptr}.
     std::span<const block_hooks> blocks;
+    // Empty, or the step-level caching callback (block_boundary). Its calls do not allocate; a return value
+    // outside its range throws std::logic_error (the forward stops there).
+    boundary_fn between_blocks;
 };
 
 class transformer {

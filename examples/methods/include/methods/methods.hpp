@@ -66,4 +66,38 @@ struct module_cache_options {
 };
 run_result run_module_cache(const problem& p, const module_cache_options& o, const progress_fn& progress = {});
 
+// --- Step-level caching (step_level.cpp): a whole step's network, or its middle blocks, skipped when a cheap
+// proxy has barely moved; the decision is specdiff::relative_change_gate's, shared by the whole model batch
+// (CFG pair and samples), as the authors' code decides once per forward call. `model_calls` counts the steps
+// whose network ran in full; a skipped step still runs the embedding, the always-computed blocks and the final
+// layer, and `flops` counts them.
+
+/// First-Block cache (diffusers FirstBlockCache, after ParaAttention's FBCache) with cache-dit DBCache's Fn/Bn:
+/// each step runs the first `front_blocks` blocks; if the relative L1 change of their image-stream residual
+/// (hidden after them minus hidden before block 0) against the last computed step's is below `threshold`, the
+/// middle blocks are skipped and their residual cached on the last computed step (both streams) is added;
+/// then the last `back_blocks` blocks run. Otherwise everything runs and both caches are refreshed.
+struct fbcache_options {
+  double threshold = 0.05;         ///< diffusers FirstBlockCacheConfig's default (cache-dit DBCache: 0.08)
+  int front_blocks = 1;            ///< Fn: 1 = FBCache (DBCache's default 8 needs a deeper model)
+  int back_blocks = 0;             ///< Bn (DBCache's default 0)
+  int warmup_steps = 0;            ///< steps always computed at the start; the first always is (DBCache: 8)
+  int max_consecutive_skips = -1;  ///< -1 = no limit (diffusers has none, cache-dit's default is -1)
+  int max_skips = -1;              ///< skipped steps per run, -1 = no limit
+};
+run_result run_fbcache(const problem& p, const fbcache_options& o, const progress_fn& progress = {});
+
+/// TeaCache (ali-vilab/TeaCache, FLUX port): per step, the relative L1 change of block 0's timestep-modulated
+/// image input LN(x)(1 + scale_msa) + shift_msa against the previous step's is rescaled and accumulated; while
+/// the sum stays below `threshold` the whole network is skipped and the residual of the last computed step
+/// (hidden after the last block minus hidden before block 0) is added. The first and last steps compute.
+struct teacache_options {
+  double threshold = 0.6;  ///< teacache_flux.py's setting (README: 0.25 / 0.4 / 0.6 / 0.8 for 1.5x .. 2.25x on FLUX)
+  /// flux: the authors' FLUX polynomial (fitted on FLUX, not on our models; they ship none for SD3);
+  /// identity: the raw relative change.
+  enum class rescale_kind { flux, identity } rescale = rescale_kind::flux;
+  int max_consecutive_skips = -1;  ///< -1 = no limit (TeaCache has none)
+};
+run_result run_teacache(const problem& p, const teacache_options& o, const progress_fn& progress = {});
+
 }  // namespace methods
