@@ -24,6 +24,7 @@ namespace {
 struct row {
   demo::method_spec spec;
   double seconds = 0, seconds_full = 0, speedup = 0, flops_ratio = 0, overhead_share = 0;  // seconds: medians
+  std::optional<double> speculative_share;  // SpecDiff's speculative pass / its run (medians); empty for the others
   demo::spread seconds_spread, seconds_full_spread, speedup_spread;
   demo::quality_report quality;
 };
@@ -147,6 +148,7 @@ int main(int argc, char** argv) {
       x.speedup_spread = t.speedup_spread();
       x.flops_ratio = full.flops / t.method.flops;
       x.overhead_share = t.overhead_share();
+      if (spec.name == "specdiff") x.speculative_share = t.speculative_share();
       x.quality = demo::evaluate(model, batch, full.latents, t.method.latents);
       rows.push_back(x);
       std::fprintf(stderr, "%-26s %7.2f s (full %.2f s)  speedup %.2fx (%.2f-%.2f)  FLOP ratio %5.2f  PSNR %6.2f  SSIM %.3f  acc %.3f  FD %s\n",
@@ -162,9 +164,9 @@ int main(int argc, char** argv) {
     std::ofstream csv(dir / "results.csv");
     // Every row has every column; full RFlow's row comes first (its speedup range and PSNR are empty: not measured).
     csv << "method,settings,speedup,speedup_min,speedup_max,flops_ratio,psnr_db,ssim,class_acc,fd,seconds_full,seconds_full_min,"
-           "seconds_full_max,seconds_method,seconds_method_min,seconds_method_max,overhead_share\n";
+           "seconds_full_max,seconds_method,seconds_method_min,seconds_method_max,overhead_share,speculative_share\n";
     csv << "full,\"" << steps << " steps\",1,,,1,,1," << full_acc << "," << optional_text(full_fd) << "," << full_median << "," << full_spread.min
-        << "," << full_spread.max << "," << full_median << "," << full_spread.min << "," << full_spread.max << ",0\n";
+        << "," << full_spread.max << "," << full_median << "," << full_spread.min << "," << full_spread.max << ",0,\n";
     const auto number = [](const std::optional<double>& v) { return v ? nlohmann::json(*v) : nlohmann::json(nullptr); };
     const auto pair = [](const demo::spread& s) { return nlohmann::json::array({s.min, s.max}); };
     nlohmann::json j = nlohmann::json::array();
@@ -174,12 +176,14 @@ int main(int argc, char** argv) {
       csv << r.spec.name << ",\"" << r.spec.describe() << "\"," << r.speedup << "," << r.speedup_spread.min << "," << r.speedup_spread.max << ","
           << r.flops_ratio << "," << optional_text(r.quality.psnr_db) << "," << r.quality.ssim << "," << r.quality.class_acc << ","
           << optional_text(r.quality.fd) << "," << r.seconds_full << "," << r.seconds_full_spread.min << "," << r.seconds_full_spread.max << ","
-          << r.seconds << "," << r.seconds_spread.min << "," << r.seconds_spread.max << "," << r.overhead_share << "\n";
+          << r.seconds << "," << r.seconds_spread.min << "," << r.seconds_spread.max << "," << r.overhead_share << ","
+          << optional_text(r.speculative_share) << "\n";
       j.push_back({{"method", r.spec.name}, {"settings", r.spec.describe()}, {"speedup", r.speedup}, {"speedup_spread", pair(r.speedup_spread)},
                    {"flops_ratio", r.flops_ratio}, {"psnr_db", number(r.quality.psnr_db)}, {"ssim", r.quality.ssim},
                    {"class_acc", r.quality.class_acc}, {"fd", number(r.quality.fd)}, {"seconds_full", r.seconds_full},
                    {"seconds_full_spread", pair(r.seconds_full_spread)}, {"seconds_method", r.seconds},
-                   {"seconds_method_spread", pair(r.seconds_spread)}, {"overhead_share", r.overhead_share}});
+                   {"seconds_method_spread", pair(r.seconds_spread)}, {"overhead_share", r.overhead_share},
+                   {"speculative_share", number(r.speculative_share)}});
       std::printf("| %s | %s | %.2fx (%.2f-%.2f) | %.2f | %s | %.3f | %.3f | %s | %.1f%% |\n", r.spec.name.c_str(), r.spec.describe().c_str(),
                   r.speedup, r.speedup_spread.min, r.speedup_spread.max, r.flops_ratio,
                   r.quality.psnr_db ? std::to_string(*r.quality.psnr_db).substr(0, 5).c_str() : "inf", r.quality.ssim, r.quality.class_acc,

@@ -61,6 +61,7 @@ TEST_CASE("time_against_full: warm-up of each, then pairs in alternating order, 
   REQUIRE(c.full_seconds.size() == 3);
   REQUIRE(c.method_seconds.size() == 3);
   CHECK(c.method_overhead_shares.size() == 3);
+  CHECK(c.method_speculative_shares == std::vector<double>{0, 0, 0});  // no speculative pass outside SpecDiff
   for (const double s : c.full_seconds) CHECK(s > 0);
   CHECK(c.full.model_calls == 2);
   CHECK(c.method.model_calls == 1);
@@ -73,6 +74,17 @@ TEST_CASE("time_against_full: warm-up of each, then pairs in alternating order, 
   CHECK(d.full_seconds.size() == 2);
   CHECK_THROWS_WITH_AS(demo::time_against_full(work->problem, steps, {0, true}), doctest::Contains("repeats: must be >= 1, got 0"),
                        std::invalid_argument);
+
+  // SpecDiff's speculative pass is a part of each of its runs, and its share the median of the runs' shares.
+  const demo::method_spec specdiff{"specdiff", {}, 1, {}, {}, {}};
+  const auto s = demo::time_against_full(work->problem, specdiff, {3, false});
+  REQUIRE(s.method_speculative_shares.size() == 3);
+  for (const double share : s.method_speculative_shares) {
+    CHECK(share > 0.0);
+    CHECK(share < 1.0);
+  }
+  CHECK(s.speculative_share() == demo::median(s.method_speculative_shares));
+  CHECK(s.method.speculative_seconds / s.method.seconds == s.method_speculative_shares.back());
 }
 
 TEST_CASE("FD of a run's images: measured against the model's reference; unavailable without it or with one sample") {

@@ -3,6 +3,7 @@
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -137,6 +138,9 @@ int main(int argc, char** argv) {
     const double acc_full = demo::class_accuracy(model, batch, full.latents);
     const auto fd_full = demo::image_fd(model, batch, full.latents);
     const double speedup = timing.speedup(), flops_ratio = full.flops / accelerated.flops, overhead_share = timing.overhead_share();
+    // Only SpecDiff runs a speculative pass; its share of the run is inside `seconds` and inside the speedup.
+    const bool speculative_pass = spec.name == "specdiff";
+    const double speculative_share = timing.speculative_share();
     const auto full_spread = timing.seconds_full_spread(), method_spread = timing.seconds_method_spread(),
                speedup_spread = timing.speedup_spread();
 
@@ -153,24 +157,27 @@ int main(int argc, char** argv) {
     // Medians of the timed runs with their (min-max); the speedup's range is that of the per-pair ratios.
     const auto range = [](double lo, double hi, const char* unit) { return sd3::message("(", format_fixed(lo, 2), "-", format_fixed(hi, 2), unit, ")"); };
     const auto fd_text = [](const std::optional<double>& fd) { return fd ? format_fixed(*fd, 2) : std::string("-"); };
-    std::printf("\n%-26s %-21s %-21s %10s %8s %6s %9s %8s %8s\n", "method", "seconds (min-max)", "speedup (min-max)", "FLOP ratio", "PSNR dB",
-                "SSIM", "class acc", "FD", "overhead");
-    std::printf("%-26s %7.2f %-13s %6.2fx %-13s %10.2f %8s %6.3f %9.3f %8s %8s\n", "full RFlow", timing.seconds_full(),
-                range(full_spread.min, full_spread.max, "").c_str(), 1.0, "", 1.0, "-", 1.0, acc_full, fd_text(fd_full).c_str(), "-");
+    const std::string spec_text = speculative_pass ? format_fixed(100 * speculative_share, 1) + "%" : "-";
+    std::printf("\n%-26s %-21s %-21s %10s %8s %6s %9s %8s %8s %10s\n", "method", "seconds (min-max)", "speedup (min-max)", "FLOP ratio",
+                "PSNR dB", "SSIM", "class acc", "FD", "overhead", "spec. pass");
+    std::printf("%-26s %7.2f %-13s %6.2fx %-13s %10.2f %8s %6.3f %9.3f %8s %8s %10s\n", "full RFlow", timing.seconds_full(),
+                range(full_spread.min, full_spread.max, "").c_str(), 1.0, "", 1.0, "-", 1.0, acc_full, fd_text(fd_full).c_str(), "-", "-");
     const std::string psnr = q.psnr_db ? format_fixed(*q.psnr_db, 2) : "inf";
-    std::printf("%-26s %7.2f %-13s %6.2fx %-13s %10.2f %8s %6.3f %9.3f %8s %7.1f%%\n", spec.describe().c_str(), timing.seconds_method(),
+    std::printf("%-26s %7.2f %-13s %6.2fx %-13s %10.2f %8s %6.3f %9.3f %8s %7.1f%% %10s\n", spec.describe().c_str(), timing.seconds_method(),
                 range(method_spread.min, method_spread.max, "").c_str(), speedup, range(speedup_spread.min, speedup_spread.max, "x").c_str(),
-                flops_ratio, psnr.c_str(), q.ssim, q.class_acc, fd_text(q.fd).c_str(), 100 * overhead_share);
+                flops_ratio, psnr.c_str(), q.ssim, q.class_acc, fd_text(q.fd).c_str(), 100 * overhead_share, spec_text.c_str());
     if (const auto why = demo::fd_unavailable_reason(model, batch); !why.empty()) std::printf("\nFD not measured: %s.\n", why.c_str());
     else
       std::printf("\nFD: Frechet distance of the classifier's features to held-out real digits (lower is closer; full RFlow's is the\n"
                   "baseline; biased upward at few samples, so compare only runs with the same --samples).\n");
     // A wide spread says the machine was busy while timing: the median is then the best estimate, its range the honest one.
     const double spread_percent = 100 * std::max(full_spread.max / full_spread.min, method_spread.max / method_spread.min) - 100;
-    if (repeats > 1 && spread_percent > 10)
-      std::printf("note: the timed runs of one method differ by up to %.0f%%: the machine was busy; read the speedup with its range\n"
-                  "(on a shared machine OMP_WAIT_POLICY=passive keeps idle OpenMP threads from spinning against the working ones).\n",
+    if (repeats > 1 && spread_percent > 10) {
+      std::printf("note: the timed runs of one method differ by up to %.0f%%: the machine was busy; read the speedup with its range.\n",
                   spread_percent);
+      if (!std::getenv("OMP_WAIT_POLICY"))
+        std::printf("(On a shared machine OMP_WAIT_POLICY=passive keeps idle OpenMP threads from spinning against the working ones.)\n");
+    }
     std::printf("grids: %s, %s\n", full_png.string().c_str(), method_png.string().c_str());
 
     if (!json_path.empty()) {
@@ -191,7 +198,10 @@ int main(int argc, char** argv) {
       j["seconds_method"] = timing.seconds_method();
       j["seconds_full_spread"] = {full_spread.min, full_spread.max};
       j["seconds_method_spread"] = {method_spread.min, method_spread.max};
+      j["seconds_full_runs"] = timing.full_seconds;  // in pair order: pair k = (seconds_full_runs[k], seconds_method_runs[k])
+      j["seconds_method_runs"] = timing.method_seconds;
       j["overhead_share"] = overhead_share;
+      j["speculative_share"] = speculative_pass ? nlohmann::json(speculative_share) : nlohmann::json(nullptr);
       j["samples"] = samples;
       j["steps"] = steps;
       j["cfg"] = guidance;

@@ -57,6 +57,7 @@ timed_comparison time_against_full(const methods::problem& p, const method_spec&
       c.method = run_method(p, method, bar(label(method_label, k)));
       c.method_seconds.push_back(c.method.seconds);
       c.method_overhead_shares.push_back(c.method.overhead_seconds / c.method.seconds);
+      c.method_speculative_shares.push_back(c.method.speculative_seconds / c.method.seconds);
     };
     if (k % 2 == 0) {
       time_full();

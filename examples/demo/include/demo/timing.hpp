@@ -28,8 +28,9 @@ struct timed_comparison {
   methods::run_result full, method;
   /// Wall times of the timed runs; pair k is (full_seconds[k], method_seconds[k]), run back to back.
   std::vector<double> full_seconds, method_seconds;
-  /// overhead_seconds / seconds of each timed run of the method.
-  std::vector<double> method_overhead_shares;
+  /// overhead_seconds / seconds and speculative_seconds / seconds (SpecDiff's speculative pass; 0 for the other
+  /// methods) of each timed run of the method.
+  std::vector<double> method_overhead_shares, method_speculative_shares;
 
   [[nodiscard]] double seconds_full() const { return median(full_seconds); }
   [[nodiscard]] double seconds_method() const { return median(method_seconds); }
@@ -40,6 +41,7 @@ struct timed_comparison {
   /// Spread of the per-pair ratios full_seconds[k] / method_seconds[k].
   [[nodiscard]] spread speedup_spread() const;
   [[nodiscard]] double overhead_share() const { return median(method_overhead_shares); }
+  [[nodiscard]] double speculative_share() const { return median(method_speculative_shares); }
 };
 
 struct timing_options {
