@@ -9,7 +9,8 @@
 //
 // Module-level engines cache several (layer, site) slots per step: acc.fill(step, layer, site, rows) before
 // the forward, acc.cache_rows[_in_place](step, layer, site, rows) after it (or acc.fill_all for a site
-// reused whole), then acc.complete_step(std::move(step), attention).
+// reused whole, acc.reuse_in_place when its rows are still in place), then
+// acc.complete_step(std::move(step), attention).
 //
 // Misuse throws at once: std::logic_error for calls out of protocol order (a second plan_step, a step
 // object completed twice or from another accelerator, steps out of order), std::invalid_argument for bad
@@ -146,7 +147,9 @@ class accelerator {
         scores_(static_cast<std::size_t>(config.tokens)),
         compute_ids_(static_cast<std::size_t>(config.rows())),
         global_ids_(static_cast<std::size_t>(config.rows())),
+        all_rows_(static_cast<std::size_t>(config.rows())),
         site_done_(static_cast<std::size_t>(config.layers) * static_cast<std::size_t>(config.sites), 0) {
+    for (std::size_t r = 0; r < all_rows_.size(); ++r) all_rows_[r] = static_cast<index_t>(r);
     predictor_.prepare(config_.rows());
     classifier_.prepare(config_.tokens);
     partial_count_ = classifier_.compute_count(config_.tokens);
@@ -284,16 +287,25 @@ class accelerator {
 
   /// Module level: on a partial step, a site computed for no token — every row comes from the cache, as
   /// level `as` (reuse: latest; approximate: the approximator). The site counts as done for the step.
+  /// Calls for different (layer, site) slots of one step may run concurrently (they share no scratch).
   void fill_all(const step& s, index_t layer, index_t site, level as, matrix_view<float> out) {
     expect_own(s);
     if (s.dense_) detail::fail_logic("fill_all: step ", s.index_, " is dense; every site is computed and cached");
     expect_site_open(layer, site);
     detail::expect_matrix("out", out, config_.rows(), config_.feature_dim);
     if (as == level::compute) detail::fail("as: fill_all takes level::reuse or level::approximate, got compute");
-    for (index_t r = 0; r < config_.rows(); ++r) global_ids_[static_cast<std::size_t>(r)] = r;
-    const std::span<const index_t> all(global_ids_.data(), static_cast<std::size_t>(config_.rows()));
-    if (as == level::reuse) store_.fill(layer, site, s.t_, all, out);
-    else store_.fill(layer, site, s.t_, all, approx_, out);
+    if (as == level::reuse) store_.fill(layer, site, s.t_, all_rows_, out);
+    else store_.fill(layer, site, s.t_, all_rows_, approx_, out);
+    site_done_[slot(layer, site)] = 1;
+  }
+
+  /// Module level: on a partial step, a site computed for no token whose rows the engine still holds as
+  /// they were cached (it reuses one buffer in place, as FORA and ToCa reuse attention outputs): a reuse
+  /// fill would copy every row onto itself, so nothing is copied. The site counts as done for the step.
+  void reuse_in_place(const step& s, index_t layer, index_t site) {
+    expect_own(s);
+    if (s.dense_) detail::fail_logic("reuse_in_place: step ", s.index_, " is dense; every site is computed and cached");
+    expect_site_open(layer, site);
     site_done_[slot(layer, site)] = 1;
   }
 
@@ -474,6 +486,7 @@ class accelerator {
   std::vector<float> scores_;
   std::vector<index_t> compute_ids_;                      // [sample][C1 token]
   std::vector<index_t> global_ids_;               // scratch: full-matrix rows of a token list
+  std::vector<index_t> all_rows_;                 // 0 .. rows - 1 (fill_all)
   std::vector<char> site_done_;                           // [layer][site] in the planned step
   index_t partial_count_ = 0, compute_count_ = 0;
   index_t next_step_ = 0;

@@ -71,4 +71,43 @@ SPECDIFF_HD inline int polynomial_weights(const float* history_t, int n, float t
   return n;
 }
 
+/// TaylorSeer's forecast as its authors' code computes it, written as weights over the cached rows (newest
+/// first). On each full step j the order-i factor is the change of the order-(i-1) factor since the previous
+/// full step divided by the gap between the two, D_i(j) = (D_{i-1}(j) - D_{i-1}(j+1)) / (T_j - T_{j+1}), so
+/// an order-i factor exists once i+1 full steps were cached; the forecast is sum_i D_i(0) x^i / i!, with
+/// x = target - T_0. Source: Shenyi-Z/TaylorSeer @288776d, TaylorSeer-FLUX/src/flux/taylor_utils/__init__.py,
+/// derivative_approximation (lines 12-22) and taylor_formula (lines 33-38). Exact for polynomials of degree 1
+/// at any spacing, not of higher degree (the factors are backward differences, not Newton's).
+/// Rows after the first whose tag exceeds `oldest_t` (cached before the differences start) are not used:
+/// TaylorSeer-FLUX forms no difference on steps <= first_enhance - 2 (line 19). `Rows` bounds n. Returns n
+/// (weights of unused rows are 0), or 0 when two used tags coincide.
+template <int Rows>
+SPECDIFF_HD inline int taylorseer_weights(const float* history_t, int n, float target_t, float oldest_t, float* w) {
+  static_assert(Rows >= 1, "taylorseer_weights: Rows must be positive");
+  constexpr auto size = static_cast<unsigned>(Rows);
+  if (n < 1 || n > Rows) return 0;
+  int used = 1;
+  while (used < n && history_t[used] <= oldest_t) ++used;
+  // factor[j][k]: the weight of row k in the factor of the current order formed at row j
+  double factor[size][size];
+  for (int j = 0; j < used; ++j)
+    for (int k = 0; k < used; ++k) factor[j][k] = j == k ? 1.0 : 0.0;
+  for (int k = 0; k < n; ++k) w[k] = k == 0 ? 1.f : 0.f;
+  double sum[size];
+  for (int k = 0; k < used; ++k) sum[k] = k == 0 ? 1.0 : 0.0;
+  const double x = static_cast<double>(target_t) - static_cast<double>(history_t[0]);
+  double power = 1.0;  // x^i / i!
+  for (int i = 1; i < used; ++i) {
+    for (int j = 0; j + i < used; ++j) {  // ascending j reads row j + 1 before it is updated
+      const double gap = static_cast<double>(history_t[j]) - static_cast<double>(history_t[j + 1]);
+      if (gap == 0.0) return 0;
+      for (int k = 0; k < used; ++k) factor[j][k] = (factor[j][k] - factor[j + 1][k]) / gap;
+    }
+    power *= x / i;
+    for (int k = 0; k < used; ++k) sum[k] += power * factor[0][k];
+  }
+  for (int k = 0; k < used; ++k) w[k] = static_cast<float>(sum[k]);
+  return n;
+}
+
 }  // namespace specdiff::math

@@ -322,6 +322,42 @@ TEST_CASE("protocol: module level — every site cached once per step, abandoned
   testing::expect_error<std::logic_error>([&] { acc.complete_step(std::move(again), attention_unchanged); }, {"neither cached"});
 }
 
+TEST_CASE("protocol: reuse_in_place marks a site done on a partial step without touching rows or the store") {
+  using module_accelerator = accelerator<uniform_scorer, no_speculation, all_reuse_classifier, step_schedule, latest>;
+  module_accelerator acc({tokens, batch, steps, dim, /*layers=*/1, /*sites=*/2}, uniform_scorer{}, no_speculation{}, all_reuse_classifier{},
+                         step_schedule{1, 0, 0, {}});
+  auto rng = testing::rng(7);
+  auto rows = testing::random_vector(rng, static_cast<std::size_t>(batch * tokens * dim), -1.f, 1.f);
+  const matrix_view<const float> view(rows.data(), batch * tokens, dim);
+  auto s = acc.plan_step(0, ts(0));
+  testing::expect_error<std::logic_error>([&] { acc.reuse_in_place(s, 0, 0); }, {"reuse_in_place", "dense"});
+  acc.cache_rows_in_place(s, 0, 0, view);
+  acc.cache_rows_in_place(s, 0, 1, view);
+  acc.complete_step(std::move(s), attention_unchanged);
+  auto stored = [&] {  // every cached row and tag
+    std::vector<float> v;
+    for (index_t site = 0; site < 2; ++site)
+      for (index_t r = 0; r < batch * tokens; ++r)
+        for (int k = 0; k < acc.store().entries(0, site, r); ++k) {
+          v.push_back(acc.store().history_tag(0, site, r, k));
+          for (float x : acc.store().history(0, site, r, k)) v.push_back(x);
+        }
+    return v;
+  };
+  const auto before = stored();
+  const auto kept = rows;
+  auto p = acc.plan_step(1, ts(1));
+  acc.reuse_in_place(p, 0, 0);
+  testing::expect_error<std::logic_error>([&] { acc.reuse_in_place(p, 0, 0); }, {"layer 0 site 0", "already cached"});
+  testing::expect_error<std::invalid_argument>([&] { acc.reuse_in_place(p, 0, 2); }, {"site"});
+  testing::expect_error<std::logic_error>([&] { acc.complete_step(std::move(p), attention_unchanged); }, {"layer 0 site 1", "neither cached"});
+  acc.reuse_in_place(p, 0, 1);
+  acc.complete_step(std::move(p), attention_unchanged);
+  CHECK(rows == kept);
+  CHECK(stored() == before);  // nothing cached or copied; the step is complete
+  CHECK(acc.next_step() == 2);
+}
+
 TEST_CASE("protocol: sizes are given once, checked at construction, products too") {
   using A = test_accelerator;
   testing::expect_error<std::invalid_argument>([] { A a({1 << 16, 1 << 16, 8, 4}, {}, {}, three_level_classifier(0.5), step_schedule{}); },

@@ -7,8 +7,8 @@ namespace methods {
 
 run_result run_steps(const problem& p, int steps, const progress_fn& progress) {
   if (steps < 1) throw std::invalid_argument("steps: must be >= 1, got " + std::to_string(steps));
-  const auto start = std::chrono::steady_clock::now();
   const sd3::flow_match_euler scheduler(steps, p.shift);
+  const auto start = std::chrono::steady_clock::now();
   const auto& c = p.net->config();
   const int tokens = image_tokens(p);
   run_result r;

@@ -3,6 +3,8 @@
 // reused (FORA, ToCa) or forecast (TaylorSeer) from the library's cache store, and the MLP outputs are
 // reused (FORA), forecast (TaylorSeer), or recomputed for the top tokens by attention·staleness (ToCa).
 #include <algorithm>
+#include <exception>
+#include <optional>
 
 #include <specdiff/specdiff.hpp>
 
@@ -21,43 +23,61 @@ struct site_rows {
   specdiff::matrix_view<float> view(int rows, int hidden) { return {data.data(), rows, hidden}; }
 };
 
+// Runs f(slot) for every slot on the engine's threads (OpenMP, as the engine's own loops): each slot's fill
+// reads the store and writes its own rows. The first exception is rethrown once all slots are done.
+template <class F>
+void for_each_slot(int threads, int slots, F&& f) {
+  std::exception_ptr error;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int i = 0; i < slots; ++i) {
+    try {
+      f(i);
+    } catch (...) {
+#pragma omp critical(module_fill_error)
+      if (!error) error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
 // One accelerator drives every method: a plan per step (ToCa: top-k tokens by attention·staleness; FORA
 // and TaylorSeer: no token computed on partial steps), the cached image rows of every (layer, site), the
-// staleness. The context stream's rows (a few tokens, never planned) sit in a plain store beside it.
+// staleness. The engine's hooks read and write one buffer per (layer, site) that persists across steps, so
+// a reused row is already in place: FORA's and ToCa's partial steps copy nothing (reuse_in_place; ToCa's MLP
+// rows not recomputed keep their latest value). Only TaylorSeer forecasts, from the store: its fills run on
+// the engine's threads, and the context stream's rows (a few tokens, never planned) are forecast from a
+// plain store beside the accelerator. `approx` is the accelerator's approximator.
 template <class Accelerator>
-run_result run_module(const problem& p, const module_cache_options& o, Accelerator& acc, const progress_fn& progress) {
+run_result run_module(const problem& p, const module_cache_options& o, Accelerator& acc, const typename Accelerator::approximator_type& approx,
+                      const progress_fn& progress) {
   using kind = module_cache_options::kind;
-  const auto start = std::chrono::steady_clock::now();
   sd3::transformer& net = *p.net;
   const auto& c = net.config();
   const int batch = model_batch(p), ctx = p.inputs.context_tokens, hidden = c.hidden(), layers = c.num_layers;
   const int tokens = image_tokens(p);
   const int image_rows = batch * tokens, context_rows = batch * ctx;
-  const bool toca = o.method == kind::toca;
-  // Reused sites: FORA reuses (latest), TaylorSeer forecasts (the accelerator's approximator).
-  const specdiff::level partial_level = o.method == kind::taylorseer ? specdiff::level::approximate : specdiff::level::reuse;
-  specdiff::host_cache_store<float> context_cache({layers, 2, std::max(context_rows, 1), hidden, std::max(Accelerator::approximator_type::depth, 1)});
+  const bool toca = o.method == kind::toca, forecast = o.method == kind::taylorseer;
 
+  // Everything is allocated here, before the clock starts.
+  std::optional<specdiff::host_cache_store<float>> context_cache;
+  if (forecast && ctx > 0) context_cache.emplace(specdiff::cache_shape{layers, 2, context_rows, hidden, Accelerator::approximator_type::depth});
   std::vector<site_rows> image(static_cast<std::size_t>(layers * 2)), context(static_cast<std::size_t>(layers * 2));
   for (auto& s : image) s.data.assign(static_cast<std::size_t>(image_rows * hidden), 0.f);
   for (auto& s : context) s.data.assign(static_cast<std::size_t>(std::max(context_rows, 1) * hidden), 0.f);
   std::vector<sd3::block_hooks> hooks(static_cast<std::size_t>(layers));
   std::vector<index_t> all_context(static_cast<std::size_t>(context_rows));
   for (index_t i = 0; i < context_rows; ++i) all_context[static_cast<std::size_t>(i)] = i;
-  std::vector<float> probe(static_cast<std::size_t>(image_rows));
+  std::vector<float> probe(toca ? static_cast<std::size_t>(image_rows) : 0);
   auto last = [&](int l) { return l + 1 == layers; };  // context_pre_only: no context outputs to cache
   auto image_view = [&](int l, int site) { return image[static_cast<std::size_t>(l * 2 + site)].view(image_rows, hidden); };
   auto context_view = [&](int l, int site) { return context[static_cast<std::size_t>(l * 2 + site)].view(context_rows, hidden); };
-  auto forecast_context = [&](int l, int site, float tag) {
-    if (partial_level == specdiff::level::approximate) context_cache.fill(l, site, tag, all_context, typename Accelerator::approximator_type{}, context_view(l, site));
-    else context_cache.fill(l, site, tag, all_context, context_view(l, site));
-  };
+  const sd3::flow_match_euler scheduler(p.steps, p.shift);
 
   run_result r;
-  const sd3::flow_match_euler scheduler(p.steps, p.shift);
+  const auto start = std::chrono::steady_clock::now();
   r.latents = sd3::sample_cfg(net, scheduler, p.inputs, p.guidance, [&](const sd3::model_call& call) {
     // TaylorSeer differentiates over step indices, as its code does: the tag falls by one per step (the
-    // accelerator wants falling timesteps; extrapolation is the same under this affine change of variable).
+    // accelerator wants falling timesteps; its forecast is the same under this affine change of variable).
     const float tag = static_cast<float>(p.steps - call.step);
     auto step = [&] {
       stopwatch::scope s(r.overhead_seconds);
@@ -82,7 +102,7 @@ run_result run_module(const problem& p, const module_cache_options& o, Accelerat
       for (int l = 0; l < layers; ++l)
         for (int site : {attention_site, mlp_site}) {
           acc.cache_rows_in_place(step, l, site, image_view(l, site));
-          if (!last(l) && ctx > 0) context_cache.write(l, site, tag, context_view(l, site));
+          if (context_cache && !last(l)) context_cache->write(l, site, tag, context_view(l, site));
         }
       if (toca) acc.complete_step(std::move(step), probe);
       else acc.complete_step(std::move(step), specdiff::attention_unchanged);
@@ -90,14 +110,22 @@ run_result run_module(const problem& p, const module_cache_options& o, Accelerat
     } else {
       {
         stopwatch::scope s(r.overhead_seconds);
+        if (forecast) {
+          for_each_slot(net.threads(), layers * 2, [&](int i) {
+            const int l = i / 2, site = i % 2;
+            acc.fill_all(step, l, site, specdiff::level::approximate, image_view(l, site));
+            if (context_cache && !last(l)) context_cache->fill(l, site, tag, all_context, approx, context_view(l, site));
+          });
+        } else {
+          // FORA: every row of both sites in place; ToCa: the attention rows in place, the MLP rows of tokens
+          // not recomputed hold their latest value (the site is cached after the forward).
+          for (int l = 0; l < layers; ++l) {
+            acc.reuse_in_place(step, l, attention_site);
+            if (!toca) acc.reuse_in_place(step, l, mlp_site);
+          }
+        }
         for (int l = 0; l < layers; ++l) {
           auto& h = hooks[static_cast<std::size_t>(l)];
-          acc.fill_all(step, l, attention_site, partial_level, image_view(l, attention_site));
-          // ToCa: the MLP runs for the plan's C1 tokens, the others reuse it; FORA/TaylorSeer: reused whole
-          if (toca) acc.fill(step, l, mlp_site, image_view(l, mlp_site));
-          else acc.fill_all(step, l, mlp_site, partial_level, image_view(l, mlp_site));
-          for (int site : {attention_site, mlp_site})
-            if (!last(l) && ctx > 0) forecast_context(l, site, tag);
           h.attention[0] = {sd3::module_mode::reuse, image_view(l, attention_site).data, {}};
           h.mlp[0] = {toca ? sd3::module_mode::subset : sd3::module_mode::reuse, image_view(l, mlp_site).data,
                       toca ? step.compute_tokens() : std::span<const index_t>()};
@@ -113,10 +141,7 @@ run_result run_module(const problem& p, const module_cache_options& o, Accelerat
       {
         stopwatch::scope s(r.overhead_seconds);
         if (toca)
-          for (int l = 0; l < layers; ++l) {
-            acc.cache_rows_in_place(step, l, mlp_site, image_view(l, mlp_site));
-            if (!last(l) && ctx > 0) context_cache.write(l, mlp_site, tag, context_view(l, mlp_site));
-          }
+          for (int l = 0; l < layers; ++l) acc.cache_rows_in_place(step, l, mlp_site, image_view(l, mlp_site));
         acc.complete_step(std::move(step), specdiff::attention_unchanged);  // ToCa scores with the last full step's attention
       }
       const int mlp_tokens = toca ? acc.partial_compute_count() : 0;
@@ -133,31 +158,41 @@ run_result run_module(const problem& p, const module_cache_options& o, Accelerat
 
 run_result run_module_cache(const problem& p, const module_cache_options& o, const progress_fn& progress) {
   using kind = module_cache_options::kind;
+  using rule = module_cache_options::forecast_rule;
   if (o.interval < 1) throw std::invalid_argument("interval: must be >= 1, got " + std::to_string(o.interval));
   if (o.method == kind::taylorseer && (o.order < 1 || o.order > 2)) throw std::invalid_argument("order: must be 1 or 2, got " + std::to_string(o.order));
   const auto& c = p.net->config();
-  const specdiff::accelerator_config config{.tokens = image_tokens(p), .batch = model_batch(p), .steps = p.steps, .feature_dim = c.hidden(),
-                                            .layers = c.num_layers, .sites = 2};
+  const int batch = model_batch(p);
+  // ToCa shares one selection between the CFG halves (PixArt-ToCa's scores.py, lines 12-23: the halves'
+  // maps averaged 0.5/0.5, the score repeated for both); here the accelerator scores the pair's mean attention.
+  const bool share = o.method == kind::toca && o.share_cfg_plan && batch % 2 == 0 && p.guidance > 1.f;
+  const specdiff::accelerator_config config{.tokens = image_tokens(p), .batch = batch, .steps = p.steps, .feature_dim = c.hidden(),
+                                            .layers = c.num_layers, .sites = 2, .share_cfg_plan = share};
   // Full steps: the warm-up, then every `interval` steps ("dense" = full).
-  const specdiff::step_schedule schedule{std::max(o.warmup_steps, 1), o.interval, 0, {}};
+  const int warmup = std::max(o.warmup_steps, 1);
+  const specdiff::step_schedule schedule{warmup, o.interval, 0, {}};
   switch (o.method) {
     case kind::toca: {
       specdiff::accelerator acc(config, specdiff::toca_scorer{o.starvation_scale}, specdiff::no_speculation{},
                                 specdiff::top_k_classifier(o.cache_rate), schedule, specdiff::latest{});
-      return run_module(p, o, acc, progress);
+      return run_module(p, o, acc, specdiff::latest{}, progress);
     }
     case kind::taylorseer: {
       auto with = [&](auto approximator) {
         specdiff::accelerator acc(config, specdiff::uniform_scorer{}, specdiff::no_speculation{}, specdiff::all_approximate_classifier{},
                                   schedule, approximator);
-        return run_module(p, o, acc, progress);
+        return run_module(p, o, acc, approximator, progress);
       };
-      return o.order == 2 ? with(specdiff::taylor<2>{}) : with(specdiff::taylor<1>{});
+      // TaylorSeer-FLUX forms differences only on steps > first_enhance - 2 (taylor_utils/__init__.py, line
+      // 19; first_enhance = the warm-up): the rows before step warmup - 2 start none. Tags are p.steps - step.
+      const float oldest = static_cast<float>(p.steps - std::max(warmup - 2, 0));
+      if (o.forecast == rule::polynomial) return o.order == 2 ? with(specdiff::taylor<2>{}) : with(specdiff::taylor<1>{});
+      return o.order == 2 ? with(specdiff::taylorseer<2>{oldest}) : with(specdiff::taylorseer<1>{oldest});
     }
     default: {
       specdiff::accelerator acc(config, specdiff::uniform_scorer{}, specdiff::no_speculation{}, specdiff::all_reuse_classifier{}, schedule,
                                 specdiff::latest{});
-      return run_module(p, o, acc, progress);
+      return run_module(p, o, acc, specdiff::latest{}, progress);
     }
   }
 }

@@ -14,13 +14,14 @@ namespace {
 
 using specdiff::index_t;
 
-// RAS's output metric as a plug-in scorer: metric · exp(scale · drop count).
+// RAS's score as a plug-in scorer, in the log domain: log(metric · exp(scale · drop count)). The runner
+// hands the metric as its logarithm, with scale · drop count already added when RAS's cumulative count is
+// used (the accelerator's cache count restarts when a token is computed); `reset_scale` weighs the
+// accelerator's count instead (the since_computed rule; 0 otherwise).
 struct ras_scorer {
   static constexpr specdiff::signal needs = specdiff::signal::metric | specdiff::signal::cache_count;
-  float starvation_scale = 1.f;
-  SPECDIFF_HD float score(const specdiff::token_signals& x) const {
-    return specdiff::math::log_score(x.metric, 1.f, x.cache_count, starvation_scale);
-  }
+  float reset_scale = 0.f;
+  SPECDIFF_HD float score(const specdiff::token_signals& x) const { return x.metric + reset_scale * x.cache_count; }
 };
 
 // RAS's selection: of the k tokens to cache, the k·high_ratio highest-scored and the k·(1 - high_ratio)
@@ -53,20 +54,23 @@ class ras_classifier {
 static_assert(specdiff::importance_scorer<ras_scorer> && specdiff::level_classifier<ras_classifier>);
 
 // The shared loop. `after_step(acc, rows)` runs once the step's output rows are complete (RAS derives its
-// metric there). The attention probe runs only when the scorer reads attention.
+// metric there). The attention probe runs only when the scorer reads attention or a speculative pass
+// records it. Everything is allocated before the clock starts.
 template <class Accelerator, class AfterStep>
 run_result run_token_level(const problem& p, Accelerator& acc, const std::optional<sd3::flow_match_euler>& speculative, bool context_queries,
                            AfterStep&& after_step, const progress_fn& progress) {
-  const auto start = std::chrono::steady_clock::now();
   sd3::transformer& net = *p.net;
   const auto& c = net.config();
   const int batch = model_batch(p), h = p.inputs.height, w = p.inputs.width, ctx = p.inputs.context_tokens;
   const int tokens = image_tokens(p), features = c.patch_features();
   constexpr bool probe_attention = specdiff::has(Accelerator::scorer_type::needs, specdiff::signal::attention);
   sd3::kv_cache kv(c, batch, tokens);
-  std::vector<float> probe(static_cast<std::size_t>(batch * tokens)), rows(static_cast<std::size_t>(batch * tokens * features)), compact(rows.size());
+  std::vector<float> probe(probe_attention || speculative ? static_cast<std::size_t>(batch * tokens) : 0);
+  std::vector<float> rows(static_cast<std::size_t>(batch * tokens * features)), compact(rows.size());
   const specdiff::matrix_view<float> row_view(rows.data(), batch * tokens, features);
   const std::span<const float> attention = probe_attention ? std::span<const float>(probe) : std::span<const float>();
+  const sd3::flow_match_euler scheduler(p.steps, p.shift);
+  if (speculative) acc.begin_speculation(std::span<const float>(speculative->timesteps()));  // sizes the records
   run_result r;
   const int spec_steps = speculative ? speculative->steps() : 0;
   const int total = spec_steps + p.steps;
@@ -75,9 +79,8 @@ run_result run_token_level(const problem& p, Accelerator& acc, const std::option
     if (progress) progress(r.model_calls, total);
   };
 
+  const auto start = std::chrono::steady_clock::now();
   if (speculative) {  // 1. the speculative pass: same noise and conditioning, every token computed
-    const auto spec_start = std::chrono::steady_clock::now();
-    acc.begin_speculation(std::span<const float>(speculative->timesteps()));
     r.speculative_latents = sd3::sample_cfg(net, *speculative, p.inputs, p.guidance, [&](const sd3::model_call& call) {
       sd3::forward_options options;
       options.attention_probe = probe;
@@ -90,10 +93,10 @@ run_result run_token_level(const problem& p, Accelerator& acc, const std::option
       r.flops += batch * full_forward_flops(c, tokens, ctx);
       tick();
     });
-    r.speculative_seconds = seconds_since(spec_start);
+    r.speculative_seconds = seconds_since(start);
   }
 
-  const sd3::flow_match_euler scheduler(p.steps, p.shift);  // 2. the main pass
+  // 2. the main pass
   r.latents = sd3::sample_cfg(net, scheduler, p.inputs, p.guidance, [&](const sd3::model_call& call) {
     auto step = [&] {
       stopwatch::scope s(r.overhead_seconds);
@@ -169,30 +172,64 @@ run_result run_specdiff(const problem& p, const specdiff_options& o, const progr
 }
 
 run_result run_ras(const problem& p, const ras_options& o, const progress_fn& progress) {
+  using input = ras_options::metric_input;
+  using count_rule = ras_options::drop_count_rule;
   const int tokens = image_tokens(p), batch = model_batch(p);
   const auto& c = p.net->config();
+  const bool cfg = batch % 2 == 0 && p.guidance > 1.f;
   // RAS selects on the guided output, so both CFG halves share one plan.
   const specdiff::accelerator_config config{.tokens = tokens, .batch = batch, .steps = p.steps, .feature_dim = c.patch_features(),
-                                            .share_cfg_plan = batch % 2 == 0 && p.guidance > 1.f};
+                                            .share_cfg_plan = cfg};
   const specdiff::step_schedule schedule{o.warmup_steps, 0, 0, resets_within(o.reset_steps, p.steps)};
-  specdiff::accelerator acc(config, ras_scorer{o.starvation_scale}, specdiff::no_speculation{},
+  const bool cumulative = o.drop_count == count_rule::cumulative;
+  specdiff::accelerator acc(config, ras_scorer{cumulative ? 0.f : o.starvation_scale}, specdiff::no_speculation{},
                             ras_classifier(o.cache_rate, o.high_ratio), schedule, specdiff::latest{});
-  // Metric per token: the mean over the patch's pixels of the L2 norm of the velocity across channels
-  // (RAS's `l2norm` metric; its default channel std is 0 for a one-channel model).
-  std::vector<float> metric(static_cast<std::size_t>(batch * tokens));
+  // Per token: the mean over the patch's pixels of the L2 norm of the velocity across channels (RAS's
+  // `l2norm` metric; its default channel std is 0 for a one-channel model), on the guided velocity
+  // v_u + g (v_c - v_u) as RAS's scheduler step receives it (ras_scheduling_flow_match_euler_discrete.py,
+  // lines 201 and 105-108), or averaged over the two halves (halves_mean). RAS's common factor
+  // (sigma_next - sigma) drops out of the ranking. drop_count: RAS adds one each time a token is cached and
+  // never resets it within an image (same file, lines 93, 113 and 121).
   const int pixels = c.patch_size * c.patch_size, channels = c.out_channels;
-  auto after_step = [&](auto& a, const std::vector<float>& rows) {
-    for (std::size_t t = 0; t < metric.size(); ++t) {
-      double sum = 0;
-      for (int px = 0; px < pixels; ++px) {
-        double sq = 0;
-        for (int ch = 0; ch < channels; ++ch) {
-          const double v = rows[(t * pixels + px) * channels + ch];
-          sq += v * v;
-        }
-        sum += std::sqrt(sq);
+  const int plans = static_cast<int>(config.plans());
+  std::vector<float> metric(static_cast<std::size_t>(batch * tokens)), drop(static_cast<std::size_t>(plans * tokens), 0.f);
+  auto patch_norm = [&](auto&& value) {  // value(px, ch) -> the velocity there
+    double sum = 0;
+    for (int px = 0; px < pixels; ++px) {
+      double sq = 0;
+      for (int ch = 0; ch < channels; ++ch) {
+        const double v = value(px, ch);
+        sq += v * v;
       }
-      metric[t] = static_cast<float>(sum / pixels);
+      sum += std::sqrt(sq);
+    }
+    return static_cast<float>(sum / pixels);
+  };
+  auto after_step = [&](auto& a, const std::vector<float>& rows) {
+    const std::size_t half = static_cast<std::size_t>(plans) * static_cast<std::size_t>(tokens);
+    auto row = [&](std::size_t sample_token) { return rows.data() + sample_token * static_cast<std::size_t>(pixels * channels); };
+    for (int plan = 0; plan < plans; ++plan) {
+      const auto counts = a.cache_counts(plan);  // >= 1: cached in the step just done
+      for (int token = 0; token < tokens; ++token) {
+        const std::size_t t = static_cast<std::size_t>(plan) * static_cast<std::size_t>(tokens) + static_cast<std::size_t>(token);
+        float m = 0.f;
+        if (!cfg) {
+          m = patch_norm([&](int px, int ch) { return row(t)[px * channels + ch]; });
+        } else if (o.metric_on == input::guided) {
+          const float *u = row(t), *v = row(t + half);
+          m = patch_norm([&](int px, int ch) {
+            const int k = px * channels + ch;
+            return u[k] + p.guidance * (v[k] - u[k]);  // as sample_cfg combines them
+          });
+        } else {
+          const float mu = patch_norm([&](int px, int ch) { return row(t)[px * channels + ch]; });
+          const float mc = patch_norm([&](int px, int ch) { return row(t + half)[px * channels + ch]; });
+          m = 0.5f * (mu + mc);
+        }
+        if (cumulative && counts[static_cast<std::size_t>(token)] > 0.f) drop[t] += 1.f;
+        metric[t] = specdiff::math::safe_log(m) + (cumulative ? o.starvation_scale * drop[t] : 0.f);
+        if (cfg) metric[t + half] = metric[t];  // both halves of the shared plan
+      }
     }
     a.set_metric(metric);
   };

@@ -44,13 +44,19 @@ std::optional<sd3::flow_match_euler> speculative_pass(const problem& p, const sp
 /// RAS (Region-Adaptive Sampling), SD3 script defaults: output-level metric (here the L2 norm of the
 /// velocity over channels, averaged per patch: our model has one channel, where RAS's channel std is 0),
 /// starvation exp(scale·drop_count), dense before step 4 and at steps 12 and 20, cached tokens reuse
-/// their last output; computed tokens run every block against cached K/V.
+/// their last output; computed tokens run every block against cached K/V. Both CFG halves share one plan.
 struct ras_options {
   double cache_rate = 0.5;   ///< 1 - sample_ratio
   int warmup_steps = 4;
   std::vector<int> reset_steps = {12, 20};
   float starvation_scale = 1.f;
   double high_ratio = 0.3;   ///< share of the cached set taken from the highest-metric tokens
+  /// Which output the metric is measured on: RAS's scheduler step sees the guided velocity
+  /// v_u + g (v_c - v_u) (`guided`, the authors'); `halves_mean` averages the metric of the two halves (0.2's).
+  enum class metric_input { guided, halves_mean } metric_on = metric_input::guided;
+  /// The drop count in exp(scale·drop_count): RAS counts every time a token was cached and never resets it
+  /// (`cumulative`, the authors'); `since_computed` restarts it when the token is computed (0.2's).
+  enum class drop_count_rule { cumulative, since_computed } drop_count = drop_count_rule::cumulative;
 };
 run_result run_ras(const problem& p, const ras_options& o, const progress_fn& progress = {});
 
@@ -62,7 +68,14 @@ struct module_cache_options {
   int warmup_steps = 1;      ///< full steps at the start
   double cache_rate = 0.9;   ///< ToCa: share of image tokens whose MLP is reused (1 - fresh ratio)
   float starvation_scale = 0.f;  ///< ToCa: staleness weight in the score
+  /// ToCa: the CFG halves share one selection, scored from their mean attention (the authors', PixArt-ToCa);
+  /// false plans each half on its own (0.2's).
+  bool share_cfg_plan = true;
   int order = 1;             ///< TaylorSeer: Taylor order (1 or 2)
+  /// TaylorSeer's forecast: `authors` = its code's finite differences, each divided by the last gap between
+  /// full steps, starting at step warmup_steps - 2 (specdiff::taylorseer); `polynomial` = a polynomial through
+  /// the last order+1 full steps (specdiff::taylor, 0.2's).
+  enum class forecast_rule { authors, polynomial } forecast = forecast_rule::authors;
 };
 run_result run_module_cache(const problem& p, const module_cache_options& o, const progress_fn& progress = {});
 
