@@ -31,26 +31,31 @@ struct row {
 
 std::string optional_text(const std::optional<double>& v) { return v ? std::to_string(*v) : ""; }
 
+// Every method over its own knob; the token-level methods (SpecDiff, RAS) on both dense-step schedules, so that
+// each pair can be compared on equal schedules as well as on its authors' own.
 std::vector<demo::method_spec> sweep(bool quick) {
+  using values = std::vector<double>;
+  using counts = std::vector<int>;
   std::vector<demo::method_spec> s;
-  auto add = [&](std::string name, std::optional<double> cr, std::optional<int> interval, std::optional<int> order, std::optional<int> fast) {
-    s.push_back({std::move(name), cr, {}, interval, order, fast});
-  };
-  const std::vector<double> rates = quick ? std::vector<double>{0.9} : std::vector<double>{0.6, 0.8, 0.9, 0.95};
-  for (double cr : rates) add("specdiff", cr, {}, {}, {});
-  for (double cr : rates) add("ras", cr, {}, {}, {});
-  for (int n : quick ? std::vector<int>{3} : std::vector<int>{2, 3, 5}) add("toca", 0.9, n, {}, {});
-  for (int n : quick ? std::vector<int>{3} : std::vector<int>{2, 3, 4, 6}) add("fora", {}, n, {}, {});
-  for (int n : quick ? std::vector<int>{4} : std::vector<int>{3, 4, 6})
-    for (int o : quick ? std::vector<int>{1} : std::vector<int>{1, 2}) add("taylorseer", {}, n, o, {});
-  for (int n : quick ? std::vector<int>{10} : std::vector<int>{7, 10, 14}) add("steps", {}, {}, {}, n);
+  const values rates = quick ? values{0.9} : values{0.6, 0.8, 0.9, 0.95};
+  for (const char* method : {"specdiff", "ras"})
+    for (const char* dense : {"specdiff", "ras"})
+      for (double cr : rates) s.push_back({.name = method, .cache_rate = cr, .dense = dense});
+  for (int n : quick ? counts{3} : counts{2, 3, 5}) s.push_back({.name = "toca", .cache_rate = 0.9, .interval = n});
+  for (int n : quick ? counts{3} : counts{2, 3, 4, 6}) s.push_back({.name = "fora", .interval = n});
+  for (int n : quick ? counts{4} : counts{3, 4, 6})
+    for (int o : quick ? counts{1} : counts{1, 2}) s.push_back({.name = "taylorseer", .interval = n, .order = o});
+  for (double t : quick ? values{0.12} : values{0.05, 0.12, 0.2, 0.3}) s.push_back({.name = "fbcache", .threshold = t});
+  for (double t : quick ? values{0.6} : values{0.25, 0.4, 0.6, 1.0}) s.push_back({.name = "teacache", .threshold = t});
+  for (int n : quick ? counts{10} : counts{7, 10, 14}) s.push_back({.name = "steps", .fast_steps = n});
   return s;
 }
 
 // Two scatter panels: speedup (x) against PSNR and against class accuracy (y), one colour per method.
 std::string svg(const std::vector<row>& rows, double full_acc) {
   const std::vector<std::pair<std::string, std::string>> colours = {{"specdiff", "#d62728"}, {"ras", "#1f77b4"}, {"toca", "#2ca02c"},
-                                                                   {"fora", "#9467bd"}, {"taylorseer", "#ff7f0e"}, {"steps", "#7f7f7f"}};
+                                                                   {"fora", "#9467bd"}, {"taylorseer", "#ff7f0e"}, {"fbcache", "#8c564b"},
+                                                                   {"teacache", "#e377c2"}, {"steps", "#7f7f7f"}};
   auto colour = [&](const std::string& m) {
     for (auto& [k, c] : colours) if (k == m) return c;
     return std::string("#000");
@@ -127,7 +132,7 @@ int main(int argc, char** argv) {
     auto specs = sweep(quick);
     if (!only.empty()) std::erase_if(specs, [&](const demo::method_spec& s) { return s.name != only; });
 
-    const demo::method_spec full_spec{"full", {}, {}, {}, {}, {}};
+    const demo::method_spec full_spec{.name = "full"};
     // Untimed: the process's warm-up for full RFlow and the images every setting's quality is measured against.
     const auto full = demo::run_method(problem, full_spec);
     const double full_acc = demo::class_accuracy(model, batch, full.latents);

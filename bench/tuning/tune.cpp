@@ -44,12 +44,14 @@ int main(int argc, char** argv) {
   float cfg = 4.f;
   std::string model_dir = demo::default_model_dir().string();
   bool grids = false;
+  std::string only;
   app.add_option("--samples", samples)->capture_default_str();
   app.add_option("--steps", steps)->capture_default_str();
   app.add_option("--cache-rate", cache_rate)->capture_default_str()->check(CLI::Range(0.0, 0.999));
   app.add_option("--cfg", cfg)->capture_default_str();
   app.add_option("--threads", threads)->capture_default_str();
   app.add_option("--model", model_dir)->capture_default_str();
+  app.add_option("--only", only, "run only the default and the variants whose name contains this text (e.g. ranking)");
   app.add_flag("--speculative-grid", grids, "instead: the speculative pass's grid (aligned vs the sampler's) for S = 0..4");
   CLI11_PARSE(app, argc, argv);
   try {
@@ -71,6 +73,8 @@ int main(int argc, char** argv) {
     vary("reuse_mass 0", [](auto& o) { o.reuse_mass = 0.0; });
     vary("reuse_mass 0.3", [](auto& o) { o.reuse_mass = 0.3; });
     vary("S = 0 (no future)", [](auto& o) { o.spec_steps = 0; });
+    vary("ranking his*star (future off, same pass)", [](auto& o) { o.rank = methods::specdiff_options::ranking::no_future; });
+    vary("ranking round-robin (staleness only, no pass)", [](auto& o) { o.rank = methods::specdiff_options::ranking::round_robin; });
     vary("S = 3", [](auto& o) { o.spec_steps = 3; });
     vary("RAS schedule 4 + {12, 20}", [](auto& o) { o.warmup_steps = 4, o.reset_steps = {12, 20}; });
     vary("warm-up 2, no reset", [](auto& o) { o.reset_steps = {}; });
@@ -80,6 +84,7 @@ int main(int argc, char** argv) {
     vary("plans per sample", [](auto& o) { o.share_cfg_plan = false; });
     vary("his/fut with context queries", [](auto& o) { o.context_queries = true; });
     vary("context queries + C3 latest", [](auto& o) { o.context_queries = true, o.c3 = rule::latest; });
+    if (!only.empty()) std::erase_if(variants, [&](const auto& v) { return v.first != "default" && v.first.find(only) == std::string::npos; });
     std::printf("| variant (CR %.2f) | speedup | FLOP ratio | PSNR dB | SSIM | class acc |\n|---|---|---|---|---|---|\n", cache_rate);
     double full_seconds = full.seconds;
     for (const auto& [name, o] : variants) {

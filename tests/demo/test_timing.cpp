@@ -49,7 +49,7 @@ TEST_CASE("median and spread by hand; a comparison's speedup is median / median,
 
 TEST_CASE("time_against_full: warm-up of each, then pairs in alternating order, every run's images the same") {
   const auto work = demo::make_workload(SPECDIFF_MODEL_DIR, 2, 7, 2, 4.f, 1);
-  const demo::method_spec steps{"steps", {}, {}, {}, {}, 1};
+  const demo::method_spec steps{.name = "steps", .fast_steps = 1};
   std::vector<std::string> order;
   const auto record = [&](const std::string& label) -> methods::progress_fn {
     order.push_back(label);
@@ -76,7 +76,7 @@ TEST_CASE("time_against_full: warm-up of each, then pairs in alternating order, 
                        std::invalid_argument);
 
   // SpecDiff's speculative pass is a part of each of its runs, and its share the median of the runs' shares.
-  const demo::method_spec specdiff{"specdiff", {}, 1, {}, {}, {}};
+  const demo::method_spec specdiff{.name = "specdiff", .spec_steps = 1};
   const auto s = demo::time_against_full(work->problem, specdiff, {3, false});
   REQUIRE(s.method_speculative_shares.size() == 3);
   for (const double share : s.method_speculative_shares) {

@@ -68,10 +68,11 @@ int main(int argc, char** argv) {
   bool no_progress = false;
   double cache_rate = 0;
   int spec_steps = 0, interval = 0, order = 0, fast_steps = 0;
-  app.add_option("--method", spec.name, "full|specdiff|ras|toca|fora|taylorseer|steps")->capture_default_str()
+  double threshold = 0;
+  std::string dense;
+  app.add_option("--method", spec.name, demo::method_list())->capture_default_str()
       ->check(checked([](const std::string& m) {
-        return demo::known_method(m) ? std::string()
-                                     : sd3::message("'", sd3::excerpt(m), "' is not a method; allowed: full, specdiff, ras, toca, fora, taylorseer, steps");
+        return demo::known_method(m) ? std::string() : sd3::message("'", sd3::excerpt(m), "' is not a method; allowed: ", demo::method_list());
       }, "METHOD"));
   auto* cr = app.add_option("--cache-rate", cache_rate, "share of image tokens not computed on a partial step, [0, 1) (specdiff 0.9, ras 0.5, toca 0.9)")
       ->check(real_in(0.0, 1.0, quality::interval::open_above));
@@ -79,6 +80,11 @@ int main(int argc, char** argv) {
   auto* iv = app.add_option("--interval", interval, "full-step interval (toca 5, fora 3, taylorseer 6; specdiff: refresh interval)")->check(integer_in(1, 1000));
   auto* od = app.add_option("--order", order, "TaylorSeer's order, 1 or 2 (default 1)")->check(integer_in(1, 2));
   auto* fs = app.add_option("--fast-steps", fast_steps, "steps of the plain fewer-step baseline (method steps, default 10)")->check(integer_in(1, 1000));
+  auto* th = app.add_option("--threshold", threshold, "the step-level gate's threshold (fbcache 0.05, teacache 0.6)")->check(real_in(0.0, 1000.0));
+  auto* ds = app.add_option("--dense", dense, "dense-step schedule of a token-level method: specdiff (2 + {14}) or ras (4 + {12, 20}); default: the method's own")
+      ->check(checked([](const std::string& d) {
+        return d == "specdiff" || d == "ras" ? std::string() : sd3::message("'", sd3::excerpt(d), "' is not a schedule; allowed: specdiff, ras");
+      }, "SCHEDULE"));
   app.add_option("--steps", steps, "sampling steps")->capture_default_str()->check(integer_in(1, 1000));
   auto* cf = app.add_option("--cfg", cfg, "classifier-free guidance scale (default: the model's, see models/mnist-sd3/README.md)")->check(real_in(0.0, 100.0));
   app.add_option("--samples", samples, "samples (class i % 10)")->capture_default_str()->check(integer_in(1, 4096));
@@ -101,7 +107,9 @@ int main(int argc, char** argv) {
                                      {"--spec-steps", ss, {"specdiff"}},
                                      {"--interval", iv, {"specdiff", "toca", "fora", "taylorseer"}},
                                      {"--order", od, {"taylorseer"}},
-                                     {"--fast-steps", fs, {"steps"}}});
+                                     {"--fast-steps", fs, {"steps"}},
+                                     {"--threshold", th, {"fbcache", "teacache"}},
+                                     {"--dense", ds, {"specdiff", "ras"}}});
   } catch (const CLI::Success& e) {  // --help
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
@@ -113,6 +121,8 @@ int main(int argc, char** argv) {
   if (iv->count()) spec.interval = interval;
   if (od->count()) spec.order = order;
   if (fs->count()) spec.fast_steps = fast_steps;
+  if (th->count()) spec.threshold = threshold;
+  if (ds->count()) spec.dense = dense;
 
   try {
     const std::uint64_t seed = quality::parse_seed(seed_text);

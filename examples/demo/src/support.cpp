@@ -84,24 +84,53 @@ std::unique_ptr<workload> make_workload(const std::filesystem::path& model_dir, 
   return w;
 }
 
-bool known_method(const std::string& name) {
-  for (const char* k : {"full", "specdiff", "ras", "toca", "fora", "taylorseer", "steps"})
-    if (name == k) return true;
-  return false;
+bool known_method(const std::string& name) { return std::ranges::find(method_names, name) != std::end(method_names); }
+
+std::string method_list() {
+  std::string list;
+  for (const char* name : method_names) list += (list.empty() ? "" : ", ") + std::string(name);
+  return list;
 }
 
 namespace {
+
+// A token-level method's dense steps on the named schedule (none named: the method's own default).
+template <class Options>
+void apply_dense_schedule(Options& o, const std::optional<std::string>& dense) {
+  if (!dense) return;
+  if (*dense == "specdiff") {
+    const methods::specdiff_options d;
+    o.warmup_steps = d.warmup_steps, o.reset_steps = d.reset_steps;
+  } else if (*dense == "ras") {
+    const methods::ras_options d;
+    o.warmup_steps = d.warmup_steps, o.reset_steps = d.reset_steps;
+  } else {
+    throw std::invalid_argument(sd3::message("dense schedule: '", sd3::excerpt(*dense), "' is not one; allowed: specdiff, ras"));
+  }
+}
 
 methods::specdiff_options specdiff_of(const method_spec& s) {
   methods::specdiff_options o;
   o.cache_rate = s.cache_rate.value_or(o.cache_rate);
   o.spec_steps = s.spec_steps.value_or(o.spec_steps);
   if (s.interval) o.refresh_interval = *s.interval;
+  apply_dense_schedule(o, s.dense);
   return o;
 }
 methods::ras_options ras_of(const method_spec& s) {
   methods::ras_options o;
   o.cache_rate = s.cache_rate.value_or(o.cache_rate);
+  apply_dense_schedule(o, s.dense);
+  return o;
+}
+methods::fbcache_options fbcache_of(const method_spec& s) {
+  methods::fbcache_options o;
+  o.threshold = s.threshold.value_or(o.threshold);
+  return o;
+}
+methods::teacache_options teacache_of(const method_spec& s) {
+  methods::teacache_options o;
+  o.threshold = s.threshold.value_or(o.threshold);
   return o;
 }
 // Peers' defaults (docs/results.md): ToCa FLUX (R = 0.1, N = 5, 3 full steps first), FORA (N = 3),
@@ -137,6 +166,10 @@ std::string method_spec::describe() const {
     os << " cr=" << o.cache_rate << " S=" << o.spec_steps;
   } else if (name == "ras") {
     os << " cr=" << ras_of(*this).cache_rate;
+  } else if (name == "fbcache") {
+    os << " t=" << fbcache_of(*this).threshold;
+  } else if (name == "teacache") {
+    os << " t=" << teacache_of(*this).threshold;
   } else if (name == "toca") {
     const auto o = module_of(*this);
     os << " N=" << o.interval << " cr=" << o.cache_rate;
@@ -148,6 +181,7 @@ std::string method_spec::describe() const {
   } else if (name == "steps") {
     os << " n=" << fast_steps.value_or(10);
   }
+  if (dense) os << " dense=" << *dense;
   return os.str();
 }
 
@@ -157,7 +191,9 @@ methods::run_result run_method(const methods::problem& p, const method_spec& s, 
   if (s.name == "specdiff") return methods::run_specdiff(p, specdiff_of(s), progress);
   if (s.name == "ras") return methods::run_ras(p, ras_of(s), progress);
   if (s.name == "toca" || s.name == "fora" || s.name == "taylorseer") return methods::run_module_cache(p, module_of(s), progress);
-  throw std::invalid_argument("method: unknown '" + s.name + "' (full, specdiff, ras, toca, fora, taylorseer, steps)");
+  if (s.name == "fbcache") return methods::run_fbcache(p, fbcache_of(s), progress);
+  if (s.name == "teacache") return methods::run_teacache(p, teacache_of(s), progress);
+  throw std::invalid_argument(sd3::message("method: unknown '", sd3::excerpt(s.name), "' (", method_list(), ")"));
 }
 
 std::vector<float> clamp_images(std::span<const float> latents) {

@@ -30,7 +30,7 @@ spread timed_comparison::speedup_spread() const {
 timed_comparison time_against_full(const methods::problem& p, const method_spec& method, const timing_options& options,
                                    const progress_factory& progress) {
   if (options.repeats < 1) throw std::invalid_argument(sd3::message("repeats: must be >= 1, got ", options.repeats));
-  const method_spec full_spec{"full", {}, {}, {}, {}, {}};
+  const method_spec full_spec{.name = "full"};
   const std::string full_label = "full RFlow", method_label = method.describe();
   const auto bar = [&](const std::string& label) { return progress ? progress(label) : methods::progress_fn{}; };
 

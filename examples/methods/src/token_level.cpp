@@ -157,12 +157,20 @@ run_result run_specdiff(const problem& p, const specdiff_options& o, const progr
   const auto speculative = speculative_pass(p, o);
   // With no speculative pass the future factor is 1 (no_speculation): Score = his · star.
   auto run = [&](auto approximator) {
-    auto with = [&](auto predictor) {
-      specdiff::accelerator acc(config, specdiff::specdiff_scorer{o.starvation_scale}, std::move(predictor),
-                                specdiff::three_level_classifier(o.cache_rate, o.reuse_mass), schedule, approximator);
-      return run_token_level(p, acc, speculative, o.context_queries, [](auto&, const std::vector<float>&) {}, progress);
+    auto with = [&](auto scorer, auto predictor, const std::optional<sd3::flow_match_euler>& pass) {
+      specdiff::accelerator acc(config, scorer, std::move(predictor), specdiff::three_level_classifier(o.cache_rate, o.reuse_mass), schedule,
+                                approximator);
+      return run_token_level(p, acc, pass, o.context_queries, [](auto&, const std::vector<float>&) {}, progress);
     };
-    return o.spec_steps > 0 ? with(specdiff::self_speculation{}) : with(specdiff::no_speculation{});
+    using rank = specdiff_options::ranking;
+    // Round-robin reads nothing a speculative pass gives, so it runs none.
+    if (o.rank == rank::round_robin) return with(specdiff::uniform_scorer{o.starvation_scale}, specdiff::no_speculation{}, std::nullopt);
+    if (o.rank == rank::no_future || o.spec_steps <= 0) {
+      // his·star: the pass still runs when spec_steps > 0 (equal FLOPs); its records are simply not read.
+      if (o.spec_steps > 0) return with(specdiff::toca_scorer{o.starvation_scale}, specdiff::self_speculation{}, speculative);
+      return with(specdiff::specdiff_scorer{o.starvation_scale}, specdiff::no_speculation{}, speculative);
+    }
+    return with(specdiff::specdiff_scorer{o.starvation_scale}, specdiff::self_speculation{}, speculative);
   };
   switch (o.c3) {
     case specdiff_options::c3_rule::latest: return run(specdiff::latest{});

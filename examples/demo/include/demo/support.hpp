@@ -54,16 +54,28 @@ struct workload {
 std::unique_ptr<workload> make_workload(const std::filesystem::path& model_dir, int samples, std::uint64_t seed, int steps, float guidance,
                                         int threads);
 
-/// A method and its settings, as the command line names them.
+/// The methods, as the command line names them (docs/methods.md).
+inline constexpr const char* method_names[] = {"full", "specdiff", "ras", "toca", "fora", "taylorseer", "fbcache", "teacache", "steps"};
+/// The dense-step schedules of the token-level methods, by whose default they are: SpecDiff's (2 warm-up steps +
+/// a reset at 14) and RAS's (4 + {12, 20}). Either method can run on either, for comparisons at equal schedules.
+inline constexpr const char* dense_schedule_names[] = {"specdiff", "ras"};
+
+/// A method and its settings, as the command line names them. Unset settings take the method's default.
 struct method_spec {
-  std::string name = "specdiff";  ///< full | specdiff | ras | toca | fora | taylorseer | steps
-  std::optional<double> cache_rate;
-  std::optional<int> spec_steps, interval, order, fast_steps;
+  std::string name = "specdiff";  ///< one of method_names
+  // Each member has an initializer so that designated initializers may name only some ({.name = "fora",
+  // .interval = 4}) under -Wmissing-field-initializers.
+  std::optional<double> cache_rate = {};
+  std::optional<int> spec_steps = {}, interval = {}, order = {}, fast_steps = {};
+  std::optional<double> threshold = {};   ///< fbcache, teacache: the gate's threshold
+  std::optional<std::string> dense = {};  ///< specdiff, ras: one of dense_schedule_names
   /// The settings actually used (defaults filled in), for tables and JSON.
   std::string describe() const;
 };
 methods::run_result run_method(const methods::problem& p, const method_spec& spec, const methods::progress_fn& progress = {});
 bool known_method(const std::string& name);
+/// "full, specdiff, ..." for messages and help texts.
+std::string method_list();
 
 /// Quality of a run's images against full RFlow's, both clamped to the image range [-1, 1].
 struct quality_report {

@@ -35,6 +35,10 @@ struct specdiff_options {
   /// Where the speculative pass evaluates the model (specdiff::speculative_grid): `aligned` main-grid
   /// timesteps, or the sampler's own S-step schedule (0.1's choice).
   specdiff::speculative_grid spec_grid = specdiff::speculative_grid::aligned;
+  /// What ranks the tokens, for measuring what the ranking is worth: the paper's his·fut·star (`specdiff`);
+  /// his·star with the same speculative pass (`no_future`: the future factor off at equal FLOPs); staleness
+  /// alone (`round_robin`: the uniform scorer with starvation, no attention read).
+  enum class ranking { specdiff, no_future, round_robin } rank = ranking::specdiff;
 };
 run_result run_specdiff(const problem& p, const specdiff_options& o, const progress_fn& progress = {});
 /// SpecDiff's speculative pass for a problem (none when spec_steps = 0): the sampler the pass integrates
