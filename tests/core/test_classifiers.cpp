@@ -108,7 +108,7 @@ TEST_CASE("three levels: properties on fresh random scores") {
   }
 }
 
-TEST_CASE("CR = 0 computes every token; all-compute and all-reuse") {
+TEST_CASE("CR = 0 computes every token, all-compute and all-reuse") {
   std::mt19937_64 rng(testing::fresh_seed());
   const auto s = testing::random_vector(rng, 77, -3.f, 3.f);
   token_plan plan(77);

@@ -150,7 +150,7 @@ std::vector<float> timesteps(index_t steps) {
 
 }  // namespace
 
-TEST_CASE("accelerator: C1 rows as computed, C2 latest, C3 the SpecDiff mix; no per-step allocation") {
+TEST_CASE("accelerator: C1 rows as computed, C2 latest, C3 the SpecDiff mix, no per-step allocation") {
   auto acc = make(64, 2, 12, 5, 0.75);
   const auto r = run(acc, timesteps(12), true);
   CHECK(r.per_step_allocations == 0);

@@ -50,7 +50,7 @@ TEST_CASE("taylorseer<2> right after warm-up (full steps 0, 1, 2): 8.5, -12, 4.5
   CHECK(w[2] == doctest::Approx(6.0));
 }
 
-TEST_CASE("taylorseer: fewer rows give a lower order; rows older than oldest_tag start no difference") {
+TEST_CASE("taylorseer: fewer rows give a lower order, rows older than oldest_tag start no difference") {
   const float T[3] = {tag(2), tag(1), tag(0)};
   float w[3] = {};
   // two rows: order 1, F2 + 3 (F2 - F1)

@@ -26,7 +26,7 @@ struct temp_dir {
 
 }  // namespace
 
-TEST_CASE("median and spread by hand; a comparison's speedup is median / median, its range the per-pair ratios'") {
+TEST_CASE("median and spread by hand, a comparison's speedup is median / median, its range the per-pair ratios'") {
   CHECK(demo::median(std::vector<double>{3, 1, 2}) == 2);
   CHECK(demo::median(std::vector<double>{4, 1, 3, 2}) == 2.5);
   CHECK(demo::median(std::vector<double>{7}) == 7);
@@ -87,7 +87,7 @@ TEST_CASE("time_against_full: warm-up of each, then pairs in alternating order, 
   CHECK(s.method.speculative_seconds / s.method.seconds == s.method_speculative_shares.back());
 }
 
-TEST_CASE("FD of a run's images: measured against the model's reference; unavailable without it or with one sample") {
+TEST_CASE("FD of a run's images: measured against the model's reference, unavailable without it or with one sample") {
   const auto work = demo::make_workload(SPECDIFF_MODEL_DIR, 3, 11, 2, 4.f, 1);
   const auto& m = work->model;
   REQUIRE(m.fd_reference);

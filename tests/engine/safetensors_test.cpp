@@ -164,7 +164,7 @@ TEST_CASE("safetensors round trip in F32, F16 and BF16 with metadata") {
     CHECK_THROWS_AS(sd3::save_safetensors(path, std::vector<sd3::tensor_to_save>{{"x", {7}, b}, {"x", {7}, b}}), std::invalid_argument);
 }
 
-TEST_CASE("F64, I64 and I32 tensors read exactly; asking for the wrong kind is an error naming the dtype") {
+TEST_CASE("F64, I64 and I32 tensors read exactly, asking for the wrong kind is an error naming the dtype") {
     // Fixed edge cases, then fresh random bit patterns (so the check covers every byte of each element).
     std::vector<double> f64{0.1, -1e300, 5e-324, -0.0, std::numeric_limits<double>::infinity()};
     std::vector<std::int64_t> i64{-3, 0, std::int64_t{1} << 40, std::numeric_limits<std::int64_t>::min(),

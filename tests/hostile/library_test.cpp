@@ -122,7 +122,7 @@ TEST_CASE("config products are checked: 65537 heads x 65536 head_dim, patch_size
 
 // ----- 2, 6. threads and sizes bounded where the engine takes them --------------------------------------------
 
-TEST_CASE("the engine bounds threads; a failed set_threads leaves the transformer unchanged") {
+TEST_CASE("the engine bounds threads, a failed set_threads leaves the transformer unchanged") {
     const auto model = sd3::model::random(test_util::small_config(), 1);
     expect_error<std::invalid_argument>([&] { sd3::transformer net(model, {}, 100000); },
                                         {"threads = 100000", "out of range [1, 1024]"});

@@ -114,6 +114,34 @@ TEST_CASE("caching changes the result, and less work is counted") {
   CHECK(methods::subset_forward_flops(c, 16, 3, 4) < methods::full_forward_flops(c, 16, 3));
 }
 
+TEST_CASE("ranking variants: his*star pays for the pass but ignores it, round-robin runs no pass") {
+  fixture f;
+  INFO("seed ", f.seed);
+  const auto p = f.problem();
+  using rank = methods::specdiff_options::ranking;
+  methods::specdiff_options o;
+  o.cache_rate = 0.75;
+  const auto paper = methods::run_specdiff(p, o);
+  o.rank = rank::no_future;
+  const auto no_future = methods::run_specdiff(p, o);
+  o.rank = rank::round_robin;
+  const auto round_robin = methods::run_specdiff(p, o);
+  auto without_pass = o;
+  without_pass.rank = rank::specdiff;
+  without_pass.spec_steps = 0;
+  const auto no_pass = methods::run_specdiff(p, without_pass);
+  // his*star with the pass ranks exactly as S = 0 (future factor 1) does, at the pass's price.
+  CHECK(no_future.latents == no_pass.latents);
+  CHECK(no_future.flops == paper.flops);
+  CHECK(no_future.model_calls == paper.model_calls);
+  CHECK(no_future.latents != paper.latents);
+  // Staleness alone: no pass, so the FLOPs of S = 0, and another choice of tokens.
+  CHECK(round_robin.model_calls == p.steps);
+  CHECK(round_robin.flops == no_pass.flops);
+  CHECK(round_robin.speculative_seconds == 0.0);
+  CHECK(round_robin.latents != no_pass.latents);
+}
+
 TEST_CASE("the speculative pass samples from the same noise and conditioning") {
   fixture f;
   INFO("seed ", f.seed);
@@ -427,7 +455,7 @@ TEST_CASE("RAS runs as its authors' scheduler: metric on the guided output, drop
   CHECK(results[0] != results[1]);
 }
 
-TEST_CASE("ToCa shares one selection between the CFG halves by default; per-half plans stay an option") {
+TEST_CASE("ToCa shares one selection between the CFG halves by default, per-half plans stay an option") {
   fixture f;
   INFO("seed ", f.seed);
   const auto p = f.problem(10);
@@ -452,7 +480,7 @@ TEST_CASE("ToCa shares one selection between the CFG halves by default; per-half
   CHECK(methods::run_module_cache(same, o).latents == a.latents);
 }
 
-TEST_CASE("timing: seconds cover sampling; speculative_seconds is SpecDiff's speculative pass inside them") {
+TEST_CASE("timing: seconds cover sampling, speculative_seconds is SpecDiff's speculative pass inside them") {
   fixture f;
   INFO("seed ", f.seed);
   const auto p = f.problem();

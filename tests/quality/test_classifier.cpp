@@ -78,7 +78,7 @@ TEST_CASE("C++ inference of the shipped classifier matches the PyTorch logits fi
   CHECK(net.accuracy(batch, labels) >= 0.9);
 }
 
-TEST_CASE("features are the activations entering the last layer; logits are unchanged") {
+TEST_CASE("features are the activations entering the last layer, logits are unchanged") {
   test_support::temp_dir dir;
   write_network_a(dir.path());
   const auto net = quality::digit_classifier::load(dir.path());

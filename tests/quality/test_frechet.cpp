@@ -202,7 +202,7 @@ TEST_CASE("Frechet distance refuses bad input, naming the argument and the value
                        std::invalid_argument);
 }
 
-TEST_CASE("fd reference files: the shipped one loads; damaged ones are refused naming the file") {
+TEST_CASE("fd reference files: the shipped one loads, damaged ones are refused naming the file") {
   const auto net = quality::digit_classifier::load(SPECDIFF_MODEL_DIR);
   const auto shipped = quality::load_fd_reference(SPECDIFF_MODEL_DIR "/fd_reference.safetensors", net.feature_size());
   CHECK(shipped.dim == 128);
@@ -237,7 +237,7 @@ TEST_CASE("fd reference files: the shipped one loads; damaged ones are refused n
                        std::runtime_error);
 }
 
-TEST_CASE("classifier FD: held-out digits are near the reference set, noise is far; bad input refused") {
+TEST_CASE("classifier FD: held-out digits are near the reference set, noise is far, bad input refused") {
   const auto net = quality::digit_classifier::load(SPECDIFF_MODEL_DIR);
   const auto reference = quality::load_fd_reference(SPECDIFF_MODEL_DIR "/fd_reference.safetensors", net.feature_size());
   const sd3::safetensors_file fixture(SPECDIFF_QUALITY_DATA_DIR "/classifier_fixture.safetensors");
