@@ -393,12 +393,18 @@ def cmd_diffusion(args):
     x_train, y_train = digits[train], labels[train]
     transformer = make_transformer(args.layers)
     conditioner = ClassConditioner()
-    if args.resume:
-        # Continue from the saved (EMA) weights; the optimiser state starts fresh, hence the warm-up again.
-        saved_t, saved_c = load_diffusion(args.out)
-        transformer.load_state_dict(saved_t.state_dict())
+    if args.resume or args.init:
+        # Continue from saved (EMA) weights: --resume from --out, --init from another model folder of the same
+        # network (e.g. canvas-sd3 from mnist-sd3). The fixed sin-cos position table is not a weight (its size
+        # follows pos_embed_max_size), so it is kept as built. The optimiser starts fresh, hence the warm-up.
+        source = args.out if args.resume else args.init
+        saved_t, saved_c = load_diffusion(source)
+        weights = {k: v for k, v in saved_t.state_dict().items() if not k.endswith("pos_embed")}
+        missing, unexpected = transformer.load_state_dict(weights, strict=False)
+        if unexpected or [k for k in missing if not k.endswith("pos_embed")]:
+            raise RuntimeError(f"{source}: weights do not fit (missing {missing}, unexpected {unexpected})")
         conditioner.load_state_dict(saved_c.state_dict())
-        log(args, f"resuming from the weights in {args.out}")
+        log(args, f"starting from the weights in {source}")
     params = list(transformer.parameters()) + list(conditioner.parameters())
     ema_t, ema_c = make_transformer(args.layers), ClassConditioner()
     ema_t.load_state_dict(transformer.state_dict())
@@ -580,6 +586,7 @@ def main():
     parser.add_argument("--label-drop", type=float, default=0.1)
     parser.add_argument("--budget-min", type=float, default=45.0)
     parser.add_argument("--resume", action="store_true", help="diffusion: start from the weights in --out")
+    parser.add_argument("--init", default="", help="diffusion: start from the weights of another model folder")
     parser.add_argument("--save-every-min", type=float, default=5.0)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--steps", type=int, default=28)
