@@ -10,6 +10,7 @@
 
 #include "methods/flops.hpp"
 #include "methods/methods.hpp"
+#include "sampling_inputs.hpp"
 #include "sd3/model.hpp"
 
 namespace {
@@ -30,35 +31,12 @@ sd3::transformer_config small_config() {
 }
 
 // Fresh inputs each run (the seed is printed on failure).
-struct fixture {
-  std::uint64_t seed = std::random_device{}();
+struct fixture : methods_testing::sampling_inputs {
   sd3::model model = sd3::model::random(small_config(), seed);
   sd3::transformer net{model, {4, 8, 8, 3}, 1};
-  std::vector<float> noise, context, negative_context, pooled, negative_pooled;
 
-  fixture() {
-    std::mt19937_64 rng(seed);
-    std::normal_distribution<float> n(0.f, 1.f);
-    auto fill = [&](std::vector<float>& v, std::size_t count) {
-      v.resize(count);
-      for (auto& x : v) x = n(rng);
-    };
-    fill(noise, 2 * 2 * 8 * 8);
-    fill(context, 2 * 3 * 12);
-    fill(negative_context, 2 * 3 * 12);
-    fill(pooled, 2 * 10);
-    fill(negative_pooled, 2 * 10);
-  }
-
-  methods::problem problem(int steps = 8) {
-    methods::problem p;
-    p.net = &net;
-    p.inputs = {2, 8, 8, 3, noise, context, negative_context, pooled, negative_pooled};
-    p.steps = steps;
-    p.guidance = 3.f;
-    p.shift = 3.0;
-    return p;
-  }
+  fixture() : sampling_inputs(std::random_device{}()) {}
+  methods::problem problem(int steps = 8) { return problem_on(net, steps); }
 };
 
 using kind = methods::module_cache_options::kind;

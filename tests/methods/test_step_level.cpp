@@ -12,6 +12,7 @@
 #include "../common/testing.hpp"
 #include "methods/flops.hpp"
 #include "methods/methods.hpp"
+#include "sampling_inputs.hpp"
 #include "sd3/model.hpp"
 
 namespace {
@@ -45,41 +46,19 @@ void make_blocks_constant(sd3::model& m) {
 }
 
 // Fresh inputs each run (the seed is printed on failure).
-struct fixture {
-  std::uint64_t seed = testing::fresh_seed();
+struct fixture : methods_testing::sampling_inputs {
   sd3::model model;
   sd3::transformer net;
-  std::vector<float> noise, context, negative_context, pooled, negative_pooled;
 
   explicit fixture(int layers = 4, bool constant_blocks = false)
-      : model(prepared(layers, constant_blocks, seed)), net(model, {4, 8, 8, 3}, 1) {
-    std::mt19937_64 rng(seed + 1);
-    std::normal_distribution<float> n(0.f, 1.f);
-    auto fill = [&](std::vector<float>& v, std::size_t count) {
-      v.resize(count);
-      for (auto& x : v) x = n(rng);
-    };
-    fill(noise, 2 * 2 * 8 * 8);
-    fill(context, 2 * 3 * 12);
-    fill(negative_context, 2 * 3 * 12);
-    fill(pooled, 2 * 10);
-    fill(negative_pooled, 2 * 10);
-  }
+      : sampling_inputs(testing::fresh_seed()), model(prepared(layers, constant_blocks, seed)), net(model, {4, 8, 8, 3}, 1) {}
   static sd3::model prepared(int layers, bool constant_blocks, std::uint64_t seed) {
     sd3::model m = sd3::model::random(config(layers), seed);
     if (constant_blocks) make_blocks_constant(m);
     return m;
   }
 
-  methods::problem problem(int steps = 8) {
-    methods::problem p;
-    p.net = &net;
-    p.inputs = {2, 8, 8, 3, noise, context, negative_context, pooled, negative_pooled};
-    p.steps = steps;
-    p.guidance = 3.f;
-    p.shift = 3.0;
-    return p;
-  }
+  methods::problem problem(int steps = 8) { return problem_on(net, steps); }
 };
 
 methods::fbcache_options fbcache(double threshold, int front = 1, int back = 0) {
