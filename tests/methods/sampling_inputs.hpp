@@ -7,8 +7,25 @@
 #include <vector>
 
 #include "methods/run.hpp"
+#include "sd3/config.hpp"
 
 namespace methods_testing {
+
+/// The model the inputs fit: 8x8 latents of 2 channels, patch 2 (16 image tokens), 2 heads of 16.
+inline sd3::transformer_config small_config(int layers = 3) {
+  sd3::transformer_config c;
+  c.sample_size = 8;
+  c.patch_size = 2;
+  c.in_channels = c.out_channels = 2;
+  c.num_layers = layers;
+  c.attention_head_dim = 16;
+  c.num_attention_heads = 2;
+  c.joint_attention_dim = 12;
+  c.caption_projection_dim = 32;
+  c.pooled_projection_dim = 10;
+  c.pos_embed_max_size = 8;
+  return c;
+}
 
 struct sampling_inputs {
   std::uint64_t seed;  // printed on failure by the tests (INFO)

@@ -15,20 +15,7 @@
 
 namespace {
 
-sd3::transformer_config small_config() {
-  sd3::transformer_config c;
-  c.sample_size = 8;
-  c.patch_size = 2;
-  c.in_channels = c.out_channels = 2;
-  c.num_layers = 3;
-  c.attention_head_dim = 16;
-  c.num_attention_heads = 2;
-  c.joint_attention_dim = 12;
-  c.caption_projection_dim = 32;
-  c.pooled_projection_dim = 10;
-  c.pos_embed_max_size = 8;
-  return c;
-}
+using methods_testing::small_config;
 
 // Fresh inputs each run (the seed is printed on failure).
 struct fixture : methods_testing::sampling_inputs {

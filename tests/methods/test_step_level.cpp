@@ -19,20 +19,6 @@ namespace {
 
 constexpr double inf = std::numeric_limits<double>::infinity();
 
-sd3::transformer_config config(int layers) {
-  sd3::transformer_config c;
-  c.sample_size = 8;
-  c.patch_size = 2;
-  c.in_channels = c.out_channels = 2;
-  c.num_layers = layers;
-  c.attention_head_dim = 16;
-  c.num_attention_heads = 2;
-  c.joint_attention_dim = 12;
-  c.caption_projection_dim = 32;
-  c.pooled_projection_dim = 10;
-  c.pos_embed_max_size = 8;
-  return c;
-}
 
 // Every block adds a constant to the image stream: its modulation is its bias (norm1 weight 0, so the gates do not
 // depend on the timestep) and its attention and MLP outputs are their biases (to_out and ff.net.2 weights 0).
@@ -53,7 +39,7 @@ struct fixture : methods_testing::sampling_inputs {
   explicit fixture(int layers = 4, bool constant_blocks = false)
       : sampling_inputs(testing::fresh_seed()), model(prepared(layers, constant_blocks, seed)), net(model, {4, 8, 8, 3}, 1) {}
   static sd3::model prepared(int layers, bool constant_blocks, std::uint64_t seed) {
-    sd3::model m = sd3::model::random(config(layers), seed);
+    sd3::model m = sd3::model::random(methods_testing::small_config(layers), seed);
     if (constant_blocks) make_blocks_constant(m);
     return m;
   }
