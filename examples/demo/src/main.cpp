@@ -82,9 +82,7 @@ int main(int argc, char** argv) {
   auto* fs = app.add_option("--fast-steps", fast_steps, "steps of the plain fewer-step baseline (method steps, default 10)")->check(integer_in(1, 1000));
   auto* th = app.add_option("--threshold", threshold, "the step-level gate's threshold (fbcache 0.05, teacache 0.6)")->check(real_in(0.0, 1000.0));
   auto* ds = app.add_option("--dense", dense, "dense-step schedule of a token-level method: specdiff (2 + {14}) or ras (4 + {12, 20}); default: the method's own")
-      ->check(checked([](const std::string& d) {
-        return d == "specdiff" || d == "ras" ? std::string() : sd3::message("'", sd3::excerpt(d), "' is not a schedule; allowed: specdiff, ras");
-      }, "SCHEDULE"));
+      ->check(checked([](const std::string& d) { return demo::dense_schedule_error(d); }, "SCHEDULE"));
   app.add_option("--steps", steps, "sampling steps")->capture_default_str()->check(integer_in(1, 1000));
   auto* cf = app.add_option("--cfg", cfg, "classifier-free guidance scale (default: the model's, see models/mnist-sd3/README.md)")->check(real_in(0.0, 100.0));
   app.add_option("--samples", samples, "samples (class i % 10)")->capture_default_str()->check(integer_in(1, 4096));

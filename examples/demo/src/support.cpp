@@ -86,6 +86,13 @@ std::unique_ptr<workload> make_workload(const std::filesystem::path& model_dir, 
 
 bool known_method(const std::string& name) { return std::ranges::find(method_names, name) != std::end(method_names); }
 
+std::string dense_schedule_error(const std::string& name) {
+  if (std::ranges::find(dense_schedule_names, name) != std::end(dense_schedule_names)) return "";
+  std::string list;
+  for (const char* known : dense_schedule_names) list += (list.empty() ? "" : ", ") + std::string(known);
+  return sd3::message("'", sd3::excerpt(name), "' is not a schedule; allowed: ", list);
+}
+
 std::string method_list() {
   std::string list;
   for (const char* name : method_names) list += (list.empty() ? "" : ", ") + std::string(name);
@@ -98,14 +105,13 @@ namespace {
 template <class Options>
 void apply_dense_schedule(Options& o, const std::optional<std::string>& dense) {
   if (!dense) return;
+  if (const auto error = dense_schedule_error(*dense); !error.empty()) throw std::invalid_argument(sd3::message("dense schedule: ", error));
   if (*dense == "specdiff") {
     const methods::specdiff_options d;
     o.warmup_steps = d.warmup_steps, o.reset_steps = d.reset_steps;
-  } else if (*dense == "ras") {
+  } else {
     const methods::ras_options d;
     o.warmup_steps = d.warmup_steps, o.reset_steps = d.reset_steps;
-  } else {
-    throw std::invalid_argument(sd3::message("dense schedule: '", sd3::excerpt(*dense), "' is not one; allowed: specdiff, ras"));
   }
 }
 

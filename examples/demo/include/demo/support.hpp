@@ -76,6 +76,8 @@ methods::run_result run_method(const methods::problem& p, const method_spec& spe
 bool known_method(const std::string& name);
 /// "full, specdiff, ..." for messages and help texts.
 std::string method_list();
+/// Empty for one of dense_schedule_names, else "'NAME' is not a schedule; allowed: ...".
+std::string dense_schedule_error(const std::string& name);
 
 /// Quality of a run's images against full RFlow's, both clamped to the image range [-1, 1].
 struct quality_report {
