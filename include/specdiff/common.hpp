@@ -1,6 +1,13 @@
 // Shared vocabulary: index type, token levels, row-major matrix views, error helpers.
 #pragma once
 
+// Every specdiff header includes this one before any code of its own, so a build below C++20 fails with this
+// message as its first error, not with a parse error at the first requires-clause or std::span. MSVC leaves
+// __cplusplus at 199711L unless /Zc:__cplusplus is given; _MSVC_LANG holds its real language level.
+#if defined(_MSVC_LANG) ? (_MSVC_LANG < 202002L) : (__cplusplus < 202002L)
+#error "specdiff needs C++20: compile with -std=c++20 (MSVC: /std:c++20). With CMake, link specdiff::specdiff (C++ sources) or specdiff::cuda (CUDA sources, nvcc), which carry the flag."
+#endif
+
 #include <cmath>
 #include <cstddef>
 #include <cstdint>

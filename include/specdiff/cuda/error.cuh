@@ -7,6 +7,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "../common.hpp"  // its C++20 check: every specdiff header stops below C++20 with the same message
+
 namespace specdiff::gpu {
 
 /// A failed CUDA runtime call: which call, where, and what the runtime said.
