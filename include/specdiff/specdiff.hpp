@@ -4,6 +4,7 @@
 
 #include "accelerator.hpp"
 #include "approximators.hpp"
+#include "attention.hpp"
 #include "cache_store.hpp"
 #include "classifiers.hpp"
 #include "common.hpp"

@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../attention.hpp"
 #include "../common.hpp"
 #include "../storage.hpp"
 #include "error.cuh"
@@ -61,7 +62,8 @@ struct column_sum_policy {
   static constexpr int row_lanes = RowLanes;
 };
 
-enum class column_mode { overwrite, accumulate };
+/// overwrite or accumulate: one definition for the host and device column sums (attention.hpp).
+using specdiff::column_mode;
 
 namespace detail {
 
