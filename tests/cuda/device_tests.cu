@@ -4,6 +4,8 @@
 // terms of both signs can cancel, so relative-to-result would test the cancellation, not the code).
 #include "support.cuh"
 
+#include "../common/lse_inputs.hpp"
+
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
@@ -790,6 +792,175 @@ TEST_SUITE("graph") {
     CHECK(got.plan.counts == want.plan.counts);
     CHECK(got.plan.status == 0);
     CHECK(captured.read_status(s) == 0);
+    SPECDIFF_CUDA_CHECK(cudaGraphExecDestroy(exec));
+    SPECDIFF_CUDA_CHECK(cudaGraphDestroy(graph));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// LSE column sums: gpu::lse_column_sums / lse_column_sums_estimate against their host twins in attention.hpp
+// (which core/lse holds against a materialised softmax). The device forms logits in float and the host in
+// double, so the bound is derived, not picked: a float dot product of length d errs by at most about
+// d * 2^-24 * sum_i |q_i k_i| <= d * 2^-24 * |q| |k|; an error e in the exponent scales a term by e^e; the
+// float exp, the float LSE subtraction and the 4-term float sums add a few ulps. Every term is positive, so
+// a column's relative error is at most its worst term's.
+TEST_SUITE("lse") {
+  using specdiff::column_mode;
+
+  double lse_tolerance(const lsetest::layer& L) {
+    const auto largest_norm = [&](const std::vector<float>& rows) {
+      double most = 0.0;
+      for (std::size_t r = 0; r < rows.size(); r += static_cast<std::size_t>(L.dim)) {
+        double sq = 0.0;
+        for (index_t i = 0; i < L.dim; ++i) sq += static_cast<double>(rows[r + static_cast<std::size_t>(i)]) * rows[r + static_cast<std::size_t>(i)];
+        most = std::max(most, std::sqrt(sq));
+      }
+      return most;
+    };
+    double lse = 0.0;
+    for (float x : L.lse) lse = std::max(lse, std::abs(static_cast<double>(x)));
+    const double eps = std::ldexp(1.0, -24);
+    return eps * (16.0 + 2.0 * lse + (L.dim + 4.0) * L.scale * largest_norm(L.q) * largest_norm(L.k));
+  }
+
+  void expect_within(const std::vector<float>& got, const std::vector<float>& want, double rel) {
+    REQUIRE(got.size() == want.size());
+    int bad = 0;
+    for (std::size_t i = 0; i < got.size(); ++i)
+      if (!(std::abs(static_cast<double>(got[i]) - want[i]) <= rel * std::abs(static_cast<double>(want[i])) + 1e-37) && bad++ < 5)
+        FAIL_CHECK("key ", i, ": device ", got[i], ", host ", want[i], " (relative bound ", rel, ")");
+    CHECK(bad == 0);
+  }
+
+  /// A layer's Q and K in element type T and its LSE on the device, as packed views.
+  template <class T>
+  struct device_layer {
+    buffer<T> q, k;
+    buffer<float> lse;
+    gpu::device_lse_attention<T> view;
+    explicit device_layer(const lsetest::layer& L)
+        : q(lsetest::as<T>(L.q)), k(lsetest::as<T>(L.k)), lse(L.lse),
+          view{{q.get(), L.batch, L.heads, L.queries, L.dim}, {k.get(), L.batch, L.heads, L.keys, L.dim}, {lse.get()}, L.scale} {}
+  };
+
+  /// Device sums (exact for step 1, the estimate otherwise) of a view, through the two-phase workspace.
+  template <class T>
+  std::vector<float> device_sums(const gpu::device_lse_attention<T>& view, index_t step, std::size_t n, const stream& s,
+                                 column_mode mode = column_mode::overwrite, const std::vector<float>& before = {}) {
+    std::size_t bytes = 0;
+    gpu::lse_column_sums_estimate(nullptr, bytes, view, step, gpu::device_span<float>{}, mode, s);
+    buffer<unsigned char> ws(bytes);
+    buffer<float> out(before.empty() ? std::vector<float>(n, std::nanf("")) : before);
+    if (step == 1) gpu::lse_column_sums(ws.get(), bytes, view, out.span(), mode, s);
+    else gpu::lse_column_sums_estimate(ws.get(), bytes, view, step, out.span(), mode, s);
+    return out.download();
+  }
+
+  template <class T>
+  void check_layer(lsetest::layer L, const stream& s) {
+    if constexpr (std::is_same_v<T, bfloat16>) lsetest::round_to_bfloat16(L);
+    INFO("batch ", L.batch, ", heads ", L.heads, ", queries ", L.queries, ", keys ", L.keys, ", context ", L.context, ", dim ", L.dim, ", element bytes ", sizeof(T));
+    const device_layer<T> d(L);
+    const auto q = lsetest::as<T>(L.q), k = lsetest::as<T>(L.k);
+    const specdiff::lse_attention<T> host{{q.data(), L.batch, L.heads, L.queries, L.dim}, {k.data(), L.batch, L.heads, L.keys, L.dim}, {L.lse.data()}, L.scale};
+    std::vector<float> want(static_cast<std::size_t>(L.batch * L.keys));
+    specdiff::lse_column_sums(host, want, column_mode::overwrite);
+    expect_within(device_sums(d.view, 1, want.size(), s), want, lse_tolerance(L));
+  }
+
+  TEST_CASE("lse column sums on the device match the host twin (float and bfloat16)") {
+    auto g = rng(70);
+    const stream s;
+    struct shape {
+      index_t batch, heads, queries, keys, context, dim;
+    };
+    const shape shapes[] = {
+        {1, 1, 1, 1, 0, 1},      {2, 3, 17, 29, 4, 8},   {1, 2, 100, 130, 5, 64},  // tiles cut at both edges
+        {4, 2, 65, 64, 0, 40},   {1, 2, 70, 200, 3, 128},                           // head_dim not a multiple of 16; 128
+        {1, 24, 300, 256, 7, 64},                                                   // 24 heads x 5 tiles: 8 chunks
+        {1, 1, 4096, 4096, 77, 64},                                                 // SD3-medium's image tokens, one head
+    };
+    for (const auto& sh : shapes) {
+      const auto L = lsetest::random_layer(g, sh.batch, sh.heads, sh.queries, sh.keys, sh.context, sh.dim);
+      check_layer<float>(L, s);
+      check_layer<bfloat16>(L, s);
+    }
+    // DiT-like structure (locality, hot keys): wider logits than Gaussian Q and K
+    const auto L = lsetest::random_layer(g, 2, 4, 1024, 1024, 0, 64, {.side = 32});
+    check_layer<float>(L, s);
+    check_layer<bfloat16>(L, s);
+  }
+
+  TEST_CASE("lse column sums on the device read an engine's fused QKV rows through strides") {
+    auto g = rng(71);
+    const stream s;
+    const auto L = lsetest::random_layer(g, 2, 4, 150, 150, 6, 32);
+    const index_t hidden = L.heads * L.dim;
+    // [batch][tokens][3 * hidden]: Q at column h * dim, K at hidden + h * dim; LSE as [batch][queries][heads]
+    std::vector<float> qkv(static_cast<std::size_t>(L.batch * L.queries * 3 * hidden), 0.f), lse_bqh(L.lse.size());
+    for (index_t b = 0; b < L.batch; ++b)
+      for (index_t h = 0; h < L.heads; ++h)
+        for (index_t t = 0; t < L.queries; ++t) {
+          const std::size_t row = static_cast<std::size_t>((b * L.queries + t) * 3 * hidden + h * L.dim);
+          for (index_t i = 0; i < L.dim; ++i) {
+            qkv[row + static_cast<std::size_t>(i)] = L.q[L.q_at(b, h, t) + static_cast<std::size_t>(i)];
+            qkv[row + static_cast<std::size_t>(hidden + i)] = L.k[L.k_at(b, h, t) + static_cast<std::size_t>(i)];
+          }
+          lse_bqh[static_cast<std::size_t>((b * L.queries + t) * L.heads + h)] = L.lse[L.lse_at(b, h, t)];
+        }
+    buffer<float> d_qkv(qkv), d_lse(lse_bqh);
+    const std::ptrdiff_t row = 3 * hidden, sample = static_cast<std::ptrdiff_t>(L.queries) * row;
+    const gpu::device_lse_attention<float> view{{d_qkv.get(), L.batch, L.heads, L.queries, L.dim, row, L.dim, sample},
+                                                {d_qkv.get() + hidden, L.batch, L.heads, L.keys, L.dim, row, L.dim, sample},
+                                                {d_lse.get(), L.heads, 1, L.queries * L.heads},
+                                                L.scale};
+    const device_layer<float> packed(L);
+    const auto n = static_cast<std::size_t>(L.batch * L.keys);
+    const auto strided = device_sums(view, 1, n, s);
+    CHECK(strided == device_sums(packed.view, 1, n, s));  // the same loads in the same order
+    std::vector<float> want(n);
+    specdiff::lse_column_sums(L.view(), want, column_mode::overwrite);
+    expect_within(strided, want, lse_tolerance(L));
+  }
+
+  TEST_CASE("lse estimate, accumulate, determinism and graph capture on the device") {
+    auto g = rng(72);
+    const stream s;
+    const auto L = lsetest::random_layer(g, 2, 3, 333, 257, 5, 64);
+    const device_layer<float> d(L);
+    const auto n = static_cast<std::size_t>(L.batch * L.keys);
+    const auto exact = device_sums(d.view, 1, n, s);
+    CHECK(device_sums(d.view, 1, n, s) == exact);  // bit-identical from run to run
+    // the estimate against its host twin, and its smaller workspace
+    std::size_t exact_bytes = 0, estimate_bytes = 0;
+    gpu::lse_column_sums(nullptr, exact_bytes, d.view, gpu::device_span<float>{}, column_mode::overwrite, s);
+    for (index_t step : {2, 3, 17, 1000}) {
+      INFO("query_step ", step);
+      std::vector<float> want(n);
+      specdiff::lse_column_sums_estimate(L.view(), step, want, column_mode::overwrite);
+      const auto got = device_sums(d.view, step, n, s);
+      expect_within(got, want, lse_tolerance(L));
+      gpu::lse_column_sums_estimate(nullptr, estimate_bytes, d.view, step, gpu::device_span<float>{}, column_mode::overwrite, s);
+      CHECK(estimate_bytes <= exact_bytes);
+      // accumulate adds exactly what overwrite writes
+      const auto before = testing::random_vector(g, n, 0.f, 10.f);
+      const auto summed = device_sums(d.view, step, n, s, column_mode::accumulate, before);
+      for (std::size_t i = 0; i < n; ++i) CHECK(summed[i] == before[i] + got[i]);
+    }
+    // a call captured into a CUDA graph (capture fails on any hidden synchronisation or allocation) replays
+    // to the eager result
+    buffer<unsigned char> ws(exact_bytes);
+    buffer<float> out(n);
+    std::size_t bytes = exact_bytes;
+    cudaGraph_t graph = nullptr;
+    SPECDIFF_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+    gpu::lse_column_sums(ws.get(), bytes, d.view, out.span(), column_mode::overwrite, s);
+    SPECDIFF_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
+    cudaGraphExec_t exec = nullptr;
+    SPECDIFF_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    SPECDIFF_CUDA_CHECK(cudaGraphLaunch(exec, s));
+    s.sync();
+    CHECK(out.download() == exact);
     SPECDIFF_CUDA_CHECK(cudaGraphExecDestroy(exec));
     SPECDIFF_CUDA_CHECK(cudaGraphDestroy(graph));
   }

@@ -255,6 +255,71 @@ TEST_SUITE("host") {
                                         {"out", "8", "7"});
   }
 
+  TEST_CASE("lse column sums size their workspace and check arguments before launching, with the host twin's messages") {
+    using specdiff::column_mode;
+    // Size query: shapes only (null data). 2 samples x 24 heads x 4096 queries = 24 x 64 query tiles of 64,
+    // 16 tiles per chunk -> 96 chunks; 4096 keys of partial doubles each.
+    const gpu::device_lse_attention<float> sizes{{nullptr, 2, 24, 4096, 64}, {nullptr, 2, 24, 4096, 64}, {}, 0.125f};
+    std::size_t bytes = 0;
+    gpu::lse_column_sums(nullptr, bytes, sizes, gpu::device_span<float>{}, column_mode::overwrite, nullptr);
+    CHECK(bytes == 2u * 96u * 4096u * sizeof(double));
+    gpu::lse_column_sums_estimate(nullptr, bytes, sizes, 4, gpu::device_span<float>{}, column_mode::overwrite, nullptr);  // 1024 queries: 24 x 16 tiles
+    CHECK(bytes == 2u * 24u * 4096u * sizeof(double));
+    auto no_queries = sizes;
+    no_queries.queries.tokens = 0;
+    expect_error<std::invalid_argument>([&] { gpu::lse_column_sums(nullptr, bytes, no_queries, gpu::device_span<float>{}, column_mode::overwrite, nullptr); },
+                                        {"queries.tokens", "0"});
+    expect_error<std::invalid_argument>([&] { gpu::lse_column_sums_estimate(nullptr, bytes, sizes, 0, gpu::device_span<float>{}, column_mode::overwrite, nullptr); },
+                                        {"query_step", "0"});
+
+    // Calls with a workspace: every check runs before a launch (host arrays stand in for device memory).
+    alignas(256) static unsigned char ws[1 << 14];
+    static float q[2 * 3 * 5 * 4], k[2 * 3 * 7 * 4], lse[2 * 3 * 5], out[2 * 7];
+    const gpu::device_lse_attention<float> in{{q, 2, 3, 5, 4}, {k, 2, 3, 7, 4}, {lse}, 0.5f};
+    std::size_t need = 0;
+    gpu::lse_column_sums(nullptr, need, in, gpu::device_span<float>{}, column_mode::overwrite, nullptr);
+    CHECK(need == 2u * 1u * 7u * sizeof(double));  // 3 heads x 1 tile: one chunk
+    std::size_t small = need - 8;
+    expect_error<std::invalid_argument>([&] { gpu::lse_column_sums(ws, small, in, {out, 14}, column_mode::overwrite, nullptr); }, {"workspace_bytes"});
+    expect_error<std::invalid_argument>([&] { gpu::lse_column_sums(ws + 8, need, in, {out, 14}, column_mode::overwrite, nullptr); }, {"workspace", "aligned"});
+    expect_error<std::invalid_argument>([&] { gpu::lse_column_sums(ws, need, in, {out, 13}, column_mode::overwrite, nullptr); }, {"out", "expected 14", "got 13"});
+    expect_error<std::invalid_argument>([&] { gpu::lse_column_sums(ws, need, in, {k, 14}, column_mode::overwrite, nullptr); }, {"out", "overlaps keys.data"});
+    auto bad = in;
+    bad.keys.head_dim = 3;
+    expect_error<std::invalid_argument>([&] { gpu::lse_column_sums(ws, need, bad, {out, 14}, column_mode::overwrite, nullptr); }, {"keys.head_dim", "3", "4"});
+    bad = in;
+    bad.lse.query_stride = -1;
+    expect_error<std::invalid_argument>([&] { gpu::lse_column_sums(ws, need, bad, {out, 14}, column_mode::overwrite, nullptr); }, {"lse.query_stride", "negative"});
+    bad = in;
+    bad.queries.head_stride = 16;  // 5 rows of 4 span 20
+    expect_error<std::invalid_argument>([&] { gpu::lse_column_sums(ws, need, bad, {out, 14}, column_mode::overwrite, nullptr); }, {"queries.head_stride", "16", "overlaps"});
+    bad = in;
+    bad.scale = INFINITY;
+    expect_error<std::invalid_argument>([&] { gpu::lse_column_sums(ws, need, bad, {out, 14}, column_mode::overwrite, nullptr); }, {"scale", "inf"});
+    bad = in;
+    bad.lse.data = nullptr;
+    expect_error<std::invalid_argument>([&] { gpu::lse_column_sums(ws, need, bad, {out, 14}, column_mode::overwrite, nullptr); }, {"lse.data", "null"});
+    expect_error<std::invalid_argument>([&] { gpu::lse_column_sums_estimate(ws, need, in, -2, {out, 14}, column_mode::overwrite, nullptr); }, {"query_step", "-2"});
+
+    // The same message as the host twin for the same mistake.
+    std::string host_msg, device_msg;
+    const specdiff::lse_attention<float> host{{q, 2, 3, 5, 4}, {k, 2, 3, 7, 3}, {lse}, 0.5f};
+    bad = in;
+    bad.keys.head_dim = 3;
+    try {
+      specdiff::lse_column_sums(host, std::span<float>(out, 14), column_mode::overwrite);
+    } catch (const std::invalid_argument& e) {
+      host_msg = e.what();
+    }
+    try {
+      gpu::lse_column_sums(ws, need, bad, {out, 14}, column_mode::overwrite, nullptr);
+    } catch (const std::invalid_argument& e) {
+      device_msg = e.what();
+    }
+    CHECK(!host_msg.empty());
+    CHECK(host_msg == device_msg);
+  }
+
   TEST_CASE("row copies check shapes before launching") {
     static float fake[1024];
     const gpu::device_matrix<const float> full(fake, 10, 8);

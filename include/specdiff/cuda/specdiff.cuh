@@ -8,6 +8,7 @@
 #include "classifier.cuh"
 #include "error.cuh"
 #include "gather.cuh"
+#include "lse.cuh"
 #include "plan.cuh"
 #include "scorers.cuh"
 #include "status.cuh"
