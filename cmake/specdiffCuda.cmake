@@ -20,9 +20,10 @@ function(specdiff_cuda_usage_requirements target host_target)
   endif()
 
   # The toolkit's headers: cuda_runtime.h, and CCCL (CUB, Thrust, libcu++), which CUDA 13 moved into
-  # include/cccl. nvcc searches include/cccl itself, but a host compiler does not, and CMake before 3.31.9
-  # leaves it out of CUDA::toolkit. CUDA::toolkit rather than CUDA::cudart: it carries headers only, so the runtime
-  # library stays the consumer's choice (CMAKE_CUDA_RUNTIME_LIBRARY, static by default) and is not linked twice.
+  # include/cccl. nvcc searches include/cccl itself, but a host compiler does not, and CMake 3.25's
+  # CUDA::toolkit leaves it out (later releases add it; the same directory twice is harmless).
+  # CUDA::toolkit rather than CUDA::cudart: it carries headers only, so the runtime library stays the
+  # consumer's choice (CMAKE_CUDA_RUNTIME_LIBRARY, static by default) and is not linked twice.
   target_link_libraries(${target} INTERFACE CUDA::toolkit)
   foreach(include_dir IN LISTS CUDAToolkit_INCLUDE_DIRS)
     if(IS_DIRECTORY "${include_dir}/cccl")
