@@ -17,7 +17,7 @@ int main(int argc, char** argv) {
     int threads = 2, batch = 2, reps = 5, warmup = 1, layers = 12, heads = 6, head_dim = 64, latent = 64, context = 77;
     bool qk_norm = false;
     double subset = 0.0;
-    app.add_option("--threads", threads, "OpenMP threads")->check(CLI::PositiveNumber);
+    app.add_option("--threads", threads, "engine threads")->check(CLI::PositiveNumber);
     app.add_option("--batch", batch)->check(CLI::PositiveNumber);
     app.add_option("--reps", reps, "timed forwards")->check(CLI::PositiveNumber);
     app.add_option("--warmup", warmup)->check(CLI::NonNegativeNumber);

@@ -108,7 +108,7 @@ std::string svg(const std::vector<row>& rows, double full_acc) {
 
 int main(int argc, char** argv) {
   CLI::App app{"Speed/quality sweep of SpecDiff and its peers on the default model"};
-  int samples = 64, steps = 28, threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency())), repeats = 3;
+  int samples = 64, steps = 28, threads = sd3::usable_cores(), repeats = 3;
   float cfg = 4.f;
   std::uint64_t seed = 0;
   std::string out_dir = "pareto-out", model_dir = demo::default_model_dir().string(), only;

@@ -39,7 +39,7 @@ int speculative_grid_table(const demo::workload& work, const methods::run_result
 
 int main(int argc, char** argv) {
   CLI::App app{"SpecDiff's settings, one at a time, against full RFlow"};
-  int samples = 32, steps = 28, threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  int samples = 32, steps = 28, threads = sd3::usable_cores();
   double cache_rate = 0.9;
   float cfg = 4.f;
   std::string model_dir = demo::default_model_dir().string();

@@ -205,6 +205,8 @@ TEST_CASE("forward rejects bad arguments with messages naming them") {
 
     CHECK_THROWS_WITH_AS(sd3::transformer(p.model, p.limits(), 0), doctest::Contains("threads = 0"), std::invalid_argument);
     CHECK_THROWS_WITH_AS(net.set_threads(-1), doctest::Contains("threads = -1"), std::invalid_argument);
+    CHECK_THROWS_WITH_AS(net.set_min_chunk_work(-1), doctest::Contains("min_chunk_work = -1"), std::invalid_argument);
+    CHECK_THROWS_WITH_AS(net.set_min_chunk_work(std::nan("")), doctest::Contains("min_chunk_work = nan"), std::invalid_argument);
     auto lim = p.limits();
     lim.max_batch = 0;
     CHECK_THROWS_WITH_AS(sd3::transformer(p.model, lim, 1), doctest::Contains("max_batch = 0"), std::invalid_argument);

@@ -61,7 +61,7 @@ std::string format_fixed(double value, int digits) {
 int main(int argc, char** argv) {
   CLI::App app{"SpecDiff demo: full RFlow vs an accelerated method on the default model, same noise"};
   demo::method_spec spec;
-  int steps = 28, samples = 16, threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency())), repeats = 3;
+  int steps = 28, samples = 16, threads = sd3::usable_cores(), repeats = 3;
   float cfg = 0.f;
   std::string seed_text = "0";
   std::string out_dir = "demo-out", json_path, model_dir = demo::default_model_dir().string();

@@ -13,13 +13,11 @@
 #include <string>
 
 #include <Eigen/Core>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "sd3/errors.hpp"
 #include "sd3/model.hpp"
 #include "sd3/resources.hpp"
+#include "sd3/workers.hpp"
 
 namespace sd3 {
 namespace {
@@ -35,6 +33,7 @@ constexpr int tile_cols = 256;
 constexpr int query_chunk = 64;   // attention queries per task
 constexpr int key_chunk = 512;    // keys per score GEMM (bounds Eigen's packed-rhs size)
 constexpr float norm_eps = 1e-6f; // LayerNorm and RMSNorm eps in SD3
+constexpr double norm_work = 8;   // a norm's passes over a row, in the work units of parallel_for
 
 int ceil_div(int a, int b) { return (a + b - 1) / b; }
 std::size_t round_up(std::size_t a, std::size_t b) { return (a + b - 1) / b * b; }
@@ -55,22 +54,32 @@ struct aligned_allocator {
 };
 using buffer = std::vector<float, aligned_allocator<float>>;
 
-#ifdef _OPENMP
-int thread_index() { return omp_get_thread_num(); }
-#else
-int thread_index() { return 0; }
-#endif
+// Up to chunks_per_worker chunks per worker, so a worker slowed by another process claims fewer.
+constexpr int chunks_per_worker = 4;
 
-// Runs f(task, thread) for task in [0, n). Static task -> thread assignment does not matter for results: every
-// task writes disjoint memory, and reductions happen afterwards in a fixed order.
+// Where a loop runs: the team, and the least work worth a chunk (transformer::set_min_chunk_work).
+struct loop_split {
+    workers& team;
+    double min_chunk_work;
+};
+
+// Runs f(item, worker) for item in [0, n), in contiguous chunks on the team; `work` estimates the multiply-adds
+// (or element touches) of all n items. Which worker runs an item does not matter for results: every item writes
+// disjoint memory, and reductions happen afterwards in a fixed order.
 template <class F>
-void parallel_for(int threads, int n, F&& f) {
-    if (threads <= 1 || n <= 1) {
+void parallel_for(loop_split split, int n, double work, F&& f) {
+    if (n <= 0) return;
+    workers& team = split.team;
+    const double by_work = split.min_chunk_work > 0 ? std::floor(work / split.min_chunk_work) : static_cast<double>(n);
+    const int chunks = static_cast<int>(std::min({static_cast<double>(n), static_cast<double>(chunks_per_worker) * team.size(), by_work}));
+    if (chunks <= 1) {
         for (int i = 0; i < n; ++i) f(i, 0);
         return;
     }
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int i = 0; i < n; ++i) f(i, thread_index());
+    team.run(chunks, [&](int chunk, int worker) {
+        const int end = static_cast<int>(static_cast<std::int64_t>(n) * (chunk + 1) / chunks);
+        for (int i = static_cast<int>(static_cast<std::int64_t>(n) * chunk / chunks); i < end; ++i) f(i, worker);
+    });
 }
 
 struct no_epilogue {
@@ -89,11 +98,11 @@ struct gelu_tanh_epilogue {
 
 // Y[rows, W.out] = X[rows, W.in] * W^T + b, then epi(row, width) on each finished tile row.
 template <class Epilogue = no_epilogue>
-void linear_rows(int threads, const float* X, int ldx, int rows, const linear& W, float* Y, int ldy,
+void linear_rows(loop_split split, const float* X, int ldx, int rows, const linear& W, float* Y, int ldy,
                  Epilogue epi = {}) {
     if (rows <= 0) return;
     const int rt = ceil_div(rows, tile_rows), ct = ceil_div(W.out, tile_cols);
-    parallel_for(threads, rt * ct, [&](int task, int) {
+    parallel_for(split, rt * ct, static_cast<double>(rows) * W.in * W.out, [&](int task, int) {
         const int r0 = (task / ct) * tile_rows, c0 = (task % ct) * tile_cols;
         const int nr = std::min(tile_rows, rows - r0), nc = std::min(tile_cols, W.out - c0);
         const_view x(X + static_cast<std::ptrdiff_t>(r0) * ldx, nr, W.in, Eigen::OuterStride<>(ldx));
@@ -153,7 +162,10 @@ kv_cache::kv_cache(const transformer_config& config, int max_batch, int max_imag
 struct transformer::impl {
     const model* m;
     engine_limits limits;
-    int threads;
+    std::unique_ptr<workers> team;
+    double min_chunk_work = default_min_chunk_work;
+    loop_split split() const { return {*team, min_chunk_work}; }
+    loop_split serial() const { return {*team, std::numeric_limits<double>::infinity()}; }  // one row per sample
     int D, F, P, hd, heads, max_tokens, max_ctx, max_tasks;
 
     // workspaces (sized once)
@@ -168,7 +180,7 @@ struct transformer::impl {
     const std::int32_t* tokens = nullptr;  // active image tokens, [B * n] (nullptr = all)
     const forward_options* opts = nullptr;
 
-    impl(const model& model_, const engine_limits& lim, int threads_) : m(&model_), limits(lim), threads(threads_) {
+    impl(const model& model_, const engine_limits& lim, int threads) : m(&model_), limits(lim) {
         const auto& c = m->config;
         c.validate();
         if (static_cast<int>(m->blocks.size()) != c.num_layers)
@@ -247,6 +259,7 @@ struct transformer::impl {
         probe_parts.resize(static_cast<std::size_t>(max_tasks) * Nm);
         positions.resize(Bm * rows);
         size_scores(threads);
+        team = std::make_unique<workers>(threads);
     }
 
     // Every weight's size against the config, so a hand-built model cannot make a GEMM read out of bounds.
@@ -485,22 +498,22 @@ void transformer::impl::embed(const forward_inputs& in) {
         }
     }
     // temb = timestep MLP + pooled-text MLP
-    linear_rows(1, tproj.data(), T, B, m->time_linear1, small_hidden.data(), D);
+    linear_rows(serial(), tproj.data(), T, B, m->time_linear1, small_hidden.data(), D);
     silu_inplace(small_hidden.data(), B * D);
-    linear_rows(1, small_hidden.data(), D, B, m->time_linear2, temb.data(), D);
-    linear_rows(1, in.pooled.data(), c.pooled_projection_dim, B, m->text_linear1, small_hidden.data(), D);
+    linear_rows(serial(), small_hidden.data(), D, B, m->time_linear2, temb.data(), D);
+    linear_rows(serial(), in.pooled.data(), c.pooled_projection_dim, B, m->text_linear1, small_hidden.data(), D);
     silu_inplace(small_hidden.data(), B * D);
-    linear_rows(1, small_hidden.data(), D, B, m->text_linear2, silu_temb.data(), D);
+    linear_rows(serial(), small_hidden.data(), D, B, m->text_linear2, silu_temb.data(), D);
     for (int i = 0; i < B * D; ++i) temb[i] += silu_temb[i];
     std::copy_n(temb.data(), B * D, silu_temb.data());
     silu_inplace(silu_temb.data(), B * D);  // every AdaLN linear reads SiLU(temb)
 
-    linear_rows(threads, in.context.data(), c.joint_attention_dim, B * L, m->context_embedder, x_ctx.data(), D);
+    linear_rows(split(), in.context.data(), c.joint_attention_dim, B * L, m->context_embedder, x_ctx.data(), D);
 
     // Patch embedding: im2col of the active tokens ((c, u, v) order, as the conv weight), GEMM, + cropped table.
     const int p = c.patch_size, C = c.in_channels, K = C * p * p, M = c.pos_embed_max_size;
     const int top = (M - Hg) / 2, left = (M - Wg) / 2;
-    parallel_for(threads, B, [&](int b, int) {
+    parallel_for(split(), B, static_cast<double>(B) * n * K, [&](int b, int) {
         for (int r = 0; r < n; ++r) {
             const int t = token_id(stream::image, b, r), i = t / Wg, j = t % Wg;
             float* dst = patches.data() + (static_cast<std::size_t>(b) * n + r) * K;
@@ -510,8 +523,8 @@ void transformer::impl::embed(const forward_inputs& in) {
                         *dst++ = in.latents[((static_cast<std::size_t>(b) * C + ch) * in.height + i * p + u) * in.width + j * p + v];
         }
     });
-    linear_rows(threads, patches.data(), K, B * n, m->patch_embed, x_img.data(), D);
-    parallel_for(threads, B, [&](int b, int) {
+    linear_rows(split(), patches.data(), K, B * n, m->patch_embed, x_img.data(), D);
+    parallel_for(split(), B, static_cast<double>(B) * n * D, [&](int b, int) {
         for (int r = 0; r < n; ++r) {
             const int t = token_id(stream::image, b, r), i = t / Wg, j = t % Wg;
             vec(x_img.data() + (static_cast<std::size_t>(b) * n + r) * D, D) +=
@@ -521,8 +534,8 @@ void transformer::impl::embed(const forward_inputs& in) {
 }
 
 void transformer::impl::modulation(const block_weights& w) {
-    linear_rows(threads, silu_temb.data(), D, B, w.norm1, mod_img.data(), 6 * D);
-    linear_rows(threads, silu_temb.data(), D, B, w.norm1_context, mod_ctx.data(), w.norm1_context.out);
+    linear_rows(split(), silu_temb.data(), D, B, w.norm1, mod_img.data(), 6 * D);
+    linear_rows(split(), silu_temb.data(), D, B, w.norm1_context, mod_ctx.data(), w.norm1_context.out);
 }
 
 void transformer::impl::attention_stage(int layer, const block_weights& w, const block_hooks& h) {
@@ -533,7 +546,7 @@ void transformer::impl::attention_stage(int layer, const block_weights& w, const
         // norm1 of both streams. AdaLayerNormZero chunks: shift, scale, gate (msa), shift, scale, gate (mlp);
         // the last block's context AdaLayerNormContinuous chunks are (scale, shift).
         const int shift_c = w.context_pre_only ? D : 0, scale_c = w.context_pre_only ? 0 : D;
-        parallel_for(threads, B * n + B * L, [&](int r, int) {
+        parallel_for(split(), B * n + B * L, norm_work * (B * n + B * L) * D, [&](int r, int) {
             if (r < B * n) {
                 const float* mod = mod_img.data() + static_cast<std::size_t>(r / n) * 6 * D;
                 norm_modulate(x_img.data() + static_cast<std::size_t>(r) * D, nrm_img.data() + static_cast<std::size_t>(r) * D,
@@ -545,10 +558,10 @@ void transformer::impl::attention_stage(int layer, const block_weights& w, const
                               D, mod + shift_c, mod + scale_c);
             }
         });
-        linear_rows(threads, nrm_img.data(), D, B * n, w.to_qkv, qkv_img.data(), 3 * D);
-        linear_rows(threads, nrm_ctx.data(), D, B * L, w.add_qkv, qkv_ctx.data(), 3 * D);
+        linear_rows(split(), nrm_img.data(), D, B * n, w.to_qkv, qkv_img.data(), 3 * D);
+        linear_rows(split(), nrm_ctx.data(), D, B * L, w.add_qkv, qkv_ctx.data(), 3 * D);
         if (m->config.qk_norm) {
-            parallel_for(threads, B * n + B * L, [&](int r, int) {
+            parallel_for(split(), B * n + B * L, norm_work * (B * n + B * L) * 2 * D, [&](int r, int) {
                 const bool img = r < B * n;
                 float* row = img ? qkv_img.data() + static_cast<std::size_t>(r) * 3 * D
                                  : qkv_ctx.data() + static_cast<std::size_t>(r - B * n) * 3 * D;
@@ -557,7 +570,7 @@ void transformer::impl::attention_stage(int layer, const block_weights& w, const
             });
         }
         if (opts->kv) {
-            parallel_for(threads, B, [&](int b, int) {
+            parallel_for(split(), B, 2.0 * B * n * D, [&](int b, int) {
                 for (int r = 0; r < n; ++r) {
                     const float* row = qkv_img.data() + (static_cast<std::size_t>(b) * n + r) * 3 * D;
                     const std::size_t t = static_cast<std::size_t>(token_id(stream::image, b, r)) * D;
@@ -567,8 +580,8 @@ void transformer::impl::attention_stage(int layer, const block_weights& w, const
             });
         }
         attend(layer, image_out, context_out || (probe && opts->probe_context_queries));
-        if (image_out) linear_rows(threads, att_img.data(), D, B * n, w.to_out, out_img.data(), D);
-        if (context_out) linear_rows(threads, att_ctx.data(), D, B * L, w.to_add_out, out_ctx.data(), D);
+        if (image_out) linear_rows(split(), att_img.data(), D, B * n, w.to_out, out_img.data(), D);
+        if (context_out) linear_rows(split(), att_ctx.data(), D, B * L, w.to_add_out, out_ctx.data(), D);
     }
     apply_module(stream::image, h.attention[0], out_img.data(), 2 * D);
     if (!w.context_pre_only) apply_module(stream::context, h.attention[1], out_ctx.data(), 2 * D);
@@ -583,7 +596,8 @@ void transformer::impl::attend(int layer, bool image_queries, bool context_queri
     const int per_sample = img_chunks + ctx_chunks;
     const int ld_s = N + L;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    parallel_for(threads, B * per_sample, [&](int task, int thread) {
+    const double attention_work = 2.0 * B * ((image_queries ? n : 0) + (context_queries ? L : 0)) * static_cast<double>(N + L) * D;
+    parallel_for(split(), B * per_sample, attention_work, [&](int task, int thread) {
         const int b = task / per_sample, chunk = task % per_sample;
         const bool img = chunk < img_chunks;
         const int q0 = (img ? chunk : chunk - img_chunks) * query_chunk;
@@ -634,7 +648,7 @@ void transformer::impl::attend(int layer, bool image_queries, bool context_queri
     });
     if (probe) {  // fixed-order reduction: results do not depend on the thread count
         const int col_chunks = ceil_div(N, 256);
-        parallel_for(threads, B * col_chunks, [&](int t, int) {
+        parallel_for(split(), B * col_chunks, static_cast<double>(B) * N * per_sample, [&](int t, int) {
             const int b = t / col_chunks, c0 = (t % col_chunks) * 256, nc = std::min(256, N - c0);
             vec dst(opts->attention_probe.data() + static_cast<std::size_t>(b) * N + c0, nc);
             const int counted = opts->probe_context_queries ? per_sample : img_chunks;
@@ -652,7 +666,7 @@ void transformer::impl::apply_module(stream s, const module_hook& h, const float
     const float* mod = s == stream::image ? mod_img.data() : mod_ctx.data();
     float* x = x_of(s);
     const bool from_hook = h.mode != module_mode::compute;
-    parallel_for(threads, B, [&](int b, int) {
+    parallel_for(split(), B, 2.0 * B * rows * D, [&](int b, int) {
         const const_vec gate(mod + static_cast<std::size_t>(b) * 6 * D + gate_offset, D);
         for (int r = 0; r < rows; ++r) {
             const std::size_t active_row = static_cast<std::size_t>(b) * rows + r;
@@ -686,16 +700,16 @@ void transformer::impl::mlp_stage(stream s, const module_hook& h, const linear& 
         const float* mod = s == stream::image ? mod_img.data() : mod_ctx.data();
         float* nrm = s == stream::image ? nrm_img.data() : nrm_ctx.data();
         float* out = s == stream::image ? out_img.data() : out_ctx.data();
-        parallel_for(threads, B * count, [&](int r, int) {
+        parallel_for(split(), B * count, norm_work * B * count * D, [&](int r, int) {
             const int b = r / count, src_row = pos ? pos[r] : r % count;
             const float* md = mod + static_cast<std::size_t>(b) * 6 * D;
             norm_modulate(x + (static_cast<std::size_t>(b) * rows + src_row) * D, nrm + static_cast<std::size_t>(r) * D, D,
                           md + 3 * D, md + 4 * D);
         });
-        linear_rows(threads, nrm, D, B * count, ff1, hidden.data(), F, gelu_tanh_epilogue{});
-        linear_rows(threads, hidden.data(), F, B * count, ff2, out, D);
+        linear_rows(split(), nrm, D, B * count, ff1, hidden.data(), F, gelu_tanh_epilogue{});
+        linear_rows(split(), hidden.data(), F, B * count, ff2, out, D);
         if (h.mode == module_mode::subset) {  // computed rows go to the caller's buffer, which then feeds every row
-            parallel_for(threads, B, [&](int b, int) {
+            parallel_for(split(), B, static_cast<double>(B) * count * D, [&](int b, int) {
                 for (int i = 0; i < count; ++i) {
                     const std::size_t r = static_cast<std::size_t>(b) * count + i;
                     std::copy_n(out + r * D, D, h.rows + (static_cast<std::size_t>(b) * all + h.tokens[r]) * D);
@@ -709,18 +723,18 @@ void transformer::impl::mlp_stage(stream s, const module_hook& h, const linear& 
 void transformer::impl::final_layer(std::span<float> velocity) {
     const auto& c = m->config;
     // norm_out: AdaLayerNormContinuous, chunks (scale, shift)
-    linear_rows(threads, silu_temb.data(), D, B, m->norm_out, mod_final.data(), 2 * D);
-    parallel_for(threads, B * n, [&](int r, int) {
+    linear_rows(split(), silu_temb.data(), D, B, m->norm_out, mod_final.data(), 2 * D);
+    parallel_for(split(), B * n, norm_work * B * n * D, [&](int r, int) {
         const float* md = mod_final.data() + static_cast<std::size_t>(r / n) * 2 * D;
         norm_modulate(x_img.data() + static_cast<std::size_t>(r) * D, nrm_img.data() + static_cast<std::size_t>(r) * D, D,
                       md + D, md);
     });
     const bool rows_out = tokens != nullptr;
     float* dst = rows_out ? velocity.data() : out_rows.data();
-    linear_rows(threads, nrm_img.data(), D, B * n, m->proj_out, dst, P);
+    linear_rows(split(), nrm_img.data(), D, B * n, m->proj_out, dst, P);
     if (!rows_out) {  // unpatchify: row (i, j) features (u, v, ch) -> image [ch, i*p+u, j*p+v]
         const int p = c.patch_size, C = c.out_channels, Hp = Hg * p, Wp = Wg * p;
-        parallel_for(threads, B, [&](int b, int) {
+        parallel_for(split(), B, static_cast<double>(B) * N * P, [&](int b, int) {
             for (int t = 0; t < N; ++t) {
                 const int i = t / Wg, j = t % Wg;
                 const float* row = out_rows.data() + (static_cast<std::size_t>(b) * N + t) * P;
@@ -796,11 +810,19 @@ transformer& transformer::operator=(transformer&&) noexcept = default;
 
 const transformer_config& transformer::config() const noexcept { return impl_->m->config; }
 const engine_limits& transformer::limits() const noexcept { return impl_->limits; }
-int transformer::threads() const noexcept { return impl_->threads; }
+int transformer::threads() const noexcept { return impl_->team->size(); }
 void transformer::set_threads(int threads) {
     impl::check_threads(threads);
+    if (threads == impl_->team->size()) return;
+    auto team = std::make_unique<workers>(threads);  // may throw: nothing has changed yet
     impl_->size_scores(threads);
-    impl_->threads = threads;
+    impl_->team = std::move(team);
+}
+workers& transformer::team() noexcept { return *impl_->team; }
+void transformer::set_min_chunk_work(double multiply_adds) {
+    if (!(multiply_adds >= 0) || !std::isfinite(multiply_adds))
+        throw std::invalid_argument(message("transformer: min_chunk_work = ", multiply_adds, " must be finite and >= 0"));
+    impl_->min_chunk_work = multiply_adds;
 }
 
 void transformer::forward(const forward_inputs& in, std::span<float> velocity) { impl_->run(in, velocity, {}); }

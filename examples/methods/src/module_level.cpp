@@ -3,7 +3,6 @@
 // reused (FORA, ToCa) or forecast (TaylorSeer) from the library's cache store, and the MLP outputs are
 // reused (FORA), forecast (TaylorSeer), or recomputed for the top tokens by attention·staleness (ToCa).
 #include <algorithm>
-#include <exception>
 #include <optional>
 
 #include <specdiff/specdiff.hpp>
@@ -22,23 +21,6 @@ struct site_rows {
   std::vector<float> data;
   specdiff::matrix_view<float> view(int rows, int hidden) { return {data.data(), rows, hidden}; }
 };
-
-// Runs f(slot) for every slot on the engine's threads (OpenMP, as the engine's own loops): each slot's fill
-// reads the store and writes its own rows. The first exception is rethrown once all slots are done.
-template <class F>
-void for_each_slot(int threads, int slots, F&& f) {
-  std::exception_ptr error;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-  for (int i = 0; i < slots; ++i) {
-    try {
-      f(i);
-    } catch (...) {
-#pragma omp critical(module_fill_error)
-      if (!error) error = std::current_exception();
-    }
-  }
-  if (error) std::rethrow_exception(error);
-}
 
 // One accelerator drives every method: a plan per step (ToCa: top-k tokens by attention·staleness; FORA
 // and TaylorSeer: no token computed on partial steps), the cached image rows of every (layer, site), the
@@ -111,7 +93,8 @@ run_result run_module(const problem& p, const module_cache_options& o, Accelerat
       {
         stopwatch::scope s(r.overhead_seconds);
         if (forecast) {
-          for_each_slot(net.threads(), layers * 2, [&](int i) {
+          // Each (layer, site) fill reads the store and writes its own rows: one task each on the engine's team.
+          net.team().run(layers * 2, [&](int i, int) {
             const int l = i / 2, site = i % 2;
             acc.fill_all(step, l, site, specdiff::level::approximate, image_view(l, site));
             if (context_cache && !last(l)) context_cache->fill(l, site, tag, all_context, approx, context_view(l, site));

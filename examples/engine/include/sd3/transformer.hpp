@@ -20,13 +20,20 @@
 #include <vector>
 
 #include "sd3/config.hpp"
+#include "sd3/workers.hpp"
 
 namespace sd3 {
 
 struct model;
 
-// Most OpenMP threads a transformer accepts (each thread also gets its own attention-score workspace).
+// Most threads a transformer accepts (each thread also gets its own attention-score workspace).
 inline constexpr int max_threads = 1024;
+
+// A loop of a forward is split across the team only where each chunk gets at least this much work (multiply-adds,
+// or element touches for the element-wise loops). Below it, waking a worker costs more than it saves, and on a busy
+// machine a woken worker can lose its core in the middle of a chunk while the caller waits for it: a partial
+// forward's GEMMs over a few dozen rows run on the caller alone. Measured in docs/engine.md ("Threads under load").
+inline constexpr double default_min_chunk_work = 1 << 19;
 
 // Largest problem a transformer object is prepared for (workspaces are sized from these once).
 struct engine_limits {
@@ -132,7 +139,8 @@ struct forward_options {
 
 class transformer {
 public:
-    // `m` must outlive the transformer. threads in [1, max_threads] (OpenMP threads used by every stage).
+    // `m` must outlive the transformer. threads in [1, max_threads]: the team of every stage (sd3::workers; the
+    // caller's thread is one of them).
     // Workspaces are sized here from `limits`; their total is checked against the machine's memory first, and
     // limits whose workspaces would not fit are refused (std::invalid_argument stating the bytes needed).
     explicit transformer(const model& m, const engine_limits& limits = {}, int threads = 1);
@@ -144,6 +152,11 @@ public:
     const engine_limits& limits() const noexcept;
     int threads() const noexcept;
     void set_threads(int threads);
+    // The transformer's team, for a caller's own loops between forwards (e.g. a method's cache fills), so that
+    // they run on the same threads and do not start a second team competing for the cores.
+    workers& team() noexcept;
+    // The least work worth a chunk (default_min_chunk_work); 0 splits every loop (tests of the parallel paths).
+    void set_min_chunk_work(double multiply_adds);
 
     // Full forward: velocity [batch, out_channels, height, width].
     void forward(const forward_inputs& in, std::span<float> velocity);

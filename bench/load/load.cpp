@@ -1,0 +1,127 @@
+// specdiff-load: how the engine's threads hold up when the machine is busy. Full RFlow and SpecDiff (CR 0.9 by
+// default) at 1 and 2 threads, first on the machine as it is, then with a CPU-bound process pinned to one core,
+// which this program starts (a forked child that spins; it ends itself after --competitor-seconds even if this
+// program dies) and stops. Each case times SpecDiff against full RFlow as the demo does (an untimed warm-up of
+// each, then --repeats alternating pairs, medians with their range). Prints a Markdown table, writes JSON.
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <sched.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "demo/support.hpp"
+#include "demo/timing.hpp"
+#include "sd3/transformer.hpp"
+
+namespace {
+
+// A child process spinning on one core, for at most `seconds`; killed when this object goes.
+class competitor {
+ public:
+  competitor(int core, unsigned seconds) {
+    const pid_t parent = getpid();
+    pid_ = fork();
+    if (pid_ < 0) throw std::runtime_error("competitor: fork failed");
+    if (pid_ == 0) {
+      prctl(PR_SET_PDEATHSIG, SIGKILL);  // dies with the benchmark
+      if (getppid() != parent) _exit(0);
+      cpu_set_t set;
+      CPU_ZERO(&set);
+      CPU_SET(core, &set);
+      if (sched_setaffinity(0, sizeof(set), &set) != 0) _exit(2);
+      alarm(seconds);  // bounded in time whatever happens to the parent
+      volatile unsigned long long spin = 0;
+      for (;;) spin = spin + 1;
+    }
+    usleep(100000);  // let it start and settle on its core
+    int status = 0;
+    if (waitpid(pid_, &status, WNOHANG) == pid_)
+      throw std::runtime_error("competitor: the child exited at once (cannot pin it to core " + std::to_string(core) + "?)");
+  }
+  ~competitor() {
+    kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+  }
+  competitor(const competitor&) = delete;
+  competitor& operator=(const competitor&) = delete;
+
+ private:
+  pid_t pid_ = -1;
+};
+
+struct result {
+  std::string load;
+  int threads = 0;
+  demo::timed_comparison timing;
+};
+
+std::string range(const demo::spread& s, const char* format) {
+  char a[32], b[32];
+  std::snprintf(a, sizeof a, format, s.min);
+  std::snprintf(b, sizeof b, format, s.max);
+  return std::string(a) + "-" + b;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Full RFlow and SpecDiff at 1 and 2 threads, idle and with a competing process pinned to one core"};
+  int samples = 16, steps = 28, repeats = 3, core = 0;
+  unsigned competitor_seconds = 900;
+  double cache_rate = 0.9;
+  float cfg = 4.f;
+  std::string model_dir = demo::default_model_dir().string(), out = "load.json";
+  std::vector<int> thread_counts{1, 2};
+  app.add_option("--model", model_dir)->capture_default_str();
+  app.add_option("--samples", samples)->capture_default_str()->check(CLI::Range(1, 4096));
+  app.add_option("--steps", steps)->capture_default_str()->check(CLI::Range(1, 1000));
+  app.add_option("--cfg", cfg)->capture_default_str();
+  app.add_option("--cache-rate", cache_rate)->capture_default_str()->check(CLI::Range(0.0, 0.99));
+  app.add_option("--repeats", repeats, "timed pairs per case, after an untimed warm-up")->capture_default_str()->check(CLI::Range(1, 100));
+  app.add_option("--threads", thread_counts, "thread counts to run")->capture_default_str()->check(CLI::Range(1, sd3::max_threads));
+  app.add_option("--core", core, "the core the competing process is pinned to")->capture_default_str()->check(CLI::Range(0, 1023));
+  app.add_option("--competitor-seconds", competitor_seconds, "the competing process ends itself after this long")
+      ->capture_default_str()->check(CLI::Range(1u, 86400u));
+  app.add_option("--json", out, "output file")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+
+  try {
+    const demo::method_spec spec{.name = "specdiff", .cache_rate = cache_rate};
+    std::vector<result> results;
+    for (const std::string load : {"idle", "one core busy"}) {
+      std::unique_ptr<competitor> busy;
+      if (load != "idle") busy = std::make_unique<competitor>(core, competitor_seconds);
+      for (const int threads : thread_counts) {
+        const auto work = demo::make_workload(model_dir, samples, 0, steps, cfg, threads);
+        std::fprintf(stderr, "%s, %d thread(s)...\n", load.c_str(), threads);
+        results.push_back({load, threads, demo::time_against_full(work->problem, spec, {repeats, true})});
+      }
+    }
+    std::printf("| load | threads | full RFlow s (range) | SpecDiff s (range) | speedup (range) |\n|---|---|---|---|---|\n");
+    nlohmann::json rows = nlohmann::json::array();
+    for (const auto& r : results) {
+      const auto& t = r.timing;
+      std::printf("| %s | %d | %.2f (%s) | %.2f (%s) | %.2fx (%s) |\n", r.load.c_str(), r.threads, t.seconds_full(),
+                  range(t.seconds_full_spread(), "%.2f").c_str(), t.seconds_method(), range(t.seconds_method_spread(), "%.2f").c_str(),
+                  t.speedup(), range(t.speedup_spread(), "%.2f").c_str());
+      rows.push_back({{"load", r.load}, {"threads", r.threads}, {"seconds_full", t.seconds_full()}, {"seconds_full_runs", t.full_seconds},
+                      {"seconds_specdiff", t.seconds_method()}, {"seconds_specdiff_runs", t.method_seconds}, {"speedup", t.speedup()},
+                      {"speedup_spread", {t.speedup_spread().min, t.speedup_spread().max}}});
+    }
+    const nlohmann::json all{{"model", model_dir}, {"samples", samples}, {"steps", steps}, {"cfg", cfg}, {"cache_rate", cache_rate},
+                             {"repeats", repeats}, {"competitor_core", core}, {"results", rows}};
+    std::ofstream(out) << all.dump(2) << "\n";
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
