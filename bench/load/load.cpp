@@ -1,8 +1,11 @@
 // specdiff-load: how the engine's threads hold up when the machine is busy. Full RFlow and SpecDiff (CR 0.9 by
 // default) at 1 and 2 threads, first on the machine as it is, then with a CPU-bound process pinned to one core,
 // which this program starts (a forked child that spins; it ends itself after --competitor-seconds even if this
-// program dies) and stops. Each case times SpecDiff against full RFlow as the demo does (an untimed warm-up of
-// each, then --repeats alternating pairs, medians with their range). Prints a Markdown table, writes JSON.
+// program dies) and stops. The question is a ratio (2 threads against 1 under the same load), and a shared
+// machine's speed drifts by tens of percent over minutes, so every round runs all four (threads, method)
+// combinations back to back, in an order that alternates from round to round, after one untimed warm-up of
+// each; per case the medians over --repeats rounds with their range, and the per-round ratios' medians.
+// Prints a Markdown table, writes JSON.
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <fstream>
@@ -19,6 +22,7 @@
 
 #include "demo/support.hpp"
 #include "demo/timing.hpp"
+#include <memory>
 #include "sd3/transformer.hpp"
 
 namespace {
@@ -60,8 +64,10 @@ class competitor {
 struct result {
   std::string load;
   int threads = 0;
-  demo::timed_comparison timing;
+  std::vector<double> full_seconds, specdiff_seconds;
 };
+
+double median_of(std::vector<double> v) { return demo::median(v); }
 
 std::string range(const demo::spread& s, const char* format) {
   char a[32], b[32];
@@ -94,27 +100,52 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   try {
-    const demo::method_spec spec{.name = "specdiff", .cache_rate = cache_rate};
+    const demo::method_spec full_spec{.name = "full"}, spec{.name = "specdiff", .cache_rate = cache_rate};
     std::vector<result> results;
+    nlohmann::json rows = nlohmann::json::array();
+    std::printf("| load | threads | full RFlow s (range) | SpecDiff s (range) | speedup (range) | full: these threads / %d thread(s) |\n"
+                "|---|---|---|---|---|---|\n", thread_counts.front());
     for (const std::string load : {"idle", "one core busy"}) {
       std::unique_ptr<competitor> busy;
       if (load != "idle") busy = std::make_unique<competitor>(core, competitor_seconds);
+      std::vector<std::unique_ptr<demo::workload>> work;
+      std::vector<result> cases;
       for (const int threads : thread_counts) {
-        const auto work = demo::make_workload(model_dir, samples, 0, steps, cfg, threads);
-        std::fprintf(stderr, "%s, %d thread(s)...\n", load.c_str(), threads);
-        results.push_back({load, threads, demo::time_against_full(work->problem, spec, {repeats, true})});
+        work.push_back(demo::make_workload(model_dir, samples, 0, steps, cfg, threads));
+        cases.push_back({load, threads, {}, {}});
+        demo::run_method(work.back()->problem, full_spec);  // warm-up, untimed
+        demo::run_method(work.back()->problem, spec);
       }
-    }
-    std::printf("| load | threads | full RFlow s (range) | SpecDiff s (range) | speedup (range) |\n|---|---|---|---|---|\n");
-    nlohmann::json rows = nlohmann::json::array();
-    for (const auto& r : results) {
-      const auto& t = r.timing;
-      std::printf("| %s | %d | %.2f (%s) | %.2f (%s) | %.2fx (%s) |\n", r.load.c_str(), r.threads, t.seconds_full(),
-                  range(t.seconds_full_spread(), "%.2f").c_str(), t.seconds_method(), range(t.seconds_method_spread(), "%.2f").c_str(),
-                  t.speedup(), range(t.speedup_spread(), "%.2f").c_str());
-      rows.push_back({{"load", r.load}, {"threads", r.threads}, {"seconds_full", t.seconds_full()}, {"seconds_full_runs", t.full_seconds},
-                      {"seconds_specdiff", t.seconds_method()}, {"seconds_specdiff_runs", t.method_seconds}, {"speedup", t.speedup()},
-                      {"speedup_spread", {t.speedup_spread().min, t.speedup_spread().max}}});
+      const std::size_t n = thread_counts.size();
+      for (int round = 0; round < repeats; ++round) {
+        std::fprintf(stderr, "%s: round %d/%d\n", load.c_str(), round + 1, repeats);
+        for (std::size_t k = 0; k < n; ++k) {
+          const std::size_t i = round % 2 == 0 ? k : n - 1 - k;
+          const auto& p = work[i]->problem;
+          const bool full_first = (round + static_cast<int>(k)) % 2 == 0;
+          const double a = demo::run_method(p, full_first ? full_spec : spec).seconds;
+          const double b = demo::run_method(p, full_first ? spec : full_spec).seconds;
+          cases[i].full_seconds.push_back(full_first ? a : b);
+          cases[i].specdiff_seconds.push_back(full_first ? b : a);
+        }
+      }
+      for (std::size_t i = 0; i < n; ++i) {
+        const auto& c = cases[i];
+        std::vector<double> speedups, against_first;
+        for (int r = 0; r < repeats; ++r) {
+          speedups.push_back(c.full_seconds[r] / c.specdiff_seconds[r]);
+          against_first.push_back(c.full_seconds[r] / cases[0].full_seconds[r]);
+        }
+        const double full = median_of(c.full_seconds), method = median_of(c.specdiff_seconds);
+        std::printf("| %s | %d | %.2f (%s) | %.2f (%s) | %.2fx (%s) | %.2f (%s) |\n", load.c_str(), c.threads, full,
+                    range(demo::spread_of(c.full_seconds), "%.2f").c_str(), method, range(demo::spread_of(c.specdiff_seconds), "%.2f").c_str(),
+                    median_of(speedups), range(demo::spread_of(speedups), "%.2f").c_str(), median_of(against_first),
+                    range(demo::spread_of(against_first), "%.2f").c_str());
+        std::fflush(stdout);
+        rows.push_back({{"load", load}, {"threads", c.threads}, {"seconds_full", full}, {"seconds_full_runs", c.full_seconds},
+                        {"seconds_specdiff", method}, {"seconds_specdiff_runs", c.specdiff_seconds}, {"speedup", median_of(speedups)},
+                        {"speedup_runs", speedups}, {"full_against_first_threads", median_of(against_first)}});
+      }
     }
     const nlohmann::json all{{"model", model_dir}, {"samples", samples}, {"steps", steps}, {"cfg", cfg}, {"cache_rate", cache_rate},
                              {"repeats", repeats}, {"competitor_core", core}, {"results", rows}};

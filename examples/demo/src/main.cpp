@@ -183,8 +183,6 @@ int main(int argc, char** argv) {
     if (repeats > 1 && spread_percent > 10) {
       std::printf("note: the timed runs of one method differ by up to %.0f%%: the machine was busy; read the speedup with its range.\n",
                   spread_percent);
-      if (!std::getenv("OMP_WAIT_POLICY"))
-        std::printf("(On a shared machine OMP_WAIT_POLICY=passive keeps idle OpenMP threads from spinning against the working ones.)\n");
     }
     std::printf("grids: %s, %s\n", full_png.string().c_str(), method_png.string().c_str());
 

@@ -34,9 +34,9 @@ timed_comparison time_against_full(const methods::problem& p, const method_spec&
   const std::string full_label = "full RFlow", method_label = method.describe();
   const auto bar = [&](const std::string& label) { return progress ? progress(label) : methods::progress_fn{}; };
 
-  // Warm-up, untimed: the first run in a process pays for what later runs find ready (the OpenMP thread team,
-  // heap and stack pages first touched, cold caches and branch predictors), and a method's first run may pay
-  // for its own buffers' first touch; it would otherwise land on whichever of the two is timed first.
+  // Warm-up, untimed: the first run in a process pays for what later runs find ready (heap and stack pages
+  // first touched, cold caches and branch predictors), and a method's first run may pay for its own buffers'
+  // first touch; it would otherwise land on whichever of the two is timed first.
   timed_comparison c;
   if (options.warm_up_full) c.full = run_method(p, full_spec, bar(full_label + " (warm-up)"));
   c.method = run_method(p, method, bar(method_label + " (warm-up)"));

@@ -54,8 +54,10 @@ struct aligned_allocator {
 };
 using buffer = std::vector<float, aligned_allocator<float>>;
 
-// Up to chunks_per_worker chunks per worker, so a worker slowed by another process claims fewer.
-constexpr int chunks_per_worker = 4;
+// Up to chunks_per_worker chunks per worker (each still above min_chunk_work), so that a worker slowed by another
+// process claims fewer of them, and the last chunk the others may have to wait for is short. 16 rather than 4:
+// with one core busy, full RFlow at 2 threads against 1 went from 1.10x to 0.95x the time (docs/engine.md).
+constexpr int chunks_per_worker = 16;
 
 // Where a loop runs: the team, and the least work worth a chunk (transformer::set_min_chunk_work).
 struct loop_split {
