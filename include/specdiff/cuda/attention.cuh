@@ -92,16 +92,18 @@ __global__ void __launch_bounds__(32 * Policy::row_lanes) column_partials_kernel
   }
 }
 
+/// out[b][k] = (or +=) factor * the sum of the chunks' partials of key k, in chunk order (reproducible). Shared by
+/// the column sums of materialised probabilities (factor 1 / heads) and of the LSE kernels (lse.cuh).
 template <int BlockThreads>
 __global__ void __launch_bounds__(BlockThreads) column_finish_kernel(const double* partial, index_t batch, index_t keys, index_t chunks,
-                                                                     double heads, column_mode mode, float* out) {
+                                                                     double factor, column_mode mode, float* out) {
   const std::int64_t total = static_cast<std::int64_t>(batch) * keys;
   for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(BlockThreads) + threadIdx.x; i < total;
        i += static_cast<std::int64_t>(gridDim.x) * BlockThreads) {
     const std::int64_t b = i / keys, k = i - b * keys;
     double sum = 0.0;
     for (index_t c = 0; c < chunks; ++c) sum += partial[(b * chunks + c) * keys + k];
-    const float v = static_cast<float>(sum / heads);
+    const float v = static_cast<float>(sum * factor);
     out[i] = mode == column_mode::accumulate ? out[i] + v : v;
   }
 }
@@ -154,7 +156,7 @@ class attention_column_sums {
     SPECDIFF_CUDA_CHECK_LAUNCH("column_partials_kernel");
     const std::size_t total = static_cast<std::size_t>(shape_.batch) * static_cast<std::size_t>(shape_.keys);
     detail::column_finish_kernel<256><<<detail::blocks_for(total, 256), 256, 0, stream>>>(
-        partial, shape_.batch, shape_.keys, chunks_, static_cast<double>(shape_.heads), mode, out.data);
+        partial, shape_.batch, shape_.keys, chunks_, 1.0 / static_cast<double>(shape_.heads), mode, out.data);
     SPECDIFF_CUDA_CHECK_LAUNCH("column_finish_kernel");
   }
 

@@ -16,6 +16,7 @@
 #include "../attention.hpp"
 #include "../common.hpp"
 #include "../storage.hpp"
+#include "attention.cuh"
 #include "error.cuh"
 #include "views.cuh"
 
@@ -133,21 +134,6 @@ __global__ void __launch_bounds__(Policy::threads) lse_partials_kernel(device_ls
   }
 }
 
-/// out = (or +=) the chunks' sum per key, times factor (= sampled-count factor / heads, as on the host).
-template <int BlockThreads>
-__global__ void __launch_bounds__(BlockThreads) lse_finish_kernel(const double* partial, index_t batch, index_t keys, index_t chunks, double factor,
-                                                                  column_mode mode, float* out) {
-  const std::int64_t total = static_cast<std::int64_t>(batch) * keys;
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(BlockThreads) + threadIdx.x; i < total;
-       i += static_cast<std::int64_t>(gridDim.x) * BlockThreads) {
-    const std::int64_t b = i / keys, key = i - b * keys;
-    double sum = 0.0;
-    for (index_t c = 0; c < chunks; ++c) sum += partial[(b * chunks + c) * keys + key];
-    const float v = static_cast<float>(sum * factor);
-    out[i] = mode == column_mode::accumulate ? out[i] + v : v;
-  }
-}
-
 /// Positive sizes of a size query (which passes no data), with the host checks' messages.
 template <class T>
 void expect_query_sizes(const device_lse_attention<T>& in) {
@@ -183,9 +169,9 @@ void lse_column_sums_launch(void* workspace, std::size_t& workspace_bytes, const
   lse_partials_kernel<Policy, T><<<blocks, block, 0, stream>>>(sampled, grid.query_tiles, grid.chunks, partial);
   SPECDIFF_CUDA_CHECK_LAUNCH("lse_partials_kernel");
   const std::size_t total = static_cast<std::size_t>(grid.batch) * static_cast<std::size_t>(grid.keys);
-  lse_finish_kernel<256><<<blocks_for(total, 256), 256, 0, stream>>>(partial, grid.batch, grid.keys, grid.chunks,
-                                                                     count_factor / static_cast<double>(sampled.queries.heads), mode, out.data);
-  SPECDIFF_CUDA_CHECK_LAUNCH("lse_finish_kernel");
+  column_finish_kernel<256><<<blocks_for(total, 256), 256, 0, stream>>>(partial, grid.batch, grid.keys, grid.chunks,
+                                                                        count_factor / static_cast<double>(sampled.queries.heads), mode, out.data);
+  SPECDIFF_CUDA_CHECK_LAUNCH("column_finish_kernel");
 }
 
 }  // namespace detail
