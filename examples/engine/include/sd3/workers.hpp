@@ -12,7 +12,7 @@
 //
 // Tasks are claimed one at a time from a shared counter, so a worker slowed by another process takes fewer
 // of them; the caller is worker 0 and claims tasks too. Loops too small to pay for waking a worker run on
-// the caller alone (see `parallel_threshold` in transformer.cpp).
+// the caller alone (`transformer::set_min_chunk_work`, `default_min_chunk_work`).
 #pragma once
 
 #include <atomic>
