@@ -11,10 +11,12 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
 
 #include <Eigen/Core>
 
 #include "sd3/errors.hpp"
+#include "sd3/gemm.hpp"
 #include "sd3/model.hpp"
 #include "sd3/resources.hpp"
 #include "sd3/workers.hpp"
@@ -28,8 +30,7 @@ using view = Eigen::Map<row_matrix, 0, Eigen::OuterStride<>>;
 using const_vec = Eigen::Map<const Eigen::ArrayXf>;
 using vec = Eigen::Map<Eigen::ArrayXf>;
 
-constexpr int tile_rows = 512;    // GEMM output tile (rows x cols): a parallel unit
-constexpr int tile_cols = 256;
+constexpr int gemm_tile_panels = 8;  // register panels of rows in a GEMM work unit (112 rows with AVX-512)
 constexpr int query_chunk = 64;   // attention queries per task
 constexpr int key_chunk = 512;    // keys per score GEMM (bounds Eigen's packed-rhs size)
 constexpr float norm_eps = 1e-6f; // LayerNorm and RMSNorm eps in SD3
@@ -38,21 +39,7 @@ constexpr double norm_work = 8;   // a norm's passes over a row, in the work uni
 int ceil_div(int a, int b) { return (a + b - 1) / b; }
 std::size_t round_up(std::size_t a, std::size_t b) { return (a + b - 1) / b * b; }
 
-// 64-byte aligned storage for workspaces. Eigen's vectorised reductions (row sums in the norms and the softmax)
-// peel a scalar head whose length depends on the address's alignment; fixed alignment keeps every result
-// independent of which buffer slot or thread computed it.
-template <class T>
-struct aligned_allocator {
-    using value_type = T;
-    aligned_allocator() = default;
-    template <class U>
-    aligned_allocator(const aligned_allocator<U>&) noexcept {}
-    T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{64})); }
-    void deallocate(T* p, std::size_t) noexcept { ::operator delete(p, std::align_val_t{64}); }
-    template <class U>
-    bool operator==(const aligned_allocator<U>&) const noexcept { return true; }
-};
-using buffer = std::vector<float, aligned_allocator<float>>;
+using buffer = aligned_floats;  // 64-byte aligned (sd3/gemm.hpp)
 
 // Up to chunks_per_worker chunks per worker (each still above min_chunk_work), so that a worker slowed by another
 // process claims fewer of them, and the last chunk the others may have to wait for is short. 16 rather than 4:
@@ -97,26 +84,6 @@ struct gelu_tanh_epilogue {
         x = 0.5f * x * (1.0f + (beta * (x + kappa * x * x * x)).tanh());
     }
 };
-
-// Y[rows, W.out] = X[rows, W.in] * W^T + b, then epi(row, width) on each finished tile row.
-template <class Epilogue = no_epilogue>
-void linear_rows(loop_split split, const float* X, int ldx, int rows, const linear& W, float* Y, int ldy,
-                 Epilogue epi = {}) {
-    if (rows <= 0) return;
-    const int rt = ceil_div(rows, tile_rows), ct = ceil_div(W.out, tile_cols);
-    parallel_for(split, rt * ct, static_cast<double>(rows) * W.in * W.out, [&](int task, int) {
-        const int r0 = (task / ct) * tile_rows, c0 = (task % ct) * tile_cols;
-        const int nr = std::min(tile_rows, rows - r0), nc = std::min(tile_cols, W.out - c0);
-        const_view x(X + static_cast<std::ptrdiff_t>(r0) * ldx, nr, W.in, Eigen::OuterStride<>(ldx));
-        const_view w(W.weight.data() + static_cast<std::ptrdiff_t>(c0) * W.in, nc, W.in, Eigen::OuterStride<>(W.in));
-        view y(Y + static_cast<std::ptrdiff_t>(r0) * ldy + c0, nr, nc, Eigen::OuterStride<>(ldy));
-        // Start from the bias and accumulate the product onto it (saves Eigen's zero fill and a bias pass).
-        const Eigen::Map<const Eigen::RowVectorXf> bias(W.bias.data() + c0, nc);
-        y.rowwise() = bias;
-        y.noalias() += x * w.transpose();
-        for (int r = 0; r < nr; ++r) epi(&y(r, 0), nc);
-    });
-}
 
 // y = LayerNorm(x) * (1 + scale) + shift (no affine, eps 1e-6).
 void norm_modulate(const float* x, float* y, int D, const float* shift, const float* scale) {
@@ -173,8 +140,11 @@ struct transformer::impl {
     // workspaces (sized once)
     buffer tproj, temb, silu_temb, small_hidden, mod_img, mod_ctx, mod_final;
     buffer x_img, x_ctx, nrm_img, nrm_ctx, qkv_img, qkv_ctx, att_img, att_ctx, out_img, out_ctx;
-    buffer hidden, patches, out_rows, scores, probe_parts;
-    std::size_t score_slot = 0;  // floats per thread in `scores`, a multiple of 16 (64 bytes)
+    buffer hidden, patches, out_rows, scratch, probe_parts;
+    std::size_t scratch_slot = 0;  // floats per worker in `scratch`, a multiple of 16 (64 bytes)
+    std::span<float> scratch_of(int worker) { return {scratch.data() + worker * scratch_slot, scratch_slot}; }
+    // Every linear layer's weight packed for the GEMM once (the right operand of all its products).
+    std::unordered_map<const linear*, gemm::packed_weights> packed;
     std::vector<std::int32_t> positions;
 
     // per-call state
@@ -229,7 +199,7 @@ struct transformer::impl {
             saturating_product(Bm, Nm, P),                      // out_rows
             saturating_product(max_tasks, Nm),                  // probe_parts
             saturating_product(Bm, rows),                       // positions (int32, same size as a float)
-            saturating_mul(score_slot_for(max_tokens, max_ctx), static_cast<std::size_t>(threads)),  // scores
+            saturating_mul(scratch_slot_for(max_tokens, max_ctx), static_cast<std::size_t>(threads)),  // scratch
         };
         std::size_t total = 0;
         for (const std::size_t f : floats) total = saturating_add(total, f);
@@ -260,7 +230,8 @@ struct transformer::impl {
         out_rows.resize(Bm * Nm * P);
         probe_parts.resize(static_cast<std::size_t>(max_tasks) * Nm);
         positions.resize(Bm * rows);
-        size_scores(threads);
+        size_scratch(threads);
+        pack_weights();
         team = std::make_unique<workers>(threads);
     }
 
@@ -319,18 +290,58 @@ struct transformer::impl {
         if (t < 1 || t > max_threads)
             throw std::invalid_argument(message("transformer: threads = ", t, " is out of range [1, ", max_threads, "]"));
     }
-    // Floats per thread in `scores`: one query chunk's scores against every key, a multiple of 16 (64 bytes).
-    static std::size_t score_slot_for(int image_tokens, int context_tokens) {
-        return round_up(saturating_product(query_chunk, std::int64_t{image_tokens} + context_tokens), 16);
+    // Floats per worker in `scratch`: the larger of one query chunk's scores against every key and the GEMM's
+    // packing slab, a multiple of 16 (64 bytes).
+    static std::size_t scratch_slot_for(int image_tokens, int context_tokens) {
+        return round_up(std::max(saturating_product(query_chunk, std::int64_t{image_tokens} + context_tokens),
+                                 gemm::workspace_floats()),
+                        16);
     }
-    // Sizes the per-thread score slots for `t` threads; on failure nothing changes.
-    void size_scores(int t) {
-        const std::size_t slot = score_slot_for(max_tokens, max_ctx);
-        require_memory(message("transformer: attention scores for ", t, " threads"),
-                       saturating_product(t, slot, sizeof(float)));
+    // Sizes the per-worker scratch slots for `t` workers; on failure nothing changes.
+    void size_scratch(int t) {
+        const std::size_t slot = scratch_slot_for(max_tokens, max_ctx);
+        require_memory(message("transformer: scratch for ", t, " threads"), saturating_product(t, slot, sizeof(float)));
         buffer fresh(static_cast<std::size_t>(t) * slot, 0.0f);
-        scores.swap(fresh);
-        score_slot = slot;
+        scratch.swap(fresh);
+        scratch_slot = slot;
+    }
+    // Packs every linear layer's weight (checked by check_model) for the GEMM: a second copy of the weights, made
+    // once so that no product repacks them.
+    void pack_weights() {
+        std::vector<const linear*> all{&m->patch_embed, &m->time_linear1, &m->time_linear2, &m->text_linear1,
+                                       &m->text_linear2, &m->context_embedder, &m->norm_out, &m->proj_out};
+        for (const auto& w : m->blocks)
+            for (const linear* l : {&w.norm1, &w.norm1_context, &w.to_qkv, &w.add_qkv, &w.to_out, &w.ff1, &w.ff2,
+                                    &w.to_add_out, &w.ff_context1, &w.ff_context2})
+                if (!l->weight.empty()) all.push_back(l);
+        std::size_t floats = 0;
+        for (const linear* l : all) floats = saturating_add(floats, l->weight.size());
+        require_memory(message("transformer: packed weights (", floats, " floats)"), saturating_mul(floats, sizeof(float)));
+        for (const linear* l : all) packed.try_emplace(l, l->weight, l->out, l->in);
+    }
+
+    // Y[rows, W.out] = X[rows, W.in] * W^T + b, then epi(row, width) on each finished tile row. The parallel work
+    // units are tiles of gemm_tile_panels register panels of rows by all columns, so each packs its rows once;
+    // columns are split too only where there are fewer row tiles than a few per worker.
+    template <class Epilogue = no_epilogue>
+    void linear_rows(loop_split s, const float* X, int ldx, int rows, const linear& W, float* Y, int ldy,
+                     Epilogue epi = {}) {
+        if (rows <= 0) return;
+        const gemm::packed_weights& P = packed.at(&W);
+        const gemm::tile_shape tile = gemm::register_tile();
+        const int tr = gemm_tile_panels * tile.rows, rt = ceil_div(rows, tr);
+        const int wanted = 4 * s.team.size();
+        const int ct = rt >= wanted ? 1 : std::min(ceil_div(W.out, tile.cols), ceil_div(wanted, rt));
+        const int tc = ceil_div(ceil_div(W.out, ct), tile.cols) * tile.cols;
+        const int ct_used = ceil_div(W.out, tc);
+        parallel_for(s, rt * ct_used, static_cast<double>(rows) * W.in * W.out, [&](int task, int worker) {
+            const int r0 = (task / ct_used) * tr, c0 = (task % ct_used) * tc;
+            const int nr = std::min(tr, rows - r0), nc = std::min(tc, W.out - c0);
+            float* y = Y + static_cast<std::ptrdiff_t>(r0) * ldy + c0;
+            gemm::multiply(X + static_cast<std::ptrdiff_t>(r0) * ldx, ldx, nr, P, c0, c0 + nc, y, ldy, scratch_of(worker),
+                           W.bias.data() + c0);
+            for (int r = 0; r < nr; ++r) epi(y + static_cast<std::ptrdiff_t>(r) * ldy, nc);
+        });
     }
 
     int tokens_of(stream s) const { return s == stream::image ? n : L; }        // active rows per sample
@@ -621,7 +632,7 @@ void transformer::impl::attend(int layer, bool image_queries, bool context_queri
         }
         const float* k_ctx = qkv_ctx.data() + static_cast<std::size_t>(b) * L * 3 * D + D;
         const float* v_ctx = k_ctx + D;
-        view s(scores.data() + thread * score_slot, nq, N + L, Eigen::OuterStride<>(ld_s));
+        view s(scratch_of(thread).data(), nq, N + L, Eigen::OuterStride<>(ld_s));
         float* part = probe && (img || opts->probe_context_queries) ? probe_parts.data() + static_cast<std::size_t>(task) * N
                                                                     : nullptr;
         if (part) std::fill_n(part, N, 0.0f);
@@ -817,7 +828,7 @@ void transformer::set_threads(int threads) {
     impl::check_threads(threads);
     if (threads == impl_->team->size()) return;
     auto team = std::make_unique<workers>(threads);  // may throw: nothing has changed yet
-    impl_->size_scores(threads);
+    impl_->size_scratch(threads);
     impl_->team = std::move(team);
 }
 workers& transformer::team() noexcept { return *impl_->team; }
