@@ -9,6 +9,28 @@
 
 namespace specdiff {
 
+namespace detail {
+
+/// A speculative pass's timesteps: at least one, finite, strictly falling. The host and device predictors'
+/// one check (gpu::self_speculation keeps its records in device memory but its timesteps on the host).
+inline void expect_speculative_timesteps(std::span<const float> timesteps) {
+  if (timesteps.empty()) fail("timesteps: the speculative pass needs at least one step");
+  expect_finite("timesteps", timesteps);
+  for (std::size_t i = 1; i < timesteps.size(); ++i)
+    if (!(timesteps[i] < timesteps[i - 1])) fail("timesteps: must strictly decrease, got ", timesteps[i - 1], " then ", timesteps[i], " at ", i);
+}
+
+/// The record that answers future(t) among a pass's (falling) timesteps: the largest timestep <= t, or the
+/// last when none lies ahead. One rule for both predictors, so host and device plans read the same record.
+inline index_t nearest_future_record(std::span<const float> timesteps, float t) {
+  if (!std::isfinite(t)) fail("t: not finite (", t, ")");
+  for (std::size_t i = 0; i < timesteps.size(); ++i)
+    if (timesteps[i] <= t) return static_cast<index_t>(i);
+  return static_cast<index_t>(timesteps.size() - 1);
+}
+
+}  // namespace detail
+
 /// Self-speculation: records the per-token scores (attention received, summed over layers) at each step
 /// of an S-step speculative pass, and answers future(t) with the record at the nearest future timestep:
 /// timesteps fall as sampling proceeds, so that is the largest recorded timestep <= t. When no record lies
@@ -25,11 +47,7 @@ class self_speculation {
   /// Starts a pass over `timesteps` (strictly falling). Records of an earlier pass are dropped.
   void begin(std::span<const float> timesteps) {
     if (values_ == 0) detail::fail_logic("begin: the predictor was not prepared (the accelerator prepares it)");
-    if (timesteps.empty()) detail::fail("timesteps: the speculative pass needs at least one step");
-    detail::expect_finite("timesteps", timesteps);
-    for (std::size_t i = 1; i < timesteps.size(); ++i)
-      if (!(timesteps[i] < timesteps[i - 1]))
-        detail::fail("timesteps: must strictly decrease, got ", timesteps[i - 1], " then ", timesteps[i], " at ", i);
+    detail::expect_speculative_timesteps(timesteps);
     const std::size_t n = detail::checked_product<std::size_t>("speculative steps * values", timesteps.size(), values_);
     timesteps_.assign(timesteps.begin(), timesteps.end());
     records_.assign(n, 0.f);
@@ -53,10 +71,7 @@ class self_speculation {
   /// Index of the record future(t) answers with.
   index_t nearest_future(float t) const {
     if (timesteps_.empty()) detail::fail_logic("future: the speculative pass was not begun");
-    if (!std::isfinite(t)) detail::fail("t: not finite (", t, ")");
-    for (std::size_t i = 0; i < timesteps_.size(); ++i)
-      if (timesteps_[i] <= t) return static_cast<index_t>(i);
-    return static_cast<index_t>(timesteps_.size() - 1);
+    return detail::nearest_future_record(timesteps_, t);
   }
 
   std::span<const float> future(float t) const {

@@ -3,6 +3,7 @@
 // caller-supplied memory sized by a query.
 #pragma once
 
+#include "accelerator.cuh"
 #include "attention.cuh"
 #include "cache_store.cuh"
 #include "classifier.cuh"
