@@ -102,12 +102,13 @@ if step "configure (Release, sm_$arch)" configure.log cmake "${configure_args[@]
   step "host tests (cuda/host)" host-tests.log "$tests" --test-suite=host
   if [[ -n $sanitizer ]]; then
     step "compute-sanitizer memcheck, all gpu suites" memcheck.log \
-      "$sanitizer" --tool memcheck --error-exitcode 99 --print-limit 20 "$tests" --gpu --test-suite=scorers,attention,classifier,rows,cache_store,graph
+      "$sanitizer" --tool memcheck --error-exitcode 99 --print-limit 20 "$tests" --gpu \
+      --test-suite=scorers,attention,classifier,rows,cache_store,graph,accelerator,accelerator_graph,accelerator_errors
     step "compute-sanitizer racecheck, classifier determinism" racecheck.log \
       "$sanitizer" --tool racecheck --error-exitcode 99 --print-limit 20 "$tests" --gpu --test-suite=classifier \
       --test-case="classification is deterministic and reuses its workspace"
-    step "compute-sanitizer synccheck, graph suite" synccheck.log \
-      "$sanitizer" --tool synccheck --error-exitcode 99 --print-limit 20 "$tests" --gpu --test-suite=graph
+    step "compute-sanitizer synccheck, graph suites" synccheck.log \
+      "$sanitizer" --tool synccheck --error-exitcode 99 --print-limit 20 "$tests" --gpu --test-suite=graph,accelerator_graph
   else
     summary+=("| compute-sanitizer | not found on PATH or in /usr/local/cuda/bin | 0 |")
     failed=1
