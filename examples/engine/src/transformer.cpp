@@ -6,11 +6,14 @@
 #include "sd3/transformer.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <unordered_map>
 
 #include <Eigen/Core>
@@ -24,20 +27,58 @@
 namespace sd3 {
 namespace {
 
-using row_matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-using const_view = Eigen::Map<const row_matrix, 0, Eigen::OuterStride<>>;
-using view = Eigen::Map<row_matrix, 0, Eigen::OuterStride<>>;
 using const_vec = Eigen::Map<const Eigen::ArrayXf>;
 using vec = Eigen::Map<Eigen::ArrayXf>;
 
 constexpr int gemm_tile_panels = 8;  // register panels of rows in a GEMM work unit (112 rows with AVX-512)
-constexpr int query_chunk = 64;   // attention queries per task
-constexpr int key_chunk = 512;    // keys per score GEMM (bounds Eigen's packed-rhs size)
 constexpr float norm_eps = 1e-6f; // LayerNorm and RMSNorm eps in SD3
 constexpr double norm_work = 8;   // a norm's passes over a row, in the work units of parallel_for
 
 int ceil_div(int a, int b) { return (a + b - 1) / b; }
 std::size_t round_up(std::size_t a, std::size_t b) { return (a + b - 1) / b * b; }
+
+constexpr int key_block = gemm::k_block;  // keys per step of the attention's online softmax
+
+// Attention queries per task: whole register panels, about 64 rows (56 with AVX-512), so that every key block
+// packed for a task serves enough queries.
+int query_chunk() { return 64 / gemm::register_tile().rows * gemm::register_tile().rows; }
+
+// One worker's attention scratch: its query chunk packed, one key block's scores (then probabilities), and each
+// query's running output, maximum, sum and log-sum-exp. The scores, written with row stride key_block, are
+// already in the packed layout of the GEMM's left operand (gemm::pack_rows), so P V reads them in place. All
+// offsets are multiples of 16 floats (64 bytes).
+struct attention_scratch {
+    float *q, *s, *o, *max, *sum, *lse;
+    int out_stride;  // floats per row of `o`: the head size rounded up to whole register tiles
+
+    attention_scratch(float* base, int head_dim) {
+        std::size_t at = 0;
+        for (auto [field, floats] : layout(head_dim)) {
+            this->*field = base + at;
+            at += floats;
+        }
+        out_stride = static_cast<int>(round_up(static_cast<std::size_t>(head_dim), gemm::register_tile().cols));
+    }
+    static std::size_t floats(int head_dim) {
+        std::size_t total = 0;
+        for (auto [field, f] : layout(head_dim)) total += f;
+        return total;
+    }
+
+private:
+    using member = float* attention_scratch::*;
+    static std::array<std::pair<member, std::size_t>, 6> layout(int head_dim) {
+        const std::size_t rows = query_chunk(), hdp = round_up(static_cast<std::size_t>(head_dim), gemm::register_tile().cols);
+        const std::size_t packed = gemm::packed_rows_floats(query_chunk());  // also rows x key_block: S is packed as it is made
+        auto r = [](std::size_t f) { return round_up(f, 16); };
+        return {{{&attention_scratch::q, r(packed)},
+                 {&attention_scratch::s, r(packed)},
+                 {&attention_scratch::o, r(rows * hdp)},
+                 {&attention_scratch::max, r(rows)},
+                 {&attention_scratch::sum, r(rows)},
+                 {&attention_scratch::lse, r(rows)}}};
+    }
+};
 
 using buffer = aligned_floats;  // 64-byte aligned (sd3/gemm.hpp)
 
@@ -140,7 +181,7 @@ struct transformer::impl {
     // workspaces (sized once)
     buffer tproj, temb, silu_temb, small_hidden, mod_img, mod_ctx, mod_final;
     buffer x_img, x_ctx, nrm_img, nrm_ctx, qkv_img, qkv_ctx, att_img, att_ctx, out_img, out_ctx;
-    buffer hidden, patches, out_rows, scratch, probe_parts;
+    buffer hidden, patches, out_rows, scratch, probe_parts, kv_packed;
     std::size_t scratch_slot = 0;  // floats per worker in `scratch`, a multiple of 16 (64 bytes)
     std::span<float> scratch_of(int worker) { return {scratch.data() + worker * scratch_slot, scratch_slot}; }
     // Every linear layer's weight packed for the GEMM once (the right operand of all its products).
@@ -172,10 +213,13 @@ struct transformer::impl {
         P = c.patch_features();
         hd = c.attention_head_dim;
         heads = c.num_attention_heads;
+        if (hd > key_block)  // the attention kernel packs a head's query rows in one slab of the GEMM's depth
+            throw std::invalid_argument(message("transformer: attention_head_dim = ", hd, " exceeds the attention kernel's ",
+                                                key_block));
         // Counts the engine keeps in int, formed in 64 bits first: each limit may be in range while a product is not.
         const std::int64_t tokens64 = std::int64_t{limits.max_height / c.patch_size} * (limits.max_width / c.patch_size);
         const std::int64_t tasks64 = std::int64_t{limits.max_batch} *
-                                     ((tokens64 + query_chunk - 1) / query_chunk + ceil_div(limits.max_context_tokens, query_chunk));
+                                     ((tokens64 + query_chunk() - 1) / query_chunk() + ceil_div(limits.max_context_tokens, query_chunk()));
         if (tokens64 > std::numeric_limits<int>::max() || tasks64 > std::numeric_limits<int>::max())
             bad_limit("max_batch/max_height/max_width = ", limits.max_batch, "/", limits.max_height, "/", limits.max_width,
                       " give ", tokens64, " image tokens per sample and ", tasks64, " attention tasks, more than the engine indexes");
@@ -198,8 +242,9 @@ struct transformer::impl {
             saturating_product(Bm, Nm, c.patch_inputs()),       // patches
             saturating_product(Bm, Nm, P),                      // out_rows
             saturating_product(max_tasks, Nm),                  // probe_parts
+            saturating_product(Bm, heads, kv_slot_for(max_tokens, max_ctx)),  // kv_packed
             saturating_product(Bm, rows),                       // positions (int32, same size as a float)
-            saturating_mul(scratch_slot_for(max_tokens, max_ctx), static_cast<std::size_t>(threads)),  // scratch
+            saturating_mul(scratch_slot_for(hd), static_cast<std::size_t>(threads)),  // scratch
         };
         std::size_t total = 0;
         for (const std::size_t f : floats) total = saturating_add(total, f);
@@ -229,6 +274,7 @@ struct transformer::impl {
         patches.resize(Bm * Nm * c.patch_inputs());
         out_rows.resize(Bm * Nm * P);
         probe_parts.resize(static_cast<std::size_t>(max_tasks) * Nm);
+        kv_packed.resize(Bm * heads * kv_slot_for(max_tokens, max_ctx));
         positions.resize(Bm * rows);
         size_scratch(threads);
         pack_weights();
@@ -290,16 +336,42 @@ struct transformer::impl {
         if (t < 1 || t > max_threads)
             throw std::invalid_argument(message("transformer: threads = ", t, " is out of range [1, ", max_threads, "]"));
     }
-    // Floats per worker in `scratch`: the larger of one query chunk's scores against every key and the GEMM's
-    // packing slab, a multiple of 16 (64 bytes).
-    static std::size_t scratch_slot_for(int image_tokens, int context_tokens) {
-        return round_up(std::max(saturating_product(query_chunk, std::int64_t{image_tokens} + context_tokens),
-                                 gemm::workspace_floats()),
-                        16);
+    // One sample's and head's keys and values packed for the attention's products, image tokens then context:
+    // keys as column panels of Q K^T's right operand, values per key block as column panels of P V's.
+    struct packed_kv {
+        float *k_img, *k_ctx, *v_img, *v_ctx;
+    };
+    std::array<std::size_t, 4> kv_layout(int image_tokens, int context_tokens) const {
+        const std::size_t cols = gemm::register_tile().cols, hdp = round_up(hd, cols);
+        auto r = [](std::size_t f) { return round_up(f, 16); };
+        return {r(round_up(as_size(image_tokens), cols) * hd), r(round_up(as_size(context_tokens), cols) * hd),
+                r(as_size(image_tokens) * hdp), r(as_size(context_tokens) * hdp)};
+    }
+    std::size_t kv_slot_for(int image_tokens, int context_tokens) const {
+        std::size_t total = 0;
+        for (const std::size_t f : kv_layout(image_tokens, context_tokens)) total = saturating_add(total, f);
+        return total;
+    }
+    packed_kv kv_of(int b, int h) {
+        const auto sizes = kv_layout(N, L);
+        float* at = kv_packed.data() + static_cast<std::size_t>(b * heads + h) * kv_slot_for(N, L);
+        packed_kv p{};
+        float** fields[] = {&p.k_img, &p.k_ctx, &p.v_img, &p.v_ctx};
+        for (int i = 0; i < 4; ++i) {
+            *fields[i] = at;
+            at += sizes[i];
+        }
+        return p;
+    }
+
+    // Floats per worker in `scratch`: the larger of the attention's scratch and the GEMM's packing slab, a
+    // multiple of 16 (64 bytes). Independent of the token counts: attention holds one key block at a time.
+    static std::size_t scratch_slot_for(int head_dim) {
+        return round_up(std::max(attention_scratch::floats(head_dim), gemm::workspace_floats()), 16);
     }
     // Sizes the per-worker scratch slots for `t` workers; on failure nothing changes.
     void size_scratch(int t) {
-        const std::size_t slot = scratch_slot_for(max_tokens, max_ctx);
+        const std::size_t slot = scratch_slot_for(hd);
         require_memory(message("transformer: scratch for ", t, " threads"), saturating_product(t, slot, sizeof(float)));
         buffer fresh(static_cast<std::size_t>(t) * slot, 0.0f);
         scratch.swap(fresh);
@@ -601,24 +673,24 @@ void transformer::impl::attention_stage(int layer, const block_weights& w, const
 }
 
 // softmax(Q K^T / sqrt(hd)) V over the keys [image tokens (all N); context tokens], per head; queries are the
-// active image rows and/or the context rows. Optionally records the probe's column sums per task.
+// active image rows and/or the context rows. A task is one sample's chunk of queries; per head it walks the keys
+// in blocks with an online softmax (running maximum and sum, the output rescaled when the maximum grows), so no
+// buffer grows with the token count. With the probe it makes a second pass over the image keys: each query's
+// probabilities are exp(score * scale - lse) from its log-sum-exp, summed into the task's column sums.
 void transformer::impl::attend(int layer, bool image_queries, bool context_queries) {
     const bool probe = !opts->attention_probe.empty();
-    const int img_chunks = image_queries ? ceil_div(n, query_chunk) : 0;
-    const int ctx_chunks = context_queries ? ceil_div(L, query_chunk) : 0;
+    const int qc = query_chunk();
+    const int img_chunks = image_queries ? ceil_div(n, qc) : 0;
+    const int ctx_chunks = context_queries ? ceil_div(L, qc) : 0;
     const int per_sample = img_chunks + ctx_chunks;
-    const int ld_s = N + L;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    const double attention_work = 2.0 * B * ((image_queries ? n : 0) + (context_queries ? L : 0)) * static_cast<double>(N + L) * D;
-    parallel_for(split(), B * per_sample, attention_work, [&](int task, int thread) {
-        const int b = task / per_sample, chunk = task % per_sample;
-        const bool img = chunk < img_chunks;
-        const int q0 = (img ? chunk : chunk - img_chunks) * query_chunk;
-        const int nq = std::min(query_chunk, (img ? n : L) - q0);
-        const float* q = img ? qkv_img.data() + (static_cast<std::size_t>(b) * n + q0) * 3 * D
-                             : qkv_ctx.data() + (static_cast<std::size_t>(b) * L + q0) * 3 * D;
-        float* o = img ? att_img.data() + (static_cast<std::size_t>(b) * n + q0) * D
-                       : att_ctx.data() + (static_cast<std::size_t>(b) * L + q0) * D;
+    const gemm::tile_shape tile = gemm::register_tile();
+    const int q_panels = qc / tile.rows;
+    const std::ptrdiff_t panel = static_cast<std::ptrdiff_t>(gemm::packed_rows_floats(tile.rows));
+    // Every sample's and head's keys and values packed once, for all the query chunks that read them.
+    parallel_for(split(), B * heads, 2.0 * B * (N + L) * D, [&](int task, int) {
+        const int b = task / heads, h = task % heads;
+        const packed_kv kv = kv_of(b, h);
         const float *k_img, *v_img;
         int ld_kv;
         if (opts->kv) {
@@ -632,31 +704,77 @@ void transformer::impl::attend(int layer, bool image_queries, bool context_queri
         }
         const float* k_ctx = qkv_ctx.data() + static_cast<std::size_t>(b) * L * 3 * D + D;
         const float* v_ctx = k_ctx + D;
-        view s(scratch_of(thread).data(), nq, N + L, Eigen::OuterStride<>(ld_s));
+        const int hdp = static_cast<int>(round_up(hd, tile.cols));
+        gemm::pack_transposed(k_img + h * hd, ld_kv, N, hd, kv.k_img);
+        gemm::pack_transposed(k_ctx + h * hd, 3 * D, L, hd, kv.k_ctx);
+        for (int j0 = 0; j0 < N; j0 += key_block)
+            gemm::pack_columns(v_img + static_cast<std::ptrdiff_t>(j0) * ld_kv + h * hd, ld_kv, std::min(key_block, N - j0), hd,
+                               kv.v_img + static_cast<std::ptrdiff_t>(j0) * hdp);
+        for (int j0 = 0; j0 < L; j0 += key_block)
+            gemm::pack_columns(v_ctx + static_cast<std::ptrdiff_t>(j0) * 3 * D + h * hd, 3 * D, std::min(key_block, L - j0), hd,
+                               kv.v_ctx + static_cast<std::ptrdiff_t>(j0) * hdp);
+    });
+    const double attention_work = 2.0 * B * ((image_queries ? n : 0) + (context_queries ? L : 0)) * static_cast<double>(N + L) * D;
+    parallel_for(split(), B * per_sample, attention_work, [&](int task, int worker) {
+        const int b = task / per_sample, chunk = task % per_sample;
+        const bool img = chunk < img_chunks;
+        const int q0 = (img ? chunk : chunk - img_chunks) * qc;
+        const int nq = std::min(qc, (img ? n : L) - q0);
+        const float* q = img ? qkv_img.data() + (static_cast<std::size_t>(b) * n + q0) * 3 * D
+                             : qkv_ctx.data() + (static_cast<std::size_t>(b) * L + q0) * 3 * D;
+        float* o = img ? att_img.data() + (static_cast<std::size_t>(b) * n + q0) * D
+                       : att_ctx.data() + (static_cast<std::size_t>(b) * L + q0) * D;
+        attention_scratch w(scratch_of(worker).data(), hd);
         float* part = probe && (img || opts->probe_context_queries) ? probe_parts.data() + static_cast<std::size_t>(task) * N
                                                                     : nullptr;
         if (part) std::fill_n(part, N, 0.0f);
+        // S[0:qc, 0:nk) = Q K^T for the key block at j0 of packed keys (nk keys, the rest of S's columns unused).
+        auto scores = [&](const float* keys, int j0, int nk) {
+            for (int kp = 0; kp * tile.cols < nk; ++kp)
+                for (int qp = 0; qp < q_panels; ++qp)
+                    gemm::micro_kernel(hd, w.q + qp * panel, keys + static_cast<std::ptrdiff_t>(j0 + kp * tile.cols) * hd,
+                                       w.s + qp * panel + kp * tile.cols, key_block, gemm::start::zero);
+        };
         for (int h = 0; h < heads; ++h) {
-            const const_view qh(q + h * hd, nq, hd, Eigen::OuterStride<>(3 * D));
-            for (int k0 = 0; k0 < N; k0 += key_chunk) {
-                const int nk = std::min(key_chunk, N - k0);
-                const const_view kh(k_img + static_cast<std::ptrdiff_t>(k0) * ld_kv + h * hd, nk, hd, Eigen::OuterStride<>(ld_kv));
-                s.middleCols(k0, nk).noalias() = qh * kh.transpose();
+            const packed_kv kv = kv_of(b, h);
+            gemm::pack_rows(q + h * hd, 3 * D, nq, hd, w.q);
+            std::fill_n(w.o, static_cast<std::size_t>(qc) * w.out_stride, 0.0f);
+            std::fill_n(w.max, qc, -std::numeric_limits<float>::infinity());
+            std::fill_n(w.sum, qc, 0.0f);
+            for (const auto& [keys, values, count] : {std::tuple{kv.k_img, kv.v_img, N}, std::tuple{kv.k_ctx, kv.v_ctx, L}}) {
+                for (int j0 = 0; j0 < count; j0 += key_block) {
+                    const int nk = std::min(key_block, count - j0);
+                    scores(keys, j0, nk);
+                    for (int r = 0; r < nq; ++r) {
+                        vec row(w.s + static_cast<std::ptrdiff_t>(r) * key_block, nk);
+                        const float mx = std::max(w.max[r], row.maxCoeff());
+                        const float rescale = std::exp((w.max[r] - mx) * scale);  // 0 on the first block
+                        row = ((row - mx) * scale).exp();
+                        w.sum[r] = w.sum[r] * rescale + row.sum();
+                        w.max[r] = mx;
+                        vec(w.o + static_cast<std::ptrdiff_t>(r) * w.out_stride, hd) *= rescale;
+                    }
+                    const float* v = values + static_cast<std::ptrdiff_t>(j0) * w.out_stride;
+                    for (int vp = 0; vp * tile.cols < hd; ++vp)
+                        for (int qp = 0; qp < q_panels; ++qp)
+                            gemm::micro_kernel(nk, w.s + qp * panel, v + static_cast<std::ptrdiff_t>(vp) * nk * tile.cols,
+                                               w.o + static_cast<std::ptrdiff_t>(qp) * tile.rows * w.out_stride + vp * tile.cols,
+                                               w.out_stride, gemm::start::c);
+                }
             }
-            const const_view kc(k_ctx + h * hd, L, hd, Eigen::OuterStride<>(3 * D));
-            s.rightCols(L).noalias() = qh * kc.transpose();
             for (int r = 0; r < nq; ++r) {
-                auto row = s.row(r).array();
-                const float mx = row.maxCoeff();
-                row = ((row - mx) * scale).exp();
-                row *= 1.0f / row.sum();
+                vec(o + static_cast<std::ptrdiff_t>(r) * D + h * hd, hd) =
+                    const_vec(w.o + static_cast<std::ptrdiff_t>(r) * w.out_stride, hd) * (1.0f / w.sum[r]);
+                w.lse[r] = w.max[r] * scale + std::log(w.sum[r]);
             }
-            if (part) vec(part, N) += s.leftCols(N).colwise().sum().array().transpose();
-            view oh(o + h * hd, nq, hd, Eigen::OuterStride<>(D));
-            const const_view vi(v_img + h * hd, N, hd, Eigen::OuterStride<>(ld_kv));
-            const const_view vc(v_ctx + h * hd, L, hd, Eigen::OuterStride<>(3 * D));
-            oh.noalias() = s.leftCols(N) * vi;
-            oh.noalias() += s.rightCols(L) * vc;
+            if (!part) continue;
+            for (int j0 = 0; j0 < N; j0 += key_block) {
+                const int nk = std::min(key_block, N - j0);
+                scores(kv.k_img, j0, nk);
+                vec sums(part + j0, nk);
+                for (int r = 0; r < nq; ++r)
+                    sums += (const_vec(w.s + static_cast<std::ptrdiff_t>(r) * key_block, nk) * scale - w.lse[r]).exp();
+            }
         }
     });
     if (probe) {  // fixed-order reduction: results do not depend on the thread count
