@@ -1,14 +1,15 @@
 // A CUDA consumer of the installed package: one cached step of a small engine, written with the device
-// models that exist today (<specdiff/cuda/specdiff.cuh>): attention column sums, the SpecDiff scorer,
-// the three-level classifier, C1 gather/scatter, a bfloat16 cache store with C2 and C3 fills, staleness.
-// package/cuda_consumer configures and builds it in CI wherever nvcc exists; it is not run there (no GPU).
-// When the device accelerator (specdiff::gpu::accelerator with __nv_bfloat16 rows, issue 12) lands, it
-// joins this file.
+// models (<specdiff/cuda/specdiff.cuh>): attention column sums, the SpecDiff scorer, the three-level
+// classifier, C1 gather/scatter, a bfloat16 cache store with C2 and C3 fills, staleness; then a whole run
+// through the device accelerator (specdiff::gpu::accelerator: float rows, a bfloat16 store), the loop
+// docs/cuda.md shows. package/cuda_consumer configures and builds it in CI wherever nvcc exists; it is not
+// run there (no GPU).
 #include <specdiff/cuda/specdiff.cuh>
 
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <vector>
 
 namespace gpu = specdiff::gpu;
 using specdiff::index_t;
@@ -115,6 +116,56 @@ int run(const engine_shape& e) {
   return EXIT_SUCCESS;
 }
 
+// The same engine through the device accelerator: the host accelerator's protocol, every call enqueued on
+// one stream, nothing synchronised until the checkpoint at the end. Dense steps 0, 1 and 5, partial steps
+// between them scored with the speculative pass's attention.
+int run_accelerated(const engine_shape& e) {
+  using accelerator = gpu::accelerator<specdiff::specdiff_scorer, gpu::self_speculation, gpu::three_level_classifier<>,
+                                       specdiff::step_schedule, specdiff::specdiff_weighted, gpu::device_cache_store<specdiff::bfloat16>>;
+  const index_t steps = 8, rows = e.batch * e.tokens;
+  const specdiff::accelerator_config config{.tokens = e.tokens, .batch = e.batch, .steps = steps, .feature_dim = e.dim};
+  const specdiff::step_schedule schedule{.warmup_steps = 2, .refresh_interval = 0, .speculative = 2, .reset_steps = {5}};
+  const gpu::three_level_classifier<> classifier(e.tokens, config.plans(), e.cache_rate);
+  cudaStream_t stream = nullptr;
+  SPECDIFF_CUDA_CHECK(cudaStreamCreate(&stream));
+
+  // Setup: the accelerator's memory, sized once, and the engine's own buffers.
+  device_memory memory(accelerator::memory_bytes(config, classifier, schedule));
+  accelerator acc(config, {}, {}, classifier, schedule, memory.as<void>(), memory.bytes(), stream);
+  const std::size_t cells = static_cast<std::size_t>(rows) * static_cast<std::size_t>(e.dim);
+  device_memory x(sizeof(float) * cells), x_c1(sizeof(float) * cells), y_c1(sizeof(float) * cells), y(sizeof(float) * cells),
+      attention(sizeof(float) * static_cast<std::size_t>(rows));
+  SPECDIFF_CUDA_CHECK(cudaMemsetAsync(x.as<void>(), 0, x.bytes(), stream));
+  const gpu::device_span<const float> received(attention.as<float>(), rows);
+
+  std::vector<float> t(static_cast<std::size_t>(steps));
+  for (index_t k = 0; k < steps; ++k) t[static_cast<std::size_t>(k)] = 1000.f - 125.f * static_cast<float>(k);
+  const auto speculative_t = specdiff::aligned_speculative_timesteps(t, schedule.speculative_steps(), schedule);
+  acc.begin_speculation(speculative_t);
+  for (std::size_t s = 0; s < speculative_t.size(); ++s) {
+    // ... the engine runs every token at speculative_t[s] and sums the attention each token received ...
+    fill_uniform<<<64, 256, 0, acc.stream()>>>(attention.as<float>(), static_cast<std::size_t>(rows), 1.f);
+    SPECDIFF_CUDA_CHECK_LAUNCH("fill_uniform");
+    acc.record_speculation(static_cast<index_t>(s), received);
+  }
+  for (index_t k = 0; k < steps; ++k) {
+    auto step = acc.plan_step(k, t[static_cast<std::size_t>(k)]);
+    const index_t n = e.batch * step.compute_count();  // host-known: static GEMM shapes
+    gpu::gather_rows(gpu::device_matrix<const float>(x.as<float>(), rows, e.dim), step.compute_rows(),
+                     gpu::device_matrix<float>(x_c1.as<float>(), n, e.dim), acc.stream());
+    // ... the engine's network maps x_c1 to y_c1 (n rows) on acc.stream() and writes the attention ...
+    SPECDIFF_CUDA_CHECK(cudaMemcpyAsync(y_c1.as<void>(), x_c1.as<void>(), sizeof(float) * static_cast<std::size_t>(n) * static_cast<std::size_t>(e.dim),
+                                        cudaMemcpyDeviceToDevice, acc.stream()));
+    acc.complete_step(std::move(step), gpu::device_matrix<const float>(y_c1.as<float>(), n, e.dim),
+                      gpu::device_matrix<float>(y.as<float>(), rows, e.dim), received);
+  }
+  acc.check_status();  // a checkpoint: synchronises
+  SPECDIFF_CUDA_CHECK(cudaStreamDestroy(stream));
+  std::printf("accelerated run: %d steps, %d of %d tokens per sample on partial steps\n", static_cast<int>(steps),
+              static_cast<int>(acc.partial_compute_count()), static_cast<int>(e.tokens));
+  return EXIT_SUCCESS;
+}
+
 }  // namespace
 
 int main() {
@@ -125,7 +176,8 @@ int main() {
     return EXIT_SUCCESS;
   }
   try {
-    return run(engine_shape{});
+    const int status = run(engine_shape{});
+    return status == EXIT_SUCCESS ? run_accelerated(engine_shape{}) : status;
   } catch (const std::exception& error) {
     std::fprintf(stderr, "%s\n", error.what());
     return EXIT_FAILURE;
