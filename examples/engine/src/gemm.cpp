@@ -1,6 +1,7 @@
 #include "sd3/gemm.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <stdexcept>
 
@@ -59,6 +60,8 @@ tile_shape register_tile() noexcept { return {mr, nr}; }
 std::size_t workspace_floats() noexcept { return round_up(row_block, mr) * k_block; }
 std::size_t packed_rows_floats(int rows) noexcept { return round_up(static_cast<std::size_t>(rows), mr) * k_block; }
 
+int panel_width() noexcept { return nr; }
+
 std::size_t packed_weights::panel_floats() const noexcept { return static_cast<std::size_t>(depth_) * nr; }
 
 packed_weights::packed_weights(std::span<const float> w, int outputs, int depth) : outputs_(outputs), depth_(depth) {
@@ -83,12 +86,12 @@ void pack_rows(const float* a, std::ptrdiff_t lda, int rows, int depth, float* o
 void pack_transposed(const float* bt, std::ptrdiff_t ldb, int cols, int depth, float* out) {
     for (int j0 = 0; j0 < cols; j0 += nr, out += static_cast<std::ptrdiff_t>(depth) * nr) {
         const int n = std::min(nr, cols - j0);
-        for (int j = 0; j < n; ++j) {
-            const float* src = bt + (j0 + j) * ldb;
-            for (int k = 0; k < depth; ++k) out[k * nr + j] = src[k];
+        // k outer: each packed row of nr floats is written whole, from nr source rows read in step.
+        for (int k = 0; k < depth; ++k) {
+            float* dst = out + k * nr;
+            for (int j = 0; j < n; ++j) dst[j] = bt[(j0 + j) * ldb + k];
+            for (int j = n; j < nr; ++j) dst[j] = 0.0f;
         }
-        for (int j = n; j < nr; ++j)
-            for (int k = 0; k < depth; ++k) out[k * nr + j] = 0.0f;
     }
 }
 
@@ -102,8 +105,8 @@ void pack_columns(const float* b, std::ptrdiff_t ldb, int depth, int cols, float
     }
 }
 
-void micro_kernel(int depth, const float* __restrict a_panel, const float* __restrict b_panel, float* __restrict c,
-                  std::ptrdiff_t ldc, start from, const float* __restrict row) {
+void micro_kernel(int depth, const float* __restrict a_panel, const float* __restrict b_panel, std::ptrdiff_t ldb,
+                  float* __restrict c, std::ptrdiff_t ldc, start from, const float* __restrict row) {
     // The sum over k starts from zero and what C starts from is added at the end: C's rows (often out of cache: a
     // tile of C is touched once per k slab) are prefetched now and arrive while the k loop runs.
     if (from == start::c)
@@ -114,7 +117,7 @@ void micro_kernel(int depth, const float* __restrict a_panel, const float* __res
     for (int i = 0; i < mr; ++i)
 #pragma GCC unroll 2
         for (int v = 0; v < vectors; ++v) acc[i][v] = vzero();
-    for (int k = 0; k < depth; ++k, ++a_panel, b_panel += nr) {
+    for (int k = 0; k < depth; ++k, ++a_panel, b_panel += ldb) {
         vfloat b[vectors];
 #pragma GCC unroll 2
         for (int v = 0; v < vectors; ++v) b[v] = vload(b_panel + v * lanes);
@@ -139,8 +142,8 @@ void micro_kernel(int depth, const float* __restrict a_panel, const float* __res
         }
 }
 
-void micro_kernel_edge(int depth, const float* a_panel, const float* b_panel, float* c, std::ptrdiff_t ldc, int rows,
-                       int cols, start from, const float* row) {
+void micro_kernel_edge(int depth, const float* a_panel, const float* b_panel, std::ptrdiff_t ldb, float* c,
+                       std::ptrdiff_t ldc, int rows, int cols, start from, const float* row) {
     // The same arithmetic as a full tile: the start values go to a full-size tile, which then starts from itself.
     alignas(64) float tile[mr * nr];
     for (int i = 0; i < mr; ++i)
@@ -148,7 +151,7 @@ void micro_kernel_edge(int depth, const float* a_panel, const float* b_panel, fl
             const bool inside = i < rows && j < cols;
             tile[i * nr + j] = !inside ? 0.0f : from == start::c ? c[i * ldc + j] : from == start::row ? row[j] : 0.0f;
         }
-    micro_kernel(depth, a_panel, b_panel, tile, nr, from == start::zero ? start::zero : start::c, nullptr);
+    micro_kernel(depth, a_panel, b_panel, ldb, tile, nr, from == start::zero ? start::zero : start::c, nullptr);
     for (int i = 0; i < rows; ++i) std::copy_n(tile + i * nr, cols, c + i * ldc);
 }
 
@@ -175,13 +178,41 @@ void multiply(const float* a, std::ptrdiff_t lda, int rows, const packed_weights
                     const int prows = std::min(mr, nrows - i);
                     const float* row = bias ? bias + (j - c0) : nullptr;
                     if (prows == mr && ncols == nr)
-                        micro_kernel(kc, ap, bp, ct, ldc, from, row);
+                        micro_kernel(kc, ap, bp, nr, ct, ldc, from, row);
                     else
-                        micro_kernel_edge(kc, ap, bp, ct, ldc, prows, ncols, from, row);
+                        micro_kernel_edge(kc, ap, bp, nr, ct, ldc, prows, ncols, from, row);
                 }
             }
         }
     }
+}
+
+double measure_peak_gflops(double seconds) {
+    // Independent multiply-add chains on as many registers as the micro-kernel's accumulators: the core's
+    // throughput, not its latency. The multiplier is 1 and the addend tiny, so no value overflows or denormalises.
+    constexpr int chains = mr * vectors;
+    vfloat acc[chains];
+    for (int i = 0; i < chains; ++i) acc[i] = vbroadcast(static_cast<float>(i));
+    const vfloat one = vbroadcast(1.0f), tiny = vbroadcast(1e-30f);
+    const auto t0 = std::chrono::steady_clock::now();
+    double elapsed = 0;
+    long rounds = 0;
+    do {
+        for (int r = 0; r < 1000; ++r)
+#pragma GCC unroll 32
+            for (int i = 0; i < chains; ++i) acc[i] = vfma(acc[i], one, tiny);
+        rounds += 1000;
+        elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    } while (elapsed < seconds);
+    float sink = 0;
+    for (int i = 0; i < chains; ++i) {
+        alignas(64) float out[lanes];
+        vstore(out, acc[i]);
+        sink += out[0];
+    }
+    volatile float keep = sink;  // the chains must be computed
+    (void)keep;
+    return static_cast<double>(rounds) * chains * lanes * 2.0 / elapsed / 1e9;
 }
 
 }  // namespace sd3::gemm

@@ -30,7 +30,6 @@ namespace {
 using const_vec = Eigen::Map<const Eigen::ArrayXf>;
 using vec = Eigen::Map<Eigen::ArrayXf>;
 
-constexpr int gemm_tile_panels = 8;  // register panels of rows in a GEMM work unit (112 rows with AVX-512)
 constexpr float norm_eps = 1e-6f; // LayerNorm and RMSNorm eps in SD3
 constexpr double norm_work = 8;   // a norm's passes over a row, in the work units of parallel_for
 
@@ -337,12 +336,15 @@ struct transformer::impl {
             throw std::invalid_argument(message("transformer: threads = ", t, " is out of range [1, ", max_threads, "]"));
     }
     // One sample's and head's keys and values packed for the attention's products, image tokens then context:
-    // keys as column panels of Q K^T's right operand, values per key block as column panels of P V's.
+    // keys as column panels of Q K^T's right operand, values (unless read in place) per key block as column
+    // panels of P V's.
     struct packed_kv {
         float *k_img, *k_ctx, *v_img, *v_ctx;
     };
+    // P V reads the value rows where they are when a head is whole register panels wide; else from packed copies.
+    bool values_in_place() const { return hd % gemm::register_tile().cols == 0; }
     std::array<std::size_t, 4> kv_layout(int image_tokens, int context_tokens) const {
-        const std::size_t cols = gemm::register_tile().cols, hdp = round_up(hd, cols);
+        const std::size_t cols = gemm::register_tile().cols, hdp = values_in_place() ? 0 : round_up(hd, cols);
         auto r = [](std::size_t f) { return round_up(f, 16); };
         return {r(round_up(as_size(image_tokens), cols) * hd), r(round_up(as_size(context_tokens), cols) * hd),
                 r(as_size(image_tokens) * hdp), r(as_size(context_tokens) * hdp)};
@@ -393,7 +395,7 @@ struct transformer::impl {
     }
 
     // Y[rows, W.out] = X[rows, W.in] * W^T + b, then epi(row, width) on each finished tile row. The parallel work
-    // units are tiles of gemm_tile_panels register panels of rows by all columns, so each packs its rows once;
+    // units are tiles of gemm::task_panels register panels of rows by all columns, so each packs its rows once;
     // columns are split too only where there are fewer row tiles than a few per worker.
     template <class Epilogue = no_epilogue>
     void linear_rows(loop_split s, const float* X, int ldx, int rows, const linear& W, float* Y, int ldy,
@@ -401,7 +403,7 @@ struct transformer::impl {
         if (rows <= 0) return;
         const gemm::packed_weights& P = packed.at(&W);
         const gemm::tile_shape tile = gemm::register_tile();
-        const int tr = gemm_tile_panels * tile.rows, rt = ceil_div(rows, tr);
+        const int tr = gemm::task_panels * tile.rows, rt = ceil_div(rows, tr);
         const int wanted = 4 * s.team.size();
         const int ct = rt >= wanted ? 1 : std::min(ceil_div(W.out, tile.cols), ceil_div(wanted, rt));
         const int tc = ceil_div(ceil_div(W.out, ct), tile.cols) * tile.cols;
@@ -685,34 +687,45 @@ void transformer::impl::attend(int layer, bool image_queries, bool context_queri
     const int per_sample = img_chunks + ctx_chunks;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
     const gemm::tile_shape tile = gemm::register_tile();
-    const int q_panels = qc / tile.rows;
     const std::ptrdiff_t panel = static_cast<std::ptrdiff_t>(gemm::packed_rows_floats(tile.rows));
-    // Every sample's and head's keys and values packed once, for all the query chunks that read them.
+    // Where sample b's keys and values are: image rows in the cache (partial forwards) or in the projection rows
+    // (full forward without cache, n == N); context rows in the projection rows.
+    struct kv_rows {
+        const float *k_img, *v_img, *k_ctx, *v_ctx;
+        int ld_img, ld_ctx;
+    };
+    auto rows_of = [&](int b) {
+        kv_rows r{};
+        if (opts->kv) {
+            r.k_img = opts->kv->keys(layer, b);
+            r.v_img = opts->kv->values(layer, b);
+            r.ld_img = D;
+        } else {
+            r.k_img = qkv_img.data() + static_cast<std::size_t>(b) * n * 3 * D + D;
+            r.v_img = r.k_img + D;
+            r.ld_img = 3 * D;
+        }
+        r.k_ctx = qkv_ctx.data() + static_cast<std::size_t>(b) * L * 3 * D + D;
+        r.v_ctx = r.k_ctx + D;
+        r.ld_ctx = 3 * D;
+        return r;
+    };
+    const bool in_place = values_in_place();
+    const int hdp = static_cast<int>(round_up(hd, tile.cols));
+    // Every sample's and head's keys (and values, unless read in place) packed once, for all the query chunks.
     parallel_for(split(), B * heads, 2.0 * B * (N + L) * D, [&](int task, int) {
         const int b = task / heads, h = task % heads;
         const packed_kv kv = kv_of(b, h);
-        const float *k_img, *v_img;
-        int ld_kv;
-        if (opts->kv) {
-            k_img = opts->kv->keys(layer, b);
-            v_img = opts->kv->values(layer, b);
-            ld_kv = D;
-        } else {  // full forward without cache: n == N, keys are in the projection rows
-            k_img = qkv_img.data() + static_cast<std::size_t>(b) * n * 3 * D + D;
-            v_img = k_img + D;
-            ld_kv = 3 * D;
-        }
-        const float* k_ctx = qkv_ctx.data() + static_cast<std::size_t>(b) * L * 3 * D + D;
-        const float* v_ctx = k_ctx + D;
-        const int hdp = static_cast<int>(round_up(hd, tile.cols));
-        gemm::pack_transposed(k_img + h * hd, ld_kv, N, hd, kv.k_img);
-        gemm::pack_transposed(k_ctx + h * hd, 3 * D, L, hd, kv.k_ctx);
+        const kv_rows src = rows_of(b);
+        gemm::pack_transposed(src.k_img + h * hd, src.ld_img, N, hd, kv.k_img);
+        gemm::pack_transposed(src.k_ctx + h * hd, src.ld_ctx, L, hd, kv.k_ctx);
+        if (in_place) return;
         for (int j0 = 0; j0 < N; j0 += key_block)
-            gemm::pack_columns(v_img + static_cast<std::ptrdiff_t>(j0) * ld_kv + h * hd, ld_kv, std::min(key_block, N - j0), hd,
-                               kv.v_img + static_cast<std::ptrdiff_t>(j0) * hdp);
+            gemm::pack_columns(src.v_img + static_cast<std::ptrdiff_t>(j0) * src.ld_img + h * hd, src.ld_img,
+                               std::min(key_block, N - j0), hd, kv.v_img + static_cast<std::ptrdiff_t>(j0) * hdp);
         for (int j0 = 0; j0 < L; j0 += key_block)
-            gemm::pack_columns(v_ctx + static_cast<std::ptrdiff_t>(j0) * 3 * D + h * hd, 3 * D, std::min(key_block, L - j0), hd,
-                               kv.v_ctx + static_cast<std::ptrdiff_t>(j0) * hdp);
+            gemm::pack_columns(src.v_ctx + static_cast<std::ptrdiff_t>(j0) * src.ld_ctx + h * hd, src.ld_ctx,
+                               std::min(key_block, L - j0), hd, kv.v_ctx + static_cast<std::ptrdiff_t>(j0) * hdp);
     });
     const double attention_work = 2.0 * B * ((image_queries ? n : 0) + (context_queries ? L : 0)) * static_cast<double>(N + L) * D;
     parallel_for(split(), B * per_sample, attention_work, [&](int task, int worker) {
@@ -720,6 +733,7 @@ void transformer::impl::attend(int layer, bool image_queries, bool context_queri
         const bool img = chunk < img_chunks;
         const int q0 = (img ? chunk : chunk - img_chunks) * qc;
         const int nq = std::min(qc, (img ? n : L) - q0);
+        const int q_panels = ceil_div(nq, tile.rows);  // a short last chunk computes only its own panels
         const float* q = img ? qkv_img.data() + (static_cast<std::size_t>(b) * n + q0) * 3 * D
                              : qkv_ctx.data() + (static_cast<std::size_t>(b) * L + q0) * 3 * D;
         float* o = img ? att_img.data() + (static_cast<std::size_t>(b) * n + q0) * D
@@ -732,16 +746,18 @@ void transformer::impl::attend(int layer, bool image_queries, bool context_queri
         auto scores = [&](const float* keys, int j0, int nk) {
             for (int kp = 0; kp * tile.cols < nk; ++kp)
                 for (int qp = 0; qp < q_panels; ++qp)
-                    gemm::micro_kernel(hd, w.q + qp * panel, keys + static_cast<std::ptrdiff_t>(j0 + kp * tile.cols) * hd,
+                    gemm::micro_kernel(hd, w.q + qp * panel, keys + static_cast<std::ptrdiff_t>(j0 + kp * tile.cols) * hd, tile.cols,
                                        w.s + qp * panel + kp * tile.cols, key_block, gemm::start::zero);
         };
+        const kv_rows src = rows_of(b);
         for (int h = 0; h < heads; ++h) {
             const packed_kv kv = kv_of(b, h);
             gemm::pack_rows(q + h * hd, 3 * D, nq, hd, w.q);
             std::fill_n(w.o, static_cast<std::size_t>(qc) * w.out_stride, 0.0f);
             std::fill_n(w.max, qc, -std::numeric_limits<float>::infinity());
             std::fill_n(w.sum, qc, 0.0f);
-            for (const auto& [keys, values, count] : {std::tuple{kv.k_img, kv.v_img, N}, std::tuple{kv.k_ctx, kv.v_ctx, L}}) {
+            for (const auto& [keys, rows, ld, packed_values, count] :
+                 {std::tuple{kv.k_img, src.v_img, src.ld_img, kv.v_img, N}, std::tuple{kv.k_ctx, src.v_ctx, src.ld_ctx, kv.v_ctx, L}}) {
                 for (int j0 = 0; j0 < count; j0 += key_block) {
                     const int nk = std::min(key_block, count - j0);
                     scores(keys, j0, nk);
@@ -754,12 +770,15 @@ void transformer::impl::attend(int layer, bool image_queries, bool context_queri
                         w.max[r] = mx;
                         vec(w.o + static_cast<std::ptrdiff_t>(r) * w.out_stride, hd) *= rescale;
                     }
-                    const float* v = values + static_cast<std::ptrdiff_t>(j0) * w.out_stride;
-                    for (int vp = 0; vp * tile.cols < hd; ++vp)
+                    for (int vp = 0; vp * tile.cols < hd; ++vp) {
+                        const float* v = in_place ? rows + static_cast<std::ptrdiff_t>(j0) * ld + h * hd + vp * tile.cols
+                                                  : packed_values + static_cast<std::ptrdiff_t>(j0) * hdp + vp * nk * tile.cols;
+                        const std::ptrdiff_t ldv = in_place ? ld : tile.cols;
                         for (int qp = 0; qp < q_panels; ++qp)
-                            gemm::micro_kernel(nk, w.s + qp * panel, v + static_cast<std::ptrdiff_t>(vp) * nk * tile.cols,
+                            gemm::micro_kernel(nk, w.s + qp * panel, v, ldv,
                                                w.o + static_cast<std::ptrdiff_t>(qp) * tile.rows * w.out_stride + vp * tile.cols,
                                                w.out_stride, gemm::start::c);
+                    }
                 }
             }
             for (int r = 0; r < nq; ++r) {

@@ -44,6 +44,9 @@ tile_shape register_tile() noexcept;
 inline constexpr int k_block = 256;
 // Rows of A packed at a time (a k_block-deep slab of them stays in L2).
 inline constexpr int row_block = 512;
+// Register panels of rows in one parallel work unit of a layer's GEMM (112 rows with AVX-512): small enough that
+// a unit's C rows and A slab stay in L2 while every weight panel passes, large enough to reuse each panel.
+inline constexpr int task_panels = 8;
 
 // W [outputs][depth] (row-major, y = x W^T + b) repacked once into panels of register_tile().cols outputs,
 // depth-major and zero-padded past `outputs`: the right operand of every product with this layer.
@@ -71,6 +74,10 @@ std::size_t workspace_floats() noexcept;
 void multiply(const float* a, std::ptrdiff_t lda, int rows, const packed_weights& w, int c0, int c1, float* c,
               std::ptrdiff_t ldc, std::span<float> workspace, const float* bias = nullptr);
 
+// The core's measured FP32 fused multiply-add throughput with the micro-kernel's vectors, in GFLOP/s (one FMA =
+// 2 FLOP), over about `seconds`: the peak that benchmarks state their GEMMs' efficiency against.
+double measure_peak_gflops(double seconds = 0.2);
+
 // ----- building blocks for fused kernels -----
 
 // Packs A[rows, 0:depth) (row-major, lda; depth <= k_block) into ceil(rows / tile.rows) row panels of
@@ -86,12 +93,15 @@ void pack_columns(const float* b, std::ptrdiff_t ldb, int depth, int cols, float
 // What a tile's sum starts from: zero, C itself, or one row (a bias) repeated down the tile.
 enum class start { zero, c, row };
 // C tile [tile.rows x tile.cols] (row-major, ldc) = start + A panel * B panel over `depth` (<= k_block), the
-// product summed from zero by fused multiply-adds in k order and added to the start value once at the end.
-void micro_kernel(int depth, const float* a_panel, const float* b_panel, float* c, std::ptrdiff_t ldc, start from,
-                  const float* row = nullptr);
-// The same on a partial tile, bit for bit: only C[0:rows, 0:cols) (and row[0:cols)) is read, only it is written.
-void micro_kernel_edge(int depth, const float* a_panel, const float* b_panel, float* c, std::ptrdiff_t ldc, int rows,
-                       int cols, start from, const float* row = nullptr);
+// product summed from zero by fused multiply-adds in k order and added to the start value once at the end. The B
+// panel's k-th row of tile.cols floats is at b_panel + k * ldb: ldb = tile.cols for a packed panel, or a matrix's
+// own leading dimension when its rows can be read in place (values in P V).
+void micro_kernel(int depth, const float* a_panel, const float* b_panel, std::ptrdiff_t ldb, float* c, std::ptrdiff_t ldc,
+                  start from, const float* row = nullptr);
+// The same on a partial tile, bit for bit: only C[0:rows, 0:cols) (and row[0:cols)) is read, only it is written;
+// the B panel is read whole.
+void micro_kernel_edge(int depth, const float* a_panel, const float* b_panel, std::ptrdiff_t ldb, float* c,
+                       std::ptrdiff_t ldc, int rows, int cols, start from, const float* row = nullptr);
 
 }  // namespace gemm
 }  // namespace sd3
