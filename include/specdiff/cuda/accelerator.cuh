@@ -20,7 +20,9 @@
 // much (the cache store, the plans, the classifier's workspace, the per-token signals and the speculative
 // records, each 256-byte aligned), and the constructor lays everything out in it.
 //
-// Rows in and out are float: the device store pushes and fills float rows (its storage may be bfloat16).
+// Rows in and out (computed, output, the module-level cache_rows/fill) are of the Row type: float by
+// default, or an engine's __half / __nv_bfloat16 tensors (rows.cuh), whatever the store keeps. The store
+// converts each element through float; signals (attention, scores, metric) stay float.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -43,6 +45,7 @@
 #include "error.cuh"
 #include "gather.cuh"
 #include "plan.cuh"
+#include "rows.cuh"
 #include "scorers.cuh"
 #include "status.cuh"
 #include "views.cuh"
@@ -304,9 +307,10 @@ __global__ void __launch_bounds__(BlockThreads)
 // --- the accelerator --------------------------------------------------------------------------------------
 
 template <importance_scorer Scorer, device_speculative_predictor Predictor, device_level_classifier Classifier, schedule Schedule,
-          approximator Approx = specdiff_weighted, class Store = device_cache_store<float>>
+          approximator Approx = specdiff_weighted, class Store = device_cache_store<float>, row_element Row = float>
 class accelerator {
  public:
+  using row_type = Row;
   using scorer_type = Scorer;
   using predictor_type = Predictor;
   using classifier_type = Classifier;
@@ -475,7 +479,7 @@ class accelerator {
   /// sample b's token i at row b*tokens + i), whose C2 rows get their latest cached value and C3 rows the
   /// approximator's mix. `attention` (batch*tokens; may be empty when the scorer does not read it) becomes
   /// the next step's his.
-  void complete_step(step&& s, device_matrix<const float> computed, device_matrix<float> output, device_span<const float> attention) {
+  void complete_step(step&& s, device_matrix<const Row> computed, device_matrix<Row> output, device_span<const float> attention) {
     expect_own(s);
     expect_sites_done("complete_step", /*first_slot_pending=*/true);
     detail::expect_matrix("computed", computed,
@@ -490,13 +494,13 @@ class accelerator {
   }
 
   /// Token level, rows in place: the engine wrote the C1 rows of every sample into `output` itself.
-  void complete_step(step&& s, device_matrix<float> output, device_span<const float> attention) {
+  void complete_step(step&& s, device_matrix<Row> output, device_span<const float> attention) {
     expect_own(s);
     expect_sites_done("complete_step", /*first_slot_pending=*/true);
     detail::expect_matrix("output", output, config_.rows(), config_.feature_dim);
     expect_attention(attention);
     fill_validated(s, 0, 0, output);
-    cache_in_place_validated(s, 0, 0, device_matrix<const float>(output));
+    cache_in_place_validated(s, 0, 0, device_matrix<const Row>(output));
     finish(s, attention);
   }
 
@@ -517,14 +521,14 @@ class accelerator {
   }
 
   /// Caches the C1 rows of one (layer, site) from compact rows (layout as in complete_step).
-  void cache_rows(const step& s, index_t layer, index_t site, device_matrix<const float> computed) {
+  void cache_rows(const step& s, index_t layer, index_t site, device_matrix<const Row> computed) {
     expect_own(s);
     expect_site_open(layer, site);
     detail::expect_matrix("computed", computed, config_.batch * compute_count_, config_.feature_dim);
     cache_validated(s, layer, site, computed);
   }
   /// Caches the C1 rows of one (layer, site), read in place from a full batch*tokens matrix.
-  void cache_rows_in_place(const step& s, index_t layer, index_t site, device_matrix<const float> all) {
+  void cache_rows_in_place(const step& s, index_t layer, index_t site, device_matrix<const Row> all) {
     expect_own(s);
     expect_site_open(layer, site);
     detail::expect_matrix("all", all, config_.rows(), config_.feature_dim);
@@ -533,7 +537,7 @@ class accelerator {
 
   /// Fills the C2 rows (latest cached) and C3 rows (approximator) of one (layer, site) into a full
   /// batch*tokens matrix; C1 rows are left as they are. Nothing to do on dense steps.
-  void fill(const step& s, index_t layer, index_t site, device_matrix<float> out) {
+  void fill(const step& s, index_t layer, index_t site, device_matrix<Row> out) {
     expect_own(s);
     specdiff::detail::expect_index("layer", layer, config_.layers);
     specdiff::detail::expect_index("site", site, config_.sites);
@@ -543,7 +547,7 @@ class accelerator {
 
   /// Module level: on a partial step, a site computed for no token — every row comes from the cache, as
   /// level `as` (reuse: latest; approximate: the approximator). The site counts as done for the step.
-  void fill_all(const step& s, index_t layer, index_t site, level as, device_matrix<float> out) {
+  void fill_all(const step& s, index_t layer, index_t site, level as, device_matrix<Row> out) {
     expect_own(s);
     if (s.dense_) specdiff::detail::fail_logic("fill_all: step ", s.index_, " is dense; every site is computed and cached");
     expect_site_open(layer, site);
@@ -752,18 +756,18 @@ class accelerator {
   }
 
   // Checked by the callers: these only enqueue.
-  void fill_validated(const step& s, index_t layer, index_t site, device_matrix<float> out) {
+  void fill_validated(const step& s, index_t layer, index_t site, device_matrix<Row> out) {
     if (s.dense_) return;
     store_.fill(layer, site, s.t_, level_rows(level::reuse), out, stream_);
     store_.fill(layer, site, s.t_, level_rows(level::approximate), approx_, out, stream_);
   }
-  void cache_validated(const step& s, index_t layer, index_t site, device_matrix<const float> computed) {
+  void cache_validated(const step& s, index_t layer, index_t site, device_matrix<const Row> computed) {
     if (s.dense_) store_.write(layer, site, s.t_, computed, stream_);  // every row, in order
     else store_.scatter(layer, site, s.t_, compute_list(), computed, stream_);
     site_done_[slot(layer, site)] = 1;
     rows_cached_ = true;
   }
-  void cache_in_place_validated(const step& s, index_t layer, index_t site, device_matrix<const float> all) {
+  void cache_in_place_validated(const step& s, index_t layer, index_t site, device_matrix<const Row> all) {
     if (s.dense_) store_.write(layer, site, s.t_, all, stream_);
     else store_.write_rows(layer, site, s.t_, compute_list(), all, stream_);
     site_done_[slot(layer, site)] = 1;

@@ -4,7 +4,9 @@
 // (sample b's token i is row b * tokens + i), exactly as on the host.
 //
 // One warp per token row: lane 0 owns the ring bookkeeping (head, count, tag), all lanes move the row, in
-// 16-byte units where the matrices allow. Where the host store throws on bad data, kernels raise a status bit
+// 16-byte units where the matrices allow. Rows in and out are float, __half or __nv_bfloat16 (rows.cuh),
+// whatever the storage: each element goes through float, and a conversion that overflows to infinity (a
+// float row into a bfloat16 store, a fill into half rows) raises status_conversion_overflow. Where the host store throws on bad data, kernels raise a status bit
 // and skip the row (status.cuh); rows must not repeat within one push (a plan's lists never do).
 #pragma once
 
@@ -20,6 +22,7 @@
 #include "../storage.hpp"
 #include "error.cuh"
 #include "plan.cuh"
+#include "rows.cuh"
 #include "status.cuh"
 #include "views.cuh"
 
@@ -54,51 +57,17 @@ struct store_slot {
 #endif
 };
 
-/// Storage elements per 16-byte unit, and the float <-> storage moves of one unit.
-template <class Storage>
-inline constexpr int unit_elems = static_cast<int>(16 / sizeof(Storage));
+/// Elements each lane moves per 16-byte round: whole 16-byte units of both the row type and the storage.
+template <class Row, class Storage>
+inline constexpr int vec_elems = unit_elems<Row> > unit_elems<Storage> ? unit_elems<Row> : unit_elems<Storage>;
 
 #if defined(__CUDACC__)
-template <class Storage>
-__device__ inline void load_unit(const Storage* p, float* x) {
-  const uint4 u = *reinterpret_cast<const uint4*>(p);
-  Storage s[unit_elems<Storage>];
-  memcpy(s, &u, sizeof u);
-#pragma unroll
-  for (int i = 0; i < unit_elems<Storage>; ++i) x[i] = storage_traits<Storage>::load(s[i]);
-}
-
-template <class Storage>
-__device__ inline void store_unit(Storage* p, const float* x) {
-  Storage s[unit_elems<Storage>];
-#pragma unroll
-  for (int i = 0; i < unit_elems<Storage>; ++i) s[i] = storage_traits<Storage>::store(x[i]);
-  uint4 u;
-  memcpy(&u, s, sizeof u);
-  *reinterpret_cast<uint4*>(p) = u;
-}
-
-template <int N>
-__device__ inline void load_floats(const float* p, float* x) {
-#pragma unroll
-  for (int i = 0; i < N / 4; ++i) {
-    const float4 f = reinterpret_cast<const float4*>(p)[i];
-    x[4 * i] = f.x, x[4 * i + 1] = f.y, x[4 * i + 2] = f.z, x[4 * i + 3] = f.w;
-  }
-}
-
-template <int N>
-__device__ inline void store_floats(float* p, const float* x) {
-#pragma unroll
-  for (int i = 0; i < N / 4; ++i) reinterpret_cast<float4*>(p)[i] = make_float4(x[4 * i], x[4 * i + 1], x[4 * i + 2], x[4 * i + 3]);
-}
-
 /// Pushes one new history entry for each listed token, from `src`: compact rows (row b * capacity + r) or,
 /// with Compact false, the token's own row of a full matrix.
-template <class Policy, class Storage, bool Vector, bool Compact, class Rows>
+template <class Policy, class Storage, class Row, bool Vector, bool Compact, class Rows>
 __global__ void __launch_bounds__(32 * Policy::block_warps)
-    push_kernel(store_slot<Storage> s, float t, const float* src, std::ptrdiff_t src_stride, Rows rows, index_t capacity) {
-  constexpr int warps = Policy::block_warps, V = unit_elems<Storage>;
+    push_kernel(store_slot<Storage> s, float t, const Row* src, std::ptrdiff_t src_stride, Rows rows, index_t capacity) {
+  constexpr int warps = Policy::block_warps, V = vec_elems<Row, Storage>;
   const int lane = static_cast<int>(threadIdx.x % 32), warp = static_cast<int>(threadIdx.x / 32);
   const index_t b = blockIdx.y;
   const index_t n = clamped_size(rows, b, capacity, s.status);
@@ -114,25 +83,27 @@ __global__ void __launch_bounds__(32 * Policy::block_warps)
       next = held == 0 ? 0 : (s.head[token] + 1) % s.depth;
     }
     next = __shfl_sync(0xffffffffu, next, 0);
-    const float* in = src + (Compact ? static_cast<std::ptrdiff_t>(b) * capacity + r : token) * src_stride;
+    const Row* in = src + (Compact ? static_cast<std::ptrdiff_t>(b) * capacity + r : token) * src_stride;
     Storage* out = s.entry(token, next);
-    bool bad = false;
+    bool bad = false, overflow = false;
     if constexpr (Vector) {
       for (index_t c = lane * V; c < s.dim; c += 32 * V) {
         float x[V];
-        load_floats<V>(in + c, x);
+        load_vec<Row, V>(in + c, x);
 #pragma unroll
         for (int i = 0; i < V; ++i) bad |= !isfinite(x[i]);
-        store_unit(out + c, x);
+        store_vec<Storage, V>(out + c, x, overflow);
       }
     } else {
       for (index_t c = lane; c < s.dim; c += 32) {
-        const float x = in[c];
+        const float x = element_access<Row>::load(in[c]);
         bad |= !isfinite(x);
-        out[c] = storage_traits<Storage>::store(x);
+        out[c] = convert_checked<Storage>(x, overflow);
       }
     }
-    if (__any_sync(0xffffffffu, bad) && lane == 0) raise_status(s.status, status_nonfinite_feature);
+    const bool any_bad = __any_sync(0xffffffffu, bad), any_overflow = __any_sync(0xffffffffu, overflow);
+    if (lane == 0 && any_bad) raise_status(s.status, status_nonfinite_feature);
+    if (lane == 0 && any_overflow) raise_status(s.status, status_conversion_overflow);
     if (lane == 0) {
       s.tags[static_cast<std::ptrdiff_t>(token) * s.depth + next] = t;
       s.head[token] = static_cast<std::uint8_t>(next);
@@ -144,10 +115,10 @@ __global__ void __launch_bounds__(32 * Policy::block_warps)
 /// Writes each listed token's row of `out` with the approximator's mix of its history at timestep t,
 /// accumulating w_k * x_k in the host's order without fused multiply-adds, so that equal weights give
 /// bit-equal rows.
-template <class Policy, class Storage, bool Vector, class A, class Rows>
+template <class Policy, class Storage, class Row, bool Vector, class A, class Rows>
 __global__ void __launch_bounds__(32 * Policy::block_warps)
-    fill_kernel(store_slot<Storage> s, float t, A approx, float* out, std::ptrdiff_t out_stride, Rows rows, index_t capacity) {
-  constexpr int warps = Policy::block_warps, V = unit_elems<Storage>, D = A::depth;
+    fill_kernel(store_slot<Storage> s, float t, A approx, Row* out, std::ptrdiff_t out_stride, Rows rows, index_t capacity) {
+  constexpr int warps = Policy::block_warps, V = vec_elems<Row, Storage>, D = A::depth;
   const int lane = static_cast<int>(threadIdx.x % 32), warp = static_cast<int>(threadIdx.x / 32);
   const index_t b = blockIdx.y;
   const index_t n = clamped_size(rows, b, capacity, s.status);
@@ -175,7 +146,8 @@ __global__ void __launch_bounds__(32 * Policy::block_warps)
       if (lane == 0) raise_status(s.status, status_rejected_tags);
       continue;
     }
-    float* o = out + static_cast<std::ptrdiff_t>(token) * out_stride;
+    Row* o = out + static_cast<std::ptrdiff_t>(token) * out_stride;
+    bool overflow = false;
     if constexpr (Vector) {
       for (index_t c = lane * V; c < s.dim; c += 32 * V) {
         float acc[V] = {};
@@ -183,11 +155,11 @@ __global__ void __launch_bounds__(32 * Policy::block_warps)
         for (int k = 0; k < D; ++k) {
           if (k >= held) break;
           float x[V];
-          load_unit(src[k] + c, x);
+          load_vec<Storage, V>(src[k] + c, x);
 #pragma unroll
           for (int i = 0; i < V; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(w[k], x[i]));
         }
-        store_floats<V>(o + c, acc);
+        store_vec<Row, V>(o + c, acc, overflow);
       }
     } else {
       for (index_t c = lane; c < s.dim; c += 32) {
@@ -195,9 +167,10 @@ __global__ void __launch_bounds__(32 * Policy::block_warps)
 #pragma unroll
         for (int k = 0; k < D; ++k)
           if (k < held) acc = __fadd_rn(acc, __fmul_rn(w[k], storage_traits<Storage>::load(src[k][c])));
-        o[c] = acc;
+        o[c] = convert_checked<Row>(acc, overflow);
       }
     }
+    if (__any_sync(0xffffffffu, overflow) && lane == 0) raise_status(s.status, status_conversion_overflow);
   }
 }
 
@@ -268,35 +241,42 @@ class device_cache_store {
   }
 
 #if defined(__CUDACC__)
+  // Rows are device_matrix<R> of a row_element (float, __half, __nv_bfloat16), const or not: the row type
+  // is deduced, so float callers read as before and bf16 engines pass their tensors directly.
+
   /// Pushes a new entry for every token: rows[i] is token i.
-  void write(index_t layer, index_t site, float t, device_matrix<const float> rows, cudaStream_t stream) {
+  template <class R>
+    requires row_element<std::remove_const_t<R>>
+  void write(index_t layer, index_t site, float t, device_matrix<R> rows, cudaStream_t stream) {
     detail::expect_matrix("rows", rows, shape_.tokens, shape_.dim);
-    push<false>(layer, site, t, all_rows{shape_.tokens}, rows, stream);
+    push<false>(layer, site, t, all_rows{shape_.tokens}, const_rows(rows), stream);
   }
 
   /// Pushes a new entry for each listed token from compact rows (sample b's r-th at row b * capacity + r):
   /// what a partial forward produces.
-  template <class Rows>
-  void scatter(index_t layer, index_t site, float t, const Rows& tokens, device_matrix<const float> rows, cudaStream_t stream) {
+  template <class Rows, class R>
+    requires row_element<std::remove_const_t<R>>
+  void scatter(index_t layer, index_t site, float t, const Rows& tokens, device_matrix<R> rows, cudaStream_t stream) {
     tokens.validate();
     const long long need = static_cast<long long>(tokens.samples()) * tokens.capacity();
     if (rows.rows < need) detail::fail("rows: ", rows.rows, " rows, the token set needs ", tokens.samples(), " x ", tokens.capacity(), " = ", need);
     detail::expect_matrix("rows", rows, rows.rows, shape_.dim);
-    push<true>(layer, site, t, tokens, rows, stream);
+    push<true>(layer, site, t, tokens, const_rows(rows), stream);
   }
 
   /// Pushes a new entry for each listed token, read in place from a full matrix (row `token` of `all`).
-  template <class Rows>
-  void write_rows(index_t layer, index_t site, float t, const Rows& tokens, device_matrix<const float> all, cudaStream_t stream) {
+  template <class Rows, class R>
+    requires row_element<std::remove_const_t<R>>
+  void write_rows(index_t layer, index_t site, float t, const Rows& tokens, device_matrix<R> all, cudaStream_t stream) {
     tokens.validate();
     detail::expect_matrix("all", all, shape_.tokens, shape_.dim);
-    push<false>(layer, site, t, tokens, all, stream);
+    push<false>(layer, site, t, tokens, const_rows(all), stream);
   }
 
   /// For each listed token, writes its row of `out` (tokens x dim) with the approximator's mix of the
   /// token's history at timestep t.
-  template <approximator A, class Rows>
-  void fill(index_t layer, index_t site, float t, const Rows& tokens, const A& approx, device_matrix<float> out, cudaStream_t stream) const {
+  template <approximator A, class Rows, row_element R>
+  void fill(index_t layer, index_t site, float t, const Rows& tokens, const A& approx, device_matrix<R> out, cudaStream_t stream) const {
     tokens.validate();
     expect_common(layer, site, t, tokens);
     detail::expect_matrix("out", out, shape_.tokens, shape_.dim);
@@ -304,17 +284,17 @@ class device_cache_store {
     const auto s = slot(layer, site);
     const dim3 grid = rows_grid(tokens);
     if (vector_rows(out)) {
-      detail::fill_kernel<Policy, Storage, true, A, Rows><<<grid, threads, 0, stream>>>(s, t, approx, out.data, out.stride, tokens, tokens.capacity());
+      detail::fill_kernel<Policy, Storage, R, true, A, Rows><<<grid, threads, 0, stream>>>(s, t, approx, out.data, out.stride, tokens, tokens.capacity());
     } else {
-      detail::fill_kernel<Policy, Storage, false, A, Rows><<<grid, threads, 0, stream>>>(s, t, approx, out.data, out.stride, tokens, tokens.capacity());
+      detail::fill_kernel<Policy, Storage, R, false, A, Rows><<<grid, threads, 0, stream>>>(s, t, approx, out.data, out.stride, tokens, tokens.capacity());
     }
     SPECDIFF_CUDA_CHECK_LAUNCH("fill_kernel");
   }
 
   /// C2: each listed token's latest cached row, unchanged (as host_cache_store::fill without an
   /// approximator; `t` is checked but not read).
-  template <class Rows>
-  void fill(index_t layer, index_t site, float t, const Rows& tokens, device_matrix<float> out, cudaStream_t stream) const {
+  template <class Rows, row_element R>
+  void fill(index_t layer, index_t site, float t, const Rows& tokens, device_matrix<R> out, cudaStream_t stream) const {
     fill(layer, site, t, tokens, latest{}, out, stream);
   }
 
@@ -374,9 +354,15 @@ class device_cache_store {
             shape_.tokens, shape_.dim, shape_.history_depth};
   }
 
-  // 16-byte units along a row: the store's own rows are aligned when dim fills whole units.
-  bool vector_rows(const device_matrix<const float>& m) const {
-    return shape_.dim % detail::unit_elems<Storage> == 0 && detail::vectorisable(m);
+  // 16-byte units along a row: the store's own rows are aligned when dim fills whole units of both types.
+  template <class R>
+  bool vector_rows(const device_matrix<R>& m) const {
+    return shape_.dim % detail::vec_elems<std::remove_const_t<R>, Storage> == 0 && detail::vectorisable(m);
+  }
+
+  template <class R>
+  static device_matrix<const std::remove_const_t<R>> const_rows(device_matrix<R> m) {
+    return m;
   }
 
   template <class Rows>
@@ -385,16 +371,16 @@ class device_cache_store {
   }
 
 #if defined(__CUDACC__)
-  template <bool Compact, class Rows>
-  void push(index_t layer, index_t site, float t, const Rows& tokens, device_matrix<const float> src, cudaStream_t stream) {
+  template <bool Compact, class Rows, class R>
+  void push(index_t layer, index_t site, float t, const Rows& tokens, device_matrix<const R> src, cudaStream_t stream) {
     expect_common(layer, site, t, tokens);
     if (tokens.capacity() == 0) return;
     const auto s = slot(layer, site);
     const dim3 grid = rows_grid(tokens);
     if (vector_rows(src)) {
-      detail::push_kernel<Policy, Storage, true, Compact, Rows><<<grid, threads, 0, stream>>>(s, t, src.data, src.stride, tokens, tokens.capacity());
+      detail::push_kernel<Policy, Storage, R, true, Compact, Rows><<<grid, threads, 0, stream>>>(s, t, src.data, src.stride, tokens, tokens.capacity());
     } else {
-      detail::push_kernel<Policy, Storage, false, Compact, Rows><<<grid, threads, 0, stream>>>(s, t, src.data, src.stride, tokens, tokens.capacity());
+      detail::push_kernel<Policy, Storage, R, false, Compact, Rows><<<grid, threads, 0, stream>>>(s, t, src.data, src.stride, tokens, tokens.capacity());
     }
     SPECDIFF_CUDA_CHECK_LAUNCH("push_kernel");
   }
