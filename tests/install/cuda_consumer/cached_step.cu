@@ -1,14 +1,15 @@
 // A CUDA consumer of the installed package: one cached step of a small engine, written with the device
 // models (<specdiff/cuda/specdiff.cuh>): attention column sums, the SpecDiff scorer, the three-level
 // classifier, C1 gather/scatter, a bfloat16 cache store with C2 and C3 fills, staleness; then a whole run
-// through the device accelerator (specdiff::gpu::accelerator: float rows, a bfloat16 store), the loop
-// docs/cuda.md shows. package/cuda_consumer configures and builds it in CI wherever nvcc exists; it is not
+// through the device accelerator (specdiff::gpu::accelerator with __nv_bfloat16 rows, as a bf16 engine
+// holds its activations, and a bfloat16 store), the loop docs/cuda.md shows. package/cuda_consumer configures and builds it in CI wherever nvcc exists; it is not
 // run there (no GPU).
 #include <specdiff/cuda/specdiff.cuh>
 
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <type_traits>
 #include <vector>
 
 namespace gpu = specdiff::gpu;
@@ -118,10 +119,13 @@ int run(const engine_shape& e) {
 
 // The same engine through the device accelerator: the host accelerator's protocol, every call enqueued on
 // one stream, nothing synchronised until the checkpoint at the end. Dense steps 0, 1 and 5, partial steps
-// between them scored with the speculative pass's attention.
+// between them scored with the speculative pass's attention. The engine's rows are __nv_bfloat16 (the
+// accelerator's last template argument); attention and the other signals stay float.
 int run_accelerated(const engine_shape& e) {
-  using accelerator = gpu::accelerator<specdiff::specdiff_scorer, gpu::self_speculation, gpu::three_level_classifier<>,
-                                       specdiff::step_schedule, specdiff::specdiff_weighted, gpu::device_cache_store<specdiff::bfloat16>>;
+  using row = __nv_bfloat16;
+  using accelerator = gpu::accelerator<specdiff::specdiff_scorer, gpu::self_speculation, gpu::three_level_classifier<>, specdiff::step_schedule,
+                                       specdiff::specdiff_weighted, gpu::device_cache_store<specdiff::bfloat16>, row>;
+  static_assert(std::is_same_v<accelerator::row_type, __nv_bfloat16>);
   const index_t steps = 8, rows = e.batch * e.tokens;
   const specdiff::accelerator_config config{.tokens = e.tokens, .batch = e.batch, .steps = steps, .feature_dim = e.dim};
   const specdiff::step_schedule schedule{.warmup_steps = 2, .refresh_interval = 0, .speculative = 2, .reset_steps = {5}};
@@ -133,7 +137,7 @@ int run_accelerated(const engine_shape& e) {
   device_memory memory(accelerator::memory_bytes(config, classifier, schedule));
   accelerator acc(config, {}, {}, classifier, schedule, memory.as<void>(), memory.bytes(), stream);
   const std::size_t cells = static_cast<std::size_t>(rows) * static_cast<std::size_t>(e.dim);
-  device_memory x(sizeof(float) * cells), x_c1(sizeof(float) * cells), y_c1(sizeof(float) * cells), y(sizeof(float) * cells),
+  device_memory x(sizeof(row) * cells), x_c1(sizeof(row) * cells), y_c1(sizeof(row) * cells), y(sizeof(row) * cells),
       attention(sizeof(float) * static_cast<std::size_t>(rows));
   SPECDIFF_CUDA_CHECK(cudaMemsetAsync(x.as<void>(), 0, x.bytes(), stream));
   const gpu::device_span<const float> received(attention.as<float>(), rows);
@@ -151,13 +155,13 @@ int run_accelerated(const engine_shape& e) {
   for (index_t k = 0; k < steps; ++k) {
     auto step = acc.plan_step(k, t[static_cast<std::size_t>(k)]);
     const index_t n = e.batch * step.compute_count();  // host-known: static GEMM shapes
-    gpu::gather_rows(gpu::device_matrix<const float>(x.as<float>(), rows, e.dim), step.compute_rows(),
-                     gpu::device_matrix<float>(x_c1.as<float>(), n, e.dim), acc.stream());
+    gpu::gather_rows(gpu::device_matrix<const row>(x.as<row>(), rows, e.dim), step.compute_rows(),
+                     gpu::device_matrix<row>(x_c1.as<row>(), n, e.dim), acc.stream());
     // ... the engine's network maps x_c1 to y_c1 (n rows) on acc.stream() and writes the attention ...
-    SPECDIFF_CUDA_CHECK(cudaMemcpyAsync(y_c1.as<void>(), x_c1.as<void>(), sizeof(float) * static_cast<std::size_t>(n) * static_cast<std::size_t>(e.dim),
+    SPECDIFF_CUDA_CHECK(cudaMemcpyAsync(y_c1.as<void>(), x_c1.as<void>(), sizeof(row) * static_cast<std::size_t>(n) * static_cast<std::size_t>(e.dim),
                                         cudaMemcpyDeviceToDevice, acc.stream()));
-    acc.complete_step(std::move(step), gpu::device_matrix<const float>(y_c1.as<float>(), n, e.dim),
-                      gpu::device_matrix<float>(y.as<float>(), rows, e.dim), received);
+    acc.complete_step(std::move(step), gpu::device_matrix<const row>(y_c1.as<row>(), n, e.dim),
+                      gpu::device_matrix<row>(y.as<row>(), rows, e.dim), received);
   }
   acc.check_status();  // a checkpoint: synchronises
   SPECDIFF_CUDA_CHECK(cudaStreamDestroy(stream));
