@@ -103,7 +103,7 @@ if step "configure (Release, sm_$arch)" configure.log cmake "${configure_args[@]
   if [[ -n $sanitizer ]]; then
     step "compute-sanitizer memcheck, all gpu suites" memcheck.log \
       "$sanitizer" --tool memcheck --error-exitcode 99 --print-limit 20 "$tests" --gpu \
-      --test-suite=scorers,attention,classifier,rows,cache_store,graph,accelerator,accelerator_graph,accelerator_errors
+      --test-suite=scorers,attention,classifier,rows,cache_store,graph,accelerator,accelerator_graph,accelerator_errors,rows_bf16
     step "compute-sanitizer racecheck, classifier determinism" racecheck.log \
       "$sanitizer" --tool racecheck --error-exitcode 99 --print-limit 20 "$tests" --gpu --test-suite=classifier \
       --test-case="classification is deterministic and reuses its workspace"
