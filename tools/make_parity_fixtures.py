@@ -21,9 +21,11 @@ Variants:
     rms    qk_norm "rms_norm", 3 blocks, 2 heads x 16, F32 weights, 8-step CFG sampling (shift 3, guidance 4.5)
     plain  qk_norm null, 2 blocks, 3 heads x 8, out_channels 3 != in_channels 4, weights stored alternately as
            F16 and BF16 (the values are rounded first, so diffusers and the engine see the same numbers)
-Both use a non-square 6x10 latent (3x5 patches of 2) cropped from a 7x7 position table.
+    long   qk_norm null, 2 blocks, 2 heads x 32, F16 weights, a 40x36 latent (20x18 = 360 image tokens, more than one
+           256-key block of the engine's attention) from a 21x21 table, 6 context tokens
+rms and plain use a non-square 6x10 latent (3x5 patches of 2) cropped from a 7x7 position table, 5 context tokens.
 
-Run:  /work/venv/bin/python tools/make_parity_fixtures.py [--out tests/data/parity]
+Run:  /work/venv/bin/python tools/make_parity_fixtures.py [--out tests/data/parity] [--only long]
 """
 import argparse
 import json
@@ -46,8 +48,13 @@ VARIANTS = {
                     num_attention_heads=3, joint_attention_dim=20, caption_projection_dim=24, pooled_projection_dim=12,
                     pos_embed_max_size=7, qk_norm=None),
         dtypes=[torch.float16, torch.bfloat16], sample=False, seed=4321),
+    "long": dict(
+        config=dict(sample_size=36, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=32,
+                    num_attention_heads=2, joint_attention_dim=20, caption_projection_dim=64, pooled_projection_dim=12,
+                    pos_embed_max_size=21, qk_norm=None),
+        dtypes=[torch.float16], sample=False, seed=2468, size=(40, 36, 6)),
 }
-BATCH, HEIGHT, WIDTH, CONTEXT = 2, 6, 10, 5
+BATCH, HEIGHT, WIDTH, CONTEXT = 2, 6, 10, 5  # the default latent size and context length
 TIMESTEPS = ([1000.0, 562.5], [271.25, 3.0])
 STEPS, SHIFT, GUIDANCE = 8, 3.0, 4.5
 
@@ -99,6 +106,7 @@ class ProbingJointAttnProcessor(JointAttnProcessor2_0):
 
 
 def make_variant(name, spec, out_root):
+    HEIGHT, WIDTH, CONTEXT = spec.get("size", (globals()["HEIGHT"], globals()["WIDTH"], globals()["CONTEXT"]))
     out = os.path.join(out_root, name)
     os.makedirs(out, exist_ok=True)
     gen = torch.Generator().manual_seed(spec["seed"])
@@ -194,10 +202,12 @@ def make_variant(name, spec, out_root):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "data", "parity"))
+    ap.add_argument("--only", choices=sorted(VARIANTS), help="make this variant only")
     args = ap.parse_args()
     torch.manual_seed(0)
     for name, spec in VARIANTS.items():
-        make_variant(name, spec, args.out)
+        if args.only in (None, name):
+            make_variant(name, spec, args.out)
 
 
 if __name__ == "__main__":

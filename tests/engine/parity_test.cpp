@@ -22,6 +22,11 @@ struct fixture {
         : model(sd3::model::load(test_util::parity_dir() / variant)), io(test_util::parity_dir() / variant / "io.safetensors") {}
     std::vector<float> get(const char* name) const { return io.read(name); }
     int dim(const char* name, int i) const { return static_cast<int>(io.info(name).shape.at(i)); }
+    // Room for the fixture's own inputs, at batch `batch`.
+    sd3::engine_limits limits(int batch = 2) const {
+        return {.max_batch = batch, .max_height = dim("latents", 2), .max_width = dim("latents", 3),
+                .max_context_tokens = dim("context", 1)};
+    }
 };
 
 void check_transformer(const std::string& variant, int threads) {
@@ -29,7 +34,7 @@ void check_transformer(const std::string& variant, int threads) {
     CAPTURE(threads);
     const fixture fx(variant);
     const auto latents = fx.get("latents"), context = fx.get("context"), pooled = fx.get("pooled");
-    sd3::transformer net(fx.model, {.max_batch = 2, .max_height = 6, .max_width = 10, .max_context_tokens = 8}, threads);
+    sd3::transformer net(fx.model, fx.limits(), threads);
     net.set_min_chunk_work(0);  // the fixtures are small: split every loop, so that the parallel paths are the ones tested
     for (const char* t : {"0", "1"}) {
         const auto timesteps = fx.get((std::string("t") + t).c_str());
@@ -50,9 +55,13 @@ TEST_CASE("diffusers_parity: transformer with RMS qk-norm, F32 weights") { check
 TEST_CASE("diffusers_parity: transformer without qk-norm, F16/BF16 weights, out_channels != in_channels") {
     check_transformer("plain", 1);
 }
+// 360 image tokens: the engine's attention walks the image keys in two blocks (online softmax across them), and a
+// head of 32 floats is read in place by P V where the register tile is 32 (AVX-512) or 16 wide.
+TEST_CASE("diffusers_parity: transformer with more image tokens than one attention key block") { check_transformer("long", 1); }
 TEST_CASE("diffusers_parity: transformer multithreaded") {
     check_transformer("rms", 3);
     check_transformer("plain", 2);
+    check_transformer("long", 2);
 }
 
 TEST_CASE("diffusers_parity: FlowMatchEulerDiscreteScheduler tables") {
@@ -96,7 +105,7 @@ TEST_CASE("diffusers_parity: dynamic-shift schedule (mu)") {
 // The hooks' read-back rows are diffusers' module outputs before the gate, and the probe is the attention each
 // image key receives (head-averaged, summed over queries and layers), computed by a probing processor in diffusers.
 TEST_CASE("diffusers_parity: module read-back hooks and attention probe") {
-    for (const std::string variant : {"rms", "plain"}) {
+    for (const std::string variant : {"rms", "plain", "long"}) {
         CAPTURE(variant);
         const fixture fx(variant);
         const auto& c = fx.model.config;
@@ -104,7 +113,7 @@ TEST_CASE("diffusers_parity: module read-back hooks and attention probe") {
         const auto timesteps = fx.get("t0"), expected = fx.get("out_t0");
         const int B = fx.dim("latents", 0), N = (fx.dim("latents", 2) / 2) * (fx.dim("latents", 3) / 2), L = fx.dim("context", 1);
         const int D = c.hidden();
-        sd3::transformer net(fx.model, {.max_batch = 2, .max_height = 6, .max_width = 10, .max_context_tokens = 5}, 2);
+        sd3::transformer net(fx.model, fx.limits(), 2);
         const sd3::forward_inputs in{B, fx.dim("latents", 2), fx.dim("latents", 3), L, latents, timesteps, context, pooled};
 
         // rows[l][0..3] = attn image, attn context, mlp image, mlp context
