@@ -357,6 +357,8 @@ TEST_SUITE("rows_bf16") {
         const std::size_t i = static_cast<std::size_t>(r) * static_cast<std::size_t>(dim) + static_cast<std::size_t>(c);
         const std::uint32_t g_bits = H::bits(got[i]), w_bits = H::ref_bits(want[i]);
         if (g_bits == w_bits) continue;
+        // A mix of planted extremes can make inf - inf: NaN on both sides, with different payloads.
+        if (std::isnan(H::value(g_bits)) && std::isnan(want[i])) continue;
         if (!exact) {
           double m = 0.0;
           for (int k = 0; k < held; ++k)
@@ -590,7 +592,7 @@ TEST_SUITE("rows_bf16") {
       const auto fb = out_b.download();
       int bad = 0;
       for (std::size_t i = 0; i < cells && bad < 5; ++i)
-        if (H::bits(fb[i]) != H::ref_bits(fa[i])) {
+        if (H::bits(fb[i]) != H::ref_bits(fa[i]) && !(std::isnan(fa[i]) && std::isnan(H::value(H::bits(fb[i]))))) {
           FAIL_CHECK("step ", k, " element ", i, ": ", row_name<Row>(), " bits ", H::bits(fb[i]), ", float output ", fa[i], " rounds to ", H::ref_bits(fa[i]));
           ++bad;
         }
