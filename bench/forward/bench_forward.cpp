@@ -57,7 +57,7 @@ double median(const std::vector<double>& t) { return t[t.size() / 2]; }
 int main(int argc, char** argv) {
     CLI::App app{"SD3 engine forward timing"};
     int threads = 2, batch = 2, reps = 5, warmup = 1, layers = 12, heads = 6, head_dim = 64, latent = 64, context = 77;
-    bool qk_norm = false, gemms = false;
+    bool qk_norm = false, gemms = false, profile_subset = false;
     double subset = 0.0, peak = 0.0;
     std::string config_json;
     app.add_option("--threads", threads, "engine threads")->check(CLI::PositiveNumber);
@@ -76,6 +76,7 @@ int main(int argc, char** argv) {
     app.add_option("--subset", subset, "also time a token-subset forward computing this fraction of the image tokens")
         ->check(CLI::Range(0.0, 1.0));
     app.add_flag("--gemms", gemms, "also time each linear layer's GEMM alone (one thread)");
+    app.add_flag("--profile-subset", profile_subset, "time the full forward once only (to profile the subset forward)");
     app.add_option("--peak", peak, "the core's FP32 FMA peak in GFLOP/s (default: measured)")->check(CLI::PositiveNumber);
     CLI11_PARSE(app, argc, argv);
 
@@ -111,7 +112,7 @@ int main(int argc, char** argv) {
         for (auto& e : *x) e = normal(rng);
     const sd3::forward_inputs in{batch, latent, latent, context, latents, t, ctx, pooled};
 
-    const auto ms = time_ms(warmup, reps, [&] { net.forward(in, v); });
+    const auto ms = time_ms(profile_subset ? 0 : warmup, profile_subset ? 1 : reps, [&] { net.forward(in, v); });
     const double full_flops = forward_flops(c, batch, N, N, context);
     auto rate = [&](double flops, double t_ms) { return flops / (t_ms * 1e-3) / 1e9; };
     std::printf("engine forward: layers %d hidden %d tokens %d context %d batch %d threads %d: median %.1f ms, min %.1f ms (%d reps)\n",

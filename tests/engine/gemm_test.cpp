@@ -180,3 +180,27 @@ TEST_CASE("gemm: bad arguments are refused with the parameter and its value") {
                          doctest::Contains(("depth = " + std::to_string(k_block + 1)).c_str()), std::invalid_argument);
     CHECK(tile.cols % 8 == 0);
 }
+
+TEST_CASE("gemm: pack_transposed equals the transpose on fresh random shapes (vector and scalar paths)") {
+    std::mt19937 rng(test_util::fresh_seed());
+    const auto tile = sd3::gemm::register_tile();
+    std::uniform_int_distribution<int> cols_d(1, 5 * tile.cols), depth_d(1, 100);
+    for (int trial = 0; trial < 20; ++trial) {
+        const int cols = trial == 0 ? 2 * tile.cols : cols_d(rng), depth = trial == 0 ? 64 : depth_d(rng), ldb = depth + trial % 3;
+        const auto bt = random_vector(static_cast<std::size_t>(cols) * ldb, rng);
+        const int panels = (cols + tile.cols - 1) / tile.cols;
+        std::vector<float> out(static_cast<std::size_t>(panels) * depth * tile.cols, -1.0f);
+        sd3::gemm::pack_transposed(bt.data(), ldb, cols, depth, out.data());
+        int bad = 0;
+        for (int p = 0; p < panels; ++p)
+            for (int k = 0; k < depth; ++k)
+                for (int j = 0; j < tile.cols; ++j) {
+                    const int col = p * tile.cols + j;
+                    const float want = col < cols ? bt[static_cast<std::size_t>(col) * ldb + k] : 0.0f;
+                    if (out[(static_cast<std::size_t>(p) * depth + k) * tile.cols + j] != want) ++bad;
+                }
+        CAPTURE(cols);
+        CAPTURE(depth);
+        CHECK(bad == 0);
+    }
+}

@@ -83,11 +83,53 @@ void pack_rows(const float* a, std::ptrdiff_t lda, int rows, int depth, float* o
     }
 }
 
+#if defined(__AVX512F__)
+// r[i] <- column i of the 16 x 16 matrix whose rows are r[0..15]: 32-bit, 64-bit and 128-bit interleaves.
+inline void transpose16(vfloat r[16]) {
+    vfloat t[16];
+    for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    auto lo = [](vfloat a, vfloat b) { return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))); };
+    auto hi = [](vfloat a, vfloat b) { return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))); };
+    for (int g = 0; g < 4; ++g) {
+        r[4 * g] = lo(t[4 * g], t[4 * g + 2]);
+        r[4 * g + 1] = hi(t[4 * g], t[4 * g + 2]);
+        r[4 * g + 2] = lo(t[4 * g + 1], t[4 * g + 3]);
+        r[4 * g + 3] = hi(t[4 * g + 1], t[4 * g + 3]);
+    }
+    for (int i = 0; i < 4; ++i) {
+        t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+        t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 8; ++i) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+    }
+}
+#endif
+
 void pack_transposed(const float* bt, std::ptrdiff_t ldb, int cols, int depth, float* out) {
     for (int j0 = 0; j0 < cols; j0 += nr, out += static_cast<std::ptrdiff_t>(depth) * nr) {
         const int n = std::min(nr, cols - j0);
+        int k0 = 0;
+#if defined(__AVX512F__)
+        // Whole panels by 16 x 16 blocks transposed in registers: the keys of every forward pass through here,
+        // and a scalar transpose cost as much as a tenth of a partial forward.
+        if (n == nr)
+            for (; k0 + lanes <= depth; k0 += lanes)
+                for (int half = 0; half < vectors; ++half) {
+                    vfloat r[lanes];
+                    for (int j = 0; j < lanes; ++j) r[j] = vload(bt + (j0 + half * lanes + j) * ldb + k0);
+                    transpose16(r);
+                    for (int k = 0; k < lanes; ++k) vstore(out + (k0 + k) * nr + half * lanes, r[k]);
+                }
+#endif
         // k outer: each packed row of nr floats is written whole, from nr source rows read in step.
-        for (int k = 0; k < depth; ++k) {
+        for (int k = k0; k < depth; ++k) {
             float* dst = out + k * nr;
             for (int j = 0; j < n; ++j) dst[j] = bt[(j0 + j) * ldb + k];
             for (int j = n; j < nr; ++j) dst[j] = 0.0f;
