@@ -101,10 +101,10 @@ tests=$build/tests-cuda/specdiff_cuda_tests
 bench=$build/bench-cuda/specdiff_cuda_bench
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
 
-# Caps (seconds): configure 60, build 200, benchmarks 60 (about 20 s expected), gpu tests 150 (120 per suite),
+# Caps (seconds): configure 120, build 200, benchmarks 60 (about 20 s expected), gpu tests 150 (120 per suite),
 # host tests 30, memcheck 120, racecheck 45, synccheck 60; the budget (380) cuts the last ones short if the
 # build was slow. The benchmarks run first: their numbers are what a short device session is for.
-if step "configure (Release, sm_$arch)" configure.log 60 cmake "${configure_args[@]}" &&
+if step "configure (Release, sm_$arch)" configure.log 120 cmake "${configure_args[@]}" &&
    step "build tests + bench" build.log 200 cmake --build "$build" --target specdiff_cuda_tests specdiff_cuda_bench -j "$jobs"; then
   ctest --test-dir "$build" -N -L gpu >"$out/gpu-suites.log" 2>&1
   step "microbenchmarks" bench.log 60 "$bench" --runs 20 --json "$out/bench.jsonl"
