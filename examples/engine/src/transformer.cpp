@@ -1,8 +1,8 @@
 // The SD3 MMDiT forward. One implementation per stage (embedding, modulation, norm+modulate, linear, qk-norm,
 // joint attention, gated residual, feed-forward, final layer); the plain forward is the hooked forward with
-// default options. GEMMs are Eigen products on row-major maps, cut into output tiles that are the parallel
-// work units; tile sizes keep Eigen's packing buffers under EIGEN_STACK_ALLOCATION_LIMIT (set in CMake), so
-// no GEMM touches the heap.
+// default options. Linear layers run on sd3::gemm (weights packed once, in the constructor; row tiles are the
+// parallel work units), attention on the same micro-kernel with an online softmax over key blocks; Eigen does
+// the element-wise work. All scratch is sized in the constructor, so a forward does not allocate.
 #include "sd3/transformer.hpp"
 
 #include <algorithm>
