@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs the engine and PyTorch forward timings on the same config and thread count, interleaved, and prints the
-# ratio of medians (torch / engine: > 1 means the engine is faster).
+# ratio of medians and the median (with range) of each round's ratio (torch / engine: > 1 means the engine is
+# faster). The per-round ratio compares runs made a few seconds apart: on a machine whose speed drifts from one
+# minute to the next (a shared VM), it is the number to quote.
 # Usage: bench/forward/run.sh [BUILD_DIR] [extra args for both, e.g. --threads 2 --batch 2 --reps 5]
 # Env: PYTHON (default /work/venv/bin/python), ROUNDS (default 2).
 set -euo pipefail
@@ -22,5 +24,7 @@ import sys, statistics
 args = sys.argv[1:]; k = args.index("--")
 ours, theirs = [float(x) for x in args[:k]], [float(x) for x in args[k + 1:]]
 o, t = statistics.median(ours), statistics.median(theirs)
-print(f"engine {o:.1f} ms, torch {t:.1f} ms, torch/engine = {t / o:.2f}x (medians over {len(ours)} rounds)")
+r = [b / a for a, b in zip(ours, theirs)]
+print(f"engine {o:.1f} ms, torch {t:.1f} ms, torch/engine = {t / o:.2f}x (medians over {len(ours)} rounds); "
+      f"per round {statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})")
 PY
