@@ -117,7 +117,7 @@ if step "configure (Release, sm_$arch)" configure.log 120 cmake "${configure_arg
   if [[ -n $sanitizer ]]; then
     step "compute-sanitizer memcheck, all gpu suites" memcheck.log 120 \
       "$sanitizer" --tool memcheck --error-exitcode 99 --print-limit 20 "$tests" --gpu \
-      --test-suite=scorers,attention,lse,classifier,rows,cache_store,graph,accelerator,accelerator_graph,accelerator_errors,rows_bf16
+      --test-suite=scorers,attention,lse,classifier,rows,cache_store,graph,accelerator,accelerator_graph,accelerator_errors,rows_bf16,modules_bf16
     step "compute-sanitizer racecheck, classifier determinism" racecheck.log 45 \
       "$sanitizer" --tool racecheck --error-exitcode 99 --print-limit 20 "$tests" --gpu --test-suite=classifier \
       --test-case="classification is deterministic and reuses its workspace"
