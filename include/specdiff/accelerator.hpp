@@ -65,6 +65,78 @@ struct attention_unchanged_t {
 };
 inline constexpr attention_unchanged_t attention_unchanged{};
 
+namespace detail {
+
+/// The handle of a planned main step, shared by the host and device accelerators: move-only, one live at a time
+/// per accelerator, checked on every use (moved from or completed: refused; stale after reset(): refused), and
+/// destroyed unconsumed it abandons the step. The accelerator's own step type adds the observers.
+template <class Owner>
+class planned_step {
+ public:
+  planned_step(planned_step&& o) noexcept : owner_(o.owner_), generation_(o.generation_), index_(o.index_), t_(o.t_), dense_(o.dense_) {
+    o.owner_ = nullptr;
+  }
+  planned_step& operator=(planned_step&& o) noexcept {
+    if (this != &o) {
+      abandon();
+      owner_ = o.owner_;
+      generation_ = o.generation_;
+      index_ = o.index_;
+      t_ = o.t_;
+      dense_ = o.dense_;
+      o.owner_ = nullptr;
+    }
+    return *this;
+  }
+  planned_step(const planned_step&) = delete;
+  planned_step& operator=(const planned_step&) = delete;
+  ~planned_step() { abandon(); }
+
+  index_t index() const {
+    live();
+    return index_;
+  }
+  float timestep() const {
+    live();
+    return t_;
+  }
+  /// Every token computed (the schedule's choice, or step 0: there is no history to score).
+  bool dense() const {
+    live();
+    return dense_;
+  }
+
+ protected:
+  planned_step(Owner* owner, std::uint64_t generation, index_t index, float t, bool dense) noexcept
+      : owner_(owner), generation_(generation), index_(index), t_(t), dense_(dense) {}
+  /// The accelerator, once this step is checked to be its current one.
+  Owner& live() const {
+    if (owner_ == nullptr) fail_logic("step: this step object is empty (moved from, or already completed)");
+    owner_->expect_current(*this);
+    return *owner_;
+  }
+
+ private:
+  friend Owner;
+  /// What every call taking a step checks first: it is live, it is `owner`'s, it is current.
+  void expect_owned_by(const Owner* owner) const {
+    if (owner_ == nullptr) fail_logic("step: this step object is empty (moved from, or already completed)");
+    if (owner_ != owner) fail_logic("step: step ", index_, " belongs to another accelerator");
+    owner_->expect_current(*this);
+  }
+  void abandon() noexcept {
+    if (owner_ != nullptr) owner_->abandon_step(generation_);
+    owner_ = nullptr;
+  }
+  Owner* owner_ = nullptr;
+  std::uint64_t generation_ = 0;
+  index_t index_ = 0;
+  float t_ = 0.f;
+  bool dense_ = true;
+};
+
+}  // namespace detail
+
 template <importance_scorer Scorer, speculative_predictor Predictor, level_classifier Classifier, schedule Schedule,
           approximator Approx = specdiff_weighted, cache_store Store = host_cache_store<float>>
 class accelerator {
@@ -79,59 +151,25 @@ class accelerator {
   /// A planned main step: what the engine must compute, until complete_step consumes it. Move-only; one
   /// exists at a time per accelerator. Destroying it unconsumed abandons the step: the accelerator is as
   /// before plan_step if no rows were cached in it, and needs reset() otherwise.
-  class step {
+  class step : public detail::planned_step<accelerator> {
    public:
-    step(step&& o) noexcept : owner_(o.owner_), generation_(o.generation_), index_(o.index_), t_(o.t_), dense_(o.dense_) { o.owner_ = nullptr; }
-    step& operator=(step&& o) noexcept {
-      if (this != &o) {
-        abandon();
-        owner_ = o.owner_;
-        generation_ = o.generation_;
-        index_ = o.index_;
-        t_ = o.t_;
-        dense_ = o.dense_;
-        o.owner_ = nullptr;
-      }
-      return *this;
-    }
-    step(const step&) = delete;
-    step& operator=(const step&) = delete;
-    ~step() { abandon(); }
-
-    index_t index() const { return live().index_; }
-    float timestep() const { return live().t_; }
-    /// Every token computed (the schedule's choice, or step 0: there is no history to score).
-    bool dense() const { return live().dense_; }
     /// Tokens computed per sample: the same for every sample (tokens on dense steps).
-    index_t compute_count() const { return live().owner_->compute_count_; }
+    index_t compute_count() const { return this->live().compute_count_; }
     /// The plan of sample b (CFG pairs share one when share_cfg_plan).
-    const token_plan& plan(index_t sample) const { return live().owner_->plan_of(sample); }
+    const token_plan& plan(index_t sample) const { return this->live().plan_of(sample); }
     /// Every sample's C1 token ids, [sample][compute_count()], each sample's ascending: what a token-subset
     /// forward takes.
     std::span<const index_t> compute_tokens() const {
-      const auto& a = *live().owner_;
+      const auto& a = this->live();
       return {a.compute_ids_.data(), static_cast<std::size_t>(a.config_.batch) * static_cast<std::size_t>(a.compute_count_)};
     }
 
    private:
     friend class accelerator;
-    step(accelerator* owner, std::uint64_t generation, index_t index, float t, bool dense)
-        : owner_(owner), generation_(generation), index_(index), t_(t), dense_(dense) {}
-    const step& live() const {
-      if (owner_ == nullptr) detail::fail_logic("step: this step object is empty (moved from, or already completed)");
-      owner_->expect_current(*this);
-      return *this;
-    }
-    void abandon() noexcept {
-      if (owner_ != nullptr) owner_->abandon_step(generation_);
-      owner_ = nullptr;
-    }
-    accelerator* owner_ = nullptr;
-    std::uint64_t generation_ = 0;
-    index_t index_ = 0;
-    float t_ = 0.f;
-    bool dense_ = true;
+    step(accelerator* owner, std::uint64_t generation, index_t index, float t, bool dense) noexcept
+        : detail::planned_step<accelerator>(owner, generation, index, t, dense) {}
   };
+  friend class detail::planned_step<accelerator>;  // checks its steps against this accelerator
 
   accelerator(accelerator_config config, Scorer scorer, Predictor predictor, Classifier classifier, Schedule schedule, Approx approx = {})
       : config_((config.validate(), config)),
@@ -402,12 +440,8 @@ class accelerator {
     }
   }
 
-  void expect_own(const step& s) const {
-    if (s.owner_ == nullptr) detail::fail_logic("step: this step object is empty (moved from, or already completed)");
-    if (s.owner_ != this) detail::fail_logic("step: step ", s.index_, " belongs to another accelerator");
-    expect_current(s);
-  }
-  void expect_current(const step& s) const {
+  void expect_own(const step& s) const { s.expect_owned_by(this); }
+  void expect_current(const detail::planned_step<accelerator>& s) const {
     if (!planned_ || s.generation_ != generation_) detail::fail_logic("step: step ", s.index_, " is stale (reset() was called since it was planned)");
   }
   void expect_attention(std::span<const float> attention) const {

@@ -322,63 +322,29 @@ class accelerator {
   /// exists at a time per accelerator. Destroying it unconsumed abandons the step: the accelerator is as
   /// before plan_step if no rows were cached in it, and needs reset() otherwise. (The host accelerator's
   /// step, with device views for observers.)
-  class step {
+  class step : public specdiff::detail::planned_step<accelerator> {
    public:
-    step(step&& o) noexcept : owner_(o.owner_), generation_(o.generation_), index_(o.index_), t_(o.t_), dense_(o.dense_) { o.owner_ = nullptr; }
-    step& operator=(step&& o) noexcept {
-      if (this != &o) {
-        abandon();
-        owner_ = o.owner_;
-        generation_ = o.generation_;
-        index_ = o.index_;
-        t_ = o.t_;
-        dense_ = o.dense_;
-        o.owner_ = nullptr;
-      }
-      return *this;
-    }
-    step(const step&) = delete;
-    step& operator=(const step&) = delete;
-    ~step() { abandon(); }
-
-    index_t index() const { return live().index_; }
-    float timestep() const { return live().t_; }
-    /// Every token computed (the schedule's choice, or step 0: there is no history to score).
-    bool dense() const { return live().dense_; }
     /// Tokens computed per sample: the same for every sample (tokens on dense steps). Host-known.
-    index_t compute_count() const { return live().owner_->compute_count_; }
+    index_t compute_count() const { return this->live().compute_count_; }
     /// The device plan of sample b (one sample: counts, levels, C1 | C2 | C3 lists; CFG pairs share one).
-    device_plan_view plan(index_t sample) const { return live().owner_->plan_of(sample); }
+    device_plan_view plan(index_t sample) const { return this->live().plan_of(sample); }
     /// Every sample's C1 token ids, [sample][compute_count()], each sample's ascending (device memory).
     device_span<const index_t> compute_tokens() const {
-      const auto& a = *live().owner_;
+      const auto& a = this->live();
       return {a.compute_tokens_, a.config_.batch * a.compute_count_};
     }
     /// The same tokens as rows of a full batch*tokens matrix: the row set a token-subset forward gathers
     /// (gpu::gather_rows(x, step.compute_rows(), x_c1, acc.stream())), compact row r being the r-th listed.
-    index_list compute_rows() const { return live().owner_->compute_list(); }
+    index_list compute_rows() const { return this->live().compute_list(); }
     /// One level's rows in every sample, for an engine's own kernels (counts on the device).
-    batch_plan_rows rows(level l) const { return live().owner_->level_rows(l); }
+    batch_plan_rows rows(level l) const { return this->live().level_rows(l); }
 
    private:
     friend class accelerator;
-    step(accelerator* owner, std::uint64_t generation, index_t index, float t, bool dense)
-        : owner_(owner), generation_(generation), index_(index), t_(t), dense_(dense) {}
-    const step& live() const {
-      if (owner_ == nullptr) specdiff::detail::fail_logic("step: this step object is empty (moved from, or already completed)");
-      owner_->expect_current(*this);
-      return *this;
-    }
-    void abandon() noexcept {
-      if (owner_ != nullptr) owner_->abandon_step(generation_);
-      owner_ = nullptr;
-    }
-    accelerator* owner_ = nullptr;
-    std::uint64_t generation_ = 0;
-    index_t index_ = 0;
-    float t_ = 0.f;
-    bool dense_ = true;
+    step(accelerator* owner, std::uint64_t generation, index_t index, float t, bool dense) noexcept
+        : specdiff::detail::planned_step<accelerator>(owner, generation, index, t, dense) {}
   };
+  friend class specdiff::detail::planned_step<accelerator>;  // checks its steps against this accelerator
 
   /// Device memory an accelerator of this configuration needs (256-byte aligned, as cudaMalloc returns).
   /// Checks everything the constructor checks about the sizes and policies; makes no CUDA call.
@@ -729,12 +695,8 @@ class accelerator {
     classifier_.classify(workspace_, bytes, {scores_, n}, plans_, stream_);
   }
 
-  void expect_own(const step& s) const {
-    if (s.owner_ == nullptr) specdiff::detail::fail_logic("step: this step object is empty (moved from, or already completed)");
-    if (s.owner_ != this) specdiff::detail::fail_logic("step: step ", s.index_, " belongs to another accelerator");
-    expect_current(s);
-  }
-  void expect_current(const step& s) const {
+  void expect_own(const step& s) const { s.expect_owned_by(this); }
+  void expect_current(const specdiff::detail::planned_step<accelerator>& s) const {
     if (!planned_ || s.generation_ != generation_) specdiff::detail::fail_logic("step: step ", s.index_, " is stale (reset() was called since it was planned)");
   }
   void expect_attention(device_span<const float> attention) const {
