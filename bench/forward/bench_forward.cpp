@@ -6,7 +6,6 @@
 // config.json instead (e.g. models/mnist-sd3/transformer/config.json). tools/bench_forward_torch.py times the
 // same config in PyTorch; bench/forward/run.sh runs both, interleaved.
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <random>
 #include <string>
@@ -14,6 +13,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include "bench/timing.hpp"
 #include "sd3/config.hpp"
 #include "sd3/gemm.hpp"
 #include "sd3/model.hpp"
@@ -38,19 +38,8 @@ double forward_flops(const sd3::transformer_config& c, int B, int N, int n, int 
     return 2.0 * B * macs;
 }
 
-template <class F>
-std::vector<double> time_ms(int warmup, int reps, F&& fn) {
-    for (int i = 0; i < warmup; ++i) fn();
-    std::vector<double> t;
-    for (int i = 0; i < reps; ++i) {
-        const auto t0 = std::chrono::steady_clock::now();
-        fn();
-        t.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-    }
-    std::sort(t.begin(), t.end());
-    return t;
-}
-double median(const std::vector<double>& t) { return t[t.size() / 2]; }
+using bench::median;
+using bench::time_ms;
 
 }  // namespace
 

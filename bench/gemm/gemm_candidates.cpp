@@ -6,7 +6,6 @@
 // timed calls after a warm-up, GFLOP/s and the fraction of the core's FP32 FMA peak (measured, or --peak).
 // bench/gemm/run.sh runs every executable built, alternating, and prints the table docs/engine.md quotes.
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -16,6 +15,7 @@
 #include <CLI/CLI.hpp>
 #include <Eigen/Core>
 
+#include "bench/timing.hpp"
 #include "sd3/gemm.hpp"
 
 #if defined(SD3_GEMM_OPENBLAS)
@@ -48,17 +48,10 @@ constexpr shape shapes[] = {
 
 using row_matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
+// One warm-up call (first touch, library initialisation), then `reps` timed ones.
 template <class F>
 std::vector<double> time_ms(int reps, F&& fn) {
-    fn();  // warm-up: first touch, library initialisation
-    std::vector<double> t;
-    for (int i = 0; i < reps; ++i) {
-        const auto t0 = std::chrono::steady_clock::now();
-        fn();
-        t.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-    }
-    std::sort(t.begin(), t.end());
-    return t;
+    return bench::time_ms(1, reps, fn);
 }
 
 }  // namespace
