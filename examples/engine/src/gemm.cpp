@@ -60,8 +60,6 @@ tile_shape register_tile() noexcept { return {mr, nr}; }
 std::size_t workspace_floats() noexcept { return round_up(row_block, mr) * k_block; }
 std::size_t packed_rows_floats(int rows) noexcept { return round_up(static_cast<std::size_t>(rows), mr) * k_block; }
 
-int panel_width() noexcept { return nr; }
-
 std::size_t packed_weights::panel_floats() const noexcept { return static_cast<std::size_t>(depth_) * nr; }
 
 packed_weights::packed_weights(std::span<const float> w, int outputs, int depth) : outputs_(outputs), depth_(depth) {

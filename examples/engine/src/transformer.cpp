@@ -42,6 +42,10 @@ constexpr int key_block = gemm::k_block;  // keys per step of the attention's on
 // packed for a task serves enough queries.
 int query_chunk() { return 64 / gemm::register_tile().rows * gemm::register_tile().rows; }
 
+// Floats of a head's row in the attention's output and packed values: the head rounded up to whole register
+// panels.
+std::size_t padded_head(int head_dim) { return round_up(static_cast<std::size_t>(head_dim), gemm::register_tile().cols); }
+
 // One worker's attention scratch: its query chunk packed, one key block's scores (then probabilities), and each
 // query's running output, maximum, sum and log-sum-exp. The scores, written with row stride key_block, are
 // already in the packed layout of the GEMM's left operand (gemm::pack_rows), so P V reads them in place. All
@@ -56,7 +60,7 @@ struct attention_scratch {
             this->*field = base + at;
             at += floats;
         }
-        out_stride = static_cast<int>(round_up(static_cast<std::size_t>(head_dim), gemm::register_tile().cols));
+        out_stride = static_cast<int>(padded_head(head_dim));
     }
     static std::size_t floats(int head_dim) {
         std::size_t total = 0;
@@ -67,7 +71,7 @@ struct attention_scratch {
 private:
     using member = float* attention_scratch::*;
     static std::array<std::pair<member, std::size_t>, 6> layout(int head_dim) {
-        const std::size_t rows = query_chunk(), hdp = round_up(static_cast<std::size_t>(head_dim), gemm::register_tile().cols);
+        const std::size_t rows = query_chunk(), hdp = padded_head(head_dim);
         const std::size_t packed = gemm::packed_rows_floats(query_chunk());  // also rows x key_block: S is packed as it is made
         auto r = [](std::size_t f) { return round_up(f, 16); };
         return {{{&attention_scratch::q, r(packed)},
@@ -344,7 +348,7 @@ struct transformer::impl {
     // P V reads the value rows where they are when a head is whole register panels wide; else from packed copies.
     bool values_in_place() const { return hd % gemm::register_tile().cols == 0; }
     std::array<std::size_t, 4> kv_layout(int image_tokens, int context_tokens) const {
-        const std::size_t cols = gemm::register_tile().cols, hdp = values_in_place() ? 0 : round_up(hd, cols);
+        const std::size_t cols = gemm::register_tile().cols, hdp = values_in_place() ? 0 : padded_head(hd);
         auto r = [](std::size_t f) { return round_up(f, 16); };
         return {r(round_up(as_size(image_tokens), cols) * hd), r(round_up(as_size(context_tokens), cols) * hd),
                 r(as_size(image_tokens) * hdp), r(as_size(context_tokens) * hdp)};
@@ -711,7 +715,7 @@ void transformer::impl::attend(int layer, bool image_queries, bool context_queri
         return r;
     };
     const bool in_place = values_in_place();
-    const int hdp = static_cast<int>(round_up(hd, tile.cols));
+    const auto hdp = static_cast<std::ptrdiff_t>(padded_head(hd));
     // Every sample's and head's keys (and values, unless read in place) packed once, for all the query chunks.
     parallel_for(split(), B * heads, 2.0 * B * (N + L) * D, [&](int task, int) {
         const int b = task / heads, h = task % heads;
