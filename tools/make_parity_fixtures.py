@@ -23,7 +23,10 @@ Variants:
            F16 and BF16 (the values are rounded first, so diffusers and the engine see the same numbers)
     long   qk_norm null, 2 blocks, 2 heads x 32, F16 weights, a 40x36 latent (20x18 = 360 image tokens, more than one
            256-key block of the engine's attention) from a 21x21 table, 6 context tokens
-rms and plain use a non-square 6x10 latent (3x5 patches of 2) cropped from a 7x7 position table, 5 context tokens.
+    mmditx SD3.5-medium's MMDiT-X blocks: dual_attention_layers (0, 2) of 3 (a second, image-only attention, attn2,
+           in the first block and in the context_pre_only last one, not in the middle one), qk_norm "rms_norm",
+           2 heads x 16, F32 weights; also attn2_img.{l}, the image-only attention's output (after attn2.to_out)
+rms, plain and mmditx use a non-square 6x10 latent (3x5 patches of 2) cropped from a 7x7 position table, 5 context tokens.
 
 Run:  /work/venv/bin/python tools/make_parity_fixtures.py [--out tests/data/parity] [--only long]
 """
@@ -53,6 +56,11 @@ VARIANTS = {
                     num_attention_heads=2, joint_attention_dim=20, caption_projection_dim=64, pooled_projection_dim=12,
                     pos_embed_max_size=21, qk_norm=None),
         dtypes=[torch.float16], sample=False, seed=2468, size=(40, 36, 6)),
+    "mmditx": dict(
+        config=dict(sample_size=6, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=16,
+                    num_attention_heads=2, joint_attention_dim=20, caption_projection_dim=32, pooled_projection_dim=12,
+                    pos_embed_max_size=7, qk_norm="rms_norm", dual_attention_layers=(0, 2)),
+        dtypes=[torch.float32], sample=False, seed=8642),
 }
 BATCH, HEIGHT, WIDTH, CONTEXT = 2, 6, 10, 5  # the default latent size and context length
 TIMESTEPS = ([1000.0, 562.5], [271.25, 3.0])
@@ -86,7 +94,8 @@ class ProbingJointAttnProcessor(JointAttnProcessor2_0):
         self.record = record
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        if self.record.get("on"):
+        # MMDiT-X's attn2 (no context) is not in the probe: the engine's probe is the joint attention's.
+        if self.record.get("on") and encoder_hidden_states is not None:
             b, n = hidden_states.shape[:2]
             heads = attn.heads
 
@@ -152,6 +161,8 @@ def make_variant(name, spec, out_root):
                         modules[f"attn_ctx.{l}"] = output[1]
             return hook
         handles.append(block.attn.register_forward_hook(keep_attn(l, block.context_pre_only)))
+        if block.attn2 is not None:
+            handles.append(block.attn2.register_forward_hook(keep(f"attn2_img.{l}")))
         handles.append(block.ff.register_forward_hook(keep(f"mlp_img.{l}")))
         if block.ff_context is not None:
             handles.append(block.ff_context.register_forward_hook(keep(f"mlp_ctx.{l}")))

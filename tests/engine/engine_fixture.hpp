@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "sd3/model.hpp"
@@ -10,7 +11,8 @@
 
 namespace test_util {
 
-inline sd3::transformer_config small_config(bool qk_norm = true) {
+// dual_attention_layers non-empty: an MMDiT-X (SD3.5-medium) model, those blocks with a second, image-only attention.
+inline sd3::transformer_config small_config(bool qk_norm = true, std::vector<int> dual_attention_layers = {}) {
     sd3::transformer_config c;
     c.sample_size = 8;
     c.patch_size = 2;
@@ -24,6 +26,7 @@ inline sd3::transformer_config small_config(bool qk_norm = true) {
     c.pooled_projection_dim = 8;
     c.pos_embed_max_size = 8;
     c.qk_norm = qk_norm;
+    c.dual_attention_layers = std::move(dual_attention_layers);
     return c;
 }
 
@@ -32,8 +35,8 @@ struct random_problem {
     int batch = 2, height = 8, width = 12, context_tokens = 7;
     std::vector<float> latents, timesteps, context, pooled;
 
-    random_problem(std::uint32_t seed, bool qk_norm = true)
-        : model(sd3::model::random(small_config(qk_norm), seed)) {
+    random_problem(std::uint32_t seed, bool qk_norm = true, std::vector<int> dual_attention_layers = {})
+        : model(sd3::model::random(small_config(qk_norm, std::move(dual_attention_layers)), seed)) {
         std::mt19937 rng(seed + 1);
         std::normal_distribution<float> normal;
         const auto& c = model.config;

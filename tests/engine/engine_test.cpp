@@ -54,7 +54,14 @@ TEST_CASE("config.json parsing follows diffusers' defaults and rejects unsupport
     CHECK(defaults.hidden() == 1152);
     CHECK(defaults.pos_embed_max_size == 96);
 
-    expect_config_error(with("dual_attention_layers", "[0, 1]"), "dual_attention_layers");
+    // MMDiT-X: the indices as diffusers reads them (a set: any order, repeats harmless), kept ascending.
+    CHECK(sd3::parse_transformer_config(with("dual_attention_layers", "[1, 0, 1]")).dual_attention_layers == std::vector<int>{0, 1});
+    CHECK(sd3::parse_transformer_config(with("dual_attention_layers", "null")).dual_attention_layers.empty());
+    expect_config_error(with("dual_attention_layers", "[0, 2]"), "dual_attention_layers[1] = 2 is outside [0, num_layers = 2)");
+    expect_config_error(with("dual_attention_layers", "[-1]"), "dual_attention_layers entry -1");
+    expect_config_error(with("dual_attention_layers", "[\"0\"]"), "dual_attention_layers entry \"0\"");
+    expect_config_error(with("dual_attention_layers", "[18446744073709551615]"), "dual_attention_layers entry 18446744073709551615");
+    expect_config_error(with("dual_attention_layers", "7"), "dual_attention_layers = 7 must be an array");
     expect_config_error(with("qk_norm", "\"layer_norm\""), "qk_norm = \"layer_norm\"");
     expect_config_error(with("pos_embed_max_size", "null"), "pos_embed_max_size");
     expect_config_error(with("caption_projection_dim", "48"), "caption_projection_dim = 48");
@@ -204,6 +211,36 @@ TEST_CASE("forward rejects bad arguments with messages naming them") {
     expect(in, rows, both, "token 3 of sample 0 is not among options.image_tokens");
     hooks[0].mlp[0].mode = static_cast<sd3::module_mode>(7);
     expect(in, v, ho, "is not a module_mode");
+    hooks[0].mlp[0] = {};
+    hooks[1].attention2.rows = buf.data();
+    expect(in, v, ho, "blocks[1].attention2: block 1 has no image-only attention");
+
+    // MMDiT-X: the image-only attention's hook and cache.
+    const test_util::random_problem x(7, true, {1});
+    sd3::transformer xnet(x.model, x.limits(), 1);
+    std::vector<sd3::block_hooks> xhooks(3);
+    sd3::forward_options xo;
+    xo.blocks = xhooks;
+    xhooks[1].attention2.mode = sd3::module_mode::reuse;
+    CHECK_THROWS_WITH_AS(xnet.forward(in, v, xo), doctest::Contains("blocks[1].attention2: mode reuse needs rows"), std::invalid_argument);
+    xhooks[1].attention2 = {sd3::module_mode::subset, buf.data(), {}};
+    CHECK_THROWS_WITH_AS(xnet.forward(in, v, xo), doctest::Contains("blocks[1].attention2.mode = 2 is not compute (0) or reuse (1)"),
+                         std::invalid_argument);
+    xhooks[1].attention2 = {sd3::module_mode::reuse, buf.data(), fine};
+    CHECK_THROWS_WITH_AS(xnet.forward(in, v, xo), doctest::Contains("attention2.tokens is set"), std::invalid_argument);
+    sd3::forward_options xkv;
+    xkv.image_tokens = fine;
+    xkv.kv = &kv;  // made for the SD3 config: no slots for the image-only attention
+    CHECK_THROWS_WITH_AS(xnet.forward(in, rows, xkv), doctest::Contains("kv_cache was made for 0 dual-attention layers"),
+                         std::invalid_argument);
+    auto xbroken = x.model;
+    xbroken.blocks[1].attn2_out.bias.pop_back();
+    CHECK_THROWS_WITH_AS(sd3::transformer(xbroken, x.limits(), 1), doctest::Contains("'transformer_blocks.1.attn2.to_out.0'"),
+                         std::invalid_argument);
+    xbroken = x.model;
+    xbroken.blocks[0].dual_attention = true;
+    CHECK_THROWS_WITH_AS(sd3::transformer(xbroken, x.limits(), 1), doctest::Contains("transformer_blocks.0.dual_attention"),
+                         std::invalid_argument);
 
     CHECK_THROWS_WITH_AS(sd3::transformer(p.model, p.limits(), 0), doctest::Contains("threads = 0"), std::invalid_argument);
     CHECK_THROWS_WITH_AS(net.set_threads(-1), doctest::Contains("threads = -1"), std::invalid_argument);

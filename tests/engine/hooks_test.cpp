@@ -18,10 +18,12 @@ namespace {
 
 using test_util::random_problem;
 
-// Per layer, caller buffers for the four module sites (attention/MLP x image/context), wired into block_hooks.
+// Per layer, caller buffers for the module sites (attention/MLP x image/context, and the image-only attention
+// of MMDiT-X blocks), wired into block_hooks.
 struct site_buffers {
-    std::vector<std::vector<float>> attn_img, attn_ctx, mlp_img, mlp_ctx;
+    std::vector<std::vector<float>> attn_img, attn_ctx, mlp_img, mlp_ctx, attn2_img;
     std::vector<sd3::block_hooks> hooks;
+    std::vector<bool> dual;
 
     explicit site_buffers(const random_problem& p, float fill = 0.0f) {
         const int layers = p.model.config.num_layers, D = p.hidden();
@@ -30,6 +32,8 @@ struct site_buffers {
         mlp_img.assign(layers, std::vector<float>(img, fill));
         attn_ctx.assign(layers, std::vector<float>(ctx, fill));
         mlp_ctx.assign(layers, std::vector<float>(ctx, fill));
+        attn2_img.assign(layers, std::vector<float>(img, fill));
+        for (int l = 0; l < layers; ++l) dual.push_back(p.model.config.dual_attention(l));
         hooks.resize(layers);
         wire();
     }
@@ -42,17 +46,24 @@ struct site_buffers {
                 hooks[l].attention[1].rows = attn_ctx[l].data();
                 hooks[l].mlp[1].rows = mlp_ctx[l].data();
             }
+            if (dual[l]) hooks[l].attention2.rows = attn2_img[l].data();
         }
     }
     void set_mode(sd3::module_mode attention, sd3::module_mode mlp) {
-        for (std::size_t l = 0; l < hooks.size(); ++l)
+        for (std::size_t l = 0; l < hooks.size(); ++l) {
             for (int s = 0; s < 2; ++s) {
                 if (s == 1 && l + 1 == hooks.size()) continue;  // the last block has no context outputs
                 hooks[l].attention[s].mode = attention;
                 hooks[l].mlp[s].mode = mlp;
             }
+            if (dual[l]) hooks[l].attention2.mode = attention;
+        }
     }
 };
+
+// The architectures the hook tests run on: SD3, and MMDiT-X with the image-only attention in the first and the
+// last (context_pre_only) of the three blocks.
+const std::vector<int> mmditx_layers{0, 2};
 
 // forward_options from named parts (designated initializers that skip members trip -Wmissing-field-initializers).
 sd3::forward_options options(std::span<const std::int32_t> image_tokens = {}, sd3::kv_cache* kv = nullptr,
@@ -104,10 +115,7 @@ bool bit_equal(const std::vector<float>& a, const std::vector<float>& b) {
     return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
 
-}  // namespace
-
-TEST_CASE("hooked forward with every token computed is bit-identical to the plain forward") {
-    const random_problem p(test_util::fresh_seed());
+void check_bit_identity(const random_problem& p) {
     sd3::transformer net(p.model, p.limits(), 2);
     std::vector<float> plain(p.velocity_size());
     net.forward(p.inputs(), plain);
@@ -152,9 +160,7 @@ TEST_CASE("hooked forward with every token computed is bit-identical to the plai
     }
 }
 
-TEST_CASE("reusing read-back module outputs reproduces the forward exactly") {
-    const auto seed = test_util::fresh_seed();
-    const random_problem p(seed);
+void check_reuse(const random_problem& p) {
     sd3::transformer net(p.model, p.limits(), 2);
     std::vector<float> plain(p.velocity_size()), v(p.velocity_size());
     site_buffers sites(p);
@@ -178,6 +184,21 @@ TEST_CASE("reusing read-back module outputs reproduces the forward exactly") {
         CHECK_FALSE(bit_equal(v, plain));
         CHECK(test_util::rel_l2(v, plain) > 1e-6);
     }
+    if (!p.model.config.dual_attention_layers.empty()) {
+        SUBCASE("MMDiT-X: the image-only attentions reused alone, and their rows really used") {
+            for (const int l : p.model.config.dual_attention_layers) sites.hooks[l].attention2.mode = sd3::module_mode::reuse;
+            net.forward(p.inputs(), v, options({}, nullptr, {}, sites.hooks));
+            CHECK(bit_equal(v, plain));
+            for (const int l : p.model.config.dual_attention_layers) {
+                CAPTURE(l);
+                std::vector<float> w(p.velocity_size());
+                sites.attn2_img[l][3] += 1.0f;
+                net.forward(p.inputs(), w, options({}, nullptr, {}, sites.hooks));
+                CHECK(test_util::rel_l2(w, plain) > 1e-6);
+                sites.attn2_img[l][3] -= 1.0f;
+            }
+        }
+    }
     SUBCASE("rows from another timestep give another output") {
         auto other = p;
         other.timesteps = {p.timesteps[1], p.timesteps[0]};
@@ -188,6 +209,19 @@ TEST_CASE("reusing read-back module outputs reproduces the forward exactly") {
         net.forward(p.inputs(), v, options({}, nullptr, {}, stale.hooks));
         CHECK(test_util::rel_l2(v, plain) > 1e-3);
     }
+}
+
+}  // namespace
+
+TEST_CASE("hooked forward with every token computed is bit-identical to the plain forward") {
+    check_bit_identity(random_problem(test_util::fresh_seed()));
+}
+TEST_CASE("mmditx: hooked forward with every token computed is bit-identical to the plain forward") {
+    check_bit_identity(random_problem(test_util::fresh_seed(), true, mmditx_layers));
+}
+TEST_CASE("reusing read-back module outputs reproduces the forward exactly") { check_reuse(random_problem(test_util::fresh_seed())); }
+TEST_CASE("mmditx: reusing read-back module outputs reproduces the forward exactly") {
+    check_reuse(random_problem(test_util::fresh_seed(), true, mmditx_layers));
 }
 
 TEST_CASE("MLP token subset recomputes the listed tokens and reads the others") {
@@ -236,10 +270,10 @@ TEST_CASE("MLP token subset recomputes the listed tokens and reads the others") 
     }
 }
 
-TEST_CASE("token-subset forward: computed tokens see cached keys/values, cache rows refresh") {
-    const auto seed = test_util::fresh_seed();
+namespace {
+
+void check_token_subset(const random_problem& p, std::uint32_t seed) {
     std::mt19937 rng(seed);
-    const random_problem p(seed);
     const auto& c = p.model.config;
     const int N = p.tokens(), D = p.hidden(), P = c.patch_features();
     sd3::transformer net(p.model, p.limits(), 2);
@@ -279,13 +313,20 @@ TEST_CASE("token-subset forward: computed tokens see cached keys/values, cache r
         std::vector<float> rows(p.batch * n * P);
         net.forward(other.inputs(), rows, options(tokens, &kv));
         for (int l = 0; l < c.num_layers; ++l)
-            for (int b = 0; b < p.batch; ++b)
-                for (int t = 0; t < N; ++t) {
-                    const bool computed = std::binary_search(tokens.begin() + b * n, tokens.begin() + (b + 1) * n, t);
-                    const bool same = std::memcmp(kv.keys(l, b) + t * D, before.keys(l, b) + t * D, D * sizeof(float)) == 0 &&
-                                      std::memcmp(kv.values(l, b) + t * D, before.values(l, b) + t * D, D * sizeof(float)) == 0;
-                    CHECK(same != computed);
+            for (const auto a : {sd3::attention_kind::joint, sd3::attention_kind::image_only}) {
+                if (a == sd3::attention_kind::image_only && !c.dual_attention(l)) {
+                    CHECK(kv.keys(l, 0, a) == nullptr);
+                    continue;
                 }
+                for (int b = 0; b < p.batch; ++b)
+                    for (int t = 0; t < N; ++t) {
+                        const bool computed = std::binary_search(tokens.begin() + b * n, tokens.begin() + (b + 1) * n, t);
+                        const bool same =
+                            std::memcmp(kv.keys(l, b, a) + t * D, before.keys(l, b, a) + t * D, D * sizeof(float)) == 0 &&
+                            std::memcmp(kv.values(l, b, a) + t * D, before.values(l, b, a) + t * D, D * sizeof(float)) == 0;
+                        CHECK(same != computed);
+                    }
+            }
         // With every token listed, each layer refreshes the whole cache before reading it: the full forward's bits.
         std::vector<float> full_other(p.velocity_size());
         net.forward(other.inputs(), full_other);
@@ -296,6 +337,17 @@ TEST_CASE("token-subset forward: computed tokens see cached keys/values, cache r
         // A stale cache makes the subset forward differ from the fresh full forward (the K/V really come from it).
         CHECK(test_util::rel_l2(rows, to_rows(p, tokens, full_other)) > 1e-6);
     }
+}
+
+}  // namespace
+
+TEST_CASE("token-subset forward: computed tokens see cached keys/values, cache rows refresh") {
+    const auto seed = test_util::fresh_seed();
+    check_token_subset(random_problem(seed), seed);
+}
+TEST_CASE("mmditx: token-subset forward: computed tokens see cached keys/values of both attentions, cache rows refresh") {
+    const auto seed = test_util::fresh_seed();
+    check_token_subset(random_problem(seed, true, mmditx_layers), seed);
 }
 
 TEST_CASE("patches_to_image and image_to_patches follow diffusers' (p, q, c) row layout") {

@@ -58,10 +58,13 @@ TEST_CASE("diffusers_parity: transformer without qk-norm, F16/BF16 weights, out_
 // 360 image tokens: the engine's attention walks the image keys in two blocks (online softmax across them), and a
 // head of 32 floats is read in place by P V where the register tile is 32 (AVX-512) or 16 wide.
 TEST_CASE("diffusers_parity: transformer with more image tokens than one attention key block") { check_transformer("long", 1); }
+// SD3.5-medium's MMDiT-X blocks: a second, image-only attention (attn2) in blocks 0 and 2 of 3, with qk-norm.
+TEST_CASE("diffusers_parity: mmditx transformer (dual attention layers, RMS qk-norm)") { check_transformer("mmditx", 1); }
 TEST_CASE("diffusers_parity: transformer multithreaded") {
     check_transformer("rms", 3);
     check_transformer("plain", 2);
     check_transformer("long", 2);
+    check_transformer("mmditx", 2);
 }
 
 TEST_CASE("diffusers_parity: FlowMatchEulerDiscreteScheduler tables") {
@@ -105,7 +108,7 @@ TEST_CASE("diffusers_parity: dynamic-shift schedule (mu)") {
 // The hooks' read-back rows are diffusers' module outputs before the gate, and the probe is the attention each
 // image key receives (head-averaged, summed over queries and layers), computed by a probing processor in diffusers.
 TEST_CASE("diffusers_parity: module read-back hooks and attention probe") {
-    for (const std::string variant : {"rms", "plain", "long"}) {
+    for (const std::string variant : {"rms", "plain", "long", "mmditx"}) {
         CAPTURE(variant);
         const fixture fx(variant);
         const auto& c = fx.model.config;
@@ -116,15 +119,16 @@ TEST_CASE("diffusers_parity: module read-back hooks and attention probe") {
         sd3::transformer net(fx.model, fx.limits(), 2);
         const sd3::forward_inputs in{B, fx.dim("latents", 2), fx.dim("latents", 3), L, latents, timesteps, context, pooled};
 
-        // rows[l][0..3] = attn image, attn context, mlp image, mlp context
+        // rows[l][0..4] = attn image, attn context, mlp image, mlp context, image-only attention (MMDiT-X)
         std::vector<std::vector<std::vector<float>>> rows(c.num_layers);
         std::vector<sd3::block_hooks> hooks(c.num_layers);
         for (int l = 0; l < c.num_layers; ++l) {
             const bool last = l == c.num_layers - 1;
             rows[l] = {std::vector<float>(B * N * D), std::vector<float>(B * L * D), std::vector<float>(B * N * D),
-                       std::vector<float>(B * L * D)};
+                       std::vector<float>(B * L * D), std::vector<float>(B * N * D)};
             hooks[l].attention[0].rows = rows[l][0].data();
             hooks[l].mlp[0].rows = rows[l][2].data();
+            if (c.dual_attention(l)) hooks[l].attention2.rows = rows[l][4].data();
             if (!last) {
                 hooks[l].attention[1].rows = rows[l][1].data();
                 hooks[l].mlp[1].rows = rows[l][3].data();
@@ -156,6 +160,8 @@ TEST_CASE("diffusers_parity: module read-back hooks and attention probe") {
                 CHECK(test_util::rel_l2(rows[l][1], fx.get(("attn_ctx." + s).c_str())) <= tolerance);
                 CHECK(test_util::rel_l2(rows[l][3], fx.get(("mlp_ctx." + s).c_str())) <= tolerance);
             }
+            CHECK(c.dual_attention(l) == fx.io.contains("attn2_img." + s));
+            if (c.dual_attention(l)) CHECK(test_util::rel_l2(rows[l][4], fx.get(("attn2_img." + s).c_str())) <= tolerance);
         }
     }
 }

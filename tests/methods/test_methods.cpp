@@ -17,21 +17,26 @@ namespace {
 
 using methods_testing::small_config;
 
+// An MMDiT-X (SD3.5-medium) model: blocks 0 and 2 of 3 have the second, image-only attention.
+sd3::transformer_config mmditx_config() {
+  auto c = small_config();
+  c.dual_attention_layers = {0, 2};
+  return c;
+}
+
 // Fresh inputs each run (the seed is printed on failure).
 struct fixture : methods_testing::sampling_inputs {
-  sd3::model model = sd3::model::random(small_config(), seed);
-  sd3::transformer net{model, {4, 8, 8, 3}, 1};
+  sd3::model model;
+  sd3::transformer net;
 
-  fixture() : sampling_inputs(std::random_device{}()) {}
+  explicit fixture(const sd3::transformer_config& c = small_config())
+      : sampling_inputs(std::random_device{}()), model(sd3::model::random(c, seed)), net(model, {4, 8, 8, 3}, 1) {}
   methods::problem problem(int steps = 8) { return problem_on(net, steps); }
 };
 
 using kind = methods::module_cache_options::kind;
 
-}  // namespace
-
-TEST_CASE("every method at its no-caching setting reproduces full RFlow bit for bit") {
-  fixture f;
+void check_no_caching_is_full(fixture& f) {
   INFO("seed ", f.seed);
   const auto p = f.problem();
   const auto full = methods::run_full(p);
@@ -52,8 +57,7 @@ TEST_CASE("every method at its no-caching setting reproduces full RFlow bit for 
   CHECK(methods::run_steps(p, p.steps).latents == full.latents);
 }
 
-TEST_CASE("caching changes the result, and less work is counted") {
-  fixture f;
+void check_caching_saves_work(fixture& f) {
   INFO("seed ", f.seed);
   const auto p = f.problem();
   const auto full = methods::run_full(p);
@@ -77,6 +81,45 @@ TEST_CASE("caching changes the result, and less work is counted") {
   const auto& c = f.net.config();
   CHECK(methods::subset_forward_flops(c, 16, 3, 16) == methods::full_forward_flops(c, 16, 3));
   CHECK(methods::subset_forward_flops(c, 16, 3, 4) < methods::full_forward_flops(c, 16, 3));
+}
+
+}  // namespace
+
+TEST_CASE("every method at its no-caching setting reproduces full RFlow bit for bit") {
+  fixture f;
+  check_no_caching_is_full(f);
+}
+TEST_CASE("mmditx: every method at its no-caching setting reproduces full RFlow bit for bit") {
+  fixture f(mmditx_config());
+  check_no_caching_is_full(f);
+}
+TEST_CASE("caching changes the result, and less work is counted") {
+  fixture f;
+  check_caching_saves_work(f);
+}
+TEST_CASE("mmditx: caching changes the result, and less work is counted") {
+  fixture f(mmditx_config());
+  check_caching_saves_work(f);
+}
+
+TEST_CASE("FLOP accounting of an MMDiT-X block, by hand") {
+  sd3::transformer_config c;
+  c.num_layers = 2;
+  c.num_attention_heads = 2;
+  c.attention_head_dim = 4;  // D = 8
+  c.caption_projection_dim = 8;
+  c.dual_attention_layers = {0};
+  const methods::block_work all{4, true, 4, true};
+  // Block 0 with 4 image and 2 context tokens, 2 FLOPs per multiply-add:
+  //   modulation 2*8*(9*8) + 2*8*(6*8) = 1152 + 768; joint attention: q, k, v of 6 tokens 2*6*8*24 = 2304,
+  //   QK^T and PV 2*2*6*6*8 = 1152, to_out and to_add_out 2*6*8*8 = 768; image-only attention: 2*4*8*24 = 1536,
+  //   2*2*4*4*8 = 512, 2*4*8*8 = 512; feed-forwards 2*2*4*8*32 = 4096 and 2*2*2*8*32 = 2048.
+  CHECK(methods::block_flops(c, 4, 2, 0, all) == 1152 + 768 + 2304 + 1152 + 768 + 1536 + 512 + 512 + 4096 + 2048);
+  // Block 1 (last, no second attention): modulation 2*8*48 + 2*8*16, attention as above but to_out for the image
+  // rows only (2*4*8*8 = 512), the image feed-forward only.
+  CHECK(methods::block_flops(c, 4, 2, 1, all) == 768 + 256 + 2304 + 1152 + 512 + 4096);
+  // Reused attention modules: neither attention is counted, the modulation is.
+  CHECK(methods::block_flops(c, 4, 2, 0, methods::block_work{0, false, 4, true}) == 1152 + 768 + 4096 + 2048);
 }
 
 TEST_CASE("ranking variants: his*star pays for the pass but ignores it, round-robin runs no pass") {

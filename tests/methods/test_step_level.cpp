@@ -98,10 +98,10 @@ TEST_CASE("an infinite threshold computes only the forced steps, and the FLOPs c
   const auto p = f.problem();
   const auto full = methods::run_full(p);
   const auto& c = f.net.config();
-  const int batch = 4, tokens = 16, ctx = 3, layers = c.num_layers;
+  const int batch = 4, tokens = 16, ctx = 3;
   const double full_step = batch * methods::full_forward_flops(c, tokens, ctx);
   auto block = [&](int l, bool whole) {
-    return methods::block_flops(c, tokens, ctx, l + 1 == layers, whole ? methods::block_work{tokens, true, tokens, true} : methods::block_work{0, false, 0, false});
+    return methods::block_flops(c, tokens, ctx, l, whole ? methods::block_work{tokens, true, tokens, true} : methods::block_work{0, false, 0, false});
   };
   auto finite = [](const std::vector<float>& v) { return std::all_of(v.begin(), v.end(), [](float x) { return std::isfinite(x); }); };
 

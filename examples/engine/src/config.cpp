@@ -1,5 +1,6 @@
 #include "sd3/config.hpp"
 
+#include <algorithm>
 #include <stdexcept>
 
 #include <nlohmann/json.hpp>
@@ -57,6 +58,16 @@ void transformer_config::validate() const {
                      max_patch_features);
     product_in_range("patch_size^2 * out_channels (patch features)", std::int64_t{patch_size} * patch_size * out_channels,
                      max_patch_features);
+    for (std::size_t i = 0; i < dual_attention_layers.size(); ++i) {
+        const int l = dual_attention_layers[i];
+        if (l < 0 || l >= num_layers)
+            throw std::invalid_argument(message("transformer_config.dual_attention_layers[", i, "] = ", l,
+                                                " is outside [0, num_layers = ", num_layers, ")"));
+        if (i > 0 && l <= dual_attention_layers[i - 1])
+            throw std::invalid_argument(message("transformer_config.dual_attention_layers[", i, "] = ", l,
+                                                " is not above the entry before it (", dual_attention_layers[i - 1],
+                                                "): the list must be ascending without repeats"));
+    }
     if (caption_projection_dim != hidden())
         throw std::invalid_argument(message("transformer_config.caption_projection_dim = ", caption_projection_dim,
                                             " must equal num_attention_heads * attention_head_dim = ", hidden(),
@@ -97,9 +108,20 @@ transformer_config parse_transformer_config(std::string_view json_text, std::str
         c.qk_norm = true;
     }
     if (auto it = j.find("dual_attention_layers"); it != j.end() && !it->is_null()) {
-        if (!it->is_array()) bad(source, "dual_attention_layers = ", json_excerpt(*it), " must be an array");
-        if (!it->empty())
-            bad(source, "dual_attention_layers = ", json_excerpt(*it), " is not supported (SD3.5 dual attention; only SD3 blocks)");
+        if (!it->is_array()) bad(source, "dual_attention_layers = ", json_excerpt(*it), " must be an array of block indices");
+        for (const auto& e : *it) {
+            // Bounded before the conversion, so any JSON number reads without overflow; validate() checks the range.
+            if (!e.is_number_integer() || (e.is_number_unsigned() ? e.get<std::uint64_t>() > max_layers
+                                                                  : (e.get<std::int64_t>() < 0 || e.get<std::int64_t>() > max_layers)))
+                bad(source, "dual_attention_layers entry ", json_excerpt(e), " is not a block index in [0, ", max_layers, ")");
+            if (c.dual_attention_layers.size() >= static_cast<std::size_t>(max_layers))
+                bad(source, "dual_attention_layers has more than ", max_layers, " entries");
+            c.dual_attention_layers.push_back(static_cast<int>(e.get<std::int64_t>()));
+        }
+        // diffusers takes the indices as a set (`i in dual_attention_layers`): any order, repeats harmless.
+        std::sort(c.dual_attention_layers.begin(), c.dual_attention_layers.end());
+        c.dual_attention_layers.erase(std::unique(c.dual_attention_layers.begin(), c.dual_attention_layers.end()),
+                                      c.dual_attention_layers.end());
     }
     try {
         c.validate();

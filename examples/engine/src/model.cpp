@@ -73,7 +73,8 @@ model model::from_safetensors(const transformer_config& c, const safetensors_fil
         const std::string b = "transformer_blocks." + std::to_string(i) + ".";
         block_weights w;
         w.context_pre_only = i == c.num_layers - 1;
-        w.norm1 = read_linear(f, b + "norm1.linear", D, 6 * D);
+        w.dual_attention = c.dual_attention(i);
+        w.norm1 = read_linear(f, b + "norm1.linear", D, (w.dual_attention ? 9 : 6) * D);
         w.norm1_context = read_linear(f, b + "norm1_context.linear", D, (w.context_pre_only ? 2 : 6) * D);
         w.to_qkv = stack({read_linear(f, b + "attn.to_q", D, D), read_linear(f, b + "attn.to_k", D, D),
                           read_linear(f, b + "attn.to_v", D, D)});
@@ -85,6 +86,15 @@ model model::from_safetensors(const transformer_config& c, const safetensors_fil
             w.norm_k = read_tensor(f, b + "attn.norm_k.weight", {hd});
             w.norm_added_q = read_tensor(f, b + "attn.norm_added_q.weight", {hd});
             w.norm_added_k = read_tensor(f, b + "attn.norm_added_k.weight", {hd});
+        }
+        if (w.dual_attention) {
+            w.attn2_qkv = stack({read_linear(f, b + "attn2.to_q", D, D), read_linear(f, b + "attn2.to_k", D, D),
+                                 read_linear(f, b + "attn2.to_v", D, D)});
+            w.attn2_out = read_linear(f, b + "attn2.to_out.0", D, D);
+            if (c.qk_norm) {
+                w.attn2_norm_q = read_tensor(f, b + "attn2.norm_q.weight", {hd});
+                w.attn2_norm_k = read_tensor(f, b + "attn2.norm_k.weight", {hd});
+            }
         }
         w.ff1 = read_linear(f, b + "ff.net.0.proj", D, 4 * D);
         w.ff2 = read_linear(f, b + "ff.net.2", 4 * D, D);
@@ -136,7 +146,8 @@ model model::random(const transformer_config& c, std::uint64_t seed, float scale
     for (int i = 0; i < c.num_layers; ++i) {
         block_weights w;
         w.context_pre_only = i == c.num_layers - 1;
-        w.norm1 = make(D, 6 * D);
+        w.dual_attention = c.dual_attention(i);
+        w.norm1 = make(D, (w.dual_attention ? 9 : 6) * D);
         w.norm1_context = make(D, (w.context_pre_only ? 2 : 6) * D);
         w.to_qkv = make(D, 3 * D);
         w.add_qkv = make(D, 3 * D);
@@ -146,6 +157,14 @@ model model::random(const transformer_config& c, std::uint64_t seed, float scale
             fill(w.norm_k, hd, 0.2f, 1.0f);
             fill(w.norm_added_q, hd, 0.2f, 1.0f);
             fill(w.norm_added_k, hd, 0.2f, 1.0f);
+        }
+        if (w.dual_attention) {
+            w.attn2_qkv = make(D, 3 * D);
+            w.attn2_out = make(D, D);
+            if (c.qk_norm) {
+                fill(w.attn2_norm_q, hd, 0.2f, 1.0f);
+                fill(w.attn2_norm_k, hd, 0.2f, 1.0f);
+            }
         }
         w.ff1 = make(D, 4 * D);
         w.ff2 = make(4 * D, D);
@@ -168,7 +187,8 @@ std::size_t model::parameter_count() const {
     for (const auto& b : blocks)
         total += n(b.norm1) + n(b.norm1_context) + n(b.to_qkv) + n(b.add_qkv) + n(b.to_out) + n(b.to_add_out) +
                  b.norm_q.size() + b.norm_k.size() + b.norm_added_q.size() + b.norm_added_k.size() + n(b.ff1) + n(b.ff2) +
-                 n(b.ff_context1) + n(b.ff_context2);
+                 n(b.ff_context1) + n(b.ff_context2) + n(b.attn2_qkv) + n(b.attn2_out) + b.attn2_norm_q.size() +
+                 b.attn2_norm_k.size();
     return total;
 }
 

@@ -157,14 +157,18 @@ void silu_inplace(float* x, int n) {
 // ---------------------------------------------------------------------------------------------------------------
 
 kv_cache::kv_cache(const transformer_config& config, int max_batch, int max_image_tokens)
-    : layers_(config.num_layers), max_batch_(max_batch), max_tokens_(max_image_tokens), hidden_(config.hidden()) {
+    : layers_(config.num_layers), max_batch_(max_batch), max_tokens_(max_image_tokens), hidden_(config.hidden()),
+      dual_(config.dual_attention_layers) {
     config.validate();
     if (max_batch < 1) throw std::invalid_argument(message("kv_cache: max_batch = ", max_batch, " must be >= 1"));
     if (max_image_tokens < 1)
         throw std::invalid_argument(message("kv_cache: max_image_tokens = ", max_image_tokens, " must be >= 1"));
-    const std::size_t n = saturating_product(layers_, max_batch_, max_tokens_, hidden_);
-    require_memory(message("kv_cache: keys and values for ", layers_, " layers, max_batch ", max_batch, " and ",
-                           max_image_tokens, " image tokens"),
+    slot_of_.assign(static_cast<std::size_t>(layers_), -1);
+    for (std::size_t i = 0; i < dual_.size(); ++i) slot_of_[static_cast<std::size_t>(dual_[i])] = layers_ + static_cast<int>(i);
+    const std::size_t slots = static_cast<std::size_t>(layers_) + dual_.size();
+    const std::size_t n = saturating_product(slots, max_batch_, max_tokens_, hidden_);
+    require_memory(message("kv_cache: keys and values for ", layers_, " layers (", dual_.size(),
+                           " with a second attention), max_batch ", max_batch, " and ", max_image_tokens, " image tokens"),
                    saturating_product(n, 2, sizeof(float)));
     k_.assign(n, 0.0f);
     v_.assign(n, 0.0f);
@@ -185,6 +189,7 @@ struct transformer::impl {
     buffer tproj, temb, silu_temb, small_hidden, mod_img, mod_ctx, mod_final;
     buffer x_img, x_ctx, nrm_img, nrm_ctx, qkv_img, qkv_ctx, att_img, att_ctx, out_img, out_ctx;
     buffer hidden, patches, out_rows, scratch, probe_parts, kv_packed;
+    buffer nrm2_img;  // MMDiT-X: the image-only attention's modulated input (empty without dual-attention layers)
     std::size_t scratch_slot = 0;  // floats per worker in `scratch`, a multiple of 16 (64 bytes)
     std::span<float> scratch_of(int worker) { return {scratch.data() + worker * scratch_slot, scratch_slot}; }
     // Every linear layer's weight packed for the GEMM once (the right operand of all its products).
@@ -193,6 +198,7 @@ struct transformer::impl {
 
     // per-call state
     int B = 0, Hg = 0, Wg = 0, N = 0, n = 0, L = 0;
+    int mod_stride = 0;  // floats per sample of the current block's image modulation (6D, or 9D with dual attention)
     const std::int32_t* tokens = nullptr;  // active image tokens, [B * n] (nullptr = all)
     const forward_options* opts = nullptr;
 
@@ -236,10 +242,12 @@ struct transformer::impl {
         // anything is allocated, so an absurd limit is refused with the amount it would need.
         const std::size_t per_sample = saturating_product(Bm, D), image = saturating_product(Bm, Nm, D),
                           context = saturating_product(Bm, Lm, D);
+        const bool dual = !c.dual_attention_layers.empty();
+        const std::size_t mod_width = dual ? 9 : 6;
         const std::size_t floats[] = {
             saturating_product(Bm, c.timestep_channels()),    // tproj
-            saturating_mul(per_sample, 3 + 6 + 6 + 2),          // temb, silu_temb, small_hidden, mod_img, mod_ctx, mod_final
-            saturating_mul(image, 4 + 3),                       // x, nrm, att, out, qkv (image stream)
+            saturating_mul(per_sample, 3 + mod_width + 6 + 2),  // temb, silu_temb, small_hidden, mod_img, mod_ctx, mod_final
+            saturating_mul(image, 4 + 3 + (dual ? 1 : 0)),      // x, nrm, att, out, qkv (image stream), nrm2
             saturating_mul(context, 4 + 3),                     // the same for the context stream
             saturating_product(Bm, rows, F),                    // hidden
             saturating_product(Bm, Nm, c.patch_inputs()),       // patches
@@ -260,7 +268,7 @@ struct transformer::impl {
         temb.resize(Bm * D);
         silu_temb.resize(Bm * D);
         small_hidden.resize(Bm * D);
-        mod_img.resize(Bm * 6 * D);
+        mod_img.resize(Bm * mod_width * D);
         mod_ctx.resize(Bm * 6 * D);
         mod_final.resize(Bm * 2 * D);
         x_img.resize(Bm * Nm * D);
@@ -268,6 +276,7 @@ struct transformer::impl {
         qkv_img.resize(Bm * Nm * 3 * D);
         att_img.resize(Bm * Nm * D);
         out_img.resize(Bm * Nm * D);
+        if (dual) nrm2_img.resize(Bm * Nm * D);
         x_ctx.resize(Bm * Lm * D);
         nrm_ctx.resize(Bm * Lm * D);
         qkv_ctx.resize(Bm * Lm * 3 * D);
@@ -315,7 +324,18 @@ struct transformer::impl {
             const std::string b = "transformer_blocks." + std::to_string(l) + ".";
             if (w.context_pre_only != (l == c.num_layers - 1))
                 throw std::invalid_argument("transformer: " + b + "context_pre_only must be set on the last block only");
-            lin(b + "norm1.linear", w.norm1, d, 6 * d);
+            if (w.dual_attention != c.dual_attention(l))
+                throw std::invalid_argument("transformer: " + b + "dual_attention must be set exactly on the config's "
+                                            "dual_attention_layers");
+            lin(b + "norm1.linear", w.norm1, d, (w.dual_attention ? 9 : 6) * d);
+            if (w.dual_attention) {
+                lin(b + "attn2.to_qkv", w.attn2_qkv, d, 3 * d);
+                lin(b + "attn2.to_out.0", w.attn2_out, d, d);
+                if (c.qk_norm) {
+                    vecn(b + "attn2.norm_q.weight", w.attn2_norm_q, hd_);
+                    vecn(b + "attn2.norm_k.weight", w.attn2_norm_k, hd_);
+                }
+            }
             lin(b + "norm1_context.linear", w.norm1_context, d, (w.context_pre_only ? 2 : 6) * d);
             lin(b + "attn.to_qkv", w.to_qkv, d, 3 * d);
             lin(b + "attn.add_qkv", w.add_qkv, d, 3 * d);
@@ -390,7 +410,7 @@ struct transformer::impl {
                                        &m->text_linear2, &m->context_embedder, &m->norm_out, &m->proj_out};
         for (const auto& w : m->blocks)
             for (const linear* l : {&w.norm1, &w.norm1_context, &w.to_qkv, &w.add_qkv, &w.to_out, &w.ff1, &w.ff2,
-                                    &w.to_add_out, &w.ff_context1, &w.ff_context2})
+                                    &w.to_add_out, &w.ff_context1, &w.ff_context2, &w.attn2_qkv, &w.attn2_out})
                 if (!l->weight.empty()) all.push_back(l);
         std::size_t floats = 0;
         for (const linear* l : all) floats = saturating_add(floats, l->weight.size());
@@ -429,17 +449,25 @@ struct transformer::impl {
         return (s == stream::image && tokens) ? tokens[static_cast<std::size_t>(b) * n + r] : r;
     }
     float* x_of(stream s) { return s == stream::image ? x_img.data() : x_ctx.data(); }
+    // sample b's AdaLN-Zero chunks of the current block for a stream (the context's are always 6D wide)
+    const float* modulation_of(stream s, int b) const {
+        return s == stream::image ? mod_img.data() + static_cast<std::size_t>(b) * mod_stride
+                                  : mod_ctx.data() + static_cast<std::size_t>(b) * 6 * D;
+    }
 
     // ----- validation (everything is checked before any state changes) -----
     void validate(const forward_inputs& in, std::span<float> velocity, const forward_options& o) const;
     void validate_hook(const module_hook& h, int layer, stream s, bool is_mlp, const forward_inputs& in,
                        std::span<const std::int32_t> active) const;
+    void validate_attention2_hook(const module_hook& h, int layer) const;
 
     // ----- stages -----
     void embed(const forward_inputs& in);
     void modulation(const block_weights& w);
     void attention_stage(int layer, const block_weights& w, const block_hooks& h);
-    void attend(int layer, bool image_queries, bool context_queries);
+    void image_attention_stage(int layer, const block_weights& w, const module_hook& h);
+    void store_kv(int layer, attention_kind kind);
+    void attend(int layer, attention_kind kind, bool image_queries, bool context_queries);
     void apply_module(stream s, const module_hook& h, const float* computed, int gate_offset);
     void mlp_stage(stream s, const module_hook& h, const linear& ff1, const linear& ff2);
     void final_layer(std::span<float> velocity);
@@ -516,6 +544,10 @@ void transformer::impl::validate(const forward_inputs& in, std::span<float> velo
         if (o.kv->layers() != c.num_layers || o.kv->hidden() != c.hidden())
             bad_arg("kv_cache has " + std::to_string(o.kv->layers()) + " layers x hidden " + std::to_string(o.kv->hidden()) +
                     ", model needs " + std::to_string(c.num_layers) + " x " + std::to_string(c.hidden()));
+        if (o.kv->dual_attention_layers() != c.dual_attention_layers)
+            bad_arg("kv_cache was made for " + std::to_string(o.kv->dual_attention_layers().size()) +
+                    " dual-attention layers, the model has " + std::to_string(c.dual_attention_layers.size()) +
+                    " (or other ones): make it from this model's config");
         if (o.kv->max_batch() < in.batch || o.kv->max_image_tokens() < tokens_all)
             bad_arg("kv_cache holds batch " + std::to_string(o.kv->max_batch()) + " x " + std::to_string(o.kv->max_image_tokens()) +
                     " tokens, call needs " + std::to_string(in.batch) + " x " + std::to_string(tokens_all));
@@ -525,12 +557,28 @@ void transformer::impl::validate(const forward_inputs& in, std::span<float> velo
         if (o.blocks.size() != static_cast<std::size_t>(c.num_layers))
             bad_arg("blocks has " + std::to_string(o.blocks.size()) + " entries, expected 0 or num_layers = " +
                     std::to_string(c.num_layers));
-        for (int l = 0; l < c.num_layers; ++l)
+        for (int l = 0; l < c.num_layers; ++l) {
             for (int s = 0; s < 2; ++s) {
                 validate_hook(o.blocks[l].attention[s], l, static_cast<stream>(s), false, in, o.image_tokens);
                 validate_hook(o.blocks[l].mlp[s], l, static_cast<stream>(s), true, in, o.image_tokens);
             }
+            validate_attention2_hook(o.blocks[l].attention2, l);
+        }
     }
+}
+
+void transformer::impl::validate_attention2_hook(const module_hook& h, int layer) const {
+    auto site = [&] { return "blocks[" + std::to_string(layer) + "].attention2"; };
+    const int mode = static_cast<int>(h.mode);
+    if (!m->blocks[layer].dual_attention) {
+        if (h.mode != module_mode::compute || h.rows || !h.tokens.empty())
+            bad_arg(site() + ": block " + std::to_string(layer) +
+                    " has no image-only attention (not in dual_attention_layers); leave this hook {compute, nullptr}");
+        return;
+    }
+    if (mode < 0 || mode > 1) bad_arg(site() + ".mode = " + std::to_string(mode) + " is not compute (0) or reuse (1)");
+    if (h.mode == module_mode::reuse && !h.rows) bad_arg(site() + ": mode reuse needs rows (got nullptr)");
+    if (!h.tokens.empty()) bad_arg(site() + ".tokens is set but only MLP hooks take a token subset");
 }
 
 void transformer::impl::validate_hook(const module_hook& h, int layer, stream s, bool is_mlp, const forward_inputs& in,
@@ -625,7 +673,8 @@ void transformer::impl::embed(const forward_inputs& in) {
 }
 
 void transformer::impl::modulation(const block_weights& w) {
-    linear_rows(split(), silu_temb.data(), D, B, w.norm1, mod_img.data(), 6 * D);
+    mod_stride = w.norm1.out;
+    linear_rows(split(), silu_temb.data(), D, B, w.norm1, mod_img.data(), mod_stride);
     linear_rows(split(), silu_temb.data(), D, B, w.norm1_context, mod_ctx.data(), w.norm1_context.out);
 }
 
@@ -633,13 +682,22 @@ void transformer::impl::attention_stage(int layer, const block_weights& w, const
     const bool image_out = h.attention[0].mode == module_mode::compute;
     const bool context_out = !w.context_pre_only && h.attention[1].mode == module_mode::compute;
     const bool probe = !opts->attention_probe.empty();
+    // MMDiT-X: the image-only attention reads LayerNorm(x) modulated by its own shift and scale, from x as it is
+    // before the joint attention's residual (SD35AdaLayerNormZeroX), so its input is made first.
+    if (w.dual_attention && h.attention2.mode == module_mode::compute) {
+        parallel_for(split(), B * n, norm_work * B * n * D, [&](int r, int) {
+            const float* mod = modulation_of(stream::image, r / n);
+            norm_modulate(x_img.data() + static_cast<std::size_t>(r) * D, nrm2_img.data() + static_cast<std::size_t>(r) * D,
+                          D, mod + 6 * D, mod + 7 * D);
+        });
+    }
     if (image_out || context_out) {
         // norm1 of both streams. AdaLayerNormZero chunks: shift, scale, gate (msa), shift, scale, gate (mlp);
         // the last block's context AdaLayerNormContinuous chunks are (scale, shift).
         const int shift_c = w.context_pre_only ? D : 0, scale_c = w.context_pre_only ? 0 : D;
         parallel_for(split(), B * n + B * L, norm_work * (B * n + B * L) * D, [&](int r, int) {
             if (r < B * n) {
-                const float* mod = mod_img.data() + static_cast<std::size_t>(r / n) * 6 * D;
+                const float* mod = modulation_of(stream::image, r / n);
                 norm_modulate(x_img.data() + static_cast<std::size_t>(r) * D, nrm_img.data() + static_cast<std::size_t>(r) * D,
                               D, mod, mod + D);
             } else {
@@ -660,22 +718,50 @@ void transformer::impl::attention_stage(int layer, const block_weights& w, const
                 rms_norm_heads(row + D, heads, hd, (img ? w.norm_k : w.norm_added_k).data());
             });
         }
-        if (opts->kv) {
-            parallel_for(split(), B, 2.0 * B * n * D, [&](int b, int) {
-                for (int r = 0; r < n; ++r) {
-                    const float* row = qkv_img.data() + (static_cast<std::size_t>(b) * n + r) * 3 * D;
-                    const std::size_t t = static_cast<std::size_t>(token_id(stream::image, b, r)) * D;
-                    std::copy_n(row + D, D, opts->kv->keys(layer, b) + t);
-                    std::copy_n(row + 2 * D, D, opts->kv->values(layer, b) + t);
-                }
-            });
-        }
-        attend(layer, image_out, context_out || (probe && opts->probe_context_queries));
+        store_kv(layer, attention_kind::joint);
+        attend(layer, attention_kind::joint, image_out, context_out || (probe && opts->probe_context_queries));
         if (image_out) linear_rows(split(), att_img.data(), D, B * n, w.to_out, out_img.data(), D);
         if (context_out) linear_rows(split(), att_ctx.data(), D, B * L, w.to_add_out, out_ctx.data(), D);
     }
     apply_module(stream::image, h.attention[0], out_img.data(), 2 * D);
     if (!w.context_pre_only) apply_module(stream::context, h.attention[1], out_ctx.data(), 2 * D);
+    if (w.dual_attention) image_attention_stage(layer, w, h.attention2);
+}
+
+// MMDiT-X's second attention (diffusers' attn2): self-attention over the image tokens alone, with its own
+// projections and qk-norm, added with its own gate. Its keys and values have their own kv_cache slot, so a
+// token-subset forward reads the cached tokens' rows as it does for the joint attention. Not in the probe: the
+// probe is the attention image tokens receive in the joint attention, the one every SD3 block has.
+void transformer::impl::image_attention_stage(int layer, const block_weights& w, const module_hook& h) {
+    if (h.mode == module_mode::compute) {
+        linear_rows(split(), nrm2_img.data(), D, B * n, w.attn2_qkv, qkv_img.data(), 3 * D);
+        if (m->config.qk_norm) {
+            parallel_for(split(), B * n, norm_work * B * n * 2 * D, [&](int r, int) {
+                float* row = qkv_img.data() + static_cast<std::size_t>(r) * 3 * D;
+                rms_norm_heads(row, heads, hd, w.attn2_norm_q.data());
+                rms_norm_heads(row + D, heads, hd, w.attn2_norm_k.data());
+            });
+        }
+        store_kv(layer, attention_kind::image_only);
+        attend(layer, attention_kind::image_only, true, false);
+        linear_rows(split(), att_img.data(), D, B * n, w.attn2_out, out_img.data(), D);
+    }
+    apply_module(stream::image, h, out_img.data(), 8 * D);
+}
+
+// The computed image tokens' keys and values into the cache (when there is one), for later subset forwards.
+void transformer::impl::store_kv(int layer, attention_kind kind) {
+    if (!opts->kv) return;
+    parallel_for(split(), B, 2.0 * B * n * D, [&](int b, int) {
+        float* keys = opts->kv->keys(layer, b, kind);
+        float* values = opts->kv->values(layer, b, kind);
+        for (int r = 0; r < n; ++r) {
+            const float* row = qkv_img.data() + (static_cast<std::size_t>(b) * n + r) * 3 * D;
+            const std::size_t t = static_cast<std::size_t>(token_id(stream::image, b, r)) * D;
+            std::copy_n(row + D, D, keys + t);
+            std::copy_n(row + 2 * D, D, values + t);
+        }
+    });
 }
 
 // softmax(Q K^T / sqrt(hd)) V over the keys [image tokens (all N); context tokens], per head; queries are the
@@ -683,8 +769,11 @@ void transformer::impl::attention_stage(int layer, const block_weights& w, const
 // in blocks with an online softmax (running maximum and sum, the output rescaled when the maximum grows), so no
 // buffer grows with the token count. With the probe it makes a second pass over the image keys: each query's
 // probabilities are exp(score * scale - lse) from its log-sum-exp, summed into the task's column sums.
-void transformer::impl::attend(int layer, bool image_queries, bool context_queries) {
-    const bool probe = !opts->attention_probe.empty();
+// attention_kind::image_only (MMDiT-X's attn2): the image tokens' keys alone, image queries, no probe.
+void transformer::impl::attend(int layer, attention_kind kind, bool image_queries, bool context_queries) {
+    const bool joint = kind == attention_kind::joint;
+    const bool probe = joint && !opts->attention_probe.empty();
+    const int Lk = joint ? L : 0;  // context keys
     const int qc = query_chunk();
     const int img_chunks = image_queries ? ceil_div(n, qc) : 0;
     const int ctx_chunks = context_queries ? ceil_div(L, qc) : 0;
@@ -701,8 +790,8 @@ void transformer::impl::attend(int layer, bool image_queries, bool context_queri
     auto rows_of = [&](int b) {
         kv_rows r{};
         if (opts->kv) {
-            r.k_img = opts->kv->keys(layer, b);
-            r.v_img = opts->kv->values(layer, b);
+            r.k_img = opts->kv->keys(layer, b, kind);
+            r.v_img = opts->kv->values(layer, b, kind);
             r.ld_img = D;
         } else {
             r.k_img = qkv_img.data() + static_cast<std::size_t>(b) * n * 3 * D + D;
@@ -717,21 +806,21 @@ void transformer::impl::attend(int layer, bool image_queries, bool context_queri
     const bool in_place = values_in_place();
     const auto hdp = static_cast<std::ptrdiff_t>(padded_head(hd));
     // Every sample's and head's keys (and values, unless read in place) packed once, for all the query chunks.
-    parallel_for(split(), B * heads, 2.0 * B * (N + L) * D, [&](int task, int) {
+    parallel_for(split(), B * heads, 2.0 * B * (N + Lk) * D, [&](int task, int) {
         const int b = task / heads, h = task % heads;
         const packed_kv kv = kv_of(b, h);
         const kv_rows src = rows_of(b);
         gemm::pack_transposed(src.k_img + h * hd, src.ld_img, N, hd, kv.k_img);
-        gemm::pack_transposed(src.k_ctx + h * hd, src.ld_ctx, L, hd, kv.k_ctx);
+        if (joint) gemm::pack_transposed(src.k_ctx + h * hd, src.ld_ctx, L, hd, kv.k_ctx);
         if (in_place) return;
         for (int j0 = 0; j0 < N; j0 += key_block)
             gemm::pack_columns(src.v_img + static_cast<std::ptrdiff_t>(j0) * src.ld_img + h * hd, src.ld_img,
                                std::min(key_block, N - j0), hd, kv.v_img + static_cast<std::ptrdiff_t>(j0) * hdp);
-        for (int j0 = 0; j0 < L; j0 += key_block)
+        for (int j0 = 0; j0 < Lk; j0 += key_block)
             gemm::pack_columns(src.v_ctx + static_cast<std::ptrdiff_t>(j0) * src.ld_ctx + h * hd, src.ld_ctx,
-                               std::min(key_block, L - j0), hd, kv.v_ctx + static_cast<std::ptrdiff_t>(j0) * hdp);
+                               std::min(key_block, Lk - j0), hd, kv.v_ctx + static_cast<std::ptrdiff_t>(j0) * hdp);
     });
-    const double attention_work = 2.0 * B * ((image_queries ? n : 0) + (context_queries ? L : 0)) * static_cast<double>(N + L) * D;
+    const double attention_work = 2.0 * B * ((image_queries ? n : 0) + (context_queries ? L : 0)) * static_cast<double>(N + Lk) * D;
     parallel_for(split(), B * per_sample, attention_work, [&](int task, int worker) {
         const int b = task / per_sample, chunk = task % per_sample;
         const bool img = chunk < img_chunks;
@@ -761,7 +850,7 @@ void transformer::impl::attend(int layer, bool image_queries, bool context_queri
             std::fill_n(w.max, qc, -std::numeric_limits<float>::infinity());
             std::fill_n(w.sum, qc, 0.0f);
             for (const auto& [keys, rows, ld, packed_values, count] :
-                 {std::tuple{kv.k_img, src.v_img, src.ld_img, kv.v_img, N}, std::tuple{kv.k_ctx, src.v_ctx, src.ld_ctx, kv.v_ctx, L}}) {
+                 {std::tuple{kv.k_img, src.v_img, src.ld_img, kv.v_img, N}, std::tuple{kv.k_ctx, src.v_ctx, src.ld_ctx, kv.v_ctx, Lk}}) {
                 for (int j0 = 0; j0 < count; j0 += key_block) {
                     const int nk = std::min(key_block, count - j0);
                     scores(keys, j0, nk);
@@ -817,11 +906,10 @@ void transformer::impl::attend(int layer, bool image_queries, bool context_queri
 // freshly computed rows (`computed`, mode compute) or from the hook's rows (reuse / subset).
 void transformer::impl::apply_module(stream s, const module_hook& h, const float* computed, int gate_offset) {
     const int rows = tokens_of(s), all = all_tokens_of(s);
-    const float* mod = s == stream::image ? mod_img.data() : mod_ctx.data();
     float* x = x_of(s);
     const bool from_hook = h.mode != module_mode::compute;
     parallel_for(split(), B, 2.0 * B * rows * D, [&](int b, int) {
-        const const_vec gate(mod + static_cast<std::size_t>(b) * 6 * D + gate_offset, D);
+        const const_vec gate(modulation_of(s, b) + gate_offset, D);
         for (int r = 0; r < rows; ++r) {
             const std::size_t active_row = static_cast<std::size_t>(b) * rows + r;
             const std::size_t hook_row = static_cast<std::size_t>(b) * all + token_id(s, b, r);
@@ -851,12 +939,11 @@ void transformer::impl::mlp_stage(stream s, const module_hook& h, const linear& 
             pos = positions.data();
         }
         const float* x = x_of(s);
-        const float* mod = s == stream::image ? mod_img.data() : mod_ctx.data();
         float* nrm = s == stream::image ? nrm_img.data() : nrm_ctx.data();
         float* out = s == stream::image ? out_img.data() : out_ctx.data();
         parallel_for(split(), B * count, norm_work * B * count * D, [&](int r, int) {
             const int b = r / count, src_row = pos ? pos[r] : r % count;
-            const float* md = mod + static_cast<std::size_t>(b) * 6 * D;
+            const float* md = modulation_of(s, b);
             norm_modulate(x + (static_cast<std::size_t>(b) * rows + src_row) * D, nrm + static_cast<std::size_t>(r) * D, D,
                           md + 3 * D, md + 4 * D);
         });
@@ -908,7 +995,7 @@ int transformer::impl::boundary(int next) {
     const int layers = m->config.num_layers;
     const block_boundary b{next, std::span<float>(x_img.data(), static_cast<std::size_t>(B) * n * D),
                            std::span<float>(x_ctx.data(), static_cast<std::size_t>(B) * L * D),
-                           next < layers ? std::span<const float>(mod_img.data(), static_cast<std::size_t>(B) * 6 * D)
+                           next < layers ? std::span<const float>(mod_img.data(), static_cast<std::size_t>(B) * mod_stride)
                                          : std::span<const float>()};
     const int to = opts->between_blocks(b);
     const int last = next < layers ? layers : next;  // before the final layer only num_layers is allowed

@@ -2,14 +2,19 @@
 
 namespace methods {
 
-double block_flops(const sd3::transformer_config& c, int image_tokens, int context_tokens, bool last, const block_work& w) {
+double block_flops(const sd3::transformer_config& c, int image_tokens, int context_tokens, int layer, const block_work& w) {
   const double d = c.hidden(), n = image_tokens, ctx = context_tokens;
-  double f = 2.0 * d * 6 * d + 2.0 * d * (last ? 2 : 6) * d;  // AdaLN modulation, both streams
+  const bool last = layer + 1 == c.num_layers, dual = c.dual_attention(layer);
+  double f = 2.0 * d * (dual ? 9 : 6) * d + 2.0 * d * (last ? 2 : 6) * d;  // AdaLN modulation, both streams
   if (w.attention) {
     const double q = w.query_tokens + ctx;         // queries: computed image tokens + context
     f += 2.0 * q * d * 3 * d;                      // q, k, v projections
     f += 2.0 * 2.0 * q * (n + ctx) * d;            // QK^T and PV over every key
     f += 2.0 * (w.query_tokens + (last ? 0 : ctx)) * d * d;  // to_out, to_add_out
+    if (dual) {                                    // MMDiT-X: image queries over the image keys
+      const double qi = w.query_tokens;
+      f += 2.0 * qi * d * 3 * d + 2.0 * 2.0 * qi * n * d + 2.0 * qi * d * d;
+    }
   }
   f += 2.0 * 2.0 * w.mlp_tokens * d * 4 * d;       // feed-forward D -> 4D -> D
   if (!last && w.context_mlp) f += 2.0 * 2.0 * ctx * d * 4 * d;

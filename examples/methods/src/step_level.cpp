@@ -31,9 +31,8 @@ double skipping_forward_flops(const sd3::transformer_config& c, int tokens, int 
   double f = outer_flops(c, ctx, tokens);
   const block_work full{tokens, true, tokens, true}, modulation_only{0, false, 0, false};
   for (int l = 0; l < c.num_layers; ++l) {
-    const bool last = l + 1 == c.num_layers;
-    if (l < first_skipped || l >= resume) f += block_flops(c, tokens, ctx, last, full);
-    else if (l == first_skipped) f += block_flops(c, tokens, ctx, last, modulation_only);
+    if (l < first_skipped || l >= resume) f += block_flops(c, tokens, ctx, l, full);
+    else if (l == first_skipped) f += block_flops(c, tokens, ctx, l, modulation_only);
   }
   return f;
 }
@@ -49,9 +48,10 @@ void subtract(std::span<const float> x, std::span<const float> y, std::span<floa
 // block's AdaLN-Zero chunks (shift_msa, scale_msa are the first two) — TeaCache's proxy.
 void modulated_input(std::span<const float> x, std::span<const float> modulation, int batch, int hidden, std::span<float> out) {
   const std::size_t d = static_cast<std::size_t>(hidden), rows = x.size() / d, per_sample = rows / static_cast<std::size_t>(batch);
+  const std::size_t chunks = modulation.size() / static_cast<std::size_t>(batch);  // 6D, or 9D in an MMDiT-X block
   for (std::size_t r = 0; r < rows; ++r) {
     const float* row = x.data() + r * d;
-    const float* shift = modulation.data() + (r / per_sample) * 6 * d;
+    const float* shift = modulation.data() + (r / per_sample) * chunks;
     const float* scale = shift + d;
     double mean = 0, var = 0;
     for (std::size_t i = 0; i < d; ++i) mean += row[i];

@@ -7,6 +7,7 @@
 #include <limits>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace sd3 {
 
@@ -31,6 +32,12 @@ struct transformer_config {
     int pooled_projection_dim = 2048;
     int pos_embed_max_size = 96;     // side of the stored 2-D position table
     bool qk_norm = false;            // true for qk_norm == "rms_norm"
+    // MMDiT-X (SD3.5-medium): the blocks with a second, image-only attention (diffusers' attn2), ascending.
+    std::vector<int> dual_attention_layers;
+
+    bool dual_attention(int layer) const noexcept {
+        return std::binary_search(dual_attention_layers.begin(), dual_attention_layers.end(), layer);
+    }
 
     // Products of fields. For a config validate() accepts they are exact; for any other they saturate at the
     // int range instead of overflowing, so they can be printed in validate()'s messages.
@@ -52,7 +59,7 @@ struct transformer_config {
 };
 
 // Parses a diffusers config.json text. Unknown keys are ignored; features this engine does not implement
-// (dual_attention_layers, qk_norm other than null / "rms_norm", pos_embed_max_size null) are rejected with
+// (qk_norm other than null / "rms_norm", pos_embed_max_size null) are rejected with
 // std::invalid_argument naming the key and value. `source` names the file in messages.
 transformer_config parse_transformer_config(std::string_view json_text, std::string_view source = "config.json");
 transformer_config load_transformer_config(const std::filesystem::path& config_json);

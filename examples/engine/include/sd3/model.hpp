@@ -22,13 +22,19 @@ struct linear {
 
 struct block_weights {
     bool context_pre_only = false;  // the last block: context stream only feeds keys/values
-    linear norm1;                   // AdaLayerNormZero: D -> 6D (shift, scale, gate)_msa, (shift, scale, gate)_mlp
+    bool dual_attention = false;    // MMDiT-X: a second, image-only attention (attn2) after the joint one
+    // AdaLayerNormZero: D -> 6D (shift, scale, gate)_msa, (shift, scale, gate)_mlp; with dual attention
+    // SD35AdaLayerNormZeroX: D -> 9D, the same six then (shift, scale, gate)_msa2.
+    linear norm1;
     linear norm1_context;           // AdaLayerNormZero (6D) or, if context_pre_only, AdaLayerNormContinuous (2D: scale, shift)
     linear to_qkv;                  // attn.to_q | to_k | to_v fused: D -> 3D (rows of q, then k, then v)
     linear add_qkv;                 // attn.add_q_proj | add_k_proj | add_v_proj fused: D -> 3D
     linear to_out;                  // attn.to_out.0
     linear to_add_out;              // attn.to_add_out (absent when context_pre_only)
     std::vector<float> norm_q, norm_k, norm_added_q, norm_added_k;  // RMSNorm weights [head_dim] (qk_norm only)
+    linear attn2_qkv;               // dual attention only: attn2.to_q | to_k | to_v fused, D -> 3D
+    linear attn2_out;               // dual attention only: attn2.to_out.0
+    std::vector<float> attn2_norm_q, attn2_norm_k;  // dual attention with qk_norm: attn2.norm_q / norm_k [head_dim]
     linear ff1, ff2;                // ff.net.0.proj (D -> 4D), ff.net.2 (4D -> D)
     linear ff_context1, ff_context2;  // absent when context_pre_only
 };

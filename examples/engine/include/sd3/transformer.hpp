@@ -55,25 +55,41 @@ struct forward_inputs {
     std::span<const float> pooled;     // [batch, pooled_projection_dim]
 };
 
+// Which attention of a block: the joint one (image and context tokens), or MMDiT-X's second, image-only one
+// (diffusers' attn2, in the blocks of transformer_config::dual_attention_layers).
+enum class attention_kind : int { joint = 0, image_only = 1 };
+
 // Per-layer keys and values of every image token (after qk-norm), the state a token-subset forward reads
-// for the tokens it does not compute. Layout: [layer][sample][token][hidden], heads contiguous in hidden.
+// for the tokens it does not compute: one slot per layer for the joint attention, and one per dual-attention
+// layer for its image-only attention. Layout: [slot][sample][token][hidden], heads contiguous in hidden.
 class kv_cache {
 public:
     kv_cache(const transformer_config& config, int max_batch, int max_image_tokens);
     int layers() const noexcept { return layers_; }
+    const std::vector<int>& dual_attention_layers() const noexcept { return dual_; }
     int max_batch() const noexcept { return max_batch_; }
     int max_image_tokens() const noexcept { return max_tokens_; }
     int hidden() const noexcept { return hidden_; }
-    float* keys(int layer, int sample) noexcept { return k_.data() + offset(layer, sample); }
-    float* values(int layer, int sample) noexcept { return v_.data() + offset(layer, sample); }
-    const float* keys(int layer, int sample) const noexcept { return k_.data() + offset(layer, sample); }
-    const float* values(int layer, int sample) const noexcept { return v_.data() + offset(layer, sample); }
+    // nullptr for image_only on a layer without that attention.
+    float* keys(int layer, int sample, attention_kind a = attention_kind::joint) noexcept { return at(k_, layer, sample, a); }
+    float* values(int layer, int sample, attention_kind a = attention_kind::joint) noexcept { return at(v_, layer, sample, a); }
+    const float* keys(int layer, int sample, attention_kind a = attention_kind::joint) const noexcept {
+        return at(k_, layer, sample, a);
+    }
+    const float* values(int layer, int sample, attention_kind a = attention_kind::joint) const noexcept {
+        return at(v_, layer, sample, a);
+    }
 
 private:
-    std::size_t offset(int layer, int sample) const noexcept {
-        return (static_cast<std::size_t>(layer) * max_batch_ + sample) * max_tokens_ * hidden_;
+    template <class Floats>
+    auto at(Floats& floats, int layer, int sample, attention_kind a) const noexcept -> decltype(floats.data()) {
+        const int slot = a == attention_kind::joint ? layer : slot_of_[static_cast<std::size_t>(layer)];
+        if (slot < 0) return nullptr;
+        return floats.data() + (static_cast<std::size_t>(slot) * max_batch_ + sample) * max_tokens_ * hidden_;
     }
     int layers_, max_batch_, max_tokens_, hidden_;
+    std::vector<int> dual_;
+    std::vector<int> slot_of_;  // per layer: the image-only attention's slot, or -1
     std::vector<float> k_, v_;
 };
 
@@ -100,6 +116,9 @@ struct module_hook {
 struct block_hooks {
     module_hook attention[2];  // indexed by stream: [0] image, [1] context
     module_hook mlp[2];
+    // MMDiT-X blocks only (transformer_config::dual_attention_layers): the image-only attention's output (after
+    // attn2.to_out), modes compute and reuse. Other blocks must leave it {compute, nullptr}.
+    module_hook attention2;
 };
 
 // Step-level caching (First-Block cache, DBCache, TeaCache): the hidden states between two blocks, handed to
@@ -109,7 +128,8 @@ struct block_boundary {
     std::span<float> image;    // [batch, active image tokens, hidden]: the image stream, editable
     std::span<float> context;  // [batch, context tokens, hidden]: the context stream, editable
     // next_layer's AdaLN-Zero output for the image stream, [batch, 6 * hidden]: shift, scale, gate (attention),
-    // shift, scale, gate (MLP), as diffusers chunks it; empty before the final layer.
+    // shift, scale, gate (MLP), as diffusers chunks it ([batch, 9 * hidden] in an MMDiT-X block: then shift,
+    // scale, gate of the image-only attention); empty before the final layer.
     std::span<const float> modulation;
 };
 // Called before every block (after its modulation is computed) and once before the final layer. Returns the next

@@ -9,7 +9,7 @@ namespace methods {
 /// The work of one block for one sample.
 struct block_work {
   int query_tokens = 0;   ///< image tokens whose q/k/v, attention and output projection are computed
-  bool attention = true;  ///< false when the attention module's output is reused
+  bool attention = true;  ///< false when the attention modules' outputs are reused (both, in an MMDiT-X block)
   int mlp_tokens = 0;     ///< image tokens whose MLP is computed
   bool context_mlp = true;
 };
@@ -23,15 +23,16 @@ double forward_flops(const sd3::transformer_config& c, int image_tokens, int con
 double full_forward_flops(const sd3::transformer_config& c, int image_tokens, int context_tokens);
 /// A token-subset forward: `computed` image tokens run every block against all keys/values.
 double subset_forward_flops(const sd3::transformer_config& c, int image_tokens, int context_tokens, int computed);
-/// One block's FLOPs for one sample.
-double block_flops(const sd3::transformer_config& c, int image_tokens, int context_tokens, bool last, const block_work& w);
+/// Block `layer`'s FLOPs for one sample (the last block has no context outputs; the blocks in
+/// dual_attention_layers have MMDiT-X's second, image-only attention).
+double block_flops(const sd3::transformer_config& c, int image_tokens, int context_tokens, int layer, const block_work& w);
 /// Everything outside the blocks for one sample.
 double outer_flops(const sd3::transformer_config& c, int context_tokens, int final_tokens);
 
 template <class Work>
 double forward_flops(const sd3::transformer_config& c, int image_tokens, int context_tokens, int final_tokens, Work&& work) {
   double f = outer_flops(c, context_tokens, final_tokens);
-  for (int l = 0; l < c.num_layers; ++l) f += block_flops(c, image_tokens, context_tokens, l + 1 == c.num_layers, work(l));
+  for (int l = 0; l < c.num_layers; ++l) f += block_flops(c, image_tokens, context_tokens, l, work(l));
   return f;
 }
 
