@@ -76,24 +76,26 @@ model model::from_safetensors(const transformer_config& c, const safetensors_fil
         w.dual_attention = c.dual_attention(i);
         w.norm1 = read_linear(f, b + "norm1.linear", D, (w.dual_attention ? 9 : 6) * D);
         w.norm1_context = read_linear(f, b + "norm1_context.linear", D, (w.context_pre_only ? 2 : 6) * D);
-        w.to_qkv = stack({read_linear(f, b + "attn.to_q", D, D), read_linear(f, b + "attn.to_k", D, D),
-                          read_linear(f, b + "attn.to_v", D, D)});
-        w.add_qkv = stack({read_linear(f, b + "attn.add_q_proj", D, D), read_linear(f, b + "attn.add_k_proj", D, D),
-                           read_linear(f, b + "attn.add_v_proj", D, D)});
+        // q | k | v projections of an attention, fused into one D -> 3D linear
+        auto fused_qkv = [&](const std::string& attn, const char* q, const char* k, const char* v) {
+            return stack({read_linear(f, attn + q, D, D), read_linear(f, attn + k, D, D), read_linear(f, attn + v, D, D)});
+        };
+        auto head_norm = [&](const std::string& name) { return read_tensor(f, b + name + ".weight", {hd}); };
+        w.to_qkv = fused_qkv(b + "attn.", "to_q", "to_k", "to_v");
+        w.add_qkv = fused_qkv(b + "attn.", "add_q_proj", "add_k_proj", "add_v_proj");
         w.to_out = read_linear(f, b + "attn.to_out.0", D, D);
         if (c.qk_norm) {
-            w.norm_q = read_tensor(f, b + "attn.norm_q.weight", {hd});
-            w.norm_k = read_tensor(f, b + "attn.norm_k.weight", {hd});
-            w.norm_added_q = read_tensor(f, b + "attn.norm_added_q.weight", {hd});
-            w.norm_added_k = read_tensor(f, b + "attn.norm_added_k.weight", {hd});
+            w.norm_q = head_norm("attn.norm_q");
+            w.norm_k = head_norm("attn.norm_k");
+            w.norm_added_q = head_norm("attn.norm_added_q");
+            w.norm_added_k = head_norm("attn.norm_added_k");
         }
         if (w.dual_attention) {
-            w.attn2_qkv = stack({read_linear(f, b + "attn2.to_q", D, D), read_linear(f, b + "attn2.to_k", D, D),
-                                 read_linear(f, b + "attn2.to_v", D, D)});
+            w.attn2_qkv = fused_qkv(b + "attn2.", "to_q", "to_k", "to_v");
             w.attn2_out = read_linear(f, b + "attn2.to_out.0", D, D);
             if (c.qk_norm) {
-                w.attn2_norm_q = read_tensor(f, b + "attn2.norm_q.weight", {hd});
-                w.attn2_norm_k = read_tensor(f, b + "attn2.norm_k.weight", {hd});
+                w.attn2_norm_q = head_norm("attn2.norm_q");
+                w.attn2_norm_k = head_norm("attn2.norm_k");
             }
         }
         w.ff1 = read_linear(f, b + "ff.net.0.proj", D, 4 * D);
