@@ -26,9 +26,12 @@ Variants:
     mmditx SD3.5-medium's MMDiT-X blocks: dual_attention_layers (0, 2) of 3 (a second, image-only attention, attn2,
            in the first block and in the context_pre_only last one, not in the middle one), qk_norm "rms_norm",
            2 heads x 16, F32 weights; also attn2_img.{l}, the image-only attention's output (after attn2.to_out)
+Besides the variants, flux_schedule.safetensors: the FLUX pipeline's timestep schedules (FluxPipeline's sigmas
+linspace(1, 1/n, n) and calculate_shift's mu, through retrieve_timesteps into FLUX.1-dev's scheduler config) for
+a few (steps, image tokens): sigmas.{i}, timesteps.{i}, mu.{i}, steps.{i}, seq_len.{i}.
 rms, plain and mmditx use a non-square 6x10 latent (3x5 patches of 2) cropped from a 7x7 position table, 5 context tokens.
 
-Run:  /work/venv/bin/python tools/make_parity_fixtures.py [--out tests/data/parity] [--only long]
+Run:  /work/venv/bin/python tools/make_parity_fixtures.py [--out tests/data/parity] [--only long|flux_schedule]
 """
 import argparse
 import json
@@ -210,15 +213,45 @@ def make_variant(name, spec, out_root):
     print(name, "->", out, {k: tuple(v.shape) for k, v in io.items()})
 
 
+# FLUX.1-dev's scheduler/scheduler_config.json (the values its pipeline reads for calculate_shift)
+FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                      base_image_seq_len=256, max_image_seq_len=4096)
+FLUX_SCHEDULES = [(28, 1024), (4, 4096), (1, 256), (50, 576), (7, 64)]  # (steps, image tokens)
+
+
+def make_flux_schedule(out_root):
+    """The FLUX pipeline's schedule, computed by its own code (pipeline_flux.calculate_shift, retrieve_timesteps)."""
+    import numpy as np
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+    out = {}
+    for i, (steps, seq_len) in enumerate(FLUX_SCHEDULES):
+        sched = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
+        sigmas = np.linspace(1.0, 1 / steps, steps)  # FluxPipeline.__call__
+        mu = calculate_shift(seq_len, sched.config.base_image_seq_len, sched.config.max_image_seq_len,
+                             sched.config.base_shift, sched.config.max_shift)
+        timesteps, n = retrieve_timesteps(sched, steps, "cpu", None, sigmas, mu=mu)
+        assert n == steps
+        out[f"sigmas.{i}"], out[f"timesteps.{i}"] = sched.sigmas.clone(), timesteps.clone()
+        out[f"mu.{i}"] = torch.tensor([mu], dtype=torch.float64)
+        out[f"steps.{i}"], out[f"seq_len.{i}"] = torch.tensor([steps]), torch.tensor([seq_len])
+    path = os.path.join(out_root, "flux_schedule.safetensors")
+    save_file({k: v.contiguous() for k, v in out.items()}, path,
+              metadata={"torch": torch.__version__, "diffusers": __import__("diffusers").__version__})
+    print("flux_schedule ->", path)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "data", "parity"))
-    ap.add_argument("--only", choices=sorted(VARIANTS), help="make this variant only")
+    ap.add_argument("--only", choices=sorted(VARIANTS) + ["flux_schedule"], help="make this variant only")
     args = ap.parse_args()
     torch.manual_seed(0)
     for name, spec in VARIANTS.items():
         if args.only in (None, name):
             make_variant(name, spec, args.out)
+    if args.only in (None, "flux_schedule"):
+        make_flux_schedule(args.out)
 
 
 if __name__ == "__main__":

@@ -297,6 +297,29 @@ TEST_CASE("flow_match_euler: SD3 schedule values and argument checks") {
     CHECK_THROWS_WITH_AS(lin.step(0, std::vector<float>(3), x), doctest::Contains("velocity has 3"), std::invalid_argument);
 }
 
+TEST_CASE("flow_match_euler::flux: FLUX's schedule by hand, and argument checks") {
+    // mu: linear through (256, 0.5) and (4096, 1.15); 1024 tokens (a 1024x1024 FLUX.1 image is 4096) -> 0.63.
+    CHECK(sd3::flux_mu(256) == doctest::Approx(0.5));
+    CHECK(sd3::flux_mu(4096) == doctest::Approx(1.15));
+    CHECK(sd3::flux_mu(1024) == doctest::Approx(0.5 + 768 * 0.65 / 3840));
+    CHECK(sd3::flux_mu(100, 0, 100, 1.0, 2.0) == doctest::Approx(2.0));
+    // mu = 0 leaves sigmas = linspace(1, 1/n, n): 1, 0.75, 0.5, 0.25, then 0; timesteps = sigma * 1000.
+    const auto plain = sd3::flow_match_euler::flux(4, 0.0);
+    CHECK(plain.sigmas() == std::vector<float>{1.0f, 0.75f, 0.5f, 0.25f, 0.0f});
+    CHECK(plain.timesteps() == std::vector<float>{1000.0f, 750.0f, 500.0f, 250.0f});
+    // mu = ln 3: sigma -> 3 / (3 + 1/sigma - 1); 0.5 -> 0.75, 0.25 -> 0.5.
+    const auto shifted = sd3::flow_match_euler::flux(4, std::log(3.0));
+    CHECK(shifted.sigmas()[2] == doctest::Approx(0.75).epsilon(1e-7));
+    CHECK(shifted.sigmas()[3] == doctest::Approx(0.5).epsilon(1e-7));
+    CHECK(sd3::flow_match_euler::flux(1, 0.7).sigmas() == std::vector<float>{1.0f, 0.0f});
+
+    CHECK_THROWS_WITH_AS(sd3::flow_match_euler::flux(0, 0.5), doctest::Contains("steps = 0"), std::invalid_argument);
+    CHECK_THROWS_WITH_AS(sd3::flow_match_euler::flux(4, std::nan("")), doctest::Contains("mu = nan"), std::invalid_argument);
+    CHECK_THROWS_WITH_AS(sd3::flow_match_euler::flux(4, 1e6), doctest::Contains("mu = 1e+06 gives sigma"), std::invalid_argument);
+    CHECK_THROWS_WITH_AS(sd3::flux_mu(0), doctest::Contains("image_seq_len = 0"), std::invalid_argument);
+    CHECK_THROWS_WITH_AS(sd3::flux_mu(10, 256, 256), doctest::Contains("max_seq_len = 256"), std::invalid_argument);
+}
+
 TEST_CASE("sample_cfg: guidance arithmetic and the model-call hook") {
     const test_util::random_problem p(test_util::fresh_seed());
     sd3::transformer net(p.model, p.limits(), 2);

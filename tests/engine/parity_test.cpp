@@ -79,6 +79,29 @@ TEST_CASE("diffusers_parity: FlowMatchEulerDiscreteScheduler tables") {
     CHECK(s.sigmas().back() == 0.0f);
 }
 
+// FLUX's schedule: FluxPipeline's sigmas linspace(1, 1/n, n) and calculate_shift's mu from the image's token count,
+// through retrieve_timesteps into FLUX.1-dev's scheduler config, as diffusers' own code computes them.
+TEST_CASE("diffusers_parity: flux schedule (sigmas linspace, mu from the image's token count)") {
+    const sd3::safetensors_file f(test_util::parity_dir() / "flux_schedule.safetensors");
+    int cases = 0;
+    for (int i = 0; f.contains("mu." + std::to_string(i)); ++i, ++cases) {
+        const std::string k = std::to_string(i);
+        const int steps = static_cast<int>(f.read_ints("steps." + k).at(0));
+        const int seq_len = static_cast<int>(f.read_ints("seq_len." + k).at(0));
+        CAPTURE(steps);
+        CAPTURE(seq_len);
+        const double mu = f.read_doubles("mu." + k).at(0);
+        CHECK(sd3::flux_mu(seq_len) == doctest::Approx(mu).epsilon(1e-12));
+        const auto s = sd3::flow_match_euler::flux(steps, sd3::flux_mu(seq_len));
+        const auto sigmas = f.read("sigmas." + k), timesteps = f.read("timesteps." + k);
+        REQUIRE(s.sigmas().size() == sigmas.size());
+        REQUIRE(s.timesteps().size() == timesteps.size());
+        for (std::size_t j = 0; j < sigmas.size(); ++j) CHECK(s.sigmas()[j] == doctest::Approx(sigmas[j]).epsilon(1e-7));
+        for (std::size_t j = 0; j < timesteps.size(); ++j) CHECK(s.timesteps()[j] == doctest::Approx(timesteps[j]).epsilon(1e-7));
+    }
+    CHECK(cases == 5);
+}
+
 TEST_CASE("diffusers_parity: 8-step CFG sampling") {
     const fixture fx("rms");
     const auto noise = fx.get("noise"), context = fx.get("context"), neg_context = fx.get("neg_context");

@@ -8,6 +8,12 @@
 #include "sd3/errors.hpp"
 
 namespace sd3 {
+namespace {
+// Dynamic shifting (time_shift with exponent 1): sigma -> exp(mu) / (exp(mu) + 1/sigma - 1).
+auto exponential_shift(double mu) {
+    return [e = std::exp(mu)](double s) { return e / (e + (1.0 / s - 1.0)); };
+}
+}  // namespace
 
 flow_match_euler::flow_match_euler(int steps, double shift, int num_train_timesteps, std::optional<double> mu) {
     auto bad = [](const auto&... what) { throw std::invalid_argument(message("flow_match_euler: ", what...)); };
@@ -29,21 +35,49 @@ flow_match_euler::flow_match_euler(int steps, double shift, int num_train_timest
     // set_timesteps: numpy float64 linspace between the ends on the t scale, shifted again, then float32.
     const double start = sigma_max * num_train_timesteps, stop = sigma_min * num_train_timesteps;
     const double step = steps > 1 ? (stop - start) / (steps - 1) : 0.0;
-    for (int i = 0; i < steps; ++i) {
-        const double t = (steps > 1 && i == steps - 1) ? stop : start + i * step;
-        const double s = t / num_train_timesteps;
-        const double shifted = mu ? std::exp(*mu) / (std::exp(*mu) + (1.0 / s - 1.0)) : shift * s / (1.0 + (shift - 1.0) * s);
-        sigmas_.push_back(static_cast<float>(shifted));
+    std::vector<double> base(static_cast<std::size_t>(steps));
+    for (int i = 0; i < steps; ++i) base[i] = ((steps > 1 && i == steps - 1) ? stop : start + i * step) / num_train_timesteps;
+    if (mu) set_sigmas(base, exponential_shift(*mu), T, [&] { return message("mu = ", *mu); });
+    else set_sigmas(base, [shift](double s) { return shift * s / (1.0 + (shift - 1.0) * s); }, T, [&] { return message("shift = ", shift); });
+}
+
+template <class Shift, class Knob>
+void flow_match_euler::set_sigmas(std::span<const double> base, Shift shifted, float T, Knob knob) {
+    for (const double s : base) {
+        sigmas_.push_back(static_cast<float>(shifted(s)));
         timesteps_.push_back(sigmas_.back() * T);
     }
     sigmas_.push_back(0.0f);
     // A finite but extreme shift (or mu) overflows the shift formula; report it by name, not as NaN timesteps later.
-    for (int i = 0; i < steps; ++i)
+    for (std::size_t i = 0; i < base.size(); ++i)
         if (!(sigmas_[i] >= 0.0f && sigmas_[i] <= 1.0f))
-        {
-            if (mu) bad("mu = ", *mu, " gives sigma[", i, "] = ", sigmas_[i], ", outside [0, 1]");
-            bad("shift = ", shift, " gives sigma[", i, "] = ", sigmas_[i], ", outside [0, 1]");
-        }
+            throw std::invalid_argument(message("flow_match_euler: ", knob(), " gives sigma[", i, "] = ", sigmas_[i], ", outside [0, 1]"));
+}
+
+flow_match_euler flow_match_euler::flux(int steps, double mu, int num_train_timesteps) {
+    auto bad = [](const auto&... what) { throw std::invalid_argument(message("flow_match_euler::flux: ", what...)); };
+    if (steps < 1 || steps > max_steps) bad("steps = ", steps, " is out of range [1, ", max_steps, "]");
+    if (!std::isfinite(mu)) bad("mu = ", mu, " must be finite");
+    if (num_train_timesteps < 2 || num_train_timesteps > max_steps)
+        bad("num_train_timesteps = ", num_train_timesteps, " is out of range [2, ", max_steps, "]");
+    // np.linspace(1.0, 1 / steps, steps), float64
+    std::vector<double> base(static_cast<std::size_t>(steps));
+    const double last = 1.0 / steps, delta = steps > 1 ? (last - 1.0) / (steps - 1) : 0.0;
+    for (int i = 0; i < steps; ++i) base[i] = (steps > 1 && i == steps - 1) ? last : 1.0 + i * delta;
+    flow_match_euler s;
+    s.set_sigmas(base, exponential_shift(mu), static_cast<float>(num_train_timesteps), [&] { return message("mu = ", mu); });
+    return s;
+}
+
+double flux_mu(int image_seq_len, int base_seq_len, int max_seq_len, double base_shift, double max_shift) {
+    auto bad = [](const auto&... what) { throw std::invalid_argument(message("flux_mu: ", what...)); };
+    if (image_seq_len < 1) bad("image_seq_len = ", image_seq_len, " must be >= 1");
+    if (max_seq_len <= base_seq_len) bad("max_seq_len = ", max_seq_len, " must exceed base_seq_len = ", base_seq_len);
+    if (!std::isfinite(base_shift) || !std::isfinite(max_shift))
+        bad("base_shift / max_shift = ", base_shift, " / ", max_shift, " must be finite");
+    const double m = (max_shift - base_shift) / (max_seq_len - base_seq_len);
+    const double b = base_shift - m * base_seq_len;
+    return image_seq_len * m + b;
 }
 
 flow_match_euler flow_match_euler::at_timesteps(std::span<const float> timesteps, int num_train_timesteps) {

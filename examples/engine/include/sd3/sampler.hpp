@@ -27,6 +27,10 @@ public:
     // The Euler sampler over given timesteps (strictly falling, in (0, T]): sigma = t / T, then 0. What a
     // speculative pass at chosen main-grid timesteps integrates along (specdiff::aligned_speculative_timesteps).
     static flow_match_euler at_timesteps(std::span<const float> timesteps, int num_train_timesteps = 1000);
+    // diffusers' FLUX pipeline: set_timesteps(sigmas = linspace(1, 1/steps, steps), mu) with dynamic shifting,
+    // sigma -> exp(mu) / (exp(mu) + 1/sigma - 1), in float64 then float32 (the unshifted table plays no part).
+    // mu from flux_mu(image tokens). Throws std::invalid_argument naming steps or mu when out of range.
+    static flow_match_euler flux(int steps, double mu, int num_train_timesteps = 1000);
     int steps() const noexcept { return static_cast<int>(timesteps_.size()); }
     const std::vector<float>& sigmas() const noexcept { return sigmas_; }       // steps + 1 values, last 0
     const std::vector<float>& timesteps() const noexcept { return timesteps_; } // steps values
@@ -35,8 +39,18 @@ public:
 
 private:
     flow_match_euler() = default;
+    // Appends sigma[i] = shifted(base[i]) in float32, timestep = sigma * T, then the final 0; refuses (naming
+    // `knob`) a shift that takes a sigma out of [0, 1].
+    template <class Shift, class Knob>
+    void set_sigmas(std::span<const double> base, Shift shifted, float T, Knob knob);
     std::vector<float> sigmas_, timesteps_;
 };
+
+// The FLUX pipeline's resolution-dependent shift (calculate_shift): linear in the image's token count through
+// (base_seq_len, base_shift) and (max_seq_len, max_shift); the defaults are FLUX.1-dev's scheduler_config.json.
+// Throws std::invalid_argument naming the argument when image_seq_len < 1 or max_seq_len <= base_seq_len.
+double flux_mu(int image_seq_len, int base_seq_len = 256, int max_seq_len = 4096, double base_shift = 0.5,
+               double max_shift = 1.15);
 
 // Conditioning for sample_cfg, diffusers' names: context = prompt_embeds, pooled = pooled_prompt_embeds.
 struct cfg_inputs {
