@@ -26,7 +26,9 @@ Variants:
     mmditx SD3.5-medium's MMDiT-X blocks: dual_attention_layers (0, 2) of 3 (a second, image-only attention, attn2,
            in the first block and in the context_pre_only last one, not in the middle one), qk_norm "rms_norm",
            2 heads x 16, F32 weights; also attn2_img.{l}, the image-only attention's output (after attn2.to_out)
-Besides the variants, flux_schedule.safetensors: the FLUX pipeline's timestep schedules (FluxPipeline's sigmas
+Besides the variants: flux/, a tiny random FluxTransformer2DModel (2 double-stream + 2 single-stream blocks,
+guidance embedding) with diffusers' forward on packed latents at two timestep pairs (io.safetensors: latents,
+context, pooled, guidance, img_ids, txt_ids, t0/t1, out_t0/out_t1, parameter_count); flux_schedule.safetensors: the FLUX pipeline's timestep schedules (FluxPipeline's sigmas
 linspace(1, 1/n, n) and calculate_shift's mu, through retrieve_timesteps into FLUX.1-dev's scheduler config) for
 a few (steps, image tokens): sigmas.{i}, timesteps.{i}, mu.{i}, steps.{i}, seq_len.{i}.
 rms, plain and mmditx use a non-square 6x10 latent (3x5 patches of 2) cropped from a 7x7 position table, 5 context tokens.
@@ -213,6 +215,50 @@ def make_variant(name, spec, out_root):
     print(name, "->", out, {k: tuple(v.shape) for k, v in io.items()})
 
 
+FLUX_CONFIG = dict(patch_size=1, in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                   num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=10, guidance_embeds=True,
+                   axes_dims_rope=(4, 6, 6))
+
+
+def make_flux(out_root):
+    """A tiny random FluxTransformer2DModel (2 double-stream and 2 single-stream blocks, guidance embedding,
+    rotary dims (4, 6, 6) over 16-float heads) and diffusers' forward on packed latents of a 3 x 5 token grid
+    with 5 text tokens, at two timestep pairs; parameter_count for the loader's check."""
+    from diffusers import FluxTransformer2DModel
+
+    out = os.path.join(out_root, "flux")
+    os.makedirs(out, exist_ok=True)
+    gen = torch.Generator().manual_seed(9753)
+    model = FluxTransformer2DModel(**FLUX_CONFIG)
+    state = randomize(model, gen)
+    model.save_config(out)
+    save_file({k: v.contiguous() for k, v in sorted(state.items())}, os.path.join(out, "diffusion_pytorch_model.safetensors"))
+    ref = FluxTransformer2DModel.from_pretrained(out, torch_dtype=torch.float32).eval()
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    rows, cols, text = 3, 5, 5
+    io = {"latents": torch.randn(BATCH, rows * cols, FLUX_CONFIG["in_channels"], generator=gen),
+          "context": torch.randn(BATCH, text, FLUX_CONFIG["joint_attention_dim"], generator=gen),
+          "pooled": torch.randn(BATCH, FLUX_CONFIG["pooled_projection_dim"], generator=gen),
+          "guidance": torch.tensor([3.5, 1.0])}
+    img_ids = torch.zeros(rows, cols, 3)  # FluxPipeline._prepare_latent_image_ids: (0, row, column)
+    img_ids[..., 1] += torch.arange(rows)[:, None]
+    img_ids[..., 2] += torch.arange(cols)[None, :]
+    io["img_ids"], io["txt_ids"] = img_ids.reshape(rows * cols, 3), torch.zeros(text, 3)
+    with torch.no_grad():
+        for i, ts in enumerate(TIMESTEPS):
+            t = torch.tensor(ts) / 1000  # the pipeline passes t / 1000; the model scales by 1000
+            io[f"t{i}"] = t
+            io[f"out_t{i}"] = ref(hidden_states=io["latents"], encoder_hidden_states=io["context"],
+                                  pooled_projections=io["pooled"], timestep=t, img_ids=io["img_ids"],
+                                  txt_ids=io["txt_ids"], guidance=io["guidance"], return_dict=False)[0]
+    io["parameter_count"] = torch.tensor([sum(p.numel() for p in ref.parameters())])
+    save_file({k: (v if v.dtype == torch.int64 else v.to(torch.float32)).contiguous() for k, v in io.items()},
+              os.path.join(out, "io.safetensors"),
+              metadata={"torch": torch.__version__, "diffusers": __import__("diffusers").__version__})
+    print("flux ->", out, {k: tuple(v.shape) for k, v in io.items()})
+
+
 # FLUX.1-dev's scheduler/scheduler_config.json (the values its pipeline reads for calculate_shift)
 FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                       base_image_seq_len=256, max_image_seq_len=4096)
@@ -244,12 +290,14 @@ def make_flux_schedule(out_root):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "data", "parity"))
-    ap.add_argument("--only", choices=sorted(VARIANTS) + ["flux_schedule"], help="make this variant only")
+    ap.add_argument("--only", choices=sorted(VARIANTS) + ["flux", "flux_schedule"], help="make this variant only")
     args = ap.parse_args()
     torch.manual_seed(0)
     for name, spec in VARIANTS.items():
         if args.only in (None, name):
             make_variant(name, spec, args.out)
+    if args.only in (None, "flux"):
+        make_flux(args.out)
     if args.only in (None, "flux_schedule"):
         make_flux_schedule(args.out)
 

@@ -2,6 +2,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <array>
 
 #include <cmath>
 #include <filesystem>
@@ -12,6 +13,7 @@
 
 #include "engine_fixture.hpp"
 #include "sd3/config.hpp"
+#include "sd3/flux_model.hpp"
 #include "sd3/model.hpp"
 #include "sd3/safetensors.hpp"
 #include "sd3/sampler.hpp"
@@ -72,6 +74,41 @@ TEST_CASE("config.json parsing follows diffusers' defaults and rejects unsupport
     expect_config_error("[]", "not a JSON object");
     CHECK_THROWS_WITH_AS(sd3::load_transformer_config("/nonexistent/config.json"), doctest::Contains("/nonexistent/config.json"),
                          std::runtime_error);
+}
+
+TEST_CASE("flux: config.json parsing and the model's weights by diffusers' names") {
+    const auto dir = test_util::parity_dir() / "flux";
+    const auto c = sd3::load_flux_config(dir / "config.json");
+    CHECK(c.hidden() == 32);
+    CHECK(c.num_layers == 2);
+    CHECK(c.num_single_layers == 2);
+    CHECK(c.guidance_embeds);
+    CHECK(c.axes_dims_rope == std::array<int, 3>{4, 6, 6});
+    CHECK(c.out_channels() == 8);
+    const auto m = sd3::flux_model::load(dir);
+    const sd3::safetensors_file io(dir / "io.safetensors");
+    CHECK(m.parameter_count() == static_cast<std::size_t>(io.read_ints("parameter_count").at(0)));  // diffusers' count
+    CHECK(sd3::flux_model::random(c, 5).parameter_count() == m.parameter_count());
+    CHECK(m.single_blocks.at(1).proj_out.in == 5 * 32);
+    const auto defaults = sd3::parse_flux_config("{}");  // diffusers' class defaults (FLUX.1)
+    CHECK(defaults.hidden() == 3072);
+    CHECK(defaults.num_single_layers == 38);
+    CHECK_FALSE(defaults.guidance_embeds);
+
+    auto expect_error = [](const std::string& json, const char* fragment) {
+        CAPTURE(json);
+        CHECK_THROWS_WITH_AS(sd3::parse_flux_config(json, "flux.json"), doctest::Contains(fragment), std::invalid_argument);
+    };
+    expect_error(R"({"axes_dims_rope": [16, 56, 55]})", "axes_dims_rope[2] = 55 must be even");
+    expect_error(R"({"axes_dims_rope": [16, 56, 54]})", "axes_dims_rope add up to 126, not attention_head_dim = 128");
+    expect_error(R"({"axes_dims_rope": [16, 56]})", "axes_dims_rope = [16,56] must be 3 integers");
+    expect_error(R"({"axes_dims_rope": [16, -56, 56]})", "must be 3 integers");
+    expect_error(R"({"guidance_embeds": 1})", "guidance_embeds must be true or false, got 1");
+    expect_error(R"({"out_channels": 16})", "out_channels = 16 is not supported");
+    expect_error(R"({"num_single_layers": 0})", "num_single_layers = 0");
+    expect_error(R"({"_class_name": "SD3Transformer2DModel"})", "expected \"FluxTransformer2DModel\"");
+    CHECK_THROWS_WITH_AS(sd3::parse_transformer_config(R"({"_class_name": "FluxTransformer2DModel"})"),
+                         doctest::Contains("expected \"SD3Transformer2DModel\""), std::invalid_argument);
 }
 
 TEST_CASE("model loading checks every tensor's presence and shape") {
