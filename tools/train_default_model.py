@@ -44,9 +44,14 @@ POOLED_DIM = 64
 SPLIT_SEED = 1234
 HELD_OUT_PER_CLASS = 50
 CANVAS_SIZE = 48  # models/canvas-sd3: 24 x 24 = 576 image tokens at patch 2
-# The digit's side on the canvas, uniform in this range (inclusive). Near MNIST's own 28, so that a model
-# fine-tuned from mnist-sd3 learns placement rather than new shapes within the training budget.
-CANVAS_DIGIT_SIDES = (24, 32)
+# The digit's layout on the canvas: a side from CANVAS_DIGIT_SIDES and a top-left corner (row and column
+# each) from CANVAS_CORNERS, all uniform: 2 x 2 x 2 = 8 layouts. A coarse set on purpose: with any side in
+# 24..32 at any position, the 4-layer model (absolute sin-cos positions) drew scattered strokes after two
+# hours (docs/train_log_canvas.txt); a few layouts it can learn within the budget, and tokens still differ
+# (background, a digit's inside and its edge, each at several places). Even corners keep the digit's pixels
+# on mnist-sd3's patch grid (the fine-tune starts from it); 28 is MNIST's own side.
+CANVAS_DIGIT_SIDES = (22, 28)
+CANVAS_CORNERS = (4, 16)
 CANVAS_HELD_OUT_SEED = 4321  # placement of the held-out digits on their canvases (fixed)
 
 
@@ -88,22 +93,25 @@ class MnistRecipe:
 
 
 class CanvasRecipe:
-    """models/canvas-sd3: the digit resized to a side in CANVAS_DIGIT_SIDES and put at a uniformly random
-    position on a plain 48x48 background, so that most tokens are background and tokens differ in what
-    they need; a fresh placement every time a training image is drawn."""
+    """models/canvas-sd3: the digit resized to a side from CANVAS_DIGIT_SIDES with its top-left corner at a
+    row and column from CANVAS_CORNERS, on a plain 48x48 background, so that most tokens are background and
+    tokens differ in what they need; a fresh layout every time a training image is drawn."""
 
     name, image_size, classifier_convs = "canvas", CANVAS_SIZE, (16, 32, 64)
-    description = (f"MNIST digit resized to a side uniform in [{CANVAS_DIGIT_SIDES[0]}, {CANVAS_DIGIT_SIDES[1]}] "
-                   f"at a uniform random position on a plain {CANVAS_SIZE}x{CANVAS_SIZE} background (-1)")
+    description = (f"MNIST digit resized to a side from {CANVAS_DIGIT_SIDES}, top-left corner row and column "
+                   f"from {CANVAS_CORNERS} (uniform), on a plain {CANVAS_SIZE}x{CANVAS_SIZE} background (-1)")
 
     def place(self, digits, gen):
         out = torch.full((len(digits), 1, CANVAS_SIZE, CANVAS_SIZE), -1.0)
-        lo, hi = CANVAS_DIGIT_SIDES
-        sides = torch.randint(lo, hi + 1, (len(digits),), generator=gen).tolist()
-        for i, side in enumerate(sides):
-            glyph = F.interpolate(digits[i : i + 1], size=(side, side), mode="bilinear", antialias=True,
-                                  align_corners=False).clamp(-1, 1)
-            y, x = torch.randint(0, CANVAS_SIZE - side + 1, (2,), generator=gen).tolist()
+        sides = torch.randint(0, len(CANVAS_DIGIT_SIDES), (len(digits),), generator=gen).tolist()
+        corners = torch.randint(0, len(CANVAS_CORNERS), (len(digits), 2), generator=gen).tolist()
+        for i, (side_index, (row, col)) in enumerate(zip(sides, corners)):
+            side = CANVAS_DIGIT_SIDES[side_index]
+            glyph = digits[i : i + 1]
+            if side != glyph.shape[-1]:
+                glyph = F.interpolate(glyph, size=(side, side), mode="bilinear", antialias=True,
+                                      align_corners=False).clamp(-1, 1)
+            y, x = CANVAS_CORNERS[row], CANVAS_CORNERS[col]
             out[i, :, y : y + side, x : x + side] = glyph[0]
         return out
 

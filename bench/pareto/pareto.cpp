@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "demo/support.hpp"
+#include "quality/default_model.hpp"
 #include "demo/timing.hpp"
 
 namespace {
@@ -109,13 +110,13 @@ std::string svg(const std::vector<row>& rows, double full_acc) {
 int main(int argc, char** argv) {
   CLI::App app{"Speed/quality sweep of SpecDiff and its peers on the default model"};
   int samples = 64, steps = 28, threads = sd3::usable_cores(), repeats = 3;
-  float cfg = 4.f;
+  float cfg = 0.f;  // unset: the model's sampling.json (else 4)
   std::uint64_t seed = 0;
   std::string out_dir = "pareto-out", model_dir = demo::default_model_dir().string(), only;
   bool quick = false;
   app.add_option("--samples", samples)->capture_default_str()->check(CLI::Range(1, 4096));
   app.add_option("--steps", steps)->capture_default_str()->check(CLI::Range(1, 1000));
-  app.add_option("--cfg", cfg)->capture_default_str();
+  auto* cfg_option = app.add_option("--cfg", cfg, "classifier-free guidance scale (default: the model's sampling.json, else 4)");
   app.add_option("--seed", seed)->capture_default_str();
   app.add_option("--threads", threads)->capture_default_str()->check(CLI::Range(1, 1024));
   app.add_option("--repeats", repeats, "timed pairs with full RFlow per setting, after an untimed warm-up; medians are reported")
@@ -127,6 +128,7 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   try {
+    if (!cfg_option->count()) cfg = static_cast<float>(quality::load_guidance_scale(model_dir));
     const auto work = demo::make_workload(model_dir, samples, seed, steps, cfg, threads);
     const auto& [model, batch, net, problem] = *work;
     auto specs = sweep(quick);

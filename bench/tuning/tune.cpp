@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "demo/support.hpp"
+#include "quality/default_model.hpp"
 
 namespace {
 
@@ -41,20 +42,21 @@ int main(int argc, char** argv) {
   CLI::App app{"SpecDiff's settings, one at a time, against full RFlow"};
   int samples = 32, steps = 28, threads = sd3::usable_cores();
   double cache_rate = 0.9;
-  float cfg = 4.f;
+  float cfg = 0.f;  // unset: the model's sampling.json (else 4)
   std::string model_dir = demo::default_model_dir().string();
   bool grids = false;
   std::string only;
   app.add_option("--samples", samples)->capture_default_str();
   app.add_option("--steps", steps)->capture_default_str();
   app.add_option("--cache-rate", cache_rate)->capture_default_str()->check(CLI::Range(0.0, 0.999));
-  app.add_option("--cfg", cfg)->capture_default_str();
+  auto* cfg_option = app.add_option("--cfg", cfg, "classifier-free guidance scale (default: the model's sampling.json, else 4)");
   app.add_option("--threads", threads)->capture_default_str();
   app.add_option("--model", model_dir)->capture_default_str();
   app.add_option("--only", only, "run only the default and the variants whose name contains this text (e.g. ranking)");
   app.add_flag("--speculative-grid", grids, "instead: the speculative pass's grid (aligned vs the sampler's) for S = 0..4");
   CLI11_PARSE(app, argc, argv);
   try {
+    if (!cfg_option->count()) cfg = static_cast<float>(quality::load_guidance_scale(model_dir));
     const auto work = demo::make_workload(model_dir, samples, 0, steps, cfg, threads);
     const auto& p = work->problem;
     const auto full = methods::run_full(p);

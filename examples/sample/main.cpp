@@ -41,7 +41,8 @@ constexpr double max_cfg = 100.0;
 struct options {
   std::filesystem::path model_dir = "models/mnist-sd3";
   int steps = 28;
-  float cfg = 4.0f;
+  float cfg = 0.0f;    // unset: the model's sampling.json (quality::load_guidance_scale)
+  bool cfg_given = false;
   double shift = 0.0;  // unset: the model's scheduler_config.json
   bool shift_given = false;
   std::string seed_text = "0";
@@ -94,6 +95,7 @@ int run(const options& opt) {
   const auto table = quality::class_embeddings::load(opt.model_dir);
   const auto classifier = quality::digit_classifier::load(opt.model_dir);
   const double shift = opt.shift_given ? opt.shift : quality::load_scheduler_shift(opt.model_dir);
+  const float guidance = opt.cfg_given ? opt.cfg : static_cast<float>(quality::load_guidance_scale(opt.model_dir));
   const auto& cfg = model.config;
   if (opt.classes > table.null_class)
     throw std::invalid_argument(sd3::message("--classes: ", opt.classes, " is out of range; allowed: 1 to ", table.null_class,
@@ -143,7 +145,7 @@ int run(const options& opt) {
     const sd3::cfg_inputs in{.batch = b, .height = side, .width = side, .context_tokens = table.context_tokens,
                              .noise = noise, .context = context, .negative_context = negative_context,
                              .pooled = pooled, .negative_pooled = negative_pooled};
-    const auto out = sd3::sample_cfg(net, scheduler, in, opt.cfg, {},
+    const auto out = sd3::sample_cfg(net, scheduler, in, guidance, {},
                                      [&](int, float, std::span<const float>) { progress.step_done(); });
     std::copy(out.begin(), out.end(), images.begin() + static_cast<std::ptrdiff_t>(first * latent));
   }
@@ -169,7 +171,7 @@ int run(const options& opt) {
   }
   std::printf("model %s: %d layers, hidden %d, %d image tokens; steps %d, shift %.2f, cfg %.2f, seed %llu, threads %d\n",
               opt.model_dir.string().c_str(), cfg.num_layers, cfg.hidden(),
-              (side / cfg.patch_size) * (side / cfg.patch_size), opt.steps, shift, static_cast<double>(opt.cfg),
+              (side / cfg.patch_size) * (side / cfg.patch_size), opt.steps, shift, static_cast<double>(guidance),
               static_cast<unsigned long long>(seed), opt.threads);
   std::printf("generated %d samples in %.2f s (%.3f s/sample)\n", total, seconds, seconds / total);
   std::printf("per-class accuracy:");
@@ -190,8 +192,7 @@ int main(int argc, char** argv) {
   CLI::App app{"Full-compute class grid of the default SpecDiff model (C++ SD3 engine), with classifier accuracy"};
   app.add_option("--model", opt.model_dir, "model folder (transformer/, class_embeddings.safetensors, ...)")->capture_default_str();
   app.add_option("--steps", opt.steps, "sampling steps")->capture_default_str()->check(integer_in(1, max_steps));
-  app.add_option("--cfg", opt.cfg, "classifier-free guidance scale (<= 1: no guidance)")
-      ->capture_default_str()
+  auto* cfg = app.add_option("--cfg", opt.cfg, "classifier-free guidance scale (<= 1: no guidance; default: the model's sampling.json, else 4)")
       ->check(checked([](const std::string& t) { return quality::check_real(t, 0.0, max_cfg); }, "REAL in [0, 100]"));
   auto* shift = app.add_option("--shift", opt.shift, "scheduler shift (default: the model's scheduler_config.json)")
       ->check(checked([](const std::string& t) {
@@ -219,6 +220,7 @@ int main(int argc, char** argv) {
     return 2;  // a usage error, told apart from a failed run (1)
   }
   opt.shift_given = shift->count() > 0;
+  opt.cfg_given = cfg->count() > 0;
   try {
     return run(opt);
   } catch (const std::exception& e) {

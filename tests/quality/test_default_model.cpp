@@ -52,6 +52,22 @@ TEST_CASE("default-model loaders reject broken files") {
   CHECK_THROWS_WITH_AS(quality::load_scheduler_shift(dir.path()), doctest::Contains("has shift -1"), std::runtime_error);
   std::ofstream(dir.path() / "scheduler_config.json") << R"({"num_train_timesteps": 1000})";
   CHECK_THROWS_WITH_AS(quality::load_scheduler_shift(dir.path()), doctest::Contains("no numeric shift"), std::runtime_error);
+  // sampling.json: absent means the default guidance; present, it must hold a guidance_scale in [0, 100].
+  CHECK(quality::load_guidance_scale(dir.path()) == quality::default_guidance_scale);
+  std::ofstream(dir.path() / "sampling.json") << R"({"guidance_scale": 7.5})";
+  CHECK(quality::load_guidance_scale(dir.path()) == 7.5);
+  std::ofstream(dir.path() / "sampling.json") << R"({"guidance_scale": 0})";
+  CHECK(quality::load_guidance_scale(dir.path()) == 0.0);
+  std::ofstream(dir.path() / "sampling.json") << R"({"guidance_scale": 101})";
+  CHECK_THROWS_WITH_AS(quality::load_guidance_scale(dir.path()), doctest::Contains("has guidance_scale 101, allowed: [0, 100]"),
+                       std::runtime_error);
+  std::ofstream(dir.path() / "sampling.json") << R"({"guidance_scale": "8"})";
+  CHECK_THROWS_WITH_AS(quality::load_guidance_scale(dir.path()), doctest::Contains("no numeric guidance_scale"), std::runtime_error);
+  std::ofstream(dir.path() / "sampling.json") << R"({"guidance_scale": )";
+  CHECK_THROWS_WITH_AS(quality::load_guidance_scale(dir.path()), doctest::Contains("sampling.json' is not valid JSON"), std::runtime_error);
+  std::filesystem::remove(dir.path() / "sampling.json");
+  std::filesystem::create_directory(dir.path() / "sampling.json");  // not a regular file
+  CHECK_THROWS_AS(quality::load_guidance_scale(dir.path()), std::runtime_error);
   test_support::write_safetensors(dir.path() / "class_embeddings.safetensors",
                                   {make_tensor("pooled", "F32", {3, 3}, std::vector<float>(9)),
                                    make_tensor("context", "F32", {2, 2, 2}, std::vector<float>(8))});

@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "demo/support.hpp"
+#include "quality/default_model.hpp"
 #include "demo/timing.hpp"
 #include "quality/cli.hpp"
 #include "quality/options.hpp"
@@ -84,7 +85,7 @@ int main(int argc, char** argv) {
   auto* ds = app.add_option("--dense", dense, "dense-step schedule of a token-level method: specdiff (2 + {14}) or ras (4 + {12, 20}); default: the method's own")
       ->check(checked([](const std::string& d) { return demo::dense_schedule_error(d); }, "SCHEDULE"));
   app.add_option("--steps", steps, "sampling steps")->capture_default_str()->check(integer_in(1, 1000));
-  auto* cf = app.add_option("--cfg", cfg, "classifier-free guidance scale (default: the model's, see models/mnist-sd3/README.md)")->check(real_in(0.0, 100.0));
+  auto* cf = app.add_option("--cfg", cfg, "classifier-free guidance scale (default: the model's sampling.json, else 4)")->check(real_in(0.0, 100.0));
   app.add_option("--samples", samples, "samples (class i % 10)")->capture_default_str()->check(integer_in(1, 4096));
   app.add_option("--seed", seed_text, "noise seed, 0 to 2^64-1")->capture_default_str()
       ->check(checked([](const std::string& t) { return quality::check_seed(t); }, "UINT64"));
@@ -131,7 +132,7 @@ int main(int argc, char** argv) {
     sd3::require_writable_file(method_png, "--out grid");
     if (!json_path.empty()) sd3::require_writable_file(json_path, "--json");
 
-    const float guidance = cf->count() ? cfg : 4.f;
+    const float guidance = cf->count() ? cfg : static_cast<float>(quality::load_guidance_scale(model_dir));
     const auto work = demo::make_workload(model_dir, samples, seed, steps, guidance, threads);
     const auto& [model, batch, net, problem] = *work;
     const bool bar = !no_progress;

@@ -63,11 +63,14 @@ void class_embeddings::gather(std::span<const int> labels, std::span<float> cont
   }
 }
 
-double load_scheduler_shift(const std::filesystem::path& dir) {
-  const auto path = dir / "scheduler_config.json";
-  const auto text = sd3::read_text_file(path, "load_scheduler_shift: scheduler config");  // names the path itself
-  auto fail = [&](const auto&... what) {
-    throw std::runtime_error(sd3::message("load_scheduler_shift: '", sd3::path_excerpt(path.string()), "' ", what...));
+namespace {
+// The number `key` of a JSON object in `path`, in (lo, hi] (or [lo, hi] when lo_inclusive); errors name `fn`,
+// the file and the value.
+double read_json_number(const char* fn, const std::filesystem::path& path, const char* what, const char* key, double lo,
+                        bool lo_inclusive, double hi) {
+  const auto text = sd3::read_text_file(path, sd3::message(fn, ": ", what));  // names the path itself
+  auto fail = [&](const auto&... why) {
+    throw std::runtime_error(sd3::message(fn, ": '", sd3::path_excerpt(path.string()), "' ", why...));
   };
   nlohmann::json config;
   try {
@@ -75,12 +78,25 @@ double load_scheduler_shift(const std::filesystem::path& dir) {
   } catch (const std::runtime_error& e) {
     fail("is ", e.what());
   }
-  const auto it = config.is_object() ? config.find("shift") : config.end();
-  if (it == config.end() || !it->is_number()) fail("has no numeric shift");
-  const double shift = it->get<double>();
-  if (!(shift > 0.0 && shift <= max_scheduler_shift))
-    fail("has shift ", sd3::json_excerpt(*it), ", allowed: (0, ", max_scheduler_shift, "]");
-  return shift;
+  const auto it = config.is_object() ? config.find(key) : config.end();
+  if (it == config.end() || !it->is_number()) fail("has no numeric ", key);
+  const double v = it->get<double>();
+  if (!((lo_inclusive ? v >= lo : v > lo) && v <= hi))
+    fail("has ", key, " ", sd3::json_excerpt(*it), ", allowed: ", lo_inclusive ? "[" : "(", lo, ", ", hi, "]");
+  return v;
+}
+}  // namespace
+
+double load_scheduler_shift(const std::filesystem::path& dir) {
+  return read_json_number("load_scheduler_shift", dir / "scheduler_config.json", "scheduler config", "shift", 0.0, false,
+                          max_scheduler_shift);
+}
+
+double load_guidance_scale(const std::filesystem::path& dir) {
+  const auto path = dir / "sampling.json";
+  std::error_code ec;
+  if (!std::filesystem::exists(std::filesystem::symlink_status(path, ec))) return default_guidance_scale;
+  return read_json_number("load_guidance_scale", path, "sampling defaults", "guidance_scale", 0.0, true, max_guidance_scale);
 }
 
 }  // namespace quality

@@ -37,4 +37,13 @@ inline constexpr double max_scheduler_shift = 1000.0;
 /// (0, max_scheduler_shift].
 double load_scheduler_shift(const std::filesystem::path& dir);
 
+/// Classifier-free guidance scale of a model folder without `sampling.json`, and the largest accepted.
+inline constexpr double default_guidance_scale = 4.0;
+inline constexpr double max_guidance_scale = 100.0;
+
+/// The guidance scale the model samples best with: `guidance_scale` from `dir`/sampling.json (our file; diffusers
+/// keeps it out of the model folder), in [0, max_guidance_scale]; default_guidance_scale when the file is absent.
+/// Throws std::runtime_error naming the file when it is there but not a regular file, not JSON, or out of range.
+double load_guidance_scale(const std::filesystem::path& dir);
+
 }  // namespace quality
