@@ -83,13 +83,13 @@ int main(int argc, char** argv) {
   int samples = 16, steps = 28, repeats = 3, core = 0;
   unsigned competitor_seconds = 900;
   double cache_rate = 0.9;
-  float cfg = 4.f;
+  float cfg = 0.f;  // unset: the model's sampling.json (else 4)
   std::string model_dir = demo::default_model_dir().string(), out = "load.json";
   std::vector<int> thread_counts{1, 2};
   app.add_option("--model", model_dir)->capture_default_str();
   app.add_option("--samples", samples)->capture_default_str()->check(CLI::Range(1, 4096));
   app.add_option("--steps", steps)->capture_default_str()->check(CLI::Range(1, 1000));
-  app.add_option("--cfg", cfg)->capture_default_str();
+  auto* cfg_option = app.add_option("--cfg", cfg, "classifier-free guidance scale (default: the model's sampling.json, else 4)");
   app.add_option("--cache-rate", cache_rate)->capture_default_str()->check(CLI::Range(0.0, 0.99));
   app.add_option("--repeats", repeats, "timed pairs per case, after an untimed warm-up")->capture_default_str()->check(CLI::Range(1, 100));
   app.add_option("--threads", thread_counts, "thread counts to run")->capture_default_str()->check(CLI::Range(1, sd3::max_threads));
@@ -102,6 +102,7 @@ int main(int argc, char** argv) {
   try {
     const demo::method_spec full_spec{.name = "full"}, spec{.name = "specdiff", .cache_rate = cache_rate};
     std::vector<result> results;
+    float guidance = cfg;  // the scale the runs used (the model's unless --cfg)
     nlohmann::json rows = nlohmann::json::array();
     std::printf("| load | threads | full RFlow s (range) | SpecDiff s (range) | speedup (range) | full: these threads / %d thread(s) |\n"
                 "|---|---|---|---|---|---|\n", thread_counts.front());
@@ -111,7 +112,8 @@ int main(int argc, char** argv) {
       std::vector<std::unique_ptr<demo::workload>> work;
       std::vector<result> cases;
       for (const int threads : thread_counts) {
-        work.push_back(demo::make_workload(model_dir, samples, 0, steps, cfg, threads));
+        work.push_back(demo::make_workload(model_dir, samples, 0, steps, cfg_option->count() ? std::optional(cfg) : std::nullopt, threads));
+        guidance = work.back()->problem.guidance;
         cases.push_back({load, threads, {}, {}});
         demo::run_method(work.back()->problem, full_spec);  // warm-up, untimed
         demo::run_method(work.back()->problem, spec);
@@ -147,7 +149,7 @@ int main(int argc, char** argv) {
                         {"speedup_runs", speedups}, {"full_against_first_threads", median_of(against_first)}});
       }
     }
-    const nlohmann::json all{{"model", model_dir}, {"samples", samples}, {"steps", steps}, {"cfg", cfg}, {"cache_rate", cache_rate},
+    const nlohmann::json all{{"model", model_dir}, {"samples", samples}, {"steps", steps}, {"cfg", guidance}, {"cache_rate", cache_rate},
                              {"repeats", repeats}, {"competitor_core", core}, {"results", rows}};
     std::ofstream(out) << all.dump(2) << "\n";
   } catch (const std::exception& e) {

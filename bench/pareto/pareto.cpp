@@ -17,7 +17,6 @@
 #include <thread>
 
 #include "demo/support.hpp"
-#include "quality/default_model.hpp"
 #include "demo/timing.hpp"
 
 namespace {
@@ -128,8 +127,7 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   try {
-    if (!cfg_option->count()) cfg = static_cast<float>(quality::load_guidance_scale(model_dir));
-    const auto work = demo::make_workload(model_dir, samples, seed, steps, cfg, threads);
+    const auto work = demo::make_workload(model_dir, samples, seed, steps, cfg_option->count() ? std::optional(cfg) : std::nullopt, threads);
     const auto& [model, batch, net, problem] = *work;
     auto specs = sweep(quick);
     if (!only.empty()) std::erase_if(specs, [&](const demo::method_spec& s) { return s.name != only; });
@@ -196,7 +194,7 @@ int main(int argc, char** argv) {
                   r.quality.psnr_db ? std::to_string(*r.quality.psnr_db).substr(0, 5).c_str() : "inf", r.quality.ssim, r.quality.class_acc,
                   r.quality.fd ? std::to_string(*r.quality.fd).substr(0, 6).c_str() : "-", 100 * r.overhead_share);
     }
-    nlohmann::json all{{"samples", samples}, {"steps", steps}, {"cfg", cfg}, {"seed", seed}, {"threads", threads}, {"repeats", repeats},
+    nlohmann::json all{{"samples", samples}, {"steps", steps}, {"cfg", problem.guidance}, {"seed", seed}, {"threads", threads}, {"repeats", repeats},
                        {"class_acc_full", full_acc}, {"fd_full", number(full_fd)}, {"seconds_full", full_median},
                        {"seconds_full_spread", pair(full_spread)}, {"seconds_full_runs", full_times}, {"results", j}};
     std::ofstream(dir / "results.json") << all.dump(2) << "\n";

@@ -7,7 +7,6 @@
 #include <thread>
 
 #include "demo/support.hpp"
-#include "quality/default_model.hpp"
 
 namespace {
 
@@ -56,8 +55,7 @@ int main(int argc, char** argv) {
   app.add_flag("--speculative-grid", grids, "instead: the speculative pass's grid (aligned vs the sampler's) for S = 0..4");
   CLI11_PARSE(app, argc, argv);
   try {
-    if (!cfg_option->count()) cfg = static_cast<float>(quality::load_guidance_scale(model_dir));
-    const auto work = demo::make_workload(model_dir, samples, 0, steps, cfg, threads);
+    const auto work = demo::make_workload(model_dir, samples, 0, steps, cfg_option->count() ? std::optional(cfg) : std::nullopt, threads);
     const auto& p = work->problem;
     const auto full = methods::run_full(p);
     using rule = methods::specdiff_options::c3_rule;

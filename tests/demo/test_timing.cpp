@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <fstream>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -116,4 +117,19 @@ TEST_CASE("FD of a run's images: measured against the model's reference, unavail
   const auto r = methods::run_full(older->problem);
   CHECK_FALSE(demo::evaluate(older->model, older->batch, r.latents, r.latents).fd);
   CHECK(demo::fd_unavailable_reason(older->model, older->batch) == "the model folder has no fd_reference.safetensors");
+}
+
+TEST_CASE("the CFG scale: the model folder's sampling.json unless the caller gives one") {
+  CHECK(demo::make_workload(SPECDIFF_MODEL_DIR, 1, 0, 1, std::nullopt, 1)->problem.guidance == 4.f);  // mnist-sd3's file
+  CHECK(demo::make_workload(SPECDIFF_MODEL_DIR, 1, 0, 1, 2.5f, 1)->problem.guidance == 2.5f);
+  temp_dir folder;  // the same model with its own sampling.json, then without one
+  for (const auto& entry : std::filesystem::directory_iterator(SPECDIFF_MODEL_DIR))
+    if (entry.path().filename() != "sampling.json") std::filesystem::create_symlink(entry.path(), folder.path / entry.path().filename());
+  std::ofstream(folder.path / "sampling.json") << R"({"guidance_scale": 6.5})";
+  const auto own = demo::make_workload(folder.path, 1, 0, 1, std::nullopt, 1);
+  CHECK(own->model.guidance == 6.5);
+  CHECK(own->problem.guidance == 6.5f);
+  CHECK(demo::make_workload(folder.path, 1, 0, 1, 1.f, 1)->problem.guidance == 1.f);
+  std::filesystem::remove(folder.path / "sampling.json");
+  CHECK(demo::make_workload(folder.path, 1, 0, 1, std::nullopt, 1)->problem.guidance == static_cast<float>(quality::default_guidance_scale));
 }

@@ -8,7 +8,6 @@
 #include <thread>
 
 #include "demo/support.hpp"
-#include "quality/default_model.hpp"
 #include "demo/timing.hpp"
 #include "quality/cli.hpp"
 #include "quality/options.hpp"
@@ -132,9 +131,9 @@ int main(int argc, char** argv) {
     sd3::require_writable_file(method_png, "--out grid");
     if (!json_path.empty()) sd3::require_writable_file(json_path, "--json");
 
-    const float guidance = cf->count() ? cfg : static_cast<float>(quality::load_guidance_scale(model_dir));
-    const auto work = demo::make_workload(model_dir, samples, seed, steps, guidance, threads);
+    const auto work = demo::make_workload(model_dir, samples, seed, steps, cf->count() ? std::optional(cfg) : std::nullopt, threads);
     const auto& [model, batch, net, problem] = *work;
+    const float guidance = problem.guidance;
     const bool bar = !no_progress;
 
     std::printf("SpecDiff demo: %d samples, %d steps, cfg %.1f, seed %llu, %d threads, %d timed repeats, model %s\n", samples, steps,

@@ -17,7 +17,8 @@ std::filesystem::path default_model_dir() { return std::filesystem::path(SPECDIF
 conditional_model conditional_model::load(const std::filesystem::path& dir) {
   if (!std::filesystem::is_directory(dir)) throw std::runtime_error("model: " + dir.string() + " is not a folder");
   conditional_model m{sd3::model::load(dir / "transformer"), quality::class_embeddings::load(dir),
-                      quality::load_scheduler_shift(dir), quality::digit_classifier::load(dir), std::nullopt};
+                      quality::load_scheduler_shift(dir), quality::digit_classifier::load(dir),
+                      quality::load_guidance_scale(dir), std::nullopt};
   // Older model folders have no reference statistics: FD is then reported as unavailable, not as an error.
   if (const auto reference = dir / quality::fd_reference_file_name; std::filesystem::exists(reference))
     m.fd_reference = quality::load_fd_reference(reference, m.classifier.feature_size());
@@ -46,7 +47,8 @@ sample_batch make_batch(const conditional_model& m, int samples, std::uint64_t s
   return b;
 }
 
-methods::problem make_problem(sd3::transformer& net, const conditional_model& m, const sample_batch& b, int steps, float guidance) {
+methods::problem make_problem(sd3::transformer& net, const conditional_model& m, const sample_batch& b, int steps,
+                              std::optional<float> guidance) {
   methods::problem p;
   p.net = &net;
   p.inputs.batch = static_cast<int>(b.labels.size());
@@ -59,13 +61,13 @@ methods::problem make_problem(sd3::transformer& net, const conditional_model& m,
   p.inputs.pooled = b.pooled;
   p.inputs.negative_pooled = b.negative_pooled;
   p.steps = steps;
-  p.guidance = guidance;
+  p.guidance = guidance.value_or(static_cast<float>(m.guidance));
   p.shift = m.shift;
   return p;
 }
 
-std::unique_ptr<workload> make_workload(const std::filesystem::path& model_dir, int samples, std::uint64_t seed, int steps, float guidance,
-                                        int threads) {
+std::unique_ptr<workload> make_workload(const std::filesystem::path& model_dir, int samples, std::uint64_t seed, int steps,
+                                        std::optional<float> guidance, int threads) {
   if (samples < 1) throw std::invalid_argument(sd3::message("samples: must be >= 1, got ", samples));
   auto w = std::make_unique<workload>(workload{conditional_model::load(model_dir), {}, nullptr, {}});
   // The largest per-run state of any method, checked before anything is sized from `samples`: per layer, the

@@ -29,6 +29,7 @@ struct conditional_model {
   quality::class_embeddings classes;
   double shift = 3.0;
   quality::digit_classifier classifier;
+  double guidance = quality::default_guidance_scale;  ///< the folder's sampling.json (quality::load_guidance_scale)
   std::optional<quality::feature_statistics> fd_reference;
 
   static conditional_model load(const std::filesystem::path& dir);
@@ -41,7 +42,9 @@ struct sample_batch {
   int height = 0, width = 0;
 };
 sample_batch make_batch(const conditional_model& m, int samples, std::uint64_t seed);
-methods::problem make_problem(sd3::transformer& net, const conditional_model& m, const sample_batch& b, int steps, float guidance);
+/// `guidance`: the CFG scale; empty = the model's (conditional_model::guidance).
+methods::problem make_problem(sd3::transformer& net, const conditional_model& m, const sample_batch& b, int steps,
+                              std::optional<float> guidance);
 
 /// Everything a run needs, built once: the model, a batch from the seed, an engine sized for the CFG
 /// batch, and the problem over them (it points into this object, which therefore stays put).
@@ -51,7 +54,8 @@ struct workload {
   std::unique_ptr<sd3::transformer> net;
   methods::problem problem;
 };
-std::unique_ptr<workload> make_workload(const std::filesystem::path& model_dir, int samples, std::uint64_t seed, int steps, float guidance,
+std::unique_ptr<workload> make_workload(const std::filesystem::path& model_dir, int samples, std::uint64_t seed, int steps,
+                                        std::optional<float> guidance,
                                         int threads);
 
 /// The methods, as the command line names them (docs/methods.md).
