@@ -9,6 +9,14 @@
 
 namespace sd3 {
 namespace {
+// numpy.linspace(start, stop, n) in float64: the last value is `stop` itself.
+std::vector<double> linspace(double start, double stop, int n) {
+    std::vector<double> v(static_cast<std::size_t>(n));
+    const double step = n > 1 ? (stop - start) / (n - 1) : 0.0;
+    for (int i = 0; i < n; ++i) v[static_cast<std::size_t>(i)] = (n > 1 && i == n - 1) ? stop : start + i * step;
+    return v;
+}
+
 // Dynamic shifting (time_shift with exponent 1): sigma -> exp(mu) / (exp(mu) + 1/sigma - 1).
 auto exponential_shift(double mu) {
     return [e = std::exp(mu)](double s) { return e / (e + (1.0 / s - 1.0)); };
@@ -33,10 +41,8 @@ flow_match_euler::flow_match_euler(int steps, double shift, int num_train_timest
     };
     const double sigma_max = train_sigma(T), sigma_min = train_sigma(1.0f);
     // set_timesteps: numpy float64 linspace between the ends on the t scale, shifted again, then float32.
-    const double start = sigma_max * num_train_timesteps, stop = sigma_min * num_train_timesteps;
-    const double step = steps > 1 ? (stop - start) / (steps - 1) : 0.0;
-    std::vector<double> base(static_cast<std::size_t>(steps));
-    for (int i = 0; i < steps; ++i) base[i] = ((steps > 1 && i == steps - 1) ? stop : start + i * step) / num_train_timesteps;
+    std::vector<double> base = linspace(sigma_max * num_train_timesteps, sigma_min * num_train_timesteps, steps);
+    for (double& t : base) t /= num_train_timesteps;
     if (mu) set_sigmas(base, exponential_shift(*mu), T, [&] { return message("mu = ", *mu); });
     else set_sigmas(base, [shift](double s) { return shift * s / (1.0 + (shift - 1.0) * s); }, T, [&] { return message("shift = ", shift); });
 }
@@ -60,10 +66,7 @@ flow_match_euler flow_match_euler::flux(int steps, double mu, int num_train_time
     if (!std::isfinite(mu)) bad("mu = ", mu, " must be finite");
     if (num_train_timesteps < 2 || num_train_timesteps > max_steps)
         bad("num_train_timesteps = ", num_train_timesteps, " is out of range [2, ", max_steps, "]");
-    // np.linspace(1.0, 1 / steps, steps), float64
-    std::vector<double> base(static_cast<std::size_t>(steps));
-    const double last = 1.0 / steps, delta = steps > 1 ? (last - 1.0) / (steps - 1) : 0.0;
-    for (int i = 0; i < steps; ++i) base[i] = (steps > 1 && i == steps - 1) ? last : 1.0 + i * delta;
+    const std::vector<double> base = linspace(1.0, 1.0 / steps, steps);  // FluxPipeline's sigmas
     flow_match_euler s;
     s.set_sigmas(base, exponential_shift(mu), static_cast<float>(num_train_timesteps), [&] { return message("mu = ", mu); });
     return s;

@@ -449,6 +449,11 @@ struct transformer::impl {
         return (s == stream::image && tokens) ? tokens[static_cast<std::size_t>(b) * n + r] : r;
     }
     float* x_of(stream s) { return s == stream::image ? x_img.data() : x_ctx.data(); }
+    // Per-head RMS qk-norm of one q | k | v projection row, in place.
+    void qk_norm(float* qkv_row, const std::vector<float>& norm_q, const std::vector<float>& norm_k) const {
+        rms_norm_heads(qkv_row, heads, hd, norm_q.data());
+        rms_norm_heads(qkv_row + D, heads, hd, norm_k.data());
+    }
     // sample b's AdaLN-Zero chunks of the current block for a stream (the context's are always 6D wide)
     const float* modulation_of(stream s, int b) const {
         return s == stream::image ? mod_img.data() + static_cast<std::size_t>(b) * mod_stride
@@ -711,11 +716,8 @@ void transformer::impl::attention_stage(int layer, const block_weights& w, const
         linear_rows(split(), nrm_ctx.data(), D, B * L, w.add_qkv, qkv_ctx.data(), 3 * D);
         if (m->config.qk_norm) {
             parallel_for(split(), B * n + B * L, norm_work * (B * n + B * L) * 2 * D, [&](int r, int) {
-                const bool img = r < B * n;
-                float* row = img ? qkv_img.data() + static_cast<std::size_t>(r) * 3 * D
-                                 : qkv_ctx.data() + static_cast<std::size_t>(r - B * n) * 3 * D;
-                rms_norm_heads(row, heads, hd, (img ? w.norm_q : w.norm_added_q).data());
-                rms_norm_heads(row + D, heads, hd, (img ? w.norm_k : w.norm_added_k).data());
+                if (r < B * n) qk_norm(qkv_img.data() + static_cast<std::size_t>(r) * 3 * D, w.norm_q, w.norm_k);
+                else qk_norm(qkv_ctx.data() + static_cast<std::size_t>(r - B * n) * 3 * D, w.norm_added_q, w.norm_added_k);
             });
         }
         store_kv(layer, attention_kind::joint);
@@ -737,9 +739,7 @@ void transformer::impl::image_attention_stage(int layer, const block_weights& w,
         linear_rows(split(), nrm2_img.data(), D, B * n, w.attn2_qkv, qkv_img.data(), 3 * D);
         if (m->config.qk_norm) {
             parallel_for(split(), B * n, norm_work * B * n * 2 * D, [&](int r, int) {
-                float* row = qkv_img.data() + static_cast<std::size_t>(r) * 3 * D;
-                rms_norm_heads(row, heads, hd, w.attn2_norm_q.data());
-                rms_norm_heads(row + D, heads, hd, w.attn2_norm_k.data());
+                qk_norm(qkv_img.data() + static_cast<std::size_t>(r) * 3 * D, w.attn2_norm_q, w.attn2_norm_k);
             });
         }
         store_kv(layer, attention_kind::image_only);
