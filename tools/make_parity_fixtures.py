@@ -40,6 +40,7 @@ import json
 import math
 import os
 
+import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from diffusers.models.attention_processor import JointAttnProcessor2_0
@@ -245,13 +246,43 @@ def make_flux(out_root):
     img_ids[..., 1] += torch.arange(rows)[:, None]
     img_ids[..., 2] += torch.arange(cols)[None, :]
     io["img_ids"], io["txt_ids"] = img_ids.reshape(rows * cols, 3), torch.zeros(text, 3)
+    def run(latents, t):
+        return ref(hidden_states=latents, encoder_hidden_states=io["context"], pooled_projections=io["pooled"],
+                   timestep=t, img_ids=io["img_ids"], txt_ids=io["txt_ids"], guidance=io["guidance"], return_dict=False)[0]
+
     with torch.no_grad():
         for i, ts in enumerate(TIMESTEPS):
             t = torch.tensor(ts) / 1000  # the pipeline passes t / 1000; the model scales by 1000
-            io[f"t{i}"] = t
-            io[f"out_t{i}"] = ref(hidden_states=io["latents"], encoder_hidden_states=io["context"],
-                                  pooled_projections=io["pooled"], timestep=t, img_ids=io["img_ids"],
-                                  txt_ids=io["txt_ids"], guidance=io["guidance"], return_dict=False)[0]
+            io[f"t{i}"], io[f"timestep{i}"] = t, torch.tensor([ts])
+            # t0: also each block's output (the hidden states the next block reads), captured by forward hooks
+            handles = []
+            if i == 0:
+                def keep(name):
+                    def hook(_module, _inputs, output):
+                        if isinstance(output, tuple):  # FluxTransformerBlock: (context, image)
+                            io[name + "_context"], io[name + "_image"] = output[0].clone(), output[1].clone()
+                        else:  # FluxSingleTransformerBlock: [context; image]
+                            io[name + "_context"] = output[:, :text].clone()
+                            io[name + "_image"] = output[:, text:].clone()
+                    return hook
+                handles = [b.register_forward_hook(keep(f"double{k}")) for k, b in enumerate(ref.transformer_blocks)]
+                handles += [b.register_forward_hook(keep(f"single{k}")) for k, b in enumerate(ref.single_transformer_blocks)]
+            io[f"out_t{i}"] = run(io["latents"], t)
+            for h in handles:
+                h.remove()
+        # The FLUX pipeline's loop (FluxPipeline.__call__ without the VAE): sigmas linspace(1, 1/n, n), mu from the
+        # token count, guidance through the embedding, Euler steps by the scheduler.
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+        steps = 4
+        mu = calculate_shift(rows * cols, FLUX_SCHEDULER["base_image_seq_len"], FLUX_SCHEDULER["max_image_seq_len"],
+                             FLUX_SCHEDULER["base_shift"], FLUX_SCHEDULER["max_shift"])
+        sched = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
+        timesteps, _ = retrieve_timesteps(sched, steps, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+        x = io["latents"].clone()
+        for ts in timesteps:
+            x = sched.step(run(x, ts.expand(BATCH) / 1000), ts, x, return_dict=False)[0]
+        io["sample_out"], io["sample_steps"], io["sample_mu"] = x, torch.tensor([steps]), torch.tensor([mu])
     io["parameter_count"] = torch.tensor([sum(p.numel() for p in ref.parameters())])
     save_file({k: (v if v.dtype == torch.int64 else v.to(torch.float32)).contiguous() for k, v in io.items()},
               os.path.join(out, "io.safetensors"),

@@ -99,7 +99,7 @@ int main(int argc, char** argv) {
         t(batch, 500.0f), v(latents.size());
     for (auto* x : {&latents, &ctx, &pooled})
         for (auto& e : *x) e = normal(rng);
-    const sd3::forward_inputs in{batch, latent, latent, context, latents, t, ctx, pooled};
+    const sd3::forward_inputs in{.batch = batch, .height = latent, .width = latent, .context_tokens = context, .latents = latents, .timesteps = t, .context = ctx, .pooled = pooled};
 
     const auto ms = time_ms(profile_subset ? 0 : warmup, profile_subset ? 1 : reps, [&] { net.forward(in, v); });
     const double full_flops = forward_flops(c, batch, N, N, context);

@@ -153,7 +153,7 @@ TEST_CASE("no allocation at benchmark-sized GEMMs either (full tiles, hidden 384
     const int side = 64, L = 16;
     sd3::transformer net(model, {.max_batch = 1, .max_height = side, .max_width = side, .max_context_tokens = L}, 2);
     std::vector<float> latents(4 * side * side, 0.5f), ctx(L * 256, 0.1f), pooled(64, 0.2f), t = {500.0f}, v(latents.size());
-    const sd3::forward_inputs in{1, side, side, L, latents, t, ctx, pooled};
+    const sd3::forward_inputs in{.batch = 1, .height = side, .width = side, .context_tokens = L, .latents = latents, .timesteps = t, .context = ctx, .pooled = pooled};
     net.forward(in, v);
     allocations = 0;
     counting = true;

@@ -439,14 +439,7 @@ TEST_CASE("batching does not change a sample's velocity, bit for bit (the docume
     const std::size_t out = static_cast<std::size_t>(c.out_channels) * p.height * p.width;
     for (int b = 0; b < p.batch; ++b) {
         const auto at = static_cast<std::size_t>(b);
-        const sd3::forward_inputs one{1,
-                                      p.height,
-                                      p.width,
-                                      p.context_tokens,
-                                      std::span<const float>(p.latents).subspan(at * latent, latent),
-                                      std::span<const float>(p.timesteps).subspan(at, 1),
-                                      std::span<const float>(p.context).subspan(at * ctx, ctx),
-                                      std::span<const float>(p.pooled).subspan(at * c.pooled_projection_dim, c.pooled_projection_dim)};
+        const sd3::forward_inputs one{.batch = 1, .height = p.height, .width = p.width, .context_tokens = p.context_tokens, .latents = std::span<const float>(p.latents).subspan(at * latent, latent), .timesteps = std::span<const float>(p.timesteps).subspan(at, 1), .context = std::span<const float>(p.context).subspan(at * ctx, ctx), .pooled = std::span<const float>(p.pooled).subspan(at * c.pooled_projection_dim, c.pooled_projection_dim)};
         std::vector<float> alone(out);
         net.forward(one, alone);
         const std::span<const float> in_batch(batched.data() + at * out, out);

@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "sd3/flux_model.hpp"
 #include "sd3/model.hpp"
 #include "sd3/safetensors.hpp"
 #include "sd3/sampler.hpp"
@@ -39,8 +40,7 @@ void check_transformer(const std::string& variant, int threads) {
     for (const char* t : {"0", "1"}) {
         const auto timesteps = fx.get((std::string("t") + t).c_str());
         const auto expected = fx.get((std::string("out_t") + t).c_str());
-        const sd3::forward_inputs in{fx.dim("latents", 0), fx.dim("latents", 2), fx.dim("latents", 3), fx.dim("context", 1),
-                                     latents, timesteps, context, pooled};
+        const sd3::forward_inputs in{.batch = fx.dim("latents", 0), .height = fx.dim("latents", 2), .width = fx.dim("latents", 3), .context_tokens = fx.dim("context", 1), .latents = latents, .timesteps = timesteps, .context = context, .pooled = pooled};
         std::vector<float> v(expected.size());
         net.forward(in, v);
         const double err = test_util::rel_l2(v, expected);
@@ -140,7 +140,7 @@ TEST_CASE("diffusers_parity: module read-back hooks and attention probe") {
         const int B = fx.dim("latents", 0), N = (fx.dim("latents", 2) / 2) * (fx.dim("latents", 3) / 2), L = fx.dim("context", 1);
         const int D = c.hidden();
         sd3::transformer net(fx.model, fx.limits(), 2);
-        const sd3::forward_inputs in{B, fx.dim("latents", 2), fx.dim("latents", 3), L, latents, timesteps, context, pooled};
+        const sd3::forward_inputs in{.batch = B, .height = fx.dim("latents", 2), .width = fx.dim("latents", 3), .context_tokens = L, .latents = latents, .timesteps = timesteps, .context = context, .pooled = pooled};
 
         // rows[l][0..4] = attn image, attn context, mlp image, mlp context, image-only attention (MMDiT-X)
         std::vector<std::vector<std::vector<float>>> rows(c.num_layers);
@@ -186,5 +186,140 @@ TEST_CASE("diffusers_parity: module read-back hooks and attention probe") {
             CHECK(c.dual_attention(l) == fx.io.contains("attn2_img." + s));
             if (c.dual_attention(l)) CHECK(test_util::rel_l2(rows[l][4], fx.get(("attn2_img." + s).c_str())) <= tolerance);
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// FLUX (fixture flux/: a tiny random FluxTransformer2DModel with a guidance embedding, 2 double-stream and
+// 2 single-stream blocks, rotary dims (4, 6, 6), a 3 x 5 token grid and 5 text tokens).
+
+namespace {
+
+struct flux_fixture {
+    sd3::flux_model model;
+    sd3::safetensors_file io;
+    flux_fixture()
+        : model(sd3::flux_model::load(test_util::parity_dir() / "flux")), io(test_util::parity_dir() / "flux" / "io.safetensors") {}
+    std::vector<float> get(const char* name) const { return io.read(name); }
+    int batch() const { return static_cast<int>(io.info("latents").shape.at(0)); }
+    int text() const { return static_cast<int>(io.info("context").shape.at(1)); }
+    static constexpr int rows = 3, cols = 5;  // the fixture's token grid (img_ids)
+    sd3::engine_limits limits() const {
+        return {.max_batch = batch(), .max_height = rows, .max_width = cols, .max_context_tokens = text()};
+    }
+};
+
+// The fixture's inputs at timestep pair `i` (the pipeline's t, before its / 1000), with its ids given or defaulted.
+struct flux_call {
+    std::vector<float> latents, context, pooled, guidance, timesteps, image_ids, text_ids;
+    sd3::forward_inputs inputs(const flux_fixture& fx, bool explicit_ids) const {
+        return {.batch = fx.batch(), .height = flux_fixture::rows, .width = flux_fixture::cols, .context_tokens = fx.text(),
+                .latents = latents, .timesteps = timesteps, .context = context, .pooled = pooled, .guidance = guidance,
+                .image_ids = explicit_ids ? std::span<const float>(image_ids) : std::span<const float>(),
+                .text_ids = explicit_ids ? std::span<const float>(text_ids) : std::span<const float>()};
+    }
+};
+flux_call flux_inputs(const flux_fixture& fx, int i) {
+    const std::string t = std::to_string(i);
+    return {fx.get("latents"), fx.get("context"), fx.get("pooled"), fx.get("guidance"), fx.get(("timestep" + t).c_str()),
+            fx.get("img_ids"), fx.get("txt_ids")};
+}
+
+// Runs the fixture's t0 forward and returns, for each block boundary `next` in `boundaries`, the [context, image]
+// hidden states the block before it left (diffusers' block outputs).
+std::vector<std::pair<std::vector<float>, std::vector<float>>> flux_block_outputs(const std::vector<int>& boundaries) {
+    const flux_fixture fx;
+    const flux_call call = flux_inputs(fx, 0);
+    sd3::transformer net(fx.model, fx.limits(), 2);
+    net.set_min_chunk_work(0);
+    std::vector<std::pair<std::vector<float>, std::vector<float>>> seen(boundaries.size());
+    sd3::forward_options opts;
+    opts.between_blocks = [&](const sd3::block_boundary& b) {
+        for (std::size_t i = 0; i < boundaries.size(); ++i)
+            if (b.next_layer == boundaries[i]) seen[i] = {{b.context.begin(), b.context.end()}, {b.image.begin(), b.image.end()}};
+        return b.next_layer;
+    };
+    std::vector<float> v(call.latents.size());
+    net.forward(call.inputs(fx, true), v, opts);
+    return seen;
+}
+
+}  // namespace
+
+TEST_CASE("diffusers_parity: flux double-stream blocks (rotary qk, [context; image] attention)") {
+    const flux_fixture fx;
+    const auto seen = flux_block_outputs({1, 2});  // after double-stream blocks 0 and 1
+    for (int k = 0; k < 2; ++k) {
+        CAPTURE(k);
+        const std::string name = "double" + std::to_string(k);
+        const double ctx = test_util::rel_l2(seen[k].first, fx.get((name + "_context").c_str()));
+        const double img = test_util::rel_l2(seen[k].second, fx.get((name + "_image").c_str()));
+        MESSAGE("flux " << name << " relative L2 error: context " << ctx << ", image " << img);
+        CHECK(ctx <= tolerance);
+        CHECK(img <= tolerance);
+    }
+}
+
+TEST_CASE("diffusers_parity: flux single-stream blocks (parallel attention and MLP)") {
+    const flux_fixture fx;
+    const int layers = fx.model.config.num_layers + fx.model.config.num_single_layers;
+    const auto seen = flux_block_outputs({3, layers});  // after single-stream block 0 and 1 (the final layer next)
+    for (int k = 0; k < 2; ++k) {
+        CAPTURE(k);
+        const std::string name = "single" + std::to_string(k);
+        const double ctx = test_util::rel_l2(seen[k].first, fx.get((name + "_context").c_str()));
+        const double img = test_util::rel_l2(seen[k].second, fx.get((name + "_image").c_str()));
+        MESSAGE("flux " << name << " relative L2 error: context " << ctx << ", image " << img);
+        CHECK(ctx <= tolerance);
+        CHECK(img <= tolerance);
+    }
+}
+
+TEST_CASE("diffusers_parity: flux transformer (guidance embedding, both timestep pairs, ids given or FluxPipeline's)") {
+    const flux_fixture fx;
+    for (int threads : {1, 2})
+        for (bool explicit_ids : {true, false})
+            for (int i : {0, 1}) {
+                CAPTURE(threads);
+                CAPTURE(explicit_ids);
+                CAPTURE(i);
+                const flux_call call = flux_inputs(fx, i);
+                sd3::transformer net(fx.model, fx.limits(), threads);
+                net.set_min_chunk_work(0);
+                const auto expected = fx.get(("out_t" + std::to_string(i)).c_str());
+                std::vector<float> v(expected.size());
+                net.forward(call.inputs(fx, explicit_ids), v);
+                const double err = test_util::rel_l2(v, expected);
+                MESSAGE("flux t" << i << " relative L2 error " << err);
+                CHECK(err <= tolerance);
+            }
+}
+
+TEST_CASE("diffusers_parity: flux sampling (FluxPipeline's loop: sigmas linspace, mu, guidance embedding)") {
+    const flux_fixture fx;
+    const flux_call call = flux_inputs(fx, 0);
+    const int steps = static_cast<int>(fx.io.read_ints("sample_steps").at(0));
+    const double mu = sd3::flux_mu(flux_fixture::rows * flux_fixture::cols);  // the fixture holds it rounded to float
+    CHECK(mu == doctest::Approx(fx.get("sample_mu").at(0)).epsilon(1e-6));
+    sd3::transformer net(fx.model, fx.limits(), 2);
+    const sd3::cfg_inputs in{.batch = fx.batch(), .height = flux_fixture::rows, .width = flux_fixture::cols,
+                             .context_tokens = fx.text(), .noise = call.latents, .context = call.context, .negative_context = {}, .pooled = call.pooled,
+                             .negative_pooled = {}};
+    // The fixture gives each sample its own guidance (3.5, 1.0); the sampler gives one to the batch: run each sample.
+    const auto expected = fx.get("sample_out");
+    const std::size_t latent = call.latents.size() / fx.batch(), ctx = call.context.size() / fx.batch(),
+                      pooled = call.pooled.size() / fx.batch();
+    for (int b = 0; b < fx.batch(); ++b) {
+        CAPTURE(b);
+        const auto at = static_cast<std::size_t>(b);
+        sd3::cfg_inputs one = in;
+        one.batch = 1;
+        one.noise = std::span<const float>(call.latents).subspan(at * latent, latent);
+        one.context = std::span<const float>(call.context).subspan(at * ctx, ctx);
+        one.pooled = std::span<const float>(call.pooled).subspan(at * pooled, pooled);
+        const auto out = sd3::sample_cfg(net, sd3::flow_match_euler::flux(steps, mu), one, call.guidance[at]);
+        const double err = test_util::rel_l2(out, std::span<const float>(expected).subspan(at * latent, latent));
+        MESSAGE("flux sampling sample " << b << " relative L2 error " << err);
+        CHECK(err <= tolerance);
     }
 }

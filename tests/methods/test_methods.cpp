@@ -187,7 +187,7 @@ TEST_CASE("a partial forward runs only the C1 rows (plus context) through the ne
   const int batch = 2, tokens = 16, features = c.patch_features();
   sd3::kv_cache kv(c, batch, tokens);
   std::vector<float> t(batch, 700.f), velocity(f.noise.size()), probe(batch * tokens);
-  sd3::forward_inputs in{batch, 8, 8, 3, f.noise, t, f.context, f.pooled};
+  sd3::forward_inputs in{.batch = batch, .height = 8, .width = 8, .context_tokens = 3, .latents = f.noise, .timesteps = t, .context = f.context, .pooled = f.pooled};
   sd3::forward_options full;
   full.kv = &kv;
   full.attention_probe = probe;

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "sd3/errors.hpp"
+#include "sd3/flux_model.hpp"
 
 namespace sd3 {
 namespace {
@@ -113,8 +114,15 @@ void flow_match_euler::step(int i, std::span<const float> velocity, std::span<fl
 
 std::vector<float> sample_cfg(transformer& net, const flow_match_euler& scheduler, const cfg_inputs& in, float guidance,
                               const model_fn& model, const step_fn& on_step) {
-    const auto& c = net.config();
-    const bool cfg = guidance > 1.0f;  // diffusers: do_classifier_free_guidance = guidance_scale > 1
+    // What the loop needs of the model. A FLUX model with a guidance embedding takes the scale as an input
+    // (FluxPipeline: one batch, no CFG); every other model is guided by CFG.
+    const bool flux = net.arch() == architecture::flux;
+    const int in_channels = flux ? net.flux().in_channels : net.config().in_channels;
+    const int out_channels = flux ? net.flux().patch_features() : net.config().out_channels;
+    const int joint_dim = flux ? net.flux().joint_attention_dim : net.config().joint_attention_dim;
+    const int pooled_dim = flux ? net.flux().pooled_projection_dim : net.config().pooled_projection_dim;
+    const bool embedded = flux && net.flux().guidance_embeds;
+    const bool cfg = !embedded && guidance > 1.0f;  // diffusers: do_classifier_free_guidance = guidance_scale > 1
     auto bad = [](const std::string& what) { throw std::invalid_argument("sample_cfg: " + what); };
     if (in.batch < 1) bad("batch = " + std::to_string(in.batch) + " must be >= 1");
     if (!std::isfinite(guidance)) bad("guidance must be finite");
@@ -122,11 +130,11 @@ std::vector<float> sample_cfg(transformer& net, const flow_match_euler& schedule
     if (mb > net.limits().max_batch)
         bad("model batch " + std::to_string(mb) + (cfg ? " (2 x batch for guidance)" : "") + " exceeds the transformer's max_batch " +
             std::to_string(net.limits().max_batch));
-    if (c.in_channels != c.out_channels)
-        bad("in_channels " + std::to_string(c.in_channels) + " != out_channels " + std::to_string(c.out_channels) +
+    if (in_channels != out_channels)
+        bad("in_channels " + std::to_string(in_channels) + " != out_channels " + std::to_string(out_channels) +
             ": the velocity cannot update the latents");
-    const std::size_t B = in.batch, latent = static_cast<std::size_t>(c.in_channels) * in.height * in.width;
-    const std::size_t ctx = static_cast<std::size_t>(in.context_tokens) * c.joint_attention_dim, pooled = c.pooled_projection_dim;
+    const std::size_t B = in.batch, latent = static_cast<std::size_t>(in_channels) * in.height * in.width;
+    const std::size_t ctx = static_cast<std::size_t>(in.context_tokens) * joint_dim, pooled = pooled_dim;
     auto check = [&](const char* name, std::size_t got, std::size_t want) {
         if (got != want) bad(std::string(name) + " holds " + std::to_string(got) + " floats, expected " + std::to_string(want));
     };
@@ -141,6 +149,7 @@ std::vector<float> sample_cfg(transformer& net, const flow_match_euler& schedule
     // Batched model inputs, [uncond; cond] as the pipeline concatenates them.
     std::vector<float> latents(in.noise.begin(), in.noise.end());
     std::vector<float> model_latents(mb * latent), context(mb * ctx), pooled_in(mb * pooled), t(mb), v(mb * latent);
+    std::vector<float> scales(embedded ? B : 0, guidance);
     auto place = [&](std::span<const float> src, std::vector<float>& dst, std::size_t at) { std::copy(src.begin(), src.end(), dst.begin() + at); };
     if (cfg) {
         place(in.negative_context, context, 0);
@@ -151,7 +160,15 @@ std::vector<float> sample_cfg(transformer& net, const flow_match_euler& schedule
         place(in.context, context, 0);
         place(in.pooled, pooled_in, 0);
     }
-    const forward_inputs fi{mb, in.height, in.width, in.context_tokens, model_latents, t, context, pooled_in};
+    const forward_inputs fi{.batch = mb,
+                            .height = in.height,
+                            .width = in.width,
+                            .context_tokens = in.context_tokens,
+                            .latents = model_latents,
+                            .timesteps = t,
+                            .context = context,
+                            .pooled = pooled_in,
+                            .guidance = scales};
 
     for (int i = 0; i < scheduler.steps(); ++i) {
         const float ts = scheduler.timesteps()[i];

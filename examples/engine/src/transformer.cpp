@@ -1,5 +1,7 @@
-// The SD3 MMDiT forward. One implementation per stage (embedding, modulation, norm+modulate, linear, qk-norm,
-// joint attention, gated residual, feed-forward, final layer); the plain forward is the hooked forward with
+// The MMDiT forward. One implementation per stage (embedding, modulation, norm+modulate, linear, qk-norm,
+// joint attention, gated residual, feed-forward, final layer), run over a per-model block plan (transformer_impl.hpp):
+// SD3's joint blocks, MMDiT-X's second attention, and FLUX's double- and single-stream blocks share them; what only
+// FLUX has (its embedding, rotary positions) is in flux_forward.cpp. The plain forward is the hooked forward with
 // default options. Linear layers run on sd3::gemm (weights packed once, in the constructor; row tiles are the
 // parallel work units), attention on the same micro-kernel with an online softmax over key blocks; Eigen does
 // the element-wise work. All scratch is sized in the constructor, so a forward does not allocate.
@@ -14,152 +16,22 @@
 #include <string>
 #include <tuple>
 #include <utility>
-#include <unordered_map>
-
-#include <Eigen/Core>
 
 #include "sd3/errors.hpp"
+#include "sd3/flux_model.hpp"
 #include "sd3/gemm.hpp"
 #include "sd3/model.hpp"
 #include "sd3/resources.hpp"
 #include "sd3/workers.hpp"
+#include "transformer_impl.hpp"
 
 namespace sd3 {
-namespace {
-
-using const_vec = Eigen::Map<const Eigen::ArrayXf>;
-using vec = Eigen::Map<Eigen::ArrayXf>;
-
-constexpr float norm_eps = 1e-6f; // LayerNorm and RMSNorm eps in SD3
-constexpr double norm_work = 8;   // a norm's passes over a row, in the work units of parallel_for
-
-int ceil_div(int a, int b) { return (a + b - 1) / b; }
-std::size_t round_up(std::size_t a, std::size_t b) { return (a + b - 1) / b * b; }
-
-constexpr int key_block = gemm::k_block;  // keys per step of the attention's online softmax
-
-// Attention queries per task: whole register panels, about 64 rows (56 with AVX-512), so that every key block
-// packed for a task serves enough queries.
-int query_chunk() { return 64 / gemm::register_tile().rows * gemm::register_tile().rows; }
-
-// Floats of a head's row in the attention's output and packed values: the head rounded up to whole register
-// panels.
-std::size_t padded_head(int head_dim) { return round_up(static_cast<std::size_t>(head_dim), gemm::register_tile().cols); }
-
-// One worker's attention scratch: its query chunk packed, one key block's scores (then probabilities), and each
-// query's running output, maximum, sum and log-sum-exp. The scores, written with row stride key_block, are
-// already in the packed layout of the GEMM's left operand (gemm::pack_rows), so P V reads them in place. All
-// offsets are multiples of 16 floats (64 bytes).
-struct attention_scratch {
-    float *q, *s, *o, *max, *sum, *lse;
-    int out_stride;  // floats per row of `o`: the head size rounded up to whole register tiles
-
-    attention_scratch(float* base, int head_dim) {
-        std::size_t at = 0;
-        for (auto [field, floats] : layout(head_dim)) {
-            this->*field = base + at;
-            at += floats;
-        }
-        out_stride = static_cast<int>(padded_head(head_dim));
-    }
-    static std::size_t floats(int head_dim) {
-        std::size_t total = 0;
-        for (auto [field, f] : layout(head_dim)) total += f;
-        return total;
-    }
-
-private:
-    using member = float* attention_scratch::*;
-    static std::array<std::pair<member, std::size_t>, 6> layout(int head_dim) {
-        const std::size_t rows = query_chunk(), hdp = padded_head(head_dim);
-        const std::size_t packed = gemm::packed_rows_floats(query_chunk());  // also rows x key_block: S is packed as it is made
-        auto r = [](std::size_t f) { return round_up(f, 16); };
-        return {{{&attention_scratch::q, r(packed)},
-                 {&attention_scratch::s, r(packed)},
-                 {&attention_scratch::o, r(rows * hdp)},
-                 {&attention_scratch::max, r(rows)},
-                 {&attention_scratch::sum, r(rows)},
-                 {&attention_scratch::lse, r(rows)}}};
-    }
-};
-
-using buffer = aligned_floats;  // 64-byte aligned (sd3/gemm.hpp)
-
-// Up to chunks_per_worker chunks per worker (each still above min_chunk_work), so that a worker slowed by another
-// process claims fewer of them, and the last chunk the others may have to wait for is short. 16 rather than 4:
-// with one core busy, full RFlow at 2 threads against 1 went from 1.10x to 0.95x the time (docs/engine.md).
-constexpr int chunks_per_worker = 16;
-
-// Where a loop runs: the team, and the least work worth a chunk (transformer::set_min_chunk_work).
-struct loop_split {
-    workers& team;
-    double min_chunk_work;
-};
-
-// Runs f(item, worker) for item in [0, n), in contiguous chunks on the team; `work` estimates the multiply-adds
-// (or element touches) of all n items. Which worker runs an item does not matter for results: every item writes
-// disjoint memory, and reductions happen afterwards in a fixed order.
-template <class F>
-void parallel_for(loop_split split, int n, double work, F&& f) {
-    if (n <= 0) return;
-    workers& team = split.team;
-    const double by_work = split.min_chunk_work > 0 ? std::floor(work / split.min_chunk_work) : static_cast<double>(n);
-    const int chunks = static_cast<int>(std::min({static_cast<double>(n), static_cast<double>(chunks_per_worker) * team.size(), by_work}));
-    if (chunks <= 1) {
-        for (int i = 0; i < n; ++i) f(i, 0);
-        return;
-    }
-    team.run(chunks, [&](int chunk, int worker) {
-        const int end = static_cast<int>(static_cast<std::int64_t>(n) * (chunk + 1) / chunks);
-        for (int i = static_cast<int>(static_cast<std::int64_t>(n) * chunk / chunks); i < end; ++i) f(i, worker);
-    });
-}
-
-struct no_epilogue {
-    void operator()(float*, int) const {}
-};
-
-// GELU, tanh approximation, written as torch's kernel writes it.
-struct gelu_tanh_epilogue {
-    void operator()(float* row, int n) const {
-        constexpr float beta = 0.7978845608028654f;  // sqrt(2/pi)
-        constexpr float kappa = 0.044715f;
-        vec x(row, n);
-        x = 0.5f * x * (1.0f + (beta * (x + kappa * x * x * x)).tanh());
-    }
-};
-
-// y = LayerNorm(x) * (1 + scale) + shift (no affine, eps 1e-6).
-void norm_modulate(const float* x, float* y, int D, const float* shift, const float* scale) {
-    const const_vec xv(x, D);
-    const float mean = xv.sum() / static_cast<float>(D);
-    const float var = (xv - mean).square().sum() / static_cast<float>(D);
-    const float rstd = 1.0f / std::sqrt(var + norm_eps);
-    vec(y, D) = ((xv - mean) * rstd) * (1.0f + const_vec(scale, D)) + const_vec(shift, D);
-}
-
-// Per-head RMSNorm with learned weight, in place on `heads` contiguous vectors of length hd.
-void rms_norm_heads(float* x, int heads, int hd, const float* weight) {
-    for (int h = 0; h < heads; ++h) {
-        vec v(x + static_cast<std::ptrdiff_t>(h) * hd, hd);
-        const float ms = v.square().sum() / static_cast<float>(hd);
-        v = (v * (1.0f / std::sqrt(ms + norm_eps))) * const_vec(weight, hd);
-    }
-}
-
-void silu_inplace(float* x, int n) {
-    vec v(x, n);
-    v = v / (1.0f + (-v).exp());
-}
-
-}  // namespace
+using namespace detail;
 
 // ---------------------------------------------------------------------------------------------------------------
 
-kv_cache::kv_cache(const transformer_config& config, int max_batch, int max_image_tokens)
-    : layers_(config.num_layers), max_batch_(max_batch), max_tokens_(max_image_tokens), hidden_(config.hidden()),
-      dual_(config.dual_attention_layers) {
-    config.validate();
+kv_cache::kv_cache(int layers, int hidden, std::vector<int> dual, int max_batch, int max_image_tokens)
+    : layers_(layers), max_batch_(max_batch), max_tokens_(max_image_tokens), hidden_(hidden), dual_(std::move(dual)) {
     if (max_batch < 1) throw std::invalid_argument(message("kv_cache: max_batch = ", max_batch, " must be >= 1"));
     if (max_image_tokens < 1)
         throw std::invalid_argument(message("kv_cache: max_image_tokens = ", max_image_tokens, " must be >= 1"));
@@ -174,313 +46,285 @@ kv_cache::kv_cache(const transformer_config& config, int max_batch, int max_imag
     v_.assign(n, 0.0f);
 }
 
+kv_cache::kv_cache(const transformer_config& config, int max_batch, int max_image_tokens)
+    : kv_cache((config.validate(), config.num_layers), config.hidden(), config.dual_attention_layers, max_batch,
+               max_image_tokens) {}
+
+kv_cache::kv_cache(const flux_config& config, int max_batch, int max_image_tokens)
+    : kv_cache((config.validate(), config.num_layers + config.num_single_layers), config.hidden(), {}, max_batch,
+               max_image_tokens) {}
+
 // ---------------------------------------------------------------------------------------------------------------
 
-struct transformer::impl {
-    const model* m;
-    engine_limits limits;
-    std::unique_ptr<workers> team;
-    double min_chunk_work = default_min_chunk_work;
-    loop_split split() const { return {*team, min_chunk_work}; }
-    loop_split serial() const { return {*team, std::numeric_limits<double>::infinity()}; }  // one row per sample
-    int D, F, P, hd, heads, max_tokens, max_ctx, max_tasks;
+namespace {
+[[noreturn]] void bad_limit_value(const std::string& what) { throw std::invalid_argument("engine_limits." + what); }
+}  // namespace
 
-    // workspaces (sized once)
-    buffer tproj, temb, silu_temb, small_hidden, mod_img, mod_ctx, mod_final;
-    buffer x_img, x_ctx, nrm_img, nrm_ctx, qkv_img, qkv_ctx, att_img, att_ctx, out_img, out_ctx;
-    buffer hidden, patches, out_rows, scratch, probe_parts, kv_packed;
-    buffer nrm2_img;  // MMDiT-X: the image-only attention's modulated input (empty without dual-attention layers)
-    std::size_t scratch_slot = 0;  // floats per worker in `scratch`, a multiple of 16 (64 bytes)
-    std::span<float> scratch_of(int worker) { return {scratch.data() + worker * scratch_slot, scratch_slot}; }
-    // Every linear layer's weight packed for the GEMM once (the right operand of all its products).
-    std::unordered_map<const linear*, gemm::packed_weights> packed;
-    std::vector<std::int32_t> positions;
+// The limits every architecture checks; `default_side` replaces a 0 height or width (0: none, then required).
+void transformer::impl::check_limits(engine_limits& limits, int patch, int default_side) {
+    if (limits.max_height == 0) limits.max_height = default_side;
+    if (limits.max_width == 0) limits.max_width = default_side;
+    if (limits.max_batch < 1) bad_limit_value(message("max_batch = ", limits.max_batch, " must be >= 1"));
+    if (limits.max_context_tokens < 1)
+        bad_limit_value(message("max_context_tokens = ", limits.max_context_tokens, " must be >= 1"));
+    if (limits.max_height < patch || limits.max_width < patch)
+        bad_limit_value(message("max_height/max_width = ", limits.max_height, "/", limits.max_width, " must be >= ",
+                                default_side == 0 ? "1 (a FLUX engine needs its token grid)" : "patch_size",
+                                default_side == 0 ? std::string() : " " + std::to_string(patch)));
+}
 
-    // per-call state
-    int B = 0, Hg = 0, Wg = 0, N = 0, n = 0, L = 0;
-    int mod_stride = 0;  // floats per sample of the current block's image modulation (6D, or 9D with dual attention)
-    const std::int32_t* tokens = nullptr;  // active image tokens, [B * n] (nullptr = all)
-    const forward_options* opts = nullptr;
+transformer::impl::impl(const model& model_, const engine_limits& lim, int threads) : m(&model_), limits(lim) {
+    const auto& c = m->config;
+    c.validate();
+    if (static_cast<int>(m->blocks.size()) != c.num_layers)
+        throw std::invalid_argument(message("transformer: model has ", m->blocks.size(), " blocks but config.num_layers = ",
+                                            c.num_layers));
+    check_limits(limits, c.patch_size, c.sample_size);
+    check_threads(threads);
+    check_sd3_model();
+    D = c.hidden();
+    P = c.patch_features();
+    hd = c.attention_head_dim;
+    heads = c.num_attention_heads;
+    const bool dual = !c.dual_attention_layers.empty();
+    size_workspaces(threads, dual ? 9 : 6, c.patch_inputs(), dual, false);
+    plan_sd3();
+    std::vector<const linear*> all{&m->patch_embed, &m->time_linear1, &m->time_linear2, &m->text_linear1,
+                                   &m->text_linear2, &m->context_embedder, &m->norm_out, &m->proj_out};
+    for (const auto& w : m->blocks)
+        for (const linear* l : {&w.norm1, &w.norm1_context, &w.to_qkv, &w.add_qkv, &w.to_out, &w.ff1, &w.ff2,
+                                &w.to_add_out, &w.ff_context1, &w.ff_context2, &w.attn2_qkv, &w.attn2_out})
+            if (!l->weight.empty()) all.push_back(l);
+    pack_weights(std::move(all));
+    team = std::make_unique<workers>(threads);
+}
 
-    impl(const model& model_, const engine_limits& lim, int threads) : m(&model_), limits(lim) {
-        const auto& c = m->config;
-        c.validate();
-        if (static_cast<int>(m->blocks.size()) != c.num_layers)
-            throw std::invalid_argument(message("transformer: model has ", m->blocks.size(), " blocks but config.num_layers = ",
-                                                c.num_layers));
-        if (limits.max_height == 0) limits.max_height = c.sample_size;
-        if (limits.max_width == 0) limits.max_width = c.sample_size;
-        auto bad_limit = [](const auto&... what) { throw std::invalid_argument(message("engine_limits.", what...)); };
-        if (limits.max_batch < 1) bad_limit("max_batch = ", limits.max_batch, " must be >= 1");
-        if (limits.max_context_tokens < 1) bad_limit("max_context_tokens = ", limits.max_context_tokens, " must be >= 1");
-        if (limits.max_height < c.patch_size || limits.max_width < c.patch_size)
-            bad_limit("max_height/max_width = ", limits.max_height, "/", limits.max_width, " must be >= patch_size ", c.patch_size);
-        check_threads(threads);
-        check_model();
-        D = c.hidden();
-        F = 4 * D;
-        P = c.patch_features();
-        hd = c.attention_head_dim;
-        heads = c.num_attention_heads;
-        if (hd > key_block)  // the attention kernel packs a head's query rows in one slab of the GEMM's depth
-            throw std::invalid_argument(message("transformer: attention_head_dim = ", hd, " exceeds the attention kernel's ",
-                                                key_block));
-        // Counts the engine keeps in int, formed in 64 bits first: each limit may be in range while a product is not.
-        const std::int64_t tokens64 = std::int64_t{limits.max_height / c.patch_size} * (limits.max_width / c.patch_size);
-        const std::int64_t tasks64 = std::int64_t{limits.max_batch} *
-                                     ((tokens64 + query_chunk() - 1) / query_chunk() + ceil_div(limits.max_context_tokens, query_chunk()));
-        if (tokens64 > std::numeric_limits<int>::max() || tasks64 > std::numeric_limits<int>::max())
-            bad_limit("max_batch/max_height/max_width = ", limits.max_batch, "/", limits.max_height, "/", limits.max_width,
-                      " give ", tokens64, " image tokens per sample and ", tasks64, " attention tasks, more than the engine indexes");
-        max_tokens = static_cast<int>(tokens64);
-        max_ctx = limits.max_context_tokens;
-        max_tasks = static_cast<int>(tasks64);
-        const std::size_t Bm = limits.max_batch, Nm = max_tokens, Lm = max_ctx;
-        const std::size_t rows = std::max(Nm, Lm);
-
-        // Every workspace's element count, saturating: the total is checked against the machine's memory before
-        // anything is allocated, so an absurd limit is refused with the amount it would need.
-        const std::size_t per_sample = saturating_product(Bm, D), image = saturating_product(Bm, Nm, D),
-                          context = saturating_product(Bm, Lm, D);
-        const bool dual = !c.dual_attention_layers.empty();
-        const std::size_t mod_width = dual ? 9 : 6;
-        const std::size_t floats[] = {
-            saturating_product(Bm, c.timestep_channels()),    // tproj
-            saturating_mul(per_sample, 3 + mod_width + 6 + 2),  // temb, silu_temb, small_hidden, mod_img, mod_ctx, mod_final
-            saturating_mul(image, 4 + 3 + (dual ? 1 : 0)),      // x, nrm, att, out, qkv (image stream), nrm2
-            saturating_mul(context, 4 + 3),                     // the same for the context stream
-            saturating_product(Bm, rows, F),                    // hidden
-            saturating_product(Bm, Nm, c.patch_inputs()),       // patches
-            saturating_product(Bm, Nm, P),                      // out_rows
-            saturating_product(max_tasks, Nm),                  // probe_parts
-            saturating_product(Bm, heads, kv_slot_for(max_tokens, max_ctx)),  // kv_packed
-            saturating_product(Bm, rows),                       // positions (int32, same size as a float)
-            saturating_mul(scratch_slot_for(hd), static_cast<std::size_t>(threads)),  // scratch
-        };
-        std::size_t total = 0;
-        for (const std::size_t f : floats) total = saturating_add(total, f);
-        require_memory(message("transformer: workspaces for max_batch ", limits.max_batch, ", max_height ", limits.max_height,
-                               ", max_width ", limits.max_width, ", max_context_tokens ", limits.max_context_tokens, " and ",
-                               threads, " threads"),
-                       saturating_mul(total, sizeof(float)));
-
-        tproj.resize(Bm * c.timestep_channels());
-        temb.resize(Bm * D);
-        silu_temb.resize(Bm * D);
-        small_hidden.resize(Bm * D);
-        mod_img.resize(Bm * mod_width * D);
-        mod_ctx.resize(Bm * 6 * D);
-        mod_final.resize(Bm * 2 * D);
-        x_img.resize(Bm * Nm * D);
-        nrm_img.resize(Bm * Nm * D);
-        qkv_img.resize(Bm * Nm * 3 * D);
-        att_img.resize(Bm * Nm * D);
-        out_img.resize(Bm * Nm * D);
-        if (dual) nrm2_img.resize(Bm * Nm * D);
-        x_ctx.resize(Bm * Lm * D);
-        nrm_ctx.resize(Bm * Lm * D);
-        qkv_ctx.resize(Bm * Lm * 3 * D);
-        att_ctx.resize(Bm * Lm * D);
-        out_ctx.resize(Bm * Lm * D);
-        hidden.resize(Bm * rows * F);
-        patches.resize(Bm * Nm * c.patch_inputs());
-        out_rows.resize(Bm * Nm * P);
-        probe_parts.resize(static_cast<std::size_t>(max_tasks) * Nm);
-        kv_packed.resize(Bm * heads * kv_slot_for(max_tokens, max_ctx));
-        positions.resize(Bm * rows);
-        size_scratch(threads);
-        pack_weights();
-        team = std::make_unique<workers>(threads);
-    }
-
-    // Every weight's size against the config, so a hand-built model cannot make a GEMM read out of bounds.
-    void check_model() const {
-        const auto& c = m->config;
-        const int d = c.hidden(), hd_ = c.attention_head_dim;
-        auto lin = [](const std::string& name, const linear& l, int in, int out) {
-            if (l.in != in || l.out != out || l.weight.size() != static_cast<std::size_t>(in) * out ||
-                l.bias.size() != static_cast<std::size_t>(out))
-                throw std::invalid_argument("transformer: model weight '" + name + "' is " + std::to_string(l.out) + " x " +
-                                            std::to_string(l.in) + " (" + std::to_string(l.weight.size()) + " weights, " +
-                                            std::to_string(l.bias.size()) + " biases), config needs " + std::to_string(out) +
-                                            " x " + std::to_string(in));
-        };
-        auto vecn = [](const std::string& name, const std::vector<float>& v, std::size_t n) {
-            if (v.size() != n)
-                throw std::invalid_argument("transformer: model tensor '" + name + "' has " + std::to_string(v.size()) +
-                                            " values, config needs " + std::to_string(n));
-        };
-        lin("pos_embed.proj", m->patch_embed, c.in_channels * c.patch_size * c.patch_size, d);
-        vecn("pos_embed.pos_embed", m->pos_table, static_cast<std::size_t>(c.pos_embed_max_size) * c.pos_embed_max_size * d);
-        lin("time_text_embed.timestep_embedder.linear_1", m->time_linear1, c.timestep_channels(), d);
-        lin("time_text_embed.timestep_embedder.linear_2", m->time_linear2, d, d);
-        lin("time_text_embed.text_embedder.linear_1", m->text_linear1, c.pooled_projection_dim, d);
-        lin("time_text_embed.text_embedder.linear_2", m->text_linear2, d, d);
-        lin("context_embedder", m->context_embedder, c.joint_attention_dim, d);
-        lin("norm_out.linear", m->norm_out, d, 2 * d);
-        lin("proj_out", m->proj_out, d, c.patch_features());
-        for (int l = 0; l < c.num_layers; ++l) {
-            const auto& w = m->blocks[l];
-            const std::string b = "transformer_blocks." + std::to_string(l) + ".";
-            if (w.context_pre_only != (l == c.num_layers - 1))
-                throw std::invalid_argument("transformer: " + b + "context_pre_only must be set on the last block only");
-            if (w.dual_attention != c.dual_attention(l))
-                throw std::invalid_argument("transformer: " + b + "dual_attention must be set exactly on the config's "
-                                            "dual_attention_layers");
-            lin(b + "norm1.linear", w.norm1, d, (w.dual_attention ? 9 : 6) * d);
-            if (w.dual_attention) {
-                lin(b + "attn2.to_qkv", w.attn2_qkv, d, 3 * d);
-                lin(b + "attn2.to_out.0", w.attn2_out, d, d);
-                if (c.qk_norm) {
-                    vecn(b + "attn2.norm_q.weight", w.attn2_norm_q, hd_);
-                    vecn(b + "attn2.norm_k.weight", w.attn2_norm_k, hd_);
-                }
-            }
-            lin(b + "norm1_context.linear", w.norm1_context, d, (w.context_pre_only ? 2 : 6) * d);
-            lin(b + "attn.to_qkv", w.to_qkv, d, 3 * d);
-            lin(b + "attn.add_qkv", w.add_qkv, d, 3 * d);
-            lin(b + "attn.to_out.0", w.to_out, d, d);
-            lin(b + "ff.net.0.proj", w.ff1, d, 4 * d);
-            lin(b + "ff.net.2", w.ff2, 4 * d, d);
-            if (!w.context_pre_only) {
-                lin(b + "attn.to_add_out", w.to_add_out, d, d);
-                lin(b + "ff_context.net.0.proj", w.ff_context1, d, 4 * d);
-                lin(b + "ff_context.net.2", w.ff_context2, 4 * d, d);
-            }
-            if (c.qk_norm) {
-                vecn(b + "attn.norm_q.weight", w.norm_q, hd_);
-                vecn(b + "attn.norm_k.weight", w.norm_k, hd_);
-                vecn(b + "attn.norm_added_q.weight", w.norm_added_q, hd_);
-                vecn(b + "attn.norm_added_k.weight", w.norm_added_k, hd_);
-            }
-        }
-    }
-    static void check_threads(int t) {
-        if (t < 1 || t > max_threads)
-            throw std::invalid_argument(message("transformer: threads = ", t, " is out of range [1, ", max_threads, "]"));
-    }
-    // One sample's and head's keys and values packed for the attention's products, image tokens then context:
-    // keys as column panels of Q K^T's right operand, values (unless read in place) per key block as column
-    // panels of P V's.
-    struct packed_kv {
-        float *k_img, *k_ctx, *v_img, *v_ctx;
+// Sizes every workspace for the limits (set before), `threads` workers, modulation rows of `modulation_width` x D
+// floats per sample and token input rows of `token_input_floats`. Their total is checked against the machine's
+// memory before anything is allocated, so an absurd limit is refused with the amount it would need.
+void transformer::impl::size_workspaces(int threads, int modulation_width, int token_input_floats, bool dual, bool rope) {
+    F = 4 * D;
+    token_inputs = token_input_floats;
+    if (hd > key_block)  // the attention kernel packs a head's query rows in one slab of the GEMM's depth
+        throw std::invalid_argument(message("transformer: attention_head_dim = ", hd, " exceeds the attention kernel's ",
+                                            key_block));
+    const int patch = m ? m->config.patch_size : 1;
+    // Counts the engine keeps in int, formed in 64 bits first: each limit may be in range while a product is not.
+    const std::int64_t tokens64 = std::int64_t{limits.max_height / patch} * (limits.max_width / patch);
+    const std::int64_t tasks64 = std::int64_t{limits.max_batch} *
+                                 ((tokens64 + query_chunk() - 1) / query_chunk() + ceil_div(limits.max_context_tokens, query_chunk()));
+    if (tokens64 > std::numeric_limits<int>::max() || tasks64 > std::numeric_limits<int>::max())
+        bad_limit_value(message("max_batch/max_height/max_width = ", limits.max_batch, "/", limits.max_height, "/",
+                                limits.max_width, " give ", tokens64, " image tokens per sample and ", tasks64,
+                                " attention tasks, more than the engine indexes"));
+    max_tokens = static_cast<int>(tokens64);
+    max_ctx = limits.max_context_tokens;
+    max_tasks = static_cast<int>(tasks64);
+    const std::size_t Bm = limits.max_batch, Nm = max_tokens, Lm = max_ctx;
+    const std::size_t rows = std::max(Nm, Lm);
+    const std::size_t per_sample = saturating_product(Bm, D), image = saturating_product(Bm, Nm, D),
+                      context = saturating_product(Bm, Lm, D);
+    const std::size_t floats[] = {
+        saturating_product(Bm, 256),                               // tproj (timestep_channels)
+        saturating_mul(per_sample, 3 + modulation_width + 6 + 2),  // temb, silu_temb, small_hidden, mod_img, mod_ctx, mod_final
+        saturating_mul(image, 4 + 3 + (dual ? 1 : 0)),             // x, nrm, att, out, qkv (image stream), nrm2
+        saturating_mul(context, 4 + 3),                            // the same for the context stream
+        saturating_product(Bm, rows, F),                           // hidden
+        saturating_product(Bm, Nm, token_input_floats),            // patches
+        saturating_product(Bm, Nm, P),                             // out_rows
+        saturating_product(max_tasks, Nm),                         // probe_parts
+        saturating_product(Bm, heads, kv_slot_for(max_tokens, max_ctx)),  // kv_packed
+        saturating_product(Bm, rows),                              // positions (int32, same size as a float)
+        rope ? saturating_product(Nm + Lm, hd) : 0,                // rope_img, rope_ctx
+        saturating_mul(scratch_slot_for(hd), static_cast<std::size_t>(threads)),  // scratch
     };
-    // P V reads the value rows where they are when a head is whole register panels wide; else from packed copies.
-    bool values_in_place() const { return hd % gemm::register_tile().cols == 0; }
-    std::array<std::size_t, 4> kv_layout(int image_tokens, int context_tokens) const {
-        const std::size_t cols = gemm::register_tile().cols, hdp = values_in_place() ? 0 : padded_head(hd);
-        auto r = [](std::size_t f) { return round_up(f, 16); };
-        return {r(round_up(as_size(image_tokens), cols) * hd), r(round_up(as_size(context_tokens), cols) * hd),
-                r(as_size(image_tokens) * hdp), r(as_size(context_tokens) * hdp)};
+    std::size_t total = 0;
+    for (const std::size_t f : floats) total = saturating_add(total, f);
+    require_memory(message("transformer: workspaces for max_batch ", limits.max_batch, ", max_height ", limits.max_height,
+                           ", max_width ", limits.max_width, ", max_context_tokens ", limits.max_context_tokens, " and ",
+                           threads, " threads"),
+                   saturating_mul(total, sizeof(float)));
+
+    tproj.resize(Bm * 256);
+    temb.resize(Bm * D);
+    silu_temb.resize(Bm * D);
+    small_hidden.resize(Bm * D);
+    mod_img.resize(Bm * modulation_width * D);
+    mod_ctx.resize(Bm * 6 * D);
+    mod_final.resize(Bm * 2 * D);
+    x_img.resize(Bm * Nm * D);
+    nrm_img.resize(Bm * Nm * D);
+    qkv_img.resize(Bm * Nm * 3 * D);
+    att_img.resize(Bm * Nm * D);
+    out_img.resize(Bm * Nm * D);
+    if (dual) nrm2_img.resize(Bm * Nm * D);
+    x_ctx.resize(Bm * Lm * D);
+    nrm_ctx.resize(Bm * Lm * D);
+    qkv_ctx.resize(Bm * Lm * 3 * D);
+    att_ctx.resize(Bm * Lm * D);
+    out_ctx.resize(Bm * Lm * D);
+    hidden.resize(Bm * rows * F);
+    patches.resize(Bm * Nm * token_input_floats);
+    out_rows.resize(Bm * Nm * P);
+    probe_parts.resize(static_cast<std::size_t>(max_tasks) * Nm);
+    kv_packed.resize(Bm * heads * kv_slot_for(max_tokens, max_ctx));
+    positions.resize(Bm * rows);
+    if (rope) {
+        rope_img.resize(Nm * hd);
+        rope_ctx.resize(Lm * hd);
     }
-    std::size_t kv_slot_for(int image_tokens, int context_tokens) const {
-        std::size_t total = 0;
-        for (const std::size_t f : kv_layout(image_tokens, context_tokens)) total = saturating_add(total, f);
-        return total;
-    }
-    packed_kv kv_of(int b, int h) {
-        const auto sizes = kv_layout(N, L);
-        float* at = kv_packed.data() + static_cast<std::size_t>(b * heads + h) * kv_slot_for(N, L);
-        packed_kv p{};
-        float** fields[] = {&p.k_img, &p.k_ctx, &p.v_img, &p.v_ctx};
-        for (int i = 0; i < 4; ++i) {
-            *fields[i] = at;
-            at += sizes[i];
+    size_scratch(threads);
+}
+
+// SD3 blocks: joint attention over both streams, then each stream's MLP; the last block's context stream only
+// feeds keys and values (its norm is AdaLayerNormContinuous: scale, shift).
+void transformer::impl::plan_sd3() {
+    const bool qk = m->config.qk_norm;
+    for (const auto& w : m->blocks) {
+        block_plan p;
+        p.joint = &w;
+        p.context_outputs = !w.context_pre_only;
+        p.norm[0] = &w.norm1;
+        p.norm[1] = &w.norm1_context;
+        p.qkv[0] = &w.to_qkv;
+        p.qkv[1] = &w.add_qkv;
+        if (qk) {
+            p.norm_q[0] = w.norm_q.data();
+            p.norm_k[0] = w.norm_k.data();
+            p.norm_q[1] = w.norm_added_q.data();
+            p.norm_k[1] = w.norm_added_k.data();
         }
-        return p;
+        p.attention_out[0] = &w.to_out;
+        p.ff1[0] = &w.ff1;
+        p.ff2[0] = &w.ff2;
+        p.attention[0] = {0, D, 2 * D};
+        p.mlp[0] = {3 * D, 4 * D, 5 * D};
+        if (w.context_pre_only) {
+            p.attention[1] = {D, 0, -1};
+        } else {
+            p.attention_out[1] = &w.to_add_out;
+            p.ff1[1] = &w.ff_context1;
+            p.ff2[1] = &w.ff_context2;
+            p.attention[1] = p.attention[0];
+            p.mlp[1] = p.mlp[0];
+        }
+        plan.push_back(p);
     }
+}
 
-    // Floats per worker in `scratch`: the larger of the attention's scratch and the GEMM's packing slab, a
-    // multiple of 16 (64 bytes). Independent of the token counts: attention holds one key block at a time.
-    static std::size_t scratch_slot_for(int head_dim) {
-        return round_up(std::max(attention_scratch::floats(head_dim), gemm::workspace_floats()), 16);
-    }
-    // Sizes the per-worker scratch slots for `t` workers; on failure nothing changes.
-    void size_scratch(int t) {
-        const std::size_t slot = scratch_slot_for(hd);
-        require_memory(message("transformer: scratch for ", t, " threads"), saturating_product(t, slot, sizeof(float)));
-        buffer fresh(static_cast<std::size_t>(t) * slot, 0.0f);
-        scratch.swap(fresh);
-        scratch_slot = slot;
-    }
-    // Packs every linear layer's weight (checked by check_model) for the GEMM: a second copy of the weights, made
-    // once so that no product repacks them.
-    void pack_weights() {
-        std::vector<const linear*> all{&m->patch_embed, &m->time_linear1, &m->time_linear2, &m->text_linear1,
-                                       &m->text_linear2, &m->context_embedder, &m->norm_out, &m->proj_out};
-        for (const auto& w : m->blocks)
-            for (const linear* l : {&w.norm1, &w.norm1_context, &w.to_qkv, &w.add_qkv, &w.to_out, &w.ff1, &w.ff2,
-                                    &w.to_add_out, &w.ff_context1, &w.ff_context2, &w.attn2_qkv, &w.attn2_out})
-                if (!l->weight.empty()) all.push_back(l);
-        std::size_t floats = 0;
-        for (const linear* l : all) floats = saturating_add(floats, l->weight.size());
-        require_memory(message("transformer: packed weights (", floats, " floats)"), saturating_mul(floats, sizeof(float)));
-        for (const linear* l : all) packed.try_emplace(l, l->weight, l->out, l->in);
-    }
+namespace detail {
+void check_linear(const std::string& name, const linear& l, int in, int out) {
+    if (l.in != in || l.out != out || l.weight.size() != static_cast<std::size_t>(in) * out ||
+        l.bias.size() != static_cast<std::size_t>(out))
+        throw std::invalid_argument(message("transformer: model weight '", name, "' is ", l.out, " x ", l.in, " (",
+                                            l.weight.size(), " weights, ", l.bias.size(), " biases), config needs ", out,
+                                            " x ", in));
+}
+void check_vector(const std::string& name, const std::vector<float>& v, std::size_t n) {
+    if (v.size() != n)
+        throw std::invalid_argument(message("transformer: model tensor '", name, "' has ", v.size(), " values, config needs ", n));
+}
+}  // namespace detail
 
-    // Y[rows, W.out] = X[rows, W.in] * W^T + b, then epi(row, width) on each finished tile row. The parallel work
-    // units are tiles of gemm::task_panels register panels of rows by all columns, so each packs its rows once;
-    // columns are split too only where there are fewer row tiles than a few per worker.
-    template <class Epilogue = no_epilogue>
-    void linear_rows(loop_split s, const float* X, int ldx, int rows, const linear& W, float* Y, int ldy,
-                     Epilogue epi = {}) {
-        if (rows <= 0) return;
-        const gemm::packed_weights& P = packed.at(&W);
-        const gemm::tile_shape tile = gemm::register_tile();
-        const int tr = gemm::task_panels * tile.rows, rt = ceil_div(rows, tr);
-        const int wanted = 4 * s.team.size();
-        const int ct = rt >= wanted ? 1 : std::min(ceil_div(W.out, tile.cols), ceil_div(wanted, rt));
-        const int tc = ceil_div(ceil_div(W.out, ct), tile.cols) * tile.cols;
-        const int ct_used = ceil_div(W.out, tc);
-        parallel_for(s, rt * ct_used, static_cast<double>(rows) * W.in * W.out, [&](int task, int worker) {
-            const int r0 = (task / ct_used) * tr, c0 = (task % ct_used) * tc;
-            const int nr = std::min(tr, rows - r0), nc = std::min(tc, W.out - c0);
-            float* y = Y + static_cast<std::ptrdiff_t>(r0) * ldy + c0;
-            gemm::multiply(X + static_cast<std::ptrdiff_t>(r0) * ldx, ldx, nr, P, c0, c0 + nc, y, ldy, scratch_of(worker),
-                           W.bias.data() + c0);
-            for (int r = 0; r < nr; ++r) epi(y + static_cast<std::ptrdiff_t>(r) * ldy, nc);
-        });
+// Every weight's size against the config, so a hand-built model cannot make a GEMM read out of bounds.
+void transformer::impl::check_sd3_model() const {
+    const auto& c = m->config;
+    const int d = c.hidden(), hd_ = c.attention_head_dim;
+    check_linear("pos_embed.proj", m->patch_embed, c.in_channels * c.patch_size * c.patch_size, d);
+    check_vector("pos_embed.pos_embed", m->pos_table, static_cast<std::size_t>(c.pos_embed_max_size) * c.pos_embed_max_size * d);
+    check_linear("time_text_embed.timestep_embedder.linear_1", m->time_linear1, c.timestep_channels(), d);
+    check_linear("time_text_embed.timestep_embedder.linear_2", m->time_linear2, d, d);
+    check_linear("time_text_embed.text_embedder.linear_1", m->text_linear1, c.pooled_projection_dim, d);
+    check_linear("time_text_embed.text_embedder.linear_2", m->text_linear2, d, d);
+    check_linear("context_embedder", m->context_embedder, c.joint_attention_dim, d);
+    check_linear("norm_out.linear", m->norm_out, d, 2 * d);
+    check_linear("proj_out", m->proj_out, d, c.patch_features());
+    for (int l = 0; l < c.num_layers; ++l) {
+        const auto& w = m->blocks[l];
+        const std::string b = "transformer_blocks." + std::to_string(l) + ".";
+        if (w.context_pre_only != (l == c.num_layers - 1))
+            throw std::invalid_argument("transformer: " + b + "context_pre_only must be set on the last block only");
+        if (w.dual_attention != c.dual_attention(l))
+            throw std::invalid_argument("transformer: " + b + "dual_attention must be set exactly on the config's "
+                                        "dual_attention_layers");
+        check_linear(b + "norm1.linear", w.norm1, d, (w.dual_attention ? 9 : 6) * d);
+        if (w.dual_attention) {
+            check_linear(b + "attn2.to_qkv", w.attn2_qkv, d, 3 * d);
+            check_linear(b + "attn2.to_out.0", w.attn2_out, d, d);
+            if (c.qk_norm) {
+                check_vector(b + "attn2.norm_q.weight", w.attn2_norm_q, hd_);
+                check_vector(b + "attn2.norm_k.weight", w.attn2_norm_k, hd_);
+            }
+        }
+        check_linear(b + "norm1_context.linear", w.norm1_context, d, (w.context_pre_only ? 2 : 6) * d);
+        check_linear(b + "attn.to_qkv", w.to_qkv, d, 3 * d);
+        check_linear(b + "attn.add_qkv", w.add_qkv, d, 3 * d);
+        check_linear(b + "attn.to_out.0", w.to_out, d, d);
+        check_linear(b + "ff.net.0.proj", w.ff1, d, 4 * d);
+        check_linear(b + "ff.net.2", w.ff2, 4 * d, d);
+        if (!w.context_pre_only) {
+            check_linear(b + "attn.to_add_out", w.to_add_out, d, d);
+            check_linear(b + "ff_context.net.0.proj", w.ff_context1, d, 4 * d);
+            check_linear(b + "ff_context.net.2", w.ff_context2, 4 * d, d);
+        }
+        if (c.qk_norm) {
+            check_vector(b + "attn.norm_q.weight", w.norm_q, hd_);
+            check_vector(b + "attn.norm_k.weight", w.norm_k, hd_);
+            check_vector(b + "attn.norm_added_q.weight", w.norm_added_q, hd_);
+            check_vector(b + "attn.norm_added_k.weight", w.norm_added_k, hd_);
+        }
     }
+}
 
-    int tokens_of(stream s) const { return s == stream::image ? n : L; }        // active rows per sample
-    int all_tokens_of(stream s) const { return s == stream::image ? N : L; }    // rows of a hook buffer per sample
-    // absolute token id of active row r of sample b
-    int token_id(stream s, int b, int r) const {
-        return (s == stream::image && tokens) ? tokens[static_cast<std::size_t>(b) * n + r] : r;
+void transformer::impl::check_threads(int t) {
+    if (t < 1 || t > max_threads)
+        throw std::invalid_argument(message("transformer: threads = ", t, " is out of range [1, ", max_threads, "]"));
+}
+
+std::array<std::size_t, 4> transformer::impl::kv_layout(int image_tokens, int context_tokens) const {
+    const std::size_t cols = gemm::register_tile().cols, hdp = values_in_place() ? 0 : padded_head(hd);
+    auto r = [](std::size_t f) { return round_up(f, 16); };
+    return {r(round_up(as_size(image_tokens), cols) * hd), r(round_up(as_size(context_tokens), cols) * hd),
+            r(as_size(image_tokens) * hdp), r(as_size(context_tokens) * hdp)};
+}
+std::size_t transformer::impl::kv_slot_for(int image_tokens, int context_tokens) const {
+    std::size_t total = 0;
+    for (const std::size_t f : kv_layout(image_tokens, context_tokens)) total = saturating_add(total, f);
+    return total;
+}
+transformer::impl::packed_kv transformer::impl::kv_of(int b, int h) {
+    const auto sizes = kv_layout(N, L);
+    float* at = kv_packed.data() + static_cast<std::size_t>(b * heads + h) * kv_slot_for(N, L);
+    packed_kv p{};
+    float** fields[] = {&p.k_img, &p.k_ctx, &p.v_img, &p.v_ctx};
+    for (int i = 0; i < 4; ++i) {
+        *fields[i] = at;
+        at += sizes[i];
     }
-    float* x_of(stream s) { return s == stream::image ? x_img.data() : x_ctx.data(); }
-    // Per-head RMS qk-norm of one q | k | v projection row, in place.
-    void qk_norm(float* qkv_row, const std::vector<float>& norm_q, const std::vector<float>& norm_k) const {
-        rms_norm_heads(qkv_row, heads, hd, norm_q.data());
-        rms_norm_heads(qkv_row + D, heads, hd, norm_k.data());
-    }
-    // sample b's AdaLN-Zero chunks of the current block for a stream (the context's are always 6D wide)
-    const float* modulation_of(stream s, int b) const {
-        return s == stream::image ? mod_img.data() + static_cast<std::size_t>(b) * mod_stride
-                                  : mod_ctx.data() + static_cast<std::size_t>(b) * 6 * D;
-    }
+    return p;
+}
 
-    // ----- validation (everything is checked before any state changes) -----
-    void validate(const forward_inputs& in, std::span<float> velocity, const forward_options& o) const;
-    void validate_hook(const module_hook& h, int layer, stream s, bool is_mlp, const forward_inputs& in,
-                       std::span<const std::int32_t> active) const;
-    void validate_attention2_hook(const module_hook& h, int layer) const;
+std::size_t transformer::impl::scratch_slot_for(int head_dim) {
+    return round_up(std::max(attention_scratch::floats(head_dim), gemm::workspace_floats()), 16);
+}
 
-    // ----- stages -----
-    void embed(const forward_inputs& in);
-    void modulation(const block_weights& w);
-    void attention_stage(int layer, const block_weights& w, const block_hooks& h);
-    void image_attention_stage(int layer, const block_weights& w, const module_hook& h);
-    void store_kv(int layer, attention_kind kind);
-    void attend(int layer, attention_kind kind, bool image_queries, bool context_queries);
-    void apply_module(stream s, const module_hook& h, const float* computed, int gate_offset);
-    void mlp_stage(stream s, const module_hook& h, const linear& ff1, const linear& ff2);
-    void final_layer(std::span<float> velocity);
-    int boundary(int next);
-    void run(const forward_inputs& in, std::span<float> velocity, const forward_options& o);
-};
+// Sizes the per-worker scratch slots for `t` workers; on failure nothing changes.
+void transformer::impl::size_scratch(int t) {
+    const std::size_t slot = scratch_slot_for(hd);
+    require_memory(message("transformer: scratch for ", t, " threads"), saturating_product(t, slot, sizeof(float)));
+    buffer fresh(static_cast<std::size_t>(t) * slot, 0.0f);
+    scratch.swap(fresh);
+    scratch_slot = slot;
+}
 
-// ---------------------------------------------------------------------------------------------------------------
+// Packs every linear layer's weight (checked before) for the GEMM: a second copy of the weights, made once so
+// that no product repacks them.
+void transformer::impl::pack_weights(std::vector<const linear*> all) {
+    std::size_t floats = 0;
+    for (const linear* l : all) floats = saturating_add(floats, l->weight.size());
+    require_memory(message("transformer: packed weights (", floats, " floats)"), saturating_mul(floats, sizeof(float)));
+    for (const linear* l : all) packed.try_emplace(l, l->weight, l->out, l->in);
+}
 
 namespace {
 [[noreturn]] void bad_arg(const std::string& what) { throw std::invalid_argument("transformer::forward: " + what); }
@@ -514,44 +358,60 @@ int check_token_list(Name name_of, const char* suffix, std::span<const std::int3
 }  // namespace
 
 void transformer::impl::validate(const forward_inputs& in, std::span<float> velocity, const forward_options& o) const {
-    const auto& c = m->config;
+    const int patch = m ? m->config.patch_size : 1;
     if (in.batch < 1 || in.batch > limits.max_batch)
         bad_arg("batch = " + std::to_string(in.batch) + " outside [1, max_batch = " + std::to_string(limits.max_batch) + "]");
-    if (in.height < 1 || in.width < 1 || in.height % c.patch_size || in.width % c.patch_size)
+    if (in.height < 1 || in.width < 1 || in.height % patch || in.width % patch)
         bad_arg("height x width = " + std::to_string(in.height) + " x " + std::to_string(in.width) +
-                " must be positive multiples of patch_size " + std::to_string(c.patch_size));
+                " must be positive multiples of patch_size " + std::to_string(patch));
     if (in.height > limits.max_height || in.width > limits.max_width)
         bad_arg("height x width = " + std::to_string(in.height) + " x " + std::to_string(in.width) + " exceeds the limits " +
                 std::to_string(limits.max_height) + " x " + std::to_string(limits.max_width));
-    const int hg = in.height / c.patch_size, wg = in.width / c.patch_size;
-    if (hg > c.pos_embed_max_size || wg > c.pos_embed_max_size)
+    const int hg = in.height / patch, wg = in.width / patch;
+    if (m && (hg > m->config.pos_embed_max_size || wg > m->config.pos_embed_max_size))
         bad_arg("patch grid " + std::to_string(hg) + " x " + std::to_string(wg) + " exceeds pos_embed_max_size " +
-                std::to_string(c.pos_embed_max_size));
+                std::to_string(m->config.pos_embed_max_size));
     if (in.context_tokens < 1 || in.context_tokens > limits.max_context_tokens)
         bad_arg("context_tokens = " + std::to_string(in.context_tokens) + " outside [1, max_context_tokens = " +
                 std::to_string(limits.max_context_tokens) + "]");
     const std::size_t B = in.batch;
-    check_size("latents", in.latents.size(), B * c.in_channels * in.height * in.width);
-    check_size("timesteps", in.timesteps.size(), B);
-    check_size("context", in.context.size(), B * in.context_tokens * c.joint_attention_dim);
-    check_size("pooled", in.pooled.size(), B * c.pooled_projection_dim);
+    const int joint_dim = m ? m->config.joint_attention_dim : fx->config.joint_attention_dim;
+    const int pooled_dim = m ? m->config.pooled_projection_dim : fx->config.pooled_projection_dim;
     const int tokens_all = hg * wg;
+    check_size("latents", in.latents.size(), B * tokens_all * token_inputs);
+    check_size("timesteps", in.timesteps.size(), B);
+    check_size("context", in.context.size(), B * in.context_tokens * joint_dim);
+    check_size("pooled", in.pooled.size(), B * pooled_dim);
+    if (fx && fx->config.guidance_embeds) check_size("guidance", in.guidance.size(), B);
+    else if (!in.guidance.empty())
+        bad_arg("guidance holds " + std::to_string(in.guidance.size()) +
+                " floats, but the model has no guidance embedding (guidance_embeds is false: guide by CFG)");
+    if (m && (!in.image_ids.empty() || !in.text_ids.empty()))
+        bad_arg("image_ids/text_ids are set, but an SD3 model has no rotary positions (FLUX only)");
+    if (!in.image_ids.empty()) check_size("image_ids", in.image_ids.size(), static_cast<std::size_t>(tokens_all) * 3);
+    if (!in.text_ids.empty()) check_size("text_ids", in.text_ids.size(), static_cast<std::size_t>(in.context_tokens) * 3);
+    for (const auto& [name, ids] : {std::pair{"image_ids", in.image_ids}, std::pair{"text_ids", in.text_ids}})
+        for (std::size_t i = 0; i < ids.size(); ++i)
+            if (!std::isfinite(ids[i]))
+                bad_arg(std::string(name) + "[" + std::to_string(i) + "] = " + std::to_string(ids[i]) + " is not finite");
 
     int active = tokens_all;
     if (!o.image_tokens.empty()) {
         active = check_token_list([] { return "image_tokens"; }, "", o.image_tokens, in.batch, tokens_all);
         if (!o.kv) bad_arg("a token-subset forward (image_tokens set) needs a kv_cache (options.kv is null)");
-        check_size("velocity (token rows)", velocity.size(), B * active * c.patch_features());
+        check_size("velocity (token rows)", velocity.size(), B * active * P);
     } else {
-        check_size("velocity", velocity.size(), B * c.out_channels * in.height * in.width);
+        check_size("velocity", velocity.size(), B * tokens_all * P);
     }
     if (o.kv) {
-        if (o.kv->layers() != c.num_layers || o.kv->hidden() != c.hidden())
+        if (o.kv->layers() != blocks() || o.kv->hidden() != D)
             bad_arg("kv_cache has " + std::to_string(o.kv->layers()) + " layers x hidden " + std::to_string(o.kv->hidden()) +
-                    ", model needs " + std::to_string(c.num_layers) + " x " + std::to_string(c.hidden()));
-        if (o.kv->dual_attention_layers() != c.dual_attention_layers)
+                    ", model needs " + std::to_string(blocks()) + " x " + std::to_string(D));
+        const std::vector<int> none;
+        const std::vector<int>& dual = m ? m->config.dual_attention_layers : none;
+        if (o.kv->dual_attention_layers() != dual)
             bad_arg("kv_cache was made for " + std::to_string(o.kv->dual_attention_layers().size()) +
-                    " dual-attention layers, the model has " + std::to_string(c.dual_attention_layers.size()) +
+                    " dual-attention layers, the model has " + std::to_string(dual.size()) +
                     " (or other ones): make it from this model's config");
         if (o.kv->max_batch() < in.batch || o.kv->max_image_tokens() < tokens_all)
             bad_arg("kv_cache holds batch " + std::to_string(o.kv->max_batch()) + " x " + std::to_string(o.kv->max_image_tokens()) +
@@ -559,10 +419,10 @@ void transformer::impl::validate(const forward_inputs& in, std::span<float> velo
     }
     if (!o.attention_probe.empty()) check_size("attention_probe", o.attention_probe.size(), B * tokens_all);
     if (!o.blocks.empty()) {
-        if (o.blocks.size() != static_cast<std::size_t>(c.num_layers))
-            bad_arg("blocks has " + std::to_string(o.blocks.size()) + " entries, expected 0 or num_layers = " +
-                    std::to_string(c.num_layers));
-        for (int l = 0; l < c.num_layers; ++l) {
+        if (o.blocks.size() != static_cast<std::size_t>(blocks()))
+            bad_arg("blocks has " + std::to_string(o.blocks.size()) + " entries, expected 0 or one per block (" +
+                    std::to_string(blocks()) + ")");
+        for (int l = 0; l < blocks(); ++l) {
             for (int s = 0; s < 2; ++s) {
                 validate_hook(o.blocks[l].attention[s], l, static_cast<stream>(s), false, in, o.image_tokens);
                 validate_hook(o.blocks[l].mlp[s], l, static_cast<stream>(s), true, in, o.image_tokens);
@@ -575,10 +435,10 @@ void transformer::impl::validate(const forward_inputs& in, std::span<float> velo
 void transformer::impl::validate_attention2_hook(const module_hook& h, int layer) const {
     auto site = [&] { return "blocks[" + std::to_string(layer) + "].attention2"; };
     const int mode = static_cast<int>(h.mode);
-    if (!m->blocks[layer].dual_attention) {
+    if (!plan[static_cast<std::size_t>(layer)].dual_attention()) {
         if (h.mode != module_mode::compute || h.rows || !h.tokens.empty())
             bad_arg(site() + ": block " + std::to_string(layer) +
-                    " has no image-only attention (not in dual_attention_layers); leave this hook {compute, nullptr}");
+                    " has no image-only attention (not an MMDiT-X dual-attention layer); leave this hook {compute, nullptr}");
         return;
     }
     if (mode < 0 || mode > 1) bad_arg(site() + ".mode = " + std::to_string(mode) + " is not compute (0) or reuse (1)");
@@ -595,7 +455,7 @@ void transformer::impl::validate_hook(const module_hook& h, int layer, stream s,
     };
     const int mode = static_cast<int>(h.mode);
     if (mode < 0 || mode > 2) bad_arg(site() + ".mode = " + std::to_string(mode) + " is not a module_mode");
-    if (s == stream::context && m->blocks[layer].context_pre_only) {
+    if (s == stream::context && !plan[static_cast<std::size_t>(layer)].context_outputs) {
         if (h.mode != module_mode::compute || h.rows || !h.tokens.empty())
             bad_arg(site() + ": the last block (context_pre_only) has no context outputs; leave this hook {compute, nullptr}");
         return;
@@ -606,8 +466,8 @@ void transformer::impl::validate_hook(const module_hook& h, int layer, stream s,
         return;
     }
     if (!is_mlp) bad_arg(site() + ".mode = subset: only the MLP takes a token subset (use options.image_tokens for attention)");
-    const int limit = s == stream::image ? (in.height / m->config.patch_size) * (in.width / m->config.patch_size)
-                                         : in.context_tokens;
+    const int patch = m ? m->config.patch_size : 1;
+    const int limit = s == stream::image ? (in.height / patch) * (in.width / patch) : in.context_tokens;
     const int count = check_token_list(site, ".tokens", h.tokens, in.batch, limit);
     if (s == stream::image && !active.empty()) {
         const int n_active = static_cast<int>(active.size() / in.batch);
@@ -626,32 +486,48 @@ void transformer::impl::validate_hook(const module_hook& h, int layer, stream s,
 
 // ---------------------------------------------------------------------------------------------------------------
 
-void transformer::impl::embed(const forward_inputs& in) {
-    const auto& c = m->config;
-    const int T = c.timestep_channels(), half = T / 2;
-    // Sinusoidal timestep projection (flip_sin_to_cos: [cos, sin]), freq_i = exp(-ln(1e4) * i / half).
-    // The exponent is formed in float like torch; exp is evaluated correctly rounded.
+// Sinusoidal projection [cos, sin] (flip_sin_to_cos) of scale(values[b]), freq_i = exp(-ln(1e4) * i / 128): the
+// exponent is formed in float like torch, exp evaluated correctly rounded.
+void transformer::impl::timestep_projection(const float* values, float (*scale)(float), float* out) const {
+    constexpr int T = 256, half = T / 2;
     for (int b = 0; b < B; ++b) {
-        const float t = in.timesteps[b];
+        const float t = scale(values[b]);
         for (int i = 0; i < half; ++i) {
             const float e = (static_cast<float>(-std::log(10000.0)) * static_cast<float>(i)) / static_cast<float>(half);
             const float freq = static_cast<float>(std::exp(static_cast<double>(e)));
             const float arg = t * freq;
-            tproj[static_cast<std::size_t>(b) * T + i] = std::cos(arg);
-            tproj[static_cast<std::size_t>(b) * T + half + i] = std::sin(arg);
+            out[static_cast<std::size_t>(b) * T + i] = std::cos(arg);
+            out[static_cast<std::size_t>(b) * T + half + i] = std::sin(arg);
         }
     }
-    // temb = timestep MLP + pooled-text MLP
-    linear_rows(serial(), tproj.data(), T, B, m->time_linear1, small_hidden.data(), D);
-    silu_inplace(small_hidden.data(), B * D);
-    linear_rows(serial(), small_hidden.data(), D, B, m->time_linear2, temb.data(), D);
-    linear_rows(serial(), in.pooled.data(), c.pooled_projection_dim, B, m->text_linear1, small_hidden.data(), D);
-    silu_inplace(small_hidden.data(), B * D);
-    linear_rows(serial(), small_hidden.data(), D, B, m->text_linear2, silu_temb.data(), D);
-    for (int i = 0; i < B * D; ++i) temb[i] += silu_temb[i];
-    std::copy_n(temb.data(), B * D, silu_temb.data());
-    silu_inplace(silu_temb.data(), B * D);  // every AdaLN linear reads SiLU(temb)
+}
 
+// temb = timestep MLP (+ guidance MLP: FLUX with guidance_embeds, guidance x 1000 as diffusers scales it) + pooled
+// MLP, in diffusers' order, then SiLU(temb), which every AdaLN linear reads.
+void transformer::impl::embed_conditioning(const conditioning_weights& w, const forward_inputs& in) {
+    auto mlp = [&](const float* x, int width, const linear& l1, const linear& l2, float* out) {
+        linear_rows(serial(), x, width, B, l1, small_hidden.data(), D);
+        silu_inplace(small_hidden.data(), B * D);
+        linear_rows(serial(), small_hidden.data(), D, B, l2, out, D);
+    };
+    timestep_projection(in.timesteps.data(), w.timestep_scale, tproj.data());
+    mlp(tproj.data(), 256, *w.time1, *w.time2, temb.data());
+    if (w.guidance1) {
+        timestep_projection(in.guidance.data(), [](float g) { return g * 1000.0f; }, tproj.data());  // diffusers: guidance * 1000
+        mlp(tproj.data(), 256, *w.guidance1, *w.guidance2, silu_temb.data());
+        vec(temb.data(), B * D) += const_vec(silu_temb.data(), B * D);
+    }
+    mlp(in.pooled.data(), w.text1->in, *w.text1, *w.text2, silu_temb.data());
+    vec(temb.data(), B * D) += const_vec(silu_temb.data(), B * D);
+    std::copy_n(temb.data(), B * D, silu_temb.data());
+    silu_inplace(silu_temb.data(), B * D);
+}
+
+void transformer::impl::embed(const forward_inputs& in) {
+    const auto& c = m->config;
+    embed_conditioning({&m->time_linear1, &m->time_linear2, nullptr, nullptr, &m->text_linear1, &m->text_linear2,
+                        [](float t) { return t; }},
+                       in);
     linear_rows(split(), in.context.data(), c.joint_attention_dim, B * L, m->context_embedder, x_ctx.data(), D);
 
     // Patch embedding: im2col of the active tokens ((c, u, v) order, as the conv weight), GEMM, + cropped table.
@@ -677,57 +553,95 @@ void transformer::impl::embed(const forward_inputs& in) {
     });
 }
 
-void transformer::impl::modulation(const block_weights& w) {
-    mod_stride = w.norm1.out;
-    linear_rows(split(), silu_temb.data(), D, B, w.norm1, mod_img.data(), mod_stride);
-    linear_rows(split(), silu_temb.data(), D, B, w.norm1_context, mod_ctx.data(), w.norm1_context.out);
+// The block's AdaLN chunks per stream. A single-stream block has one modulation, which both streams read.
+void transformer::impl::modulation(const block_plan& p) {
+    mod_stride[0] = p.norm[0]->out;
+    linear_rows(split(), silu_temb.data(), D, B, *p.norm[0], mod_img.data(), mod_stride[0]);
+    mod_of[0] = mod_img.data();
+    if (p.norm[1]) {
+        mod_stride[1] = p.norm[1]->out;
+        linear_rows(split(), silu_temb.data(), D, B, *p.norm[1], mod_ctx.data(), mod_stride[1]);
+        mod_of[1] = mod_ctx.data();
+    } else {
+        mod_stride[1] = mod_stride[0];
+        mod_of[1] = mod_img.data();
+    }
 }
 
-void transformer::impl::attention_stage(int layer, const block_weights& w, const block_hooks& h) {
+// The attention of both streams up to its output projection: out_img / out_ctx hold each computed stream's module
+// output (before the gate); the caller applies them. Skipped when neither stream's output is computed (then the
+// block's keys and values are not refreshed either).
+void transformer::impl::attention_stage(int layer, const block_plan& p, const block_hooks& h) {
     const bool image_out = h.attention[0].mode == module_mode::compute;
-    const bool context_out = !w.context_pre_only && h.attention[1].mode == module_mode::compute;
+    const bool context_out = p.context_outputs && h.attention[1].mode == module_mode::compute;
     const bool probe = !opts->attention_probe.empty();
+    if (!image_out && !context_out) return;
+    parallel_for(split(), B * n + B * L, norm_work * (B * n + B * L) * D, [&](int r, int) {
+        const stream s = r < B * n ? stream::image : stream::context;
+        const int row = s == stream::image ? r : r - B * n, per = tokens_of(s);
+        const float* mod = modulation_of(s, row / per);
+        const chunk_offsets& at = p.attention[static_cast<int>(s)];
+        float* nrm = s == stream::image ? nrm_img.data() : nrm_ctx.data();
+        norm_modulate(x_of(s) + static_cast<std::size_t>(row) * D, nrm + static_cast<std::size_t>(row) * D, D, mod + at.shift,
+                      mod + at.scale);
+    });
+    linear_rows(split(), nrm_img.data(), D, B * n, *p.qkv[0], qkv_img.data(), 3 * D);
+    linear_rows(split(), nrm_ctx.data(), D, B * L, *p.qkv[1], qkv_ctx.data(), 3 * D);
+    const bool rope = !rope_img.empty();
+    if (p.norm_q[0] || rope) {
+        parallel_for(split(), B * n + B * L, norm_work * (B * n + B * L) * 2 * D, [&](int r, int) {
+            const bool img = r < B * n;
+            const int s = img ? 0 : 1, row = img ? r : r - B * n;
+            float* qkv = (img ? qkv_img.data() : qkv_ctx.data()) + static_cast<std::size_t>(row) * 3 * D;
+            if (p.norm_q[s]) qk_norm(qkv, p.norm_q[s], p.norm_k[s]);
+            if (rope) {
+                const int token = img ? token_id(stream::image, row / n, row % n) : row % L;
+                rotate((img ? rope_img.data() : rope_ctx.data()) + static_cast<std::size_t>(token) * hd, qkv);
+            }
+        });
+    }
+    store_kv(layer, attention_kind::joint);
+    attend(layer, attention_kind::joint, image_out, context_out || (probe && opts->probe_context_queries));
+    if (image_out) linear_rows(split(), att_img.data(), D, B * n, *p.attention_out[0], out_img.data(), D);
+    if (context_out) linear_rows(split(), att_ctx.data(), D, B * L, *p.attention_out[1], out_ctx.data(), D);
+}
+
+void transformer::impl::joint_block(int layer, const block_plan& p, const block_hooks& h) {
     // MMDiT-X: the image-only attention reads LayerNorm(x) modulated by its own shift and scale, from x as it is
     // before the joint attention's residual (SD35AdaLayerNormZeroX), so its input is made first.
-    if (w.dual_attention && h.attention2.mode == module_mode::compute) {
+    if (p.dual_attention() && h.attention2.mode == module_mode::compute) {
         parallel_for(split(), B * n, norm_work * B * n * D, [&](int r, int) {
             const float* mod = modulation_of(stream::image, r / n);
             norm_modulate(x_img.data() + static_cast<std::size_t>(r) * D, nrm2_img.data() + static_cast<std::size_t>(r) * D,
                           D, mod + 6 * D, mod + 7 * D);
         });
     }
-    if (image_out || context_out) {
-        // norm1 of both streams. AdaLayerNormZero chunks: shift, scale, gate (msa), shift, scale, gate (mlp);
-        // the last block's context AdaLayerNormContinuous chunks are (scale, shift).
-        const int shift_c = w.context_pre_only ? D : 0, scale_c = w.context_pre_only ? 0 : D;
-        parallel_for(split(), B * n + B * L, norm_work * (B * n + B * L) * D, [&](int r, int) {
-            if (r < B * n) {
-                const float* mod = modulation_of(stream::image, r / n);
-                norm_modulate(x_img.data() + static_cast<std::size_t>(r) * D, nrm_img.data() + static_cast<std::size_t>(r) * D,
-                              D, mod, mod + D);
-            } else {
-                r -= B * n;
-                const float* mod = mod_ctx.data() + static_cast<std::size_t>(r / L) * w.norm1_context.out;
-                norm_modulate(x_ctx.data() + static_cast<std::size_t>(r) * D, nrm_ctx.data() + static_cast<std::size_t>(r) * D,
-                              D, mod + shift_c, mod + scale_c);
-            }
-        });
-        linear_rows(split(), nrm_img.data(), D, B * n, w.to_qkv, qkv_img.data(), 3 * D);
-        linear_rows(split(), nrm_ctx.data(), D, B * L, w.add_qkv, qkv_ctx.data(), 3 * D);
-        if (m->config.qk_norm) {
-            parallel_for(split(), B * n + B * L, norm_work * (B * n + B * L) * 2 * D, [&](int r, int) {
-                if (r < B * n) qk_norm(qkv_img.data() + static_cast<std::size_t>(r) * 3 * D, w.norm_q, w.norm_k);
-                else qk_norm(qkv_ctx.data() + static_cast<std::size_t>(r - B * n) * 3 * D, w.norm_added_q, w.norm_added_k);
-            });
-        }
-        store_kv(layer, attention_kind::joint);
-        attend(layer, attention_kind::joint, image_out, context_out || (probe && opts->probe_context_queries));
-        if (image_out) linear_rows(split(), att_img.data(), D, B * n, w.to_out, out_img.data(), D);
-        if (context_out) linear_rows(split(), att_ctx.data(), D, B * L, w.to_add_out, out_ctx.data(), D);
+    attention_stage(layer, p, h);
+    apply_module(stream::image, h.attention[0], out_img.data(), p.attention[0].gate);
+    if (p.context_outputs) apply_module(stream::context, h.attention[1], out_ctx.data(), p.attention[1].gate);
+    if (p.dual_attention()) image_attention_stage(layer, *p.joint, h.attention2);
+    for (const stream s : {stream::image, stream::context}) {
+        const int i = static_cast<int>(s);
+        if (s == stream::context && !p.context_outputs) break;
+        float* out = s == stream::image ? out_img.data() : out_ctx.data();
+        mlp_compute(s, h.mlp[i], p, out);
+        apply_module(s, h.mlp[i], out, p.mlp[i].gate);
     }
-    apply_module(stream::image, h.attention[0], out_img.data(), 2 * D);
-    if (!w.context_pre_only) apply_module(stream::context, h.attention[1], out_ctx.data(), 2 * D);
-    if (w.dual_attention) image_attention_stage(layer, w, h.attention2);
+}
+
+// FLUX's single-stream block: x + gate * proj_out([attention(n), GELU(proj_mlp(n))]) with n = the modulated norm of
+// the block's input, for the context and image tokens alike. The attention and the MLP both read the input, so both
+// are computed before either is added; proj_out is applied as its two column blocks (plan_flux), the module sites.
+void transformer::impl::single_block(int layer, const block_plan& p, const block_hooks& h) {
+    attention_stage(layer, p, h);  // out_img, out_ctx
+    // att_img / att_ctx are free once the attention's output projection has read them: the MLP outputs go there.
+    mlp_compute(stream::image, h.mlp[0], p, att_img.data());
+    mlp_compute(stream::context, h.mlp[1], p, att_ctx.data());
+    for (const stream s : {stream::image, stream::context}) {
+        const int i = static_cast<int>(s);
+        apply_module(s, h.attention[i], s == stream::image ? out_img.data() : out_ctx.data(), p.attention[i].gate);
+        apply_module(s, h.mlp[i], s == stream::image ? att_img.data() : att_ctx.data(), p.mlp[i].gate);
+    }
 }
 
 // MMDiT-X's second attention (diffusers' attn2): self-attention over the image tokens alone, with its own
@@ -739,7 +653,7 @@ void transformer::impl::image_attention_stage(int layer, const block_weights& w,
         linear_rows(split(), nrm2_img.data(), D, B * n, w.attn2_qkv, qkv_img.data(), 3 * D);
         if (m->config.qk_norm) {
             parallel_for(split(), B * n, norm_work * B * n * 2 * D, [&](int r, int) {
-                qk_norm(qkv_img.data() + static_cast<std::size_t>(r) * 3 * D, w.attn2_norm_q, w.attn2_norm_k);
+                qk_norm(qkv_img.data() + static_cast<std::size_t>(r) * 3 * D, w.attn2_norm_q.data(), w.attn2_norm_k.data());
             });
         }
         store_kv(layer, attention_kind::image_only);
@@ -920,7 +834,10 @@ void transformer::impl::apply_module(stream s, const module_hook& h, const float
     });
 }
 
-void transformer::impl::mlp_stage(stream s, const module_hook& h, const linear& ff1, const linear& ff2) {
+// The MLP of a stream up to its output (before the gate), into `out` [active rows, D]: every active row, or (subset)
+// the hook's tokens, whose rows also go to the hook's buffer, which then feeds every row; nothing in reuse mode.
+void transformer::impl::mlp_compute(stream s, const module_hook& h, const block_plan& p, float* out) {
+    const int si = static_cast<int>(s);
     if (h.mode != module_mode::reuse) {
         const int rows = tokens_of(s), all = all_tokens_of(s);
         // Rows to compute, as active-row positions per sample: all rows, or the hook's subset.
@@ -940,15 +857,14 @@ void transformer::impl::mlp_stage(stream s, const module_hook& h, const linear& 
         }
         const float* x = x_of(s);
         float* nrm = s == stream::image ? nrm_img.data() : nrm_ctx.data();
-        float* out = s == stream::image ? out_img.data() : out_ctx.data();
         parallel_for(split(), B * count, norm_work * B * count * D, [&](int r, int) {
             const int b = r / count, src_row = pos ? pos[r] : r % count;
             const float* md = modulation_of(s, b);
             norm_modulate(x + (static_cast<std::size_t>(b) * rows + src_row) * D, nrm + static_cast<std::size_t>(r) * D, D,
-                          md + 3 * D, md + 4 * D);
+                          md + p.mlp[si].shift, md + p.mlp[si].scale);
         });
-        linear_rows(split(), nrm, D, B * count, ff1, hidden.data(), F, gelu_tanh_epilogue{});
-        linear_rows(split(), hidden.data(), F, B * count, ff2, out, D);
+        linear_rows(split(), nrm, D, B * count, *p.ff1[si], hidden.data(), F, gelu_tanh_epilogue{});
+        linear_rows(split(), hidden.data(), F, B * count, *p.ff2[si], out, D);
         if (h.mode == module_mode::subset) {  // computed rows go to the caller's buffer, which then feeds every row
             parallel_for(split(), B, static_cast<double>(B) * count * D, [&](int b, int) {
                 for (int i = 0; i < count; ++i) {
@@ -958,22 +874,23 @@ void transformer::impl::mlp_stage(stream s, const module_hook& h, const linear& 
             });
         }
     }
-    apply_module(s, h, s == stream::image ? out_img.data() : out_ctx.data(), 5 * D);
 }
 
 void transformer::impl::final_layer(std::span<float> velocity) {
-    const auto& c = m->config;
     // norm_out: AdaLayerNormContinuous, chunks (scale, shift)
-    linear_rows(split(), silu_temb.data(), D, B, m->norm_out, mod_final.data(), 2 * D);
+    const linear& norm_out = m ? m->norm_out : fx->norm_out;
+    const linear& proj_out = m ? m->proj_out : fx->proj_out;
+    linear_rows(split(), silu_temb.data(), D, B, norm_out, mod_final.data(), 2 * D);
     parallel_for(split(), B * n, norm_work * B * n * D, [&](int r, int) {
         const float* md = mod_final.data() + static_cast<std::size_t>(r / n) * 2 * D;
         norm_modulate(x_img.data() + static_cast<std::size_t>(r) * D, nrm_img.data() + static_cast<std::size_t>(r) * D, D,
                       md + D, md);
     });
-    const bool rows_out = tokens != nullptr;
+    const bool rows_out = tokens != nullptr || fx;  // FLUX returns the token sequence; SD3 the image
     float* dst = rows_out ? velocity.data() : out_rows.data();
-    linear_rows(split(), nrm_img.data(), D, B * n, m->proj_out, dst, P);
+    linear_rows(split(), nrm_img.data(), D, B * n, proj_out, dst, P);
     if (!rows_out) {  // unpatchify: row (i, j) features (u, v, ch) -> image [ch, i*p+u, j*p+v]
+        const auto& c = m->config;
         const int p = c.patch_size, C = c.out_channels, Hp = Hg * p, Wp = Wg * p;
         parallel_for(split(), B, static_cast<double>(B) * N * P, [&](int b, int) {
             for (int t = 0; t < N; ++t) {
@@ -989,16 +906,16 @@ void transformer::impl::final_layer(std::span<float> velocity) {
     }
 }
 
-// Hands the hidden states before block `next` (num_layers: before the final layer) to the caller's callback;
+// Hands the hidden states before block `next` (blocks(): before the final layer) to the caller's callback;
 // returns the block to run next, checked against its range.
 int transformer::impl::boundary(int next) {
-    const int layers = m->config.num_layers;
+    const int layers = blocks();
     const block_boundary b{next, std::span<float>(x_img.data(), static_cast<std::size_t>(B) * n * D),
                            std::span<float>(x_ctx.data(), static_cast<std::size_t>(B) * L * D),
-                           next < layers ? std::span<const float>(mod_img.data(), static_cast<std::size_t>(B) * mod_stride)
+                           next < layers ? std::span<const float>(mod_of[0], static_cast<std::size_t>(B) * mod_stride[0])
                                          : std::span<const float>()};
     const int to = opts->between_blocks(b);
-    const int last = next < layers ? layers : next;  // before the final layer only num_layers is allowed
+    const int last = next < layers ? layers : next;  // before the final layer only blocks() is allowed
     if (to < next || to > last)
         throw std::logic_error(message("transformer::forward: between_blocks returned ", to, " at next_layer ", next,
                                        ", expected a block in [", next, ", ", last, "]"));
@@ -1007,23 +924,24 @@ int transformer::impl::boundary(int next) {
 
 void transformer::impl::run(const forward_inputs& in, std::span<float> velocity, const forward_options& o) {
     validate(in, velocity, o);
-    const auto& c = m->config;
+    const int patch = m ? m->config.patch_size : 1;
     opts = &o;
     B = in.batch;
-    Hg = in.height / c.patch_size;
-    Wg = in.width / c.patch_size;
+    Hg = in.height / patch;
+    Wg = in.width / patch;
     N = Hg * Wg;
     L = in.context_tokens;
     tokens = o.image_tokens.empty() ? nullptr : o.image_tokens.data();
     n = tokens ? static_cast<int>(o.image_tokens.size() / B) : N;
     if (!o.attention_probe.empty()) std::fill(o.attention_probe.begin(), o.attention_probe.end(), 0.0f);
 
-    embed(in);
+    if (fx) embed_flux(in);
+    else embed(in);
     const block_hooks defaults{};
-    for (int l = 0; l < c.num_layers;) {
-        const auto& w = m->blocks[l];
+    for (int l = 0; l < blocks();) {
+        const block_plan& p = plan[static_cast<std::size_t>(l)];
         const block_hooks& h = o.blocks.empty() ? defaults : o.blocks[l];
-        modulation(w);
+        modulation(p);
         if (o.between_blocks) {
             const int next = boundary(l);
             if (next != l) {
@@ -1031,12 +949,11 @@ void transformer::impl::run(const forward_inputs& in, std::span<float> velocity,
                 continue;
             }
         }
-        attention_stage(l, w, h);
-        mlp_stage(stream::image, h.mlp[0], w.ff1, w.ff2);
-        if (!w.context_pre_only) mlp_stage(stream::context, h.mlp[1], w.ff_context1, w.ff_context2);
+        if (p.single) single_block(l, p, h);
+        else joint_block(l, p, h);
         ++l;
     }
-    if (o.between_blocks) boundary(c.num_layers);
+    if (o.between_blocks) boundary(blocks());
     final_layer(velocity);
     opts = nullptr;
 }
@@ -1045,11 +962,22 @@ void transformer::impl::run(const forward_inputs& in, std::span<float> velocity,
 
 transformer::transformer(const model& m, const engine_limits& limits, int threads)
     : impl_(std::make_unique<impl>(m, limits, threads)) {}
+transformer::transformer(const flux_model& m, const engine_limits& limits, int threads)
+    : impl_(std::make_unique<impl>(m, limits, threads)) {}
 transformer::~transformer() = default;
 transformer::transformer(transformer&&) noexcept = default;
 transformer& transformer::operator=(transformer&&) noexcept = default;
 
-const transformer_config& transformer::config() const noexcept { return impl_->m->config; }
+architecture transformer::arch() const noexcept { return impl_->fx ? architecture::flux : architecture::sd3; }
+const transformer_config& transformer::config() const {
+    if (!impl_->m) throw std::logic_error("transformer::config: this engine runs a FLUX model (use flux())");
+    return impl_->m->config;
+}
+const flux_config& transformer::flux() const {
+    if (!impl_->fx) throw std::logic_error("transformer::flux: this engine runs an SD3 model (use config())");
+    return impl_->fx->config;
+}
+int transformer::blocks() const noexcept { return impl_->blocks(); }
 const engine_limits& transformer::limits() const noexcept { return impl_->limits; }
 int transformer::threads() const noexcept { return impl_->team->size(); }
 void transformer::set_threads(int threads) {

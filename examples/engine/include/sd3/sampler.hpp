@@ -55,10 +55,10 @@ double flux_mu(int image_seq_len, int base_seq_len = 256, int max_seq_len = 4096
 // Conditioning for sample_cfg, diffusers' names: context = prompt_embeds, pooled = pooled_prompt_embeds.
 struct cfg_inputs {
     int batch = 0;
-    int height = 0;  // latent pixels
+    int height = 0;  // SD3: latent pixels; FLUX: the token grid (forward_inputs)
     int width = 0;
     int context_tokens = 0;
-    std::span<const float> noise;             // initial latents [batch, in_channels, height, width]
+    std::span<const float> noise;             // initial latents: SD3 [batch, in_channels, height, width], FLUX [batch, height * width, in_channels]
     std::span<const float> context;           // [batch, context_tokens, joint_attention_dim]
     std::span<const float> negative_context;  // same shape; needed only when guidance > 1
     std::span<const float> pooled;            // [batch, pooled_projection_dim]
@@ -82,7 +82,9 @@ using model_fn = std::function<void(const model_call&)>;
 using step_fn = std::function<void(int step, float sigma, std::span<const float> latents)>;
 
 // The SD3 pipeline loop: for each step, v = model([uncond; cond], t), v = v_u + guidance (v_c - v_u)
-// (guidance > 1, else the cond batch alone), latents = Euler step. Returns the final latents.
+// (guidance > 1, else the cond batch alone), latents = Euler step. Returns the final latents. A FLUX model with
+// a guidance embedding (FLUX.1-dev) is given `guidance` as its input instead, with one batch (FluxPipeline's loop);
+// a FLUX model without one is guided by CFG like SD3.
 // The transformer's max_batch must hold the model batch. Buffers are allocated once per call, not per step.
 std::vector<float> sample_cfg(transformer& net, const flow_match_euler& scheduler, const cfg_inputs& in, float guidance,
                               const model_fn& model = {}, const step_fn& on_step = {});

@@ -1,8 +1,12 @@
-// The SD3 MMDiT forward pass (diffusers SD3Transformer2DModel semantics) with caching hooks.
+// The MMDiT forward pass with caching hooks, for three architectures: SD3 and SD3.5-large (diffusers
+// SD3Transformer2DModel), SD3.5-medium (the same class with dual_attention_layers: MMDiT-X) and FLUX (diffusers
+// FluxTransformer2DModel: double-stream blocks, then single-stream blocks, rotary positions).
 //
 // Plain use:
 //     sd3::transformer net(model, {.max_batch = 2, .max_context_tokens = 77}, /*threads=*/4);
 //     net.forward(inputs, velocity);                    // velocity: [batch, out_channels, height, width]
+//     sd3::transformer flux(flux_model, {.max_batch = 1, .max_height = 64, .max_width = 64, .max_context_tokens = 512});
+//     flux.forward(inputs, velocity);                   // latents and velocity: [batch, height * width, channels]
 //
 // Hooked use (see docs/engine.md): a forward_options object selects
 //   - a token-subset forward (only some image tokens run the blocks; keys/values of the others come from a
@@ -25,6 +29,11 @@
 namespace sd3 {
 
 struct model;
+struct flux_model;
+struct flux_config;
+
+// Which network a transformer runs (the model it was built from).
+enum class architecture : int { sd3 = 0, flux = 1 };
 
 // Most threads a transformer accepts (each thread also gets its own attention-score workspace).
 inline constexpr int max_threads = 1024;
@@ -38,21 +47,30 @@ inline constexpr double default_min_chunk_work = 1 << 19;
 // Largest problem a transformer object is prepared for (workspaces are sized from these once).
 struct engine_limits {
     int max_batch = 2;
-    int max_height = 0;           // latent pixels; 0 = config.sample_size
-    int max_width = 0;            // latent pixels; 0 = config.sample_size
+    int max_height = 0;           // SD3: latent pixels, 0 = config.sample_size. FLUX: token rows (required)
+    int max_width = 0;            // SD3: latent pixels, 0 = config.sample_size. FLUX: token columns (required)
     int max_context_tokens = 256;
 };
 
 // One forward call's inputs: views over caller memory, diffusers' layouts.
+// SD3: latents [batch, in_channels, height, width] in latent pixels (multiples of patch_size).
+// FLUX: height x width is the token grid (the packed latent: FluxPipeline's 2 x 2 patches), latents the packed
+// sequence [batch, height * width, in_channels] with tokens row-major over the grid.
 struct forward_inputs {
     int batch = 0;
-    int height = 0;  // latent pixels, a multiple of patch_size
+    int height = 0;
     int width = 0;
     int context_tokens = 0;
-    std::span<const float> latents;    // [batch, in_channels, height, width]
-    std::span<const float> timesteps;  // [batch], on diffusers' scale (sigma * 1000)
+    std::span<const float> latents;
+    std::span<const float> timesteps;  // [batch], sigma * 1000 for every architecture (FLUX's model scales t / 1000 back)
     std::span<const float> context;    // [batch, context_tokens, joint_attention_dim]
     std::span<const float> pooled;     // [batch, pooled_projection_dim]
+    // FLUX with guidance_embeds only: [batch] guidance scales (diffusers' `guidance`, e.g. 3.5); empty otherwise.
+    std::span<const float> guidance = {};
+    // FLUX only, optional: rotary position ids, (axis 0, row, column) per token as floats, diffusers' img_ids
+    // [height * width, 3] and txt_ids [context_tokens, 3]. Empty: FluxPipeline's, (0, row, column) and zeros.
+    std::span<const float> image_ids = {};
+    std::span<const float> text_ids = {};
 };
 
 // Which attention of a block: the joint one (image and context tokens), or MMDiT-X's second, image-only one
@@ -62,9 +80,11 @@ enum class attention_kind : int { joint = 0, image_only = 1 };
 // Per-layer keys and values of every image token (after qk-norm), the state a token-subset forward reads
 // for the tokens it does not compute: one slot per layer for the joint attention, and one per dual-attention
 // layer for its image-only attention. Layout: [slot][sample][token][hidden], heads contiguous in hidden.
+// FLUX: one slot per double-stream block, then one per single-stream block (keys after qk-norm and rotation).
 class kv_cache {
 public:
     kv_cache(const transformer_config& config, int max_batch, int max_image_tokens);
+    kv_cache(const flux_config& config, int max_batch, int max_image_tokens);
     int layers() const noexcept { return layers_; }
     const std::vector<int>& dual_attention_layers() const noexcept { return dual_; }
     int max_batch() const noexcept { return max_batch_; }
@@ -81,6 +101,7 @@ public:
     }
 
 private:
+    kv_cache(int layers, int hidden, std::vector<int> dual, int max_batch, int max_image_tokens);
     template <class Floats>
     auto at(Floats& floats, int layer, int sample, attention_kind a) const noexcept -> decltype(floats.data()) {
         const int slot = a == attention_kind::joint ? layer : slot_of_[static_cast<std::size_t>(layer)];
@@ -102,7 +123,9 @@ enum class module_mode : std::uint8_t {
 };
 
 // One caching site: a module's output before the AdaLN gate (attention = after to_out / to_add_out;
-// MLP = after ff.net.2), for one stream of one block.
+// MLP = after ff.net.2), for one stream of one block. A FLUX single-stream block computes
+// gate * proj_out([attention, mlp]); its sites are the two halves of that product, proj_out's attention columns
+// times the attention output and its MLP columns times the MLP activation plus the bias, which add up to it.
 struct module_hook {
     module_mode mode = module_mode::compute;
     // [batch, stream tokens, hidden] caller memory indexed by absolute token id (image: (H/p)*(W/p) tokens
@@ -129,7 +152,8 @@ struct block_boundary {
     std::span<float> context;  // [batch, context tokens, hidden]: the context stream, editable
     // next_layer's AdaLN-Zero output for the image stream, [batch, 6 * hidden]: shift, scale, gate (attention),
     // shift, scale, gate (MLP), as diffusers chunks it ([batch, 9 * hidden] in an MMDiT-X block: then shift,
-    // scale, gate of the image-only attention); empty before the final layer.
+    // scale, gate of the image-only attention; [batch, 3 * hidden] in a FLUX single-stream block: shift, scale,
+    // gate of both streams); empty before the final layer.
     std::span<const float> modulation;
 };
 // Called before every block (after its modulation is computed) and once before the final layer. Returns the next
@@ -149,8 +173,9 @@ struct forward_options {
     // the head-averaged attention probabilities, summed over all layers that computed attention.
     std::span<float> attention_probe;
     bool probe_context_queries = false;  // also count the context tokens' queries (default: image queries only)
-    // Empty, or one entry per layer. The last block (context_pre_only) has no context outputs: its context
-    // hooks must stay {compute, nullptr}.
+    // Empty, or one entry per block (transformer::blocks(): FLUX's double-stream blocks, then its single-stream
+    // ones). SD3's last block (context_pre_only) has no context outputs: its context hooks must stay
+    // {compute, nullptr}.
     std::span<const block_hooks> blocks;
     // Empty, or the step-level caching callback (block_boundary). Its calls do not allocate; a return value
     // outside its range throws std::logic_error (the forward stops there).
@@ -164,11 +189,21 @@ public:
     // Workspaces are sized here from `limits`; their total is checked against the machine's memory first, and
     // limits whose workspaces would not fit are refused (std::invalid_argument stating the bytes needed).
     explicit transformer(const model& m, const engine_limits& limits = {}, int threads = 1);
+    // A FLUX engine: limits.max_height and max_width (the token grid) are required; patch_size must be 1 (the
+    // pipeline packs the latents itself, as every released FLUX config does).
+    transformer(const flux_model& m, const engine_limits& limits, int threads = 1);
     ~transformer();
     transformer(transformer&&) noexcept;
     transformer& operator=(transformer&&) noexcept;
 
-    const transformer_config& config() const noexcept;
+    architecture arch() const noexcept;
+    // The SD3 model's config; on a FLUX engine throws std::logic_error (use flux()).
+    const transformer_config& config() const;
+    // The FLUX model's config; on an SD3 engine throws std::logic_error.
+    const sd3::flux_config& flux() const;
+    // Blocks a forward runs, one block_hooks entry and one kv_cache slot each: num_layers (SD3), or
+    // num_layers + num_single_layers (FLUX).
+    int blocks() const noexcept;
     const engine_limits& limits() const noexcept;
     int threads() const noexcept;
     void set_threads(int threads);
@@ -178,7 +213,8 @@ public:
     // The least work worth a chunk (default_min_chunk_work); 0 splits every loop (tests of the parallel paths).
     void set_min_chunk_work(double multiply_adds);
 
-    // Full forward: velocity [batch, out_channels, height, width].
+    // Full forward: velocity [batch, out_channels, height, width] (SD3), [batch, height * width, patch_features]
+    // (FLUX: the output sequence, as FluxTransformer2DModel returns it).
     void forward(const forward_inputs& in, std::span<float> velocity);
     // Hooked forward (see forward_options). With no subset and no overrides it is bit-identical to the above.
     void forward(const forward_inputs& in, std::span<float> velocity, const forward_options& options);
