@@ -283,6 +283,10 @@ def make_flux(out_root):
         for ts in timesteps:
             x = sched.step(run(x, ts.expand(BATCH) / 1000), ts, x, return_dict=False)[0]
         io["sample_out"], io["sample_steps"], io["sample_mu"] = x, torch.tensor([steps]), torch.tensor([mu])
+        # FluxPipeline's latent packing (2 x 2 patches into tokens), on a non-square 3-channel latent
+        from diffusers import FluxPipeline
+        io["pack_in"] = torch.randn(2, 3, 4, 6, generator=gen)
+        io["pack_out"] = FluxPipeline._pack_latents(io["pack_in"], 2, 3, 4, 6)
     io["parameter_count"] = torch.tensor([sum(p.numel() for p in ref.parameters())])
     save_file({k: (v if v.dtype == torch.int64 else v.to(torch.float32)).contiguous() for k, v in io.items()},
               os.path.join(out, "io.safetensors"),

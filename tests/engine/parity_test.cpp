@@ -323,3 +323,17 @@ TEST_CASE("diffusers_parity: flux sampling (FluxPipeline's loop: sigmas linspace
         CHECK(err <= tolerance);
     }
 }
+
+TEST_CASE("diffusers_parity: flux latent packing (FluxPipeline._pack_latents) and its inverse; bad sizes refused") {
+    const flux_fixture fx;
+    const auto image = fx.get("pack_in"), expected = fx.get("pack_out");
+    std::vector<float> packed(image.size()), back(image.size());
+    sd3::flux_pack_latents(2, 3, 4, 6, image, packed);
+    CHECK(packed == expected);
+    sd3::flux_unpack_latents(2, 3, 4, 6, packed, back);
+    CHECK(back == image);
+    std::vector<float> odd(180), short_out(10);
+    CHECK_THROWS_WITH_AS(sd3::flux_pack_latents(2, 3, 5, 6, odd, odd), doctest::Contains("height/width = 2/3/5/6"), std::invalid_argument);
+    CHECK_THROWS_WITH_AS(sd3::flux_unpack_latents(2, 3, 4, 6, packed, short_out), doctest::Contains("expected positive sizes"),
+                         std::invalid_argument);
+}

@@ -52,7 +52,7 @@ struct sampling_inputs {
     p.inputs = {2, 8, 8, 3, noise, context, negative_context, pooled, negative_pooled};
     p.steps = steps;
     p.guidance = 3.f;
-    p.shift = 3.0;
+    p.schedule = {.shift = 3.0, .flux_mu = {}};
     return p;
   }
 };

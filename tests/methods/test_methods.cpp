@@ -169,7 +169,7 @@ TEST_CASE("the speculative pass samples from the same noise and conditioning") {
     sd.spec_grid = specdiff::speculative_grid::aligned;
     const auto pass = methods::speculative_pass(p, sd);
     REQUIRE(pass.has_value());
-    const sd3::flow_match_euler main(p.steps, static_cast<double>(p.shift));
+    const sd3::flow_match_euler main = p.schedule(p.steps);
     const auto& ts = pass->timesteps();
     REQUIRE(ts.size() == static_cast<std::size_t>(s));
     CHECK(ts[0] == main.timesteps()[0]);
@@ -271,7 +271,7 @@ std::vector<float> taylorseer_twin(const methods::problem& p, int first_enhance,
   std::vector<sd3::block_hooks> hooks(static_cast<std::size_t>(layers));
   std::vector<int> activated;  // full steps so far
   int counter = 0;
-  const sd3::flow_match_euler scheduler(p.steps, p.shift);
+  const sd3::flow_match_euler scheduler = p.schedule(p.steps);
   return sd3::sample_cfg(net, scheduler, p.inputs, p.guidance, [&](const sd3::model_call& call) {
     const int step = call.step;
     const bool full = step < first_enhance || counter == interval - 1;
@@ -384,7 +384,7 @@ std::vector<float> ras_twin(const methods::problem& p, const methods::ras_option
     }
     return static_cast<float>(sum / pixels);
   };
-  const sd3::flow_match_euler scheduler(p.steps, p.shift);
+  const sd3::flow_match_euler scheduler = p.schedule(p.steps);
   return sd3::sample_cfg(net, scheduler, p.inputs, p.guidance, [&](const sd3::model_call& call) {
     const bool dense = call.step < o.warmup_steps || std::find(o.reset_steps.begin(), o.reset_steps.end(), call.step) != o.reset_steps.end();
     sd3::forward_options options;

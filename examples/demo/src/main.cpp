@@ -153,7 +153,7 @@ int main(int argc, char** argv) {
                speedup_spread = timing.speedup_spread();
 
     auto grid = [&](const std::filesystem::path& path, const std::vector<float>& latents) {
-      const auto images = demo::clamp_images(latents);
+      const auto images = demo::clamped_images(model, latents);
       quality::grid_options g;
       g.columns = static_cast<std::size_t>(std::min(samples, 10));
       g.scale = 2;

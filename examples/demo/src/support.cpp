@@ -8,6 +8,7 @@
 #include "quality/metrics.hpp"
 #include "quality/noise.hpp"
 #include "sd3/errors.hpp"
+#include "sd3/files.hpp"
 #include "sd3/resources.hpp"
 
 namespace demo {
@@ -16,27 +17,82 @@ std::filesystem::path default_model_dir() { return std::filesystem::path(SPECDIF
 
 conditional_model conditional_model::load(const std::filesystem::path& dir) {
   if (!std::filesystem::is_directory(dir)) throw std::runtime_error("model: " + dir.string() + " is not a folder");
-  conditional_model m{sd3::model::load(dir / "transformer"), quality::class_embeddings::load(dir),
-                      quality::load_scheduler_shift(dir), quality::digit_classifier::load(dir),
-                      quality::load_guidance_scale(dir), std::nullopt};
+  const auto net_dir = dir / "transformer";
+  // The transformer's class, as diffusers' config.json names it; each parser refuses the other's.
+  const bool is_flux = sd3::read_text_file(net_dir / "config.json", "model: transformer config").find("FluxTransformer2DModel") !=
+                       std::string::npos;
+  conditional_model m{is_flux ? decltype(network){sd3::flux_model::load(net_dir)} : decltype(network){sd3::model::load(net_dir)},
+                      quality::class_embeddings::load(dir), {}, quality::digit_classifier::load(dir),
+                      quality::load_guidance_scale(dir), std::nullopt, 0, 0, 0};
   // Older model folders have no reference statistics: FD is then reported as unavailable, not as an error.
   if (const auto reference = dir / quality::fd_reference_file_name; std::filesystem::exists(reference))
     m.fd_reference = quality::load_fd_reference(reference, m.classifier.feature_size());
-  const auto& c = m.transformer.config;
-  if (m.classes.pooled_dim != c.pooled_projection_dim || m.classes.joint_attention_dim != c.joint_attention_dim)
-    throw std::runtime_error("model: " + dir.string() + ": class embeddings (pooled " + std::to_string(m.classes.pooled_dim) + ", context " +
-                             std::to_string(m.classes.joint_attention_dim) + ") do not match the transformer (pooled_projection_dim " +
-                             std::to_string(c.pooled_projection_dim) + ", joint_attention_dim " + std::to_string(c.joint_attention_dim) + ")");
+  auto fail = [&](const auto&... what) { throw std::runtime_error(sd3::message("model: ", dir.string(), ": ", what...)); };
+  int pooled_dim = 0, joint_dim = 0, in_channels = 0;
+  if (const auto* f = std::get_if<sd3::flux_model>(&m.network)) {
+    // The images are the classifier's; the latents are them packed 2 x 2.
+    m.image_channels = static_cast<int>(m.classifier.input_channels());
+    m.image_height = static_cast<int>(m.classifier.input_height());
+    m.image_width = static_cast<int>(m.classifier.input_width());
+    if (f->config.in_channels != 4 * m.image_channels || m.image_height % 2 || m.image_width % 2)
+      fail("FLUX in_channels ", f->config.in_channels, " must be 4 x the classifier's ", m.image_channels,
+           " image channels, its image sides (", m.image_height, " x ", m.image_width, ") even");
+    pooled_dim = f->config.pooled_projection_dim, joint_dim = f->config.joint_attention_dim;
+  } else {
+    const auto& c = std::get<sd3::model>(m.network).config;
+    m.image_channels = c.in_channels, m.image_height = m.image_width = c.sample_size;
+    in_channels = c.in_channels;
+    pooled_dim = c.pooled_projection_dim, joint_dim = c.joint_attention_dim;
+    if (c.out_channels != c.in_channels) fail("out_channels ", c.out_channels, " != in_channels ", in_channels);
+  }
+  m.schedule = quality::load_schedule(dir, m.image_tokens());
+  if (m.classes.pooled_dim != pooled_dim || m.classes.joint_attention_dim != joint_dim)
+    fail("class embeddings (pooled ", m.classes.pooled_dim, ", context ", m.classes.joint_attention_dim,
+         ") do not match the transformer (pooled_projection_dim ", pooled_dim, ", joint_attention_dim ", joint_dim, ")");
   return m;
+}
+
+int conditional_model::image_tokens() const noexcept {
+  if (flux()) return latent_height() * latent_width();
+  const int p = std::get<sd3::model>(network).config.patch_size;
+  return (image_height / p) * (image_width / p);
+}
+int conditional_model::blocks() const noexcept {
+  if (const auto* f = std::get_if<sd3::flux_model>(&network)) return f->config.num_layers + f->config.num_single_layers;
+  return std::get<sd3::model>(network).config.num_layers;
+}
+int conditional_model::hidden() const noexcept {
+  return std::visit([](const auto& n) { return n.config.hidden(); }, network);
+}
+std::unique_ptr<sd3::transformer> conditional_model::engine(const sd3::engine_limits& limits, int threads) const {
+  sd3::engine_limits l = limits;
+  l.max_height = latent_height(), l.max_width = latent_width();
+  return std::visit([&](const auto& n) { return std::make_unique<sd3::transformer>(n, l, threads); }, network);
+}
+std::vector<float> conditional_model::images(std::span<const float> latents) const {
+  std::vector<float> out(latents.size());
+  if (!flux()) {
+    std::copy(latents.begin(), latents.end(), out.begin());
+    return out;
+  }
+  const std::size_t per = static_cast<std::size_t>(image_channels) * image_height * image_width;
+  sd3::flux_unpack_latents(static_cast<int>(latents.size() / per), image_channels, image_height, image_width, latents, out);
+  return out;
 }
 
 sample_batch make_batch(const conditional_model& m, int samples, std::uint64_t seed) {
   if (samples < 1) throw std::invalid_argument("samples: must be >= 1, got " + std::to_string(samples));
-  const auto& c = m.transformer.config;
   const auto& e = m.classes;
   sample_batch b;
-  b.height = b.width = c.sample_size;
-  b.noise = quality::sample_latents(static_cast<std::size_t>(samples), static_cast<std::size_t>(c.in_channels) * b.height * b.width, seed);
+  b.height = m.latent_height(), b.width = m.latent_width();
+  // The same noise image for every architecture; FLUX packs it as FluxPipeline.prepare_latents does.
+  const std::size_t per = static_cast<std::size_t>(m.image_channels) * m.image_height * m.image_width;
+  b.noise = quality::sample_latents(static_cast<std::size_t>(samples), per, seed);
+  if (m.flux()) {
+    std::vector<float> packed(b.noise.size());
+    sd3::flux_pack_latents(samples, m.image_channels, m.image_height, m.image_width, b.noise, packed);
+    b.noise = std::move(packed);
+  }
   const int labelled = e.null_class;  // classes 0 .. null_class - 1
   for (int i = 0; i < samples; ++i) b.labels.push_back(i % labelled);
   const std::vector<int> nulls(static_cast<std::size_t>(samples), e.null_class);
@@ -62,7 +118,7 @@ methods::problem make_problem(sd3::transformer& net, const conditional_model& m,
   p.inputs.negative_pooled = b.negative_pooled;
   p.steps = steps;
   p.guidance = guidance.value_or(static_cast<float>(m.guidance));
-  p.shift = m.shift;
+  p.schedule = m.schedule;
   return p;
 }
 
@@ -70,18 +126,19 @@ std::unique_ptr<workload> make_workload(const std::filesystem::path& model_dir, 
                                         std::optional<float> guidance, int threads) {
   if (samples < 1) throw std::invalid_argument(sd3::message("samples: must be >= 1, got ", samples));
   auto w = std::make_unique<workload>(workload{conditional_model::load(model_dir), {}, nullptr, {}});
-  // The largest per-run state of any method, checked before anything is sized from `samples`: per layer, the
-  // CFG batch's image rows at two sites with up to three cached steps each (TaylorSeer order 2) and the
-  // token-level methods' K/V, which that bounds; the engine checks its own workspaces when it is built.
-  const auto& c = w->model.transformer.config;
-  const std::size_t rows = sd3::saturating_product(2 * std::int64_t{samples}, (c.sample_size / c.patch_size) * std::int64_t{c.sample_size / c.patch_size});
+  // The largest per-run state of any method, checked before anything is sized from `samples`: per block, the
+  // CFG batch's image rows at up to three sites (MMDiT-X: two attentions and the MLP) with up to three cached
+  // steps each (TaylorSeer order 2) and the token-level methods' K/V, which that bounds; the engine checks its own
+  // workspaces when it is built.
+  const auto& m = w->model;
+  const std::size_t rows = sd3::saturating_product(2 * std::int64_t{samples}, m.image_tokens());
   sd3::require_memory(sd3::message("demo: the methods' caches for ", samples, " samples"),
-                      sd3::saturating_product(c.num_layers, rows, c.hidden(), 2 * (1 + 3), sizeof(float)));
+                      sd3::saturating_product(m.blocks(), rows, m.hidden(), 3 * (1 + 3), sizeof(float)));
   w->batch = make_batch(w->model, samples, seed);
   sd3::engine_limits limits;
   limits.max_batch = 2 * samples;
   limits.max_context_tokens = w->model.classes.context_tokens;
-  w->net = std::make_unique<sd3::transformer>(w->model.transformer, limits, threads);
+  w->net = w->model.engine(limits, threads);
   w->problem = make_problem(*w->net, w->model, w->batch, steps, guidance);
   return w;
 }
@@ -204,24 +261,24 @@ methods::run_result run_method(const methods::problem& p, const method_spec& s, 
   throw std::invalid_argument(sd3::message("method: unknown '", sd3::excerpt(s.name), "' (", method_list(), ")"));
 }
 
-std::vector<float> clamp_images(std::span<const float> latents) {
-  std::vector<float> out(latents.begin(), latents.end());
+std::vector<float> clamped_images(const conditional_model& m, std::span<const float> latents) {
+  std::vector<float> out = m.images(latents);
   for (auto& x : out) x = std::clamp(x, -1.f, 1.f);
   return out;
 }
 
 quality::image_batch as_image_batch(const conditional_model& m, const sample_batch& b, std::span<const float> images) {
-  return {images, b.labels.size(), static_cast<std::size_t>(m.transformer.config.out_channels), static_cast<std::size_t>(b.height),
-          static_cast<std::size_t>(b.width)};
+  return {images, b.labels.size(), static_cast<std::size_t>(m.image_channels), static_cast<std::size_t>(m.image_height),
+          static_cast<std::size_t>(m.image_width)};
 }
 
-double class_accuracy(const conditional_model& m, const sample_batch& b, std::span<const float> images) {
-  const auto clamped = clamp_images(images);
+double class_accuracy(const conditional_model& m, const sample_batch& b, std::span<const float> latents) {
+  const auto clamped = clamped_images(m, latents);
   return m.classifier.accuracy(as_image_batch(m, b, clamped), b.labels);
 }
 
-quality_report evaluate(const conditional_model& m, const sample_batch& b, std::span<const float> reference, std::span<const float> images) {
-  const auto ref = clamp_images(reference), img = clamp_images(images);
+quality_report evaluate(const conditional_model& m, const sample_batch& b, std::span<const float> reference, std::span<const float> latents) {
+  const auto ref = clamped_images(m, reference), img = clamped_images(m, latents);
   const auto ref_batch = as_image_batch(m, b, ref), img_batch = as_image_batch(m, b, img);
   quality_report r;
   const double psnr = quality::mean_psnr(ref_batch, img_batch, 2.0);
@@ -238,9 +295,9 @@ std::string fd_unavailable_reason(const conditional_model& m, const sample_batch
   return "";
 }
 
-std::optional<double> image_fd(const conditional_model& m, const sample_batch& b, std::span<const float> images) {
+std::optional<double> image_fd(const conditional_model& m, const sample_batch& b, std::span<const float> latents) {
   if (!fd_unavailable_reason(m, b).empty()) return std::nullopt;
-  const auto clamped = clamp_images(images);  // as class_accuracy measures them
+  const auto clamped = clamped_images(m, latents);  // as class_accuracy measures them
   return quality::classifier_fd(m.classifier, as_image_batch(m, b, clamped), *m.fd_reference);
 }
 

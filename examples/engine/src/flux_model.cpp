@@ -7,6 +7,7 @@
 #include "config_fields.hpp"
 #include "sd3/errors.hpp"
 #include "sd3/files.hpp"
+#include "sd3/resources.hpp"
 #include "sd3/safetensors.hpp"
 #include "weights.hpp"
 
@@ -152,6 +153,35 @@ std::size_t flux_model::parameter_count() const {
     for (const auto& b : single_blocks)
         total += n(b.norm) + n(b.to_qkv) + b.norm_q.size() + b.norm_k.size() + n(b.proj_mlp) + n(b.proj_out);
     return total;
+}
+
+namespace {
+template <bool Pack>
+void move_packed(const char* fn, int batch, int channels, int height, int width, std::span<const float> from, std::span<float> to) {
+    const std::size_t want = saturating_product(batch, channels, height, width);
+    if (batch < 1 || channels < 1 || height < 2 || width < 2 || height % 2 || width % 2 || from.size() != want || to.size() != want)
+        throw std::invalid_argument(message(fn, ": batch/channels/height/width = ", batch, "/", channels, "/", height, "/", width,
+                                            " with ", from.size(), " -> ", to.size(), " floats; expected positive sizes, even height ",
+                                            "and width, and ", want, " floats each"));
+    const int rows = height / 2, cols = width / 2;
+    for (int b = 0; b < batch; ++b)
+        for (int c = 0; c < channels; ++c)
+            for (int y = 0; y < height; ++y)
+                for (int x = 0; x < width; ++x) {
+                    const std::size_t pixel = ((static_cast<std::size_t>(b) * channels + c) * height + y) * width + x;
+                    const std::size_t token = static_cast<std::size_t>(b) * rows * cols + static_cast<std::size_t>(y / 2) * cols + x / 2;
+                    const std::size_t packed = token * channels * 4 + static_cast<std::size_t>(c) * 4 + (y % 2) * 2 + x % 2;
+                    if constexpr (Pack) to[packed] = from[pixel];
+                    else to[pixel] = from[packed];
+                }
+}
+}  // namespace
+
+void flux_pack_latents(int batch, int channels, int height, int width, std::span<const float> image, std::span<float> packed) {
+    move_packed<true>("flux_pack_latents", batch, channels, height, width, image, packed);
+}
+void flux_unpack_latents(int batch, int channels, int height, int width, std::span<const float> packed, std::span<float> image) {
+    move_packed<false>("flux_unpack_latents", batch, channels, height, width, packed, image);
 }
 
 }  // namespace sd3

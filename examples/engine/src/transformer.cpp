@@ -54,6 +54,11 @@ kv_cache::kv_cache(const flux_config& config, int max_batch, int max_image_token
     : kv_cache((config.validate(), config.num_layers + config.num_single_layers), config.hidden(), {}, max_batch,
                max_image_tokens) {}
 
+kv_cache::kv_cache(const transformer& net, int max_batch, int max_image_tokens)
+    : kv_cache(net.blocks(), net.hidden(),
+               net.arch() == architecture::sd3 ? net.config().dual_attention_layers : std::vector<int>{}, max_batch,
+               max_image_tokens) {}
+
 // ---------------------------------------------------------------------------------------------------------------
 
 namespace {
@@ -978,6 +983,36 @@ const flux_config& transformer::flux() const {
     return impl_->fx->config;
 }
 int transformer::blocks() const noexcept { return impl_->blocks(); }
+block_sites transformer::sites(int layer) const {
+    if (layer < 0 || layer >= impl_->blocks())
+        throw std::out_of_range(message("transformer::sites: layer = ", layer, " outside [0, ", impl_->blocks(), ")"));
+    const block_plan& p = impl_->plan[static_cast<std::size_t>(layer)];
+    return {p.context_outputs, p.dual_attention(), p.single};
+}
+int transformer::hidden() const noexcept { return impl_->D; }
+int transformer::patch_features() const noexcept { return impl_->P; }
+int transformer::image_tokens(int height, int width) const noexcept {
+    const int patch = impl_->m ? impl_->m->config.patch_size : 1;
+    return (height / patch) * (width / patch);
+}
+void transformer::velocity_to_rows(int batch, int height, int width, std::span<const float> velocity, std::span<float> rows) const {
+    if (impl_->m) return image_to_patches(impl_->m->config, batch, height, width, impl_->m->config.out_channels, {}, velocity, rows);
+    const std::size_t want = saturating_product(batch, height, width, impl_->P);
+    if (batch < 1 || height < 1 || width < 1 || velocity.size() != want || rows.size() != want)
+        throw std::invalid_argument(message("transformer::velocity_to_rows: batch/height/width = ", batch, "/", height, "/", width,
+                                            " and velocity/rows of ", velocity.size(), "/", rows.size(), " floats; expected positive sizes and ",
+                                            want, " floats each"));
+    std::copy(velocity.begin(), velocity.end(), rows.begin());
+}
+void transformer::rows_to_velocity(int batch, int height, int width, std::span<const float> rows, std::span<float> velocity) const {
+    if (impl_->m) return patches_to_image(impl_->m->config, batch, height, width, impl_->m->config.out_channels, {}, rows, velocity);
+    const std::size_t want = saturating_product(batch, height, width, impl_->P);
+    if (batch < 1 || height < 1 || width < 1 || velocity.size() != want || rows.size() != want)
+        throw std::invalid_argument(message("transformer::rows_to_velocity: batch/height/width = ", batch, "/", height, "/", width,
+                                            " and rows/velocity of ", rows.size(), "/", velocity.size(), " floats; expected positive sizes and ",
+                                            want, " floats each"));
+    std::copy(rows.begin(), rows.end(), velocity.begin());
+}
 const engine_limits& transformer::limits() const noexcept { return impl_->limits; }
 int transformer::threads() const noexcept { return impl_->team->size(); }
 void transformer::set_threads(int threads) {

@@ -7,9 +7,9 @@ namespace methods {
 
 run_result run_steps(const problem& p, int steps, const progress_fn& progress) {
   if (steps < 1) throw std::invalid_argument("steps: must be >= 1, got " + std::to_string(steps));
-  const sd3::flow_match_euler scheduler(steps, p.shift);
+  const sd3::flow_match_euler scheduler = p.schedule(steps);
   const auto start = std::chrono::steady_clock::now();
-  const auto& c = p.net->config();
+  const sd3::transformer& c = *p.net;
   const int tokens = image_tokens(p);
   run_result r;
   r.latents = sd3::sample_cfg(*p.net, scheduler, p.inputs, p.guidance, {}, [&](int step, float, std::span<const float>) {

@@ -27,12 +27,12 @@ constexpr int attention_site = 0, mlp_site = 1, attention2_site = 2, block_sites
 struct cached_module {
   int layer, site;
 };
-std::vector<cached_module> cached_modules(const sd3::transformer_config& c) {
+std::vector<cached_module> cached_modules(const sd3::transformer& c) {
   std::vector<cached_module> modules;
-  for (int l = 0; l < c.num_layers; ++l) {
+  for (int l = 0; l < c.blocks(); ++l) {
     modules.push_back({l, attention_site});
     modules.push_back({l, mlp_site});
-    if (c.dual_attention(l)) modules.push_back({l, attention2_site});
+    if (c.sites(l).image_only_attention) modules.push_back({l, attention2_site});
   }
   return modules;
 }
@@ -55,8 +55,8 @@ run_result run_module(const problem& p, const module_cache_options& o, Accelerat
                       const progress_fn& progress) {
   using kind = module_cache_options::kind;
   sd3::transformer& net = *p.net;
-  const auto& c = net.config();
-  const int batch = model_batch(p), ctx = p.inputs.context_tokens, hidden = c.hidden(), layers = c.num_layers;
+  const sd3::transformer& c = net;
+  const int batch = model_batch(p), ctx = p.inputs.context_tokens, hidden = c.hidden(), layers = c.blocks();
   const int tokens = image_tokens(p);
   const int image_rows = batch * tokens, context_rows = batch * ctx;
   const bool toca = o.method == kind::toca, forecast = o.method == kind::taylorseer;
@@ -75,14 +75,14 @@ run_result run_module(const problem& p, const module_cache_options& o, Accelerat
   std::vector<index_t> all_context(static_cast<std::size_t>(context_rows));
   for (index_t i = 0; i < context_rows; ++i) all_context[static_cast<std::size_t>(i)] = i;
   std::vector<float> probe(toca ? static_cast<std::size_t>(image_rows) : 0);
-  auto last = [&](int l) { return l + 1 == layers; };  // context_pre_only: no context outputs to cache
+  auto last = [&](int l) { return !c.sites(l).context_outputs; };  // SD3's last block: no context outputs to cache
   auto slot = [&](int l, int site) { return slot_of[static_cast<std::size_t>(l * block_sites + site)]; };
   auto image_view = [&](int l, int site) { return image[static_cast<std::size_t>(slot(l, site))].view(image_rows, hidden); };
   auto attention2_hook = [&](int l, sd3::module_mode mode) {
-    return c.dual_attention(l) ? sd3::module_hook{mode, image_view(l, attention2_site).data, {}} : sd3::module_hook{};
+    return c.sites(l).image_only_attention ? sd3::module_hook{mode, image_view(l, attention2_site).data, {}} : sd3::module_hook{};
   };
   auto context_view = [&](int l, int site) { return context[static_cast<std::size_t>(l * 2 + site)].view(context_rows, hidden); };
-  const sd3::flow_match_euler scheduler(p.steps, p.shift);
+  const sd3::flow_match_euler scheduler = p.schedule(p.steps);
 
   run_result r;
   const auto start = std::chrono::steady_clock::now();
@@ -173,7 +173,7 @@ run_result run_module_cache(const problem& p, const module_cache_options& o, con
   using rule = module_cache_options::forecast_rule;
   if (o.interval < 1) throw std::invalid_argument("interval: must be >= 1, got " + std::to_string(o.interval));
   if (o.method == kind::taylorseer && (o.order < 1 || o.order > 2)) throw std::invalid_argument("order: must be 1 or 2, got " + std::to_string(o.order));
-  const auto& c = p.net->config();
+  const sd3::transformer& c = *p.net;
   const int batch = model_batch(p);
   // ToCa shares one selection between the CFG halves (PixArt-ToCa's scores.py, lines 12-23: the halves'
   // maps averaged 0.5/0.5, the score repeated for both); here the accelerator scores the pair's mean attention.

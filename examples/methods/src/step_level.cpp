@@ -27,10 +27,10 @@ constexpr double unknown_change = std::numeric_limits<double>::infinity();  // n
 
 // FLOPs of one sample's forward that runs blocks [0, first_skipped) and [resume, layers), plus the modulation of
 // block `first_skipped` (the engine computes it before the boundary callback that decides the skip).
-double skipping_forward_flops(const sd3::transformer_config& c, int tokens, int ctx, int first_skipped, int resume) {
+double skipping_forward_flops(const sd3::transformer& c, int tokens, int ctx, int first_skipped, int resume) {
   double f = outer_flops(c, ctx, tokens);
   const block_work full{tokens, true, tokens, true}, modulation_only{0, false, 0, false};
-  for (int l = 0; l < c.num_layers; ++l) {
+  for (int l = 0; l < c.blocks(); ++l) {
     if (l < first_skipped || l >= resume) f += block_flops(c, tokens, ctx, l, full);
     else if (l == first_skipped) f += block_flops(c, tokens, ctx, l, modulation_only);
   }
@@ -69,7 +69,7 @@ template <class Boundary, class StepFlops>
 run_result run_with_boundary(const problem& p, std::chrono::steady_clock::time_point start, int& step, bool& computing, Boundary&& decide,
                              StepFlops&& skipped_step_flops, const progress_fn& progress) {
   sd3::transformer& net = *p.net;
-  const auto& c = net.config();
+  const sd3::transformer& c = net;
   const int batch = model_batch(p), tokens = image_tokens(p), ctx = p.inputs.context_tokens;
   run_result r;
   sd3::forward_options options;
@@ -77,7 +77,7 @@ run_result run_with_boundary(const problem& p, std::chrono::steady_clock::time_p
     stopwatch::scope s(r.overhead_seconds);
     return decide(b);
   };
-  const sd3::flow_match_euler scheduler(p.steps, p.shift);
+  const sd3::flow_match_euler scheduler = p.schedule(p.steps);
   r.latents = sd3::sample_cfg(net, scheduler, p.inputs, p.guidance, [&](const sd3::model_call& call) {
     step = call.step;
     computing = true;
@@ -97,8 +97,8 @@ run_result run_with_boundary(const problem& p, std::chrono::steady_clock::time_p
 }  // namespace
 
 run_result run_fbcache(const problem& p, const fbcache_options& o, const progress_fn& progress) {
-  const auto& c = p.net->config();
-  const int layers = c.num_layers;
+  const sd3::transformer& c = *p.net;
+  const int layers = c.blocks();
   if (o.front_blocks < 1) throw std::invalid_argument("front_blocks: must be >= 1, got " + std::to_string(o.front_blocks));
   if (o.back_blocks < 0) throw std::invalid_argument("back_blocks: must be >= 0, got " + std::to_string(o.back_blocks));
   if (o.front_blocks + o.back_blocks >= layers)
@@ -157,8 +157,8 @@ run_result run_teacache(const problem& p, const teacache_options& o, const progr
                                                                  : specdiff::change_rescale::identity();
   specdiff::relative_change_gate gate(g);
 
-  const auto& c = p.net->config();
-  const int layers = c.num_layers, batch = model_batch(p), tokens = image_tokens(p), ctx = p.inputs.context_tokens, hidden = c.hidden();
+  const sd3::transformer& c = *p.net;
+  const int layers = c.blocks(), batch = model_batch(p), tokens = image_tokens(p), ctx = p.inputs.context_tokens, hidden = c.hidden();
   const std::size_t image_size = static_cast<std::size_t>(batch) * tokens * hidden;
   std::vector<float> proxy(image_size), proxy_prev(image_size), block0_in(image_size), residual(image_size, 0.f);
   bool has_prev = false, computing = true;

@@ -60,7 +60,7 @@ template <class Accelerator, class AfterStep>
 run_result run_token_level(const problem& p, Accelerator& acc, const std::optional<sd3::flow_match_euler>& speculative, bool context_queries,
                            AfterStep&& after_step, const progress_fn& progress) {
   sd3::transformer& net = *p.net;
-  const auto& c = net.config();
+  const sd3::transformer& c = net;
   const int batch = model_batch(p), h = p.inputs.height, w = p.inputs.width, ctx = p.inputs.context_tokens;
   const int tokens = image_tokens(p), features = c.patch_features();
   constexpr bool probe_attention = specdiff::has(Accelerator::scorer_type::needs, specdiff::signal::attention);
@@ -69,7 +69,7 @@ run_result run_token_level(const problem& p, Accelerator& acc, const std::option
   std::vector<float> rows(static_cast<std::size_t>(batch * tokens * features)), compact(rows.size());
   const specdiff::matrix_view<float> row_view(rows.data(), batch * tokens, features);
   const std::span<const float> attention = probe_attention ? std::span<const float>(probe) : std::span<const float>();
-  const sd3::flow_match_euler scheduler(p.steps, p.shift);
+  const sd3::flow_match_euler scheduler = p.schedule(p.steps);
   if (speculative) acc.begin_speculation(std::span<const float>(speculative->timesteps()));  // sizes the records
   run_result r;
   const int spec_steps = speculative ? speculative->steps() : 0;
@@ -110,7 +110,7 @@ run_result run_token_level(const problem& p, Accelerator& acc, const std::option
     if (computed == tokens) {  // every token: the plain forward, so CR = 0 is bit-identical to full RFlow
       net.forward(*call.inputs, call.velocity, options);
       stopwatch::scope s(r.overhead_seconds);
-      sd3::image_to_patches(c, batch, h, w, c.out_channels, {}, call.velocity, rows);
+      c.velocity_to_rows(batch, h, w, call.velocity, rows);
       acc.complete_step(std::move(step), row_view, attention);
     } else {
       options.image_tokens = step.compute_tokens();
@@ -122,7 +122,7 @@ run_result run_token_level(const problem& p, Accelerator& acc, const std::option
     {
       stopwatch::scope s(r.overhead_seconds);
       after_step(acc, rows);
-      sd3::patches_to_image(c, batch, h, w, c.out_channels, {}, rows, call.velocity);
+      c.rows_to_velocity(batch, h, w, rows, call.velocity);
     }
     r.flops += batch * subset_forward_flops(c, tokens, ctx, computed);
     tick();
@@ -143,15 +143,15 @@ std::vector<index_t> resets_within(const std::vector<int>& resets, int steps) {
 
 std::optional<sd3::flow_match_euler> speculative_pass(const problem& p, const specdiff_options& o) {
   if (o.spec_steps <= 0) return std::nullopt;
-  if (o.spec_grid == specdiff::speculative_grid::sampler) return sd3::flow_match_euler(o.spec_steps, p.shift);
-  const sd3::flow_match_euler main(p.steps, p.shift);
+  if (o.spec_grid == specdiff::speculative_grid::sampler) return p.schedule(o.spec_steps);
+  const sd3::flow_match_euler main = p.schedule(p.steps);
   const specdiff::step_schedule schedule{o.warmup_steps, o.refresh_interval, o.spec_steps, resets_within(o.reset_steps, p.steps)};
   return sd3::flow_match_euler::at_timesteps(specdiff::aligned_speculative_timesteps(std::span<const float>(main.timesteps()), o.spec_steps, schedule));
 }
 
 run_result run_specdiff(const problem& p, const specdiff_options& o, const progress_fn& progress) {
   const int tokens = image_tokens(p), batch = model_batch(p);
-  const specdiff::accelerator_config config{.tokens = tokens, .batch = batch, .steps = p.steps, .feature_dim = p.net->config().patch_features(),
+  const specdiff::accelerator_config config{.tokens = tokens, .batch = batch, .steps = p.steps, .feature_dim = p.net->patch_features(),
                                             .share_cfg_plan = o.share_cfg_plan && batch % 2 == 0 && p.guidance > 1.f};
   const specdiff::step_schedule schedule{o.warmup_steps, o.refresh_interval, o.spec_steps, resets_within(o.reset_steps, p.steps)};
   const auto speculative = speculative_pass(p, o);
@@ -183,7 +183,7 @@ run_result run_ras(const problem& p, const ras_options& o, const progress_fn& pr
   using input = ras_options::metric_input;
   using count_rule = ras_options::drop_count_rule;
   const int tokens = image_tokens(p), batch = model_batch(p);
-  const auto& c = p.net->config();
+  const sd3::transformer& c = *p.net;
   const bool cfg = batch % 2 == 0 && p.guidance > 1.f;
   // RAS selects on the guided output, so both CFG halves share one plan.
   const specdiff::accelerator_config config{.tokens = tokens, .batch = batch, .steps = p.steps, .feature_dim = c.patch_features(),
@@ -198,7 +198,10 @@ run_result run_ras(const problem& p, const ras_options& o, const progress_fn& pr
   // lines 201 and 105-108), or averaged over the two halves (halves_mean). RAS's common factor
   // (sigma_next - sigma) drops out of the ranking. drop_count: RAS adds one each time a token is cached and
   // never resets it within an image (same file, lines 93, 113 and 121).
-  const int pixels = c.patch_size * c.patch_size, channels = c.out_channels;
+  // An SD3 row is (pixel, channel); a FLUX row is a packed 2 x 2 patch with the channels outermost, a layout RAS (SD3
+  // and Lumina only) never saw: its norm is taken over the whole row.
+  const int channels = c.arch() == sd3::architecture::flux ? c.patch_features() : c.config().out_channels;
+  const int pixels = c.patch_features() / channels;
   const int plans = static_cast<int>(config.plans());
   std::vector<float> metric(static_cast<std::size_t>(batch * tokens)), drop(static_cast<std::size_t>(plans * tokens), 0.f);
   auto patch_norm = [&](auto&& value) {  // value(px, ch) -> the velocity there

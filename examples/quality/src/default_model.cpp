@@ -92,6 +92,29 @@ double load_scheduler_shift(const std::filesystem::path& dir) {
                           max_scheduler_shift);
 }
 
+sd3::schedule_rule load_schedule(const std::filesystem::path& dir, int image_tokens) {
+  const auto path = dir / "scheduler_config.json";
+  sd3::schedule_rule rule{load_scheduler_shift(dir), std::nullopt};
+  const auto config = sd3::parse_json(sd3::read_text_file(path, "load_schedule: scheduler config"));  // checked by the read above
+  const auto dynamic = config.find("use_dynamic_shifting");
+  if (dynamic == config.end() || dynamic->is_null()) return rule;
+  if (!dynamic->is_boolean())
+    throw std::runtime_error(sd3::message("load_schedule: '", sd3::path_excerpt(path.string()), "' has use_dynamic_shifting ",
+                                          sd3::json_excerpt(*dynamic), ", expected true or false"));
+  if (!dynamic->get<bool>()) return rule;
+  auto number = [&](const char* key, double fallback, double lo, double hi) {
+    return config.contains(key) ? read_json_number("load_schedule", path, "scheduler config", key, lo, true, hi) : fallback;
+  };
+  const double base = number("base_image_seq_len", 256, 1, 1 << 30), top = number("max_image_seq_len", 4096, 1, 1 << 30);
+  const double base_shift = number("base_shift", 0.5, -100, 100), max_shift = number("max_shift", 1.15, -100, 100);
+  try {
+    rule.flux_mu = sd3::flux_mu(image_tokens, static_cast<int>(base), static_cast<int>(top), base_shift, max_shift);
+  } catch (const std::invalid_argument& e) {
+    throw std::runtime_error(sd3::message("load_schedule: '", sd3::path_excerpt(path.string()), "': ", e.what()));
+  }
+  return rule;
+}
+
 double load_guidance_scale(const std::filesystem::path& dir) {
   const auto path = dir / "sampling.json";
   std::error_code ec;

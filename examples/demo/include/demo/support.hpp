@@ -6,33 +6,49 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <variant>
 #include <vector>
 
 #include "methods/methods.hpp"
 #include "quality/classifier.hpp"
 #include "quality/default_model.hpp"
 #include "quality/frechet.hpp"
+#include "sd3/flux_model.hpp"
 #include "sd3/model.hpp"
+#include "sd3/transformer.hpp"
 
 namespace demo {
 
 /// The default model folder of the source tree (models/mnist-sd3).
 std::filesystem::path default_model_dir();
 
-/// A class-conditional SD3-architecture model: the transformer, a class-embedding table feeding both
-/// MMDiT paths (pooled projection and context tokens; the last row is the null class for CFG), the
-/// scheduler shift it samples with, the digit classifier that judges its samples, and the statistics of the
-/// classifier's features over held-out real images that the Fréchet distance compares with (empty for a
-/// model folder without fd_reference.safetensors).
+/// A class-conditional model in pixel space, SD3 (models/mnist-sd3, canvas-sd3) or FLUX (models/mnist-flux): the
+/// transformer (the folder's transformer/config.json names its class), a class-embedding table feeding both
+/// paths (pooled projection and context tokens; the last row is the null class for CFG), the schedule it samples
+/// with, the digit classifier that judges its samples, and the statistics of the classifier's features over
+/// held-out real images that the Fréchet distance compares with (empty for a folder without fd_reference.safetensors).
+/// A FLUX model's latents are its images packed 2 x 2 into tokens (FluxPipeline's layout).
 struct conditional_model {
-  sd3::model transformer;
+  std::variant<sd3::model, sd3::flux_model> network;
   quality::class_embeddings classes;
-  double shift = 3.0;
+  sd3::schedule_rule schedule;
   quality::digit_classifier classifier;
   double guidance = quality::default_guidance_scale;  ///< the folder's sampling.json (quality::load_guidance_scale)
   std::optional<quality::feature_statistics> fd_reference;
+  int image_channels = 0, image_height = 0, image_width = 0;  ///< the samples as images (the classifier's input)
 
   static conditional_model load(const std::filesystem::path& dir);
+  bool flux() const noexcept { return network.index() == 1; }
+  /// forward_inputs' height and width: the image (SD3, pixel space) or its token grid (FLUX).
+  int latent_height() const noexcept { return flux() ? image_height / 2 : image_height; }
+  int latent_width() const noexcept { return flux() ? image_width / 2 : image_width; }
+  /// The image tokens of one sample, and the engine's and a method's per-layer state sized by them.
+  int image_tokens() const noexcept;
+  int blocks() const noexcept;
+  int hidden() const noexcept;
+  std::unique_ptr<sd3::transformer> engine(const sd3::engine_limits& limits, int threads) const;
+  /// Latents [samples, ...] as images [samples, channels, height, width]: a copy (SD3) or unpacked (FLUX).
+  std::vector<float> images(std::span<const float> latents) const;
 };
 
 /// The inputs of one batch of samples: noise from (seed, stream 0), labels i % classes, the class rows.
@@ -83,22 +99,24 @@ std::string method_list();
 /// Empty for one of dense_schedule_names, else "'NAME' is not a schedule; allowed: ...".
 std::string dense_schedule_error(const std::string& name);
 
-/// Quality of a run's images against full RFlow's, both clamped to the image range [-1, 1].
+/// Quality of a run's images against full RFlow's, both clamped to the image range [-1, 1]. These take a run's
+/// latents (methods::run_result::latents) and judge them as images (conditional_model::images).
 struct quality_report {
   std::optional<double> psnr_db;  ///< empty when the images are identical (infinite PSNR)
   double ssim = 1.0;
   double class_acc = 0.0;         ///< the classifier's accuracy against the requested labels
   std::optional<double> fd;       ///< image_fd of the run's images
 };
-quality_report evaluate(const conditional_model& m, const sample_batch& b, std::span<const float> reference, std::span<const float> images);
-double class_accuracy(const conditional_model& m, const sample_batch& b, std::span<const float> images);
+quality_report evaluate(const conditional_model& m, const sample_batch& b, std::span<const float> reference, std::span<const float> latents);
+double class_accuracy(const conditional_model& m, const sample_batch& b, std::span<const float> latents);
 /// Fréchet distance between the classifier features of the (clamped) images and the model's reference set;
 /// empty when the model has no reference statistics or the batch has fewer than 2 samples. With few samples
 /// it is biased upward: compare it only between runs of the same sample count.
-std::optional<double> image_fd(const conditional_model& m, const sample_batch& b, std::span<const float> images);
+std::optional<double> image_fd(const conditional_model& m, const sample_batch& b, std::span<const float> latents);
 /// Why image_fd is empty for this model and batch ("" when it is not).
 std::string fd_unavailable_reason(const conditional_model& m, const sample_batch& b);
-std::vector<float> clamp_images(std::span<const float> latents);
+/// A run's latents as images clamped to [-1, 1].
+std::vector<float> clamped_images(const conditional_model& m, std::span<const float> latents);
 /// A batch's images (already clamped) as the quality tools take them.
 quality::image_batch as_image_batch(const conditional_model& m, const sample_batch& b, std::span<const float> images);
 

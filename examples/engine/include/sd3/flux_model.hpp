@@ -6,6 +6,7 @@
 #include <array>
 #include <cstdint>
 #include <filesystem>
+#include <span>
 #include <string_view>
 #include <vector>
 
@@ -72,5 +73,11 @@ struct flux_model {
 
     std::size_t parameter_count() const;
 };
+
+// FluxPipeline's latent packing: [batch, channels, height, width] <-> [batch, (height/2) * (width/2), channels * 4],
+// each token a 2 x 2 patch, features ordered (channel, dy, dx). Throws std::invalid_argument naming the sizes when
+// they are not positive, height or width is odd, or a span does not hold the count.
+void flux_pack_latents(int batch, int channels, int height, int width, std::span<const float> image, std::span<float> packed);
+void flux_unpack_latents(int batch, int channels, int height, int width, std::span<const float> packed, std::span<float> image);
 
 }  // namespace sd3

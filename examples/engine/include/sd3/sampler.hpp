@@ -52,6 +52,17 @@ private:
 double flux_mu(int image_seq_len, int base_seq_len = 256, int max_seq_len = 4096, double base_shift = 0.5,
                double max_shift = 1.15);
 
+// How a pipeline builds its schedule for a step count from the model's scheduler_config.json: SD3's (the
+// scheduler's own sigmas with a fixed shift) or, with dynamic shifting, FluxPipeline's (sigmas
+// linspace(1, 1/n, n) shifted by mu, which the pipeline computes from the image's token count: flux_mu).
+struct schedule_rule {
+    double shift = 3.0;
+    std::optional<double> flux_mu;  // set: FluxPipeline's schedule with this mu
+    flow_match_euler operator()(int steps) const {
+        return flux_mu ? flow_match_euler::flux(steps, *flux_mu) : flow_match_euler(steps, shift);
+    }
+};
+
 // Conditioning for sample_cfg, diffusers' names: context = prompt_embeds, pooled = pooled_prompt_embeds.
 struct cfg_inputs {
     int batch = 0;

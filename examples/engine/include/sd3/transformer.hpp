@@ -30,6 +30,7 @@ namespace sd3 {
 
 struct model;
 struct flux_model;
+class transformer;
 struct flux_config;
 
 // Which network a transformer runs (the model it was built from).
@@ -85,6 +86,7 @@ class kv_cache {
 public:
     kv_cache(const transformer_config& config, int max_batch, int max_image_tokens);
     kv_cache(const flux_config& config, int max_batch, int max_image_tokens);
+    kv_cache(const transformer& net, int max_batch, int max_image_tokens);  // for the model `net` runs
     int layers() const noexcept { return layers_; }
     const std::vector<int>& dual_attention_layers() const noexcept { return dual_; }
     int max_batch() const noexcept { return max_batch_; }
@@ -182,6 +184,13 @@ struct forward_options {
     boundary_fn between_blocks;
 };
 
+// The module sites of a block (the block_hooks entries it accepts), for methods that cache them.
+struct block_sites {
+    bool context_outputs = true;        // false: SD3's last block (context_pre_only): its context hooks stay {compute, nullptr}
+    bool image_only_attention = false;  // MMDiT-X: block_hooks::attention2
+    bool single_stream = false;         // FLUX single-stream block (module_hook: its sites are proj_out's two halves)
+};
+
 class transformer {
 public:
     // `m` must outlive the transformer. threads in [1, max_threads]: the team of every stage (sd3::workers; the
@@ -204,6 +213,15 @@ public:
     // Blocks a forward runs, one block_hooks entry and one kv_cache slot each: num_layers (SD3), or
     // num_layers + num_single_layers (FLUX).
     int blocks() const noexcept;
+    // What a caching method needs to know of the network, whatever the architecture:
+    block_sites sites(int layer) const;            // throws std::out_of_range outside [0, blocks())
+    int hidden() const noexcept;                   // the width of every hook row
+    int patch_features() const noexcept;           // floats of a velocity row per image token
+    int image_tokens(int height, int width) const noexcept;  // tokens of a forward_inputs height x width
+    // A full forward's velocity <-> its token rows [batch, tokens, patch_features] in token order: SD3's
+    // image_to_patches / patches_to_image; a FLUX velocity already is the rows (a copy).
+    void velocity_to_rows(int batch, int height, int width, std::span<const float> velocity, std::span<float> rows) const;
+    void rows_to_velocity(int batch, int height, int width, std::span<const float> rows, std::span<float> velocity) const;
     const engine_limits& limits() const noexcept;
     int threads() const noexcept;
     void set_threads(int threads);

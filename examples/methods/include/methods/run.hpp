@@ -18,7 +18,7 @@ struct problem {
   sd3::cfg_inputs inputs;
   int steps = 28;
   float guidance = 4.f;
-  double shift = 3.0;
+  sd3::schedule_rule schedule;  ///< the model's (scheduler_config.json)
 };
 
 /// What a run reports. `seconds` is the wall time of sampling (a speculative pass included; the caches are
@@ -59,10 +59,7 @@ inline double seconds_since(std::chrono::steady_clock::time_point start) {
 }
 
 /// Image tokens per sample: the latent's patch grid.
-inline int image_tokens(const problem& p) {
-  const int patch = p.net->config().patch_size;
-  return (p.inputs.height / patch) * (p.inputs.width / patch);
-}
+inline int image_tokens(const problem& p) { return p.net->image_tokens(p.inputs.height, p.inputs.width); }
 
 /// The model batch of a problem: [uncond; cond] when guidance > 1.
 inline int model_batch(const problem& p) { return p.guidance > 1.f ? 2 * p.inputs.batch : p.inputs.batch; }

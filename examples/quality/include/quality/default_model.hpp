@@ -7,6 +7,8 @@
 #include <span>
 #include <vector>
 
+#include "sd3/sampler.hpp"
+
 namespace quality {
 
 struct class_embeddings {
@@ -36,6 +38,12 @@ inline constexpr double max_scheduler_shift = 1000.0;
 /// Throws std::runtime_error naming the file when it is missing, not a regular file, or has no `shift` in
 /// (0, max_scheduler_shift].
 double load_scheduler_shift(const std::filesystem::path& dir);
+
+/// How the model's pipeline builds its schedule, from the same file: the fixed `shift`, or, with
+/// `use_dynamic_shifting` true (FLUX), FluxPipeline's schedule with mu = sd3::flux_mu(image_tokens,
+/// base_image_seq_len, max_image_seq_len, base_shift, max_shift) (absent keys: FLUX.1's 256, 4096, 0.5, 1.15).
+/// Throws std::runtime_error naming the file and key for a value out of range or of the wrong type.
+sd3::schedule_rule load_schedule(const std::filesystem::path& dir, int image_tokens);
 
 /// Classifier-free guidance scale of a model folder without `sampling.json`, and the largest accepted.
 inline constexpr double default_guidance_scale = 4.0;
