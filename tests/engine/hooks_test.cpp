@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "engine_fixture.hpp"
+#include "sd3/flux_model.hpp"
 #include "sd3/transformer.hpp"
 #include "test_util.hpp"
 
@@ -377,4 +378,170 @@ TEST_CASE("patches_to_image and image_to_patches follow diffusers' (p, q, c) row
                          doctest::Contains("token id 6"), std::invalid_argument);
     CHECK_THROWS_WITH_AS(sd3::patches_to_image(c, 1, 5, W, C, {}, all_rows, again), doctest::Contains("height"),
                          std::invalid_argument);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// FLUX: the same contracts on a random FLUX model (one double-stream and two single-stream blocks, guidance
+// embedding, a non-square 4 x 5 token grid): every block has both streams' attention and MLP sites.
+
+namespace {
+
+struct flux_problem {
+    std::uint32_t seed;
+    sd3::flux_model model;
+    static constexpr int batch = 2, rows = 4, cols = 5, context_tokens = 3, N = rows * cols;
+    std::vector<float> latents, timesteps, context, pooled, guidance;
+
+    static sd3::flux_config config() {
+        sd3::flux_config c;
+        c.in_channels = 8;
+        c.num_layers = 1;
+        c.num_single_layers = 2;
+        c.attention_head_dim = 16;
+        c.num_attention_heads = 2;
+        c.joint_attention_dim = 12;
+        c.pooled_projection_dim = 10;
+        c.guidance_embeds = true;
+        c.axes_dims_rope = {4, 6, 6};
+        return c;
+    }
+    explicit flux_problem(std::uint32_t seed_) : seed(seed_), model(sd3::flux_model::random(config(), seed_)) {
+        std::mt19937 rng(seed_);
+        std::normal_distribution<float> n(0.0f, 1.0f);
+        auto fill = [&](std::vector<float>& v, std::size_t count) {
+            v.resize(count);
+            for (auto& x : v) x = n(rng);
+        };
+        fill(latents, static_cast<std::size_t>(batch) * N * 8);
+        fill(context, static_cast<std::size_t>(batch) * context_tokens * 12);
+        fill(pooled, static_cast<std::size_t>(batch) * 10);
+        timesteps = {std::uniform_real_distribution<float>(1.0f, 1000.0f)(rng), 500.0f};
+        guidance = {3.5f, 1.0f};
+    }
+    sd3::forward_inputs inputs() const {
+        return {.batch = batch, .height = rows, .width = cols, .context_tokens = context_tokens, .latents = latents,
+                .timesteps = timesteps, .context = context, .pooled = pooled, .guidance = guidance};
+    }
+    sd3::engine_limits limits() const { return {.max_batch = batch, .max_height = rows, .max_width = cols, .max_context_tokens = 4}; }
+};
+
+// Read-back buffers at every site of every block (both streams everywhere in FLUX).
+struct flux_sites {
+    std::vector<std::vector<float>> rows;  // [block * 4 + site]: attention image, attention context, MLP image, MLP context
+    std::vector<sd3::block_hooks> hooks;
+    explicit flux_sites(int blocks) : rows(static_cast<std::size_t>(blocks) * 4), hooks(static_cast<std::size_t>(blocks)) {
+        const std::size_t img = static_cast<std::size_t>(flux_problem::batch) * flux_problem::N * 32,
+                          ctx = static_cast<std::size_t>(flux_problem::batch) * flux_problem::context_tokens * 32;
+        for (int l = 0; l < blocks; ++l) {
+            for (int s = 0; s < 4; ++s) rows[l * 4 + s].assign(s % 2 ? ctx : img, 0.0f);
+            hooks[l].attention[0].rows = rows[l * 4 + 0].data();
+            hooks[l].attention[1].rows = rows[l * 4 + 1].data();
+            hooks[l].mlp[0].rows = rows[l * 4 + 2].data();
+            hooks[l].mlp[1].rows = rows[l * 4 + 3].data();
+        }
+    }
+    void reuse_all() {
+        for (auto& h : hooks)
+            for (int s = 0; s < 2; ++s) h.attention[s].mode = h.mlp[s].mode = sd3::module_mode::reuse;
+    }
+};
+
+}  // namespace
+
+TEST_CASE("flux: hooked forwards — read-back, reuse, MLP subsets, token subsets against the K/V cache, the probe") {
+    const flux_problem p(test_util::fresh_seed());
+    INFO("seed ", p.seed);
+    sd3::transformer net(p.model, p.limits(), 2);
+    net.set_min_chunk_work(0);
+    const int blocks = net.blocks(), P = net.patch_features(), N = flux_problem::N;
+    REQUIRE(blocks == 3);
+    CHECK(net.sites(0).single_stream == false);
+    CHECK(net.sites(2).single_stream == true);
+    CHECK(net.sites(2).context_outputs == true);
+    const std::size_t out = static_cast<std::size_t>(flux_problem::batch) * N * P;
+    std::vector<float> plain(out);
+    net.forward(p.inputs(), plain);
+
+    sd3::kv_cache kv(net, flux_problem::batch, N);
+    std::vector<float> probe(flux_problem::batch * N), v(out);
+    flux_sites sites(blocks);
+    net.forward(p.inputs(), v, options({}, &kv, probe, sites.hooks));
+    CHECK(bit_equal(v, plain));  // hooks that only read back change nothing
+    for (float x : probe) CHECK(x > 0.0f);
+
+    SUBCASE("every module reused from its read-back rows: the same output; perturbed rows change it") {
+        sites.reuse_all();
+        net.forward(p.inputs(), v, options({}, nullptr, {}, sites.hooks));
+        CHECK(bit_equal(v, plain));
+        // The first single-stream block's sites are really read, each of them, by the last block computing again (the
+        // last block's context rows feed nothing: FLUX drops the context stream after it, as diffusers does).
+        for (int s = 0; s < 2; ++s) sites.hooks[2].attention[s].mode = sites.hooks[2].mlp[s].mode = sd3::module_mode::compute;
+        net.forward(p.inputs(), v, options({}, nullptr, {}, sites.hooks));
+        CHECK(bit_equal(v, plain));
+        for (int site = 0; site < 4; ++site) {
+            CAPTURE(site);
+            sites.rows[4 * 1 + site][1] += 1.0f;
+            net.forward(p.inputs(), v, options({}, nullptr, {}, sites.hooks));
+            CHECK(test_util::rel_l2(v, plain) > 1e-7);
+            sites.rows[4 * 1 + site][1] -= 1.0f;
+        }
+    }
+    SUBCASE("MLP subset listing every token of both streams: the same output") {
+        const auto img = all_tokens(flux_problem::batch, N), ctx = all_tokens(flux_problem::batch, flux_problem::context_tokens);
+        for (auto& h : sites.hooks) {
+            h.mlp[0].mode = h.mlp[1].mode = sd3::module_mode::subset;
+            h.mlp[0].tokens = img;
+            h.mlp[1].tokens = ctx;
+        }
+        net.forward(p.inputs(), v, options({}, nullptr, {}, sites.hooks));
+        CHECK(bit_equal(v, plain));
+    }
+    SUBCASE("two token subsets that partition the grid: their rows are the full forward's, their probes add up") {
+        std::mt19937 rng(p.seed);
+        const auto first = random_tokens(rng, flux_problem::batch, N, N / 2);
+        std::vector<std::int32_t> second;
+        for (int b = 0; b < flux_problem::batch; ++b)
+            for (int t = 0; t < N; ++t)
+                if (!std::binary_search(first.begin() + b * (N / 2), first.begin() + (b + 1) * (N / 2), t)) second.push_back(t);
+        auto rows_of = [&](const std::vector<std::int32_t>& tokens) {  // the full forward's velocity rows of `tokens`
+            const std::size_t n = tokens.size() / flux_problem::batch;
+            std::vector<float> r;
+            for (int b = 0; b < flux_problem::batch; ++b)
+                for (std::size_t i = 0; i < n; ++i) {
+                    const float* row = plain.data() + (static_cast<std::size_t>(b) * N + tokens[b * n + i]) * P;
+                    r.insert(r.end(), row, row + P);
+                }
+            return r;
+        };
+        std::vector<float> a(first.size() * P), b(second.size() * P), probe_a(probe.size()), probe_b(probe.size());
+        net.forward(p.inputs(), a, options(first, &kv, probe_a));
+        net.forward(p.inputs(), b, options(second, &kv, probe_b));
+        CHECK(test_util::rel_l2(a, rows_of(first)) <= 1e-5);
+        CHECK(test_util::rel_l2(b, rows_of(second)) <= 1e-5);
+        std::vector<float> sum(probe.size());
+        for (std::size_t i = 0; i < sum.size(); ++i) sum[i] = probe_a[i] + probe_b[i];
+        CHECK(test_util::rel_l2(sum, probe) <= 1e-5);
+        // A cache from other inputs makes the subset differ: its keys and values are really read.
+        auto other = p;
+        other.timesteps = {p.timesteps[0] * 0.5f + 1.0f, 250.0f};
+        std::vector<float> scratch(out);
+        net.forward(other.inputs(), scratch, options({}, &kv));
+        net.forward(p.inputs(), a, options(first, &kv));
+        CHECK(test_util::rel_l2(a, rows_of(first)) > 1e-6);
+    }
+    SUBCASE("refusals name the problem") {
+        sd3::kv_cache flux1_sized(sd3::flux_config{}, 1, 1);  // FLUX.1's 57 blocks, not this model's 3
+        const auto bad = options({}, &flux1_sized);
+        CHECK_THROWS_WITH_AS(net.forward(p.inputs(), v, bad), doctest::Contains("kv_cache has 57 layers"), std::invalid_argument);
+        auto no_guidance = p.inputs();
+        no_guidance.guidance = {};
+        CHECK_THROWS_WITH_AS(net.forward(no_guidance, v), doctest::Contains("guidance holds 0 floats"), std::invalid_argument);
+        std::vector<float> ids(N * 3, 0.0f);
+        ids[7] = std::numeric_limits<float>::quiet_NaN();
+        auto bad_ids = p.inputs();
+        bad_ids.image_ids = ids;
+        CHECK_THROWS_WITH_AS(net.forward(bad_ids, v), doctest::Contains("image_ids[7] = nan is not finite"), std::invalid_argument);
+        CHECK_THROWS_WITH_AS(sd3::transformer(p.model, sd3::engine_limits{}), doctest::Contains("token grid"), std::invalid_argument);
+        CHECK_THROWS_AS((void)net.config(), std::logic_error);
+    }
 }

@@ -8,6 +8,7 @@
 
 #include "methods/run.hpp"
 #include "sd3/config.hpp"
+#include "sd3/flux_model.hpp"
 
 namespace methods_testing {
 
@@ -24,6 +25,21 @@ inline sd3::transformer_config small_config(int layers = 3) {
   c.caption_projection_dim = 32;
   c.pooled_projection_dim = 10;
   c.pos_embed_max_size = 8;
+  return c;
+}
+
+/// A FLUX model the same inputs fit: the 8x8x2 latents packed 2 x 2 into a 4 x 4 grid of 8-channel tokens (16
+/// image tokens), one double-stream and two single-stream blocks, no guidance embedding (guided by CFG).
+inline sd3::flux_config small_flux_config() {
+  sd3::flux_config c;
+  c.in_channels = 8;
+  c.num_layers = 1;
+  c.num_single_layers = 2;
+  c.attention_head_dim = 16;
+  c.num_attention_heads = 2;
+  c.joint_attention_dim = 12;
+  c.pooled_projection_dim = 10;
+  c.axes_dims_rope = {4, 6, 6};
   return c;
 }
 
@@ -45,11 +61,12 @@ struct sampling_inputs {
     fill(negative_pooled, 2 * 10);
   }
 
-  /// 8 steps by default, CFG 3, shift 3, on `net`.
+  /// 8 steps by default, CFG 3, shift 3, on `net` (a FLUX engine reads the noise as its packed 4 x 4 token grid).
   methods::problem problem_on(sd3::transformer& net, int steps = 8) {
     methods::problem p;
     p.net = &net;
-    p.inputs = {2, 8, 8, 3, noise, context, negative_context, pooled, negative_pooled};
+    const int side = net.arch() == sd3::architecture::flux ? 4 : 8;
+    p.inputs = {2, side, side, 3, noise, context, negative_context, pooled, negative_pooled};
     p.steps = steps;
     p.guidance = 3.f;
     p.schedule = {.shift = 3.0, .flux_mu = {}};

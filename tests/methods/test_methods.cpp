@@ -24,19 +24,24 @@ sd3::transformer_config mmditx_config() {
   return c;
 }
 
-// Fresh inputs each run (the seed is printed on failure).
-struct fixture : methods_testing::sampling_inputs {
-  sd3::model model;
+// Fresh inputs each run (the seed is printed on failure), on a random SD3 model or (a flux_config) FLUX model.
+template <class Model = sd3::model>
+struct model_fixture : methods_testing::sampling_inputs {
+  Model model;
   sd3::transformer net;
 
-  explicit fixture(const sd3::transformer_config& c = small_config())
-      : sampling_inputs(std::random_device{}()), model(sd3::model::random(c, seed)), net(model, {4, 8, 8, 3}, 1) {}
+  template <class Config = sd3::transformer_config>
+  explicit model_fixture(const Config& c = small_config())
+      : sampling_inputs(std::random_device{}()), model(Model::random(c, seed)), net(model, {4, 8, 8, 3}, 1) {}
   methods::problem problem(int steps = 8) { return problem_on(net, steps); }
 };
+using fixture = model_fixture<>;
+using flux_fixture = model_fixture<sd3::flux_model>;
 
 using kind = methods::module_cache_options::kind;
 
-void check_no_caching_is_full(fixture& f) {
+template <class Fixture>
+void check_no_caching_is_full(Fixture& f) {
   INFO("seed ", f.seed);
   const auto p = f.problem();
   const auto full = methods::run_full(p);
@@ -57,7 +62,8 @@ void check_no_caching_is_full(fixture& f) {
   CHECK(methods::run_steps(p, p.steps).latents == full.latents);
 }
 
-void check_caching_saves_work(fixture& f) {
+template <class Fixture>
+void check_caching_saves_work(Fixture& f) {
   INFO("seed ", f.seed);
   const auto p = f.problem();
   const auto full = methods::run_full(p);
@@ -78,7 +84,7 @@ void check_caching_saves_work(fixture& f) {
     CHECK(r.flops < full.flops);
   }
   // FLOP accounting: a full forward equals the sum of its parts, a subset costs less
-  const auto& c = f.net.config();
+  const auto& c = f.net;
   CHECK(methods::subset_forward_flops(c, 16, 3, 16) == methods::full_forward_flops(c, 16, 3));
   CHECK(methods::subset_forward_flops(c, 16, 3, 4) < methods::full_forward_flops(c, 16, 3));
 }
@@ -93,6 +99,10 @@ TEST_CASE("mmditx: every method at its no-caching setting reproduces full RFlow 
   fixture f(mmditx_config());
   check_no_caching_is_full(f);
 }
+TEST_CASE("flux: every method at its no-caching setting reproduces full RFlow bit for bit") {
+  flux_fixture f(methods_testing::small_flux_config());
+  check_no_caching_is_full(f);
+}
 TEST_CASE("caching changes the result, and less work is counted") {
   fixture f;
   check_caching_saves_work(f);
@@ -100,6 +110,28 @@ TEST_CASE("caching changes the result, and less work is counted") {
 TEST_CASE("mmditx: caching changes the result, and less work is counted") {
   fixture f(mmditx_config());
   check_caching_saves_work(f);
+}
+
+TEST_CASE("flux: caching changes the result, and less work is counted") {
+  flux_fixture f(methods_testing::small_flux_config());
+  check_caching_saves_work(f);
+}
+
+TEST_CASE("FLOP accounting of FLUX blocks, by hand") {
+  // D = 32, 4 image tokens of which 2 computed, 2 context tokens.
+  const auto c = methods_testing::small_flux_config();
+  const methods::block_work half{2, true, 2, true};
+  // double-stream: modulation 2*2*32*192, q/k/v (2+2)*2*32*96, QK^T and PV 2*2*4*6*32, outputs 4*2*32*32,
+  // MLPs (2+2)*2*2*32*128
+  CHECK(methods::block_flops(c, 4, 2, 0, half) == 24576 + 24576 + 3072 + 8192 + 65536);
+  // single-stream: one modulation 2*32*96, then the same token work (proj_out's halves instead of to_out and ff.net.2)
+  CHECK(methods::block_flops(c, 4, 2, 1, half) == 6144 + 24576 + 3072 + 8192 + 65536);
+  // outside: x_embedder 2*4*8*32, timestep MLP 2*(256*32+32*32), pooled 2*(10*32+32*32), context 2*2*12*32,
+  // norm_out 2*32*64, proj_out 2*4*32*8
+  CHECK(methods::outer_flops(c, 2, 4) == 2048 + 18432 + 2688 + 1536 + 4096 + 2048);
+  auto guided = c;
+  guided.guidance_embeds = true;
+  CHECK(methods::outer_flops(guided, 2, 4) == 2048 + 2 * 18432 + 2688 + 1536 + 4096 + 2048);
 }
 
 TEST_CASE("FLOP accounting of an MMDiT-X block, by hand") {
