@@ -45,6 +45,29 @@ TEST_CASE("the shipped default model's conditioning files load") {
   CHECK((shift == 1.0 || shift == 3.0));
 }
 
+TEST_CASE("load_schedule: a fixed shift, or FluxPipeline's schedule with mu from the token count") {
+  test_support::temp_dir dir;
+  std::ofstream(dir.path() / "scheduler_config.json") << R"({"shift": 3.0, "use_dynamic_shifting": false})";
+  auto rule = quality::load_schedule(dir.path(), 256);
+  CHECK(rule.shift == 3.0);
+  CHECK_FALSE(rule.flux_mu.has_value());
+  CHECK(rule(4).sigmas() == sd3::flow_match_euler(4, 3.0).sigmas());
+  // FLUX.1's keys: mu linear through (256, 0.5) and (4096, 1.15); 1024 tokens -> 0.5 + 768 * 0.65 / 3840.
+  std::ofstream(dir.path() / "scheduler_config.json")
+      << R"({"shift": 3.0, "use_dynamic_shifting": true, "base_image_seq_len": 256, "max_image_seq_len": 4096,
+             "base_shift": 0.5, "max_shift": 1.15})";
+  rule = quality::load_schedule(dir.path(), 1024);
+  REQUIRE(rule.flux_mu.has_value());
+  CHECK(*rule.flux_mu == doctest::Approx(0.5 + 768 * 0.65 / 3840));
+  CHECK(rule(5).sigmas() == sd3::flow_match_euler::flux(5, *rule.flux_mu).sigmas());
+  std::ofstream(dir.path() / "scheduler_config.json") << R"({"shift": 3.0, "use_dynamic_shifting": true, "max_shift": 2.0})";
+  CHECK(*quality::load_schedule(dir.path(), 4096).flux_mu == doctest::Approx(2.0));  // absent keys: FLUX.1's
+  std::ofstream(dir.path() / "scheduler_config.json") << R"({"shift": 3.0, "use_dynamic_shifting": "yes"})";
+  CHECK_THROWS_WITH_AS(quality::load_schedule(dir.path(), 256), doctest::Contains("use_dynamic_shifting \"yes\""), std::runtime_error);
+  std::ofstream(dir.path() / "scheduler_config.json") << R"({"shift": 3.0, "use_dynamic_shifting": true, "max_image_seq_len": 100})";
+  CHECK_THROWS_WITH_AS(quality::load_schedule(dir.path(), 256), doctest::Contains("max_seq_len"), std::runtime_error);
+}
+
 TEST_CASE("default-model loaders reject broken files") {
   test_support::temp_dir dir;
   CHECK_THROWS_WITH_AS(quality::load_scheduler_shift(dir.path()), doctest::Contains("cannot open"), std::runtime_error);
