@@ -246,12 +246,14 @@ std::vector<std::pair<std::vector<float>, std::vector<float>>> flux_block_output
 
 }  // namespace
 
-TEST_CASE("diffusers_parity: flux double-stream blocks (rotary qk, [context; image] attention)") {
+namespace {
+// The hidden states at `boundaries` against diffusers' outputs of the blocks `prefix`0, `prefix`1.
+void check_flux_blocks(const char* prefix, const std::vector<int>& boundaries) {
     const flux_fixture fx;
-    const auto seen = flux_block_outputs({1, 2});  // after double-stream blocks 0 and 1
-    for (int k = 0; k < 2; ++k) {
+    const auto seen = flux_block_outputs(boundaries);
+    for (std::size_t k = 0; k < boundaries.size(); ++k) {
         CAPTURE(k);
-        const std::string name = "double" + std::to_string(k);
+        const std::string name = prefix + std::to_string(k);
         const double ctx = test_util::rel_l2(seen[k].first, fx.get((name + "_context").c_str()));
         const double img = test_util::rel_l2(seen[k].second, fx.get((name + "_image").c_str()));
         MESSAGE("flux " << name << " relative L2 error: context " << ctx << ", image " << img);
@@ -259,20 +261,14 @@ TEST_CASE("diffusers_parity: flux double-stream blocks (rotary qk, [context; ima
         CHECK(img <= tolerance);
     }
 }
+}  // namespace
+
+TEST_CASE("diffusers_parity: flux double-stream blocks (rotary qk, [context; image] attention)") {
+    check_flux_blocks("double", {1, 2});  // after double-stream blocks 0 and 1
+}
 
 TEST_CASE("diffusers_parity: flux single-stream blocks (parallel attention and MLP)") {
-    const flux_fixture fx;
-    const int layers = fx.model.config.num_layers + fx.model.config.num_single_layers;
-    const auto seen = flux_block_outputs({3, layers});  // after single-stream block 0 and 1 (the final layer next)
-    for (int k = 0; k < 2; ++k) {
-        CAPTURE(k);
-        const std::string name = "single" + std::to_string(k);
-        const double ctx = test_util::rel_l2(seen[k].first, fx.get((name + "_context").c_str()));
-        const double img = test_util::rel_l2(seen[k].second, fx.get((name + "_image").c_str()));
-        MESSAGE("flux " << name << " relative L2 error: context " << ctx << ", image " << img);
-        CHECK(ctx <= tolerance);
-        CHECK(img <= tolerance);
-    }
+    check_flux_blocks("single", {3, 4});  // after single-stream blocks 0 and 1 (4: the final layer is next)
 }
 
 TEST_CASE("diffusers_parity: flux transformer (guidance embedding, both timestep pairs, ids given or FluxPipeline's)") {

@@ -54,17 +54,11 @@ void transformer::impl::check_flux_model() const {
     const auto& c = fx->config;
     const int d = c.hidden(), hd_ = c.attention_head_dim, T = c.timestep_channels();
     check_linear("x_embedder", fx->x_embedder, c.in_channels, d);
-    check_linear("time_text_embed.timestep_embedder.linear_1", fx->time_linear1, T, d);
-    check_linear("time_text_embed.timestep_embedder.linear_2", fx->time_linear2, d, d);
+    check_outer_weights(*fx);
     if (c.guidance_embeds) {
         check_linear("time_text_embed.guidance_embedder.linear_1", fx->guidance_linear1, T, d);
         check_linear("time_text_embed.guidance_embedder.linear_2", fx->guidance_linear2, d, d);
     }
-    check_linear("time_text_embed.text_embedder.linear_1", fx->text_linear1, c.pooled_projection_dim, d);
-    check_linear("time_text_embed.text_embedder.linear_2", fx->text_linear2, d, d);
-    check_linear("context_embedder", fx->context_embedder, c.joint_attention_dim, d);
-    check_linear("norm_out.linear", fx->norm_out, d, 2 * d);
-    check_linear("proj_out", fx->proj_out, d, c.patch_features());
     for (std::size_t l = 0; l < fx->double_blocks.size(); ++l) {
         const auto& w = fx->double_blocks[l];
         const std::string b = "transformer_blocks." + std::to_string(l) + ".";

@@ -237,13 +237,7 @@ void transformer::impl::check_sd3_model() const {
     const int d = c.hidden(), hd_ = c.attention_head_dim;
     check_linear("pos_embed.proj", m->patch_embed, c.in_channels * c.patch_size * c.patch_size, d);
     check_vector("pos_embed.pos_embed", m->pos_table, static_cast<std::size_t>(c.pos_embed_max_size) * c.pos_embed_max_size * d);
-    check_linear("time_text_embed.timestep_embedder.linear_1", m->time_linear1, c.timestep_channels(), d);
-    check_linear("time_text_embed.timestep_embedder.linear_2", m->time_linear2, d, d);
-    check_linear("time_text_embed.text_embedder.linear_1", m->text_linear1, c.pooled_projection_dim, d);
-    check_linear("time_text_embed.text_embedder.linear_2", m->text_linear2, d, d);
-    check_linear("context_embedder", m->context_embedder, c.joint_attention_dim, d);
-    check_linear("norm_out.linear", m->norm_out, d, 2 * d);
-    check_linear("proj_out", m->proj_out, d, c.patch_features());
+    check_outer_weights(*m);
     for (int l = 0; l < c.num_layers; ++l) {
         const auto& w = m->blocks[l];
         const std::string b = "transformer_blocks." + std::to_string(l) + ".";
@@ -995,23 +989,25 @@ int transformer::image_tokens(int height, int width) const noexcept {
     const int patch = impl_->m ? impl_->m->config.patch_size : 1;
     return (height / patch) * (width / patch);
 }
+namespace {
+// A FLUX velocity already is its token rows: a checked copy.
+void copy_rows(const char* fn, int batch, int height, int width, int features, std::span<const float> from, std::span<float> to) {
+    const std::size_t want = saturating_product(batch, height, width, features);
+    if (batch < 1 || height < 1 || width < 1 || from.size() != want || to.size() != want)
+        throw std::invalid_argument(message("transformer::", fn, ": batch/height/width = ", batch, "/", height, "/", width, " and ",
+                                            from.size(), " -> ", to.size(), " floats; expected positive sizes and ", want,
+                                            " floats each"));
+    std::copy(from.begin(), from.end(), to.begin());
+}
+}  // namespace
+
 void transformer::velocity_to_rows(int batch, int height, int width, std::span<const float> velocity, std::span<float> rows) const {
     if (impl_->m) return image_to_patches(impl_->m->config, batch, height, width, impl_->m->config.out_channels, {}, velocity, rows);
-    const std::size_t want = saturating_product(batch, height, width, impl_->P);
-    if (batch < 1 || height < 1 || width < 1 || velocity.size() != want || rows.size() != want)
-        throw std::invalid_argument(message("transformer::velocity_to_rows: batch/height/width = ", batch, "/", height, "/", width,
-                                            " and velocity/rows of ", velocity.size(), "/", rows.size(), " floats; expected positive sizes and ",
-                                            want, " floats each"));
-    std::copy(velocity.begin(), velocity.end(), rows.begin());
+    copy_rows("velocity_to_rows", batch, height, width, impl_->P, velocity, rows);
 }
 void transformer::rows_to_velocity(int batch, int height, int width, std::span<const float> rows, std::span<float> velocity) const {
     if (impl_->m) return patches_to_image(impl_->m->config, batch, height, width, impl_->m->config.out_channels, {}, rows, velocity);
-    const std::size_t want = saturating_product(batch, height, width, impl_->P);
-    if (batch < 1 || height < 1 || width < 1 || velocity.size() != want || rows.size() != want)
-        throw std::invalid_argument(message("transformer::rows_to_velocity: batch/height/width = ", batch, "/", height, "/", width,
-                                            " and rows/velocity of ", rows.size(), "/", velocity.size(), " floats; expected positive sizes and ",
-                                            want, " floats each"));
-    std::copy(rows.begin(), rows.end(), velocity.begin());
+    copy_rows("rows_to_velocity", batch, height, width, impl_->P, rows, velocity);
 }
 const engine_limits& transformer::limits() const noexcept { return impl_->limits; }
 int transformer::threads() const noexcept { return impl_->team->size(); }

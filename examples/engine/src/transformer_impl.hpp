@@ -157,6 +157,20 @@ inline void silu_inplace(float* x, int n) {
 void check_linear(const std::string& name, const linear& l, int in, int out);
 void check_vector(const std::string& name, const std::vector<float>& v, std::size_t n);
 
+// The weights SD3 and FLUX models name alike: the timestep and pooled-text MLPs, context_embedder, norm_out, proj_out.
+template <class Model>
+void check_outer_weights(const Model& m) {
+    const auto& c = m.config;
+    const int d = c.hidden();
+    check_linear("time_text_embed.timestep_embedder.linear_1", m.time_linear1, c.timestep_channels(), d);
+    check_linear("time_text_embed.timestep_embedder.linear_2", m.time_linear2, d, d);
+    check_linear("time_text_embed.text_embedder.linear_1", m.text_linear1, c.pooled_projection_dim, d);
+    check_linear("time_text_embed.text_embedder.linear_2", m.text_linear2, d, d);
+    check_linear("context_embedder", m.context_embedder, c.joint_attention_dim, d);
+    check_linear("norm_out.linear", m.norm_out, d, 2 * d);
+    check_linear("proj_out", m.proj_out, d, c.patch_features());
+}
+
 }  // namespace detail
 
 // Where a stream's AdaLN chunks lie in its modulation row (offsets in floats; gate < 0: no gate).
