@@ -396,6 +396,26 @@ def quick_accuracy(args, transformer, conditioner, per_class, steps, cfg, shift,
     return (pred == labels).float().mean().item(), x
 
 
+def optimizer_step(args, opt, loss, params, ema_params, it):
+    """One AdamW step of the diffusion training: linear lr warm-up, gradient clipping at 1, then the EMA
+    (decay min(ema, (1 + it) / (10 + it))). Shared by the SD3 and FLUX trainers."""
+    warm = min(1.0, (it + 1) / args.warmup)
+    for group in opt.param_groups:
+        group["lr"] = args.lr * warm
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    decay = min(args.ema, (1 + it) / (10 + it))
+    with torch.no_grad():
+        torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
+
+
+def log_progress(args, it, seen, running, elapsed):
+    log(args, f"iter {it} samples {seen} loss {running / args.log_every:.4f} "
+              f"elapsed {elapsed / 60:.1f} min ({seen / max(elapsed, 1e-9):.1f} samples/s)")
+
+
 def cmd_diffusion(args):
     torch.manual_seed(args.seed)
     digits, labels = load_mnist_5k()
@@ -445,22 +465,12 @@ def cmd_diffusion(args):
         context, pooled = conditioner(y)
         v = transformer(x_t, context, pooled, s * 1000).sample
         loss = F.mse_loss(v, noise - x0)
-        warm = min(1.0, (it + 1) / args.warmup)
-        for group in opt.param_groups:
-            group["lr"] = args.lr * warm
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(args.ema, (1 + it) / (10 + it))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
+        optimizer_step(args, opt, loss, params, ema_params, it)
         it += 1
         running += loss.item()
         seen += args.batch
         if it % args.log_every == 0:
-            log(args, f"iter {it} samples {seen} loss {running / args.log_every:.4f} "
-                      f"elapsed {elapsed / 60:.1f} min ({seen / max(elapsed, 1e-9):.1f} samples/s)")
+            log_progress(args, it, seen, running, elapsed)
             running = 0.0
         if time.time() - last_save > args.save_every_min * 60:
             save_diffusion(args, ema_t, ema_c, f"EMA after {it} iterations")

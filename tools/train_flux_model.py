@@ -239,22 +239,12 @@ def cmd_diffusion(args):
         context, pooled = conditioner(y)
         v = velocity(transformer, pack(x_t), s, context, pooled)
         loss = F.mse_loss(v, pack(noise - x0))
-        warm = min(1.0, (it + 1) / args.warmup)
-        for group in opt.param_groups:
-            group["lr"] = args.lr * warm
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(args.ema, (1 + it) / (10 + it))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
+        base.optimizer_step(args, opt, loss, params, ema_params, it)
         it += 1
         running += loss.item()
         seen += args.batch
         if it % args.log_every == 0:
-            log(args, f"iter {it} samples {seen} loss {running / args.log_every:.4f} "
-                      f"elapsed {elapsed / 60:.1f} min ({seen / max(elapsed, 1e-9):.1f} samples/s)")
+            base.log_progress(args, it, seen, running, elapsed)
             running = 0.0
         if time.time() - last_save > args.save_every_min * 60:
             save_diffusion(args, ema_t, ema_c, f"EMA after {it} iterations")

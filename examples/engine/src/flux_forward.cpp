@@ -92,27 +92,7 @@ void transformer::impl::check_flux_model() const {
 // read one modulation (shift, scale, gate) for attention and MLP alike, and their proj_out is split here by input
 // columns: [attention (D) | MLP (4D)] -> D becomes D -> D without bias plus 4D -> D with it.
 void transformer::impl::plan_flux() {
-    for (const auto& w : fx->double_blocks) {
-        block_plan p;
-        p.joint = &w;
-        p.norm[0] = &w.norm1;
-        p.norm[1] = &w.norm1_context;
-        p.qkv[0] = &w.to_qkv;
-        p.qkv[1] = &w.add_qkv;
-        p.norm_q[0] = w.norm_q.data();
-        p.norm_k[0] = w.norm_k.data();
-        p.norm_q[1] = w.norm_added_q.data();
-        p.norm_k[1] = w.norm_added_k.data();
-        p.attention_out[0] = &w.to_out;
-        p.attention_out[1] = &w.to_add_out;
-        p.ff1[0] = &w.ff1;
-        p.ff2[0] = &w.ff2;
-        p.ff1[1] = &w.ff_context1;
-        p.ff2[1] = &w.ff_context2;
-        p.attention[0] = p.attention[1] = {0, D, 2 * D};
-        p.mlp[0] = p.mlp[1] = {3 * D, 4 * D, 5 * D};
-        plan.push_back(p);
-    }
+    for (const auto& w : fx->double_blocks) plan.push_back(joint_plan(w, true, D));
     split_proj.reserve(2 * fx->single_blocks.size());  // the plan points into it: no reallocation after this
     for (const auto& w : fx->single_blocks) {
         linear attention{D, D, std::vector<float>(static_cast<std::size_t>(D) * D), std::vector<float>(D, 0.0f)};

@@ -181,40 +181,42 @@ void transformer::impl::size_workspaces(int threads, int modulation_width, int t
     size_scratch(threads);
 }
 
-// SD3 blocks: joint attention over both streams, then each stream's MLP; the last block's context stream only
-// feeds keys and values (its norm is AdaLayerNormContinuous: scale, shift).
-void transformer::impl::plan_sd3() {
-    const bool qk = m->config.qk_norm;
-    for (const auto& w : m->blocks) {
-        block_plan p;
-        p.joint = &w;
-        p.context_outputs = !w.context_pre_only;
-        p.norm[0] = &w.norm1;
-        p.norm[1] = &w.norm1_context;
-        p.qkv[0] = &w.to_qkv;
-        p.qkv[1] = &w.add_qkv;
-        if (qk) {
-            p.norm_q[0] = w.norm_q.data();
-            p.norm_k[0] = w.norm_k.data();
-            p.norm_q[1] = w.norm_added_q.data();
-            p.norm_k[1] = w.norm_added_k.data();
-        }
-        p.attention_out[0] = &w.to_out;
-        p.ff1[0] = &w.ff1;
-        p.ff2[0] = &w.ff2;
-        p.attention[0] = {0, D, 2 * D};
-        p.mlp[0] = {3 * D, 4 * D, 5 * D};
-        if (w.context_pre_only) {
-            p.attention[1] = {D, 0, -1};
-        } else {
-            p.attention_out[1] = &w.to_add_out;
-            p.ff1[1] = &w.ff_context1;
-            p.ff2[1] = &w.ff_context2;
-            p.attention[1] = p.attention[0];
-            p.mlp[1] = p.mlp[0];
-        }
-        plan.push_back(p);
+// A joint block (SD3's, and FLUX's double-stream ones): joint attention over both streams, then each stream's
+// MLP; SD3's last block's context stream only feeds keys and values (its norm is AdaLayerNormContinuous: scale,
+// shift).
+block_plan transformer::impl::joint_plan(const block_weights& w, bool qk_norm, int D) {
+    block_plan p;
+    p.joint = &w;
+    p.context_outputs = !w.context_pre_only;
+    p.norm[0] = &w.norm1;
+    p.norm[1] = &w.norm1_context;
+    p.qkv[0] = &w.to_qkv;
+    p.qkv[1] = &w.add_qkv;
+    if (qk_norm) {
+        p.norm_q[0] = w.norm_q.data();
+        p.norm_k[0] = w.norm_k.data();
+        p.norm_q[1] = w.norm_added_q.data();
+        p.norm_k[1] = w.norm_added_k.data();
     }
+    p.attention_out[0] = &w.to_out;
+    p.ff1[0] = &w.ff1;
+    p.ff2[0] = &w.ff2;
+    p.attention[0] = {0, D, 2 * D};
+    p.mlp[0] = {3 * D, 4 * D, 5 * D};
+    if (w.context_pre_only) {
+        p.attention[1] = {D, 0, -1};
+    } else {
+        p.attention_out[1] = &w.to_add_out;
+        p.ff1[1] = &w.ff_context1;
+        p.ff2[1] = &w.ff_context2;
+        p.attention[1] = p.attention[0];
+        p.mlp[1] = p.mlp[0];
+    }
+    return p;
+}
+
+void transformer::impl::plan_sd3() {
+    for (const auto& w : m->blocks) plan.push_back(joint_plan(w, m->config.qk_norm, D));
 }
 
 namespace detail {

@@ -240,6 +240,7 @@ struct transformer::impl {
     static void check_limits(engine_limits& limits, int patch, int default_side);
     void check_sd3_model() const;
     void check_flux_model() const;
+    static block_plan joint_plan(const block_weights& w, bool qk_norm, int D);
     void plan_sd3();
     void plan_flux();
     static void check_threads(int t);
