@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "engine_fixture.hpp"
+#include "sd3/flux_model.hpp"
 #include "sd3/transformer.hpp"
 
 namespace {
@@ -158,6 +159,54 @@ TEST_CASE("no allocation at benchmark-sized GEMMs either (full tiles, hidden 384
     allocations = 0;
     counting = true;
     net.forward(in, v);
+    counting = false;
+    CHECK(allocations.load() == 0);
+}
+
+TEST_CASE("flux: full and token-subset forwards with hooks and the probe allocate nothing after warm-up") {
+    sd3::flux_config c;
+    c.in_channels = 8;
+    c.num_layers = 1;
+    c.num_single_layers = 2;
+    c.attention_head_dim = 16;
+    c.num_attention_heads = 2;
+    c.joint_attention_dim = 12;
+    c.pooled_projection_dim = 10;
+    c.guidance_embeds = true;
+    c.axes_dims_rope = {4, 6, 6};
+    const auto model = sd3::flux_model::random(c, 9);
+    const int rows = 4, cols = 6, N = rows * cols, L = 3, D = 32;
+    sd3::transformer net(model, {.max_batch = 2, .max_height = rows, .max_width = cols, .max_context_tokens = L}, 2);
+    net.set_min_chunk_work(0);  // every loop on the team
+    std::vector<float> latents(2 * N * 8, 0.3f), ctx(2 * L * 12, 0.1f), pooled(2 * 10, 0.2f), t = {500.0f, 300.0f},
+        guidance = {3.5f, 2.0f}, v(latents.size()), probe(2 * N);
+    const sd3::forward_inputs in{.batch = 2, .height = rows, .width = cols, .context_tokens = L, .latents = latents,
+                                 .timesteps = t, .context = ctx, .pooled = pooled, .guidance = guidance};
+    sd3::kv_cache kv(net, 2, N);
+    std::vector<std::vector<float>> sites(3 * 4);
+    std::vector<sd3::block_hooks> hooks(3);
+    for (int l = 0; l < 3; ++l)
+        for (int s = 0; s < 2; ++s) {
+            sites[l * 4 + s].assign(2 * (s ? L : N) * D, 0.0f);
+            sites[l * 4 + 2 + s].assign(2 * (s ? L : N) * D, 0.0f);
+            hooks[l].attention[s].rows = sites[l * 4 + s].data();
+            hooks[l].mlp[s].rows = sites[l * 4 + 2 + s].data();
+        }
+    std::vector<std::int32_t> subset;
+    for (int b = 0; b < 2; ++b)
+        for (int i = 0; i < N; i += 3) subset.push_back(i);
+    std::vector<float> rows_out(subset.size() * 8);
+    sd3::forward_options full, partial;
+    full.kv = partial.kv = &kv;
+    full.attention_probe = partial.attention_probe = probe;
+    full.blocks = hooks;
+    partial.image_tokens = subset;
+    net.forward(in, v, full);
+    net.forward(in, rows_out, partial);
+    allocations = 0;
+    counting = true;
+    net.forward(in, v, full);
+    net.forward(in, rows_out, partial);
     counting = false;
     CHECK(allocations.load() == 0);
 }
