@@ -164,17 +164,7 @@ TEST_CASE("no allocation at benchmark-sized GEMMs either (full tiles, hidden 384
 }
 
 TEST_CASE("flux: full and token-subset forwards with hooks and the probe allocate nothing after warm-up") {
-    sd3::flux_config c;
-    c.in_channels = 8;
-    c.num_layers = 1;
-    c.num_single_layers = 2;
-    c.attention_head_dim = 16;
-    c.num_attention_heads = 2;
-    c.joint_attention_dim = 12;
-    c.pooled_projection_dim = 10;
-    c.guidance_embeds = true;
-    c.axes_dims_rope = {4, 6, 6};
-    const auto model = sd3::flux_model::random(c, 9);
+    const auto model = sd3::flux_model::random(test_util::small_flux_config(), 9);
     const int rows = 4, cols = 6, N = rows * cols, L = 3, D = 32;
     sd3::transformer net(model, {.max_batch = 2, .max_height = rows, .max_width = cols, .max_context_tokens = L}, 2);
     net.set_min_chunk_work(0);  // every loop on the team

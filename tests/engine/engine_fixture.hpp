@@ -6,10 +6,27 @@
 #include <utility>
 #include <vector>
 
+#include "sd3/flux_model.hpp"
 #include "sd3/model.hpp"
 #include "sd3/transformer.hpp"
 
 namespace test_util {
+
+// A small FLUX model: 8 packed channels, one double-stream and two single-stream blocks, 2 heads of 16, rotary
+// dims (4, 6, 6), a guidance embedding.
+inline sd3::flux_config small_flux_config() {
+    sd3::flux_config c;
+    c.in_channels = 8;
+    c.num_layers = 1;
+    c.num_single_layers = 2;
+    c.attention_head_dim = 16;
+    c.num_attention_heads = 2;
+    c.joint_attention_dim = 12;
+    c.pooled_projection_dim = 10;
+    c.guidance_embeds = true;
+    c.axes_dims_rope = {4, 6, 6};
+    return c;
+}
 
 // dual_attention_layers non-empty: an MMDiT-X (SD3.5-medium) model, those blocks with a second, image-only attention.
 inline sd3::transformer_config small_config(bool qk_norm = true, std::vector<int> dual_attention_layers = {}) {

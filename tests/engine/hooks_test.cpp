@@ -392,20 +392,7 @@ struct flux_problem {
     static constexpr int batch = 2, rows = 4, cols = 5, context_tokens = 3, N = rows * cols;
     std::vector<float> latents, timesteps, context, pooled, guidance;
 
-    static sd3::flux_config config() {
-        sd3::flux_config c;
-        c.in_channels = 8;
-        c.num_layers = 1;
-        c.num_single_layers = 2;
-        c.attention_head_dim = 16;
-        c.num_attention_heads = 2;
-        c.joint_attention_dim = 12;
-        c.pooled_projection_dim = 10;
-        c.guidance_embeds = true;
-        c.axes_dims_rope = {4, 6, 6};
-        return c;
-    }
-    explicit flux_problem(std::uint32_t seed_) : seed(seed_), model(sd3::flux_model::random(config(), seed_)) {
+    explicit flux_problem(std::uint32_t seed_) : seed(seed_), model(sd3::flux_model::random(test_util::small_flux_config(), seed_)) {
         std::mt19937 rng(seed_);
         std::normal_distribution<float> n(0.0f, 1.0f);
         auto fill = [&](std::vector<float>& v, std::size_t count) {
