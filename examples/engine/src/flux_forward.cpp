@@ -37,6 +37,9 @@ transformer::impl::impl(const flux_model& model_, const engine_limits& lim, int 
     hd = c.attention_head_dim;
     heads = c.num_attention_heads;
     size_workspaces(threads, 6, c.in_channels, false, true);
+    // The rotation's frequency of each pair of a head's dims, axis by axis (FluxPosEmbed, in double): 1 / theta^(2k / d_a).
+    for (const int d : c.axes_dims_rope)
+        for (int k = 0; k < d / 2; ++k) rope_frequencies.push_back(1.0 / std::pow(rope_theta, static_cast<double>(2 * k) / d));
     plan_flux();
     std::vector<const linear*> all{&fx->x_embedder, &fx->time_linear1, &fx->time_linear2, &fx->text_linear1,
                                    &fx->text_linear2, &fx->context_embedder, &fx->norm_out, &fx->proj_out};
@@ -140,9 +143,9 @@ void transformer::impl::embed_flux(const forward_inputs& in) {
     rotary_tables(in);
 }
 
-// Per token, the rotation angles of each pair of a head's dims (diffusers' FluxPosEmbed: per axis a of dims d_a,
-// frequencies 1 / theta^(2k / d_a), angle = id_a * frequency, computed in double, cos and sin rounded to float; the
-// axes' pairs concatenated in order): [cos of every pair, sin of every pair]. All image tokens get their row, since
+// Per token, the rotation angles of each pair of a head's dims (diffusers' FluxPosEmbed: per axis a,
+// angle = id_a * rope_frequencies of its pairs, computed in double, cos and sin rounded to float; the axes' pairs
+// concatenated in order): [cos of every pair, sin of every pair]. All image tokens get their row, since
 // a subset forward's tokens are given by absolute id.
 void transformer::impl::rotary_tables(const forward_inputs& in) {
     const auto& axes = fx->config.axes_dims_rope;
@@ -152,8 +155,7 @@ void transformer::impl::rotary_tables(const forward_inputs& in) {
         int j = 0;
         for (int a = 0; a < 3; ++a)
             for (int k = 0; k < axes[a] / 2; ++k, ++j) {
-                const double frequency = 1.0 / std::pow(rope_theta, static_cast<double>(2 * k) / axes[a]);
-                const double angle = static_cast<double>(id[a]) * frequency;
+                const double angle = static_cast<double>(id[a]) * rope_frequencies[static_cast<std::size_t>(j)];
                 table[static_cast<std::size_t>(token) * hd + j] = static_cast<float>(std::cos(angle));
                 table[static_cast<std::size_t>(token) * hd + pairs + j] = static_cast<float>(std::sin(angle));
             }

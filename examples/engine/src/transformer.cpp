@@ -588,7 +588,7 @@ void transformer::impl::attention_stage(int layer, const block_plan& p, const bl
     });
     linear_rows(split(), nrm_img.data(), D, B * n, *p.qkv[0], qkv_img.data(), 3 * D);
     linear_rows(split(), nrm_ctx.data(), D, B * L, *p.qkv[1], qkv_ctx.data(), 3 * D);
-    const bool rope = !rope_img.empty();
+    const bool rope = fx != nullptr;  // FLUX: rotary q and k
     if (p.norm_q[0] || rope) {
         parallel_for(split(), B * n + B * L, norm_work * (B * n + B * L) * 2 * D, [&](int r, int) {
             const bool img = r < B * n;

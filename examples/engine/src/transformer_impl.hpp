@@ -218,6 +218,7 @@ struct transformer::impl {
     detail::buffer hidden, patches, out_rows, scratch, probe_parts, kv_packed;
     detail::buffer nrm2_img;  // MMDiT-X: the image-only attention's modulated input (empty without dual-attention layers)
     detail::buffer rope_img, rope_ctx;  // FLUX: per token, the rotation's cos then sin for each pair of a head's dims
+    std::vector<double> rope_frequencies;  // FLUX: per pair of a head's dims, its rotation frequency (made once)
     std::size_t scratch_slot = 0;  // floats per worker in `scratch`, a multiple of 16 (64 bytes)
     std::span<float> scratch_of(int worker) { return {scratch.data() + worker * scratch_slot, scratch_slot}; }
     // Every linear layer's weight packed for the GEMM once (the right operand of all its products).
