@@ -342,24 +342,27 @@ def make_transformer(num_layers):
 
 
 def save_diffusion(args, transformer, conditioner, note):
-    """Writes the diffusers-format transformer and the class table; replaces the old copy atomically."""
+    """Writes the diffusers-format transformer and the class table; replaces the old copies atomically."""
     final = os.path.join(args.out, "transformer")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     transformer.save_pretrained(tmp, safe_serialization=True)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    tmp_table = os.path.join(args.out, "class_embeddings.safetensors.tmp")
     save_file({"pooled": conditioner.pooled.detach().float().contiguous(),
                "context": conditioner.context.detach().float().contiguous()},
-              os.path.join(args.out, "class_embeddings.safetensors"),
-              metadata={"null_class": str(NULL_CLASS), "note": note})
+              tmp_table, metadata={"null_class": str(NULL_CLASS), "note": note})
+    os.replace(tmp_table, os.path.join(args.out, "class_embeddings.safetensors"))
 
 
-def load_diffusion(out_dir):
-    from diffusers import SD3Transformer2DModel
+def load_diffusion(out_dir, model_class=None):
+    """The transformer (diffusers' `model_class`, default SD3Transformer2DModel) and the class table of a model folder."""
     from safetensors.torch import load_file
 
-    transformer = SD3Transformer2DModel.from_pretrained(os.path.join(out_dir, "transformer")).eval()
+    if model_class is None:
+        from diffusers import SD3Transformer2DModel as model_class
+    transformer = model_class.from_pretrained(os.path.join(out_dir, "transformer")).eval()
     table = load_file(os.path.join(out_dir, "class_embeddings.safetensors"))
     conditioner = ClassConditioner()
     conditioner.pooled.data.copy_(table["pooled"])
@@ -435,8 +438,31 @@ def cmd_diffusion(args):
             raise RuntimeError(f"{source}: weights do not fit (missing {missing}, unexpected {unexpected})")
         conditioner.load_state_dict(saved_c.state_dict())
         log(args, f"starting from the weights in {source}")
+    n_params = sum(p.numel() for p in transformer.parameters()) + sum(p.numel() for p in conditioner.parameters())
+
+    def loss_of(net, x_t, target, s, context, pooled):
+        return F.mse_loss(net(x_t, context, pooled, s * 1000).sample, target)
+
+    def checkpoint(ema_t, ema_c, it):
+        acc, _ = quick_accuracy(args, ema_t.eval(), ema_c, 2, 14, 4.0, 3.0, 7)
+        log(args, f"checkpoint at iter {it}: quick accuracy (20 samples, 14 steps, cfg 4, shift 3) {acc:.2f}")
+
+    train_rectified_flow(
+        args, transformer, conditioner, (make_transformer(args.layers), ClassConditioner()), R.place, x_train, y_train,
+        f"diffusion: {args.layers} layers, {n_params} parameters, batch {args.batch}, lr {args.lr}, "
+        f"budget {args.budget_min} min, logit-normal s, label drop {args.label_drop}",
+        loss_of, save_diffusion, checkpoint)
+
+
+def train_rectified_flow(args, transformer, conditioner, ema_models, place, x_train, y_train, header, loss_of, save,
+                         checkpoint):
+    """The diffusion training loop both trainers share (SD3 here, FLUX in train_flux_model.py): batches of
+    `place`d digits with labels dropped to the null class, logit-normal(0, 1) sigmas, x_t = (1 - s) x0 + s noise,
+    loss_of(net, x_t, noise - x0, s, context, pooled); AdamW (optimizer_step) with an EMA copy in `ema_models`
+    (a fresh transformer and conditioner); every save_every_min minutes save(args, ema_t, ema_c, note) then
+    checkpoint(ema_t, ema_c, iteration); stops when --budget-min of wall clock has passed."""
     params = list(transformer.parameters()) + list(conditioner.parameters())
-    ema_t, ema_c = make_transformer(args.layers), ClassConditioner()
+    ema_t, ema_c = ema_models
     ema_t.load_state_dict(transformer.state_dict())
     ema_c.load_state_dict(conditioner.state_dict())
     ema_params = list(ema_t.parameters()) + list(ema_c.parameters())
@@ -444,9 +470,7 @@ def cmd_diffusion(args):
         p.requires_grad_(False)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
-    n_params = sum(p.numel() for p in params)
-    log(args, f"diffusion: {args.layers} layers, {n_params} parameters, batch {args.batch}, lr {args.lr}, "
-              f"budget {args.budget_min} min, logit-normal s, label drop {args.label_drop}")
+    log(args, header)
     start = time.time()
     last_save = start
     it, running, seen = 0, 0.0, 0
@@ -455,16 +479,15 @@ def cmd_diffusion(args):
         elapsed = time.time() - start
         if elapsed > args.budget_min * 60:
             break
-        idx = torch.randint(0, len(train), (args.batch,), generator=gen)
-        x0, y = R.place(x_train[idx], gen), y_train[idx].clone()
+        idx = torch.randint(0, len(x_train), (args.batch,), generator=gen)
+        x0, y = place(x_train[idx], gen), y_train[idx].clone()
         y[torch.rand(args.batch, generator=gen) < args.label_drop] = NULL_CLASS
         s = torch.sigmoid(torch.randn(args.batch, generator=gen))  # logit-normal(0, 1), as SD3 trains
         noise = torch.randn(x0.shape, generator=gen)
         sb = s.view(-1, 1, 1, 1)
         x_t = (1 - sb) * x0 + sb * noise
         context, pooled = conditioner(y)
-        v = transformer(x_t, context, pooled, s * 1000).sample
-        loss = F.mse_loss(v, noise - x0)
+        loss = loss_of(transformer, x_t, noise - x0, s, context, pooled)
         optimizer_step(args, opt, loss, params, ema_params, it)
         it += 1
         running += loss.item()
@@ -473,12 +496,11 @@ def cmd_diffusion(args):
             log_progress(args, it, seen, running, elapsed)
             running = 0.0
         if time.time() - last_save > args.save_every_min * 60:
-            save_diffusion(args, ema_t, ema_c, f"EMA after {it} iterations")
-            acc, _ = quick_accuracy(args, ema_t.eval(), ema_c, 2, 14, 4.0, 3.0, 7)
-            log(args, f"checkpoint at iter {it}: quick accuracy (20 samples, 14 steps, cfg 4, shift 3) {acc:.2f}")
+            save(args, ema_t, ema_c, f"EMA after {it} iterations")
+            checkpoint(ema_t, ema_c, it)
             last_save = time.time()
-    save_diffusion(args, ema_t, ema_c, f"EMA after {it} iterations")
-    log(args, f"diffusion done: {it} iterations, {seen} samples ({seen / len(train):.1f} epochs) "
+    save(args, ema_t, ema_c, f"EMA after {it} iterations")
+    log(args, f"diffusion done: {it} iterations, {seen} samples ({seen / len(x_train):.1f} epochs) "
               f"in {(time.time() - start) / 60:.1f} min")
 
 

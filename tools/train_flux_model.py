@@ -98,31 +98,13 @@ def make_transformer(args):
         guidance_embeds=False, axes_dims_rope=tuple(args.rope_axes))
 
 
-def save_diffusion(args, transformer, conditioner, note):
-    """The diffusers-format transformer (F32) and the class table; replaces the old copy atomically."""
-    final = os.path.join(args.out, "transformer")
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    transformer.save_pretrained(tmp, safe_serialization=True)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    tmp_table = os.path.join(args.out, "class_embeddings.safetensors.tmp")
-    save_file({"pooled": conditioner.pooled.detach().float().contiguous(),
-               "context": conditioner.context.detach().float().contiguous()},
-              tmp_table, metadata={"null_class": str(NULL_CLASS), "note": note})
-    os.replace(tmp_table, os.path.join(args.out, "class_embeddings.safetensors"))
+save_diffusion = base.save_diffusion  # the diffusers-format transformer and the class table, replaced atomically
 
 
 def load_diffusion(out_dir):
     from diffusers import FluxTransformer2DModel
-    from safetensors.torch import load_file
 
-    transformer = FluxTransformer2DModel.from_pretrained(os.path.join(out_dir, "transformer")).eval()
-    table = load_file(os.path.join(out_dir, "class_embeddings.safetensors"))
-    conditioner = base.ClassConditioner()
-    conditioner.pooled.data.copy_(table["pooled"])
-    conditioner.context.data.copy_(table["context"])
-    return transformer, conditioner.eval()
+    return base.load_diffusion(out_dir, FluxTransformer2DModel)
 
 
 def velocity(transformer, x_packed, sigma, context, pooled):
@@ -206,54 +188,24 @@ def cmd_diffusion(args):
     x_train, y_train = digits[train], labels[train]
     recipe = base.RECIPES["mnist"]
     transformer, conditioner = make_transformer(args), base.ClassConditioner()
-    params = list(transformer.parameters()) + list(conditioner.parameters())
-    ema_t, ema_c = make_transformer(args), base.ClassConditioner()
-    ema_t.load_state_dict(transformer.state_dict())
-    ema_c.load_state_dict(conditioner.state_dict())
-    ema_params = list(ema_t.parameters()) + list(ema_c.parameters())
-    for p in ema_params:
-        p.requires_grad_(False)
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    gen = torch.Generator().manual_seed(args.seed)
     n_t = sum(p.numel() for p in transformer.parameters())
     n_c = sum(p.numel() for p in conditioner.parameters())
-    log(args, f"diffusion (FLUX): {args.layers} double + {args.single_layers} single blocks, {args.heads} heads x "
-              f"{args.head_dim}, rope {args.rope_axes}, {n_t} transformer + {n_c} class-table parameters, batch "
-              f"{args.batch}, lr {args.lr}, budget {args.budget_min} min, logit-normal s, label drop {args.label_drop}")
     os.makedirs(args.out, exist_ok=True)
-    start = time.time()
-    last_save = start
-    it, running, seen = 0, 0.0, 0
-    transformer.train()
-    while True:
-        elapsed = time.time() - start
-        if elapsed > args.budget_min * 60:
-            break
-        idx = torch.randint(0, len(train), (args.batch,), generator=gen)
-        x0, y = recipe.place(x_train[idx]), y_train[idx].clone()
-        y[torch.rand(args.batch, generator=gen) < args.label_drop] = NULL_CLASS
-        s = torch.sigmoid(torch.randn(args.batch, generator=gen))  # logit-normal(0, 1), as mnist-sd3 trains
-        noise = torch.randn(x0.shape, generator=gen)
-        sb = s.view(-1, 1, 1, 1)
-        x_t = (1 - sb) * x0 + sb * noise
-        context, pooled = conditioner(y)
-        v = velocity(transformer, pack(x_t), s, context, pooled)
-        loss = F.mse_loss(v, pack(noise - x0))
-        base.optimizer_step(args, opt, loss, params, ema_params, it)
-        it += 1
-        running += loss.item()
-        seen += args.batch
-        if it % args.log_every == 0:
-            base.log_progress(args, it, seen, running, elapsed)
-            running = 0.0
-        if time.time() - last_save > args.save_every_min * 60:
-            save_diffusion(args, ema_t, ema_c, f"EMA after {it} iterations")
-            acc, _ = accuracy(args, ema_t.eval(), ema_c, 2, 14, 4.0, "dynamic", 7)
-            log(args, f"checkpoint at iter {it}: quick accuracy (20 samples, 14 steps, cfg 4, dynamic) {acc:.2f}")
-            last_save = time.time()
-    save_diffusion(args, ema_t, ema_c, f"EMA after {it} iterations")
-    log(args, f"diffusion done: {it} iterations, {seen} samples ({seen / len(train):.1f} epochs) "
-              f"in {(time.time() - start) / 60:.1f} min")
+
+    def loss_of(net, x_t, target, s, context, pooled):  # in the packed token layout, as FluxPipeline feeds the model
+        return F.mse_loss(velocity(net, pack(x_t), s, context, pooled), pack(target))
+
+    def checkpoint(ema_t, ema_c, it):
+        acc, _ = accuracy(args, ema_t.eval(), ema_c, 2, 14, 4.0, "dynamic", 7)
+        log(args, f"checkpoint at iter {it}: quick accuracy (20 samples, 14 steps, cfg 4, dynamic) {acc:.2f}")
+
+    base.train_rectified_flow(
+        args, transformer, conditioner, (make_transformer(args), base.ClassConditioner()), recipe.place, x_train,
+        y_train,
+        f"diffusion (FLUX): {args.layers} double + {args.single_layers} single blocks, {args.heads} heads x "
+        f"{args.head_dim}, rope {args.rope_axes}, {n_t} transformer + {n_c} class-table parameters, batch "
+        f"{args.batch}, lr {args.lr}, budget {args.budget_min} min, logit-normal s, label drop {args.label_drop}",
+        loss_of, save_diffusion, checkpoint)
 
 
 def cmd_evaluate(args):
