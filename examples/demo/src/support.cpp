@@ -9,6 +9,7 @@
 #include "quality/noise.hpp"
 #include "sd3/errors.hpp"
 #include "sd3/files.hpp"
+#include "sd3/json_input.hpp"
 #include "sd3/resources.hpp"
 
 namespace demo {
@@ -18,9 +19,18 @@ std::filesystem::path default_model_dir() { return std::filesystem::path(SPECDIF
 conditional_model conditional_model::load(const std::filesystem::path& dir) {
   if (!std::filesystem::is_directory(dir)) throw std::runtime_error("model: " + dir.string() + " is not a folder");
   const auto net_dir = dir / "transformer";
-  // The transformer's class, as diffusers' config.json names it; each parser refuses the other's.
-  const bool is_flux = sd3::read_text_file(net_dir / "config.json", "model: transformer config").find("FluxTransformer2DModel") !=
-                       std::string::npos;
+  // The transformer's class, as diffusers' config.json names it in `_class_name` (each loader checks the file whole
+  // and refuses the other's class).
+  const auto config_path = net_dir / "config.json";
+  const auto text = sd3::read_text_file(config_path, "model: transformer config");  // names the file itself
+  nlohmann::json config;
+  try {
+    config = sd3::parse_json(text);
+  } catch (const std::runtime_error& e) {
+    throw std::runtime_error(sd3::message("model: '", sd3::path_excerpt(config_path.string()), "': ", e.what()));
+  }
+  const auto name = config.is_object() ? config.find("_class_name") : config.end();
+  const bool is_flux = name != config.end() && name->is_string() && name->get<std::string>() == "FluxTransformer2DModel";
   conditional_model m{is_flux ? decltype(network){sd3::flux_model::load(net_dir)} : decltype(network){sd3::model::load(net_dir)},
                       quality::class_embeddings::load(dir), {}, quality::digit_classifier::load(dir),
                       quality::load_guidance_scale(dir), std::nullopt, 0, 0, 0};
