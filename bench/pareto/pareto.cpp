@@ -118,8 +118,9 @@ int main(int argc, char** argv) {
   auto* cfg_option = app.add_option("--cfg", cfg, "classifier-free guidance scale (default: the model's sampling.json, else 4)");
   app.add_option("--seed", seed)->capture_default_str();
   app.add_option("--threads", threads)->capture_default_str()->check(CLI::Range(1, 1024));
-  app.add_option("--repeats", repeats, "timed pairs with full RFlow per setting, after an untimed warm-up; medians are reported")
-      ->capture_default_str()->check(CLI::Range(1, 100));
+  app.add_option("--repeats", repeats, "timed pairs with full RFlow per setting, after an untimed warm-up; medians are reported. 0: quality only (each setting "
+                 "runs once, untimed: for FD at hundreds of samples; no speedup columns, no plot)")
+      ->capture_default_str()->check(CLI::Range(0, 100));
   app.add_option("--out", out_dir, "output folder")->capture_default_str();
   app.add_option("--model", model_dir)->capture_default_str();
   app.add_option("--only", only, "run only this method's settings");
@@ -141,6 +142,17 @@ int main(int argc, char** argv) {
     std::vector<double> full_times;  // every timed run of full RFlow
     std::vector<row> rows;
     for (const auto& spec : specs) {
+      if (repeats == 0) {  // quality only: one untimed run
+        row x;
+        x.spec = spec;
+        const auto run = demo::run_method(problem, spec);
+        x.flops_ratio = full.flops / run.flops;
+        x.quality = demo::evaluate(model, batch, full.latents, run.latents);
+        rows.push_back(x);
+        std::fprintf(stderr, "%-26s untimed  FLOP ratio %5.2f  PSNR %6.2f  SSIM %.3f  acc %.3f  FD %s\n", spec.describe().c_str(), x.flops_ratio,
+                     x.quality.psnr_db.value_or(INFINITY), x.quality.ssim, x.quality.class_acc, optional_text(x.quality.fd).c_str());
+        continue;
+      }
       const auto t = demo::time_against_full(problem, spec, {repeats, false});
       full_times.insert(full_times.end(), t.full_seconds.begin(), t.full_seconds.end());
       row x;
@@ -160,7 +172,8 @@ int main(int argc, char** argv) {
                    spec.describe().c_str(), x.seconds, x.seconds_full, x.speedup, x.speedup_spread.min, x.speedup_spread.max, x.flops_ratio,
                    x.quality.psnr_db.value_or(INFINITY), x.quality.ssim, x.quality.class_acc, optional_text(x.quality.fd).c_str());
     }
-    if (full_times.empty()) throw std::invalid_argument("--only: no setting of method '" + only + "' in the sweep");
+    if (rows.empty()) throw std::invalid_argument("--only: no setting of method '" + only + "' in the sweep");
+    if (repeats == 0) full_times.push_back(full.seconds);  // the reference run's own time, untimed protocol
     const double full_median = demo::median(full_times);
     const auto full_spread = demo::spread_of(full_times);
 
@@ -178,28 +191,37 @@ int main(int argc, char** argv) {
     std::printf("| method | settings | speedup (min-max) | FLOP ratio | PSNR dB | SSIM | class acc | FD | overhead |\n|---|---|---|---|---|---|---|---|---|\n");
     std::printf("| full | %d steps | 1.00x | 1.00 | - | 1.000 | %.3f | %s | - |\n", steps, full_acc, full_fd ? std::to_string(*full_fd).substr(0, 6).c_str() : "-");
     for (const auto& r : rows) {
-      csv << r.spec.name << ",\"" << r.spec.describe() << "\"," << r.speedup << "," << r.speedup_spread.min << "," << r.speedup_spread.max << ","
-          << r.flops_ratio << "," << optional_text(r.quality.psnr_db) << "," << r.quality.ssim << "," << r.quality.class_acc << ","
-          << optional_text(r.quality.fd) << "," << r.seconds_full << "," << r.seconds_full_spread.min << "," << r.seconds_full_spread.max << ","
-          << r.seconds << "," << r.seconds_spread.min << "," << r.seconds_spread.max << "," << r.overhead_share << ","
-          << optional_text(r.speculative_share) << "\n";
+      const auto timed = [&](double v) {  // empty in a quality-only sweep (--repeats 0)
+        std::ostringstream o;
+        if (repeats > 0) o << v;
+        return o.str();
+      };
+      csv << r.spec.name << ",\"" << r.spec.describe() << "\"," << timed(r.speedup) << "," << timed(r.speedup_spread.min) << ","
+          << timed(r.speedup_spread.max) << "," << r.flops_ratio << "," << optional_text(r.quality.psnr_db) << "," << r.quality.ssim << ","
+          << r.quality.class_acc << "," << optional_text(r.quality.fd) << "," << timed(r.seconds_full) << "," << timed(r.seconds_full_spread.min)
+          << "," << timed(r.seconds_full_spread.max) << "," << timed(r.seconds) << "," << timed(r.seconds_spread.min) << ","
+          << timed(r.seconds_spread.max) << "," << timed(r.overhead_share) << "," << optional_text(r.speculative_share) << "\n";
       j.push_back({{"method", r.spec.name}, {"settings", r.spec.describe()}, {"speedup", r.speedup}, {"speedup_spread", pair(r.speedup_spread)},
                    {"flops_ratio", r.flops_ratio}, {"psnr_db", number(r.quality.psnr_db)}, {"ssim", r.quality.ssim},
                    {"class_acc", r.quality.class_acc}, {"fd", number(r.quality.fd)}, {"seconds_full", r.seconds_full},
                    {"seconds_full_spread", pair(r.seconds_full_spread)}, {"seconds_method", r.seconds},
                    {"seconds_method_spread", pair(r.seconds_spread)}, {"overhead_share", r.overhead_share},
                    {"speculative_share", number(r.speculative_share)}});
-      std::printf("| %s | %s | %.2fx (%.2f-%.2f) | %.2f | %s | %.3f | %.3f | %s | %.1f%% |\n", r.spec.name.c_str(), r.spec.describe().c_str(),
-                  r.speedup, r.speedup_spread.min, r.speedup_spread.max, r.flops_ratio,
+      char speed[64] = "untimed", overhead[16] = "-";  // a quality-only sweep (--repeats 0) has neither
+      if (repeats > 0) {
+        std::snprintf(speed, sizeof speed, "%.2fx (%.2f-%.2f)", r.speedup, r.speedup_spread.min, r.speedup_spread.max);
+        std::snprintf(overhead, sizeof overhead, "%.1f%%", 100 * r.overhead_share);
+      }
+      std::printf("| %s | %s | %s | %.2f | %s | %.3f | %.3f | %s | %s |\n", r.spec.name.c_str(), r.spec.describe().c_str(), speed, r.flops_ratio,
                   r.quality.psnr_db ? std::to_string(*r.quality.psnr_db).substr(0, 5).c_str() : "inf", r.quality.ssim, r.quality.class_acc,
-                  r.quality.fd ? std::to_string(*r.quality.fd).substr(0, 6).c_str() : "-", 100 * r.overhead_share);
+                  r.quality.fd ? std::to_string(*r.quality.fd).substr(0, 6).c_str() : "-", overhead);
     }
     nlohmann::json all{{"samples", samples}, {"steps", steps}, {"cfg", problem.guidance}, {"seed", seed}, {"threads", threads}, {"repeats", repeats},
                        {"class_acc_full", full_acc}, {"fd_full", number(full_fd)}, {"seconds_full", full_median},
                        {"seconds_full_spread", pair(full_spread)}, {"seconds_full_runs", full_times}, {"results", j}};
     std::ofstream(dir / "results.json") << all.dump(2) << "\n";
-    std::ofstream(dir / "pareto.svg") << svg(rows, full_acc);
-    std::fprintf(stderr, "wrote %s/{results.csv,results.json,pareto.svg}\n", out_dir.c_str());
+    if (repeats > 0) std::ofstream(dir / "pareto.svg") << svg(rows, full_acc);  // speedup is its x axis
+    std::fprintf(stderr, "wrote %s/{results.csv,results.json%s}\n", out_dir.c_str(), repeats > 0 ? ",pareto.svg" : "");
   } catch (const std::exception& e) {
     std::fprintf(stderr, "specdiff-pareto: %s\n", e.what());
     return 1;
