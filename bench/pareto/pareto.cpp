@@ -25,11 +25,22 @@ struct row {
   demo::method_spec spec;
   double seconds = 0, seconds_full = 0, speedup = 0, flops_ratio = 0, overhead_share = 0;  // seconds: medians
   std::optional<double> speculative_share;  // SpecDiff's speculative pass / its run (medians); empty for the others
+  std::optional<int> dense_steps;            // token-level methods: dense main steps
+  std::optional<double> verified_error;      // token-level methods: mean free verification per partial step
   demo::spread seconds_spread, seconds_full_spread, speedup_spread;
   demo::quality_report quality;
 };
 
 std::string optional_text(const std::optional<double>& v) { return v ? std::to_string(*v) : ""; }
+
+// What a token-level run reports about its steps (empty for the other methods).
+void record_steps(row& x, const methods::run_result& run) {
+  if (run.dense_steps == 0) return;
+  x.dense_steps = run.dense_steps;
+  double sum = 0;
+  for (float e : run.verified_errors) sum += e;
+  if (!run.verified_errors.empty()) x.verified_error = sum / static_cast<double>(run.verified_errors.size());
+}
 
 // Every method over its own knob; the token-level methods (SpecDiff, RAS) on both dense-step schedules, so that
 // each pair can be compared on equal schedules as well as on its authors' own.
@@ -41,6 +52,10 @@ std::vector<demo::method_spec> sweep(bool quick) {
   for (const char* method : {"specdiff", "ras"})
     for (const char* dense : {"specdiff", "ras"})
       for (double cr : rates) s.push_back({.name = method, .cache_rate = cr, .dense = dense});
+  // SpecDiff-adaptive over its one knob, with SpecDiff's C3 rule and with the model's learned one.
+  for (const char* c3 : {"specdiff", "learned"})
+    for (double budget : quick ? values{0.4} : values{0.1, 0.2, 0.4, 0.8, 1.6})
+      s.push_back({.name = "specdiff-adaptive", .error_budget = budget, .c3 = std::string(c3)});
   for (int n : quick ? counts{3} : counts{2, 3, 5}) s.push_back({.name = "toca", .cache_rate = 0.9, .interval = n});
   for (int n : quick ? counts{3} : counts{2, 3, 4, 6}) s.push_back({.name = "fora", .interval = n});
   for (int n : quick ? counts{4} : counts{3, 4, 6})
@@ -55,7 +70,8 @@ std::vector<demo::method_spec> sweep(bool quick) {
 std::string svg(const std::vector<row>& rows, double full_acc) {
   const std::vector<std::pair<std::string, std::string>> colours = {{"specdiff", "#d62728"}, {"ras", "#1f77b4"}, {"toca", "#2ca02c"},
                                                                    {"fora", "#9467bd"}, {"taylorseer", "#ff7f0e"}, {"fbcache", "#8c564b"},
-                                                                   {"teacache", "#e377c2"}, {"steps", "#7f7f7f"}};
+                                                                   {"teacache", "#e377c2"}, {"steps", "#7f7f7f"},
+                                                                   {"specdiff-adaptive", "#17becf"}};
   auto colour = [&](const std::string& m) {
     for (auto& [k, c] : colours) if (k == m) return c;
     return std::string("#000");
@@ -132,6 +148,15 @@ int main(int argc, char** argv) {
     const auto& [model, batch, net, problem] = *work;
     auto specs = sweep(quick);
     if (!only.empty()) std::erase_if(specs, [&](const demo::method_spec& s) { return s.name != only; });
+    // The learned C3 rule needs the model folder's calibration (specdiff-calibrate): without it those rows are left out.
+    if (!model.learned_c3) {
+      const auto before = specs.size();
+      std::erase_if(specs, [](const demo::method_spec& s) { return s.c3 == "learned"; });
+      if (specs.size() != before)
+        std::fprintf(stderr, "no %s in the model folder: the learned-C3 settings are left out (make it with specdiff-calibrate)\n",
+                     methods::learned_c3_file_name);
+    }
+    for (auto& s : specs) s.learned_weights = model.learned_c3 ? &*model.learned_c3 : nullptr;
 
     const demo::method_spec full_spec{.name = "full"};
     // Untimed: the process's warm-up for full RFlow and the images every setting's quality is measured against.
@@ -148,6 +173,7 @@ int main(int argc, char** argv) {
         const auto run = demo::run_method(problem, spec);
         x.flops_ratio = full.flops / run.flops;
         x.quality = demo::evaluate(model, batch, full.latents, run.latents);
+        record_steps(x, run);
         rows.push_back(x);
         std::fprintf(stderr, "%-26s untimed  FLOP ratio %5.2f  PSNR %6.2f  SSIM %.3f  acc %.3f  FD %s\n", spec.describe().c_str(), x.flops_ratio,
                      x.quality.psnr_db.value_or(INFINITY), x.quality.ssim, x.quality.class_acc, optional_text(x.quality.fd).c_str());
@@ -165,8 +191,9 @@ int main(int argc, char** argv) {
       x.speedup_spread = t.speedup_spread();
       x.flops_ratio = full.flops / t.method.flops;
       x.overhead_share = t.overhead_share();
-      if (spec.name == "specdiff") x.speculative_share = t.speculative_share();
+      if (spec.name == "specdiff" || spec.name == "specdiff-adaptive") x.speculative_share = t.speculative_share();
       x.quality = demo::evaluate(model, batch, full.latents, t.method.latents);
+      record_steps(x, t.method);
       rows.push_back(x);
       std::fprintf(stderr, "%-26s %7.2f s (full %.2f s)  speedup %.2fx (%.2f-%.2f)  FLOP ratio %5.2f  PSNR %6.2f  SSIM %.3f  acc %.3f  FD %s\n",
                    spec.describe().c_str(), x.seconds, x.seconds_full, x.speedup, x.speedup_spread.min, x.speedup_spread.max, x.flops_ratio,
@@ -182,9 +209,9 @@ int main(int argc, char** argv) {
     std::ofstream csv(dir / "results.csv");
     // Every row has every column; full RFlow's row comes first (its speedup range and PSNR are empty: not measured).
     csv << "method,settings,speedup,speedup_min,speedup_max,flops_ratio,psnr_db,ssim,class_acc,fd,seconds_full,seconds_full_min,"
-           "seconds_full_max,seconds_method,seconds_method_min,seconds_method_max,overhead_share,speculative_share\n";
+           "seconds_full_max,seconds_method,seconds_method_min,seconds_method_max,overhead_share,speculative_share,dense_steps,verified_error\n";
     csv << "full,\"" << steps << " steps\",1,,,1,,1," << full_acc << "," << optional_text(full_fd) << "," << full_median << "," << full_spread.min
-        << "," << full_spread.max << "," << full_median << "," << full_spread.min << "," << full_spread.max << ",0,\n";
+        << "," << full_spread.max << "," << full_median << "," << full_spread.min << "," << full_spread.max << ",0,," << steps << ",\n";
     const auto number = [](const std::optional<double>& v) { return v ? nlohmann::json(*v) : nlohmann::json(nullptr); };
     const auto pair = [](const demo::spread& s) { return nlohmann::json::array({s.min, s.max}); };
     nlohmann::json j = nlohmann::json::array();
@@ -200,13 +227,16 @@ int main(int argc, char** argv) {
           << timed(r.speedup_spread.max) << "," << r.flops_ratio << "," << optional_text(r.quality.psnr_db) << "," << r.quality.ssim << ","
           << r.quality.class_acc << "," << optional_text(r.quality.fd) << "," << timed(r.seconds_full) << "," << timed(r.seconds_full_spread.min)
           << "," << timed(r.seconds_full_spread.max) << "," << timed(r.seconds) << "," << timed(r.seconds_spread.min) << ","
-          << timed(r.seconds_spread.max) << "," << timed(r.overhead_share) << "," << optional_text(r.speculative_share) << "\n";
+          << timed(r.seconds_spread.max) << "," << timed(r.overhead_share) << "," << optional_text(r.speculative_share) << ","
+          << (r.dense_steps ? std::to_string(*r.dense_steps) : "") << "," << optional_text(r.verified_error) << "\n";
       j.push_back({{"method", r.spec.name}, {"settings", r.spec.describe()}, {"speedup", r.speedup}, {"speedup_spread", pair(r.speedup_spread)},
                    {"flops_ratio", r.flops_ratio}, {"psnr_db", number(r.quality.psnr_db)}, {"ssim", r.quality.ssim},
                    {"class_acc", r.quality.class_acc}, {"fd", number(r.quality.fd)}, {"seconds_full", r.seconds_full},
                    {"seconds_full_spread", pair(r.seconds_full_spread)}, {"seconds_method", r.seconds},
                    {"seconds_method_spread", pair(r.seconds_spread)}, {"overhead_share", r.overhead_share},
-                   {"speculative_share", number(r.speculative_share)}});
+                   {"speculative_share", number(r.speculative_share)},
+                   {"dense_steps", r.dense_steps ? nlohmann::json(*r.dense_steps) : nlohmann::json(nullptr)},
+                   {"verified_error", number(r.verified_error)}});
       char speed[64] = "untimed", overhead[16] = "-";  // a quality-only sweep (--repeats 0) has neither
       if (repeats > 0) {
         std::snprintf(speed, sizeof speed, "%.2fx (%.2f-%.2f)", r.speedup, r.speedup_spread.min, r.speedup_spread.max);

@@ -27,6 +27,7 @@
 #include "approximators.hpp"
 #include "cache_store.hpp"
 #include "concepts.hpp"
+#include "learned.hpp"
 #include "schedules.hpp"
 #include "scorers.hpp"
 
@@ -186,7 +187,10 @@ class accelerator {
         compute_ids_(static_cast<std::size_t>(config.rows())),
         global_ids_(static_cast<std::size_t>(config.rows())),
         all_rows_(static_cast<std::size_t>(config.rows())),
-        site_done_(static_cast<std::size_t>(config.layers) * static_cast<std::size_t>(config.sites), 0) {
+        site_done_(static_cast<std::size_t>(config.layers) * static_cast<std::size_t>(config.sites), 0),
+        err2_(static_cast<std::size_t>(config.rows())), norm2_(static_cast<std::size_t>(config.rows())),
+        step_err2_(static_cast<std::size_t>(config.batch)), step_norm2_(static_cast<std::size_t>(config.batch)),
+        verified_(static_cast<std::size_t>(config.batch), 0.f) {
     for (std::size_t r = 0; r < all_rows_.size(); ++r) all_rows_[r] = static_cast<index_t>(r);
     predictor_.prepare(config_.rows());
     classifier_.prepare(config_.tokens);
@@ -221,7 +225,7 @@ class accelerator {
     if (!std::isfinite(t)) detail::fail("t: timestep is not finite (", t, ")");
     if (next_step_ > 0 && !(t < last_t_))
       detail::fail("t: timesteps must fall from step to step; step ", next_step_ - 1, " had t = ", last_t_, ", step ", step_index, " has t = ", t);
-    const bool dense = next_step_ == 0 || schedule_.is_dense(step_index, config_.steps);
+    const bool dense = next_step_ == 0 || dense_at(step_index);
     if (dense) {
       for (auto& p : plans_) p.set_all(level::compute);
     } else {
@@ -231,6 +235,8 @@ class accelerator {
     for (index_t b = 0; b < config_.batch; ++b)
       std::ranges::copy(plan_of(b).compute(), compute_ids_.begin() + static_cast<std::ptrdiff_t>(b) * compute_count_);
     std::ranges::fill(site_done_, char{0});
+    std::ranges::fill(step_err2_, 0.0);
+    std::ranges::fill(step_norm2_, 0.0);
     rows_cached_ = false;
     planned_ = true;
     return step(this, ++generation_, step_index, t, dense);
@@ -363,13 +369,35 @@ class accelerator {
     std::ranges::fill(his_, 0.f);
     std::ranges::fill(metric_, 0.f);
     predictor_.clear();
+    std::ranges::fill(verified_, 0.f);
+    feedback_ = {};
     has_his_ = has_metric_ = planned_ = rows_cached_ = needs_reset_ = false;
     next_step_ = 0;
     last_t_ = std::numeric_limits<float>::infinity();
     ++generation_;
   }
 
+  /// Self-calibration of a learned approximator: while `fit` is set, every partial step adds its C1 rows and
+  /// their histories (as they were before the step cached them) to it, at every cached site. nullptr stops.
+  /// `fit` must be for this run's step count and no deeper than the store's history.
+  void calibrate(history_fit* fit) {
+    if (fit != nullptr) {
+      detail::expect_size("fit: timesteps", fit->timesteps().size(), static_cast<std::size_t>(config_.steps));
+      if (fit->depth() > store_.shape().history_depth)
+        detail::fail("fit: depth ", fit->depth(), " exceeds the store's history_depth ", store_.shape().history_depth);
+    }
+    calibration_ = fit;
+  }
+
   // --- observers ----------------------------------------------------------------------------------
+  /// Free verification: per sample, the relative L2 error sqrt(sum |prediction - row|^2 / sum |row|^2) the
+  /// approximator would have made on the rows the last completed step computed (its C1 rows, at every site
+  /// cached from computed rows), predicted from their history before it was updated. It costs no model work:
+  /// those rows are computed anyway. 0 after a dense step (nothing was predicted), +inf for a sample whose
+  /// computed rows are all zero and mispredicted.
+  std::span<const float> verified_error() const { return verified_; }
+  /// What a feedback_schedule reads at the next plan_step (the verified errors since the last dense step).
+  const schedule_feedback& feedback() const { return feedback_; }
   const accelerator_config& config() const { return config_; }
   /// The next step plan_step expects, and the timestep of the last completed step (+inf before step 0).
   index_t next_step() const { return next_step_; }
@@ -469,8 +497,11 @@ class accelerator {
     if (s.dense_) {
       store_.write(layer, site, s.t_, computed);
     } else {
-      for (index_t r = 0; r < computed.rows; ++r) global_ids_[static_cast<std::size_t>(r)] = global_row(r);
-      store_.scatter(layer, site, s.t_, std::span<const index_t>(global_ids_.data(), static_cast<std::size_t>(computed.rows)), computed);
+      const auto n = static_cast<std::size_t>(computed.rows);
+      for (std::size_t r = 0; r < n; ++r) global_ids_[r] = global_row(static_cast<index_t>(r));
+      const std::span<const index_t> rows(global_ids_.data(), n);
+      verify(s, layer, site, rows, computed, std::span<const index_t>(all_rows_.data(), n));  // compact row r is token rows[r]
+      store_.scatter(layer, site, s.t_, rows, computed);
     }
     site_done_[slot(layer, site)] = 1;
     rows_cached_ = true;
@@ -479,14 +510,52 @@ class accelerator {
     if (s.dense_) {
       store_.write(layer, site, s.t_, all);
     } else {
-      const index_t n = config_.batch * compute_count_;
-      for (index_t r = 0; r < n; ++r) global_ids_[static_cast<std::size_t>(r)] = global_row(r);
-      store_.write_rows(layer, site, s.t_, std::span<const index_t>(global_ids_.data(), static_cast<std::size_t>(n)), all);
+      const auto n = static_cast<std::size_t>(config_.batch) * static_cast<std::size_t>(compute_count_);
+      for (std::size_t r = 0; r < n; ++r) global_ids_[r] = global_row(static_cast<index_t>(r));
+      const std::span<const index_t> rows(global_ids_.data(), n);
+      verify(s, layer, site, rows, all, rows);  // in place: token rows[r] is row rows[r]
+      store_.write_rows(layer, site, s.t_, rows, all);
     }
     site_done_[slot(layer, site)] = 1;
     rows_cached_ = true;
   }
+  // Before a partial step caches computed rows (`rows`: their tokens, row truth_rows[i] of `truth`): what the
+  // approximator would have predicted for them, summed per sample; and the calibration pairs. Throws only if
+  // the approximator refuses the tags, before anything changes.
+  void verify(const step& s, index_t layer, index_t site, std::span<const index_t> rows, matrix_view<const float> truth,
+              std::span<const index_t> truth_rows) {
+    const std::span<float> err2(err2_.data(), rows.size()), norm2(norm2_.data(), rows.size());
+    store_.prediction_error(layer, site, s.t_, rows, approx_, truth, truth_rows, err2, norm2);
+    for (std::size_t r = 0; r < rows.size(); ++r) {
+      const auto b = static_cast<std::size_t>(rows[r] / config_.tokens);
+      step_err2_[b] += err2[r];
+      step_norm2_[b] += norm2[r];
+    }
+    if (calibration_ != nullptr) calibration_->add(store_, layer, site, s.index_, rows, truth, truth_rows);
+  }
+  bool dense_at(index_t step_index) const {
+    if constexpr (feedback_schedule<Schedule>) return schedule_.is_dense(step_index, config_.steps, feedback_);
+    else return schedule_.is_dense(step_index, config_.steps);
+  }
+  // The step's verification per sample, and the feedback the next plan_step reads.
+  void update_verification(bool dense) {
+    if (dense) {
+      std::ranges::fill(verified_, 0.f);
+      feedback_ = {};
+      return;
+    }
+    double mean = 0.0;
+    for (std::size_t b = 0; b < verified_.size(); ++b) {
+      const double e = step_err2_[b], n = step_norm2_[b];
+      verified_[b] = static_cast<float>(n > 0.0 ? std::sqrt(e / n) : (e > 0.0 ? std::numeric_limits<double>::infinity() : 0.0));
+      mean += verified_[b];
+    }
+    feedback_.last_error = static_cast<float>(mean / static_cast<double>(verified_.size()));
+    feedback_.accumulated_error += feedback_.last_error;
+    ++feedback_.partial_run;
+  }
   void finish(step& s, std::span<const float> attention) {
+    update_verification(s.dense_);
     if (!attention.empty()) {
       merge(attention, his_);
       has_his_ = true;
@@ -522,6 +591,11 @@ class accelerator {
   std::vector<index_t> global_ids_;               // scratch: full-matrix rows of a token list
   std::vector<index_t> all_rows_;                 // 0 .. rows - 1 (fill_all)
   std::vector<char> site_done_;                           // [layer][site] in the planned step
+  std::vector<float> err2_, norm2_;                       // scratch: verification per computed row of a site
+  std::vector<double> step_err2_, step_norm2_;            // [sample] verification sums of the planned step
+  std::vector<float> verified_;                           // [sample] of the last completed step
+  schedule_feedback feedback_;
+  history_fit* calibration_ = nullptr;                    // the caller's, while self-calibrating
   index_t partial_count_ = 0, compute_count_ = 0;
   index_t next_step_ = 0;
   float last_t_ = std::numeric_limits<float>::infinity();

@@ -73,30 +73,29 @@ class host_cache_store {
   void fill(index_t layer, index_t site, float t, std::span<const index_t> tokens, const A& approx, matrix_view<float> out) const {
     expect_slot(layer, site);
     detail::expect_matrix("out", out, shape_.tokens, shape_.dim);
-    std::array<float, cache_shape::max_history> tags{}, w{}, last_tags{};
-    std::array<const Storage*, cache_shape::max_history> src{};
-    int last_n = 0;  // tokens refreshed at the same steps share their weights: compute them once per run
-    for (index_t token : tokens) {
-      detail::expect_index("tokens[i]", token, shape_.tokens);
-      const int n = std::min<int>(A::depth, entries(layer, site, token));
-      if (n == 0) detail::fail_logic("fill: layer ", layer, " site ", site, " token ", token, " has no cached feature (never written)");
-      for (int k = 0; k < n; ++k) {
-        tags[static_cast<std::size_t>(k)] = tag(layer, site, token, k);
-        src[static_cast<std::size_t>(k)] = entry(layer, site, token, k);
-      }
-      if (n != last_n || !std::equal(tags.begin(), tags.begin() + n, last_tags.begin())) {
-        if (approx.weights(tags.data(), n, t, w.data()) != n)
-          detail::fail_logic("fill: token ", token, " history tags do not allow this approximator (repeated timestep ", tags[0], ")");
-        last_tags = tags;
-        last_n = n;
-      }
-      float* dst = out.row_ptr(token);
-      for (index_t c = 0; c < shape_.dim; ++c) {
-        float acc = 0.f;
-        for (int k = 0; k < n; ++k) acc += w[static_cast<std::size_t>(k)] * traits::load(src[static_cast<std::size_t>(k)][c]);
-        dst[c] = acc;
-      }
-    }
+    for_each_mix(layer, site, t, tokens, approx, [&](std::size_t, index_t token, index_t c, float mixed) { out.row_ptr(token)[c] = mixed; });
+  }
+
+  /// Verification: what the approximator would have predicted at timestep t for the listed tokens, against
+  /// their computed rows — row truth_rows[i] of `truth` is token tokens[i]'s — before those rows are cached.
+  /// Writes the squared L2 distance per token to err2[i] and the squared norm of its computed row to norm2[i].
+  template <approximator A>
+  void prediction_error(index_t layer, index_t site, float t, std::span<const index_t> tokens, const A& approx,
+                        matrix_view<const float> truth, std::span<const index_t> truth_rows, std::span<float> err2,
+                        std::span<float> norm2) const {
+    expect_slot(layer, site);
+    if (truth.cols != shape_.dim) detail::fail("truth: expected ", shape_.dim, " columns, got ", truth.cols);
+    detail::expect_size("truth_rows", truth_rows.size(), tokens.size());
+    detail::expect_size("err2", err2.size(), tokens.size());
+    detail::expect_size("norm2", norm2.size(), tokens.size());
+    for (index_t r : truth_rows) detail::expect_index("truth_rows[i]", r, truth.rows);
+    std::fill(err2.begin(), err2.end(), 0.f);
+    std::fill(norm2.begin(), norm2.end(), 0.f);
+    for_each_mix(layer, site, t, tokens, approx, [&](std::size_t i, index_t, index_t c, float mixed) {
+      const float y = truth.row_ptr(truth_rows[i])[c], d = mixed - y;
+      err2[i] += d * d;
+      norm2[i] += y * y;
+    });
   }
 
   /// C2: each listed token's latest cached row, unchanged (`t` is not read).
@@ -164,6 +163,40 @@ class host_cache_store {
   float tag(index_t layer, index_t site, index_t token, int k) const {
     const std::size_t row = row_id(layer, site, token);
     return tags_[row * size(shape_.history_depth) + slot(row, k)];
+  }
+
+  // The approximator's mix of each listed token's history at t, handed out value by value:
+  // f(i, token, column, mixed) for the i-th listed token. Indices and cached entries are checked before f first
+  // runs; an approximator refusing a token's tags (a repeated tag) still stops it midway.
+  template <approximator A, class F>
+  void for_each_mix(index_t layer, index_t site, float t, std::span<const index_t> tokens, const A& approx, F&& f) const {
+    for (index_t token : tokens) {
+      detail::expect_index("tokens[i]", token, shape_.tokens);
+      if (entries(layer, site, token) == 0)
+        detail::fail_logic("fill: layer ", layer, " site ", site, " token ", token, " has no cached feature (never written)");
+    }
+    std::array<float, cache_shape::max_history> tags{}, w{}, last_tags{};
+    std::array<const Storage*, cache_shape::max_history> src{};
+    int last_n = 0;  // tokens refreshed at the same steps share their weights: compute them once per run
+    for (std::size_t i = 0; i < tokens.size(); ++i) {
+      const index_t token = tokens[i];
+      const int n = std::min<int>(A::depth, entries(layer, site, token));
+      for (int k = 0; k < n; ++k) {
+        tags[static_cast<std::size_t>(k)] = tag(layer, site, token, k);
+        src[static_cast<std::size_t>(k)] = entry(layer, site, token, k);
+      }
+      if (n != last_n || !std::equal(tags.begin(), tags.begin() + n, last_tags.begin())) {
+        if (approx.weights(tags.data(), n, t, w.data()) != n)
+          detail::fail_logic("fill: token ", token, " history tags do not allow this approximator (repeated timestep ", tags[0], ")");
+        last_tags = tags;
+        last_n = n;
+      }
+      for (index_t c = 0; c < shape_.dim; ++c) {
+        float acc = 0.f;
+        for (int k = 0; k < n; ++k) acc += w[static_cast<std::size_t>(k)] * traits::load(src[static_cast<std::size_t>(k)][c]);
+        f(i, token, c, acc);
+      }
+    }
   }
 
   static void expect_tag(float t) {

@@ -103,6 +103,22 @@ concept schedule = requires(const S& s, index_t step, index_t steps) {
   { s.speculative_steps() } -> std::convertible_to<index_t>;
 };
 
+/// What an adaptive schedule may read when it decides a step: the free verification of the steps since the
+/// last dense one (accelerator::verified_error). The accelerator keeps it; the schedule stays a pure function.
+struct schedule_feedback {
+  float last_error = 0.f;         ///< verified error of the last completed step (0 after a dense step)
+  float accumulated_error = 0.f;  ///< sum of the verified errors of the partial steps since the last dense step
+  index_t partial_run = 0;        ///< partial steps since the last dense step
+};
+
+/// A schedule that also reads the verification: `is_dense(step, steps, feedback)` decides a step at run time;
+/// `is_dense(step, steps)` gives the steps that are dense whatever the feedback (what the `aligned`
+/// speculative grid plans around).
+template <class S>
+concept feedback_schedule = schedule<S> && requires(const S& s, index_t step, index_t steps, const schedule_feedback& f) {
+  { s.is_dense(step, steps, f) } -> std::convertible_to<bool>;
+};
+
 // --- the cache ---------------------------------------------------------------------------------------
 
 /// Geometry of a cache store. A batch is simply more tokens (sample b's token i is row b * tokens + i):
@@ -127,11 +143,20 @@ struct cache_shape {
   }
 };
 
+namespace detail {
+/// An approximator type for stating contracts generic in the approximator (never called).
+struct some_approximator {
+  static constexpr int depth = 1;
+  int weights(const float*, int, float, float*) const;
+};
+}  // namespace detail
+
 /// Cache store: per (layer, site) the last `history_depth` rows of every token, each tagged with its
 /// timestep. Everything the orchestration uses is here: rows are written for all tokens (dense steps),
 /// scattered from compact rows, or read in place from a full matrix for listed tokens (ascending); fills
 /// write the approximator's mix of a token's history (latest = C2) into the rows of a full matrix;
-/// `change_norm` gives the last change per token; `clear` forgets every row. Every mutating call
+/// `change_norm` gives the last change per token; `prediction_error` compares the
+/// approximator's mix with rows about to be cached (free verification); `clear` forgets every row. Every mutating call
 /// validates all its arguments (sizes, indices, finiteness) before it writes anything.
 template <class S>
 concept cache_store =
@@ -144,6 +169,7 @@ concept cache_store =
       s.write_rows(layer, site, t, tokens, rows);
       cs.fill(layer, site, t, tokens, out);  // latest (C2); fill(..., approximator, out) for C3
       cs.change_norm(layer, site, norms);
+      cs.prediction_error(layer, site, t, tokens, detail::some_approximator{}, rows, tokens, norms, norms);  // for any approximator
       s.clear();
       { cs.memory_bytes() } -> std::convertible_to<std::size_t>;
     };

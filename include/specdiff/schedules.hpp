@@ -2,6 +2,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "concepts.hpp"
@@ -48,6 +49,29 @@ struct dense_schedule {
   index_t speculative_steps() const { return 0; }
 };
 
-static_assert(schedule<step_schedule> && schedule<dense_schedule>);
+/// SpecDiff-adaptive's schedule: the dense steps of a step_schedule (`fixed`: warm-up, resets, a refresh
+/// interval), and a dense step whenever the error verified since the last dense step
+/// (schedule_feedback::accumulated_error: the sum of the per-step relative L2 errors of the approximator on the
+/// rows computed anyway) exceeds `error_budget`, or after `max_partial_steps` partial steps in a row (0 = no
+/// limit). One knob: a larger budget, fewer dense steps; an infinite one makes it the step_schedule `fixed`.
+struct error_budget_schedule {
+  step_schedule fixed = {.warmup_steps = 2, .refresh_interval = 0, .speculative = 2, .reset_steps = {}};
+  float error_budget = 0.05f;
+  index_t max_partial_steps = 0;
+
+  void validate(index_t steps) const {
+    if (!(error_budget >= 0.f)) detail::fail("error_budget: must be >= 0 (infinity: only the fixed dense steps), got ", error_budget);
+    if (max_partial_steps < 0) detail::fail("max_partial_steps: must be >= 0, got ", max_partial_steps);
+    fixed.validate(steps);
+  }
+  /// The steps dense whatever the feedback.
+  bool is_dense(index_t step, index_t steps) const { return fixed.is_dense(step, steps); }
+  bool is_dense(index_t step, index_t steps, const schedule_feedback& f) const {
+    return is_dense(step, steps) || f.accumulated_error > error_budget || (max_partial_steps > 0 && f.partial_run >= max_partial_steps);
+  }
+  index_t speculative_steps() const { return fixed.speculative_steps(); }
+};
+
+static_assert(schedule<step_schedule> && schedule<dense_schedule> && feedback_schedule<error_budget_schedule>);
 
 }  // namespace specdiff

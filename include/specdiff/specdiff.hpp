@@ -8,6 +8,7 @@
 #include "cache_store.hpp"
 #include "classifiers.hpp"
 #include "common.hpp"
+#include "learned.hpp"
 #include "concepts.hpp"
 #include "math.hpp"
 #include "predictors.hpp"

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <nlohmann/json.hpp>
+#include <numeric>
 #include <thread>
 
 #include "demo/support.hpp"
@@ -68,8 +69,8 @@ int main(int argc, char** argv) {
   bool no_progress = false;
   double cache_rate = 0;
   int spec_steps = 0, interval = 0, order = 0, fast_steps = 0;
-  double threshold = 0;
-  std::string dense;
+  double threshold = 0, error_budget = 0;
+  std::string dense, c3;
   app.add_option("--method", spec.name, demo::method_list())->capture_default_str()
       ->check(checked([](const std::string& m) {
         return demo::known_method(m) ? std::string() : sd3::message("'", sd3::excerpt(m), "' is not a method; allowed: ", demo::method_list());
@@ -83,6 +84,11 @@ int main(int argc, char** argv) {
   auto* th = app.add_option("--threshold", threshold, "the step-level gate's threshold (fbcache 0.05, teacache 0.6)")->check(real_in(0.0, 1000.0));
   auto* ds = app.add_option("--dense", dense, "dense-step schedule of a token-level method: specdiff (2 + {14}) or ras (4 + {12, 20}); default: the method's own")
       ->check(checked([](const std::string& d) { return demo::dense_schedule_error(d); }, "SCHEDULE"));
+  auto* eb = app.add_option("--error-budget", error_budget,
+                            "specdiff-adaptive: a dense step once the error verified since the last one exceeds this (default 0.05)")
+      ->check(real_in(0.0, 1000.0));
+  auto* c3o = app.add_option("--c3", c3, "C3 rule of specdiff / specdiff-adaptive: specdiff (default), latest, taylor, learned (the model's learned_c3.json)")
+      ->check(checked([](const std::string& r) { return demo::c3_rule_error(r); }, "RULE"));
   app.add_option("--steps", steps, "sampling steps")->capture_default_str()->check(integer_in(1, 1000));
   auto* cf = app.add_option("--cfg", cfg, "classifier-free guidance scale (default: the model's sampling.json, else 4)")->check(real_in(0.0, 100.0));
   app.add_option("--samples", samples, "samples (class i % 10)")->capture_default_str()->check(integer_in(1, 4096));
@@ -101,13 +107,15 @@ int main(int argc, char** argv) {
     // Checks that involve two options, after both are known.
     if (ss->count() && spec_steps > steps)
       throw CLI::ValidationError("--spec-steps", sd3::message("'", spec_steps, "' is out of range; allowed: 0 to --steps (", steps, ")"));
-    check_method_options(spec.name, {{"--cache-rate", cr, {"specdiff", "ras", "toca"}},
-                                     {"--spec-steps", ss, {"specdiff"}},
-                                     {"--interval", iv, {"specdiff", "toca", "fora", "taylorseer"}},
+    check_method_options(spec.name, {{"--cache-rate", cr, {"specdiff", "specdiff-adaptive", "ras", "toca"}},
+                                     {"--spec-steps", ss, {"specdiff", "specdiff-adaptive"}},
+                                     {"--interval", iv, {"specdiff", "specdiff-adaptive", "toca", "fora", "taylorseer"}},
+                                     {"--error-budget", eb, {"specdiff-adaptive"}},
+                                     {"--c3", c3o, {"specdiff", "specdiff-adaptive"}},
                                      {"--order", od, {"taylorseer"}},
                                      {"--fast-steps", fs, {"steps"}},
                                      {"--threshold", th, {"fbcache", "teacache"}},
-                                     {"--dense", ds, {"specdiff", "ras"}}});
+                                     {"--dense", ds, {"specdiff", "specdiff-adaptive", "ras"}}});
   } catch (const CLI::Success& e) {  // --help
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
@@ -121,6 +129,8 @@ int main(int argc, char** argv) {
   if (fs->count()) spec.fast_steps = fast_steps;
   if (th->count()) spec.threshold = threshold;
   if (ds->count()) spec.dense = dense;
+  if (eb->count()) spec.error_budget = error_budget;
+  if (c3o->count()) spec.c3 = c3;
 
   try {
     const std::uint64_t seed = quality::parse_seed(seed_text);
@@ -133,6 +143,7 @@ int main(int argc, char** argv) {
 
     const auto work = demo::make_workload(model_dir, samples, seed, steps, cf->count() ? std::optional(cfg) : std::nullopt, threads);
     const auto& [model, batch, net, problem] = *work;
+    if (model.learned_c3) spec.learned_weights = &*model.learned_c3;
     const float guidance = problem.guidance;
     const bool bar = !no_progress;
 
@@ -147,7 +158,11 @@ int main(int argc, char** argv) {
     const auto fd_full = demo::image_fd(model, batch, full.latents);
     const double speedup = timing.speedup(), flops_ratio = full.flops / accelerated.flops, overhead_share = timing.overhead_share();
     // Only SpecDiff runs a speculative pass; its share of the run is inside `seconds` and inside the speedup.
-    const bool speculative_pass = spec.name == "specdiff";
+    const bool speculative_pass = spec.name == "specdiff" || spec.name == "specdiff-adaptive";
+    // Token-level methods: the free verification (mean over partial steps) and the dense steps of the main pass.
+    const bool token_level = speculative_pass || spec.name == "ras";
+    const auto& verified = accelerated.verified_errors;
+    const double verified_mean = verified.empty() ? 0.0 : std::accumulate(verified.begin(), verified.end(), 0.0) / static_cast<double>(verified.size());
     const double speculative_share = timing.speculative_share();
     const auto full_spread = timing.seconds_full_spread(), method_spread = timing.seconds_method_spread(),
                speedup_spread = timing.speedup_spread();
@@ -174,6 +189,9 @@ int main(int argc, char** argv) {
     std::printf("%-26s %7.2f %-13s %6.2fx %-13s %10.2f %8s %6.3f %9.3f %8s %7.1f%% %10s\n", spec.describe().c_str(), timing.seconds_method(),
                 range(method_spread.min, method_spread.max, "").c_str(), speedup, range(speedup_spread.min, speedup_spread.max, "x").c_str(),
                 flops_ratio, psnr.c_str(), q.ssim, q.class_acc, fd_text(q.fd).c_str(), 100 * overhead_share, spec_text.c_str());
+    if (token_level)
+      std::printf("\nmain pass: %d dense steps of %d; free verification (the C3 rule's relative error on the computed rows): %.4f per "
+                  "partial step\n", accelerated.dense_steps, steps, verified_mean);
     if (const auto why = demo::fd_unavailable_reason(model, batch); !why.empty()) std::printf("\nFD not measured: %s.\n", why.c_str());
     else
       std::printf("\nFD: Frechet distance of the classifier's features to held-out real digits (lower is closer; full RFlow's is the\n"
@@ -208,6 +226,9 @@ int main(int argc, char** argv) {
       j["seconds_method_runs"] = timing.method_seconds;
       j["overhead_share"] = overhead_share;
       j["speculative_share"] = speculative_pass ? nlohmann::json(speculative_share) : nlohmann::json(nullptr);
+      j["verified_error"] = token_level && !verified.empty() ? nlohmann::json(verified_mean) : nlohmann::json(nullptr);
+      j["verified_errors"] = verified;
+      j["dense_steps"] = token_level ? nlohmann::json(accelerated.dense_steps) : nlohmann::json(nullptr);
       j["samples"] = samples;
       j["steps"] = steps;
       j["cfg"] = guidance;

@@ -33,10 +33,11 @@ conditional_model conditional_model::load(const std::filesystem::path& dir) {
   const bool is_flux = name != config.end() && name->is_string() && name->get<std::string>() == "FluxTransformer2DModel";
   conditional_model m{is_flux ? decltype(network){sd3::flux_model::load(net_dir)} : decltype(network){sd3::model::load(net_dir)},
                       quality::class_embeddings::load(dir), {}, quality::digit_classifier::load(dir),
-                      quality::load_guidance_scale(dir), std::nullopt, 0, 0, 0};
+                      quality::load_guidance_scale(dir), std::nullopt, 0, 0, 0, std::nullopt};
   // Older model folders have no reference statistics: FD is then reported as unavailable, not as an error.
   if (const auto reference = dir / quality::fd_reference_file_name; std::filesystem::exists(reference))
     m.fd_reference = quality::load_fd_reference(reference, m.classifier.feature_size());
+  m.learned_c3 = methods::load_learned_c3(dir / methods::learned_c3_file_name);
   auto fail = [&](const auto&... what) { throw std::runtime_error(sd3::message("model: ", dir.string(), ": ", what...)); };
   int pooled_dim = 0, joint_dim = 0, in_channels = 0;
   if (const auto* f = std::get_if<sd3::flux_model>(&m.network)) {
@@ -162,6 +163,13 @@ std::string dense_schedule_error(const std::string& name) {
   return sd3::message("'", sd3::excerpt(name), "' is not a schedule; allowed: ", list);
 }
 
+std::string c3_rule_error(const std::string& name) {
+  if (std::ranges::find(c3_rule_names, name) != std::end(c3_rule_names)) return "";
+  std::string list;
+  for (const char* known : c3_rule_names) list += (list.empty() ? "" : ", ") + std::string(known);
+  return sd3::message("'", sd3::excerpt(name), "' is not a C3 rule; allowed: ", list);
+}
+
 std::string method_list() {
   std::string list;
   for (const char* name : method_names) list += (list.empty() ? "" : ", ") + std::string(name);
@@ -185,7 +193,17 @@ void apply_dense_schedule(Options& o, const std::optional<std::string>& dense) {
 }
 
 methods::specdiff_options specdiff_of(const method_spec& s) {
-  methods::specdiff_options o;
+  using rule = methods::specdiff_options::c3_rule;
+  methods::specdiff_options o = s.name == "specdiff-adaptive" ? methods::specdiff_adaptive_defaults(s.error_budget.value_or(0.05))
+                                                              : methods::specdiff_options{};
+  if (s.c3) {
+    if (const auto error = c3_rule_error(*s.c3); !error.empty()) throw std::invalid_argument(sd3::message("c3: ", error));
+    o.c3 = *s.c3 == "latest" ? rule::latest : *s.c3 == "taylor" ? rule::linear : *s.c3 == "learned" ? rule::learned : rule::specdiff;
+  }
+  if (o.c3 == rule::learned && s.learned_weights == nullptr)
+    throw std::invalid_argument(sd3::message("c3: 'learned' needs the model folder's ", methods::learned_c3_file_name,
+                                             " (make it with specdiff-calibrate --model DIR)"));
+  o.learned_weights = s.learned_weights;
   o.cache_rate = s.cache_rate.value_or(o.cache_rate);
   o.spec_steps = s.spec_steps.value_or(o.spec_steps);
   if (s.interval) o.refresh_interval = *s.interval;
@@ -236,9 +254,11 @@ methods::module_cache_options module_of(const method_spec& s) {
 std::string method_spec::describe() const {
   std::ostringstream os;
   os << name;
-  if (name == "specdiff") {
+  if (name == "specdiff" || name == "specdiff-adaptive") {
     const auto o = specdiff_of(*this);
     os << " cr=" << o.cache_rate << " S=" << o.spec_steps;
+    if (name == "specdiff-adaptive") os << " budget=" << o.error_budget;
+    if (c3) os << " c3=" << *c3;
   } else if (name == "ras") {
     os << " cr=" << ras_of(*this).cache_rate;
   } else if (name == "fbcache") {
@@ -260,10 +280,12 @@ std::string method_spec::describe() const {
   return os.str();
 }
 
+methods::specdiff_options specdiff_options_of(const method_spec& spec) { return specdiff_of(spec); }
+
 methods::run_result run_method(const methods::problem& p, const method_spec& s, const methods::progress_fn& progress) {
   if (s.name == "full") return methods::run_full(p, progress);
   if (s.name == "steps") return methods::run_steps(p, s.fast_steps.value_or(10), progress);
-  if (s.name == "specdiff") return methods::run_specdiff(p, specdiff_of(s), progress);
+  if (s.name == "specdiff" || s.name == "specdiff-adaptive") return methods::run_specdiff(p, specdiff_of(s), progress);
   if (s.name == "ras") return methods::run_ras(p, ras_of(s), progress);
   if (s.name == "toca" || s.name == "fora" || s.name == "taylorseer") return methods::run_module_cache(p, module_of(s), progress);
   if (s.name == "fbcache") return methods::run_fbcache(p, fbcache_of(s), progress);

@@ -72,6 +72,7 @@ run_result run_token_level(const problem& p, Accelerator& acc, const std::option
   const sd3::flow_match_euler scheduler = p.schedule(p.steps);
   if (speculative) acc.begin_speculation(std::span<const float>(speculative->timesteps()));  // sizes the records
   run_result r;
+  r.verified_errors.reserve(static_cast<std::size_t>(p.steps));
   const int spec_steps = speculative ? speculative->steps() : 0;
   const int total = spec_steps + p.steps;
   auto tick = [&] {
@@ -121,6 +122,8 @@ run_result run_token_level(const problem& p, Accelerator& acc, const std::option
     }
     {
       stopwatch::scope s(r.overhead_seconds);
+      if (computed == tokens) ++r.dense_steps;
+      else r.verified_errors.push_back(acc.feedback().last_error);
       after_step(acc, rows);
       c.rows_to_velocity(batch, h, w, rows, call.velocity);
     }
@@ -153,13 +156,18 @@ run_result run_specdiff(const problem& p, const specdiff_options& o, const progr
   const int tokens = image_tokens(p), batch = model_batch(p);
   const specdiff::accelerator_config config{.tokens = tokens, .batch = batch, .steps = p.steps, .feature_dim = p.net->patch_features(),
                                             .share_cfg_plan = o.share_cfg_plan && batch % 2 == 0 && p.guidance > 1.f};
-  const specdiff::step_schedule schedule{o.warmup_steps, o.refresh_interval, o.spec_steps, resets_within(o.reset_steps, p.steps)};
+  // One schedule type: SpecDiff's fixed dense steps, plus the error budget's (none when it is infinite).
+  const specdiff::error_budget_schedule schedule{
+      .fixed = {o.warmup_steps, o.refresh_interval, o.spec_steps, resets_within(o.reset_steps, p.steps)},
+      .error_budget = static_cast<float>(o.error_budget),
+      .max_partial_steps = o.max_partial_steps};
   const auto speculative = speculative_pass(p, o);
   // With no speculative pass the future factor is 1 (no_speculation): Score = his · star.
   auto run = [&](auto approximator) {
     auto with = [&](auto scorer, auto predictor, const std::optional<sd3::flow_match_euler>& pass) {
       specdiff::accelerator acc(config, scorer, std::move(predictor), specdiff::three_level_classifier(o.cache_rate, o.reuse_mass), schedule,
                                 approximator);
+      if (o.calibrate != nullptr) acc.calibrate(o.calibrate);
       return run_token_level(p, acc, pass, o.context_queries, [](auto&, const std::vector<float>&) {}, progress);
     };
     using rank = specdiff_options::ranking;
@@ -175,8 +183,20 @@ run_result run_specdiff(const problem& p, const specdiff_options& o, const progr
   switch (o.c3) {
     case specdiff_options::c3_rule::latest: return run(specdiff::latest{});
     case specdiff_options::c3_rule::linear: return run(specdiff::linear{});
+    case specdiff_options::c3_rule::learned: {
+      if (o.learned_weights == nullptr) throw std::invalid_argument("c3: 'learned' needs learned_weights (a calibration, specdiff-calibrate)");
+      const sd3::flow_match_euler main = p.schedule(p.steps);
+      return run(o.learned_weights->approximator<3>(std::span<const float>(main.timesteps())));
+    }
     default: return run(specdiff::specdiff_weighted{});
   }
+}
+
+specdiff_options specdiff_adaptive_defaults(double error_budget) {
+  specdiff_options o;
+  o.error_budget = error_budget;
+  o.c3 = specdiff_options::c3_rule::specdiff;
+  return o;
 }
 
 run_result run_ras(const problem& p, const ras_options& o, const progress_fn& progress) {

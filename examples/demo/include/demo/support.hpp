@@ -9,6 +9,7 @@
 #include <variant>
 #include <vector>
 
+#include "methods/learned_file.hpp"
 #include "methods/methods.hpp"
 #include "quality/classifier.hpp"
 #include "quality/default_model.hpp"
@@ -36,6 +37,8 @@ struct conditional_model {
   double guidance = quality::default_guidance_scale;  ///< the folder's sampling.json (quality::load_guidance_scale)
   std::optional<quality::feature_statistics> fd_reference;
   int image_channels = 0, image_height = 0, image_width = 0;  ///< the samples as images (the classifier's input)
+  /// The folder's learned C3 weights (methods::learned_c3_file_name, made by specdiff-calibrate); empty if none.
+  std::optional<specdiff::learned_table> learned_c3;
 
   static conditional_model load(const std::filesystem::path& dir);
   bool flux() const noexcept { return network.index() == 1; }
@@ -75,7 +78,9 @@ std::unique_ptr<workload> make_workload(const std::filesystem::path& model_dir, 
                                         int threads);
 
 /// The methods, as the command line names them (docs/methods.md).
-inline constexpr const char* method_names[] = {"full", "specdiff", "ras", "toca", "fora", "taylorseer", "fbcache", "teacache", "steps"};
+inline constexpr const char* method_names[] = {"full", "specdiff", "specdiff-adaptive", "ras", "toca", "fora", "taylorseer", "fbcache", "teacache", "steps"};
+/// The C3 rules of the SpecDiff methods (methods::specdiff_options::c3_rule).
+inline constexpr const char* c3_rule_names[] = {"specdiff", "latest", "taylor", "learned"};
 /// The dense-step schedules of the token-level methods, by whose default they are: SpecDiff's (2 warm-up steps +
 /// a reset at 14) and RAS's (4 + {12, 20}). Either method can run on either, for comparisons at equal schedules.
 inline constexpr const char* dense_schedule_names[] = {"specdiff", "ras"};
@@ -89,15 +94,23 @@ struct method_spec {
   std::optional<int> spec_steps = {}, interval = {}, order = {}, fast_steps = {};
   std::optional<double> threshold = {};   ///< fbcache, teacache: the gate's threshold
   std::optional<std::string> dense = {};  ///< specdiff, ras: one of dense_schedule_names
+  std::optional<double> error_budget = {};  ///< specdiff-adaptive (default 0.05)
+  std::optional<std::string> c3 = {};       ///< specdiff, specdiff-adaptive: one of c3_rule_names
+  /// c3 = learned: the weights (the model folder's, conditional_model::learned_c3); not owned.
+  const specdiff::learned_table* learned_weights = nullptr;
   /// The settings actually used (defaults filled in), for tables and JSON.
   std::string describe() const;
 };
 methods::run_result run_method(const methods::problem& p, const method_spec& spec, const methods::progress_fn& progress = {});
+/// The options a specdiff or specdiff-adaptive spec runs with (defaults filled in, --c3 and --dense applied).
+methods::specdiff_options specdiff_options_of(const method_spec& spec);
 bool known_method(const std::string& name);
 /// "full, specdiff, ..." for messages and help texts.
 std::string method_list();
 /// Empty for one of dense_schedule_names, else "'NAME' is not a schedule; allowed: ...".
 std::string dense_schedule_error(const std::string& name);
+/// Empty for one of c3_rule_names, else "'NAME' is not a C3 rule; allowed: ...".
+std::string c3_rule_error(const std::string& name);
 
 /// Quality of a run's images against full RFlow's, both clamped to the image range [-1, 1]. These take a run's
 /// latents (methods::run_result::latents) and judge them as images (conditional_model::images).

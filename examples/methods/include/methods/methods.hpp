@@ -2,10 +2,12 @@
 // differently; see docs/results.md for what each one caches and the defaults' sources.
 #pragma once
 
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include <specdiff/learned.hpp>
 #include <specdiff/predictors.hpp>
 
 #include "methods/run.hpp"
@@ -30,7 +32,17 @@ struct specdiff_options {
   std::vector<int> reset_steps = {14};  ///< further dense steps
   float starvation_scale = 1.f;
   bool share_cfg_plan = true;
-  enum class c3_rule { specdiff, latest, linear } c3 = c3_rule::specdiff;  ///< how C3 rows are filled
+  /// How C3 rows are filled: SpecDiff's mix of the last three (`specdiff`), the latest row (`latest`), a
+  /// first-order Taylor step through the last two (`linear`, TaylorSeer's order 1), or weights fitted per step
+  /// by least squares (`learned`: from `learned_weights`, made by self-calibration, specdiff::history_fit).
+  enum class c3_rule { specdiff, latest, linear, learned } c3 = c3_rule::specdiff;
+  const specdiff::learned_table* learned_weights = nullptr;  ///< c3 = learned: fitted for this problem's timesteps
+  /// SpecDiff-adaptive: a dense step as soon as the error verified since the last one (specdiff::accelerator::
+  /// verified_error, summed over partial steps) exceeds this; infinity = only the fixed dense steps (SpecDiff).
+  double error_budget = std::numeric_limits<double>::infinity();
+  int max_partial_steps = 0;  ///< with an error budget: at most this many partial steps in a row (0 = no limit)
+  /// Self-calibration: while set, every partial step's computed rows and their histories are added here.
+  specdiff::history_fit* calibrate = nullptr;
   bool context_queries = false;  ///< his/fut also count the attention paid by the context (class) tokens
   /// Where the speculative pass evaluates the model (specdiff::speculative_grid): `aligned` main-grid
   /// timesteps, or the sampler's own S-step schedule (0.1's choice).
@@ -41,6 +53,11 @@ struct specdiff_options {
   enum class ranking { specdiff, no_future, round_robin } rank = ranking::specdiff;
 };
 run_result run_specdiff(const problem& p, const specdiff_options& o, const progress_fn& progress = {});
+
+/// SpecDiff-adaptive, the library's composition beyond the paper: SpecDiff's speculative ranking and levels,
+/// a dense step whenever the free verification's accumulated error passes `error_budget`, and the chosen C3
+/// rule. The settings differ from run_specdiff's only in these defaults (docs/methods.md says how they were chosen).
+specdiff_options specdiff_adaptive_defaults(double error_budget = 0.05);
 /// SpecDiff's speculative pass for a problem (none when spec_steps = 0): the sampler the pass integrates
 /// along, at the timesteps spec_grid chooses.
 std::optional<sd3::flow_match_euler> speculative_pass(const problem& p, const specdiff_options& o);

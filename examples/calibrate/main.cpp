@@ -1,0 +1,82 @@
+// specdiff-calibrate: the learned C3 rule's weights for a model folder, by self-calibration. It runs the method
+// the weights are for (SpecDiff-adaptive by default) on calibration samples — a seed of their own, never one the
+// demo or the benchmarks evaluate on — with specdiff::history_fit attached to the accelerator: every partial step
+// adds its computed rows and their histories, and a least-squares solve per (main step, history length) gives
+// the weights (specdiff/learned.hpp). Writes MODEL/learned_c3.json unless told otherwise; prints the seconds.
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+
+#include "demo/support.hpp"
+#include "quality/cli.hpp"
+#include "quality/options.hpp"
+#include "sd3/errors.hpp"
+#include "sd3/files.hpp"
+#include "sd3/transformer.hpp"
+#include "sd3/workers.hpp"
+
+int main(int argc, char** argv) {
+  CLI::App app{"Fits a model's learned C3 weights (learned_c3.json) from calibration runs of SpecDiff's own schedule"};
+  using quality::cli::checked;
+  using quality::cli::integer_in;
+  using quality::cli::real_in;
+  std::string model_dir = demo::default_model_dir().string(), out, method = "specdiff-adaptive", seed_text = "1000";
+  int samples = 8, steps = 28, threads = std::min(sd3::usable_cores(), sd3::max_threads), min_pairs = 16;
+  double error_budget = 0.05, ridge = 1e-3, cache_rate = 0.9;
+  app.add_option("--model", model_dir, "model folder")->capture_default_str();
+  app.add_option("--out", out, "output file (default: MODEL/learned_c3.json)");
+  app.add_option("--method", method, "the method the weights are for: specdiff-adaptive or specdiff")->capture_default_str()
+      ->check(CLI::IsMember({"specdiff-adaptive", "specdiff"}));
+  app.add_option("--error-budget", error_budget, "specdiff-adaptive's budget during calibration")->capture_default_str()->check(real_in(0.0, 1000.0));
+  app.add_option("--cache-rate", cache_rate, "cache rate during calibration")->capture_default_str()
+      ->check(real_in(0.0, 1.0, quality::interval::open_above));
+  app.add_option("--samples", samples, "calibration samples (class i % 10)")->capture_default_str()->check(integer_in(1, 4096));
+  app.add_option("--seed", seed_text, "noise seed of the calibration samples (keep it apart from evaluation seeds)")->capture_default_str()
+      ->check(checked([](const std::string& t) { return quality::check_seed(t); }, "UINT64"));
+  app.add_option("--steps", steps, "sampling steps (the weights hold for this step count only)")->capture_default_str()->check(integer_in(1, 1000));
+  app.add_option("--ridge", ridge, "ridge toward reusing the latest row, relative to the mean Gram diagonal")->capture_default_str()
+      ->check(real_in(0.0, 1e6));
+  app.add_option("--min-pairs", min_pairs, "a (step, history length) with fewer pairs stays unfitted (reuses the latest row)")
+      ->capture_default_str()->check(integer_in(1, 1 << 30));
+  app.add_option("--threads", threads, "threads")->capture_default_str()->check(integer_in(1, sd3::max_threads));
+  CLI11_PARSE(app, argc, argv);
+  try {
+    const auto out_path = out.empty() ? std::filesystem::path(model_dir) / methods::learned_c3_file_name : std::filesystem::path(out);
+    sd3::require_writable_file(out_path, "--out");
+    const std::uint64_t seed = quality::parse_seed(seed_text);
+    const auto work = demo::make_workload(model_dir, samples, seed, steps, std::nullopt, threads);
+    const auto& problem = work->problem;
+    const auto start = std::chrono::steady_clock::now();
+    const sd3::flow_match_euler main = problem.schedule(problem.steps);
+    specdiff::history_fit fit(std::span<const float>(main.timesteps()), 3);
+    // The C3 rule during calibration is SpecDiff's: the fit sees the computed rows' histories, which do not
+    // depend on the rule; the rule only shifts the trajectory slightly.
+    const demo::method_spec spec{.name = method, .cache_rate = cache_rate,
+                                 .error_budget = method == "specdiff-adaptive" ? std::optional(error_budget) : std::nullopt};
+    auto options = demo::specdiff_options_of(spec);
+    options.calibrate = &fit;
+    const auto run = methods::run_specdiff(problem, options);
+    const auto table = fit.solve(ridge, static_cast<std::size_t>(min_pairs));
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    std::size_t fitted = 0, pairs = 0;
+    for (int k = 0; k < table.steps(); ++k)
+      for (int n = 1; n <= table.depth(); ++n) {
+        fitted += !std::isnan(table.weights(k, n)[0]);
+        pairs += fit.pairs(k, n);
+      }
+    const nlohmann::json calibration{{"tool", "specdiff-calibrate"}, {"method", spec.describe()}, {"samples", samples}, {"seed", seed},
+                                     {"steps", steps}, {"cfg", problem.guidance}, {"ridge", ridge}, {"min_pairs", min_pairs},
+                                     {"pairs", pairs}, {"fitted", fitted}, {"dense_steps", run.dense_steps}, {"seconds", seconds},
+                                     {"threads", threads}};
+    sd3::write_file(out_path, methods::learned_c3_json(table, calibration.dump()), "--out");
+    std::printf("calibrated %s: %zu (step, length) cells of %d fitted from %zu pairs (%d samples, seed %llu, %s) in %.1f s\nwrote %s\n",
+                model_dir.c_str(), fitted, table.steps() * table.depth(), pairs, samples, static_cast<unsigned long long>(seed),
+                spec.describe().c_str(), seconds, out_path.string().c_str());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "specdiff-calibrate: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,30 @@
+// The learned C3 weights' file (learned_c3.json next to a model, written by specdiff-calibrate): JSON, so that
+// a person can read what was fitted and how.
+//
+//   {"format": "specdiff-learned-c3", "version": 1, "depth": 3,
+//    "timesteps": [t_0, ..., t_{K-1}],                 // the main grid the weights were fitted on, falling
+//    "weights": [[[w], [w, w], [w, w, w]], ...],         // per step, per history length n: n weights, newest row
+//                                                        // first; null for an (step, n) with too few pairs
+//    "calibration": {...}}                                // how it was made (free-form, copied into results)
+#pragma once
+
+#include <filesystem>
+#include <optional>
+#include <string>
+
+#include <specdiff/learned.hpp>
+
+namespace methods {
+
+inline constexpr const char* learned_c3_file_name = "learned_c3.json";
+
+/// Reads a learned table; std::nullopt when `path` does not exist. Throws std::runtime_error naming the file
+/// and the field for anything else that is not a valid table (not a regular file, not JSON, wrong format or
+/// version, sizes that disagree, weights that are not finite numbers).
+std::optional<specdiff::learned_table> load_learned_c3(const std::filesystem::path& path);
+/// The table and its provenance (`calibration`, a JSON object's text) as the file's text.
+std::string learned_c3_json(const specdiff::learned_table& table, const std::string& calibration);
+/// The `calibration` object of a file read by load_learned_c3, as JSON text ("{}" when absent).
+std::string learned_c3_calibration(const std::filesystem::path& path);
+
+}  // namespace methods

@@ -1,0 +1,99 @@
+#include "methods/learned_file.hpp"
+
+#include <cmath>
+#include <limits>
+#include <nlohmann/json.hpp>
+#include <system_error>
+
+#include "sd3/errors.hpp"
+#include "sd3/files.hpp"
+#include "sd3/json_input.hpp"
+
+namespace methods {
+namespace {
+
+constexpr const char* format_name = "specdiff-learned-c3";
+
+nlohmann::json parse(const std::filesystem::path& path) {
+  const auto text = sd3::read_text_file(path, "load_learned_c3: learned C3 weights");  // names the path itself
+  try {
+    return sd3::parse_json(text);
+  } catch (const std::runtime_error& e) {
+    throw std::runtime_error(sd3::message("load_learned_c3: '", sd3::path_excerpt(path.string()), "' is ", e.what()));
+  }
+}
+
+}  // namespace
+
+std::optional<specdiff::learned_table> load_learned_c3(const std::filesystem::path& path) {
+  std::error_code ec;
+  if (!std::filesystem::exists(std::filesystem::symlink_status(path, ec))) return std::nullopt;
+  const auto j = parse(path);
+  auto fail = [&](const auto&... why) -> void {
+    throw std::runtime_error(sd3::message("load_learned_c3: '", sd3::path_excerpt(path.string()), "' ", why...));
+  };
+  if (!j.is_object()) fail("is not a JSON object");
+  if (j.value("format", std::string()) != format_name) fail("has no \"format\": \"", format_name, "\"");
+  if (!j.contains("version") || j["version"] != 1) fail("has version ", j.contains("version") ? sd3::json_excerpt(j["version"]) : "(none)", ", this reader knows 1");
+  const auto& depth = j.contains("depth") ? j["depth"] : nlohmann::json();
+  if (!depth.is_number_integer() || depth.get<long long>() < 1 || depth.get<long long>() > specdiff::cache_shape::max_history)
+    fail("has depth ", sd3::json_excerpt(depth), ", allowed: 1 to ", specdiff::cache_shape::max_history);
+  const int d = depth.get<int>();
+  const auto& ts = j.contains("timesteps") ? j["timesteps"] : nlohmann::json();
+  const auto& ws = j.contains("weights") ? j["weights"] : nlohmann::json();
+  constexpr std::size_t most_steps = 100000;
+  if (!ts.is_array() || ts.empty() || ts.size() > most_steps) fail("needs \"timesteps\": an array of 1 to ", most_steps, " numbers");
+  if (!ws.is_array() || ws.size() != ts.size()) fail("needs \"weights\": one entry per timestep (", ts.size(), "), got ", ws.is_array() ? ws.size() : 0);
+  std::vector<float> timesteps, weights(ts.size() * static_cast<std::size_t>(d * d), 0.f);
+  for (std::size_t k = 0; k < ts.size(); ++k) {
+    if (!ts[k].is_number()) fail("has timesteps[", k, "] = ", sd3::json_excerpt(ts[k]), ", expected a number");
+    timesteps.push_back(ts[k].get<float>());
+    if (!ws[k].is_array() || ws[k].size() != static_cast<std::size_t>(d)) fail("needs weights[", k, "]: ", d, " lists (history lengths 1 to ", d, ")");
+    for (int n = 1; n <= d; ++n) {
+      const auto& row = ws[k][static_cast<std::size_t>(n - 1)];
+      float* out = weights.data() + (k * static_cast<std::size_t>(d) + static_cast<std::size_t>(n - 1)) * static_cast<std::size_t>(d);
+      if (row.is_null()) {
+        out[0] = std::numeric_limits<float>::quiet_NaN();
+        continue;
+      }
+      if (!row.is_array() || row.size() != static_cast<std::size_t>(n)) fail("needs weights[", k, "][", n - 1, "]: ", n, " numbers or null");
+      for (int i = 0; i < n; ++i) {
+        const auto& w = row[static_cast<std::size_t>(i)];
+        if (!w.is_number() || !std::isfinite(w.get<double>())) fail("has weights[", k, "][", n - 1, "][", i, "] = ", sd3::json_excerpt(w), ", expected a finite number");
+        out[i] = w.get<float>();
+      }
+    }
+  }
+  try {
+    return specdiff::learned_table(std::move(timesteps), d, std::move(weights));
+  } catch (const std::invalid_argument& e) {
+    fail(e.what());
+  }
+  return std::nullopt;  // not reached: fail throws
+}
+
+std::string learned_c3_json(const specdiff::learned_table& table, const std::string& calibration) {
+  nlohmann::json weights = nlohmann::json::array();
+  for (int k = 0; k < table.steps(); ++k) {
+    nlohmann::json per_step = nlohmann::json::array();
+    for (int n = 1; n <= table.depth(); ++n) {
+      const auto w = table.weights(k, n);
+      per_step.push_back(std::isnan(w[0]) ? nlohmann::json(nullptr) : nlohmann::json(std::vector<float>(w.begin(), w.end())));
+    }
+    weights.push_back(per_step);
+  }
+  const nlohmann::json j{{"format", format_name},
+                         {"version", 1},
+                         {"depth", table.depth()},
+                         {"timesteps", std::vector<float>(table.timesteps().begin(), table.timesteps().end())},
+                         {"weights", weights},
+                         {"calibration", nlohmann::json::parse(calibration)}};
+  return j.dump(1) + "\n";
+}
+
+std::string learned_c3_calibration(const std::filesystem::path& path) {
+  const auto j = parse(path);
+  return j.is_object() && j.contains("calibration") ? j["calibration"].dump() : "{}";
+}
+
+}  // namespace methods
