@@ -56,6 +56,9 @@ std::vector<demo::method_spec> sweep(bool quick) {
   for (const char* c3 : {"specdiff", "learned"})
     for (double budget : quick ? values{0.4} : values{0.1, 0.2, 0.4, 0.8, 1.6})
       s.push_back({.name = "specdiff-adaptive", .error_budget = budget, .c3 = std::string(c3)});
+  // The output forecast between full steps (L2P's structure) with learned weights, and TaylorSeer's order-1 rule there.
+  for (const char* c3 : {"learned", "taylor"})
+    for (int n : quick ? counts{3} : counts{2, 3, 4, 6}) s.push_back({.name = "forecast", .interval = n, .c3 = std::string(c3)});
   for (int n : quick ? counts{3} : counts{2, 3, 5}) s.push_back({.name = "toca", .cache_rate = 0.9, .interval = n});
   for (int n : quick ? counts{3} : counts{2, 3, 4, 6}) s.push_back({.name = "fora", .interval = n});
   for (int n : quick ? counts{4} : counts{3, 4, 6})
@@ -71,7 +74,7 @@ std::string svg(const std::vector<row>& rows, double full_acc) {
   const std::vector<std::pair<std::string, std::string>> colours = {{"specdiff", "#d62728"}, {"ras", "#1f77b4"}, {"toca", "#2ca02c"},
                                                                    {"fora", "#9467bd"}, {"taylorseer", "#ff7f0e"}, {"fbcache", "#8c564b"},
                                                                    {"teacache", "#e377c2"}, {"steps", "#7f7f7f"},
-                                                                   {"specdiff-adaptive", "#17becf"}};
+                                                                   {"specdiff-adaptive", "#17becf"}, {"forecast", "#bcbd22"}};
   auto colour = [&](const std::string& m) {
     for (auto& [k, c] : colours) if (k == m) return c;
     return std::string("#000");
@@ -149,14 +152,14 @@ int main(int argc, char** argv) {
     auto specs = sweep(quick);
     if (!only.empty()) std::erase_if(specs, [&](const demo::method_spec& s) { return s.name != only; });
     // The learned C3 rule needs the model folder's calibration (specdiff-calibrate): without it those rows are left out.
-    if (!model.learned_c3) {
-      const auto before = specs.size();
-      std::erase_if(specs, [](const demo::method_spec& s) { return s.c3 == "learned"; });
-      if (specs.size() != before)
-        std::fprintf(stderr, "no %s in the model folder: the learned-C3 settings are left out (make it with specdiff-calibrate)\n",
-                     methods::learned_c3_file_name);
-    }
-    for (auto& s : specs) s.learned_weights = model.learned_c3 ? &*model.learned_c3 : nullptr;
+    const auto before = specs.size();
+    std::erase_if(specs, [&](const demo::method_spec& s) {
+      return (s.c3 == "learned" || (s.name == "forecast" && !s.c3)) && model.learned_weights_for(s) == nullptr;
+    });
+    if (specs.size() != before)
+        std::fprintf(stderr, "the model folder lacks calibrations (%s, learned_forecast_N*.json): %zu learned settings left out (make them "
+                   "with specdiff-calibrate)\n", methods::learned_c3_file_name, before - specs.size());
+    for (auto& s : specs) s.learned_weights = model.learned_weights_for(s);
 
     const demo::method_spec full_spec{.name = "full"};
     // Untimed: the process's warm-up for full RFlow and the images every setting's quality is measured against.

@@ -23,12 +23,14 @@ int main(int argc, char** argv) {
   using quality::cli::integer_in;
   using quality::cli::real_in;
   std::string model_dir = demo::default_model_dir().string(), out, method = "specdiff-adaptive", seed_text = "1000";
-  int samples = 8, steps = 28, threads = std::min(sd3::usable_cores(), sd3::max_threads), min_pairs = 16;
+  int samples = 8, steps = 28, interval = 3, threads = std::min(sd3::usable_cores(), sd3::max_threads), min_pairs = 16;
   double error_budget = 0.05, ridge = 1e-3, cache_rate = 0.9;
   app.add_option("--model", model_dir, "model folder")->capture_default_str();
   app.add_option("--out", out, "output file (default: MODEL/learned_c3.json)");
   app.add_option("--method", method, "the method the weights are for: specdiff-adaptive or specdiff")->capture_default_str()
-      ->check(CLI::IsMember({"specdiff-adaptive", "specdiff"}));
+      ->check(CLI::IsMember({"specdiff-adaptive", "specdiff", "forecast"}));
+  app.add_option("--interval", interval, "forecast: the full-step interval N the weights are for")->capture_default_str()
+      ->check(integer_in(1, demo::max_forecast_interval));
   app.add_option("--error-budget", error_budget, "specdiff-adaptive's budget during calibration")->capture_default_str()->check(real_in(0.0, 1000.0));
   app.add_option("--cache-rate", cache_rate, "cache rate during calibration")->capture_default_str()
       ->check(real_in(0.0, 1.0, quality::interval::open_above));
@@ -43,7 +45,9 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "threads")->capture_default_str()->check(integer_in(1, sd3::max_threads));
   CLI11_PARSE(app, argc, argv);
   try {
-    const auto out_path = out.empty() ? std::filesystem::path(model_dir) / methods::learned_c3_file_name : std::filesystem::path(out);
+    const bool forecast = method == "forecast";
+    const auto out_path = !out.empty() ? std::filesystem::path(out)
+                          : std::filesystem::path(model_dir) / (forecast ? methods::learned_forecast_file_name(interval) : methods::learned_c3_file_name);
     sd3::require_writable_file(out_path, "--out");
     const std::uint64_t seed = quality::parse_seed(seed_text);
     const auto work = demo::make_workload(model_dir, samples, seed, steps, std::nullopt, threads);
@@ -51,13 +55,20 @@ int main(int argc, char** argv) {
     const auto start = std::chrono::steady_clock::now();
     const sd3::flow_match_euler main = problem.schedule(problem.steps);
     specdiff::history_fit fit(std::span<const float>(main.timesteps()), 3);
-    // The C3 rule during calibration is SpecDiff's: the fit sees the computed rows' histories, which do not
-    // depend on the rule; the rule only shifts the trajectory slightly.
-    const demo::method_spec spec{.name = method, .cache_rate = cache_rate,
-                                 .error_budget = method == "specdiff-adaptive" ? std::optional(error_budget) : std::nullopt};
-    auto options = demo::specdiff_options_of(spec);
-    options.calibrate = &fit;
-    const auto run = methods::run_specdiff(problem, options);
+    // SpecDiff: self-calibration under SpecDiff's C3 rule (the fit sees the computed rows' histories, which do not
+    // depend on the rule; the rule only shifts the trajectory slightly). The forecast: full trajectories.
+    const demo::method_spec spec =
+        forecast ? demo::method_spec{.name = method, .interval = interval, .c3 = "taylor"}
+                 : demo::method_spec{.name = method, .cache_rate = cache_rate,
+                                     .error_budget = method == "specdiff-adaptive" ? std::optional(error_budget) : std::nullopt};
+    methods::run_result run;
+    if (forecast) {
+      run = methods::calibrate_forecast(problem, demo::forecast_options_of(spec), fit);
+    } else {
+      auto options = demo::specdiff_options_of(spec);
+      options.calibrate = &fit;
+      run = methods::run_specdiff(problem, options);
+    }
     const auto table = fit.solve(ridge, static_cast<std::size_t>(min_pairs));
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     std::size_t fitted = 0, pairs = 0;
@@ -66,14 +77,14 @@ int main(int argc, char** argv) {
         fitted += !std::isnan(table.weights(k, n)[0]);
         pairs += fit.pairs(k, n);
       }
-    const nlohmann::json calibration{{"tool", "specdiff-calibrate"}, {"method", spec.describe()}, {"samples", samples}, {"seed", seed},
+    const nlohmann::json calibration{{"tool", "specdiff-calibrate"}, {"method", forecast ? sd3::message("forecast N=", interval) : spec.describe()}, {"samples", samples}, {"seed", seed},
                                      {"steps", steps}, {"cfg", problem.guidance}, {"ridge", ridge}, {"min_pairs", min_pairs},
                                      {"pairs", pairs}, {"fitted", fitted}, {"dense_steps", run.dense_steps}, {"seconds", seconds},
                                      {"threads", threads}};
     sd3::write_file(out_path, methods::learned_c3_json(table, calibration.dump()), "--out");
     std::printf("calibrated %s: %zu (step, length) cells of %d fitted from %zu pairs (%d samples, seed %llu, %s) in %.1f s\nwrote %s\n",
                 model_dir.c_str(), fitted, table.steps() * table.depth(), pairs, samples, static_cast<unsigned long long>(seed),
-                spec.describe().c_str(), seconds, out_path.string().c_str());
+                (forecast ? sd3::message("forecast N=", interval) : spec.describe()).c_str(), seconds, out_path.string().c_str());
   } catch (const std::exception& e) {
     std::fprintf(stderr, "specdiff-calibrate: %s\n", e.what());
     return 1;

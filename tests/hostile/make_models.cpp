@@ -64,6 +64,15 @@ int main(int argc, char** argv) {
         fs::create_directory(dir_weights / weights);
 
         with_config(variant("huge_sample"), "sample_size", "16384");
+
+        // The learned weights: none at all, and a calibration cut in half.
+        const auto no_learned = variant("no_learned");
+        for (const auto& entry : fs::directory_iterator(no_learned))
+            if (entry.path().filename().string().starts_with("learned_")) fs::remove(entry.path());
+        const auto lying_learned = variant("lying_learned");
+        const std::string learned = hostile::read_text(model / "learned_c3.json");
+        fs::remove(lying_learned / "learned_c3.json");
+        hostile::write_text(lying_learned / "learned_c3.json", learned.substr(0, learned.size() / 2));
         return 0;
     } catch (const std::exception& e) {
         std::fprintf(stderr, "hostile_make_models: %s\n", e.what());

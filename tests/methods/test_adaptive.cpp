@@ -127,3 +127,49 @@ TEST_CASE("learned_c3.json: round trip, and every lie refused by name") {
   testing::expect_error<std::runtime_error>([&] { (void)methods::load_learned_c3(path); }, {"learned_c3.json"});
   std::filesystem::remove_all(dir);
 }
+
+TEST_CASE("forecast: N = 1 is full RFlow bit for bit, skipped steps cost nothing, and the learned rule reproduces the ones it can express") {
+  fixture f;
+  INFO("seed ", f.seed);
+  const auto p = f.problem_on(f.net, 10);
+  const auto full = methods::run_full(p);
+  methods::forecast_options o;
+  o.interval = 1;
+  o.c3 = methods::c3_rule::linear;
+  CHECK(methods::run_forecast(p, o).latents == full.latents);
+  o.interval = 3;  // full steps 0, 1, 4, 7: the others skip the network
+  const auto linear = methods::run_forecast(p, o);
+  CHECK(linear.dense_steps == 4);
+  CHECK(linear.model_calls == p.steps);
+  CHECK(linear.flops == doctest::Approx(full.flops * 4 / p.steps));
+  CHECK(linear.latents != full.latents);
+  o.c3 = methods::c3_rule::latest;
+  const auto latest = methods::run_forecast(p, o);
+  const auto identity = constant_table(p, {1.f, 0.f, 0.f});
+  o.c3 = methods::c3_rule::learned;
+  o.learned_weights = &identity;
+  CHECK(methods::run_forecast(p, o).latents == latest.latents);
+  // calibration: one pair per row of the CFG batch on every skipped step, none on full steps
+  const sd3::flow_match_euler main = p.schedule(p.steps);
+  specdiff::history_fit fit(main.timesteps(), 3);
+  const auto calibration = methods::calibrate_forecast(p, o, fit);
+  CHECK(calibration.latents == full.latents);  // teacher-forced: the full trajectory
+  const std::size_t rows = static_cast<std::size_t>(2 * p.inputs.batch * 16);
+  for (int k = 0; k < p.steps; ++k) {
+    std::size_t pairs = 0;
+    for (int n = 1; n <= 3; ++n) pairs += fit.pairs(k, n);
+    CHECK(pairs == ((k == 0 || k == 1 || k == 4 || k == 7) ? 0 : rows));
+  }
+  // fitted on the full trajectory, the forecast is closer to full RFlow than reusing the output is
+  const auto fitted = fit.solve(1e-6, 1);
+  o.learned_weights = &fitted;
+  const auto learned = methods::run_forecast(p, o);
+  auto distance = [&](const std::vector<float>& x) {
+    double d = 0;
+    for (std::size_t i = 0; i < x.size(); ++i) d += (x[i] - full.latents[i]) * (x[i] - full.latents[i]);
+    return d;
+  };
+  CHECK(distance(learned.latents) < distance(latest.latents));
+  o.interval = 0;
+  testing::expect_error<std::invalid_argument>([&] { (void)methods::run_forecast(p, o); }, {"interval", "0"});
+}

@@ -78,7 +78,7 @@ int main(int argc, char** argv) {
   auto* cr = app.add_option("--cache-rate", cache_rate, "share of image tokens not computed on a partial step, [0, 1) (specdiff 0.9, ras 0.5, toca 0.9)")
       ->check(real_in(0.0, 1.0, quality::interval::open_above));
   auto* ss = app.add_option("--spec-steps", spec_steps, "SpecDiff's speculative steps, 0 to --steps (default 2)")->check(integer_in(0, 1000));
-  auto* iv = app.add_option("--interval", interval, "full-step interval (toca 5, fora 3, taylorseer 6; specdiff: refresh interval)")->check(integer_in(1, 1000));
+  auto* iv = app.add_option("--interval", interval, "full-step interval (toca 5, fora 3, taylorseer 6, forecast 3; specdiff: refresh interval)")->check(integer_in(1, 1000));
   auto* od = app.add_option("--order", order, "TaylorSeer's order, 1 or 2 (default 1)")->check(integer_in(1, 2));
   auto* fs = app.add_option("--fast-steps", fast_steps, "steps of the plain fewer-step baseline (method steps, default 10)")->check(integer_in(1, 1000));
   auto* th = app.add_option("--threshold", threshold, "the step-level gate's threshold (fbcache 0.05, teacache 0.6)")->check(real_in(0.0, 1000.0));
@@ -87,7 +87,8 @@ int main(int argc, char** argv) {
   auto* eb = app.add_option("--error-budget", error_budget,
                             "specdiff-adaptive: a dense step once the error verified since the last one exceeds this (default 0.05)")
       ->check(real_in(0.0, 1000.0));
-  auto* c3o = app.add_option("--c3", c3, "C3 rule of specdiff / specdiff-adaptive: specdiff (default), latest, taylor, learned (the model's learned_c3.json)")
+  auto* c3o = app.add_option("--c3", c3, "C3 rule of specdiff / specdiff-adaptive (default specdiff) and forecast (default learned): specdiff, latest, taylor, learned "
+                             "(the model folder's learned_c3.json / learned_forecast.json)")
       ->check(checked([](const std::string& r) { return demo::c3_rule_error(r); }, "RULE"));
   app.add_option("--steps", steps, "sampling steps")->capture_default_str()->check(integer_in(1, 1000));
   auto* cf = app.add_option("--cfg", cfg, "classifier-free guidance scale (default: the model's sampling.json, else 4)")->check(real_in(0.0, 100.0));
@@ -109,9 +110,9 @@ int main(int argc, char** argv) {
       throw CLI::ValidationError("--spec-steps", sd3::message("'", spec_steps, "' is out of range; allowed: 0 to --steps (", steps, ")"));
     check_method_options(spec.name, {{"--cache-rate", cr, {"specdiff", "specdiff-adaptive", "ras", "toca"}},
                                      {"--spec-steps", ss, {"specdiff", "specdiff-adaptive"}},
-                                     {"--interval", iv, {"specdiff", "specdiff-adaptive", "toca", "fora", "taylorseer"}},
+                                     {"--interval", iv, {"specdiff", "specdiff-adaptive", "forecast", "toca", "fora", "taylorseer"}},
                                      {"--error-budget", eb, {"specdiff-adaptive"}},
-                                     {"--c3", c3o, {"specdiff", "specdiff-adaptive"}},
+                                     {"--c3", c3o, {"specdiff", "specdiff-adaptive", "forecast"}},
                                      {"--order", od, {"taylorseer"}},
                                      {"--fast-steps", fs, {"steps"}},
                                      {"--threshold", th, {"fbcache", "teacache"}},
@@ -143,7 +144,7 @@ int main(int argc, char** argv) {
 
     const auto work = demo::make_workload(model_dir, samples, seed, steps, cf->count() ? std::optional(cfg) : std::nullopt, threads);
     const auto& [model, batch, net, problem] = *work;
-    if (model.learned_c3) spec.learned_weights = &*model.learned_c3;
+    spec.learned_weights = model.learned_weights_for(spec);
     const float guidance = problem.guidance;
     const bool bar = !no_progress;
 
@@ -160,7 +161,7 @@ int main(int argc, char** argv) {
     // Only SpecDiff runs a speculative pass; its share of the run is inside `seconds` and inside the speedup.
     const bool speculative_pass = spec.name == "specdiff" || spec.name == "specdiff-adaptive";
     // Token-level methods: the free verification (mean over partial steps) and the dense steps of the main pass.
-    const bool token_level = speculative_pass || spec.name == "ras";
+    const bool token_level = speculative_pass || spec.name == "ras" || spec.name == "forecast";
     const auto& verified = accelerated.verified_errors;
     const double verified_mean = verified.empty() ? 0.0 : std::accumulate(verified.begin(), verified.end(), 0.0) / static_cast<double>(verified.size());
     const double speculative_share = timing.speculative_share();

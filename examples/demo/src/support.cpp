@@ -1,5 +1,7 @@
 #include "demo/support.hpp"
 
+#include <charconv>
+
 #include <algorithm>
 #include <cmath>
 #include <sstream>
@@ -33,11 +35,19 @@ conditional_model conditional_model::load(const std::filesystem::path& dir) {
   const bool is_flux = name != config.end() && name->is_string() && name->get<std::string>() == "FluxTransformer2DModel";
   conditional_model m{is_flux ? decltype(network){sd3::flux_model::load(net_dir)} : decltype(network){sd3::model::load(net_dir)},
                       quality::class_embeddings::load(dir), {}, quality::digit_classifier::load(dir),
-                      quality::load_guidance_scale(dir), std::nullopt, 0, 0, 0, std::nullopt};
+                      quality::load_guidance_scale(dir), std::nullopt, 0, 0, 0, std::nullopt, {}};
   // Older model folders have no reference statistics: FD is then reported as unavailable, not as an error.
   if (const auto reference = dir / quality::fd_reference_file_name; std::filesystem::exists(reference))
     m.fd_reference = quality::load_fd_reference(reference, m.classifier.feature_size());
   m.learned_c3 = methods::load_learned_c3(dir / methods::learned_c3_file_name);
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {  // learned_forecast_N<interval>.json, each N
+    const std::string name = entry.path().filename().string();
+    int interval = 0;
+    const char* digits = name.data() + std::min<std::size_t>(name.size(), 18);  // after "learned_forecast_N"
+    const auto [end, error] = std::from_chars(digits, name.data() + name.size(), interval);
+    if (error == std::errc() && interval >= 1 && interval <= max_forecast_interval && name == methods::learned_forecast_file_name(interval))
+      m.learned_forecast.emplace(interval, *methods::load_learned_c3(entry.path()));
+  }
   auto fail = [&](const auto&... what) { throw std::runtime_error(sd3::message("model: ", dir.string(), ": ", what...)); };
   int pooled_dim = 0, joint_dim = 0, in_channels = 0;
   if (const auto* f = std::get_if<sd3::flux_model>(&m.network)) {
@@ -192,22 +202,36 @@ void apply_dense_schedule(Options& o, const std::optional<std::string>& dense) {
   }
 }
 
-methods::specdiff_options specdiff_of(const method_spec& s) {
-  using rule = methods::specdiff_options::c3_rule;
-  methods::specdiff_options o = s.name == "specdiff-adaptive" ? methods::specdiff_adaptive_defaults(s.error_budget.value_or(0.05))
-                                                              : methods::specdiff_options{};
+// The spec's C3 rule (`fallback` when unset), checked against the learned table it needs.
+methods::c3_rule c3_of(const method_spec& s, methods::c3_rule fallback, const char* file_name) {
+  using rule = methods::c3_rule;
+  rule r = fallback;
   if (s.c3) {
     if (const auto error = c3_rule_error(*s.c3); !error.empty()) throw std::invalid_argument(sd3::message("c3: ", error));
-    o.c3 = *s.c3 == "latest" ? rule::latest : *s.c3 == "taylor" ? rule::linear : *s.c3 == "learned" ? rule::learned : rule::specdiff;
+    r = *s.c3 == "latest" ? rule::latest : *s.c3 == "taylor" ? rule::linear : *s.c3 == "learned" ? rule::learned : rule::specdiff;
   }
-  if (o.c3 == rule::learned && s.learned_weights == nullptr)
-    throw std::invalid_argument(sd3::message("c3: 'learned' needs the model folder's ", methods::learned_c3_file_name,
-                                             " (make it with specdiff-calibrate --model DIR)"));
+  if (r == rule::learned && s.learned_weights == nullptr)
+    throw std::invalid_argument(sd3::message("c3: 'learned' needs the model folder's ", file_name, " (make it with specdiff-calibrate --model DIR",
+                                             s.name == "forecast" ? sd3::message(" --method forecast --interval ", s.interval.value_or(3)) : "", ")"));
+  return r;
+}
+
+methods::specdiff_options specdiff_of(const method_spec& s) {
+  methods::specdiff_options o = s.name == "specdiff-adaptive" ? methods::specdiff_adaptive_defaults(s.error_budget.value_or(0.05))
+                                                              : methods::specdiff_options{};
+  o.c3 = c3_of(s, o.c3, methods::learned_c3_file_name);
   o.learned_weights = s.learned_weights;
   o.cache_rate = s.cache_rate.value_or(o.cache_rate);
   o.spec_steps = s.spec_steps.value_or(o.spec_steps);
   if (s.interval) o.refresh_interval = *s.interval;
   apply_dense_schedule(o, s.dense);
+  return o;
+}
+methods::forecast_options forecast_of(const method_spec& s) {
+  methods::forecast_options o;
+  o.interval = s.interval.value_or(o.interval);
+  o.c3 = c3_of(s, o.c3, methods::learned_forecast_file_name(o.interval).c_str());
+  o.learned_weights = s.learned_weights;
   return o;
 }
 methods::ras_options ras_of(const method_spec& s) {
@@ -259,6 +283,8 @@ std::string method_spec::describe() const {
     os << " cr=" << o.cache_rate << " S=" << o.spec_steps;
     if (name == "specdiff-adaptive") os << " budget=" << o.error_budget;
     if (c3) os << " c3=" << *c3;
+  } else if (name == "forecast") {
+    os << " N=" << interval.value_or(methods::forecast_options{}.interval) << " c3=" << c3.value_or("learned");
   } else if (name == "ras") {
     os << " cr=" << ras_of(*this).cache_rate;
   } else if (name == "fbcache") {
@@ -281,11 +307,19 @@ std::string method_spec::describe() const {
 }
 
 methods::specdiff_options specdiff_options_of(const method_spec& spec) { return specdiff_of(spec); }
+methods::forecast_options forecast_options_of(const method_spec& spec) { return forecast_of(spec); }
+
+const specdiff::learned_table* conditional_model::learned_weights_for(const method_spec& spec) const {
+  if (spec.name != "forecast") return learned_c3 ? &*learned_c3 : nullptr;
+  const auto it = learned_forecast.find(spec.interval.value_or(methods::forecast_options{}.interval));
+  return it == learned_forecast.end() ? nullptr : &it->second;
+}
 
 methods::run_result run_method(const methods::problem& p, const method_spec& s, const methods::progress_fn& progress) {
   if (s.name == "full") return methods::run_full(p, progress);
   if (s.name == "steps") return methods::run_steps(p, s.fast_steps.value_or(10), progress);
   if (s.name == "specdiff" || s.name == "specdiff-adaptive") return methods::run_specdiff(p, specdiff_of(s), progress);
+  if (s.name == "forecast") return methods::run_forecast(p, forecast_of(s), progress);
   if (s.name == "ras") return methods::run_ras(p, ras_of(s), progress);
   if (s.name == "toca" || s.name == "fora" || s.name == "taylorseer") return methods::run_module_cache(p, module_of(s), progress);
   if (s.name == "fbcache") return methods::run_fbcache(p, fbcache_of(s), progress);

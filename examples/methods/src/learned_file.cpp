@@ -72,6 +72,8 @@ std::optional<specdiff::learned_table> load_learned_c3(const std::filesystem::pa
   return std::nullopt;  // not reached: fail throws
 }
 
+std::string learned_forecast_file_name(int interval) { return sd3::message("learned_forecast_N", interval, ".json"); }
+
 std::string learned_c3_json(const specdiff::learned_table& table, const std::string& calibration) {
   nlohmann::json weights = nlohmann::json::array();
   for (int k = 0; k < table.steps(); ++k) {

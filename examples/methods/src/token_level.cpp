@@ -6,6 +6,7 @@
 
 #include <specdiff/specdiff.hpp>
 
+#include "sd3/errors.hpp"
 #include "methods/flops.hpp"
 #include "methods/methods.hpp"
 
@@ -108,7 +109,10 @@ run_result run_token_level(const problem& p, Accelerator& acc, const std::option
     options.kv = &kv;
     if (probe_attention) options.attention_probe = probe;
     options.probe_context_queries = context_queries;
-    if (computed == tokens) {  // every token: the plain forward, so CR = 0 is bit-identical to full RFlow
+    if (computed == 0) {  // no token: the network is skipped, every row comes from the cache
+      stopwatch::scope s(r.overhead_seconds);
+      acc.complete_step(std::move(step), specdiff::matrix_view<const float>(compact.data(), 0, features), row_view, attention);
+    } else if (computed == tokens) {  // every token: the plain forward, so CR = 0 is bit-identical to full RFlow
       net.forward(*call.inputs, call.velocity, options);
       stopwatch::scope s(r.overhead_seconds);
       c.velocity_to_rows(batch, h, w, call.velocity, rows);
@@ -127,11 +131,26 @@ run_result run_token_level(const problem& p, Accelerator& acc, const std::option
       after_step(acc, rows);
       c.rows_to_velocity(batch, h, w, rows, call.velocity);
     }
-    r.flops += batch * subset_forward_flops(c, tokens, ctx, computed);
+    if (computed > 0) r.flops += batch * subset_forward_flops(c, tokens, ctx, computed);
     tick();
   });
   r.seconds = seconds_since(start);
   return r;
+}
+
+/// run(approximator) with the approximator of a C3 rule (a learned one over the problem's main grid).
+template <class Run>
+run_result with_c3_rule(const problem& p, c3_rule rule, const specdiff::learned_table* learned, Run&& run) {
+  switch (rule) {
+    case c3_rule::latest: return run(specdiff::latest{});
+    case c3_rule::linear: return run(specdiff::linear{});
+    case c3_rule::learned: {
+      if (learned == nullptr) throw std::invalid_argument("c3: 'learned' needs learned weights (a calibration: specdiff-calibrate)");
+      const sd3::flow_match_euler main = p.schedule(p.steps);
+      return run(learned->approximator<3>(std::span<const float>(main.timesteps())));
+    }
+    default: return run(specdiff::specdiff_weighted{});
+  }
 }
 
 /// The method defaults are SD3's 28-step settings: reset steps past a shorter run are dropped.
@@ -180,16 +199,7 @@ run_result run_specdiff(const problem& p, const specdiff_options& o, const progr
     }
     return with(specdiff::specdiff_scorer{o.starvation_scale}, specdiff::self_speculation{}, speculative);
   };
-  switch (o.c3) {
-    case specdiff_options::c3_rule::latest: return run(specdiff::latest{});
-    case specdiff_options::c3_rule::linear: return run(specdiff::linear{});
-    case specdiff_options::c3_rule::learned: {
-      if (o.learned_weights == nullptr) throw std::invalid_argument("c3: 'learned' needs learned_weights (a calibration, specdiff-calibrate)");
-      const sd3::flow_match_euler main = p.schedule(p.steps);
-      return run(o.learned_weights->approximator<3>(std::span<const float>(main.timesteps())));
-    }
-    default: return run(specdiff::specdiff_weighted{});
-  }
+  return with_c3_rule(p, o.c3, o.learned_weights, run);
 }
 
 specdiff_options specdiff_adaptive_defaults(double error_budget) {
@@ -197,6 +207,52 @@ specdiff_options specdiff_adaptive_defaults(double error_budget) {
   o.error_budget = error_budget;
   o.c3 = specdiff_options::c3_rule::specdiff;
   return o;
+}
+
+namespace {
+specdiff::step_schedule forecast_schedule(const forecast_options& o) {
+  if (o.interval < 1) throw std::invalid_argument(sd3::message("interval: must be >= 1, got ", o.interval));
+  if (o.warmup_steps < 1) throw std::invalid_argument(sd3::message("warmup_steps: must be >= 1, got ", o.warmup_steps));
+  return {o.warmup_steps, o.interval, 0, {}};
+}
+}  // namespace
+
+run_result run_forecast(const problem& p, const forecast_options& o, const progress_fn& progress) {
+  const specdiff::accelerator_config config{.tokens = image_tokens(p), .batch = model_batch(p), .steps = p.steps, .feature_dim = p.net->patch_features()};
+  const auto schedule = forecast_schedule(o);
+  auto run = [&](auto approximator) {
+    specdiff::accelerator acc(config, specdiff::uniform_scorer{}, specdiff::no_speculation{}, specdiff::all_approximate_classifier{}, schedule,
+                              approximator);
+    return run_token_level(p, acc, std::nullopt, false, [](auto&, const std::vector<float>&) {}, progress);
+  };
+  return with_c3_rule(p, o.c3, o.learned_weights, run);
+}
+
+run_result calibrate_forecast(const problem& p, const forecast_options& o, specdiff::history_fit& fit, const progress_fn& progress) {
+  const auto schedule = forecast_schedule(o);
+  const sd3::transformer& c = *p.net;
+  const int batch = model_batch(p), tokens = image_tokens(p), features = c.patch_features(), rows = batch * tokens;
+  const sd3::flow_match_euler main = p.schedule(p.steps);
+  if (fit.timesteps().size() != main.timesteps().size() || !std::equal(fit.timesteps().begin(), fit.timesteps().end(), main.timesteps().begin()))
+    throw std::invalid_argument("fit: its timesteps are not this problem's main grid");
+  specdiff::host_cache_store<float> store({.layers = 1, .sites = 1, .tokens = rows, .dim = features, .history_depth = fit.depth()});
+  std::vector<float> out(static_cast<std::size_t>(rows * features));
+  std::vector<specdiff::index_t> all(static_cast<std::size_t>(rows));
+  for (int i = 0; i < rows; ++i) all[static_cast<std::size_t>(i)] = i;
+  const specdiff::matrix_view<const float> view(out.data(), rows, features);
+  run_result r;
+  const auto start = std::chrono::steady_clock::now();
+  r.latents = sd3::sample_cfg(*p.net, main, p.inputs, p.guidance, [&](const sd3::model_call& call) {
+    p.net->forward(*call.inputs, call.velocity, {});
+    c.velocity_to_rows(batch, p.inputs.height, p.inputs.width, call.velocity, out);
+    if (call.step == 0 || schedule.is_dense(call.step, p.steps)) store.write(0, 0, call.timestep, view);
+    else fit.add(store, 0, 0, call.step, all, view, all);
+    r.flops += batch * full_forward_flops(c, tokens, p.inputs.context_tokens);
+    ++r.model_calls;
+    if (progress) progress(r.model_calls, p.steps);
+  });
+  r.seconds = seconds_since(start);
+  return r;
 }
 
 run_result run_ras(const problem& p, const ras_options& o, const progress_fn& progress) {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -37,8 +38,12 @@ struct conditional_model {
   double guidance = quality::default_guidance_scale;  ///< the folder's sampling.json (quality::load_guidance_scale)
   std::optional<quality::feature_statistics> fd_reference;
   int image_channels = 0, image_height = 0, image_width = 0;  ///< the samples as images (the classifier's input)
-  /// The folder's learned C3 weights (methods::learned_c3_file_name, made by specdiff-calibrate); empty if none.
+  /// The folder's learned weights (made by specdiff-calibrate; empty if none): SpecDiff-adaptive's C3 rule
+  /// (methods::learned_c3_file_name) and the output forecast's per full-step interval (learned_forecast_file_name).
   std::optional<specdiff::learned_table> learned_c3;
+  std::map<int, specdiff::learned_table> learned_forecast;
+  /// The table a spec's learned C3 rule reads (nullptr: the folder has none for it).
+  const specdiff::learned_table* learned_weights_for(const struct method_spec& spec) const;
 
   static conditional_model load(const std::filesystem::path& dir);
   bool flux() const noexcept { return network.index() == 1; }
@@ -78,8 +83,12 @@ std::unique_ptr<workload> make_workload(const std::filesystem::path& model_dir, 
                                         int threads);
 
 /// The methods, as the command line names them (docs/methods.md).
-inline constexpr const char* method_names[] = {"full", "specdiff", "specdiff-adaptive", "ras", "toca", "fora", "taylorseer", "fbcache", "teacache", "steps"};
+inline constexpr const char* method_names[] = {"full",       "specdiff", "specdiff-adaptive", "forecast", "ras", "toca", "fora",
+                                               "taylorseer", "fbcache",  "teacache",          "steps"};
 /// The C3 rules of the SpecDiff methods (methods::specdiff_options::c3_rule).
+/// The largest full-step interval the demo accepts (--interval), and so the largest N of a learned_forecast_N file.
+inline constexpr int max_forecast_interval = 1000;
+/// The C3 rules of the token-level methods (methods::c3_rule).
 inline constexpr const char* c3_rule_names[] = {"specdiff", "latest", "taylor", "learned"};
 /// The dense-step schedules of the token-level methods, by whose default they are: SpecDiff's (2 warm-up steps +
 /// a reset at 14) and RAS's (4 + {12, 20}). Either method can run on either, for comparisons at equal schedules.
@@ -95,7 +104,7 @@ struct method_spec {
   std::optional<double> threshold = {};   ///< fbcache, teacache: the gate's threshold
   std::optional<std::string> dense = {};  ///< specdiff, ras: one of dense_schedule_names
   std::optional<double> error_budget = {};  ///< specdiff-adaptive (default 0.05)
-  std::optional<std::string> c3 = {};       ///< specdiff, specdiff-adaptive: one of c3_rule_names
+  std::optional<std::string> c3 = {};       ///< specdiff, specdiff-adaptive, forecast: one of c3_rule_names
   /// c3 = learned: the weights (the model folder's, conditional_model::learned_c3); not owned.
   const specdiff::learned_table* learned_weights = nullptr;
   /// The settings actually used (defaults filled in), for tables and JSON.
@@ -104,6 +113,8 @@ struct method_spec {
 methods::run_result run_method(const methods::problem& p, const method_spec& spec, const methods::progress_fn& progress = {});
 /// The options a specdiff or specdiff-adaptive spec runs with (defaults filled in, --c3 and --dense applied).
 methods::specdiff_options specdiff_options_of(const method_spec& spec);
+/// The options a forecast spec runs with.
+methods::forecast_options forecast_options_of(const method_spec& spec);
 bool known_method(const std::string& name);
 /// "full, specdiff, ..." for messages and help texts.
 std::string method_list();

@@ -16,7 +16,11 @@
 
 namespace methods {
 
+/// The calibrations a model folder may hold, all in this format: SpecDiff-adaptive's C3 rule (self-calibrated), and
+/// the output forecast's for each full-step interval N (run_forecast, calibrated on full trajectories: the weights
+/// of step k depend on which steps were full, so each N has its own).
 inline constexpr const char* learned_c3_file_name = "learned_c3.json";
+std::string learned_forecast_file_name(int interval);  ///< "learned_forecast_N<interval>.json"
 
 /// Reads a learned table; std::nullopt when `path` does not exist. Throws std::runtime_error naming the file
 /// and the field for anything else that is not a valid table (not a regular file, not JSON, wrong format or

@@ -14,6 +14,12 @@
 
 namespace methods {
 
+/// How a token-level method fills the rows it does not compute (its C3 rows): SpecDiff's mix of the last three
+/// (`specdiff`), the latest row (`latest`), a first-order Taylor step through the last two (`linear`, TaylorSeer's
+/// order 1), or weights fitted per step by least squares (`learned`: a specdiff::learned_table, see
+/// specdiff-calibrate).
+enum class c3_rule { specdiff, latest, linear, learned };
+
 /// Full RFlow: every step, every token (the reference every method is measured against).
 run_result run_full(const problem& p, const progress_fn& progress = {});
 
@@ -32,10 +38,8 @@ struct specdiff_options {
   std::vector<int> reset_steps = {14};  ///< further dense steps
   float starvation_scale = 1.f;
   bool share_cfg_plan = true;
-  /// How C3 rows are filled: SpecDiff's mix of the last three (`specdiff`), the latest row (`latest`), a
-  /// first-order Taylor step through the last two (`linear`, TaylorSeer's order 1), or weights fitted per step
-  /// by least squares (`learned`: from `learned_weights`, made by self-calibration, specdiff::history_fit).
-  enum class c3_rule { specdiff, latest, linear, learned } c3 = c3_rule::specdiff;
+  using c3_rule = methods::c3_rule;
+  c3_rule c3 = c3_rule::specdiff;  ///< how C3 rows are filled
   const specdiff::learned_table* learned_weights = nullptr;  ///< c3 = learned: fitted for this problem's timesteps
   /// SpecDiff-adaptive: a dense step as soon as the error verified since the last one (specdiff::accelerator::
   /// verified_error, summed over partial steps) exceeds this; infinity = only the fixed dense steps (SpecDiff).
@@ -61,6 +65,22 @@ specdiff_options specdiff_adaptive_defaults(double error_budget = 0.05);
 /// SpecDiff's speculative pass for a problem (none when spec_steps = 0): the sampler the pass integrates
 /// along, at the timesteps spec_grid chooses.
 std::optional<sd3::flow_match_euler> speculative_pass(const problem& p, const specdiff_options& o);
+
+/// Output forecasting between full steps, L2P's structure (shared/research/beyond.md, section 2; its authors' code
+/// is not published): full steps are the warm-up and then every `interval`-th; on the others the whole network is
+/// skipped and every token's model output is the C3 rule's forecast from its outputs at the last full steps —
+/// `learned`: per-step least-squares weights fitted on full trajectories (calibrate_forecast); `linear` is
+/// TaylorSeer's order-1 rule at the output, `latest` reuses the output (FORA at the output).
+struct forecast_options {
+  int interval = 3;
+  int warmup_steps = 2;
+  c3_rule c3 = c3_rule::learned;
+  const specdiff::learned_table* learned_weights = nullptr;  ///< c3 = learned: from calibrate_forecast, for this interval
+};
+run_result run_forecast(const problem& p, const forecast_options& o, const progress_fn& progress = {});
+/// The learned forecast's calibration: full RFlow (teacher-forced: every step computed), the outputs of o's full
+/// steps cached and, on every other step, each token's (cached outputs, true output) pair added to `fit`.
+run_result calibrate_forecast(const problem& p, const forecast_options& o, specdiff::history_fit& fit, const progress_fn& progress = {});
 
 /// RAS (Region-Adaptive Sampling), SD3 script defaults: output-level metric (here the L2 norm of the
 /// velocity over channels, averaged per patch: our model has one channel, where RAS's channel std is 0),
