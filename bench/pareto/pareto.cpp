@@ -69,8 +69,10 @@ std::vector<demo::method_spec> sweep(bool quick) {
   return s;
 }
 
-// Two scatter panels: speedup (x) against PSNR and against class accuracy (y), one colour per method.
-std::string svg(const std::vector<row>& rows, double full_acc) {
+// Two scatter panels: speedup (x; the FLOP ratio in a quality-only sweep) against PSNR and against class accuracy
+// (y), one colour per method.
+std::string svg(const std::vector<row>& rows, double full_acc, bool timed) {
+  const auto x_of = [&](const row& r) { return timed ? r.speedup : r.flops_ratio; };
   const std::vector<std::pair<std::string, std::string>> colours = {{"specdiff", "#d62728"}, {"ras", "#1f77b4"}, {"toca", "#2ca02c"},
                                                                    {"fora", "#9467bd"}, {"taylorseer", "#ff7f0e"}, {"fbcache", "#8c564b"},
                                                                    {"teacache", "#e377c2"}, {"steps", "#7f7f7f"},
@@ -81,7 +83,7 @@ std::string svg(const std::vector<row>& rows, double full_acc) {
   };
   double max_speed = 1, min_psnr = 1e9, max_psnr = 0;
   for (const auto& r : rows) {
-    max_speed = std::max(max_speed, r.speedup);
+    max_speed = std::max(max_speed, x_of(r));
     if (r.quality.psnr_db) min_psnr = std::min(min_psnr, *r.quality.psnr_db), max_psnr = std::max(max_psnr, *r.quality.psnr_db);
   }
   if (min_psnr > max_psnr) min_psnr = 0, max_psnr = 40;
@@ -104,13 +106,13 @@ std::string svg(const std::vector<row>& rows, double full_acc) {
       s << "<text x='" << ox - 6 << "' y='" << Y(yv) + 4 << "' text-anchor='end'>" << std::round(yv * 100) / 100 << "</text>";
       s << "<text x='" << X(xv) << "' y='" << top + ph + 16 << "' text-anchor='middle'>" << std::round(xv * 10) / 10 << "x</text>\n";
     }
-    s << "<text x='" << ox + pw / 2 << "' y='" << top + ph + 34 << "' text-anchor='middle'>speedup (wall time)</text>\n";
+    s << "<text x='" << ox + pw / 2 << "' y='" << top + ph + 34 << "' text-anchor='middle'>" << (timed ? "speedup (wall time)" : "FLOP ratio (untimed sweep)") << "</text>\n";
     if (panel == 1)
       s << "<line x1='" << ox << "' x2='" << ox + pw << "' y1='" << Y(full_acc) << "' y2='" << Y(full_acc) << "' stroke='#333' stroke-dasharray='4 3'/>"
         << "<text x='" << ox + pw - 4 << "' y='" << Y(full_acc) - 4 << "' text-anchor='end'>full RFlow</text>\n";
     for (const auto& r : rows) {
       const double y = panel == 0 ? (r.quality.psnr_db ? *r.quality.psnr_db : yhi) : r.quality.class_acc;
-      s << "<circle cx='" << X(r.speedup) << "' cy='" << Y(std::clamp(y, ylo, yhi)) << "' r='4.5' fill='" << colour(r.spec.name) << "'><title>"
+      s << "<circle cx='" << X(x_of(r)) << "' cy='" << Y(std::clamp(y, ylo, yhi)) << "' r='4.5' fill='" << colour(r.spec.name) << "'><title>"
         << r.spec.describe() << "</title></circle>\n";
     }
   }
@@ -138,7 +140,7 @@ int main(int argc, char** argv) {
   app.add_option("--seed", seed)->capture_default_str();
   app.add_option("--threads", threads)->capture_default_str()->check(CLI::Range(1, 1024));
   app.add_option("--repeats", repeats, "timed pairs with full RFlow per setting, after an untimed warm-up; medians are reported. 0: quality only (each setting "
-                 "runs once, untimed: for FD at hundreds of samples; no speedup columns, no plot)")
+                 "runs once, untimed: for FD at hundreds of samples; no speedup columns, the plot against the FLOP ratio)")
       ->capture_default_str()->check(CLI::Range(0, 100));
   app.add_option("--out", out_dir, "output folder")->capture_default_str();
   app.add_option("--model", model_dir)->capture_default_str();
@@ -253,8 +255,8 @@ int main(int argc, char** argv) {
                        {"class_acc_full", full_acc}, {"fd_full", number(full_fd)}, {"seconds_full", full_median},
                        {"seconds_full_spread", pair(full_spread)}, {"seconds_full_runs", full_times}, {"results", j}};
     std::ofstream(dir / "results.json") << all.dump(2) << "\n";
-    if (repeats > 0) std::ofstream(dir / "pareto.svg") << svg(rows, full_acc);  // speedup is its x axis
-    std::fprintf(stderr, "wrote %s/{results.csv,results.json%s}\n", out_dir.c_str(), repeats > 0 ? ",pareto.svg" : "");
+    std::ofstream(dir / "pareto.svg") << svg(rows, full_acc, repeats > 0);
+    std::fprintf(stderr, "wrote %s/{results.csv,results.json,pareto.svg}\n", out_dir.c_str());
   } catch (const std::exception& e) {
     std::fprintf(stderr, "specdiff-pareto: %s\n", e.what());
     return 1;

@@ -393,8 +393,9 @@ class accelerator {
   /// Free verification: per sample, the relative L2 error sqrt(sum |prediction - row|^2 / sum |row|^2) the
   /// approximator would have made on the rows the last completed step computed (its C1 rows, at every site
   /// cached from computed rows), predicted from their history before it was updated. It costs no model work:
-  /// those rows are computed anyway. 0 after a dense step (nothing was predicted), +inf for a sample whose
-  /// computed rows are all zero and mispredicted.
+  /// those rows are computed anyway. 0 after a dense step and after a partial step that computed no rows
+  /// (nothing was verified: a feedback schedule then sees no error), +inf for a sample whose computed rows are
+  /// all zero and mispredicted.
   std::span<const float> verified_error() const { return verified_; }
   /// What a feedback_schedule reads at the next plan_step (the verified errors since the last dense step).
   const schedule_feedback& feedback() const { return feedback_; }

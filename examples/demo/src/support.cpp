@@ -166,25 +166,24 @@ std::unique_ptr<workload> make_workload(const std::filesystem::path& model_dir, 
 
 bool known_method(const std::string& name) { return std::ranges::find(method_names, name) != std::end(method_names); }
 
-std::string dense_schedule_error(const std::string& name) {
-  if (std::ranges::find(dense_schedule_names, name) != std::end(dense_schedule_names)) return "";
+namespace {
+// "a, b, c" from a list of names, and the error for a name not in it ("" when it is).
+template <std::size_t N>
+std::string joined(const char* const (&names)[N]) {
   std::string list;
-  for (const char* known : dense_schedule_names) list += (list.empty() ? "" : ", ") + std::string(known);
-  return sd3::message("'", sd3::excerpt(name), "' is not a schedule; allowed: ", list);
-}
-
-std::string c3_rule_error(const std::string& name) {
-  if (std::ranges::find(c3_rule_names, name) != std::end(c3_rule_names)) return "";
-  std::string list;
-  for (const char* known : c3_rule_names) list += (list.empty() ? "" : ", ") + std::string(known);
-  return sd3::message("'", sd3::excerpt(name), "' is not a C3 rule; allowed: ", list);
-}
-
-std::string method_list() {
-  std::string list;
-  for (const char* name : method_names) list += (list.empty() ? "" : ", ") + std::string(name);
+  for (const char* name : names) list += (list.empty() ? "" : ", ") + std::string(name);
   return list;
 }
+template <std::size_t N>
+std::string not_one_of(const char* const (&names)[N], const std::string& name, const char* what) {
+  if (std::ranges::find(names, name) != std::end(names)) return "";
+  return sd3::message("'", sd3::excerpt(name), "' is not ", what, "; allowed: ", joined(names));
+}
+}  // namespace
+
+std::string dense_schedule_error(const std::string& name) { return not_one_of(dense_schedule_names, name, "a schedule"); }
+std::string c3_rule_error(const std::string& name) { return not_one_of(c3_rule_names, name, "a C3 rule"); }
+std::string method_list() { return joined(method_names); }
 
 namespace {
 

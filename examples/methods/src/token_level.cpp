@@ -127,7 +127,7 @@ run_result run_token_level(const problem& p, Accelerator& acc, const std::option
     {
       stopwatch::scope s(r.overhead_seconds);
       if (computed == tokens) ++r.dense_steps;
-      else r.verified_errors.push_back(acc.feedback().last_error);
+      else if (computed > 0) r.verified_errors.push_back(acc.feedback().last_error);  // no row computed: nothing verified
       after_step(acc, rows);
       c.rows_to_velocity(batch, h, w, rows, call.velocity);
     }

@@ -33,8 +33,9 @@ struct run_result {
   double overhead_seconds = 0;
   int model_calls = 0;
   std::vector<float> speculative_latents;  ///< SpecDiff: where its speculative pass ended (for checks)
-  /// Token-level methods: the free verification of each partial step (the batch's mean relative error of the
-  /// C3 rule on the computed rows, specdiff::accelerator::verified_error), and the dense steps of the main pass.
+  /// Token-level methods: the free verification of each partial step that computed rows (the batch's mean
+  /// relative error of the C3 rule on them, specdiff::accelerator::verified_error), and the dense steps of the
+  /// main pass.
   std::vector<float> verified_errors;
   int dense_steps = 0;
 };
