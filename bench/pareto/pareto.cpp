@@ -91,7 +91,7 @@ std::string svg(const std::vector<row>& rows, double full_acc, bool timed) {
   const double xmax = std::ceil(max_speed + 0.5);
   const int w = 460, h = 340, left = 60, top = 40, pw = 370, ph = 250;
   std::ostringstream s;
-  s << "<svg xmlns='http://www.w3.org/2000/svg' width='" << 2 * w << "' height='" << h + 40 << "' font-family='sans-serif' font-size='12'>\n";
+  s << "<svg xmlns='http://www.w3.org/2000/svg' width='" << 2 * w << "' height='" << h + 60 << "' font-family='sans-serif' font-size='12'>\n";
   s << "<rect width='100%' height='100%' fill='white'/>\n";
   for (int panel = 0; panel < 2; ++panel) {
     const int ox = panel * w + left;
@@ -116,10 +116,11 @@ std::string svg(const std::vector<row>& rows, double full_acc, bool timed) {
         << r.spec.describe() << "</title></circle>\n";
     }
   }
-  int lx = left;
-  for (auto& [k, c] : colours) {
-    s << "<circle cx='" << lx << "' cy='" << h + 20 << "' r='5' fill='" << c << "'/><text x='" << lx + 9 << "' y='" << h + 24 << "'>" << k << "</text>\n";
-    lx += 110;
+  // The legend, five entries to a row (the svg's height leaves room for two rows).
+  for (std::size_t i = 0; i < colours.size(); ++i) {
+    const auto& [k, c] = colours[i];
+    const auto lx = left + static_cast<int>(i % 5) * 170, ly = h + 20 + static_cast<int>(i / 5) * 20;
+    s << "<circle cx='" << lx << "' cy='" << ly << "' r='5' fill='" << c << "'/><text x='" << lx + 9 << "' y='" << ly + 4 << "'>" << k << "</text>\n";
   }
   s << "</svg>\n";
   return s.str();
