@@ -162,7 +162,10 @@ int main(int argc, char** argv) {
     if (specs.size() != before)
         std::fprintf(stderr, "the model folder lacks calibrations (%s, learned_forecast_N*.json): %zu learned settings left out (make them "
                    "with specdiff-calibrate)\n", methods::learned_c3_file_name, before - specs.size());
-    for (auto& s : specs) s.learned_weights = model.learned_weights_for(s);
+    for (auto& s : specs) {
+      s.learned_weights = model.learned_weights_for(s);
+      demo::check_method(s);
+    }
 
     const demo::method_spec full_spec{.name = "full"};
     // Untimed: the process's warm-up for full RFlow and the images every setting's quality is measured against.

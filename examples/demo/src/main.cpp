@@ -145,6 +145,7 @@ int main(int argc, char** argv) {
     const auto work = demo::make_workload(model_dir, samples, seed, steps, cf->count() ? std::optional(cfg) : std::nullopt, threads);
     const auto& [model, batch, net, problem] = *work;
     spec.learned_weights = model.learned_weights_for(spec);
+    demo::check_method(spec);  // before minutes of sampling
     const float guidance = problem.guidance;
     const bool bar = !no_progress;
 

@@ -314,6 +314,20 @@ const specdiff::learned_table* conditional_model::learned_weights_for(const meth
   return it == learned_forecast.end() ? nullptr : &it->second;
 }
 
+namespace {
+[[noreturn]] void unknown_method(const std::string& name) {
+  throw std::invalid_argument(sd3::message("method: unknown '", sd3::excerpt(name), "' (", method_list(), ")"));
+}
+}  // namespace
+
+void check_method(const method_spec& s) {
+  if (s.name == "specdiff" || s.name == "specdiff-adaptive") (void)specdiff_of(s);
+  else if (s.name == "forecast") (void)forecast_of(s);
+  else if (s.name == "ras") (void)ras_of(s);
+  else if (s.name == "toca" || s.name == "fora" || s.name == "taylorseer") (void)module_of(s);
+  else if (!known_method(s.name)) unknown_method(s.name);
+}
+
 methods::run_result run_method(const methods::problem& p, const method_spec& s, const methods::progress_fn& progress) {
   if (s.name == "full") return methods::run_full(p, progress);
   if (s.name == "steps") return methods::run_steps(p, s.fast_steps.value_or(10), progress);
@@ -323,7 +337,7 @@ methods::run_result run_method(const methods::problem& p, const method_spec& s, 
   if (s.name == "toca" || s.name == "fora" || s.name == "taylorseer") return methods::run_module_cache(p, module_of(s), progress);
   if (s.name == "fbcache") return methods::run_fbcache(p, fbcache_of(s), progress);
   if (s.name == "teacache") return methods::run_teacache(p, teacache_of(s), progress);
-  throw std::invalid_argument(sd3::message("method: unknown '", sd3::excerpt(s.name), "' (", method_list(), ")"));
+  unknown_method(s.name);
 }
 
 std::vector<float> clamped_images(const conditional_model& m, std::span<const float> latents) {

@@ -111,6 +111,9 @@ struct method_spec {
   std::string describe() const;
 };
 methods::run_result run_method(const methods::problem& p, const method_spec& spec, const methods::progress_fn& progress = {});
+/// Throws what run_method would throw for the spec's settings (a C3 rule without its learned weights, an
+/// unknown schedule, ...), without running anything: programs check before the first, untimed full run.
+void check_method(const method_spec& spec);
 /// The options a specdiff or specdiff-adaptive spec runs with (defaults filled in, --c3 and --dense applied).
 methods::specdiff_options specdiff_options_of(const method_spec& spec);
 /// The options a forecast spec runs with.
