@@ -56,6 +56,9 @@ std::vector<demo::method_spec> sweep(bool quick) {
   for (const char* c3 : {"specdiff", "learned"})
     for (double budget : quick ? values{0.4} : values{0.1, 0.2, 0.4, 0.8, 1.6})
       s.push_back({.name = "specdiff-adaptive", .error_budget = budget, .c3 = std::string(c3)});
+  // ... and with the cache rate moving between 0.95 and 0.8 with the verified error (learned C3 rule)
+  for (double budget : quick ? values{} : values{0.2, 0.4, 0.8})
+    s.push_back({.name = "specdiff-adaptive", .cache_rate = 0.95, .error_budget = budget, .cache_rate_min = 0.8, .c3 = std::string("learned")});
   // The output forecast between full steps (L2P's structure) with learned weights, and TaylorSeer's order-1 rule there.
   for (const char* c3 : {"learned", "taylor"})
     for (int n : quick ? counts{3} : counts{2, 3, 4, 6}) s.push_back({.name = "forecast", .interval = n, .c3 = std::string(c3)});

@@ -194,9 +194,7 @@ class accelerator {
     for (std::size_t r = 0; r < all_rows_.size(); ++r) all_rows_[r] = static_cast<index_t>(r);
     predictor_.prepare(config_.rows());
     classifier_.prepare(config_.tokens);
-    partial_count_ = classifier_.compute_count(config_.tokens);
-    if (partial_count_ < 0 || partial_count_ > config_.tokens)
-      detail::fail("classifier: compute_count(", config_.tokens, ") = ", partial_count_, " is out of range [0, ", config_.tokens, "]");
+    partial_count_ = classifier_count();
   }
 
   // Steps point back at their accelerator, so it stays where it was built.
@@ -229,7 +227,13 @@ class accelerator {
     if (dense) {
       for (auto& p : plans_) p.set_all(level::compute);
     } else {
-      classify_all(t);  // validates first, writes only scratch and plans (visible through a step alone)
+      index_t count = partial_count_;
+      if constexpr (feedback_classifier<Classifier>) {  // this step's C1 count, from the verification
+        classifier_.adapt(feedback_);                   // a function of the feedback: a retry picks the same
+        count = classifier_count();
+      }
+      classify_all(t, count);  // validates first, writes only scratch and plans (visible through a step alone)
+      partial_count_ = count;
     }
     compute_count_ = dense ? config_.tokens : partial_count_;
     for (index_t b = 0; b < config_.batch; ++b)
@@ -403,7 +407,8 @@ class accelerator {
   /// The next step plan_step expects, and the timestep of the last completed step (+inf before step 0).
   index_t next_step() const { return next_step_; }
   float last_timestep() const { return last_t_; }
-  /// |C1| per sample on partial steps (the classifier's count).
+  /// |C1| per sample on the last partial step planned (the classifier's count; a feedback_classifier's changes
+  /// from step to step among its fixed counts).
   index_t partial_compute_count() const { return partial_count_; }
   const store_type& store() const { return store_; }
   std::span<const float> cache_counts(index_t plan) const { return slice(cf_, plan); }
@@ -446,7 +451,13 @@ class accelerator {
     for (std::size_t i = 0; i < half; ++i) per_plan_out[i] = 0.5f * (per_sample[i] + per_sample[i + half]);
   }
 
-  void classify_all(float t) {
+  index_t classifier_count() const {
+    const index_t n = classifier_.compute_count(config_.tokens);
+    if (n < 0 || n > config_.tokens) detail::fail("classifier: compute_count(", config_.tokens, ") = ", n, " is out of range [0, ", config_.tokens, "]");
+    return n;
+  }
+
+  void classify_all(float t, index_t count) {
     if constexpr (has(Scorer::needs, signal::future)) {
       if (!predictor_.ready()) detail::fail_logic("plan_step: the scorer reads the speculative future and the speculative pass is not complete");
       const auto future = predictor_.future(t);
@@ -464,8 +475,8 @@ class accelerator {
       score_tokens(scorer_, in, scores_);
       auto& plan = plans_[static_cast<std::size_t>(p)];
       classifier_.classify(std::span<const float>(scores_), plan);
-      if (plan.count(level::compute) != partial_count_)
-        detail::fail_logic("classifier: put ", plan.count(level::compute), " tokens in C1, its compute_count promised ", partial_count_);
+      if (plan.count(level::compute) != count)
+        detail::fail_logic("classifier: put ", plan.count(level::compute), " tokens in C1, its compute_count promised ", count);
     }
   }
 

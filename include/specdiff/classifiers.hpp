@@ -3,6 +3,9 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
+#include <cmath>
+#include <span>
 #include <vector>
 
 #include "concepts.hpp"
@@ -36,10 +39,27 @@ inline void rank_by_score(std::span<const float> log_score, std::vector<index_t>
 /// SpecDiff's three levels. C1 = the top ceil((1-CR)·N) tokens by score (a fixed count, so GEMM shapes
 /// are static); C2 = the lowest-scored tokens, taken from the bottom while their cumulative share of the
 /// total score stays <= reuse_mass; C3 = the rest. C2 never takes a C1 token.
+///
+/// With a list of cache rates (buckets, highest first) it is a feedback_classifier: after a step whose verified
+/// error was e, the next partial step caches at rate cache_rates[min(floor(e / error_step), buckets - 1)] — the
+/// less the C3 rule erred, the more is cached; after a dense step (e = 0), the highest rate. One bucket: SpecDiff's
+/// fixed rate.
 class three_level_classifier {
  public:
-  explicit three_level_classifier(double cache_rate, double reuse_mass = 0.10) : cache_rate_(cache_rate), reuse_mass_(reuse_mass) {
-    detail::expect_cache_rate(cache_rate);
+  static constexpr std::size_t max_buckets = 8;
+
+  explicit three_level_classifier(double cache_rate, double reuse_mass = 0.10)
+      : three_level_classifier(std::span<const double>(&cache_rate, 1), 1.f, reuse_mass) {}
+  three_level_classifier(std::span<const double> cache_rates, float error_step, double reuse_mass = 0.10)
+      : buckets_(cache_rates.size()), error_step_(error_step), reuse_mass_(reuse_mass) {
+    if (buckets_ < 1 || buckets_ > max_buckets) detail::fail("cache_rates: must hold 1 to ", max_buckets, " rates, got ", buckets_);
+    std::size_t i = 0;
+    for (double r : cache_rates) {
+      detail::expect_cache_rate(r);
+      if (i > 0 && !(r < rates_[i - 1])) detail::fail("cache_rates: must fall, got ", rates_[i - 1], " then ", r, " at ", i);
+      rates_[i++] = r;
+    }
+    if (!(error_step > 0.f && std::isfinite(error_step))) detail::fail("error_step: must be finite and > 0, got ", error_step);
     detail::expect_reuse_mass(reuse_mass);
   }
 
@@ -47,8 +67,16 @@ class three_level_classifier {
     if (tokens <= 0) detail::fail("tokens: must be positive, got ", tokens);
     order_.reserve(static_cast<std::size_t>(tokens));
   }
-  index_t compute_count(index_t tokens) const { return math::compute_count(cache_rate_, tokens); }
-  double cache_rate() const { return cache_rate_; }
+  /// Picks the bucket of the next partial step from the error verified on the last one.
+  void adapt(const schedule_feedback& f) {
+    const double e = static_cast<double>(f.last_error) / static_cast<double>(error_step_);
+    const auto last = static_cast<double>(buckets_ - 1);
+    bucket_ = e >= 0.0 && e < last ? static_cast<std::size_t>(std::floor(e)) : buckets_ - 1;  // NaN, +inf: the lowest rate
+    if (f.last_error == 0.f) bucket_ = 0;  // after a dense step, or nothing verified
+  }
+  index_t compute_count(index_t tokens) const { return math::compute_count(cache_rate(), tokens); }
+  double cache_rate() const { return rates_[bucket_]; }
+  std::size_t buckets() const { return buckets_; }
   double reuse_mass() const { return reuse_mass_; }
 
   void classify(std::span<const float> log_score, token_plan& plan) {
@@ -73,7 +101,9 @@ class three_level_classifier {
   }
 
  private:
-  double cache_rate_;
+  std::array<double, max_buckets> rates_{};
+  std::size_t buckets_ = 1, bucket_ = 0;
+  float error_step_ = 1.f;
   double reuse_mass_;
   std::vector<index_t> order_;
 };
@@ -123,7 +153,7 @@ using all_reuse_classifier = uniform_level_classifier<level::reuse>;
 /// Every token approximated on partial steps (TaylorSeer's forecasts between refreshes).
 using all_approximate_classifier = uniform_level_classifier<level::approximate>;
 
-static_assert(level_classifier<three_level_classifier> && level_classifier<top_k_classifier> &&
+static_assert(feedback_classifier<three_level_classifier> && level_classifier<top_k_classifier> &&
               level_classifier<all_compute_classifier> && level_classifier<all_reuse_classifier> &&
               level_classifier<all_approximate_classifier>);
 

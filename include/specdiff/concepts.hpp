@@ -111,6 +111,12 @@ struct schedule_feedback {
   index_t partial_run = 0;        ///< partial steps since the last dense step
 };
 
+/// A classifier that also reads the verification: before each partial step the accelerator calls
+/// `adapt(feedback)`, after which `compute_count(tokens)` is that step's C1 count — one of a few fixed counts, so an
+/// engine prepares a GEMM shape per count rather than per step. `adapt` must not allocate.
+template <class C>
+concept feedback_classifier = level_classifier<C> && requires(C& c, const schedule_feedback& f) { c.adapt(f); };
+
 /// A schedule that also reads the verification: `is_dense(step, steps, feedback)` decides a step at run time;
 /// `is_dense(step, steps)` gives the steps that are dense whatever the feedback (what the `aligned`
 /// speculative grid plans around).

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <map>
+#include <set>
 #include <specdiff/specdiff.hpp>
 
 #include "../common/testing.hpp"
@@ -317,4 +318,50 @@ TEST_CASE("accelerator: self-calibration adds each partial step's C1 rows and th
   }
   CHECK(checked >= 4);
   acc.calibrate(nullptr);
+}
+
+TEST_CASE("three_level_classifier with cache-rate buckets: the bucket follows the last verified error") {
+  const std::vector<double> rates = {0.95, 0.9, 0.8};
+  three_level_classifier c(rates, 0.1f);
+  CHECK(c.buckets() == 3);
+  CHECK(c.compute_count(100) == 5);  // bucket 0 before any feedback
+  const std::vector<std::pair<float, double>> cases = {{0.f, 0.95}, {0.05f, 0.95}, {0.1f, 0.9}, {0.19f, 0.9},
+                                                        {0.2f, 0.8}, {3.f, 0.8},    {INFINITY, 0.8}, {NAN, 0.8}};
+  for (auto [e, rate] : cases) {
+    c.adapt({.last_error = e, .accumulated_error = e, .partial_run = 1});
+    INFO("error ", e);
+    CHECK(c.cache_rate() == rate);
+  }
+  CHECK(c.compute_count(100) == 20);
+  three_level_classifier fixed(0.9);
+  fixed.adapt({.last_error = 5.f});
+  CHECK(fixed.cache_rate() == 0.9);  // one bucket: SpecDiff's fixed rate
+  testing::expect_error<std::invalid_argument>([] { three_level_classifier(std::vector<double>{0.8, 0.9}, 0.1f); }, {"cache_rates", "fall"});
+  testing::expect_error<std::invalid_argument>([] { three_level_classifier(std::vector<double>{}, 0.1f); }, {"cache_rates", "1 to 8"});
+  testing::expect_error<std::invalid_argument>([] { three_level_classifier(std::vector<double>{0.9, 1.5}, 0.1f); }, {"cache_rate", "1.5"});
+  testing::expect_error<std::invalid_argument>([] { three_level_classifier(std::vector<double>{0.9}, 0.f); }, {"error_step", "0"});
+}
+
+TEST_CASE("accelerator: with cache-rate buckets each partial step computes the count its bucket gives") {
+  const index_t tokens = 40, steps = 12, dim = 2;
+  using A = accelerator<specdiff_scorer, self_speculation, three_level_classifier, step_schedule, specdiff_weighted>;
+  const std::vector<double> rates = {0.9, 0.75, 0.5};
+  for (float error_step : {0.01f, 0.05f, 0.2f}) {
+    INFO("error_step ", error_step);
+    A acc({.tokens = tokens, .batch = 2, .steps = steps, .feature_dim = dim}, specdiff_scorer{}, self_speculation{},
+          three_level_classifier(rates, error_step), step_schedule{2, 0, 1, {7}});
+    std::set<index_t> counts;
+    run_toy(acc, falling_timesteps(steps), [&](index_t k, bool dense, const auto& c1, const auto&) {
+      if (dense) return;
+      // by hand: the bucket from the error verified on the last completed step (0 after a dense one)
+      const float e = acc.feedback().last_error;
+      const double rate = e == 0.f ? 0.9 : e < error_step ? 0.9 : e < 2 * error_step ? 0.75 : 0.5;
+      const auto want = static_cast<index_t>(std::ceil((1.0 - rate) * tokens - 1e-9 * tokens));
+      INFO("step ", k, " error ", e);
+      CHECK(static_cast<index_t>(c1.size()) == 2 * want);
+      CHECK(acc.partial_compute_count() == want);
+      counts.insert(want);
+    });
+    if (error_step == 0.01f) CHECK(counts.count(20) == 1);  // errors of a few percent: the lowest rate is reached
+  }
 }

@@ -87,6 +87,10 @@ int main(int argc, char** argv) {
   auto* eb = app.add_option("--error-budget", error_budget,
                             "specdiff-adaptive: a dense step once the error verified since the last one exceeds this (default 0.05)")
       ->check(real_in(0.0, 1000.0));
+  double cache_rate_min = 0;
+  auto* crm = app.add_option("--cache-rate-min", cache_rate_min,
+                             "specdiff-adaptive: the cache rate moves from --cache-rate down to this in 3 buckets as the verified error grows")
+      ->check(real_in(0.0, 1.0, quality::interval::open_above));
   auto* c3o = app.add_option("--c3", c3, "C3 rule of specdiff / specdiff-adaptive (default specdiff) and forecast (default learned): specdiff, latest, taylor, learned "
                              "(the model folder's learned_c3.json / learned_forecast.json)")
       ->check(checked([](const std::string& r) { return demo::c3_rule_error(r); }, "RULE"));
@@ -112,6 +116,7 @@ int main(int argc, char** argv) {
                                      {"--spec-steps", ss, {"specdiff", "specdiff-adaptive"}},
                                      {"--interval", iv, {"specdiff", "specdiff-adaptive", "forecast", "toca", "fora", "taylorseer"}},
                                      {"--error-budget", eb, {"specdiff-adaptive"}},
+                                     {"--cache-rate-min", crm, {"specdiff-adaptive"}},
                                      {"--c3", c3o, {"specdiff", "specdiff-adaptive", "forecast"}},
                                      {"--order", od, {"taylorseer"}},
                                      {"--fast-steps", fs, {"steps"}},
@@ -131,6 +136,7 @@ int main(int argc, char** argv) {
   if (th->count()) spec.threshold = threshold;
   if (ds->count()) spec.dense = dense;
   if (eb->count()) spec.error_budget = error_budget;
+  if (crm->count()) spec.cache_rate_min = cache_rate_min;
   if (c3o->count()) spec.c3 = c3;
 
   try {

@@ -221,6 +221,11 @@ methods::specdiff_options specdiff_of(const method_spec& s) {
   o.c3 = c3_of(s, o.c3, methods::learned_c3_file_name);
   o.learned_weights = s.learned_weights;
   o.cache_rate = s.cache_rate.value_or(o.cache_rate);
+  if (s.cache_rate_min) {  // three buckets from cache_rate down to the minimum
+    if (!(*s.cache_rate_min < o.cache_rate))
+      throw std::invalid_argument(sd3::message("cache_rate_min: must be below the cache rate (", o.cache_rate, "), got ", *s.cache_rate_min));
+    o.cache_rate_buckets = {o.cache_rate, 0.5 * (o.cache_rate + *s.cache_rate_min), *s.cache_rate_min};
+  }
   o.spec_steps = s.spec_steps.value_or(o.spec_steps);
   if (s.interval) o.refresh_interval = *s.interval;
   apply_dense_schedule(o, s.dense);
@@ -281,6 +286,7 @@ std::string method_spec::describe() const {
     const auto o = specdiff_of(*this);
     os << " cr=" << o.cache_rate << " S=" << o.spec_steps;
     if (name == "specdiff-adaptive") os << " budget=" << o.error_budget;
+    if (cache_rate_min) os << " cr_min=" << *cache_rate_min;
     if (c3) os << " c3=" << *c3;
   } else if (name == "forecast") {
     os << " N=" << interval.value_or(methods::forecast_options{}.interval) << " c3=" << c3.value_or("learned");

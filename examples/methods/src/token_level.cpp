@@ -184,8 +184,10 @@ run_result run_specdiff(const problem& p, const specdiff_options& o, const progr
   // With no speculative pass the future factor is 1 (no_speculation): Score = his · star.
   auto run = [&](auto approximator) {
     auto with = [&](auto scorer, auto predictor, const std::optional<sd3::flow_match_euler>& pass) {
-      specdiff::accelerator acc(config, scorer, std::move(predictor), specdiff::three_level_classifier(o.cache_rate, o.reuse_mass), schedule,
-                                approximator);
+      const auto classifier = o.cache_rate_buckets.empty()
+                                  ? specdiff::three_level_classifier(o.cache_rate, o.reuse_mass)
+                                  : specdiff::three_level_classifier(o.cache_rate_buckets, o.bucket_error_step, o.reuse_mass);
+      specdiff::accelerator acc(config, scorer, std::move(predictor), classifier, schedule, approximator);
       if (o.calibrate != nullptr) acc.calibrate(o.calibrate);
       return run_token_level(p, acc, pass, o.context_queries, [](auto&, const std::vector<float>&) {}, progress);
     };

@@ -104,6 +104,8 @@ struct method_spec {
   std::optional<double> threshold = {};   ///< fbcache, teacache: the gate's threshold
   std::optional<std::string> dense = {};  ///< specdiff, ras: one of dense_schedule_names
   std::optional<double> error_budget = {};  ///< specdiff-adaptive (default 0.05)
+  /// specdiff-adaptive: the cache rate moves between cache_rate and this in three buckets with the verified error
+  std::optional<double> cache_rate_min = {};
   std::optional<std::string> c3 = {};       ///< specdiff, specdiff-adaptive, forecast: one of c3_rule_names
   /// c3 = learned: the weights (the model folder's, conditional_model::learned_c3); not owned.
   const specdiff::learned_table* learned_weights = nullptr;

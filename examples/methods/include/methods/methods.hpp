@@ -45,6 +45,10 @@ struct specdiff_options {
   /// verified_error, summed over partial steps) exceeds this; infinity = only the fixed dense steps (SpecDiff).
   double error_budget = std::numeric_limits<double>::infinity();
   int max_partial_steps = 0;  ///< with an error budget: at most this many partial steps in a row (0 = no limit)
+  /// Cache-rate buckets (highest first; empty = `cache_rate` on every partial step): after a partial step whose
+  /// verified error was e, the next caches at cache_rate_buckets[min(floor(e / bucket_error_step), last)].
+  std::vector<double> cache_rate_buckets = {};
+  float bucket_error_step = 0.1f;
   /// Self-calibration: while set, every partial step's computed rows and their histories are added here.
   specdiff::history_fit* calibrate = nullptr;
   bool context_queries = false;  ///< his/fut also count the attention paid by the context (class) tokens
