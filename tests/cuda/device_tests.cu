@@ -546,9 +546,11 @@ TEST_SUITE("cache_store") {
     return m;
   }
 
+  // `a` fills on the host, `on_device` on the device: the same approximator, unless its weights live in memory
+  // (learned<Depth>: a view of a table, in host memory for one, device memory for the other).
   template <class Storage, class A>
   void compare_fill(twin_stores<Storage>& st, index_t layer, index_t site, float t, const std::vector<specdiff::token_plan>& plans, const device_plan& plan,
-                    level l, const A& a, std::mt19937_64& g, const stream& s) {
+                    level l, const A& a, const A& on_device, std::mt19937_64& g, const stream& s) {
     const index_t dim = st.shape.dim, rows = st.shape.tokens, tokens = plans[0].tokens();
     const auto init = random_rows(g, rows, dim);
     std::vector<float> want = init;
@@ -558,7 +560,7 @@ TEST_SUITE("cache_store") {
       st.host.fill(layer, site, t, global, a, specdiff::matrix_view<float>(want.data(), rows, dim));
     }
     buffer<float> out(init);
-    st.device.fill(layer, site, t, gpu::rows_of(plan.view, l), a, gpu::device_matrix<float>(out.get(), rows, dim), s);
+    st.device.fill(layer, site, t, gpu::rows_of(plan.view, l), on_device, gpu::device_matrix<float>(out.get(), rows, dim), s);
     const auto got = out.download();
     int bad = 0;
     for (index_t r = 0; r < rows && bad < 5; ++r)
@@ -571,6 +573,11 @@ TEST_SUITE("cache_store") {
         break;
       }
     CHECK(bad == 0);
+  }
+  template <class Storage, class A>
+  void compare_fill(twin_stores<Storage>& st, index_t layer, index_t site, float t, const std::vector<specdiff::token_plan>& plans, const device_plan& plan,
+                    level l, const A& a, std::mt19937_64& g, const stream& s) {
+    compare_fill(st, layer, site, t, plans, plan, l, a, a, g, s);
   }
 
   template <class Storage>
@@ -623,6 +630,13 @@ TEST_SUITE("cache_store") {
     compare_fill(st, L, S, 780.f, plans, plan, level::approximate, specdiff::specdiff_weighted{}, g, s);
     compare_fill(st, L, S, 780.f, plans, plan, level::approximate, specdiff::taylor<2>{}, g, s);
     compare_fill(st, L, S, 780.f, plans, plan, level::compute, specdiff::linear{}, g, s);
+    {  // learned weights: one table, read through host pointers by the host store and device pointers by the device's
+      std::vector<float> timesteps = {900.f, 780.f}, weights = random_rows(g, 2 * 3, 3);
+      const specdiff::learned_table table(timesteps, 3, weights);
+      buffer<float> d_timesteps(timesteps), d_weights(weights);
+      const specdiff::learned<3> on_device{d_timesteps.get(), d_weights.get(), 2};
+      compare_fill(st, L, S, 780.f, plans, plan, level::approximate, table.approximator<3>(timesteps), on_device, g, s);
+    }
 
     // Feature change per token.
     std::vector<float> want(static_cast<std::size_t>(rows));
