@@ -6,6 +6,7 @@
 #include <random>
 #include <vector>
 
+#include "../engine/engine_fixture.hpp"
 #include "methods/run.hpp"
 #include "sd3/config.hpp"
 #include "sd3/flux_model.hpp"
@@ -28,18 +29,11 @@ inline sd3::transformer_config small_config(int layers = 3) {
   return c;
 }
 
-/// A FLUX model the same inputs fit: the 8x8x2 latents packed 2 x 2 into a 4 x 4 grid of 8-channel tokens (16
-/// image tokens), one double-stream and two single-stream blocks, no guidance embedding (guided by CFG).
+/// A FLUX model the same inputs fit: the engine suites' small FLUX model (the 8x8x2 latents packed 2 x 2 into a
+/// 4 x 4 grid of 8-channel tokens: 16 image tokens), without the guidance embedding (guided by CFG).
 inline sd3::flux_config small_flux_config() {
-  sd3::flux_config c;
-  c.in_channels = 8;
-  c.num_layers = 1;
-  c.num_single_layers = 2;
-  c.attention_head_dim = 16;
-  c.num_attention_heads = 2;
-  c.joint_attention_dim = 12;
-  c.pooled_projection_dim = 10;
-  c.axes_dims_rope = {4, 6, 6};
+  sd3::flux_config c = test_util::small_flux_config();
+  c.guidance_embeds = false;
   return c;
 }
 
