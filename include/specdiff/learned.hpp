@@ -152,11 +152,13 @@ class history_fit {
       const std::size_t c = cell(static_cast<int>(step), n);
       double* g = gram_.data() + c * static_cast<std::size_t>(depth_ * depth_);
       double* b = rhs_.data() + c * static_cast<std::size_t>(depth_);
+      std::array<decltype(store.history(layer, site, tokens[i], 0)), cache_shape::max_history> h{};  // newest first
+      for (int a = 0; a < n; ++a) h[static_cast<std::size_t>(a)] = store.history(layer, site, tokens[i], a);
       for (int a = 0; a < n; ++a) {
-        const auto ha = store.history(layer, site, tokens[i], a);
+        const auto& ha = h[static_cast<std::size_t>(a)];
         b[a] += dot(ha, [&](std::size_t col) { return static_cast<double>(y[col]); });
         for (int e = 0; e <= a; ++e) {
-          const auto he = store.history(layer, site, tokens[i], e);
+          const auto& he = h[static_cast<std::size_t>(e)];
           const double s = dot(ha, [&](std::size_t col) { return value(he[col]); });
           g[a * depth_ + e] += s;
           if (e != a) g[e * depth_ + a] += s;
