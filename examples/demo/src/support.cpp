@@ -1,7 +1,5 @@
 #include "demo/support.hpp"
 
-#include <charconv>
-
 #include <algorithm>
 #include <cmath>
 #include <sstream>
@@ -23,14 +21,7 @@ conditional_model conditional_model::load(const std::filesystem::path& dir) {
   const auto net_dir = dir / "transformer";
   // The transformer's class, as diffusers' config.json names it in `_class_name` (each loader checks the file whole
   // and refuses the other's class).
-  const auto config_path = net_dir / "config.json";
-  const auto text = sd3::read_text_file(config_path, "model: transformer config");  // names the file itself
-  nlohmann::json config;
-  try {
-    config = sd3::parse_json(text);
-  } catch (const std::runtime_error& e) {
-    throw std::runtime_error(sd3::message("model: '", sd3::path_excerpt(config_path.string()), "': ", e.what()));
-  }
+  const auto config = sd3::read_json_file(net_dir / "config.json", "model", "transformer config");
   const auto name = config.is_object() ? config.find("_class_name") : config.end();
   const bool is_flux = name != config.end() && name->is_string() && name->get<std::string>() == "FluxTransformer2DModel";
   conditional_model m{is_flux ? decltype(network){sd3::flux_model::load(net_dir)} : decltype(network){sd3::model::load(net_dir)},
@@ -40,14 +31,9 @@ conditional_model conditional_model::load(const std::filesystem::path& dir) {
   if (const auto reference = dir / quality::fd_reference_file_name; std::filesystem::exists(reference))
     m.fd_reference = quality::load_fd_reference(reference, m.classifier.feature_size());
   m.learned_c3 = methods::load_learned_c3(dir / methods::learned_c3_file_name);
-  for (const auto& entry : std::filesystem::directory_iterator(dir)) {  // learned_forecast_N<interval>.json, each N
-    const std::string name = entry.path().filename().string();
-    int interval = 0;
-    const char* digits = name.data() + std::min<std::size_t>(name.size(), 18);  // after "learned_forecast_N"
-    const auto [end, error] = std::from_chars(digits, name.data() + name.size(), interval);
-    if (error == std::errc() && interval >= 1 && interval <= max_forecast_interval && name == methods::learned_forecast_file_name(interval))
-      m.learned_forecast.emplace(interval, *methods::load_learned_c3(entry.path()));
-  }
+  for (const auto& entry : std::filesystem::directory_iterator(dir))  // learned_forecast_N<interval>.json, each N
+    if (const auto interval = methods::learned_forecast_interval(entry.path().filename().string()); interval && *interval <= max_forecast_interval)
+      m.learned_forecast.emplace(*interval, *methods::load_learned_c3(entry.path()));
   auto fail = [&](const auto&... what) { throw std::runtime_error(sd3::message("model: ", dir.string(), ": ", what...)); };
   int pooled_dim = 0, joint_dim = 0, in_channels = 0;
   if (const auto* f = std::get_if<sd3::flux_model>(&m.network)) {

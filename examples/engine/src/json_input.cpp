@@ -3,6 +3,7 @@
 #include <stdexcept>
 
 #include "sd3/errors.hpp"
+#include "sd3/files.hpp"
 
 namespace sd3 {
 
@@ -21,6 +22,15 @@ nlohmann::json parse_json(std::string_view text) {
         return nlohmann::json::parse(text.begin(), text.end(), limit_depth);
     } catch (const nlohmann::json::exception& e) {
         throw std::runtime_error(message("not valid JSON: ", excerpt(e.what(), 4 * max_quoted_chars)));
+    }
+}
+
+nlohmann::json read_json_file(const std::filesystem::path& path, std::string_view who, std::string_view role) {
+    const auto text = read_text_file(path, message(who, ": ", role));  // names the path itself
+    try {
+        return parse_json(text);
+    } catch (const std::runtime_error& e) {
+        throw std::runtime_error(message(who, ": '", path_excerpt(path.string()), "' is ", e.what()));
     }
 }
 

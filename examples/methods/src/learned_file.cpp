@@ -1,5 +1,6 @@
 #include "methods/learned_file.hpp"
 
+#include <charconv>
 #include <cmath>
 #include <limits>
 #include <nlohmann/json.hpp>
@@ -14,14 +15,7 @@ namespace {
 
 constexpr const char* format_name = "specdiff-learned-c3";
 
-nlohmann::json parse(const std::filesystem::path& path) {
-  const auto text = sd3::read_text_file(path, "load_learned_c3: learned C3 weights");  // names the path itself
-  try {
-    return sd3::parse_json(text);
-  } catch (const std::runtime_error& e) {
-    throw std::runtime_error(sd3::message("load_learned_c3: '", sd3::path_excerpt(path.string()), "' is ", e.what()));
-  }
-}
+nlohmann::json parse(const std::filesystem::path& path) { return sd3::read_json_file(path, "load_learned_c3", "learned C3 weights"); }
 
 }  // namespace
 
@@ -72,7 +66,18 @@ std::optional<specdiff::learned_table> load_learned_c3(const std::filesystem::pa
   return std::nullopt;  // not reached: fail throws
 }
 
-std::string learned_forecast_file_name(int interval) { return sd3::message("learned_forecast_N", interval, ".json"); }
+constexpr std::string_view forecast_prefix = "learned_forecast_N";
+
+std::string learned_forecast_file_name(int interval) { return sd3::message(forecast_prefix, interval, ".json"); }
+
+std::optional<int> learned_forecast_interval(std::string_view file_name) {
+  if (!file_name.starts_with(forecast_prefix)) return std::nullopt;
+  int interval = 0;
+  const auto [end, error] = std::from_chars(file_name.data() + forecast_prefix.size(), file_name.data() + file_name.size(), interval);
+  // Round trip: no sign, no leading zeros, nothing but ".json" after the digits.
+  if (error != std::errc() || interval < 1 || file_name != learned_forecast_file_name(interval)) return std::nullopt;
+  return interval;
+}
 
 std::string learned_c3_json(const specdiff::learned_table& table, const std::string& calibration) {
   nlohmann::json weights = nlohmann::json::array();

@@ -81,13 +81,7 @@ void maxpool(const std::vector<float>& in, std::size_t c, std::size_t h, std::si
 
 digit_classifier digit_classifier::load(const std::filesystem::path& dir) {
   const auto json_path = dir / "classifier.json";
-  const auto text = sd3::read_text_file(json_path, "digit_classifier: description");  // names the path itself
-  nlohmann::json desc;
-  try {
-    desc = sd3::parse_json(text);
-  } catch (const std::runtime_error& e) {
-    throw std::runtime_error(sd3::message("digit_classifier: '", sd3::path_excerpt(json_path.string()), "': ", e.what()));
-  }
+  const auto desc = sd3::read_json_file(json_path, "digit_classifier", "description");
   const sd3::safetensors_file weights(dir / "classifier.safetensors");
   digit_classifier net;
   try {

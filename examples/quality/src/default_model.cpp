@@ -64,20 +64,13 @@ void class_embeddings::gather(std::span<const int> labels, std::span<float> cont
 }
 
 namespace {
-// The number `key` of a JSON object in `path`, in (lo, hi] (or [lo, hi] when lo_inclusive); errors name `fn`,
-// the file and the value.
-double read_json_number(const char* fn, const std::filesystem::path& path, const char* what, const char* key, double lo,
-                        bool lo_inclusive, double hi) {
-  const auto text = sd3::read_text_file(path, sd3::message(fn, ": ", what));  // names the path itself
+// The number `key` of `config` (the JSON object read from `path`), in (lo, hi] (or [lo, hi] when lo_inclusive);
+// errors name `fn`, the file and the value.
+double json_number(const nlohmann::json& config, const char* fn, const std::filesystem::path& path, const char* key, double lo,
+                   bool lo_inclusive, double hi) {
   auto fail = [&](const auto&... why) {
     throw std::runtime_error(sd3::message(fn, ": '", sd3::path_excerpt(path.string()), "' ", why...));
   };
-  nlohmann::json config;
-  try {
-    config = sd3::parse_json(text);
-  } catch (const std::runtime_error& e) {
-    fail("is ", e.what());
-  }
   const auto it = config.is_object() ? config.find(key) : config.end();
   if (it == config.end() || !it->is_number()) fail("has no numeric ", key);
   const double v = it->get<double>();
@@ -85,17 +78,25 @@ double read_json_number(const char* fn, const std::filesystem::path& path, const
     fail("has ", key, " ", sd3::json_excerpt(*it), ", allowed: ", lo_inclusive ? "[" : "(", lo, ", ", hi, "]");
   return v;
 }
+
+// scheduler_config.json, read once; its `shift` checked as load_scheduler_shift checks it.
+struct scheduler_file {
+  std::filesystem::path path;
+  nlohmann::json config;
+  double shift;
+  explicit scheduler_file(const std::filesystem::path& dir)
+      : path(dir / "scheduler_config.json"),
+        config(sd3::read_json_file(path, "load_scheduler_shift", "scheduler config")),
+        shift(json_number(config, "load_scheduler_shift", path, "shift", 0.0, false, max_scheduler_shift)) {}
+};
 }  // namespace
 
-double load_scheduler_shift(const std::filesystem::path& dir) {
-  return read_json_number("load_scheduler_shift", dir / "scheduler_config.json", "scheduler config", "shift", 0.0, false,
-                          max_scheduler_shift);
-}
+double load_scheduler_shift(const std::filesystem::path& dir) { return scheduler_file(dir).shift; }
 
 sd3::schedule_rule load_schedule(const std::filesystem::path& dir, int image_tokens) {
-  const auto path = dir / "scheduler_config.json";
-  sd3::schedule_rule rule{load_scheduler_shift(dir), std::nullopt};
-  const auto config = sd3::parse_json(sd3::read_text_file(path, "load_schedule: scheduler config"));  // checked by the read above
+  const scheduler_file file(dir);
+  const auto& [path, config, shift] = file;
+  sd3::schedule_rule rule{shift, std::nullopt};
   const auto dynamic = config.find("use_dynamic_shifting");
   if (dynamic == config.end() || dynamic->is_null()) return rule;
   if (!dynamic->is_boolean())
@@ -103,7 +104,7 @@ sd3::schedule_rule load_schedule(const std::filesystem::path& dir, int image_tok
                                           sd3::json_excerpt(*dynamic), ", expected true or false"));
   if (!dynamic->get<bool>()) return rule;
   auto number = [&](const char* key, double fallback, double lo, double hi) {
-    return config.contains(key) ? read_json_number("load_schedule", path, "scheduler config", key, lo, true, hi) : fallback;
+    return config.contains(key) ? json_number(config, "load_schedule", path, key, lo, true, hi) : fallback;
   };
   const double base = number("base_image_seq_len", 256, 1, 1 << 30), top = number("max_image_seq_len", 4096, 1, 1 << 30);
   const double base_shift = number("base_shift", 0.5, -100, 100), max_shift = number("max_shift", 1.15, -100, 100);
@@ -119,7 +120,8 @@ double load_guidance_scale(const std::filesystem::path& dir) {
   const auto path = dir / "sampling.json";
   std::error_code ec;
   if (!std::filesystem::exists(std::filesystem::symlink_status(path, ec))) return default_guidance_scale;
-  return read_json_number("load_guidance_scale", path, "sampling defaults", "guidance_scale", 0.0, true, max_guidance_scale);
+  return json_number(sd3::read_json_file(path, "load_guidance_scale", "sampling defaults"), "load_guidance_scale", path, "guidance_scale", 0.0,
+                     true, max_guidance_scale);
 }
 
 }  // namespace quality

@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <optional>
 #include <string>
+#include <string_view>
 
 #include <specdiff/learned.hpp>
 
@@ -21,6 +22,9 @@ namespace methods {
 /// of step k depend on which steps were full, so each N has its own).
 inline constexpr const char* learned_c3_file_name = "learned_c3.json";
 std::string learned_forecast_file_name(int interval);  ///< "learned_forecast_N<interval>.json"
+/// The interval a file name of that form names (a positive int, exactly as learned_forecast_file_name writes it);
+/// empty for any other name.
+std::optional<int> learned_forecast_interval(std::string_view file_name);
 
 /// Reads a learned table; std::nullopt when `path` does not exist. Throws std::runtime_error naming the file
 /// and the field for anything else that is not a valid table (not a regular file, not JSON, wrong format or
