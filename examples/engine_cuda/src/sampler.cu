@@ -79,12 +79,19 @@ struct sampler::impl {
     std::unique_ptr<accelerator> acc;
     std::vector<int> counts;  // host-known C1 count of each main step (last run)
     cudaGraphExec_t graph = nullptr;
+    bool profiling = false, capturing = false;
+    std::vector<cudaEvent_t> events;  // [step][4]: before plan_step, after it, after the forward, after complete_step
 
     impl(transformer& n, const flow_match_euler& schedule, cudaStream_t s) : net(&n), main(schedule), stream(s) {}
     impl(const impl&) = delete;
     impl& operator=(const impl&) = delete;
     ~impl() {
         if (graph) cudaGraphExecDestroy(graph);
+        for (cudaEvent_t e : events) cudaEventDestroy(e);
+    }
+
+    void mark(int step, int point) {
+        if (profiling && !capturing) SPECDIFF_CUDA_CHECK(cudaEventRecord(events[static_cast<std::size_t>(step) * 4 + point], stream));
     }
 
     void euler(float* state, const flow_match_euler& s, int i) {
@@ -125,14 +132,18 @@ struct sampler::impl {
         in.latent_rows = latents.p;
         for (int k = 0; k < main.steps(); ++k) {
             in.timestep = main.timesteps()[static_cast<std::size_t>(k)];
+            mark(k, 0);
             auto step = acc->plan_step(k, in.timestep);
+            mark(k, 1);
             const int c = step.compute_count();
             counts[static_cast<std::size_t>(k)] = c;
             forward_options options{.kv = &*kv, .attention_probe = probe.p};
             if (c == 0) {  // nothing computed: every row from the cache; the scorer keeps the last attention
+                mark(k, 2);
                 acc->complete_step(std::move(step), specdiff::gpu::device_matrix<const float>(compact.p, 0, features), rows, attention);
             } else if (c == tokens) {  // dense: the plain forward (CR 0 is full RFlow exactly)
                 net->forward(in, velocity.p, options, stream);
+                mark(k, 2);
                 acc->complete_step(std::move(step), rows, attention);
             } else {
                 options.image_tokens = step.compute_tokens().data;
@@ -140,8 +151,10 @@ struct sampler::impl {
                 SPECDIFF_CUDA_CHECK(cudaMemcpyAsync(records.p + static_cast<std::size_t>(k) * batch * tokens, options.image_tokens,
                                                     static_cast<std::size_t>(batch) * c * sizeof(std::int32_t), cudaMemcpyDeviceToDevice, stream));
                 net->forward(in, compact.p, options, stream);
+                mark(k, 2);
                 acc->complete_step(std::move(step), specdiff::gpu::device_matrix<const float>(compact.p, batch * c, features), rows, attention);
             }
+            mark(k, 3);
             euler(latents.p, main, k);
         }
     }
@@ -244,9 +257,12 @@ void sampler::capture() {
     impl& s = *impl_;
     cudaGraph_t graph = nullptr;
     SPECDIFF_CUDA_CHECK(cudaStreamBeginCapture(s.stream, cudaStreamCaptureModeGlobal));
+    s.capturing = true;
     try {
         s.run();
+        s.capturing = false;
     } catch (...) {
+        s.capturing = false;
         cudaStreamEndCapture(s.stream, &graph);  // ends the (invalidated) capture; the error is the one to report
         if (graph) cudaGraphDestroy(graph);
         throw;
@@ -263,6 +279,32 @@ void sampler::capture() {
 void sampler::replay() {
     if (!impl_->graph) throw std::logic_error("sd3::gpu::sampler::replay: nothing captured (call capture() first)");
     SPECDIFF_CUDA_CHECK(cudaGraphLaunch(impl_->graph, impl_->stream));
+}
+
+void sampler::set_profiling(bool on) {
+    impl& s = *impl_;
+    if (on && s.events.empty()) {
+        s.events.resize(static_cast<std::size_t>(s.main.steps()) * 4);
+        for (auto& e : s.events) SPECDIFF_CUDA_CHECK(cudaEventCreate(&e));
+    }
+    s.profiling = on;
+}
+
+std::vector<sampler::step_time> sampler::step_times() const {
+    const impl& s = *impl_;
+    if (!s.profiling || !s.acc) throw std::logic_error("sd3::gpu::sampler::step_times: profiling is off or the sampler runs no accelerator");
+    SPECDIFF_CUDA_CHECK(cudaStreamSynchronize(s.stream));
+    std::vector<step_time> times;
+    for (int k = 0; k < s.main.steps(); ++k) {
+        const cudaEvent_t* e = &s.events[static_cast<std::size_t>(k) * 4];
+        float plan = 0, forward = 0, complete = 0;
+        SPECDIFF_CUDA_CHECK(cudaEventElapsedTime(&plan, e[0], e[1]));
+        SPECDIFF_CUDA_CHECK(cudaEventElapsedTime(&forward, e[1], e[2]));
+        SPECDIFF_CUDA_CHECK(cudaEventElapsedTime(&complete, e[2], e[3]));
+        const int c = s.counts[static_cast<std::size_t>(k)];
+        times.push_back({.dense = c == s.tokens, .computed = c, .library_ms = plan + complete, .forward_ms = forward});
+    }
+    return times;
 }
 
 int sampler::model_batch() const noexcept { return impl_->batch; }

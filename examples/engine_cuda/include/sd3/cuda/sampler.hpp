@@ -67,6 +67,17 @@ public:
     void capture();
     void replay();
 
+    // Per-step timing of eager runs (CUDA events around the accelerator's calls and the forward; capture() records
+    // none): after a run() with profiling on, step_times() gives each main step's milliseconds (waits for the stream).
+    struct step_time {
+        bool dense = false;
+        int computed = 0;        // C1 tokens per sample
+        float library_ms = 0;    // plan_step + complete_step: scoring, classification, gathers, cache fills
+        float forward_ms = 0;    // the network (with the attention probe)
+    };
+    void set_profiling(bool on);
+    std::vector<step_time> step_times() const;
+
     int model_batch() const noexcept;
     int steps() const noexcept;
     int speculative_steps() const noexcept;
