@@ -1,27 +1,33 @@
 #!/usr/bin/env bash
-# GPU check of the CUDA backend, for a machine with an H100/H200 (or any sm_90 card; set SPECDIFF_CUDA_ARCH
-# for another): builds the CUDA tests and benchmarks (Release), runs the microbenchmarks (bench/cuda: issue
-# 12's accelerator step, row movers, LSE column sums), the `gpu` tests, the host suite, then the gpu suites
-# again under compute-sanitizer (memcheck on all, racecheck on one suite, synccheck on the graph suites),
-# and writes logs, bench.jsonl and a markdown summary (printed last: card, driver, commit, every step and
-# every gpu suite with its result, the benchmark headline and table) to $OUT, or build/gpu-check.
+# GPU check of the CUDA backend and the GPU engine, for a machine with an H100/H200 (or any sm_90 card; set
+# SPECDIFF_CUDA_ARCH for another): builds the CUDA tests and benchmarks (Release), runs the microbenchmarks
+# (bench/cuda: issue 12's accelerator step, row movers, LSE column sums), the GPU engine's benchmark
+# (specdiff-gpu-bench: SD3-medium shapes and mnist-sd3 end to end), the `gpu` tests (the device library's suites and
+# the engine's), the host suite, then gpu suites again under compute-sanitizer (memcheck, racecheck on one
+# suite, synccheck on the graph suites), and writes logs, bench.jsonl, gpu-bench.json and a markdown summary
+# (printed last: card, driver, commit, every step and every gpu suite with its result, the benchmark headlines and
+# tables) to $OUT, or build/gpu-check.
 #
-# Only tests/cuda and bench/cuda are configured (a small driver project generated in the build folder), so
-# the check needs nvcc, CMake and doctest, not the host engine's dependencies. A machine without the doctest
-# package can use a copy of the header: put doctest/doctest.h under .deps/ at the repository root (ignored
-# by git) or point SPECDIFF_DOCTEST_INCLUDE_DIR at its parent folder.
+# A small driver project generated in the build folder configures tests/cuda and bench/cuda (nvcc, CMake and
+# doctest only) and, when Eigen3, nlohmann_json and CLI11 are found, the engine (examples/engine, engine_cuda,
+# methods, quality), tests/engine_cuda and bench/gpu_engine. A device machine without those packages gets them from
+# .deps/: run scripts/gpu-deps.sh here and carry .deps (the device tool's `carry`); .deps is put first on
+# CMAKE_PREFIX_PATH when it exists. (An older .deps with only doctest/doctest.h still serves the CUDA suites, and
+# SPECDIFF_DOCTEST_INCLUDE_DIR may point at a folder holding doctest/doctest.h.)
 #
 # Budget: each step has its own cap (seconds, below) and never more than what is left of
-# SPECDIFF_GPU_CHECK_BUDGET seconds (default 380), so the whole check stays under about 6.5 minutes and the
-# summary is always written. The benchmarks and tests run before the sanitizers, which get what is left.
-# SPECDIFF_GPU_CHECK_JOBS sets the build's parallelism (default: every core).
+# SPECDIFF_GPU_CHECK_BUDGET seconds (default 470), so the whole check stays under 8 minutes and the summary is
+# always written. The benchmarks and tests run before the sanitizers, which get what is left. SPECDIFF_GPU_BENCH_ARGS
+# replaces the engine benchmark's size flags (default: --shapes sd3-medium --repeats 5; `--shapes small` when time is
+# short). SPECDIFF_GPU_CHECK_JOBS sets the build's parallelism (default: every core).
 set -uo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out=${OUT:-$root/build/gpu-check}
 build=${SPECDIFF_GPU_CHECK_BUILD:-$root/build/gpu-check-build}
 arch=${SPECDIFF_CUDA_ARCH:-90}
-budget=${SPECDIFF_GPU_CHECK_BUDGET:-380}
+budget=${SPECDIFF_GPU_CHECK_BUDGET:-470}
+bench_args=${SPECDIFF_GPU_BENCH_ARGS:---shapes sd3-medium --repeats 5}
 jobs=${SPECDIFF_GPU_CHECK_JOBS:-$(nproc 2>/dev/null || echo 4)}
 mkdir -p "$out" "$build/driver"
 began=$SECONDS
@@ -69,6 +75,9 @@ commit="$(git -C "$root" rev-parse HEAD 2>/dev/null || echo unknown)$(git -C "$r
 # doctest: the system package, else a copy that travelled with the tree.
 doctest_dir=${SPECDIFF_DOCTEST_INCLUDE_DIR:-}
 if [[ -z $doctest_dir && ! -f /usr/include/doctest/doctest.h && -f $root/.deps/doctest/doctest.h ]]; then doctest_dir=$root/.deps; fi
+# The engine's header-only dependencies: the system's, or those of scripts/gpu-deps.sh.
+prefix_args=()
+[[ -d $root/.deps/lib/cmake ]] && prefix_args=(-DCMAKE_PREFIX_PATH="$root/.deps" -DSD3_STB_INCLUDE_DIR="$root/.deps/include/stb")
 
 cat >"$build/driver/CMakeLists.txt" <<CMAKE
 cmake_minimum_required(VERSION 3.25)
@@ -89,25 +98,55 @@ specdiff_cuda_usage_requirements(specdiff_cuda specdiff)
 enable_testing()
 add_subdirectory("$root/tests/cuda" tests-cuda)
 add_subdirectory("$root/bench/cuda" bench-cuda)
+# The GPU engine, when its header-only dependencies are found (the system's or .deps/).
+find_package(Eigen3 3.4 QUIET NO_MODULE)
+find_package(nlohmann_json 3 QUIET)
+find_package(CLI11 QUIET)
+find_package(doctest QUIET)
+if(Eigen3_FOUND AND nlohmann_json_FOUND AND CLI11_FOUND AND doctest_FOUND)
+  option(SD3_NATIVE "" OFF)
+  add_subdirectory("$root/examples/engine" engine)
+  add_subdirectory("$root/examples/quality" quality)
+  add_subdirectory("$root/examples/methods" methods)
+  add_subdirectory("$root/examples/engine_cuda" engine-cuda)
+  add_subdirectory("$root/tests/engine_cuda" tests-engine-cuda)
+  add_subdirectory("$root/bench/gpu_engine" bench-gpu-engine)
+  file(WRITE "\${CMAKE_BINARY_DIR}/engine-built" "yes")
+else()
+  message(WARNING "GPU engine not configured: Eigen3 \${Eigen3_FOUND}, nlohmann_json \${nlohmann_json_FOUND}, CLI11 \${CLI11_FOUND}, doctest \${doctest_FOUND} (run scripts/gpu-deps.sh and carry .deps)")
+  file(REMOVE "\${CMAKE_BINARY_DIR}/engine-built")
+endif()
 CMAKE
 
 generator=()
 command -v ninja >/dev/null && generator=(-G Ninja)
 configure_args=(-S "$build/driver" -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$arch")
 [[ -n $doctest_dir ]] && configure_args+=(-DSPECDIFF_DOCTEST_INCLUDE_DIR="$doctest_dir")
+configure_args+=("${prefix_args[@]}")
 command -v nvcc >/dev/null || { [[ -x /usr/local/cuda/bin/nvcc ]] && configure_args+=(-DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc); }
 
 tests=$build/tests-cuda/specdiff_cuda_tests
 bench=$build/bench-cuda/specdiff_cuda_bench
+engine_tests=$build/tests-engine-cuda/sd3_engine_cuda_tests
+gpu_bench=$build/bench-gpu-engine/specdiff-gpu-bench
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
 
-# Caps (seconds): configure 120, build 200, benchmarks 60 (about 20 s expected), gpu tests 150 (120 per suite),
-# host tests 30, memcheck 120, racecheck 45, synccheck 60; the budget (380) cuts the last ones short if the
-# build was slow. The benchmarks run first: their numbers are what a short device session is for.
-if step "configure (Release, sm_$arch)" configure.log 120 cmake "${configure_args[@]}" &&
-   step "build tests + bench" build.log 200 cmake --build "$build" --target specdiff_cuda_tests specdiff_cuda_bench -j "$jobs"; then
+# Caps (seconds): configure 120, build 240, benchmarks 60 (about 20 s expected), engine benchmark 120 (about 60 s
+# expected), gpu tests 150 (120 per suite), host tests 30, memcheck 100 + 60 (engine), racecheck 45, synccheck 60;
+# the budget (470) cuts the last ones short if the build was slow. The benchmarks run first: their numbers are what
+# a short device session is for.
+targets=(specdiff_cuda_tests specdiff_cuda_bench)
+engine=0
+if step "configure (Release, sm_$arch)" configure.log 120 cmake "${configure_args[@]}"; then
+  if [[ -f $build/engine-built ]]; then engine=1; targets+=(sd3_engine_cuda_tests specdiff-gpu-bench)
+  else summary+=("| GPU engine | NOT CONFIGURED: Eigen3 / nlohmann_json / CLI11 / doctest missing (configure.log; run scripts/gpu-deps.sh, carry .deps) | 0 |"); failed=1
+  fi
+fi
+if [[ -f $build/CMakeCache.txt ]] && step "build tests + bench" build.log 240 cmake --build "$build" --target "${targets[@]}" -j "$jobs"; then
   ctest --test-dir "$build" -N -L gpu >"$out/gpu-suites.log" 2>&1
   step "microbenchmarks" bench.log 60 "$bench" --runs 20 --json "$out/bench.jsonl"
+  # shellcheck disable=SC2086  # the flags are words
+  ((engine)) && step "engine benchmark (specdiff-gpu-bench $bench_args)" gpu-bench.log 120 "$gpu_bench" $bench_args --model "$root/models/mnist-sd3" --json "$out/gpu-bench.json"
   step "ctest -L gpu" tests.log 150 ctest --test-dir "$build" -L gpu --output-on-failure --no-tests=error --timeout 120
   if grep -q "(Skipped)" "$out/tests.log"; then  # ctest exits 0 when tests skip: say so, and fail the check
     summary[-1]="| ctest -L gpu | SKIPPED: no usable GPU (tests.log) | 0 |"
@@ -115,9 +154,11 @@ if step "configure (Release, sm_$arch)" configure.log 120 cmake "${configure_arg
   fi
   step "host tests (cuda/host)" host-tests.log 30 "$tests" --test-suite=host
   if [[ -n $sanitizer ]]; then
-    step "compute-sanitizer memcheck, all gpu suites" memcheck.log 120 \
+    step "compute-sanitizer memcheck, all gpu suites" memcheck.log 100 \
       "$sanitizer" --tool memcheck --error-exitcode 99 --print-limit 20 "$tests" --gpu \
       --test-suite=scorers,attention,lse,classifier,rows,cache_store,graph,accelerator,accelerator_graph,accelerator_errors,rows_bf16,modules_bf16
+    ((engine)) && step "compute-sanitizer memcheck, engine partial + errors" memcheck-engine.log 60 \
+      "$sanitizer" --tool memcheck --error-exitcode 99 --print-limit 20 "$engine_tests" --gpu --test-suite=engine_partial,engine_errors
     step "compute-sanitizer racecheck, classifier determinism" racecheck.log 45 \
       "$sanitizer" --tool racecheck --error-exitcode 99 --print-limit 20 "$tests" --gpu --test-suite=classifier \
       --test-case="classification is deterministic and reuses its workspace"
@@ -171,6 +212,12 @@ suite_rows() {
   echo "## Microbenchmarks (bench.log, bench.jsonl)"
   echo
   if [[ -s $out/bench.log ]]; then cat "$out/bench.log"; else echo "not run"; fi
+  echo
+  echo "## GPU engine benchmark (gpu-bench.log, gpu-bench.json)"
+  echo
+  echo '```'
+  if [[ -s $out/gpu-bench.log ]]; then grep -v '^ \|^{\|^}' "$out/gpu-bench.log" | head -40; else echo "not run"; fi
+  echo '```'
   echo
   echo '```'
   cat "$out/environment.log"
