@@ -178,7 +178,8 @@ json bench_shapes(const options& o, const std::string& card, cudaStream_t stream
     std::fprintf(stderr, "building a random %s model (%d blocks, hidden %d)...\n", s.name.c_str(), s.layers, s.heads * s.head_dim);
     const sd3::model model = random_model(s, 1);
     const int N = s.grid * s.grid, B = s.batch, L = s.context_tokens;
-    sd3::gpu::transformer net(model, type, {.max_batch = B, .max_image_tokens = N, .max_context_tokens = L});
+    const sd3::gpu::transformer net(model, type, {.max_batch = B, .max_image_tokens = N, .max_context_tokens = L});
+    sd3::gpu::workspace ws(net);
     sd3::gpu::kv_cache kv(net, B, N);
     const device_vector<float> latents(normal_vector(static_cast<std::size_t>(B) * N * net.patch_inputs(), rng));
     const device_vector<float> context(normal_vector(static_cast<std::size_t>(B) * L * s.joint_dim, rng));
@@ -186,7 +187,7 @@ json bench_shapes(const options& o, const std::string& card, cudaStream_t stream
     device_vector<float> velocity(static_cast<std::size_t>(B) * N * net.patch_features()), probe(static_cast<std::size_t>(B) * N);
     const sd3::gpu::forward_inputs in{.batch = B, .grid_height = s.grid, .grid_width = s.grid, .context_tokens = L, .latent_rows = latents.p,
                                       .latent_batch = 0, .timestep = 500.f, .context = context.p, .pooled = pooled.p};
-    auto full = [&] { net.forward(in, velocity.p, {.kv = &kv}, stream); };
+    auto full = [&] { net.forward(in, velocity.p, {.kv = &kv}, ws, stream); };
     const double full_flops = B * methods::full_forward_flops(model.config, N, L);
 
     json rows = json::array();
@@ -204,11 +205,11 @@ json bench_shapes(const options& o, const std::string& card, cudaStream_t stream
         }
         const device_vector<std::int32_t> device_ids(ids);
         const sd3::gpu::forward_options partial_options{.image_tokens = device_ids.p, .tokens_per_sample = n, .kv = &kv};
-        auto partial = [&] { net.forward(in, velocity.p, partial_options, stream); };
+        auto partial = [&] { net.forward(in, velocity.p, partial_options, ws, stream); };
         auto with_probe = [&] {
             auto po = partial_options;
             po.attention_probe = probe.p;
-            net.forward(in, velocity.p, po, stream);
+            net.forward(in, velocity.p, po, ws, stream);
         };
         const auto [f, p] = alternate(stream, o.warmup, o.repeats, full, partial);
         const auto [p2, pp] = alternate(stream, 1, o.repeats, partial, with_probe);
@@ -248,7 +249,7 @@ json bench_shapes(const options& o, const std::string& card, cudaStream_t stream
     std::fprintf(stderr, "full forward: %.2f ms, %.1f TFLOP/s%s; library share of a cached step (CR 0.9): median %.2f%%; caches %.0f MiB, "
                          "forward activations %.0f MiB\n",
                  full_ms.median, achieved / 1e12, peak > 0 ? (", MFU " + std::to_string(100 * achieved / peak) + "%").c_str() : "", 100 * share.median,
-                 caches / (1 << 20), static_cast<double>(net.workspace_bytes()) / (1 << 20));
+                 caches / (1 << 20), static_cast<double>(ws.bytes()) / (1 << 20));
     return {{"shape", {{"name", s.name}, {"layers", s.layers}, {"heads", s.heads}, {"head_dim", s.head_dim}, {"hidden", s.heads * s.head_dim},
                        {"image_tokens", N}, {"context_tokens", L}, {"batch", B}}},
             {"precision", sd3::gpu::name(type)},
@@ -261,7 +262,7 @@ json bench_shapes(const options& o, const std::string& card, cudaStream_t stream
             {"library_share_of_cached_step", to_json(share)},
             {"library_ms_per_cached_step", to_json(summarise(library.empty() ? std::vector<double>{0} : library))},
             {"cache_bytes", {{"kv_cache", sampler.kv_cache_bytes()}, {"accelerator", sampler.accelerator_bytes()}}},
-            {"forward_activation_bytes", net.workspace_bytes()},
+            {"forward_activation_bytes", ws.bytes()},
             {"weight_bytes", net.weight_bytes()}};
 }
 

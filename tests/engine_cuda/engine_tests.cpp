@@ -202,10 +202,11 @@ TEST_SUITE("engine_parity") {
                 const problem p(model, 2, gh, gw, 5, rng);
                 sd3::transformer cpu(model, cpu_limits(p));
                 const auto want = cpu_full_rows(cpu, p);
-                sd3::gpu::transformer net(model, type, limits_of(p));
+                const sd3::gpu::transformer net(model, type, limits_of(p));
+                sd3::gpu::workspace ws(net);
                 const device_problem d(p);
                 device_vector<float> velocity(want.size());
-                net.forward(d.inputs(p), velocity.p, nullptr);
+                net.forward(d.inputs(p), velocity.p, ws, nullptr);
                 const double err = relative_l2(velocity.download(), want);
                 INFO("relative L2 ", err);
                 CHECK(err <= tolerance(type));
@@ -222,13 +223,14 @@ TEST_SUITE("engine_parity") {
         const std::size_t half = p.latents.size() / 2;
         std::copy_n(p.latents.begin(), half, p.latents.begin() + static_cast<std::ptrdiff_t>(half));
         p.refresh_rows();
-        sd3::gpu::transformer net(model, precision::fp32, limits_of(p));
+        const sd3::gpu::transformer net(model, precision::fp32, limits_of(p));
+        sd3::gpu::workspace ws(net);
         const device_problem d(p);
         device_vector<float> repeated(static_cast<std::size_t>(p.batch) * p.tokens() * p.features()), shared(repeated.n);
-        net.forward(d.inputs(p), repeated.p, nullptr);
+        net.forward(d.inputs(p), repeated.p, ws, nullptr);
         auto in = d.inputs(p);
         in.latent_batch = 1;
-        net.forward(in, shared.p, nullptr);
+        net.forward(in, shared.p, ws, nullptr);
         CHECK(shared.download() == repeated.download());
     }
 }
@@ -250,12 +252,13 @@ TEST_SUITE("engine_partial") {
                 co.attention_probe = cpu_probe;
                 const auto want_full = cpu_full_rows(cpu, p, co);
 
-                sd3::gpu::transformer net(model, type, limits_of(p));
+                const sd3::gpu::transformer net(model, type, limits_of(p));
+                sd3::gpu::workspace ws(net);
                 sd3::gpu::kv_cache kv(net, p.batch, N);
                 device_vector<float> probe(cpu_probe.size()), full(want_full.size());
                 {
                     const device_problem d(p);
-                    net.forward(d.inputs(p), full.p, {.kv = &kv, .attention_probe = probe.p}, nullptr);
+                    net.forward(d.inputs(p), full.p, {.kv = &kv, .attention_probe = probe.p}, ws, nullptr);
                     CHECK(relative_l2(full.download(), want_full) <= tolerance(type));
                     CHECK(relative_l2(probe.download(), cpu_probe) <= tolerance(type));
                 }
@@ -273,12 +276,12 @@ TEST_SUITE("engine_partial") {
                 const device_vector<std::int32_t> device_ids(ids);
                 device_vector<float> got(want.size());
                 net.forward(d.inputs(p), got.p, {.image_tokens = device_ids.p, .tokens_per_sample = n, .kv = &kv, .attention_probe = probe.p},
-                            nullptr);
+                            ws, nullptr);
                 const double err = relative_l2(got.download(), want), probe_err = relative_l2(probe.download(), cpu_probe);
                 INFO("C1 rows ", err, ", probe ", probe_err);
                 CHECK(err <= tolerance(type));
                 CHECK(probe_err <= tolerance(type));
-                CHECK(net.read_status(nullptr) == 0u);
+                CHECK(ws.read_status(nullptr) == 0u);
             }
         }
     }
@@ -434,15 +437,17 @@ TEST_SUITE("engine_errors") {
         auto rng = testing::rng(15);
         const auto model = sd3::model::random(test_util::small_config(true), rng());
         problem p(model, 2, 3, 4, 6, rng);
-        sd3::gpu::transformer net(model, precision::fp32, limits_of(p));
+        const sd3::gpu::transformer net(model, precision::fp32, limits_of(p));
+        sd3::gpu::workspace ws(net);
         const device_problem d(p);
         device_vector<float> velocity(static_cast<std::size_t>(p.batch) * p.tokens() * p.features());
-        auto with = [&](auto edit) {
+        auto with_workspace = [&](sd3::gpu::workspace& w, auto edit) {
             auto in = d.inputs(p);
             sd3::gpu::forward_options o;
             edit(in, o);
-            net.forward(in, velocity.p, o, nullptr);
+            net.forward(in, velocity.p, o, w, nullptr);
         };
+        auto with = [&](auto edit) { with_workspace(ws, edit); };
         using in_t = sd3::gpu::forward_inputs;
         using opt_t = sd3::gpu::forward_options;
         expect_error<std::invalid_argument>([&] { with([](in_t& in, opt_t&) { in.batch = 3; }); }, {"batch = 3", "max_batch"});
@@ -459,13 +464,19 @@ TEST_SUITE("engine_errors") {
         sd3::gpu::kv_cache small(net, 1, p.tokens());
         expect_error<std::invalid_argument>([&] { with([&](in_t&, opt_t& o) { o.kv = &small; }); }, {"options.kv is sized for 1 samples"});
         expect_error<std::invalid_argument>([&] { sd3::gpu::kv_cache(net, 3, p.tokens()); }, {"batch = 3"});
-        CHECK(net.read_status(nullptr) == 0u);
+        const sd3::gpu::transformer other(model, precision::fp32, limits_of(p));
+        sd3::gpu::workspace foreign(other), moved(net);
+        expect_error<std::invalid_argument>([&] { with_workspace(foreign, [](in_t&, opt_t&) {}); }, {"workspace was made for another transformer"});
+        sd3::gpu::workspace taken(std::move(moved));
+        expect_error<std::invalid_argument>([&] { with_workspace(moved, [](in_t&, opt_t&) {}); }, {"workspace is empty"});
+        CHECK(ws.read_status(nullptr) == 0u);
         // A list out of order (sample 0: 5, 0) and out of range (sample 1: 99 of 12 tokens) is clamped on the device and
         // raises bit 0 of the status word.
         sd3::gpu::kv_cache kv(net, p.batch, p.tokens());
         const device_vector<std::int32_t> descending(std::vector<std::int32_t>{5, 0, 1, 99});
         with([&](in_t&, opt_t& o) { o.image_tokens = descending.p, o.tokens_per_sample = 2, o.kv = &kv; });
-        CHECK(net.read_status(nullptr) == 1u);
+        CHECK(ws.read_status(nullptr) == 1u);
+        CHECK(taken.read_status(nullptr) == 0u);  // the word is the workspace's
 
         // The sampler.
         sd3::gpu::transformer small_net(model, precision::fp32, {.max_batch = 2, .max_image_tokens = 16, .max_context_tokens = 4});

@@ -63,7 +63,7 @@ using accelerator = specdiff::gpu::accelerator<specdiff::specdiff_scorer, specdi
 }  // namespace
 
 struct sampler::impl {
-    transformer* net;
+    const transformer* net;
     flow_match_euler main;
     std::optional<flow_match_euler> speculative;
     cudaStream_t stream;
@@ -73,6 +73,7 @@ struct sampler::impl {
     forward_inputs model_in;
     device_array<float> noise, latents, spec_latents, context, pooled, velocity, compact, probe;
     device_array<std::int32_t> records;  // [step][model sample][token]
+    workspace ws;
     std::optional<kv_cache> kv;
     std::optional<specdiff::gpu::three_level_classifier<>> classifier;
     device_array<unsigned char> acc_memory;
@@ -82,7 +83,7 @@ struct sampler::impl {
     bool profiling = false, capturing = false;
     std::vector<cudaEvent_t> events;  // [step][4]: before plan_step, after it, after the forward, after complete_step
 
-    impl(transformer& n, const flow_match_euler& schedule, cudaStream_t s) : net(&n), main(schedule), stream(s) {}
+    impl(const transformer& n, const flow_match_euler& schedule, cudaStream_t s) : net(&n), main(schedule), stream(s), ws(n) {}
     impl(const impl&) = delete;
     impl& operator=(const impl&) = delete;
     ~impl() {
@@ -111,7 +112,7 @@ struct sampler::impl {
             in.latent_rows = latents.p;
             for (int k = 0; k < main.steps(); ++k) {
                 in.timestep = main.timesteps()[static_cast<std::size_t>(k)];
-                net->forward(in, velocity.p, stream);
+                net->forward(in, velocity.p, ws, stream);
                 euler(latents.p, main, k);
                 counts[static_cast<std::size_t>(k)] = tokens;
             }
@@ -124,7 +125,7 @@ struct sampler::impl {
         in.latent_rows = spec_latents.p;
         for (int s = 0; s < speculative->steps(); ++s) {
             in.timestep = speculative->timesteps()[static_cast<std::size_t>(s)];
-            net->forward(in, velocity.p, {.attention_probe = probe.p}, stream);
+            net->forward(in, velocity.p, {.attention_probe = probe.p}, ws, stream);
             acc->record_speculation(s, attention);
             euler(spec_latents.p, *speculative, s);
         }
@@ -142,7 +143,7 @@ struct sampler::impl {
                 mark(k, 2);
                 acc->complete_step(std::move(step), specdiff::gpu::device_matrix<const float>(compact.p, 0, features), rows, attention);
             } else if (c == tokens) {  // dense: the plain forward (CR 0 is full RFlow exactly)
-                net->forward(in, velocity.p, options, stream);
+                net->forward(in, velocity.p, options, ws, stream);
                 mark(k, 2);
                 acc->complete_step(std::move(step), rows, attention);
             } else {
@@ -150,7 +151,7 @@ struct sampler::impl {
                 options.tokens_per_sample = c;
                 SPECDIFF_CUDA_CHECK(cudaMemcpyAsync(records.p + static_cast<std::size_t>(k) * batch * tokens, options.image_tokens,
                                                     static_cast<std::size_t>(batch) * c * sizeof(std::int32_t), cudaMemcpyDeviceToDevice, stream));
-                net->forward(in, compact.p, options, stream);
+                net->forward(in, compact.p, options, ws, stream);
                 mark(k, 2);
                 acc->complete_step(std::move(step), specdiff::gpu::device_matrix<const float>(compact.p, batch * c, features), rows, attention);
             }
@@ -160,7 +161,7 @@ struct sampler::impl {
     }
 };
 
-sampler::sampler(transformer& net, const flow_match_euler& schedule, const sampling_inputs& in, std::optional<specdiff_settings> settings,
+sampler::sampler(const transformer& net, const flow_match_euler& schedule, const sampling_inputs& in, std::optional<specdiff_settings> settings,
                  cudaStream_t stream)
     : impl_(std::make_unique<impl>(net, schedule, stream)) {
     impl& s = *impl_;
@@ -340,7 +341,7 @@ std::vector<float> sampler::latent_rows() const {
 
 void sampler::check_status() const {
     const impl& s = *impl_;
-    if (const unsigned t = s.net->read_status(s.stream))
+    if (const unsigned t = s.ws.read_status(s.stream))
         throw std::runtime_error(message("sd3::gpu::sampler: the transformer's status word is ", t, " (a C1 token list out of order or range)"));
     if (s.acc) s.acc->check_status();
 }
@@ -349,7 +350,7 @@ std::size_t sampler::kv_cache_bytes() const noexcept { return impl_->kv ? impl_-
 std::size_t sampler::accelerator_bytes() const noexcept { return impl_->acc_memory.bytes(); }
 std::size_t sampler::buffer_bytes() const noexcept {
     const impl& s = *impl_;
-    return s.noise.bytes() + s.latents.bytes() + s.spec_latents.bytes() + s.context.bytes() + s.pooled.bytes() + s.velocity.bytes() + s.compact.bytes() +
+    return s.ws.bytes() + s.noise.bytes() + s.latents.bytes() + s.spec_latents.bytes() + s.context.bytes() + s.pooled.bytes() + s.velocity.bytes() + s.compact.bytes() +
            s.probe.bytes() + s.records.bytes();
 }
 

@@ -106,6 +106,31 @@ private:
 
 // ---------------------------------------------------------------------------------------------------------------
 
+// One stream's activations for forwards of one transformer, sized from its limits, laid out in one allocation
+// (offsets first, then pointers), and the cuBLAS handle with a workspace of its own.
+struct workspace::impl {
+    const transformer::impl* owner;
+    device_memory work;
+    std::size_t bytes = 0;
+    struct buffers {
+        void *tproj, *small, *pooled, *silu_temb, *context, *patches, *nrm_img, *nrm_ctx, *q_img, *q_ctx, *k_ctx, *v_ctx, *k_img, *v_img,
+            *att_img, *att_ctx, *hidden;
+        float *time_out, *text_out, *small_f, *mod_img, *mod_ctx, *mod_final, *x_img, *x_ctx, *y_img, *y_ctx, *lse;
+        void* lse_ws;
+        void* blas_ws;
+        unsigned* status;
+    } buf{};
+    std::size_t lse_ws_bytes = 0;
+    cublasHandle_t blas = nullptr;
+
+    explicit impl(const transformer::impl& net);
+    impl(const impl&) = delete;
+    impl& operator=(const impl&) = delete;
+    ~impl() {
+        if (blas) cublasDestroy(blas);
+    }
+};
+
 struct transformer::impl {
     transformer_config config;
     precision type;
@@ -119,30 +144,12 @@ struct transformer::impl {
     std::size_t pos_table = 0;
     std::vector<device_block> blocks;
 
-    // workspaces: offsets, then pointers
-    device_memory work;
-    std::size_t work_bytes = 0;
-    struct buffers {
-        void *tproj, *small, *pooled, *silu_temb, *context, *patches, *nrm_img, *nrm_ctx, *q_img, *q_ctx, *k_ctx, *v_ctx, *k_img, *v_img,
-            *att_img, *att_ctx, *hidden;
-        float *time_out, *text_out, *small_f, *mod_img, *mod_ctx, *mod_final, *x_img, *x_ctx, *y_img, *y_ctx, *lse;
-        void* lse_ws;
-        void* blas_ws;
-        unsigned* status;
-    } buf{};
-    std::size_t lse_ws_bytes = 0;
-    cublasHandle_t blas = nullptr;
-
     impl(const model& m, precision t, const device_limits& l);
-    ~impl() {
-        if (blas) cublasDestroy(blas);
-    }
     void check_model(const model& m) const;
     void upload(const model& m);
-    void allocate();
-    void validate(const forward_inputs& in, const float* velocity, const forward_options& o) const;
+    void validate(const forward_inputs& in, const float* velocity, const forward_options& o, const workspace& w) const;
     template <class T>
-    void run(const forward_inputs& in, float* velocity, const forward_options& o, cudaStream_t stream);
+    void run(const forward_inputs& in, float* velocity, const forward_options& o, workspace::impl& w, cudaStream_t stream) const;
 
     template <class U = void>
     U* weight_at(std::size_t offset) const {
@@ -195,7 +202,6 @@ transformer::impl::impl(const model& m, precision t, const device_limits& l) : c
     (void)specdiff::detail::checked_product<int>("limits.max_batch * (max_image_tokens + max_context_tokens) * 4 * hidden", limits.max_batch,
                                                  static_cast<long long>(limits.max_image_tokens) + limits.max_context_tokens, 4, std::max(D, F / 4 + 1));
     upload(m);
-    allocate();
 }
 
 void transformer::impl::check_model(const model& m) const {
@@ -292,8 +298,11 @@ void transformer::impl::upload(const model& m) {
     SPECDIFF_CUDA_CHECK(cudaMemcpy(weights.p, image.bytes().data(), weights_bytes, cudaMemcpyHostToDevice));
 }
 
-void transformer::impl::allocate() {
-    const std::size_t e = element_bytes(type), f = sizeof(float);
+workspace::impl::impl(const transformer::impl& net) : owner(&net) {
+    const auto& limits = net.limits;
+    const auto& config = net.config;
+    const int D = net.D, F = net.F, K = net.K, heads = net.heads, hd = net.hd;
+    const std::size_t e = element_bytes(net.type), f = sizeof(float);
     const std::size_t B = static_cast<std::size_t>(limits.max_batch), N = static_cast<std::size_t>(limits.max_image_tokens),
                       L = static_cast<std::size_t>(limits.max_context_tokens), d = static_cast<std::size_t>(D);
     const std::size_t wide = std::max<std::size_t>(3 * d, static_cast<std::size_t>(F));
@@ -336,8 +345,8 @@ void transformer::impl::allocate() {
     specdiff::gpu::lse_column_sums(nullptr, lse_ws_bytes, largest, {}, specdiff::column_mode::overwrite, nullptr);
     add(buf.lse_ws, lse_ws_bytes);
     add(buf.blas_ws, blas_workspace_bytes);
-    work_bytes = layout.bytes();
-    work = device_memory(work_bytes);
+    bytes = layout.bytes();
+    work = device_memory(bytes);
     for (auto [p, offset] : at) *p = work.bytes() + offset;
     SPECDIFF_CUDA_CHECK(cudaMemset(buf.status, 0, sizeof(unsigned)));
     SD3_CUBLAS_CHECK(cublasCreate(&blas));
@@ -345,8 +354,10 @@ void transformer::impl::allocate() {
     SD3_CUBLAS_CHECK(cublasSetWorkspace(blas, buf.blas_ws, blas_workspace_bytes));
 }
 
-void transformer::impl::validate(const forward_inputs& in, const float* velocity, const forward_options& o) const {
+void transformer::impl::validate(const forward_inputs& in, const float* velocity, const forward_options& o, const workspace& w) const {
     const char* fn = "sd3::gpu::transformer::forward: ";
+    if (!w.impl_) fail(fn, "the workspace is empty (moved from)");
+    if (w.impl_->owner != this) fail(fn, "the workspace was made for another transformer");
     if (in.batch < 1 || in.batch > limits.max_batch) fail(fn, "batch = ", in.batch, " outside [1, ", limits.max_batch, "] (limits.max_batch)");
     const int side = config.pos_embed_max_size;
     if (in.grid_height < 1 || in.grid_height > side) fail(fn, "grid_height = ", in.grid_height, " outside [1, ", side, "] (the position table's side)");
@@ -382,8 +393,11 @@ void transformer::impl::validate(const forward_inputs& in, const float* velocity
 }
 
 template <class T>
-void transformer::impl::run(const forward_inputs& in, float* velocity, const forward_options& o, cudaStream_t stream) {
+void transformer::impl::run(const forward_inputs& in, float* velocity, const forward_options& o, workspace::impl& ws, cudaStream_t stream) const {
     using detail::activation;
+    auto& buf = ws.buf;
+    cublasHandle_t blas = ws.blas;
+    const std::size_t lse_ws_bytes = ws.lse_ws_bytes;
     const int B = in.batch, Wg = in.grid_width, N = in.grid_height * in.grid_width, L = in.context_tokens;
     const std::int32_t* ids = o.image_tokens;
     const int n = ids ? o.tokens_per_sample : N;
@@ -555,15 +569,23 @@ int transformer::hidden() const noexcept { return impl_->D; }
 int transformer::patch_features() const noexcept { return impl_->P; }
 int transformer::patch_inputs() const noexcept { return impl_->K; }
 std::size_t transformer::weight_bytes() const noexcept { return impl_->weights_bytes; }
-std::size_t transformer::workspace_bytes() const noexcept { return impl_->work_bytes; }
 
-void transformer::forward(const forward_inputs& in, float* velocity, const forward_options& options, cudaStream_t stream) {
-    impl_->validate(in, velocity, options);
-    if (impl_->type == precision::bf16) impl_->run<__nv_bfloat16>(in, velocity, options, stream);
-    else impl_->run<float>(in, velocity, options, stream);
+void transformer::forward(const forward_inputs& in, float* velocity, const forward_options& options, workspace& w, cudaStream_t stream) const {
+    impl_->validate(in, velocity, options, w);
+    if (impl_->type == precision::bf16) impl_->run<__nv_bfloat16>(in, velocity, options, *w.impl_, stream);
+    else impl_->run<float>(in, velocity, options, *w.impl_, stream);
 }
 
-unsigned transformer::read_status(cudaStream_t stream) const {
+// ---------------------------------------------------------------------------------------------------------------
+
+workspace::workspace(const transformer& net) : impl_(std::make_unique<impl>(*net.impl_)) {}
+workspace::~workspace() = default;
+workspace::workspace(workspace&&) noexcept = default;
+workspace& workspace::operator=(workspace&&) noexcept = default;
+std::size_t workspace::bytes() const noexcept { return impl_ ? impl_->bytes : 0; }
+
+unsigned workspace::read_status(cudaStream_t stream) const {
+    if (!impl_) throw std::logic_error("sd3::gpu::workspace::read_status: the workspace is empty (moved from)");
     unsigned status = 0;
     SPECDIFF_CUDA_CHECK(cudaMemcpyAsync(&status, impl_->buf.status, sizeof status, cudaMemcpyDeviceToHost, stream));
     SPECDIFF_CUDA_CHECK(cudaStreamSynchronize(stream));

@@ -53,8 +53,9 @@ struct sampling_inputs {
 class sampler {
 public:
     // settings: nullopt = full compute every step. Checks everything on the host (std::invalid_argument naming
-    // the argument), then allocates all device memory and builds the accelerator; `net` must outlive the sampler.
-    sampler(transformer& net, const flow_match_euler& schedule, const sampling_inputs& in, std::optional<specdiff_settings> settings,
+    // the argument), then allocates all device memory (a workspace of its own among it) and builds the accelerator;
+    // `net` must outlive the sampler, and samplers on other streams may share it.
+    sampler(const transformer& net, const flow_match_euler& schedule, const sampling_inputs& in, std::optional<specdiff_settings> settings,
             cudaStream_t stream);
     ~sampler();
     sampler(const sampler&) = delete;
@@ -90,8 +91,8 @@ public:
     // Throws std::runtime_error when a status word (the accelerator's classifier and store, the transformer's token
     // check) reports bad data. Waits for the stream.
     void check_status() const;
-    // Device bytes the sampler holds besides the transformer: K/V cache, the accelerator's memory (cache store,
-    // plans, records), latents and rows.
+    // Device bytes the sampler holds besides the transformer's weights: the K/V cache, the accelerator's memory
+    // (cache store, plans, records), and its buffers (the forward's workspace, latents, rows).
     std::size_t kv_cache_bytes() const noexcept;
     std::size_t accelerator_bytes() const noexcept;
     std::size_t buffer_bytes() const noexcept;

@@ -5,12 +5,15 @@
 // every block against a per-layer K/V cache on the device.
 //
 //     sd3::gpu::transformer net(model, sd3::gpu::precision::bf16, {.max_batch = 2, .max_image_tokens = 4096});
+//     sd3::gpu::workspace ws(net);
 //     sd3::gpu::kv_cache kv(net, 2, 4096);
-//     net.forward(inputs, velocity_rows, {.image_tokens = c1, .tokens_per_sample = n, .kv = &kv}, stream);
+//     net.forward(inputs, velocity_rows, {.image_tokens = c1, .tokens_per_sample = n, .kv = &kv}, ws, stream);
 //
 // Every pointer in forward_inputs / forward_options is device memory. A forward only enqueues work on its stream
-// (no allocation, no host synchronisation), so it can be captured in a CUDA graph. One transformer runs one
-// forward at a time (its workspaces are its own); give concurrent streams their own transformer.
+// (no allocation, no host synchronisation), so it can be captured in a CUDA graph. The transformer holds the
+// weights and nothing that changes: forward() is const, and its activations live in a `workspace` the caller
+// owns (CUB's temp storage, one allocation made once), so concurrent streams share one transformer with a
+// workspace each.
 //
 // Layouts. Latents and velocities are token rows, [sample][token][p * p * channels] with features in proj_out's
 // (u, v, c) order (sd3::image_to_patches / patches_to_image convert on the host): the sampler keeps its state in
@@ -41,6 +44,27 @@ struct device_limits {
 };
 
 class transformer;
+
+// One stream's activations for forwards of one transformer (sized from its limits; allocated here, once), the
+// cuBLAS handle they run on, and a status word. A forward uses it from start to end: forwards that may overlap
+// need workspaces of their own.
+class workspace {
+public:
+    explicit workspace(const transformer& net);
+    ~workspace();
+    workspace(workspace&&) noexcept;
+    workspace& operator=(workspace&&) noexcept;
+    std::size_t bytes() const noexcept;
+    // Bit 0, sticky: a forward on this workspace was given an image_tokens list that is not strictly ascending
+    // within [0, image tokens) (such ids are clamped, so nothing is read or written out of bounds, but the rows are
+    // wrong). Waits for `stream`: a checkpoint, not something for the per-step path.
+    unsigned read_status(cudaStream_t stream) const;
+
+private:
+    friend class transformer;
+    struct impl;
+    std::unique_ptr<impl> impl_;
+};
 
 // Per-layer keys and values of every image token (after qk-norm), in the transformer's precision:
 // [layer][sample][token][hidden], heads contiguous in hidden. A forward refreshes the rows of the tokens it
@@ -116,19 +140,14 @@ public:
     int patch_features() const noexcept;  // floats of a velocity row (p * p * out_channels)
     int patch_inputs() const noexcept;    // floats of a latent row (p * p * in_channels)
     std::size_t weight_bytes() const noexcept;
-    std::size_t workspace_bytes() const noexcept;
 
     // velocity: [batch][image tokens or tokens_per_sample][patch_features] device rows. Checks every size and
     // pointer on the host first (std::invalid_argument naming the field and value), then only enqueues on `stream`.
-    void forward(const forward_inputs& in, float* velocity, const forward_options& options, cudaStream_t stream);
-    void forward(const forward_inputs& in, float* velocity, cudaStream_t stream) { forward(in, velocity, {}, stream); }
-
-    // Bit 0: a forward was given an image_tokens list that is not strictly ascending within [0, image tokens)
-    // (such ids are clamped, so nothing is read or written out of bounds, but the rows are wrong). Waits for
-    // `stream`: a checkpoint, not something for the per-step path.
-    unsigned read_status(cudaStream_t stream) const;
+    void forward(const forward_inputs& in, float* velocity, const forward_options& options, workspace& w, cudaStream_t stream) const;
+    void forward(const forward_inputs& in, float* velocity, workspace& w, cudaStream_t stream) const { forward(in, velocity, {}, w, stream); }
 
 private:
+    friend class workspace;
     struct impl;
     std::unique_ptr<impl> impl_;
 };
