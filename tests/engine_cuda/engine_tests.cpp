@@ -181,8 +181,10 @@ TEST_SUITE("engine_host") {
         expect_error<std::invalid_argument>([&] { sd3::gpu::transformer(m, precision::bf16, {.max_batch = 0}); }, {"limits.max_batch = 0"});
         expect_error<std::invalid_argument>([&] { sd3::gpu::transformer(m, precision::bf16, {.max_image_tokens = 65}); },
                                             {"limits.max_image_tokens = 65", "8 x 8"});
-        expect_error<std::invalid_argument>([&] { sd3::gpu::transformer(m, precision::fp32, {.max_context_tokens = -1}); },
-                                            {"limits.max_context_tokens = -1"});
+        expect_error<std::invalid_argument>([&] { sd3::gpu::transformer(m, precision::fp32, {.max_context_tokens = 0}); },
+                                            {"limits.max_context_tokens = 0"});
+        expect_error<std::invalid_argument>([&] { sd3::gpu::transformer(m, precision::fp32, {.max_batch = 1 << 30, .max_image_tokens = 64}); },
+                                            {"limits.max_batch * (max_image_tokens + max_context_tokens)"});
         expect_error<std::invalid_argument>([&] { sd3::gpu::transformer(m, static_cast<precision>(7)); }, {"precision = 7"});
         auto broken = m;
         broken.blocks[1].ff2.bias.pop_back();

@@ -188,19 +188,29 @@ transformer::impl::impl(const model& m, precision t, const device_limits& l) : c
              " entries; MMDiT-X's second attention runs on the CPU engine only");
     if (!detail::attention_head_dim_supported(hd))
         fail("sd3::gpu::transformer: attention_head_dim = ", hd, "; the attention kernel is built for 8, 16, 32, 64 and 128");
-    if (limits.max_image_tokens == 0) limits.max_image_tokens = (config.sample_size / config.patch_size) * (config.sample_size / config.patch_size);
+    const int side = config.pos_embed_max_size;  // validate() bounds it by 4096: its square fits in int
+    if (limits.max_image_tokens == 0) {
+        const long long trained = static_cast<long long>(config.sample_size / config.patch_size) * (config.sample_size / config.patch_size);
+        if (trained > static_cast<long long>(side) * side)
+            fail("sd3::gpu::transformer: limits.max_image_tokens = 0 means (sample_size / patch_size)^2 = ", trained,
+                 " tokens, more than the position table's ", side, " x ", side, " cells: give it explicitly");
+        limits.max_image_tokens = static_cast<int>(trained);
+    }
     if (limits.max_batch < 1) fail("sd3::gpu::transformer: limits.max_batch = ", limits.max_batch, " must be >= 1");
     if (limits.max_image_tokens < 1) fail("sd3::gpu::transformer: limits.max_image_tokens = ", limits.max_image_tokens, " must be >= 1");
-    if (limits.max_context_tokens < 0) fail("sd3::gpu::transformer: limits.max_context_tokens = ", limits.max_context_tokens, " must be >= 0");
-    const int side = config.pos_embed_max_size;
+    if (limits.max_context_tokens < 1) fail("sd3::gpu::transformer: limits.max_context_tokens = ", limits.max_context_tokens, " must be >= 1");
     if (limits.max_image_tokens > side * side)
         fail("sd3::gpu::transformer: limits.max_image_tokens = ", limits.max_image_tokens, " exceeds the position table's ", side, " x ", side,
              " cells");
     check_model(m);
     F = m.blocks.front().ff1.out;
-    // Every row count the kernels index in int (rows x widths are formed in size_t).
-    (void)specdiff::detail::checked_product<int>("limits.max_batch * (max_image_tokens + max_context_tokens) * 4 * hidden", limits.max_batch,
-                                                 static_cast<long long>(limits.max_image_tokens) + limits.max_context_tokens, 4, std::max(D, F / 4 + 1));
+    // Row counts are int in the kernels (elements are indexed in size_t), and the largest workspace buffer's bytes
+    // must be a size_t: refused by name before anything is allocated.
+    (void)specdiff::detail::checked_product<int>("limits.max_batch * (max_image_tokens + max_context_tokens)", limits.max_batch,
+                                                 static_cast<long long>(limits.max_image_tokens) + limits.max_context_tokens);
+    (void)specdiff::detail::checked_product<std::size_t>("limits.max_batch * max(max_image_tokens, max_context_tokens) * max(3 * hidden, ff width) * 4 bytes",
+                                                         limits.max_batch, std::max(limits.max_image_tokens, limits.max_context_tokens),
+                                                         std::max(3 * D, F), 4);
     upload(m);
 }
 
@@ -307,8 +317,10 @@ workspace::impl::impl(const transformer::impl& net) : owner(&net) {
                       L = static_cast<std::size_t>(limits.max_context_tokens), d = static_cast<std::size_t>(D);
     const std::size_t wide = std::max<std::size_t>(3 * d, static_cast<std::size_t>(F));
     workspace_layout layout;
-    std::vector<std::pair<void**, std::size_t>> at;
-    auto add = [&](auto*& p, std::size_t bytes) { at.emplace_back(reinterpret_cast<void**>(&p), layout.add(bytes)); };
+    std::vector<std::function<void(unsigned char*)>> place;  // sets each pointer once the allocation exists
+    auto add = [&]<class P>(P*& p, std::size_t bytes) {
+        place.push_back([&p, offset = layout.add(bytes)](unsigned char* base) { p = reinterpret_cast<P*>(base + offset); });
+    };
     add(buf.tproj, B * 256 * e);
     add(buf.small, B * d * e);
     add(buf.pooled, B * static_cast<std::size_t>(config.pooled_projection_dim) * e);
@@ -347,7 +359,7 @@ workspace::impl::impl(const transformer::impl& net) : owner(&net) {
     add(buf.blas_ws, blas_workspace_bytes);
     bytes = layout.bytes();
     work = device_memory(bytes);
-    for (auto [p, offset] : at) *p = work.bytes() + offset;
+    for (const auto& set : place) set(work.bytes());
     SPECDIFF_CUDA_CHECK(cudaMemset(buf.status, 0, sizeof(unsigned)));
     SD3_CUBLAS_CHECK(cublasCreate(&blas));
     // A workspace of its own, so that cuBLAS allocates nothing during a forward (and so a forward can be captured).
