@@ -25,6 +25,7 @@
 #include <specdiff/specdiff.hpp>
 
 #include "methods/flops.hpp"
+#include "quality/classifier.hpp"
 #include "quality/default_model.hpp"
 #include "quality/image_batch.hpp"
 #include "quality/metrics.hpp"
@@ -307,7 +308,9 @@ json bench_mnist(const options& o, cudaStream_t stream) {
     const quality::image_batch a{ref, static_cast<std::size_t>(samples), static_cast<std::size_t>(c.out_channels), static_cast<std::size_t>(side),
                                  static_cast<std::size_t>(side)};
     const quality::image_batch b{got, a.count, a.channels, a.height, a.width};
-    const double psnr = quality::mean_psnr(a, b, 2.0);
+    const double psnr = quality::mean_psnr(a, b, 2.0), ssim = quality::mean_ssim(a, b, 2.0);
+    const auto classifier = quality::digit_classifier::load(dir);
+    const double acc = classifier.accuracy(b, labels), acc_full = classifier.accuracy(a, labels);
     const int batch = full.model_batch();
     double spec_flops = spec.speculative_steps() * batch * methods::full_forward_flops(c, N, classes.context_tokens);
     for (int k = 0; k < spec.steps(); ++k) {
@@ -315,11 +318,30 @@ json bench_mnist(const options& o, cudaStream_t stream) {
         if (n > 0) spec_flops += batch * methods::subset_forward_flops(c, N, classes.context_tokens, n);
     }
     const double full_flops = spec.steps() * batch * methods::full_forward_flops(c, N, classes.context_tokens);
-    std::fprintf(stderr, "mnist-sd3, %d samples: full %.2f ms, SpecDiff CR %.2f %.2f ms: %.2fx wall, %.2fx FLOP, PSNR %.2f dB\n", samples, tf.median,
-                 o.mnist_cache_rate, ts.median, tf.median / ts.median, full_flops / spec_flops, psnr);
-    return {{"model", o.model},        {"samples", samples},          {"steps", o.steps},     {"guidance", guidance},
-            {"cache_rate", o.mnist_cache_rate}, {"full_ms", to_json(tf)}, {"specdiff_ms", to_json(ts)}, {"speedup", tf.median / ts.median},
-            {"flop_ratio", full_flops / spec_flops}, {"psnr_db", psnr}};
+    std::fprintf(stderr, "mnist-sd3, %d samples: full %.2f ms, SpecDiff CR %.2f %.2f ms: %.2fx wall, %.2fx FLOP, PSNR %.2f dB, SSIM %.3f, "
+                         "class accuracy %.3f (full %.3f)\n",
+                 samples, tf.median, o.mnist_cache_rate, ts.median, tf.median / ts.median, full_flops / spec_flops, psnr, ssim, acc, acc_full);
+    // The demo's JSON names (examples/demo/src/main.cpp), times in seconds, spreads min and max over the timed runs
+    // (speedup_spread pairs the extremes: fastest full over slowest SpecDiff, and the reverse).
+    return {{"model", o.model},
+            {"method", "specdiff"},
+            {"settings", "cache_rate=" + std::to_string(o.mnist_cache_rate) + " (the paper's other defaults), fp32, CUDA graphs"},
+            {"speedup", tf.median / ts.median},
+            {"speedup_spread", {tf.min / ts.max, tf.max / ts.min}},
+            {"flops_ratio", full_flops / spec_flops},
+            {"psnr_db", psnr},
+            {"ssim", ssim},
+            {"class_acc", acc},
+            {"class_acc_full", acc_full},
+            {"seconds_full", tf.median * 1e-3},
+            {"seconds_method", ts.median * 1e-3},
+            {"seconds_full_spread", {tf.min * 1e-3, tf.max * 1e-3}},
+            {"seconds_method_spread", {ts.min * 1e-3, ts.max * 1e-3}},
+            {"samples", samples},
+            {"steps", o.steps},
+            {"cfg", guidance},
+            {"seed", 0},
+            {"repeats", o.repeats}};
 }
 
 }  // namespace

@@ -86,7 +86,7 @@ transformer::impl::impl(const model& model_, const engine_limits& lim, int threa
                                             c.num_layers));
     check_limits(limits, c.patch_size, c.sample_size);
     check_threads(threads);
-    check_sd3_model();
+    m->validate();
     D = c.hidden();
     P = c.patch_features();
     hd = c.attention_head_dim;
@@ -233,15 +233,19 @@ void check_vector(const std::string& name, const std::vector<float>& v, std::siz
 }
 }  // namespace detail
 
-// Every weight's size against the config, so a hand-built model cannot make a GEMM read out of bounds.
-void transformer::impl::check_sd3_model() const {
-    const auto& c = m->config;
+// Every weight's size against the config, so a hand-built model cannot make a GEMM read out of bounds (every engine
+// calls it: this one and the GPU engine).
+void model::validate() const {
+    const auto& c = config;
+    c.validate();
+    if (static_cast<int>(blocks.size()) != c.num_layers)
+        throw std::invalid_argument(message("transformer: model has ", blocks.size(), " blocks but config.num_layers = ", c.num_layers));
     const int d = c.hidden(), hd_ = c.attention_head_dim;
-    check_linear("pos_embed.proj", m->patch_embed, c.in_channels * c.patch_size * c.patch_size, d);
-    check_vector("pos_embed.pos_embed", m->pos_table, static_cast<std::size_t>(c.pos_embed_max_size) * c.pos_embed_max_size * d);
-    check_outer_weights(*m);
+    check_linear("pos_embed.proj", patch_embed, c.in_channels * c.patch_size * c.patch_size, d);
+    check_vector("pos_embed.pos_embed", pos_table, static_cast<std::size_t>(c.pos_embed_max_size) * c.pos_embed_max_size * d);
+    check_outer_weights(*this);
     for (int l = 0; l < c.num_layers; ++l) {
-        const auto& w = m->blocks[l];
+        const auto& w = blocks[l];
         const std::string b = "transformer_blocks." + std::to_string(l) + ".";
         if (w.context_pre_only != (l == c.num_layers - 1))
             throw std::invalid_argument("transformer: " + b + "context_pre_only must be set on the last block only");

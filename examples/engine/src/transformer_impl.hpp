@@ -239,7 +239,6 @@ struct transformer::impl {
     // ----- construction -----
     void size_workspaces(int threads, int modulation_width, int token_input_floats, bool dual, bool rope);
     static void check_limits(engine_limits& limits, int patch, int default_side);
-    void check_sd3_model() const;
     void check_flux_model() const;
     static block_plan joint_plan(const block_weights& w, bool qk_norm, int D);
     void plan_sd3();

@@ -145,7 +145,6 @@ struct transformer::impl {
     std::vector<device_block> blocks;
 
     impl(const model& m, precision t, const device_limits& l);
-    void check_model(const model& m) const;
     void upload(const model& m);
     void validate(const forward_inputs& in, const float* velocity, const forward_options& o, const workspace& w) const;
     template <class T>
@@ -176,7 +175,7 @@ constexpr std::size_t blas_workspace_bytes = std::size_t{32} << 20;  // NVIDIA's
 }  // namespace
 
 transformer::impl::impl(const model& m, precision t, const device_limits& l) : config(m.config), type(t), limits(l) {
-    config.validate();
+    config.validate();  // before any product of its fields
     if (t != precision::fp32 && t != precision::bf16) fail("sd3::gpu::transformer: precision = ", static_cast<int>(t), " is not fp32 (0) or bf16 (1)");
     D = config.hidden();
     heads = config.num_attention_heads;
@@ -202,7 +201,7 @@ transformer::impl::impl(const model& m, precision t, const device_limits& l) : c
     if (limits.max_image_tokens > side * side)
         fail("sd3::gpu::transformer: limits.max_image_tokens = ", limits.max_image_tokens, " exceeds the position table's ", side, " x ", side,
              " cells");
-    check_model(m);
+    m.validate();  // every weight's size against the config (the CPU engine's check)
     F = m.blocks.front().ff1.out;
     // Row counts are int in the kernels (elements are indexed in size_t), and the largest workspace buffer's bytes
     // must be a size_t: refused by name before anything is allocated.
@@ -212,54 +211,6 @@ transformer::impl::impl(const model& m, precision t, const device_limits& l) : c
                                                          limits.max_batch, std::max(limits.max_image_tokens, limits.max_context_tokens),
                                                          std::max(3 * D, F), 4);
     upload(m);
-}
-
-void transformer::impl::check_model(const model& m) const {
-    auto linear = [](const std::string& name, const sd3::linear& l, int in, int out) {
-        if (l.in != in || l.out != out || l.weight.size() != static_cast<std::size_t>(in) * out || l.bias.size() != static_cast<std::size_t>(out))
-            fail("sd3::gpu::transformer: ", name, " is ", l.in, " -> ", l.out, " with ", l.weight.size(), " weights and ", l.bias.size(),
-                 " biases; the config needs ", in, " -> ", out);
-    };
-    auto vec = [](const std::string& name, const std::vector<float>& v, std::size_t n) {
-        if (v.size() != n) fail("sd3::gpu::transformer: ", name, " has ", v.size(), " values; the config needs ", n);
-    };
-    const auto& c = config;
-    if (static_cast<int>(m.blocks.size()) != c.num_layers)
-        fail("sd3::gpu::transformer: the model has ", m.blocks.size(), " blocks; num_layers = ", c.num_layers);
-    linear("pos_embed.proj", m.patch_embed, K, D);
-    vec("pos_embed.pos_embed", m.pos_table, static_cast<std::size_t>(c.pos_embed_max_size) * c.pos_embed_max_size * D);
-    linear("time_text_embed.timestep_embedder.linear_1", m.time_linear1, c.timestep_channels(), D);
-    linear("time_text_embed.timestep_embedder.linear_2", m.time_linear2, D, D);
-    linear("time_text_embed.text_embedder.linear_1", m.text_linear1, c.pooled_projection_dim, D);
-    linear("time_text_embed.text_embedder.linear_2", m.text_linear2, D, D);
-    linear("context_embedder", m.context_embedder, c.joint_attention_dim, D);
-    linear("norm_out.linear", m.norm_out, D, 2 * D);
-    linear("proj_out", m.proj_out, D, P);
-    const int F0 = m.blocks.empty() ? 0 : m.blocks.front().ff1.out;
-    for (int i = 0; i < c.num_layers; ++i) {
-        const auto& b = m.blocks[static_cast<std::size_t>(i)];
-        const std::string at = "transformer_blocks." + std::to_string(i) + ".";
-        const bool last = i == c.num_layers - 1;
-        if (b.context_pre_only != last)
-            fail("sd3::gpu::transformer: ", at, "context_pre_only = ", b.context_pre_only, "; SD3 has it on the last block only");
-        linear(at + "norm1.linear", b.norm1, D, 6 * D);
-        linear(at + "norm1_context.linear", b.norm1_context, D, (last ? 2 : 6) * D);
-        linear(at + "attn.to_qkv", b.to_qkv, D, 3 * D);
-        linear(at + "attn.add_qkv", b.add_qkv, D, 3 * D);
-        linear(at + "attn.to_out.0", b.to_out, D, D);
-        linear(at + "ff.net.0.proj", b.ff1, D, F0);
-        linear(at + "ff.net.2", b.ff2, F0, D);
-        if (!last) {
-            linear(at + "attn.to_add_out", b.to_add_out, D, D);
-            linear(at + "ff_context.net.0.proj", b.ff_context1, D, F0);
-            linear(at + "ff_context.net.2", b.ff_context2, F0, D);
-        }
-        const std::size_t norms = c.qk_norm ? static_cast<std::size_t>(hd) : 0;
-        vec(at + "attn.norm_q", b.norm_q, norms);
-        vec(at + "attn.norm_k", b.norm_k, norms);
-        vec(at + "attn.norm_added_q", b.norm_added_q, norms);
-        vec(at + "attn.norm_added_k", b.norm_added_k, norms);
-    }
 }
 
 void transformer::impl::upload(const model& m) {

@@ -58,6 +58,10 @@ struct model {
     static model random(const transformer_config& config, std::uint64_t seed, float scale = 1.0f);
 
     std::size_t parameter_count() const;
+    // Every weight's size against the config and the per-block flags (context_pre_only on the last block only,
+    // dual_attention on the config's layers); std::invalid_argument naming the tensor. A hand-built model cannot
+    // make an engine read out of bounds: the engines call it before using one.
+    void validate() const;
 };
 
 }  // namespace sd3
