@@ -153,6 +153,7 @@ if [[ -f $build/CMakeCache.txt ]] && step "build tests + bench" build.log 300 cm
     failed=1
   fi
   step "host tests (cuda/host)" host-tests.log 30 "$tests" --test-suite=host
+  ((engine)) && step "host tests (cuda/engine_host)" engine-host-tests.log 30 "$engine_tests" --test-suite=engine_host
   if [[ -n $sanitizer ]]; then
     step "compute-sanitizer memcheck, all gpu suites" memcheck.log 100 \
       "$sanitizer" --tool memcheck --error-exitcode 99 --print-limit 20 "$tests" --gpu \
