@@ -460,6 +460,7 @@ TEST_SUITE("engine_errors") {
                                             {"timestep", "not finite"});
         expect_error<std::invalid_argument>([&] { with([](in_t& in, opt_t&) { in.pooled = nullptr; }); }, {"pooled is null"});
         expect_error<std::invalid_argument>([&] { with([](in_t&, opt_t& o) { o.tokens_per_sample = 2; }); }, {"tokens_per_sample = 2", "without"});
+        expect_error<std::invalid_argument>([&] { with([](in_t&, opt_t& o) { o.probe_query_step = 0; }); }, {"probe_query_step = 0"});
         const device_vector<std::int32_t> ids(std::vector<std::int32_t>{0, 5, 1, 5});
         expect_error<std::invalid_argument>([&] { with([&](in_t&, opt_t& o) { o.image_tokens = ids.p, o.tokens_per_sample = 2; }); },
                                             {"options.kv is null"});
@@ -507,6 +508,9 @@ TEST_SUITE("engine_errors") {
         sd3::gpu::specdiff_settings s;
         s.speculative_steps = 0;
         expect_error<std::invalid_argument>([&] { make(inputs(), s); }, {"speculative_steps = 0"});
+        s = {};
+        s.probe_query_step = -1;
+        expect_error<std::invalid_argument>([&] { make(inputs(), s); }, {"probe_query_step = -1"});
         s = {};
         s.cache_rate = 1.0;
         expect_error<std::invalid_argument>([&] { make(inputs(), s); }, {"cache_rate"});

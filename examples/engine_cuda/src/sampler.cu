@@ -70,6 +70,7 @@ struct sampler::impl {
     int images = 0, batch = 0, tokens = 0, features = 0, inputs_width = 0;
     bool cfg = false;
     float guidance = 1.f;
+    int probe_query_step = 1;
     forward_inputs model_in;
     device_array<float> noise, latents, spec_latents, context, pooled, velocity, compact, probe;
     device_array<std::int32_t> records;  // [step][model sample][token]
@@ -125,7 +126,7 @@ struct sampler::impl {
         in.latent_rows = spec_latents.p;
         for (int s = 0; s < speculative->steps(); ++s) {
             in.timestep = speculative->timesteps()[static_cast<std::size_t>(s)];
-            net->forward(in, velocity.p, {.attention_probe = probe.p}, ws, stream);
+            net->forward(in, velocity.p, {.attention_probe = probe.p, .probe_query_step = probe_query_step}, ws, stream);
             acc->record_speculation(s, attention);
             euler(spec_latents.p, *speculative, s);
         }
@@ -138,7 +139,7 @@ struct sampler::impl {
             mark(k, 1);
             const int c = step.compute_count();
             counts[static_cast<std::size_t>(k)] = c;
-            forward_options options{.kv = &*kv, .attention_probe = probe.p};
+            forward_options options{.kv = &*kv, .attention_probe = probe.p, .probe_query_step = probe_query_step};
             if (c == 0) {  // nothing computed: every row from the cache; the scorer keeps the last attention
                 mark(k, 2);
                 acc->complete_step(std::move(step), specdiff::gpu::device_matrix<const float>(compact.p, 0, features), rows, attention);
@@ -197,6 +198,8 @@ sampler::sampler(const transformer& net, const flow_match_euler& schedule, const
         if (settings->speculative_steps < 1) fail("speculative_steps = ", settings->speculative_steps, " must be >= 1");
         if (settings->warmup_steps < 0) fail("warmup_steps = ", settings->warmup_steps, " must be >= 0");
         if (settings->refresh_interval < 0) fail("refresh_interval = ", settings->refresh_interval, " must be >= 0");
+        if (settings->probe_query_step < 1) fail("probe_query_step = ", settings->probe_query_step, " must be >= 1");
+        s.probe_query_step = settings->probe_query_step;
     }
     const int steps = schedule.steps();
     // Host-side checks of the accelerator's setup come before any allocation.

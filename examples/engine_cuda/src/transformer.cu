@@ -345,6 +345,7 @@ void transformer::impl::validate(const forward_inputs& in, const float* velocity
     } else if (o.tokens_per_sample != 0) {
         fail(fn, "options.tokens_per_sample = ", o.tokens_per_sample, " without options.image_tokens");
     }
+    if (o.probe_query_step < 1) fail(fn, "options.probe_query_step = ", o.probe_query_step, " must be >= 1");
     if (o.kv) {
         const kv_cache& kv = *o.kv;
         if (kv.layers() != config.num_layers || kv.hidden() != D || kv.type() != type)
@@ -488,8 +489,10 @@ void transformer::impl::run(const forward_inputs& in, float* velocity, const for
                 {buf.lse, 1, queries, static_cast<std::ptrdiff_t>(heads) * queries},
                 scale};
             std::size_t bytes = lse_ws_bytes;
-            specdiff::gpu::lse_column_sums(buf.lse_ws, bytes, layer, {o.attention_probe, static_cast<specdiff::index_t>(B) * N},
-                                           l == 0 ? specdiff::column_mode::overwrite : specdiff::column_mode::accumulate, stream);
+            const specdiff::gpu::device_span<float> out{o.attention_probe, static_cast<specdiff::index_t>(B) * N};
+            const auto mode = l == 0 ? specdiff::column_mode::overwrite : specdiff::column_mode::accumulate;
+            if (o.probe_query_step == 1) specdiff::gpu::lse_column_sums(buf.lse_ws, bytes, layer, out, mode, stream);
+            else specdiff::gpu::lse_column_sums_estimate(buf.lse_ws, bytes, layer, o.probe_query_step, out, mode, stream);
         }
         linear(buf.att_img, img, k.to_out, buf.y_img);
         residual(buf.x_img, buf.y_img, k.to_out, buf.mod_img, 6 * D, 2 * D, n, img);

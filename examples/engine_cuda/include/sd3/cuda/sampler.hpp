@@ -34,6 +34,7 @@ struct specdiff_settings {
     int refresh_interval = 0;
     std::vector<int> reset_steps = {14};  // entries past the run's steps are dropped, as the CPU runner does
     bool share_cfg_plan = true;         // with guidance > 1: the uncond and cond halves share one plan
+    int probe_query_step = 1;           // the attention probe: 1 exact, s > 1 the estimate (forward_options)
 };
 
 // What to sample, in host memory; the sampler copies it to the device once.

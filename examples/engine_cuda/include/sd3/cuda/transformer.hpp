@@ -120,6 +120,9 @@ struct forward_options {
     // head-averaged attention probabilities, summed over the layers (sd3::forward_options::attention_probe), from
     // the attention's LSE (specdiff::gpu::lse_column_sums). Null: not measured.
     float* attention_probe = nullptr;
+    // 1: the exact sums. s > 1: the estimate over every s-th computed query, scaled up
+    // (specdiff::gpu::lse_column_sums_estimate: about s times less work; an odd s keeps the ranking, docs/cuda.md).
+    int probe_query_step = 1;
 };
 
 class transformer {
