@@ -83,7 +83,9 @@ cat >"$build/driver/CMakeLists.txt" <<CMAKE
 cmake_minimum_required(VERSION 3.25)
 project(specdiff_gpu_check LANGUAGES CXX CUDA)
 set(SPECDIFF_CUDA ON)
-set(SPECDIFF_WERROR ON)
+# Warnings stay warnings here: CI holds the tree to -Werror on its compilers; a device machine's newer compiler
+# warning about something new must not cost the session its only run.
+set(SPECDIFF_WERROR OFF)
 list(APPEND CMAKE_MODULE_PATH "$root/cmake")
 include(SpecdiffWarnings)
 add_library(specdiff INTERFACE)
