@@ -1,8 +1,8 @@
 // The SD3 MMDiT forward on a CUDA device: the GPU twin of sd3::transformer (examples/engine), for SD3 and
 // SD3.5-large configs (joint blocks, qk-norm, context_pre_only last block; MMDiT-X's dual attention and FLUX are
-// CPU-only for now). cuBLAS GEMMs with fp32 accumulation, a flash-style attention kernel that returns each
-// query's log-sum-exp, and the token-subset forward SpecDiff needs: the C1 image tokens (plus the context) run
-// every block against a per-layer K/V cache on the device.
+// CPU-only for now). cuBLAS GEMMs with fp32 accumulation, flash-style attention that returns each query's
+// log-sum-exp (tensor cores for bf16 at head size 64), and the token-subset forward SpecDiff needs: the C1 image
+// tokens (plus the context) run every block against a per-layer K/V cache on the device. docs/engine_cuda.md.
 //
 //     sd3::gpu::transformer net(model, sd3::gpu::precision::bf16, {.max_batch = 2, .max_image_tokens = 4096});
 //     sd3::gpu::workspace ws(net);
