@@ -5,6 +5,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <iterator>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -422,6 +423,32 @@ TEST_SUITE("engine_specdiff") {
         s.capture();
         s.replay();
         CHECK(s.latent_rows() == eager);
+
+        // bf16 end to end (tensor-core attention, bf16 K/V cache): a sanity bound against the fp32 run, loose because
+        // bf16 rounding moves near-tied tokens between levels; a broken path lands near 1.
+        {
+            const sd3::gpu::transformer half(model, precision::bf16, {.max_batch = 2, .max_image_tokens = sp.tokens(), .max_context_tokens = sp.context_tokens});
+            sd3::gpu::sampler b(half, main, gpu_inputs(sp, noise_rows), settings, stream);
+            b.run();
+            const double bf16_err = relative_l2(b.latent_rows(), eager);
+            INFO("bf16 final latents, relative L2 to fp32: ", bf16_err);
+            CHECK(bf16_err <= 0.1);
+            b.check_status();
+            int first = 0;
+            while (first < sp.steps && s.compute_count(first) == sp.tokens()) ++first;
+            REQUIRE(first < sp.steps);
+            const auto a = s.compute_tokens(first), c = b.compute_tokens(first);
+            REQUIRE(a.size() == c.size());
+            std::size_t shared = 0;  // per sample both lists are ascending: count the common ids
+            const std::size_t per = static_cast<std::size_t>(s.compute_count(first));
+            for (std::size_t start = 0; start < a.size(); start += per) {
+                std::vector<std::int32_t> common;
+                std::set_intersection(a.begin() + start, a.begin() + start + per, c.begin() + start, c.begin() + start + per, std::back_inserter(common));
+                shared += common.size();
+            }
+            INFO("first partial step's C1 tokens shared by the bf16 and fp32 runs: ", shared, " of ", a.size());
+            CHECK(static_cast<double>(shared) >= 0.8 * static_cast<double>(a.size()));
+        }
 
         // CR 0 computes every token every step: full RFlow exactly.
         settings.cache_rate = 0.0;
