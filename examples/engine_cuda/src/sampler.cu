@@ -10,6 +10,7 @@
 #include <specdiff/cuda/specdiff.cuh>
 #include <specdiff/specdiff.hpp>
 
+#include "device_array.hpp"
 #include "sd3/errors.hpp"
 
 namespace sd3::gpu {
@@ -30,32 +31,8 @@ __global__ void guided_euler_kernel(float* latents, const float* velocity, std::
     }
 }
 
-template <class T>
-struct device_array {
-    T* p = nullptr;
-    std::size_t n = 0;
-    device_array() = default;
-    explicit device_array(std::size_t count) : n(count) { SPECDIFF_CUDA_CHECK(cudaMalloc(&p, (n ? n : 1) * sizeof(T))); }
-    device_array(const device_array&) = delete;
-    device_array& operator=(const device_array&) = delete;
-    device_array(device_array&& o) noexcept : p(o.p), n(o.n) { o.p = nullptr; }
-    device_array& operator=(device_array&& o) noexcept {
-        std::swap(p, o.p);
-        std::swap(n, o.n);
-        return *this;
-    }
-    ~device_array() {
-        if (p) cudaFree(p);
-    }
-    std::size_t bytes() const { return n * sizeof(T); }
-};
-
-template <class T>
-device_array<T> upload(std::span<const T> host) {
-    device_array<T> d(host.size());
-    SPECDIFF_CUDA_CHECK(cudaMemcpy(d.p, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
-    return d;
-}
+using detail::device_array;
+using detail::upload;
 
 using accelerator = specdiff::gpu::accelerator<specdiff::specdiff_scorer, specdiff::gpu::self_speculation, specdiff::gpu::three_level_classifier<>,
                                                specdiff::step_schedule, specdiff::specdiff_weighted, specdiff::gpu::device_cache_store<float>>;
@@ -67,7 +44,7 @@ struct sampler::impl {
     flow_match_euler main;
     std::optional<flow_match_euler> speculative;
     cudaStream_t stream;
-    int images = 0, batch = 0, tokens = 0, features = 0, inputs_width = 0;
+    int images = 0, batch = 0, tokens = 0, features = 0;
     bool cfg = false;
     float guidance = 1.f;
     int probe_query_step = 1;
@@ -76,7 +53,6 @@ struct sampler::impl {
     device_array<std::int32_t> records;  // [step][model sample][token]
     workspace ws;
     std::optional<kv_cache> kv;
-    std::optional<specdiff::gpu::three_level_classifier<>> classifier;
     device_array<unsigned char> acc_memory;
     std::unique_ptr<accelerator> acc;
     std::vector<int> counts;  // host-known C1 count of each main step (last run)
@@ -99,39 +75,39 @@ struct sampler::impl {
     void euler(float* state, const flow_match_euler& s, int i) {
         const std::size_t half = static_cast<std::size_t>(images) * tokens * features;
         const float dt = s.sigmas()[static_cast<std::size_t>(i) + 1] - s.sigmas()[static_cast<std::size_t>(i)];
-        guided_euler_kernel<<<specdiff::gpu::detail::blocks_for(half, 256), 256, 0, stream>>>(state, velocity.p, half, cfg, guidance, dt);
+        guided_euler_kernel<<<specdiff::gpu::detail::blocks_for(half, 256), 256, 0, stream>>>(state, velocity.get(), half, cfg, guidance, dt);
         SPECDIFF_CUDA_CHECK_LAUNCH("guided_euler_kernel");
     }
 
     void run() {
         const std::size_t state = static_cast<std::size_t>(images) * tokens * features;
-        SPECDIFF_CUDA_CHECK(cudaMemcpyAsync(latents.p, noise.p, state * sizeof(float), cudaMemcpyDeviceToDevice, stream));
+        SPECDIFF_CUDA_CHECK(cudaMemcpyAsync(latents.get(), noise.get(), state * sizeof(float), cudaMemcpyDeviceToDevice, stream));
         forward_inputs in = model_in;
-        const specdiff::gpu::device_matrix<float> rows(velocity.p, batch * tokens, features);
-        const specdiff::gpu::device_span<const float> attention(probe.p, batch * tokens);
+        const specdiff::gpu::device_matrix<float> rows(velocity.get(), batch * tokens, features);
+        const specdiff::gpu::device_span<const float> attention(probe.get(), batch * tokens);
         if (!acc) {  // full compute
-            in.latent_rows = latents.p;
+            in.latent_rows = latents.get();
             for (int k = 0; k < main.steps(); ++k) {
                 in.timestep = main.timesteps()[static_cast<std::size_t>(k)];
-                net->forward(in, velocity.p, ws, stream);
-                euler(latents.p, main, k);
+                net->forward(in, velocity.get(), ws, stream);
+                euler(latents.get(), main, k);
                 counts[static_cast<std::size_t>(k)] = tokens;
             }
             return;
         }
         acc->reset();
         // 1. The speculative pass: the same noise and conditioning, every token, its attention recorded.
-        SPECDIFF_CUDA_CHECK(cudaMemcpyAsync(spec_latents.p, noise.p, state * sizeof(float), cudaMemcpyDeviceToDevice, stream));
+        SPECDIFF_CUDA_CHECK(cudaMemcpyAsync(spec_latents.get(), noise.get(), state * sizeof(float), cudaMemcpyDeviceToDevice, stream));
         acc->begin_speculation(std::span<const float>(speculative->timesteps()));
-        in.latent_rows = spec_latents.p;
+        in.latent_rows = spec_latents.get();
         for (int s = 0; s < speculative->steps(); ++s) {
             in.timestep = speculative->timesteps()[static_cast<std::size_t>(s)];
-            net->forward(in, velocity.p, {.attention_probe = probe.p, .probe_query_step = probe_query_step}, ws, stream);
+            net->forward(in, velocity.get(), {.attention_probe = probe.get(), .probe_query_step = probe_query_step}, ws, stream);
             acc->record_speculation(s, attention);
-            euler(spec_latents.p, *speculative, s);
+            euler(spec_latents.get(), *speculative, s);
         }
         // 2. The main pass: C1 through the network against the K/V cache, C2 / C3 from the accelerator's store.
-        in.latent_rows = latents.p;
+        in.latent_rows = latents.get();
         for (int k = 0; k < main.steps(); ++k) {
             in.timestep = main.timesteps()[static_cast<std::size_t>(k)];
             mark(k, 0);
@@ -139,26 +115,26 @@ struct sampler::impl {
             mark(k, 1);
             const int c = step.compute_count();
             counts[static_cast<std::size_t>(k)] = c;
-            forward_options options{.kv = &*kv, .attention_probe = probe.p, .probe_query_step = probe_query_step};
+            forward_options options{.kv = &*kv, .attention_probe = probe.get(), .probe_query_step = probe_query_step};
             if (c == 0) {  // nothing computed: every row from the cache; the scorer keeps the last attention
                 mark(k, 2);
-                acc->complete_step(std::move(step), specdiff::gpu::device_matrix<const float>(compact.p, 0, features), rows, attention);
+                acc->complete_step(std::move(step), specdiff::gpu::device_matrix<const float>(compact.get(), 0, features), rows, attention);
             } else if (c == tokens) {  // dense: the plain forward (CR 0 is full RFlow exactly)
-                net->forward(in, velocity.p, options, ws, stream);
+                net->forward(in, velocity.get(), options, ws, stream);
                 mark(k, 2);
                 acc->complete_step(std::move(step), rows, attention);
             } else {
                 options.image_tokens = step.compute_tokens().data;  // the accelerator's memory, valid until the next plan_step
                 options.tokens_per_sample = c;
-                net->forward(in, compact.p, options, ws, stream);
+                net->forward(in, compact.get(), options, ws, stream);
                 mark(k, 2);
-                acc->complete_step(std::move(step), specdiff::gpu::device_matrix<const float>(compact.p, batch * c, features), rows, attention);
+                acc->complete_step(std::move(step), specdiff::gpu::device_matrix<const float>(compact.get(), batch * c, features), rows, attention);
             }
             mark(k, 3);
             if (options.image_tokens)  // the C1 lists, for compute_tokens() (outside the timed parts)
-                SPECDIFF_CUDA_CHECK(cudaMemcpyAsync(records.p + static_cast<std::size_t>(k) * batch * tokens, options.image_tokens,
+                SPECDIFF_CUDA_CHECK(cudaMemcpyAsync(records.get() + static_cast<std::size_t>(k) * batch * tokens, options.image_tokens,
                                                     static_cast<std::size_t>(batch) * c * sizeof(std::int32_t), cudaMemcpyDeviceToDevice, stream));
-            euler(latents.p, main, k);
+            euler(latents.get(), main, k);
         }
     }
 };
@@ -195,9 +171,8 @@ sampler::sampler(const transformer& net, const flow_match_euler& schedule, const
         expect("negative_pooled", in.negative_pooled, B * c.pooled_projection_dim);
     }
     if (settings) {
+        // >= 1: the speculative pass is what ranks the tokens (step_schedule::validate, below, checks the rest)
         if (settings->speculative_steps < 1) fail("speculative_steps = ", settings->speculative_steps, " must be >= 1");
-        if (settings->warmup_steps < 0) fail("warmup_steps = ", settings->warmup_steps, " must be >= 0");
-        if (settings->refresh_interval < 0) fail("refresh_interval = ", settings->refresh_interval, " must be >= 0");
         if (settings->probe_query_step < 1) fail("probe_query_step = ", settings->probe_query_step, " must be >= 1");
         s.probe_query_step = settings->probe_query_step;
     }
@@ -210,6 +185,7 @@ sampler::sampler(const transformer& net, const flow_match_euler& schedule, const
         for (int r : settings->reset_steps)
             if (r < steps) resets.push_back(r);
         step_schedule = specdiff::step_schedule{settings->warmup_steps, settings->refresh_interval, settings->speculative_steps, resets};
+        step_schedule->validate(steps);
         config = specdiff::accelerator_config{.tokens = s.tokens, .batch = s.batch, .steps = steps, .feature_dim = s.features,
                                               .share_cfg_plan = settings->share_cfg_plan && s.cfg};
         config->validate();
@@ -238,7 +214,7 @@ sampler::sampler(const transformer& net, const flow_match_euler& schedule, const
     s.latents = device_array<float>(state);
     s.velocity = device_array<float>(rows);
     s.model_in = {.batch = s.batch, .grid_height = in.grid_height, .grid_width = in.grid_width, .context_tokens = in.context_tokens,
-                  .latent_rows = nullptr, .latent_batch = in.batch, .timestep = 0.f, .context = s.context.p, .pooled = s.pooled.p};
+                  .latent_rows = nullptr, .latent_batch = in.batch, .timestep = 0.f, .context = s.context.get(), .pooled = s.pooled.get()};
     s.counts.assign(static_cast<std::size_t>(steps), 0);
     if (settings) {
         s.spec_latents = device_array<float>(state);
@@ -246,11 +222,11 @@ sampler::sampler(const transformer& net, const flow_match_euler& schedule, const
         s.probe = device_array<float>(static_cast<std::size_t>(s.batch) * s.tokens);
         s.records = device_array<std::int32_t>(static_cast<std::size_t>(steps) * s.batch * s.tokens);
         s.kv.emplace(net, s.batch, s.tokens);
-        s.classifier.emplace(s.tokens, config->plans(), settings->cache_rate, settings->reuse_mass);
-        const std::size_t bytes = accelerator::memory_bytes(*config, *s.classifier, *step_schedule);
+        const specdiff::gpu::three_level_classifier<> classifier(s.tokens, config->plans(), settings->cache_rate, settings->reuse_mass);
+        const std::size_t bytes = accelerator::memory_bytes(*config, classifier, *step_schedule);
         s.acc_memory = device_array<unsigned char>(bytes);
-        s.acc = std::make_unique<accelerator>(*config, specdiff::specdiff_scorer{}, specdiff::gpu::self_speculation{}, *s.classifier, *step_schedule,
-                                              s.acc_memory.p, bytes, stream);
+        s.acc = std::make_unique<accelerator>(*config, specdiff::specdiff_scorer{}, specdiff::gpu::self_speculation{}, classifier, *step_schedule,
+                                              s.acc_memory.get(), bytes, stream);
     }
 }
 
@@ -329,7 +305,7 @@ std::vector<std::int32_t> sampler::compute_tokens(int step) const {
         for (std::size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<std::int32_t>(i % static_cast<std::size_t>(s.tokens));
         return ids;
     }
-    SPECDIFF_CUDA_CHECK(cudaMemcpyAsync(ids.data(), s.records.p + static_cast<std::size_t>(step) * s.batch * s.tokens, ids.size() * sizeof(std::int32_t),
+    SPECDIFF_CUDA_CHECK(cudaMemcpyAsync(ids.data(), s.records.get() + static_cast<std::size_t>(step) * s.batch * s.tokens, ids.size() * sizeof(std::int32_t),
                                         cudaMemcpyDeviceToHost, s.stream));
     SPECDIFF_CUDA_CHECK(cudaStreamSynchronize(s.stream));
     return ids;
@@ -338,7 +314,7 @@ std::vector<std::int32_t> sampler::compute_tokens(int step) const {
 std::vector<float> sampler::latent_rows() const {
     const impl& s = *impl_;
     std::vector<float> rows(s.latents.n);
-    SPECDIFF_CUDA_CHECK(cudaMemcpyAsync(rows.data(), s.latents.p, s.latents.bytes(), cudaMemcpyDeviceToHost, s.stream));
+    SPECDIFF_CUDA_CHECK(cudaMemcpyAsync(rows.data(), s.latents.get(), s.latents.bytes(), cudaMemcpyDeviceToHost, s.stream));
     SPECDIFF_CUDA_CHECK(cudaStreamSynchronize(s.stream));
     return rows;
 }
@@ -346,7 +322,7 @@ std::vector<float> sampler::latent_rows() const {
 void sampler::check_status() const {
     const impl& s = *impl_;
     if (const unsigned t = s.ws.read_status(s.stream))
-        throw std::runtime_error(message("sd3::gpu::sampler: the transformer's status word is ", t, " (a C1 token list out of order or range)"));
+        throw std::runtime_error(message("sd3::gpu::sampler: the workspace's status word is ", t, " (a C1 token list out of order or range)"));
     if (s.acc) s.acc->check_status();
 }
 

@@ -21,6 +21,7 @@
 
 #include "attention.cuh"
 #include "cublas_check.hpp"
+#include "device_array.hpp"
 #include "kernels.cuh"
 #include "sd3/errors.hpp"
 
@@ -32,6 +33,7 @@ namespace {
 
 using specdiff::gpu::detail::blocks_for;
 using specdiff::gpu::detail::workspace_layout;
+using bytes_on_device = detail::device_array<unsigned char>;
 
 template <class... Parts>
 [[noreturn]] void fail(const Parts&... parts) {
@@ -39,22 +41,6 @@ template <class... Parts>
 }
 
 std::size_t element_bytes(precision p) { return p == precision::bf16 ? 2 : 4; }
-
-// Device memory owned by the engine (the library itself never allocates; an engine does, once).
-struct device_memory {
-    void* p = nullptr;
-    device_memory() = default;
-    explicit device_memory(std::size_t bytes) { SPECDIFF_CUDA_CHECK(cudaMalloc(&p, bytes ? bytes : 1)); }
-    device_memory(device_memory&& o) noexcept : p(o.p) { o.p = nullptr; }
-    device_memory& operator=(device_memory&& o) noexcept {
-        std::swap(p, o.p);
-        return *this;
-    }
-    ~device_memory() {
-        if (p) cudaFree(p);
-    }
-    unsigned char* bytes() const { return static_cast<unsigned char*>(p); }
-};
 
 // A linear layer on the device: weight [out][in] in the engine's precision, bias [out] fp32 (offsets into the
 // weight allocation until it exists).
@@ -110,7 +96,7 @@ private:
 // (offsets first, then pointers), and the cuBLAS handle with a workspace of its own.
 struct workspace::impl {
     const transformer::impl* owner;
-    device_memory work;
+    bytes_on_device work;
     std::size_t bytes = 0;
     struct buffers {
         void *tproj, *small, *pooled, *silu_temb, *context, *patches, *nrm_img, *nrm_ctx, *q_img, *q_ctx, *k_ctx, *v_ctx, *k_img, *v_img,
@@ -138,7 +124,7 @@ struct transformer::impl {
     int D = 0, heads = 0, hd = 0, F = 0, P = 0, K = 0;
 
     // weights
-    device_memory weights;
+    bytes_on_device weights;
     std::size_t weights_bytes = 0;
     device_linear patch_embed, time1, time2, text1, text2, context_embedder, norm_out, proj_out;
     std::size_t pos_table = 0;
@@ -152,7 +138,7 @@ struct transformer::impl {
 
     template <class U = void>
     U* weight_at(std::size_t offset) const {
-        return offset ? reinterpret_cast<U*>(weights.bytes() + offset) : nullptr;
+        return offset ? reinterpret_cast<U*>(weights.get() + offset) : nullptr;
     }
 };
 
@@ -255,8 +241,7 @@ void transformer::impl::upload(const model& m) {
         blocks.push_back(d);
     }
     weights_bytes = image.bytes().size();
-    weights = device_memory(weights_bytes);
-    SPECDIFF_CUDA_CHECK(cudaMemcpy(weights.p, image.bytes().data(), weights_bytes, cudaMemcpyHostToDevice));
+    weights = detail::upload(std::span<const unsigned char>(image.bytes()));
 }
 
 workspace::impl::impl(const transformer::impl& net) : owner(&net) {
@@ -309,8 +294,8 @@ workspace::impl::impl(const transformer::impl& net) : owner(&net) {
     add(buf.lse_ws, lse_ws_bytes);
     add(buf.blas_ws, blas_workspace_bytes);
     bytes = layout.bytes();
-    work = device_memory(bytes);
-    for (const auto& set : place) set(work.bytes());
+    work = bytes_on_device(bytes);
+    for (const auto& set : place) set(work.get());
     SPECDIFF_CUDA_CHECK(cudaMemset(buf.status, 0, sizeof(unsigned)));
     SD3_CUBLAS_CHECK(cublasCreate(&blas));
     // A workspace of its own, so that cuBLAS allocates nothing during a forward (and so a forward can be captured).
@@ -560,35 +545,28 @@ unsigned workspace::read_status(cudaStream_t stream) const {
 
 // ---------------------------------------------------------------------------------------------------------------
 
+namespace detail {
+void device_free::operator()(void* p) const noexcept { cudaFree(p); }
+void* allocate_device(std::size_t bytes) {
+    void* p = nullptr;
+    SPECDIFF_CUDA_CHECK(cudaMalloc(&p, bytes ? bytes : 1));
+    return p;
+}
+}  // namespace detail
+
 kv_cache::kv_cache(const transformer& net, int batch, int image_tokens)
     : layers_(net.config().num_layers), batch_(batch), tokens_(image_tokens), hidden_(net.hidden()), type_(net.type()) {
     if (batch < 1 || batch > net.limits().max_batch)
         fail("sd3::gpu::kv_cache: batch = ", batch, " outside [1, ", net.limits().max_batch, "] (the transformer's max_batch)");
     if (image_tokens < 1 || image_tokens > net.limits().max_image_tokens)
         fail("sd3::gpu::kv_cache: image_tokens = ", image_tokens, " outside [1, ", net.limits().max_image_tokens, "] (the transformer's max_image_tokens)");
-    SPECDIFF_CUDA_CHECK(cudaMalloc(&memory_, bytes()));
-}
-kv_cache::~kv_cache() {
-    if (memory_) cudaFree(memory_);
-}
-kv_cache::kv_cache(kv_cache&& o) noexcept
-    : layers_(o.layers_), batch_(o.batch_), tokens_(o.tokens_), hidden_(o.hidden_), type_(o.type_), memory_(o.memory_) {
-    o.memory_ = nullptr;
-}
-kv_cache& kv_cache::operator=(kv_cache&& o) noexcept {
-    std::swap(layers_, o.layers_);
-    std::swap(batch_, o.batch_);
-    std::swap(tokens_, o.tokens_);
-    std::swap(hidden_, o.hidden_);
-    std::swap(type_, o.type_);
-    std::swap(memory_, o.memory_);
-    return *this;
+    memory_.reset(detail::allocate_device(bytes()));
 }
 std::size_t kv_cache::bytes() const noexcept { return 2 * slot_bytes() * static_cast<std::size_t>(layers_); }
 std::size_t kv_cache::slot_bytes() const noexcept {
     return static_cast<std::size_t>(batch_) * static_cast<std::size_t>(tokens_) * static_cast<std::size_t>(hidden_) * element_bytes(type_);
 }
-void* kv_cache::keys(int layer) const noexcept { return static_cast<unsigned char*>(memory_) + 2 * static_cast<std::size_t>(layer) * slot_bytes(); }
+void* kv_cache::keys(int layer) const noexcept { return static_cast<unsigned char*>(memory_.get()) + 2 * static_cast<std::size_t>(layer) * slot_bytes(); }
 void* kv_cache::values(int layer) const noexcept { return static_cast<unsigned char*>(keys(layer)) + slot_bytes(); }
 
 }  // namespace sd3::gpu

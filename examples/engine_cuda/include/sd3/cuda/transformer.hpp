@@ -45,6 +45,14 @@ struct device_limits {
 
 class transformer;
 
+namespace detail {
+// Frees what allocate_device returned (cudaFree): the deleter of every device allocation the engine owns.
+struct device_free {
+    void operator()(void* p) const noexcept;
+};
+void* allocate_device(std::size_t bytes);  // cudaMalloc of at least one byte; specdiff::gpu::cuda_error on failure
+}  // namespace detail
+
 // One stream's activations for forwards of one transformer (sized from its limits; allocated here, once), the
 // cuBLAS handle they run on, and a status word. A forward uses it from start to end: forwards that may overlap
 // need workspaces of their own.
@@ -72,11 +80,6 @@ private:
 class kv_cache {
 public:
     kv_cache(const transformer& net, int batch, int image_tokens);
-    ~kv_cache();
-    kv_cache(kv_cache&&) noexcept;
-    kv_cache& operator=(kv_cache&&) noexcept;
-    kv_cache(const kv_cache&) = delete;
-    kv_cache& operator=(const kv_cache&) = delete;
 
     int layers() const noexcept { return layers_; }
     int batch() const noexcept { return batch_; }
@@ -92,7 +95,7 @@ public:
 private:
     int layers_ = 0, batch_ = 0, tokens_ = 0, hidden_ = 0;
     precision type_ = precision::fp32;
-    void* memory_ = nullptr;
+    std::unique_ptr<void, detail::device_free> memory_;
 };
 
 // One forward's inputs: device pointers, fp32.
