@@ -303,7 +303,7 @@ void bench_accelerator_step(cudaStream_t stream, int runs, double model_tflops) 
   const double cache_rate = 0.9;
   const specdiff::accelerator_config config{.tokens = tokens, .batch = batch, .steps = steps, .feature_dim = dim, .share_cfg_plan = true};
   // Dense steps 0 and 1 only: 26 partial steps per run; no reset steps, no refresh.
-  const specdiff::step_schedule schedule{.warmup_steps = 2, .refresh_interval = 0, .speculative = 2, .reset_steps = {}};
+  const specdiff::step_schedule schedule{.warmup_steps = 2, .refresh_interval = 0, .speculative = 2, .dense_steps = {}};
   const gpu::three_level_classifier<> classifier(tokens, config.plans(), cache_rate);
   const index_t rows = config.rows();
   const auto cells = static_cast<std::size_t>(rows) * static_cast<std::size_t>(dim);

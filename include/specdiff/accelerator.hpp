@@ -177,7 +177,7 @@ class accelerator {
         scorer_(std::move(scorer)),
         predictor_(std::move(predictor)),
         classifier_(std::move(classifier)),
-        schedule_((schedule.validate(config.steps), std::move(schedule))),
+        schedule_(detail::schedule_for_run(schedule, config.steps)),
         approx_(approx),
         store_(cache_shape{config.layers, config.sites, config.rows(), config.feature_dim, std::max<index_t>(Approx::depth, 2)}),
         plans_(static_cast<std::size_t>(config.plans()), token_plan(config.tokens)),

@@ -168,7 +168,7 @@ TEST_CASE("accelerator: the verified error is the approximator's relative L2 err
 }
 
 TEST_CASE("error_budget_schedule: dense when the accumulated verified error exceeds the budget") {
-  const error_budget_schedule s{.fixed = {.warmup_steps = 2, .refresh_interval = 0, .speculative = 2, .reset_steps = {9}}, .error_budget = 0.1f,
+  const error_budget_schedule s{.fixed = {.warmup_steps = 2, .refresh_interval = 0, .speculative = 2, .dense_steps = {9}}, .error_budget = 0.1f,
                                 .max_partial_steps = 4};
   CHECK(s.is_dense(1, 12));
   CHECK(s.is_dense(9, 12));
@@ -181,7 +181,7 @@ TEST_CASE("error_budget_schedule: dense when the accumulated verified error exce
   testing::expect_error<std::invalid_argument>([] { error_budget_schedule{.error_budget = -1.f}.validate(10); }, {"error_budget", "-1"});
   testing::expect_error<std::invalid_argument>([] { error_budget_schedule{.error_budget = NAN}.validate(10); }, {"error_budget", "nan"});
   testing::expect_error<std::invalid_argument>([] { error_budget_schedule{.max_partial_steps = -2}.validate(10); }, {"max_partial_steps", "-2"});
-  testing::expect_error<std::invalid_argument>([] { error_budget_schedule{.fixed = {.reset_steps = {10}}}.validate(10); }, {"reset_steps", "10"});
+  testing::expect_error<std::invalid_argument>([] { error_budget_schedule{.fixed = {.dense_steps = {10}}}.validate(10); }, {"dense_steps", "10"});
 }
 
 TEST_CASE("accelerator: an error-budget schedule makes exactly the steps dense whose accumulated verified error is over budget") {
@@ -190,7 +190,7 @@ TEST_CASE("accelerator: an error-budget schedule makes exactly the steps dense w
   for (float budget : {0.f, 0.02f, 0.08f, 1e9f}) {
     INFO("budget ", budget);
     A acc({.tokens = tokens, .batch = 1, .steps = steps, .feature_dim = dim}, specdiff_scorer{}, self_speculation{}, three_level_classifier(0.8),
-          error_budget_schedule{.fixed = {.warmup_steps = 2, .refresh_interval = 0, .speculative = 1, .reset_steps = {}}, .error_budget = budget});
+          error_budget_schedule{.fixed = {.warmup_steps = 2, .refresh_interval = 0, .speculative = 1, .dense_steps = {}}, .error_budget = budget});
     int dense_steps = 0;
     run_toy(acc, falling_timesteps(steps), [&](index_t k, bool dense, const auto&, const auto&) {
       const bool want = k < 2 || acc.feedback().accumulated_error > budget;  // the feedback before this step

@@ -363,7 +363,7 @@ TEST_CASE("protocol: sizes are given once, checked at construction, products too
   testing::expect_error<std::invalid_argument>([] { A a({1 << 16, 1 << 16, 8, 4}, {}, {}, three_level_classifier(0.5), step_schedule{}); },
                                                {"batch * tokens", "65536 * 65536", "overflows"});
   testing::expect_error<std::invalid_argument>([] { A a({16, 2, 8, 4}, {}, {}, three_level_classifier(0.5), step_schedule{2, 0, 2, {12}}); },
-                                               {"reset_steps", "12", "[0, 8)"});
+                                               {"dense_steps", "12", "[0, 8)"});
   testing::expect_error<std::invalid_argument>([] { A a({16, 2, 8, 4}, {}, {}, three_level_classifier(0.5), step_schedule{-1, 0, 2, {}}); },
                                                {"warmup_steps", "-1"});
   testing::expect_error<std::invalid_argument>([] { A a({16, 2, 0, 4}, {}, {}, three_level_classifier(0.5), step_schedule{}); }, {"steps", "0"});

@@ -43,9 +43,19 @@ TEST_CASE("step_schedule: RAS's, TaylorSeer's and FORA's settings") {
       if (s.is_dense(i, steps)) dense.push_back(i);
     return dense;
   };
-  const step_schedule ras{};  // the default: dense before 4 and at 12, 20
+  const step_schedule ras{4, 0, 2, {12, 20}};  // RAS's SD3 setting: dense before 4 and at 12, 20
   CHECK(dense_steps(ras, 28) == std::vector<index_t>{0, 1, 2, 3, 12, 20});
   CHECK(ras.speculative_steps() == 2);
+  // The default: dense before 4, S = min(2, steps), valid for any step count.
+  for (index_t steps : {1, 2, 8, 20, 28, 50}) {
+    INFO("steps ", steps);
+    const step_schedule d = step_schedule{}.for_steps(steps);
+    CHECK(d.speculative_steps() == std::min<index_t>(2, steps));
+    std::vector<index_t> want;
+    for (index_t i = 0; i < std::min<index_t>(4, steps); ++i) want.push_back(i);
+    CHECK(dense_steps(d, steps) == want);
+  }
+  testing::expect_error<std::logic_error>([] { (void)step_schedule{}.speculative_steps(); }, {"from_steps", "for_steps"});
   CHECK(dense_steps(step_schedule{3, 6, 0, {}}, 28) == std::vector<index_t>{0, 1, 2, 8, 14, 20, 26});
   CHECK(dense_steps(step_schedule{1, 3, 0, {}}, 10) == std::vector<index_t>{0, 3, 6, 9});
   CHECK(dense_steps(step_schedule{2, 1, 0, {}}, 5) == std::vector<index_t>{0, 1, 2, 3, 4});
@@ -53,9 +63,9 @@ TEST_CASE("step_schedule: RAS's, TaylorSeer's and FORA's settings") {
   testing::expect_error<std::invalid_argument>([&] { (void)ras.is_dense(28, 28); }, {"step = 28"});
   testing::expect_error<std::invalid_argument>([] { step_schedule{-1, 0, 0, {}}.validate(10); }, {"warmup_steps", "-1"});
   testing::expect_error<std::invalid_argument>([] { step_schedule{1, -2, 0, {}}.validate(10); }, {"refresh_interval", "-2"});
-  testing::expect_error<std::invalid_argument>([] { step_schedule{1, 0, 0, {-3}}.validate(10); }, {"reset_steps", "-3"});
-  testing::expect_error<std::invalid_argument>([] { step_schedule{1, 0, 0, {10}}.validate(10); }, {"reset_steps", "10", "[0, 10)"});
-  testing::expect_error<std::invalid_argument>([] { step_schedule{1, 0, 11, {}}.validate(10); }, {"speculative_steps", "11"});
+  testing::expect_error<std::invalid_argument>([] { step_schedule{1, 0, 0, {-3}}.validate(10); }, {"dense_steps", "-3"});
+  testing::expect_error<std::invalid_argument>([] { step_schedule{1, 0, 0, {10}}.validate(10); }, {"dense_steps", "10", "[0, 10)"});
+  testing::expect_error<std::invalid_argument>([] { step_schedule{1, 0, 11, {}}.validate(10); }, {"step_schedule.speculative", "11", "[0, 10]"});
 }
 
 namespace {

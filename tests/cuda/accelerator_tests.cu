@@ -639,7 +639,7 @@ TEST_SUITE("host") {
                                         {"batch", "share_cfg_plan", "3"});
     expect_error<std::invalid_argument>([&] { (void)host_checked::memory_bytes({64, 2, 8, 0}, {}, schedule); }, {"feature_dim", "0"});
     expect_error<std::invalid_argument>([&] { (void)host_checked::memory_bytes(cfg, {}, specdiff::step_schedule{2, 0, 2, {12}}); },
-                                        {"reset_steps", "12", "[0, 8)"});
+                                        {"dense_steps", "12", "[0, 8)"});
     expect_error<std::invalid_argument>([&] { (void)host_checked::memory_bytes(cfg, {64, 2, 65}, schedule); },
                                         {"classifier: compute_count() = 65", "[0, 64]"});
     expect_error<std::invalid_argument>([&] { (void)host_checked::memory_bytes(cfg, {100, 2, 10}, schedule); },

@@ -362,7 +362,7 @@ class accelerator {
         scorer_(std::move(scorer)),
         predictor_(std::move(predictor)),
         classifier_(std::move(classifier)),
-        schedule_(std::move(schedule)),
+        schedule_(specdiff::detail::schedule_for_run(schedule, config_.steps)),
         approx_(approx),
         stream_(stream),
         offsets_(carve_checked(memory, bytes)),
@@ -381,7 +381,7 @@ class accelerator {
         compute_rows_(at<index_t>(memory, offsets_.compute_rows)),
         site_done_(static_cast<std::size_t>(config_.layers) * static_cast<std::size_t>(config_.sites), 0) {
     partial_count_ = classifier_.compute_count();
-    predictor_.attach(at<void>(memory, offsets_.predictor), config_.rows(), speculative_capacity(schedule_), stream_);
+    predictor_.attach(at<void>(memory, offsets_.predictor), config_.rows(), speculative_capacity(config_, schedule_), stream_);
     clear_signals();
   }
 
@@ -588,7 +588,10 @@ class accelerator {
   static cache_shape store_shape(const accelerator_config& c) {
     return cache_shape{c.layers, c.sites, c.rows(), c.feature_dim, std::max<index_t>(Approx::depth, 2)};
   }
-  static index_t speculative_capacity(const Schedule& schedule) { return static_cast<index_t>(schedule.speculative_steps()); }
+  // Records the predictor holds: the run's speculative steps (a schedule's defaults resolved for config.steps).
+  static index_t speculative_capacity(const accelerator_config& config, const Schedule& schedule) {
+    return static_cast<index_t>(specdiff::detail::schedule_for_run(schedule, config.steps).speculative_steps());
+  }
 
   // The host accelerator's construction checks, and the device classifier matching the configuration.
   static void expect_setup(const accelerator_config& config, const Classifier& classifier, const Schedule& schedule) {
@@ -602,7 +605,7 @@ class accelerator {
     const index_t c1 = classifier.compute_count();
     if (c1 < 0 || c1 > config.tokens)
       detail::fail("classifier: compute_count() = ", c1, " is out of range [0, ", config.tokens, "]");
-    if (speculative_capacity(schedule) < 0) detail::fail("speculative_steps: must be >= 0, got ", speculative_capacity(schedule));
+    if (speculative_capacity(config, schedule) < 0) detail::fail("speculative_steps: must be >= 0, got ", speculative_capacity(config, schedule));
   }
 
   static offsets layout(const accelerator_config& c, const Classifier& classifier, const Schedule& schedule) {
@@ -622,7 +625,7 @@ class accelerator {
     o.scores = l.add(per_plan);
     o.compute_tokens = l.add(rows * sizeof(index_t));
     o.compute_rows = l.add(rows * sizeof(index_t));
-    o.predictor = l.add(Predictor::memory_bytes(c.rows(), speculative_capacity(schedule)));
+    o.predictor = l.add(Predictor::memory_bytes(c.rows(), speculative_capacity(c, schedule)));
     o.total = l.bytes();
     return o;
   }

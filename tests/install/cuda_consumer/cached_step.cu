@@ -128,7 +128,7 @@ int run_accelerated(const engine_shape& e) {
   static_assert(std::is_same_v<accelerator::row_type, __nv_bfloat16>);
   const index_t steps = 8, rows = e.batch * e.tokens;
   const specdiff::accelerator_config config{.tokens = e.tokens, .batch = e.batch, .steps = steps, .feature_dim = e.dim};
-  const specdiff::step_schedule schedule{.warmup_steps = 2, .refresh_interval = 0, .speculative = 2, .reset_steps = {5}};
+  const specdiff::step_schedule schedule{.warmup_steps = 2, .refresh_interval = 0, .speculative = 2, .dense_steps = {5}};
   const gpu::three_level_classifier<> classifier(e.tokens, config.plans(), e.cache_rate);
   cudaStream_t stream = nullptr;
   SPECDIFF_CUDA_CHECK(cudaStreamCreate(&stream));
