@@ -4,7 +4,19 @@
 # machine without those packages can build the engine suites and specdiff-gpu-bench in scripts/gpu-check.sh. Run it
 # here, then hand the device tool carry [".deps"] (about 14 MiB). scripts/gpu-check.sh puts .deps on
 # CMAKE_PREFIX_PATH when it exists; the device machine's own packages are not needed then.
+#
+# --cmake also puts PyPI's `cmake` wheel (CMake 3.31, a static build for manylinux2014 x86_64: about 28 MiB, still
+# compressed) into .deps/cmake-wheel, fetched with pip; scripts/gpu-check.sh's preflight unpacks it into the build
+# folder and uses it when the device machine has no CMake >= 3.25. .deps is then about 42 MiB of the device tool's
+# 64 MiB carry limit.
 set -euo pipefail
+with_cmake=0
+for arg in "$@"; do
+  case $arg in
+    --cmake) with_cmake=1 ;;
+    *) echo "gpu-deps: unknown argument '$arg' (--cmake: also a CMake wheel for the device machine)" >&2; exit 1 ;;
+  esac
+done
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 deps=$root/.deps
 rm -rf "$deps"
@@ -45,4 +57,9 @@ package Eigen3 "$(version_of libeigen3-dev)" Eigen3::Eigen eigen3
 package nlohmann_json "$(version_of nlohmann-json3-dev)" nlohmann_json::nlohmann_json ""
 package CLI11 "$(version_of libcli11-dev)" CLI11::CLI11 ""
 package doctest "$(version_of doctest-dev)" doctest::doctest ""
+if ((with_cmake)); then
+  python3 -m pip download "cmake==3.31.6" --no-deps --only-binary=:all: --platform manylinux2014_x86_64 --python-version 3.8 \
+    -d "$deps/cmake-wheel" >/dev/null
+  echo "gpu-deps: $(ls "$deps"/cmake-wheel/*.whl)"
+fi
 echo "gpu-deps: $(du -sh "$deps" | cut -f1) in $deps"

@@ -170,7 +170,10 @@ std::vector<headline> headlines;
 std::FILE* json = nullptr;
 
 void json_line(const std::string& text) {
-  if (json != nullptr) std::fprintf(json, "%s\n", text.c_str());
+  if (json != nullptr) {
+    std::fprintf(json, "%s\n", text.c_str());
+    std::fflush(json);  // each result reaches the file as it is measured: a run cut short keeps what it measured
+  }
 }
 
 std::string fmt(const char* format, double v) {

@@ -387,17 +387,32 @@ int main(int argc, char** argv) {
         cudaDriverGetVersion(&driver);
         cudaStream_t stream = nullptr;
         ok(cudaStreamCreate(&stream), "cudaStreamCreate");
-        json out{{"card", prop.name}, {"driver_api", driver}, {"sm", std::to_string(prop.major) + std::to_string(prop.minor)}};
-        if (!o.skip_shapes) out["shapes"] = bench_shapes(o, prop.name, stream);
-        if (!o.skip_mnist) out["mnist"] = bench_mnist(o, stream);
-        cudaStreamDestroy(stream);
-        const std::string text = out.dump(2);
-        std::printf("%s\n", text.c_str());
-        if (!o.json_path.empty()) {
-            std::ofstream f(o.json_path);
-            f << text << '\n';
-            if (!f) throw std::runtime_error("--json: cannot write '" + o.json_path + "'");
+        json out{{"card", prop.name}, {"driver_api", driver}, {"sm", std::to_string(prop.major) + std::to_string(prop.minor)}, {"complete", false}};
+        // The JSON is rewritten after each part (a temporary file renamed over it), so a run cut short by its time
+        // limit keeps every part it finished; "complete" says whether both parts ran.
+        auto save = [&] {
+            if (o.json_path.empty()) return;
+            const std::string tmp = o.json_path + ".tmp";
+            {
+                std::ofstream f(tmp);
+                f << out.dump(2) << '\n';
+                if (!f) throw std::runtime_error("--json: cannot write '" + tmp + "'");
+            }
+            if (std::rename(tmp.c_str(), o.json_path.c_str()) != 0) throw std::runtime_error("--json: cannot rename '" + tmp + "' to '" + o.json_path + "'");
+        };
+        save();
+        if (!o.skip_shapes) {
+            out["shapes"] = bench_shapes(o, prop.name, stream);
+            save();
         }
+        if (!o.skip_mnist) {
+            out["mnist"] = bench_mnist(o, stream);
+            save();
+        }
+        cudaStreamDestroy(stream);
+        out["complete"] = true;
+        save();
+        std::printf("%s\n", out.dump(2).c_str());
     } catch (const std::exception& e) {
         std::fprintf(stderr, "specdiff-gpu-bench: %s\n", e.what());
         return 1;
