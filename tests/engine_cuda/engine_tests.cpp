@@ -1,7 +1,8 @@
 // The GPU engine against the CPU engine (examples/engine), which is itself held to diffusers (tests/engine):
 // full forwards on the parity fixtures, on models/mnist-sd3 and on fresh random models (fp32 ≤ 1e-4 relative L2,
 // bf16 ≤ 2e-2), the token-subset forward's C1 rows and the attention probe, and whole SpecDiff runs of the device
-// sampler against the CPU loop with the host accelerator (the same plans, the same images).
+// sampler against the CPU loop with the host accelerator (the same plans, the same images); engine_graph holds what
+// issue 32's review found (graphs captured before any eager GEMM, cuBLAS's workspace, a failed capture's error).
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -68,6 +69,15 @@ double relative_l2(const std::vector<float>& got, const std::vector<float>& want
 }
 
 double tolerance(precision p) { return p == precision::fp32 ? 1e-4 : 2e-2; }
+
+// The attention probe's bound, from the forward's: the probe sums softmax weights p_ij = exp(s_ij - lse_i), and
+// logits perturbed by at most d move every weight, hence every column sum, by a factor within exp(+-2d), i.e. a
+// relative error <= 2d for small d. The logits s = scale q.k inherit the relative error e of q and k (the forward's,
+// bounded by tolerance()): d ~= scale (|dq||k| + |q||dk|) / sqrt(head_dim) ~= sqrt(2) e for independent errors on
+// RMS-sized rows, so the probe's relative error is <= 2 sqrt(2) e: 5.7e-2 in bf16 (2.8e-4 in fp32). The old bound
+// (the forward's 2e-2) left bf16 no margin by this arithmetic. A wiring error (a wrong layer, row or LSE) moves the
+// probe by O(1).
+double probe_tolerance(precision p) { return 2.0 * std::sqrt(2.0) * tolerance(p); }
 
 // One forward's inputs in both layouts: the CPU engine's image latents and the GPU engine's token rows.
 struct problem {
@@ -263,7 +273,7 @@ TEST_SUITE("engine_partial") {
                     const device_problem d(p);
                     net.forward(d.inputs(p), full.p, {.kv = &kv, .attention_probe = probe.p}, ws, nullptr);
                     CHECK(relative_l2(full.download(), want_full) <= tolerance(type));
-                    CHECK(relative_l2(probe.download(), cpu_probe) <= tolerance(type));
+                    CHECK(relative_l2(probe.download(), cpu_probe) <= probe_tolerance(type));
                 }
                 // The next step: moved latents, a new timestep, C1 a random third of the tokens per sample.
                 std::normal_distribution<float> normal(0.f, 0.1f);
@@ -283,7 +293,7 @@ TEST_SUITE("engine_partial") {
                 const double err = relative_l2(got.download(), want), probe_err = relative_l2(probe.download(), cpu_probe);
                 INFO("C1 rows ", err, ", probe ", probe_err);
                 CHECK(err <= tolerance(type));
-                CHECK(probe_err <= tolerance(type));
+                CHECK(probe_err <= probe_tolerance(type));
                 CHECK(ws.read_status(nullptr) == 0u);
             }
         }
@@ -541,5 +551,170 @@ TEST_SUITE("engine_errors") {
         s = {};
         s.cache_rate = 1.0;
         expect_error<std::invalid_argument>([&] { make(inputs(), s); }, {"cache_rate"});
+    }
+}
+
+namespace {
+
+// Takes device memory until less than `leave` bytes (plus one MiB) are free; gives it back on destruction.
+struct memory_hog {
+    std::vector<void*> blocks;
+    explicit memory_hog(std::size_t leave) {
+        for (std::size_t chunk = std::size_t{1} << 34; chunk >= (std::size_t{1} << 20); chunk /= 2) {
+            for (;;) {
+                std::size_t free = 0, total = 0;
+                cuda_ok(cudaMemGetInfo(&free, &total));
+                if (free < leave + chunk) break;
+                void* p = nullptr;
+                if (cudaMalloc(&p, chunk) != cudaSuccess) {
+                    (void)cudaGetLastError();  // out of memory is not sticky: clear it for the next check
+                    break;
+                }
+                blocks.push_back(p);
+            }
+        }
+    }
+    memory_hog(const memory_hog&) = delete;
+    memory_hog& operator=(const memory_hog&) = delete;
+    ~memory_hog() {
+        for (void* p : blocks) cudaFree(p);
+    }
+};
+
+// A small CFG sampling problem on a random model (16 tokens, 6 steps): the graph suites' workload.
+struct small_sampling {
+    sd3::model model;
+    std::vector<float> noise, ctx, pooled;
+    explicit small_sampling(std::uint64_t seed) : model(sd3::model::random(test_util::small_config(true), seed)) {
+        std::mt19937_64 rng(seed + 1);
+        std::normal_distribution<float> normal;
+        const auto& c = model.config;
+        noise.resize(static_cast<std::size_t>(16) * c.patch_inputs());
+        ctx.resize(static_cast<std::size_t>(4) * c.joint_attention_dim);
+        pooled.resize(static_cast<std::size_t>(c.pooled_projection_dim));
+        for (auto* v : {&noise, &ctx, &pooled})
+            for (auto& x : *v) x = normal(rng);
+    }
+    sd3::gpu::sampling_inputs inputs() const {
+        return {.batch = 1, .grid_height = 4, .grid_width = 4, .context_tokens = 4, .guidance = 3.f, .noise_rows = noise, .context = ctx,
+                .negative_context = ctx, .pooled = pooled, .negative_pooled = pooled};
+    }
+    sd3::gpu::device_limits limits() const { return {.max_batch = 2, .max_image_tokens = 16, .max_context_tokens = 4}; }
+};
+
+}  // namespace
+
+TEST_SUITE("engine_graph") {
+    TEST_CASE("a graph captured before any eager GEMM replays ten times as the eager runs, fp32 and bf16, full and SpecDiff") {
+        const std::uint64_t seed = testing::rng(16)();
+        const small_sampling problem(seed);
+        const sd3::flow_match_euler main(6);
+        sd3::gpu::specdiff_settings settings;
+        settings.cache_rate = 0.5;
+        settings.warmup_steps = 1;
+        for (const precision type : {precision::fp32, precision::bf16}) {
+            for (const bool accelerated : {false, true}) {
+                INFO(sd3::gpu::name(type), accelerated ? " SpecDiff" : " full", " seed ", testing::fresh_seed());
+                // A fresh transformer and sampler: the capture holds the first GEMMs its cuBLAS handle ever runs, so
+                // they run in the workspace's buffer only if it was set after the stream (transformer.cu).
+                const sd3::gpu::transformer net(problem.model, type, problem.limits());
+                cudaStream_t stream = nullptr;
+                cuda_ok(cudaStreamCreate(&stream));
+                const auto s_opt = accelerated ? std::optional(settings) : std::nullopt;
+                sd3::gpu::sampler captured(net, main, problem.inputs(), s_opt, stream);
+                captured.capture();
+                std::vector<float> first;
+                for (int r = 0; r < 10; ++r) {
+                    INFO("replay ", r);
+                    captured.replay();
+                    const auto rows = captured.latent_rows();
+                    if (r == 0) first = rows;
+                    else CHECK(rows == first);
+                }
+                captured.check_status();
+                bool finite = true;
+                for (float x : first) finite = finite && std::isfinite(x);
+                CHECK(finite);
+                // Eager runs of the same sampler (same handle) equal the replays bit for bit; a second sampler (its
+                // own handle, same workspace size, same algorithms) agrees to fp32 rounding.
+                captured.run();
+                CHECK(captured.latent_rows() == first);
+                sd3::gpu::sampler eager(net, main, problem.inputs(), s_opt, stream);
+                eager.run();
+                const double err = relative_l2(eager.latent_rows(), first);
+                INFO("second sampler, eager, relative L2 to the replays: ", err);
+                CHECK(err <= 1e-6);
+                cuda_ok(cudaStreamDestroy(stream));
+            }
+        }
+    }
+
+    TEST_CASE("a forward on a fresh workspace and stream allocates no device memory: cuBLAS works in the workspace's buffer") {
+        auto rng = testing::rng(17);
+        const auto model = sd3::model::random(test_util::small_config(true), rng());
+        const problem p(model, 2, 4, 4, 4, rng);
+        const sd3::gpu::transformer net(model, precision::fp32, limits_of(p));
+        const device_problem d(p);
+        device_vector<float> velocity(static_cast<std::size_t>(p.batch) * p.tokens() * p.features());
+        {
+            sd3::gpu::workspace warm(net);  // loads every kernel first (lazy module loading allocates)
+            net.forward(d.inputs(p), velocity.p, warm, nullptr);
+            cuda_ok(cudaDeviceSynchronize());
+        }
+        sd3::gpu::workspace ws(net);
+        cudaStream_t stream = nullptr;
+        cuda_ok(cudaStreamCreate(&stream));
+        cuda_ok(cudaDeviceSynchronize());
+        std::size_t before = 0, after = 0, total = 0;
+        cuda_ok(cudaMemGetInfo(&before, &total));
+        for (int r = 0; r < 3; ++r) net.forward(d.inputs(p), velocity.p, ws, stream);
+        cuda_ok(cudaStreamSynchronize(stream));
+        cuda_ok(cudaMemGetInfo(&after, &total));
+        const std::size_t taken = before > after ? before - after : 0;
+        INFO("device memory taken by three forwards: ", taken, " bytes (cuBLAS's own pool is 4 to 32 MiB)");
+        CHECK(taken < (std::size_t{4} << 20));
+        cuda_ok(cudaStreamDestroy(stream));
+    }
+
+    TEST_CASE("a failed capture clears the runtime's error: the sampler then runs eagerly as before") {
+        const small_sampling problem(testing::rng(18)());
+        const sd3::flow_match_euler main(6);
+        const sd3::gpu::transformer net(problem.model, precision::fp32, problem.limits());
+        sd3::gpu::specdiff_settings settings;
+        settings.cache_rate = 0.5;
+        sd3::gpu::sampler reference(net, main, problem.inputs(), settings, nullptr);
+        reference.run();
+        const auto want = reference.latent_rows();
+        // The legacy default stream cannot be captured: capture() throws, and the error it reported must not be
+        // left for the next launch check (run()'s first kernel) to read as its own.
+        sd3::gpu::sampler s(net, main, problem.inputs(), settings, nullptr);
+        expect_error<std::runtime_error>([&] { s.capture(); }, {"cudaStreamBeginCapture"});  // specdiff::gpu::cuda_error
+        CHECK(cudaPeekAtLastError() == cudaSuccess);
+        s.run();
+        CHECK(s.latent_rows() == want);
+        s.check_status();
+        CHECK_THROWS_AS(s.replay(), std::logic_error);  // nothing was captured
+    }
+}
+
+TEST_SUITE("engine_errors") {
+    TEST_CASE("the sampler refuses bad arguments before allocating: with the device's memory taken, the refusal names the argument") {
+        const small_sampling problem(testing::rng(19)());
+        const sd3::flow_match_euler main(6);
+        const sd3::gpu::transformer net(problem.model, precision::fp32, problem.limits());
+        const memory_hog hog(std::size_t{2} << 20);  // a workspace alone needs cuBLAS's 32 MiB
+        auto make = [&](sd3::gpu::sampling_inputs in, std::optional<sd3::gpu::specdiff_settings> s) { sd3::gpu::sampler(net, main, in, s, nullptr); };
+        auto in = problem.inputs();
+        in.guidance = std::numeric_limits<float>::infinity();
+        expect_error<std::invalid_argument>([&] { make(in, std::nullopt); }, {"guidance = inf"});
+        in = problem.inputs();
+        in.noise_rows = std::span<const float>(problem.noise).first(10);
+        expect_error<std::invalid_argument>([&] { make(in, std::nullopt); }, {"noise_rows: 10 floats"});
+        sd3::gpu::specdiff_settings s;
+        s.cache_rate = 1.0;
+        expect_error<std::invalid_argument>([&] { make(problem.inputs(), s); }, {"cache_rate"});
+        s = {};
+        s.warmup_steps = -1;
+        expect_error<std::invalid_argument>([&] { make(problem.inputs(), s); }, {"warmup_steps", "-1"});
     }
 }

@@ -51,7 +51,7 @@ struct sampler::impl {
     forward_inputs model_in;
     device_array<float> noise, latents, spec_latents, context, pooled, velocity, compact, probe;
     device_array<std::int32_t> records;  // [step][model sample][token]
-    workspace ws;
+    std::optional<workspace> ws;  // made after the arguments are checked (as every allocation)
     std::optional<kv_cache> kv;
     device_array<unsigned char> acc_memory;
     std::unique_ptr<accelerator> acc;
@@ -60,7 +60,7 @@ struct sampler::impl {
     bool profiling = false, capturing = false;
     std::vector<cudaEvent_t> events;  // [step][4]: before plan_step, after it, after the forward, after complete_step
 
-    impl(const transformer& n, const flow_match_euler& schedule, cudaStream_t s) : net(&n), main(schedule), stream(s), ws(n) {}
+    impl(const transformer& n, const flow_match_euler& schedule, cudaStream_t s) : net(&n), main(schedule), stream(s) {}
     impl(const impl&) = delete;
     impl& operator=(const impl&) = delete;
     ~impl() {
@@ -89,7 +89,7 @@ struct sampler::impl {
             in.latent_rows = latents.get();
             for (int k = 0; k < main.steps(); ++k) {
                 in.timestep = main.timesteps()[static_cast<std::size_t>(k)];
-                net->forward(in, velocity.get(), ws, stream);
+                net->forward(in, velocity.get(), *ws, stream);
                 euler(latents.get(), main, k);
                 counts[static_cast<std::size_t>(k)] = tokens;
             }
@@ -102,7 +102,7 @@ struct sampler::impl {
         in.latent_rows = spec_latents.get();
         for (int s = 0; s < speculative->steps(); ++s) {
             in.timestep = speculative->timesteps()[static_cast<std::size_t>(s)];
-            net->forward(in, velocity.get(), {.attention_probe = probe.get(), .probe_query_step = probe_query_step}, ws, stream);
+            net->forward(in, velocity.get(), {.attention_probe = probe.get(), .probe_query_step = probe_query_step}, *ws, stream);
             acc->record_speculation(s, attention);
             euler(spec_latents.get(), *speculative, s);
         }
@@ -120,13 +120,13 @@ struct sampler::impl {
                 mark(k, 2);
                 acc->complete_step(std::move(step), specdiff::gpu::device_matrix<const float>(compact.get(), 0, features), rows, attention);
             } else if (c == tokens) {  // dense: the plain forward (CR 0 is full RFlow exactly)
-                net->forward(in, velocity.get(), options, ws, stream);
+                net->forward(in, velocity.get(), options, *ws, stream);
                 mark(k, 2);
                 acc->complete_step(std::move(step), rows, attention);
             } else {
                 options.image_tokens = step.compute_tokens().data;  // the accelerator's memory, valid until the next plan_step
                 options.tokens_per_sample = c;
-                net->forward(in, compact.get(), options, ws, stream);
+                net->forward(in, compact.get(), options, *ws, stream);
                 mark(k, 2);
                 acc->complete_step(std::move(step), specdiff::gpu::device_matrix<const float>(compact.get(), batch * c, features), rows, attention);
             }
@@ -207,6 +207,7 @@ sampler::sampler(const transformer& net, const flow_match_euler& schedule, const
         place(in.context, context, 0);
         place(in.pooled, pooled, 0);
     }
+    s.ws.emplace(net);
     s.noise = upload(in.noise_rows);
     s.context = upload(std::span<const float>(context));
     s.pooled = upload(std::span<const float>(pooled));
@@ -236,8 +237,16 @@ void sampler::run() { impl_->run(); }
 
 void sampler::capture() {
     impl& s = *impl_;
+    // Every way out of a failed capture clears the runtime's last error (cudaGetLastError) before throwing: the
+    // error has been reported here, and left behind it would be read by the next launch check (the next run()'s
+    // first kernel) as that kernel's failure.
+    auto failed = [](cudaError_t code, const char* call, int line) {
+        (void)cudaGetLastError();
+        throw specdiff::gpu::cuda_error(code, call, __FILE__, line);
+    };
+    if (const cudaError_t began = cudaStreamBeginCapture(s.stream, cudaStreamCaptureModeGlobal); began != cudaSuccess)
+        failed(began, "cudaStreamBeginCapture (a capture needs a stream of its own, not the legacy default stream)", __LINE__);
     cudaGraph_t graph = nullptr;
-    SPECDIFF_CUDA_CHECK(cudaStreamBeginCapture(s.stream, cudaStreamCaptureModeGlobal));
     s.capturing = true;
     try {
         s.run();
@@ -246,13 +255,17 @@ void sampler::capture() {
         s.capturing = false;
         cudaStreamEndCapture(s.stream, &graph);  // ends the (invalidated) capture; the error is the one to report
         if (graph) cudaGraphDestroy(graph);
+        (void)cudaGetLastError();
         throw;
     }
-    SPECDIFF_CUDA_CHECK(cudaStreamEndCapture(s.stream, &graph));
+    if (const cudaError_t ended = cudaStreamEndCapture(s.stream, &graph); ended != cudaSuccess) {
+        if (graph) cudaGraphDestroy(graph);
+        failed(ended, "cudaStreamEndCapture", __LINE__);
+    }
     cudaGraphExec_t exec = nullptr;
     const cudaError_t made = cudaGraphInstantiate(&exec, graph, 0);
     cudaGraphDestroy(graph);
-    SPECDIFF_CUDA_CHECK(made);
+    if (made != cudaSuccess) failed(made, "cudaGraphInstantiate", __LINE__);
     if (s.graph) cudaGraphExecDestroy(s.graph);
     s.graph = exec;
 }
@@ -321,7 +334,7 @@ std::vector<float> sampler::latent_rows() const {
 
 void sampler::check_status() const {
     const impl& s = *impl_;
-    if (const unsigned t = s.ws.read_status(s.stream))
+    if (const unsigned t = s.ws->read_status(s.stream))
         throw std::runtime_error(message("sd3::gpu::sampler: the workspace's status word is ", t, " (a C1 token list out of order or range)"));
     if (s.acc) s.acc->check_status();
 }
@@ -330,7 +343,7 @@ std::size_t sampler::kv_cache_bytes() const noexcept { return impl_->kv ? impl_-
 std::size_t sampler::accelerator_bytes() const noexcept { return impl_->acc_memory.bytes(); }
 std::size_t sampler::buffer_bytes() const noexcept {
     const impl& s = *impl_;
-    return s.ws.bytes() + s.noise.bytes() + s.latents.bytes() + s.spec_latents.bytes() + s.context.bytes() + s.pooled.bytes() + s.velocity.bytes() + s.compact.bytes() +
+    return s.ws->bytes() + s.noise.bytes() + s.latents.bytes() + s.spec_latents.bytes() + s.context.bytes() + s.pooled.bytes() + s.velocity.bytes() + s.compact.bytes() +
            s.probe.bytes() + s.records.bytes();
 }
 

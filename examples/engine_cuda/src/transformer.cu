@@ -298,8 +298,7 @@ workspace::impl::impl(const transformer::impl& net) : owner(&net) {
     for (const auto& set : place) set(work.get());
     SPECDIFF_CUDA_CHECK(cudaMemset(buf.status, 0, sizeof(unsigned)));
     SD3_CUBLAS_CHECK(cublasCreate(&blas));
-    // A workspace of its own, so that cuBLAS allocates nothing during a forward (and so a forward can be captured).
-    SD3_CUBLAS_CHECK(cublasSetWorkspace(blas, buf.blas_ws, blas_workspace_bytes));
+    // The handle's workspace (buf.blas_ws) is set in every forward, after its cublasSetStream (which drops it).
 }
 
 void transformer::impl::validate(const forward_inputs& in, const float* velocity, const forward_options& o, const workspace& w) const {
@@ -353,7 +352,11 @@ void transformer::impl::run(const forward_inputs& in, float* velocity, const for
     const int latent_batch = in.latent_batch ? in.latent_batch : B;
     const int img = B * n, ctx = B * L;  // rows of each stream
     auto as_t = [](void* p) { return static_cast<T*>(p); };
+    // cublasSetStream resets the handle's workspace to cuBLAS's own pool, unconditionally (cuBLAS documentation,
+    // cublasSetStream), so the workspace's buffer is set again right after it, in every forward: cuBLAS then
+    // allocates nothing during a forward, and a forward captured into a graph before any eager GEMM replays.
     SD3_CUBLAS_CHECK(cublasSetStream(blas, stream));
+    SD3_CUBLAS_CHECK(cublasSetWorkspace(blas, buf.blas_ws, blas_workspace_bytes));
     auto w = [&](const device_linear& l) { return weight_at(l.weight); };
     auto b = [&](const device_linear& l) { return weight_at<const float>(l.bias); };
     auto launched = [](const char* kernel) { specdiff::gpu::check(cudaGetLastError(), kernel, __FILE__, __LINE__); };

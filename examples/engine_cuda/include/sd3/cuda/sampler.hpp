@@ -65,7 +65,9 @@ public:
     // Enqueues a whole run on the stream, from the noise: the accelerator is reset first, so runs repeat.
     void run();
     // Records run() into a CUDA graph (cudaStreamCaptureModeGlobal: a hidden allocation or synchronisation fails
-    // the capture), replacing an earlier one; replay() launches it.
+    // the capture), replacing an earlier one; replay() launches it. A failed capture throws specdiff::gpu::cuda_error
+    // with the runtime's last error cleared, so the sampler still runs eagerly (a capture needs a stream of its own:
+    // the legacy default stream, nullptr, cannot be captured).
     void capture();
     void replay();
 

@@ -1,0 +1,15 @@
+# cmake -P check of cmake/SpecdiffWarnings.cmake (issue 32): nvcc's warnings become errors only when SPECDIFF_WERROR
+# says so. Run by ctest as cuda/warnings_policy with -DSPECDIFF_CMAKE_DIR=<the tree's cmake folder>.
+include("${SPECDIFF_CMAKE_DIR}/SpecdiffWarnings.cmake")
+specdiff_cuda_warning_flags(off OFF)
+specdiff_cuda_warning_flags(on ON)
+if(off MATCHES "Werror")
+  message(FATAL_ERROR "SPECDIFF_WERROR=OFF still turns CUDA warnings into errors: ${off}")
+endif()
+if(NOT on MATCHES "--Werror=all-warnings")
+  message(FATAL_ERROR "SPECDIFF_WERROR=ON does not turn CUDA warnings into errors: ${on}")
+endif()
+if(NOT off MATCHES "-Wall" OR NOT on MATCHES "-Wall")
+  message(FATAL_ERROR "CUDA warnings are not on: OFF gives '${off}', ON gives '${on}'")
+endif()
+message(STATUS "CUDA warning flags: SPECDIFF_WERROR=OFF '${off}', ON '${on}'")
