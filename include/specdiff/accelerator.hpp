@@ -71,11 +71,20 @@ namespace detail {
 /// The handle of a planned main step, shared by the host and device accelerators: move-only, one live at a time
 /// per accelerator, checked on every use (moved from or completed: refused; stale after reset(): refused), and
 /// destroyed unconsumed it abandons the step. The accelerator's own step type adds the observers.
+///
+/// Lifetime: the accelerator knows its one live step (a back-pointer the step's moves keep up to date; nothing
+/// is allocated). reset() and the accelerator's destructor detach it: a detached step's calls throw
+/// std::logic_error saying why, and its destructor does nothing. So a step that outlives its accelerator (an
+/// engine member declared before the accelerator, an accelerator rebuilt while a step is held) is refused
+/// by name instead of reading freed memory.
 template <class Owner>
 class planned_step {
  public:
-  planned_step(planned_step&& o) noexcept : owner_(o.owner_), generation_(o.generation_), index_(o.index_), t_(o.t_), dense_(o.dense_) {
+  planned_step(planned_step&& o) noexcept
+      : owner_(o.owner_), generation_(o.generation_), index_(o.index_), t_(o.t_), dense_(o.dense_), state_(o.state_) {
+    if (owner_ != nullptr) owner_->live_step_ = this;
     o.owner_ = nullptr;
+    o.state_ = state::empty;
   }
   planned_step& operator=(planned_step&& o) noexcept {
     if (this != &o) {
@@ -85,7 +94,10 @@ class planned_step {
       index_ = o.index_;
       t_ = o.t_;
       dense_ = o.dense_;
+      state_ = o.state_;
+      if (owner_ != nullptr) owner_->live_step_ = this;
       o.owner_ = nullptr;
+      o.state_ = state::empty;
     }
     return *this;
   }
@@ -109,32 +121,95 @@ class planned_step {
 
  protected:
   planned_step(Owner* owner, std::uint64_t generation, index_t index, float t, bool dense) noexcept
-      : owner_(owner), generation_(generation), index_(index), t_(t), dense_(dense) {}
+      : owner_(owner), generation_(generation), index_(index), t_(t), dense_(dense), state_(state::live) {
+    owner_->live_step_ = this;
+  }
   /// The accelerator, once this step is checked to be its current one.
   Owner& live() const {
-    if (owner_ == nullptr) fail_logic("step: this step object is empty (moved from, or already completed)");
+    if (owner_ == nullptr) fail_detached();
     owner_->expect_current(*this);
     return *owner_;
   }
 
  private:
   friend Owner;
+  enum class state : std::uint8_t { empty, live, stale, orphaned };
+  [[noreturn]] void fail_detached() const {
+    if (state_ == state::orphaned)
+      fail_logic("step: step ", index_, " outlived its accelerator (destroyed while the step was live); a step must not outlive the accelerator that planned it");
+    if (state_ == state::stale) fail_logic("step: step ", index_, " is stale (reset() was called since it was planned)");
+    fail_logic("step: this step object is empty (moved from, or already completed)");
+  }
   /// What every call taking a step checks first: it is live, it is `owner`'s, it is current.
   void expect_owned_by(const Owner* owner) const {
-    if (owner_ == nullptr) fail_logic("step: this step object is empty (moved from, or already completed)");
+    if (owner_ == nullptr) fail_detached();
     if (owner_ != owner) fail_logic("step: step ", index_, " belongs to another accelerator");
     owner_->expect_current(*this);
   }
   void abandon() noexcept {
-    if (owner_ != nullptr) owner_->abandon_step(generation_);
+    if (owner_ != nullptr) {
+      owner_->live_step_ = nullptr;
+      owner_->abandon_step(generation_);
+    }
     owner_ = nullptr;
+    state_ = state::empty;
+  }
+  /// The accelerator lets go of its live step: consumed (empty), reset() (stale), destroyed (orphaned).
+  /// Noexcept and no call back into the accelerator.
+  static void detach(planned_step*& live, state why) noexcept {
+    if (live == nullptr) return;
+    live->owner_ = nullptr;
+    live->state_ = why;
+    live = nullptr;
   }
   Owner* owner_ = nullptr;
   std::uint64_t generation_ = 0;
   index_t index_ = 0;
   float t_ = 0.f;
   bool dense_ = true;
+  state state_ = state::empty;
 };
+
+// --- the protocol checks both accelerators make, with the same messages --------------------------------
+// (host values; device views by address only). One helper per refusal, so the backends cannot drift apart.
+
+/// Attention received (speculative records, a step's attention): finite and >= 0, a sum of probabilities.
+inline void expect_attention_values(std::string_view name, std::span<const float> values) {
+  for (std::size_t i = 0; i < values.size(); ++i) {
+    if (!std::isfinite(values[i])) fail(name, "[", i, "] is not finite (", values[i], ")");
+    if (values[i] < 0.f) fail(name, "[", i, "] is negative (", values[i], "): attention received is a sum of probabilities, >= 0");
+  }
+}
+/// begin_speculation: no more speculative timesteps than the schedule's speculative steps (the records are sized
+/// for them).
+inline void expect_speculative_count(std::size_t given, index_t schedule_steps) {
+  if (given > static_cast<std::size_t>(schedule_steps))
+    fail("timesteps: ", given, " speculative steps, more than the schedule's ", schedule_steps,
+         " (step_schedule.speculative; the records are sized for ", schedule_steps, ")");
+}
+/// begin_speculation / record_speculation: only before main step 0.
+inline void expect_before_main_pass(const char* what, index_t next_step, bool planned) {
+  if (planned || next_step != 0)
+    fail_logic(what, ": the main pass has started (next step ", next_step,
+               "); the speculative pass comes before main step 0 (reset() starts a new image)");
+}
+/// plan_step(0, t): a begun speculative pass starts at the main pass's first timestep, in the same unit (a pass
+/// in another unit, e.g. 1000 .. 500 against t in [0, 1], would answer every step with its last record).
+inline void expect_speculation_matches(std::span<const float> speculative, float t0) {
+  if (speculative.empty()) return;
+  const float s0 = speculative[0];
+  const float tolerance = 1e-3f * std::max(std::fabs(t0), std::fabs(s0));
+  if (!(std::fabs(s0 - t0) <= tolerance))
+    fail("t: main step 0 has t = ", t0, ", the speculative pass starts at t = ", s0,
+         "; both passes start at the same timestep, in the same unit (aligned_speculative_timesteps takes them from the main grid)");
+}
+/// Construction: a configuration that can never run a partial step is refused.
+inline void expect_runnable(bool reads_future, index_t speculative_steps, bool predictor_ready, bool has_partial_steps) {
+  if (reads_future && speculative_steps == 0 && !predictor_ready && has_partial_steps)
+    fail("step_schedule.speculative: 0 speculative steps, but the scorer reads signal::future from a predictor that needs a "
+         "recorded pass, so every partial step would be refused; set speculative >= 1, or use no_speculation or a scorer "
+         "without signal::future");
+}
 
 }  // namespace detail
 
@@ -171,6 +246,7 @@ class accelerator {
         : detail::planned_step<accelerator>(owner, generation, index, t, dense) {}
   };
   friend class detail::planned_step<accelerator>;  // checks its steps against this accelerator
+  using step_base = detail::planned_step<accelerator>;
 
   accelerator(accelerator_config config, Scorer scorer, Predictor predictor, Classifier classifier, Schedule schedule, Approx approx = {})
       : config_((config.validate(), config)),
@@ -195,21 +271,31 @@ class accelerator {
     predictor_.prepare(config_.rows());
     classifier_.prepare(config_.tokens);
     partial_count_ = classifier_count();
+    detail::expect_runnable(has(Scorer::needs, signal::future), schedule_.speculative_steps(), predictor_.ready(), has_partial_steps());
   }
 
-  // Steps point back at their accelerator, so it stays where it was built.
+  // Steps point back at their accelerator, so it stays where it was built (neither copyable nor movable).
   accelerator(const accelerator&) = delete;
   accelerator& operator=(const accelerator&) = delete;
+  /// A live step is detached: its later calls throw, its destructor does nothing.
+  ~accelerator() { step_base::detach(live_step_, step_base::state::orphaned); }
 
   // --- speculative pass -------------------------------------------------------------------------
   /// Starts the speculative pass of a new image, before main step 0 (see aligned_speculative_timesteps).
+  /// At most the schedule's speculative_steps() timesteps; the first must be the main pass's first (checked at
+  /// plan_step(0, t)).
   void begin_speculation(std::span<const float> timesteps) {
-    if (planned_ || next_step_ != 0)
-      detail::fail_logic("begin_speculation: the main pass has started (next step ", next_step_, "); reset() first");
+    detail::expect_before_main_pass("begin_speculation", next_step_, planned_);
+    detail::expect_speculative_count(timesteps.size(), schedule_.speculative_steps());
     predictor_.begin(timesteps);
   }
-  /// `attention`: batch * tokens values, the attention each image token received summed over layers.
-  void record_speculation(index_t step_index, std::span<const float> attention) { predictor_.record(step_index, attention); }
+  /// `attention`: batch * tokens values >= 0, the attention each image token received summed over layers.
+  /// Before main step 0 only.
+  void record_speculation(index_t step_index, std::span<const float> attention) {
+    detail::expect_before_main_pass("record_speculation", next_step_, planned_);
+    detail::expect_attention_values("attention", attention);
+    predictor_.record(step_index, attention);
+  }
 
   // --- main pass --------------------------------------------------------------------------------
   /// Plans main step `step_index` at timestep t: steps run 0, 1, ... in order with strictly falling
@@ -223,16 +309,28 @@ class accelerator {
     if (!std::isfinite(t)) detail::fail("t: timestep is not finite (", t, ")");
     if (next_step_ > 0 && !(t < last_t_))
       detail::fail("t: timesteps must fall from step to step; step ", next_step_ - 1, " had t = ", last_t_, ", step ", step_index, " has t = ", t);
+    if (next_step_ == 0) {
+      if constexpr (requires { predictor_.timesteps(); }) detail::expect_speculation_matches(predictor_.timesteps(), t);
+    }
     const bool dense = next_step_ == 0 || dense_at(step_index);
     if (dense) {
       for (auto& p : plans_) p.set_all(level::compute);
     } else {
+      expect_signals_ready(t);  // every refusal classify_all can make about the signals, before adapt() mutates
       index_t count = partial_count_;
       if constexpr (feedback_classifier<Classifier>) {  // this step's C1 count, from the verification
         classifier_.adapt(feedback_);                   // a function of the feedback: a retry picks the same
-        count = classifier_count();
+        try {
+          count = classifier_count();
+          classify_all(t, count);
+        } catch (...) {
+          classifier_.adapt(adapted_);  // validate-then-mutate: the classifier as it was (adapt is a function of its input)
+          throw;
+        }
+        adapted_ = feedback_;
+      } else {
+        classify_all(t, count);  // validates first, writes only scratch and plans (visible through a step alone)
       }
-      classify_all(t, count);  // validates first, writes only scratch and plans (visible through a step alone)
       partial_count_ = count;
     }
     compute_count_ = dense ? config_.tokens : partial_count_;
@@ -257,6 +355,9 @@ class accelerator {
     detail::expect_matrix("computed", computed, detail::checked_product<index_t>("batch * compute_count", config_.batch, compute_count_), config_.feature_dim);
     detail::expect_matrix("output", output, config_.rows(), config_.feature_dim);
     expect_attention(attention);
+    detail::expect_disjoint("computed", detail::extent_of(computed), "output", detail::extent_of(output));
+    detail::expect_disjoint("computed", detail::extent_of(computed), "attention", detail::extent_of(attention));
+    detail::expect_disjoint("output", detail::extent_of(output), "attention", detail::extent_of(attention));
     for (index_t r = 0; r < computed.rows; ++r) detail::expect_finite_row("computed", computed, r);
     fill(s, 0, 0, output);  // reads the store only; may throw (an approximator refusing its tags)
     for (index_t r = 0; r < computed.rows; ++r) {
@@ -273,6 +374,7 @@ class accelerator {
     expect_sites_done("complete_step", /*first_slot_pending=*/true);
     detail::expect_matrix("output", output, config_.rows(), config_.feature_dim);
     expect_attention(attention);
+    detail::expect_disjoint("output", detail::extent_of(output), "attention", detail::extent_of(attention));
     const matrix_view<const float> all(output);
     for (index_t r = 0; r < config_.batch * compute_count_; ++r) detail::expect_finite_row("output", all, global_row(r));
     fill(s, 0, 0, output);
@@ -379,6 +481,7 @@ class accelerator {
     next_step_ = 0;
     last_t_ = std::numeric_limits<float>::infinity();
     ++generation_;
+    step_base::detach(live_step_, step_base::state::stale);
   }
 
   /// Self-calibration of a learned approximator: while `fit` is set, every partial step adds its C1 rows and
@@ -457,15 +560,23 @@ class accelerator {
     return n;
   }
 
-  void classify_all(float t, index_t count) {
+  bool has_partial_steps() const {
+    for (index_t k = 1; k < config_.steps; ++k)
+      if (!schedule_.is_dense(k, config_.steps)) return true;
+    return false;
+  }
+  // The signals a partial step scores with are there: checked before anything (the classifier's adapt()) changes.
+  void expect_signals_ready(float t) const {
     if constexpr (has(Scorer::needs, signal::future)) {
       if (!predictor_.ready()) detail::fail_logic("plan_step: the scorer reads the speculative future and the speculative pass is not complete");
-      const auto future = predictor_.future(t);
-      detail::expect_size("future", future.size(), static_cast<std::size_t>(config_.rows()));
-      merge(future, fut_);
+      detail::expect_size("future", predictor_.future(t).size(), static_cast<std::size_t>(config_.rows()));
     }
     if constexpr (has(Scorer::needs, signal::metric))
       if (!has_metric_) detail::fail_logic("plan_step: the scorer reads signal::metric and set_metric was not called");
+  }
+  void classify_all(float t, index_t count) {
+    expect_signals_ready(t);
+    if constexpr (has(Scorer::needs, signal::future)) merge(predictor_.future(t), fut_);
     if constexpr (has(Scorer::needs, signal::feature_change)) {  // the first slot's rows
       store_.change_norm(0, 0, change_all_);
       merge(change_all_, change_);
@@ -487,7 +598,7 @@ class accelerator {
   void expect_attention(std::span<const float> attention) const {
     if (has(Scorer::needs, signal::attention) || !attention.empty()) {
       detail::expect_size("attention", attention.size(), static_cast<std::size_t>(config_.rows()));
-      detail::expect_finite("attention", attention);
+      detail::expect_attention_values("attention", attention);
     }
   }
   void expect_site_open(index_t layer, index_t site) const {
@@ -580,7 +691,7 @@ class accelerator {
     last_t_ = s.t_;
     ++next_step_;
     planned_ = false;
-    s.owner_ = nullptr;
+    step_base::detach(live_step_, step_base::state::empty);
   }
   void abandon_step(std::uint64_t generation) noexcept {
     if (!planned_ || generation != generation_) return;
@@ -607,6 +718,7 @@ class accelerator {
   std::vector<double> step_err2_, step_norm2_;            // [sample] verification sums of the planned step
   std::vector<float> verified_;                           // [sample] of the last completed step
   schedule_feedback feedback_;
+  schedule_feedback adapted_{};                           // what a feedback classifier last adapted to (initially: none)
   history_fit* calibration_ = nullptr;                    // the caller's, while self-calibrating
   index_t partial_count_ = 0, compute_count_ = 0;
   index_t next_step_ = 0;
@@ -614,6 +726,7 @@ class accelerator {
   std::uint64_t generation_ = 0;
   bool planned_ = false, rows_cached_ = false, needs_reset_ = false;
   bool has_his_ = false, has_metric_ = false;
+  step_base* live_step_ = nullptr;  // the one step object that points here (planned_step keeps it current)
 };
 
 }  // namespace specdiff

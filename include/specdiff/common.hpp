@@ -112,6 +112,36 @@ void expect_finite_row(std::string_view name, const matrix_view<const float, Spa
     if (!std::isfinite(src[c])) fail(name, "[", r, "][", c, "] is not finite (", src[c], ")");
 }
 
+/// The bytes a view spans, [begin, end): for overlap checks (addresses only: host or device memory alike).
+struct byte_extent {
+  std::uintptr_t begin = 0, end = 0;
+  bool empty() const { return begin == end; }
+};
+template <class T>
+byte_extent extent_of(const T* data, std::size_t count) {
+  if (data == nullptr || count == 0) return {};
+  const auto b = reinterpret_cast<std::uintptr_t>(data);
+  return {b, b + count * sizeof(T)};
+}
+template <class T, memory_space Space>
+byte_extent extent_of(const matrix_view<T, Space>& m) {
+  if (m.data == nullptr || m.rows <= 0 || m.cols <= 0) return {};
+  const auto last = static_cast<std::size_t>(m.rows - 1) * static_cast<std::size_t>(m.stride) + static_cast<std::size_t>(m.cols);
+  return extent_of(static_cast<const T*>(m.data), last);
+}
+template <class T>
+byte_extent extent_of(std::span<T> s) {
+  return extent_of(static_cast<const T*>(s.data()), s.size());
+}
+
+/// Two views a call takes must not share memory (one is read while the other is written); refused naming both.
+inline void expect_disjoint(std::string_view a, byte_extent ea, std::string_view b, byte_extent eb) {
+  if (ea.empty() || eb.empty()) return;
+  if (ea.begin < eb.end && eb.begin < ea.end)
+    fail(a, " and ", b, " overlap in memory (bytes [", ea.begin, ", ", ea.end, ") and [", eb.begin, ", ", eb.end, ")): ", a,
+         " must not alias ", b, "; pass separate buffers");
+}
+
 inline void expect_index(std::string_view name, index_t value, index_t bound) {
   if (value < 0 || value >= bound) fail(name, " = ", value, " is out of range [0, ", bound, ")");
 }

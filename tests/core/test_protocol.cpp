@@ -197,8 +197,13 @@ TEST_CASE("protocol: the speculative pass must be begun, complete, and before th
   e.run(acc, 2);  // dense steps need no future
   // step 2 is partial and the scorer reads the future: the pass is incomplete
   refused<std::logic_error>(acc, [&] { (void)acc.plan_step(2, ts(2)); }, {"speculative pass is not complete"});
-  acc.record_speculation(1, e.attention);
+  // A late record (API 0.3): refused, as the next plan would read it; the pass stays incomplete.
+  refused<std::logic_error>(acc, [&] { acc.record_speculation(1, e.attention); }, {"record_speculation", "main pass has started"});
   refused<std::logic_error>(acc, [&] { acc.begin_speculation(spec); }, {"main pass has started"});
+  refused<std::logic_error>(acc, [&] { (void)acc.plan_step(2, ts(2)); }, {"speculative pass is not complete"});
+  acc.reset();
+  e.speculate(acc);
+  e.run(acc, 2);
   auto s = acc.plan_step(2, ts(2));
   CHECK_FALSE(s.dense());
 }

@@ -345,6 +345,7 @@ class accelerator {
         : specdiff::detail::planned_step<accelerator>(owner, generation, index, t, dense) {}
   };
   friend class specdiff::detail::planned_step<accelerator>;  // checks its steps against this accelerator
+  using step_base = specdiff::detail::planned_step<accelerator>;
 
   /// Device memory an accelerator of this configuration needs (256-byte aligned, as cudaMalloc returns).
   /// Checks everything the constructor checks about the sizes and policies; makes no CUDA call.
@@ -388,6 +389,8 @@ class accelerator {
   // Steps point back at their accelerator, so it stays where it was built.
   accelerator(const accelerator&) = delete;
   accelerator& operator=(const accelerator&) = delete;
+  /// A live step is detached: its later calls throw, its destructor does nothing (no CUDA call).
+  ~accelerator() { step_base::detach(live_step_, step_base::state::orphaned); }
 
   /// The stream every call enqueues on; the engine's forward between plan_step and complete_step must be
   /// ordered with it (run on it, or wait on an event recorded on it).
@@ -401,13 +404,19 @@ class accelerator {
 
   // --- speculative pass -------------------------------------------------------------------------
   /// Starts the speculative pass of a new image, before main step 0 (see aligned_speculative_timesteps).
+  /// At most the schedule's speculative_steps() timesteps; the first must be the main pass's first (checked at
+  /// plan_step(0, t)). The host accelerator's checks and messages (specdiff::detail).
   void begin_speculation(std::span<const float> timesteps) {
-    if (planned_ || next_step_ != 0)
-      specdiff::detail::fail_logic("begin_speculation: the main pass has started (next step ", next_step_, "); reset() first");
+    specdiff::detail::expect_before_main_pass("begin_speculation", next_step_, planned_);
+    specdiff::detail::expect_speculative_count(timesteps.size(), schedule_.speculative_steps());
     predictor_.begin(timesteps);
   }
   /// `attention`: batch * tokens device values, the attention each image token received summed over layers.
-  void record_speculation(index_t step_index, device_span<const float> attention) { predictor_.record(step_index, attention, stream_); }
+  /// Before main step 0 only.
+  void record_speculation(index_t step_index, device_span<const float> attention) {
+    specdiff::detail::expect_before_main_pass("record_speculation", next_step_, planned_);
+    predictor_.record(step_index, attention, stream_);
+  }
 
   // --- main pass --------------------------------------------------------------------------------
   /// Plans main step `step_index` at timestep t: steps run 0, 1, ... in order with strictly falling
@@ -422,6 +431,9 @@ class accelerator {
     if (!std::isfinite(t)) detail::fail("t: timestep is not finite (", t, ")");
     if (next_step_ > 0 && !(t < last_t_))
       detail::fail("t: timesteps must fall from step to step; step ", next_step_ - 1, " had t = ", last_t_, ", step ", step_index, " has t = ", t);
+    if (next_step_ == 0) {
+      if constexpr (requires { predictor_.timesteps(); }) specdiff::detail::expect_speculation_matches(predictor_.timesteps(), t);
+    }
     const bool dense = next_step_ == 0 || schedule_.is_dense(step_index, config_.steps);
     if (dense) {
       fill_plan(plans_, level::compute, stream_);
@@ -452,6 +464,10 @@ class accelerator {
                           specdiff::detail::checked_product<index_t>("batch * compute_count", config_.batch, compute_count_), config_.feature_dim);
     detail::expect_matrix("output", output, config_.rows(), config_.feature_dim);
     expect_attention(attention);
+    const auto attention_extent = specdiff::detail::extent_of(attention.data, static_cast<std::size_t>(attention.size));
+    specdiff::detail::expect_disjoint("computed", specdiff::detail::extent_of(computed), "output", specdiff::detail::extent_of(output));
+    specdiff::detail::expect_disjoint("computed", specdiff::detail::extent_of(computed), "attention", attention_extent);
+    specdiff::detail::expect_disjoint("output", specdiff::detail::extent_of(output), "attention", attention_extent);
     // Checked: from here on, only enqueues.
     fill_validated(s, 0, 0, output);
     scatter_rows(computed, compute_list(), output, stream_, plans_.status);
@@ -465,6 +481,8 @@ class accelerator {
     expect_sites_done("complete_step", /*first_slot_pending=*/true);
     detail::expect_matrix("output", output, config_.rows(), config_.feature_dim);
     expect_attention(attention);
+    specdiff::detail::expect_disjoint("output", specdiff::detail::extent_of(output), "attention",
+                                      specdiff::detail::extent_of(attention.data, static_cast<std::size_t>(attention.size)));
     fill_validated(s, 0, 0, output);
     cache_in_place_validated(s, 0, 0, device_matrix<const Row>(output));
     finish(s, attention);
@@ -551,6 +569,7 @@ class accelerator {
     next_step_ = 0;
     last_t_ = std::numeric_limits<float>::infinity();
     ++generation_;
+    step_base::detach(live_step_, step_base::state::stale);
   }
 
   // --- observers ----------------------------------------------------------------------------------
@@ -606,6 +625,12 @@ class accelerator {
     if (c1 < 0 || c1 > config.tokens)
       detail::fail("classifier: compute_count() = ", c1, " is out of range [0, ", config.tokens, "]");
     if (speculative_capacity(config, schedule) < 0) detail::fail("speculative_steps: must be >= 0, got ", speculative_capacity(config, schedule));
+    const Schedule run = specdiff::detail::schedule_for_run(schedule, config.steps);
+    bool partial = false;
+    for (index_t k = 1; k < config.steps && !partial; ++k) partial = !run.is_dense(k, config.steps);
+    bool needs_records = true;  // a predictor that is ready before any pass (no_speculation) needs none
+    if constexpr (std::is_default_constructible_v<Predictor>) needs_records = !Predictor{}.ready();
+    specdiff::detail::expect_runnable(has(Scorer::needs, signal::future), run.speculative_steps(), !needs_records, partial);
   }
 
   static offsets layout(const accelerator_config& c, const Classifier& classifier, const Schedule& schedule) {
@@ -747,7 +772,8 @@ class accelerator {
     last_t_ = s.t_;
     ++next_step_;
     planned_ = false;
-    s.owner_ = nullptr;
+    (void)s;  // the live step (checked by the caller): detached, empty
+    step_base::detach(live_step_, step_base::state::empty);
   }
   void abandon_step(std::uint64_t generation) noexcept {
     if (!planned_ || generation != generation_) return;
@@ -778,6 +804,7 @@ class accelerator {
   std::uint64_t generation_ = 0;
   bool planned_ = false, rows_cached_ = false, needs_reset_ = false;
   bool has_his_ = false, has_metric_ = false;
+  step_base* live_step_ = nullptr;  // the one step object that points here (planned_step keeps it current)
 };
 
 }  // namespace specdiff::gpu
