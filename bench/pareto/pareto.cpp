@@ -11,13 +11,17 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <thread>
 
 #include "demo/support.hpp"
 #include "demo/timing.hpp"
+#include "quality/cli.hpp"
+#include "quality/options.hpp"
+#include "sd3/errors.hpp"
+#include "sd3/files.hpp"
+#include "sd3/transformer.hpp"
 
 namespace {
 
@@ -135,24 +139,40 @@ int main(int argc, char** argv) {
   CLI::App app{"Speed/quality sweep of SpecDiff and its peers on the default model"};
   int samples = 64, steps = 28, threads = sd3::usable_cores(), repeats = 3;
   float cfg = 0.f;  // unset: the model's sampling.json (else 4)
-  std::uint64_t seed = 0;
+  std::string seed_text = "0";
   std::string out_dir = "pareto-out", model_dir = demo::default_model_dir().string(), only;
   bool quick = false;
-  app.add_option("--samples", samples)->capture_default_str()->check(CLI::Range(1, 4096));
-  app.add_option("--steps", steps)->capture_default_str()->check(CLI::Range(1, 1000));
-  auto* cfg_option = app.add_option("--cfg", cfg, "classifier-free guidance scale (default: the model's sampling.json, else 4)");
-  app.add_option("--seed", seed)->capture_default_str();
-  app.add_option("--threads", threads)->capture_default_str()->check(CLI::Range(1, 1024));
+  // The options and outputs follow the rules every tool shares (quality/cli.hpp).
+  threads = std::min(threads, sd3::max_threads);
+  quality::cli::add_samples(app, samples);
+  quality::cli::add_steps(app, steps);
+  auto* cfg_option = quality::cli::add_cfg(app, cfg);
+  quality::cli::add_seed(app, seed_text);
+  quality::cli::add_threads(app, threads);
   app.add_option("--repeats", repeats, "timed pairs with full RFlow per setting, after an untimed warm-up; medians are reported. 0: quality only (each setting "
                  "runs once, untimed: for FD at hundreds of samples; no speedup columns, the plot against the FLOP ratio)")
-      ->capture_default_str()->check(CLI::Range(0, 100));
+      ->capture_default_str()->check(quality::cli::integer_in(0, 100));
   app.add_option("--out", out_dir, "output folder")->capture_default_str();
   app.add_option("--model", model_dir)->capture_default_str();
-  app.add_option("--only", only, "run only this method's settings");
+  app.add_option("--only", only, "run only this method's settings")
+      ->check(quality::cli::checked([](const std::string& m) {
+        return demo::known_method(m) ? std::string() : sd3::message("'", sd3::excerpt(m), "' is not a method; allowed: ", demo::method_list());
+      }, "METHOD"));
   app.add_flag("--quick", quick, "one setting per method (a smoke run)");
-  CLI11_PARSE(app, argc, argv);
+  if (const auto status = quality::cli::parse(app, argc, argv)) return *status;
 
-  try {
+  return quality::cli::run("specdiff-pareto", [&] {
+    const std::uint64_t seed = quality::parse_seed(seed_text);
+    // Every output is checked before the sweep: unwritable paths, two outputs that are one file, an output that
+    // is one of the model's files.
+    const auto dir = std::filesystem::path(out_dir);
+    sd3::prepare_output_folder(dir, "--out");
+    sd3::file_plan plan;
+    plan.output(dir / "results.csv", "--out results.csv");
+    plan.output(dir / "results.json", "--out results.json");
+    plan.output(dir / "pareto.svg", "--out pareto.svg");
+    plan.input(model_dir, "--model");
+    plan.check();
     const auto work = demo::make_workload(model_dir, samples, seed, steps, cfg_option->count() ? std::optional(cfg) : std::nullopt, threads);
     const auto& [model, batch, net, problem] = *work;
     auto specs = sweep(quick);
@@ -165,10 +185,18 @@ int main(int argc, char** argv) {
     if (specs.size() != before)
         std::fprintf(stderr, "the model folder lacks calibrations (%s, learned_forecast_N*.json): %zu learned settings left out (make them "
                    "with specdiff-calibrate)\n", methods::learned_c3_file_name, before - specs.size());
-    for (auto& s : specs) {
-      s.learned_weights = model.learned_weights_for(s);
-      demo::check_method(s);
-    }
+    for (auto& s : specs) s.learned_weights = model.learned_weights_for(s);
+    // Learned weights fitted for another step count (or time grid) cannot run at --steps: those settings are left
+    // out too, each file named once, before any sampling (they used to stop the sweep half-way).
+    std::vector<std::string> mismatches;
+    std::erase_if(specs, [&](const demo::method_spec& s) {
+      const auto why = demo::learned_weights_mismatch(s, problem);
+      if (!why.empty() && std::find(mismatches.begin(), mismatches.end(), why) == mismatches.end()) mismatches.push_back(why);
+      return !why.empty();
+    });
+    for (const auto& why : mismatches) std::fprintf(stderr, "left out: %s\n", why.c_str());
+    if (specs.empty()) throw std::invalid_argument(sd3::message("no setting of the sweep", only.empty() ? "" : " for --only " + only, " can run"));
+    for (const auto& s : specs) demo::check_method(s, problem);
 
     const demo::method_spec full_spec{.name = "full"};
     // Untimed: the process's warm-up for full RFlow and the images every setting's quality is measured against.
@@ -216,15 +244,16 @@ int main(int argc, char** argv) {
     const double full_median = demo::median(full_times);
     const auto full_spread = demo::spread_of(full_times);
 
-    std::filesystem::create_directories(out_dir);
-    const auto dir = std::filesystem::path(out_dir);
-    std::ofstream csv(dir / "results.csv");
+    std::ostringstream csv;
     // Every row has every column; full RFlow's row comes first (its speedup range and PSNR are empty: not measured).
     csv << "method,settings,speedup,speedup_min,speedup_max,flops_ratio,psnr_db,ssim,class_acc,fd,seconds_full,seconds_full_min,"
            "seconds_full_max,seconds_method,seconds_method_min,seconds_method_max,overhead_share,speculative_share,dense_steps,verified_error\n";
     csv << "full,\"" << steps << " steps\",1,,,1,,1," << full_acc << "," << optional_text(full_fd) << "," << full_median << "," << full_spread.min
         << "," << full_spread.max << "," << full_median << "," << full_spread.min << "," << full_spread.max << ",0,," << steps << ",\n";
-    const auto number = [](const std::optional<double>& v) { return v ? nlohmann::json(*v) : nlohmann::json(nullptr); };
+    // null / empty: not measured; a measured value that is not finite is written as "inf", "-inf" or "nan", and the PSNR
+    // of images identical to full RFlow's as "inf" (docs/results.md).
+    const auto number = [](const std::optional<double>& v) { return v ? demo::json_number(*v) : nlohmann::json(nullptr); };
+    const auto psnr_text = [](const std::optional<double>& v) { return v ? std::to_string(*v) : std::string("inf"); };
     const auto pair = [](const demo::spread& s) { return nlohmann::json::array({s.min, s.max}); };
     nlohmann::json j = nlohmann::json::array();
     std::printf("| method | settings | speedup (min-max) | FLOP ratio | PSNR dB | SSIM | class acc | FD | overhead |\n|---|---|---|---|---|---|---|---|---|\n");
@@ -236,13 +265,13 @@ int main(int argc, char** argv) {
         return o.str();
       };
       csv << r.spec.name << ",\"" << r.spec.describe() << "\"," << timed(r.speedup) << "," << timed(r.speedup_spread.min) << ","
-          << timed(r.speedup_spread.max) << "," << r.flops_ratio << "," << optional_text(r.quality.psnr_db) << "," << r.quality.ssim << ","
+          << timed(r.speedup_spread.max) << "," << r.flops_ratio << "," << psnr_text(r.quality.psnr_db) << "," << r.quality.ssim << ","
           << r.quality.class_acc << "," << optional_text(r.quality.fd) << "," << timed(r.seconds_full) << "," << timed(r.seconds_full_spread.min)
           << "," << timed(r.seconds_full_spread.max) << "," << timed(r.seconds) << "," << timed(r.seconds_spread.min) << ","
           << timed(r.seconds_spread.max) << "," << timed(r.overhead_share) << "," << optional_text(r.speculative_share) << ","
           << (r.dense_steps ? std::to_string(*r.dense_steps) : "") << "," << optional_text(r.verified_error) << "\n";
       j.push_back({{"method", r.spec.name}, {"settings", r.spec.describe()}, {"speedup", r.speedup}, {"speedup_spread", pair(r.speedup_spread)},
-                   {"flops_ratio", r.flops_ratio}, {"psnr_db", number(r.quality.psnr_db)}, {"ssim", r.quality.ssim},
+                   {"flops_ratio", r.flops_ratio}, {"psnr_db", r.quality.psnr_db ? demo::json_number(*r.quality.psnr_db) : nlohmann::json("inf")}, {"ssim", r.quality.ssim},
                    {"class_acc", r.quality.class_acc}, {"fd", number(r.quality.fd)}, {"seconds_full", r.seconds_full},
                    {"seconds_full_spread", pair(r.seconds_full_spread)}, {"seconds_method", r.seconds},
                    {"seconds_method_spread", pair(r.seconds_spread)}, {"overhead_share", r.overhead_share},
@@ -261,12 +290,11 @@ int main(int argc, char** argv) {
     nlohmann::json all{{"samples", samples}, {"steps", steps}, {"cfg", problem.guidance}, {"seed", seed}, {"threads", threads}, {"repeats", repeats},
                        {"class_acc_full", full_acc}, {"fd_full", number(full_fd)}, {"seconds_full", full_median},
                        {"seconds_full_spread", pair(full_spread)}, {"seconds_full_runs", full_times}, {"results", j}};
-    std::ofstream(dir / "results.json") << all.dump(2) << "\n";
-    std::ofstream(dir / "pareto.svg") << svg(rows, full_acc, repeats > 0);
+    demo::mark_non_finite(all);
+    sd3::write_file(dir / "results.csv", csv.str(), "--out results.csv");
+    sd3::write_file(dir / "results.json", all.dump(2) + "\n", "--out results.json");
+    sd3::write_file(dir / "pareto.svg", svg(rows, full_acc, repeats > 0), "--out pareto.svg");
     std::fprintf(stderr, "wrote %s/{results.csv,results.json,pareto.svg}\n", out_dir.c_str());
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "specdiff-pareto: %s\n", e.what());
-    return 1;
-  }
-  return 0;
+    return 0;
+  });
 }

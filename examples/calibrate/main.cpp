@@ -48,7 +48,14 @@ int main(int argc, char** argv) {
     const bool forecast = method == "forecast";
     const auto out_path = !out.empty() ? std::filesystem::path(out)
                           : std::filesystem::path(model_dir) / (forecast ? methods::learned_forecast_file_name(interval) : methods::learned_c3_file_name);
-    sd3::require_writable_file(out_path, "--out");
+    // Checked before the calibration runs: the output is writable and is none of the model's files but the
+    // learned ones it is meant to replace.
+    sd3::file_plan plan;
+    plan.output(out_path, "--out");
+    if (std::filesystem::is_directory(model_dir))
+      for (const auto& entry : std::filesystem::directory_iterator(model_dir))
+        if (!entry.path().filename().string().starts_with("learned_")) plan.input(entry.path(), "--model");
+    plan.check();
     const std::uint64_t seed = quality::parse_seed(seed_text);
     const auto work = demo::make_workload(model_dir, samples, seed, steps, std::nullopt, threads);
     const auto& problem = work->problem;

@@ -33,10 +33,8 @@ namespace {
 
 // Option bounds (docs/engine.md lists them). Counts are bounded so that their products fit 64 bits; the memory
 // a run needs is then estimated and checked against the machine.
-constexpr int max_steps = 1000;
 constexpr int max_count = 1 << 20;  // --per-class and --batch
 constexpr int max_scale = 64;
-constexpr double max_cfg = 100.0;
 
 struct options {
   std::filesystem::path model_dir = "models/mnist-sd3";
@@ -84,12 +82,14 @@ class progress_report {
 int run(const options& opt) {
   using clock = std::chrono::steady_clock;
   const std::uint64_t seed = quality::parse_seed(opt.seed_text);
-  // Outputs first: a path that cannot be written is reported before minutes of sampling.
-  if (!opt.out.empty()) {
-    if (opt.out.has_parent_path()) sd3::prepare_output_folder(opt.out.parent_path(), "--out folder");
-    sd3::require_writable_file(opt.out, "--out");
-  }
-  if (!opt.raw.empty()) sd3::require_writable_file(opt.raw, "--raw");
+  // Outputs first: a path that cannot be written, --out and --raw naming one file, or an output that is one of the
+  // model's files are reported before minutes of sampling.
+  if (!opt.out.empty() && opt.out.has_parent_path()) sd3::prepare_output_folder(opt.out.parent_path(), "--out folder");
+  sd3::file_plan plan;
+  if (!opt.out.empty()) plan.output(opt.out, "--out");
+  if (!opt.raw.empty()) plan.output(opt.raw, "--raw");
+  plan.input(opt.model_dir, "--model");
+  plan.check();
 
   const auto model = sd3::model::load(opt.model_dir / "transformer");
   const auto table = quality::class_embeddings::load(opt.model_dir);
@@ -108,6 +108,13 @@ int run(const options& opt) {
   if (cfg.in_channels != cfg.out_channels)
     throw std::invalid_argument(sd3::message("model '", sd3::path_excerpt(opt.model_dir.string()), "': in_channels ",
                                              cfg.in_channels, " != out_channels ", cfg.out_channels));
+  // The classifier judges the samples: a transformer of another image size is refused now, not after sampling.
+  if (static_cast<std::size_t>(cfg.sample_size) != classifier.input_height() || static_cast<std::size_t>(cfg.sample_size) != classifier.input_width() ||
+      static_cast<std::size_t>(cfg.in_channels) != classifier.input_channels())
+    throw std::invalid_argument(sd3::message("model '", sd3::path_excerpt(opt.model_dir.string()), "': transformer/config.json sample_size ",
+                                             cfg.sample_size, " and in_channels ", cfg.in_channels, " do not match the classifier's input ",
+                                             classifier.input_channels(), "x", classifier.input_height(), "x", classifier.input_width(),
+                                             " (classifier.json)"));
   const int side = cfg.sample_size, channels = cfg.in_channels;
   const std::size_t latent = sd3::saturating_product(channels, side, side);
   const std::int64_t total64 = std::int64_t{opt.classes} * opt.per_class;  // both <= 2^20: no overflow
@@ -191,40 +198,25 @@ int main(int argc, char** argv) {
   options opt;
   CLI::App app{"Full-compute class grid of the default SpecDiff model (C++ SD3 engine), with classifier accuracy"};
   app.add_option("--model", opt.model_dir, "model folder (transformer/, class_embeddings.safetensors, ...)")->capture_default_str();
-  app.add_option("--steps", opt.steps, "sampling steps")->capture_default_str()->check(integer_in(1, max_steps));
-  auto* cfg = app.add_option("--cfg", opt.cfg, "classifier-free guidance scale (<= 1: no guidance; default: the model's sampling.json, else 4)")
-      ->check(checked([](const std::string& t) { return quality::check_real(t, 0.0, max_cfg); }, "REAL in [0, 100]"));
+  quality::cli::add_steps(app, opt.steps);
+  auto* cfg = quality::cli::add_cfg(app, opt.cfg, "classifier-free guidance scale (<= 1: no guidance; default: the model's sampling.json, else 4)");
   auto* shift = app.add_option("--shift", opt.shift, "scheduler shift (default: the model's scheduler_config.json)")
       ->check(checked([](const std::string& t) {
         return quality::check_real(t, 0.0, quality::max_scheduler_shift, quality::interval::open_below);
       }, "REAL in (0, 1000]"));
-  app.add_option("--seed", opt.seed_text, "noise seed, 0 to 2^64-1 (sample k uses Philox stream k)")
-      ->capture_default_str()
-      ->check(checked([](const std::string& t) { return quality::check_seed(t); }, "UINT64"));
+  quality::cli::add_seed(app, opt.seed_text, "noise seed, 0 to 2^64-1 (sample k uses Philox stream k)");
   app.add_option("--per-class", opt.per_class, "samples per class (grid columns)")->capture_default_str()->check(integer_in(1, max_count));
   app.add_option("--classes", opt.classes, "classes 0..N-1 to draw (grid rows)")->capture_default_str()->check(integer_in(1, max_count));
   app.add_option("--batch", opt.batch, "samples per engine call (the model batch is twice this with CFG)")
       ->capture_default_str()
       ->check(integer_in(1, max_count));
-  app.add_option("--threads", opt.threads, "engine threads")->capture_default_str()->check(integer_in(1, sd3::max_threads));
+  quality::cli::add_threads(app, opt.threads, "engine threads");
   app.add_option("--scale", opt.scale, "PNG upscaling factor")->capture_default_str()->check(integer_in(1, max_scale));
   app.add_option("--out", opt.out, "PNG path (empty: no image)")->capture_default_str();
   app.add_option("--raw", opt.raw, "also write the unclamped samples as raw float32 [N, C, H, W]");
   app.add_flag("--quiet", opt.quiet, "no progress lines on stderr");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::Success& e) {  // --help
-    return app.exit(e);
-  } catch (const CLI::ParseError& e) {
-    app.exit(e);
-    return 2;  // a usage error, told apart from a failed run (1)
-  }
+  if (const auto status = quality::cli::parse(app, argc, argv)) return *status;
   opt.shift_given = shift->count() > 0;
   opt.cfg_given = cfg->count() > 0;
-  try {
-    return run(opt);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "specdiff-sample: %s\n", e.what());
-    return 1;
-  }
+  return quality::cli::run("specdiff-sample", [&] { return run(opt); });
 }

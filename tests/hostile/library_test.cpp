@@ -265,12 +265,12 @@ TEST_CASE("outputs: a directory, /dev/full and a missing folder fail naming the 
     expect_error<std::runtime_error>([&] { sd3::require_writable_file(dir / "plain" / "x.json", "--json"); },
                                      {"its parent", "is a regular file"});
     expect_error<std::runtime_error>([] { sd3::require_writable_file("/dev/full", "--json"); }, {"'/dev/full'", "character device"});
-    expect_error<std::runtime_error>([&] { sd3::write_file(dir, text, "--json"); }, {"--json", "cannot open for writing"});
+    expect_error<std::runtime_error>([&] { sd3::write_file(dir, text, "--json"); }, {"--json", "is a directory"});
     expect_error<std::runtime_error>([] { sd3::write_file("/dev/full", std::string("{}"), "--raw"); }, {"--raw '/dev/full'", "character device"});
     expect_error<std::runtime_error>([&] { sd3::prepare_output_folder(dir / "plain", "--out"); }, {"--out", "expected a folder"});
     const std::vector<float> image(16, 0.0f);
-    expect_error<std::runtime_error>([&] { quality::write_png_grid(dir, {image, 1, 1, 4, 4}); }, {"write_png_grid", "cannot open"});
-    expect_error<std::runtime_error>([&] { sd3::save_safetensors(dir, {}); }, {"save_safetensors", "cannot open"});
+    expect_error<std::runtime_error>([&] { quality::write_png_grid(dir, {image, 1, 1, 4, 4}); }, {"write_png_grid", "is a directory"});
+    expect_error<std::runtime_error>([&] { sd3::save_safetensors(dir, {}); }, {"save_safetensors", "is a directory"});
     CHECK_NOTHROW(sd3::write_file(dir / "ok.json", text, "--json"));
     CHECK(hostile::read_text(dir / "ok.json") == "{}");
 }

@@ -7,6 +7,13 @@
 //   fifo_config      transformer/config.json is a FIFO (reading it must not block)
 //   dir_weights      transformer weights are a directory
 //   huge_sample      transformer/config.json: sample_size 16384 (workspaces far beyond any machine)
+// Round 2 (issue 28):
+//   sibling_sampling sampling.json: the guidance scale and 100,000 sibling objects {"k0":{},...} (1.2 MB)
+//   overflow_sample  transformer/config.json: sample_size 65536 (int products overflowed in the demo)
+//   small_sample     transformer/config.json: sample_size 16, the classifier takes 32 x 32
+//   class_number     transformer/config.json: "_class_name": 7
+//   padded_classifier classifier.json: conv1 "padding": 4096
+//   absurd_learned   learned_c3.json: one weight 1e30
 // Usage: hostile_make_models <model folder> <output folder>
 #include <cstdio>
 #include <exception>
@@ -64,6 +71,39 @@ int main(int argc, char** argv) {
         fs::create_directory(dir_weights / weights);
 
         with_config(variant("huge_sample"), "sample_size", "16384");
+
+        with_config(variant("overflow_sample"), "sample_size", "65536");
+        with_config(variant("small_sample"), "sample_size", "16");
+        with_config(variant("class_number"), "_class_name", "7");
+        {
+            const auto dir = variant("sibling_sampling");
+            const std::string sampling = hostile::read_text(model / "sampling.json");
+            std::string text = sampling.substr(0, sampling.rfind('}'));
+            for (int i = 0; i < 100000; ++i) text += ", \"k" + std::to_string(i) + "\": {}";
+            fs::remove(dir / "sampling.json");
+            hostile::write_text(dir / "sampling.json", text + "}\n");
+        }
+        {
+            // The shipped weights; the description pads conv1 by 4096 on each side: 32 x 8224 x 8224 activations
+            // (8.7 GB) per image.
+            const auto dir = variant("padded_classifier");
+            std::string desc = hostile::read_text(model / "classifier.json");
+            const auto at = desc.find("\"padding\": 1");
+            desc.replace(at, 12, "\"padding\": 4096");
+            fs::remove(dir / "classifier.json");
+            hostile::write_text(dir / "classifier.json", desc);
+        }
+        {
+            const auto dir = variant("absurd_learned");
+            std::string learned = hostile::read_text(model / "learned_c3.json");
+            // the first number of the first non-null weight row
+            const auto weights = learned.find("\"weights\"");
+            auto at = learned.find_first_of("-0123456789", learned.find("[", learned.find("[", learned.find("[", weights) + 1) + 1));
+            const auto end = learned.find_first_of(",]", at);
+            learned.replace(at, end - at, "1e30");
+            fs::remove(dir / "learned_c3.json");
+            hostile::write_text(dir / "learned_c3.json", learned);
+        }
 
         // The learned weights: none at all, and a calibration cut in half.
         const auto no_learned = variant("no_learned");

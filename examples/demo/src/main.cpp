@@ -94,24 +94,33 @@ int main(int argc, char** argv) {
   auto* c3o = app.add_option("--c3", c3, "C3 rule of specdiff / specdiff-adaptive (default specdiff) and forecast (default learned): specdiff, latest, taylor, learned "
                              "(the model folder's learned_c3.json / learned_forecast.json)")
       ->check(checked([](const std::string& r) { return demo::c3_rule_error(r); }, "RULE"));
-  app.add_option("--steps", steps, "sampling steps")->capture_default_str()->check(integer_in(1, 1000));
-  auto* cf = app.add_option("--cfg", cfg, "classifier-free guidance scale (default: the model's sampling.json, else 4)")->check(real_in(0.0, 100.0));
-  app.add_option("--samples", samples, "samples (class i % 10)")->capture_default_str()->check(integer_in(1, 4096));
-  app.add_option("--seed", seed_text, "noise seed, 0 to 2^64-1")->capture_default_str()
-      ->check(checked([](const std::string& t) { return quality::check_seed(t); }, "UINT64"));
+  quality::cli::add_steps(app, steps);
+  auto* cf = quality::cli::add_cfg(app, cfg);
+  quality::cli::add_samples(app, samples);
+  quality::cli::add_seed(app, seed_text);
   threads = std::min(threads, sd3::max_threads);
-  app.add_option("--threads", threads, "threads")->capture_default_str()->check(integer_in(1, sd3::max_threads));
+  quality::cli::add_threads(app, threads);
   app.add_option("--repeats", repeats, "timed pairs after an untimed warm-up of each, alternating (full, method; method, full; ...); medians are reported")
       ->capture_default_str()->check(integer_in(1, 100));
   app.add_option("--out", out_dir, "folder for the PNG grids")->capture_default_str();
   app.add_option("--json", json_path, "write the results as one JSON object to this file");
   app.add_option("--model", model_dir, "model folder")->capture_default_str();
   app.add_flag("--no-progress", no_progress, "no progress bar");
-  try {
-    app.parse(argc, argv);
-    // Checks that involve two options, after both are known.
+  // Checks that involve two options, after both are known.
+  const auto cross_checks = [&] {
     if (ss->count() && spec_steps > steps)
       throw CLI::ValidationError("--spec-steps", sd3::message("'", spec_steps, "' is out of range; allowed: 0 to --steps (", steps, ")"));
+    // SpecDiff's default speculative steps must fit --steps too: name the option that sets them.
+    if (const int spec_default = methods::specdiff_options{}.spec_steps;
+        !ss->count() && (spec.name == "specdiff" || spec.name == "specdiff-adaptive") && spec_default > steps)
+      throw CLI::ValidationError("--steps", sd3::message("'", steps, "' is fewer than SpecDiff's speculative steps (--spec-steps, default ",
+                                                         spec_default, "); give --spec-steps 0 to ", steps, " or more --steps"));
+    if (fs->count() && fast_steps > steps)
+      throw CLI::ValidationError("--fast-steps", sd3::message("'", fast_steps, "' is out of range; allowed: 1 to --steps (", steps,
+                                                              "): the fewer-step baseline runs fewer steps than full RFlow"));
+    if (const int fast_default = 10; !fs->count() && spec.name == "steps" && fast_default > steps)
+      throw CLI::ValidationError("--steps", sd3::message("'", steps, "' is fewer than the baseline's steps (--fast-steps, default ",
+                                                         fast_default, "); give --fast-steps 1 to ", steps));
     check_method_options(spec.name, {{"--cache-rate", cr, {"specdiff", "specdiff-adaptive", "ras", "toca"}},
                                      {"--spec-steps", ss, {"specdiff", "specdiff-adaptive"}},
                                      {"--interval", iv, {"specdiff", "specdiff-adaptive", "forecast", "toca", "fora", "taylorseer"}},
@@ -122,12 +131,8 @@ int main(int argc, char** argv) {
                                      {"--fast-steps", fs, {"steps"}},
                                      {"--threshold", th, {"fbcache", "teacache"}},
                                      {"--dense", ds, {"specdiff", "specdiff-adaptive", "ras"}}});
-  } catch (const CLI::Success& e) {  // --help
-    return app.exit(e);
-  } catch (const CLI::ParseError& e) {
-    app.exit(e);
-    return 2;  // a usage error, told apart from a failed run (1)
-  }
+  };
+  if (const auto status = quality::cli::parse(app, argc, argv, cross_checks)) return *status;
   if (cr->count()) spec.cache_rate = cache_rate;
   if (ss->count()) spec.spec_steps = spec_steps;
   if (iv->count()) spec.interval = interval;
@@ -141,17 +146,21 @@ int main(int argc, char** argv) {
 
   try {
     const std::uint64_t seed = quality::parse_seed(seed_text);
-    // Every output is checked before the work: a path that cannot be written fails now, not after sampling.
+    // Every output is checked before the work: a path that cannot be written, two outputs that are one file, or an
+    // output that is one of the model's files fail now, not after sampling.
     const auto full_png = std::filesystem::path(out_dir) / "full.png", method_png = std::filesystem::path(out_dir) / (spec.name + ".png");
     sd3::prepare_output_folder(out_dir, "--out");
-    sd3::require_writable_file(full_png, "--out grid");
-    sd3::require_writable_file(method_png, "--out grid");
-    if (!json_path.empty()) sd3::require_writable_file(json_path, "--json");
+    sd3::file_plan plan;
+    plan.output(full_png, "--out grid");
+    if (method_png != full_png) plan.output(method_png, "--out grid");  // --method full: one grid
+    if (!json_path.empty()) plan.output(json_path, "--json");
+    plan.input(model_dir, "--model");
+    plan.check();
 
     const auto work = demo::make_workload(model_dir, samples, seed, steps, cf->count() ? std::optional(cfg) : std::nullopt, threads);
     const auto& [model, batch, net, problem] = *work;
     spec.learned_weights = model.learned_weights_for(spec);
-    demo::check_method(spec);  // before minutes of sampling
+    demo::check_method(spec, problem);  // before minutes of sampling (learned weights against --steps too)
     const float guidance = problem.guidance;
     const bool bar = !no_progress;
 
@@ -183,7 +192,7 @@ int main(int argc, char** argv) {
       quality::write_png_grid(path, demo::as_image_batch(model, batch, images), g);
     };
     grid(full_png, full.latents);
-    grid(method_png, accelerated.latents);
+    if (method_png != full_png) grid(method_png, accelerated.latents);
 
     // Medians of the timed runs with their (min-max); the speedup's range is that of the per-pair ratios.
     const auto range = [](double lo, double hi, const char* unit) { return sd3::message("(", format_fixed(lo, 2), "-", format_fixed(hi, 2), unit, ")"); };
@@ -213,14 +222,16 @@ int main(int argc, char** argv) {
     std::printf("grids: %s, %s\n", full_png.string().c_str(), method_png.string().c_str());
 
     if (!json_path.empty()) {
-      const auto optional_number = [](const std::optional<double>& v) { return v ? nlohmann::json(*v) : nlohmann::json(nullptr); };
+      // null: not measured; a measured value that is not finite is written as the string "inf", "-inf" or "nan"
+      // (JSON has no such numbers, and null must keep one meaning; docs/results.md).
+      const auto optional_number = [](const std::optional<double>& v) { return v ? demo::json_number(*v) : nlohmann::json(nullptr); };
       nlohmann::json j;
       j["method"] = spec.name;
       j["settings"] = spec.describe();
       j["speedup"] = speedup;
       j["speedup_spread"] = {speedup_spread.min, speedup_spread.max};
       j["flops_ratio"] = flops_ratio;
-      j["psnr_db"] = optional_number(q.psnr_db);
+      j["psnr_db"] = q.psnr_db ? demo::json_number(*q.psnr_db) : nlohmann::json("inf");  // identical images: infinite PSNR
       j["ssim"] = q.ssim;
       j["class_acc"] = q.class_acc;
       j["class_acc_full"] = acc_full;
@@ -243,6 +254,7 @@ int main(int argc, char** argv) {
       j["seed"] = seed;
       j["threads"] = threads;
       j["repeats"] = repeats;
+      demo::mark_non_finite(j);
       const std::string text = j.dump(2) + "\n";
       sd3::write_file(json_path, text, "--json");
       std::printf("json: %s\n", json_path.c_str());

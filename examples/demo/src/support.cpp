@@ -5,6 +5,8 @@
 #include <sstream>
 #include <stdexcept>
 
+#include <nlohmann/json.hpp>
+
 #include "quality/metrics.hpp"
 #include "quality/noise.hpp"
 #include "sd3/errors.hpp"
@@ -47,6 +49,14 @@ conditional_model conditional_model::load(const std::filesystem::path& dir) {
     pooled_dim = f->config.pooled_projection_dim, joint_dim = f->config.joint_attention_dim;
   } else {
     const auto& c = std::get<sd3::model>(m.network).config;
+    // The samples are the classifier's images: a transformer of another size is refused now, by name, before
+    // any size is derived from sample_size (a huge one overflowed int here, issue 28) and before sampling.
+    if (static_cast<std::size_t>(c.sample_size) != m.classifier.input_height() ||
+        static_cast<std::size_t>(c.sample_size) != m.classifier.input_width() ||
+        static_cast<std::size_t>(c.in_channels) != m.classifier.input_channels())
+      fail("transformer/config.json sample_size ", c.sample_size, " and in_channels ", c.in_channels, " do not match the classifier's input ",
+           m.classifier.input_channels(), "x", m.classifier.input_height(), "x", m.classifier.input_width(),
+           " (classifier.json): the samples could not be judged");
     m.image_channels = c.in_channels, m.image_height = m.image_width = c.sample_size;
     in_channels = c.in_channels;
     pooled_dim = c.pooled_projection_dim, joint_dim = c.joint_attention_dim;
@@ -185,6 +195,19 @@ void apply_dense_schedule(Options& o, const std::optional<std::string>& dense) {
     const methods::ras_options d;
     o.warmup_steps = d.warmup_steps, o.reset_steps = d.reset_steps;
   }
+nlohmann::json json_number(double v) {
+  if (std::isfinite(v)) return v;
+  return std::isnan(v) ? "nan" : v > 0 ? "inf" : "-inf";
+}
+
+void mark_non_finite(nlohmann::json& j) {
+  if (j.is_number_float()) {
+    j = json_number(j.get<double>());
+  } else if (j.is_structured()) {
+    for (auto& v : j) mark_non_finite(v);
+  }
+}
+
 }
 
 // The spec's C3 rule (`fallback` when unset), checked against the learned table it needs.
@@ -365,6 +388,35 @@ std::string fd_unavailable_reason(const conditional_model& m, const sample_batch
   if (b.labels.size() < 2) return "it needs at least 2 samples";
   return "";
 }
+std::string learned_weights_mismatch(const method_spec& s, const methods::problem& p) {
+  const specdiff::learned_table* table = nullptr;
+  std::string file;
+  if (s.name == "specdiff" || s.name == "specdiff-adaptive") {
+    if (specdiff_of(s).c3 == methods::c3_rule::learned) table = s.learned_weights, file = methods::learned_c3_file_name;
+  } else if (s.name == "forecast") {
+    const auto o = forecast_of(s);
+    if (o.c3 == methods::c3_rule::learned) table = s.learned_weights, file = methods::learned_forecast_file_name(o.interval);
+  }
+  if (table == nullptr) return "";
+  const auto grid = p.schedule(p.steps).timesteps();
+  const auto calibrate = sd3::message("; make weights for this run with specdiff-calibrate --model DIR --steps ", p.steps,
+                                      s.name == "forecast" ? sd3::message(" --method forecast --interval ", forecast_of(s).interval) : std::string(),
+                                      ", or choose another --c3 rule");
+  if (static_cast<std::size_t>(table->steps()) != grid.size())
+    return sd3::message("--steps ", p.steps, ": --method ", s.name, " reads the model's ", file, ", which holds weights for ", table->steps(),
+                        " steps", calibrate);
+  for (std::size_t i = 0; i < grid.size(); ++i)
+    if (grid[i] != table->timesteps()[i])
+      return sd3::message("--steps ", p.steps, ": --method ", s.name, " reads the model's ", file, ", fitted on another time grid (step ", i,
+                          " at t = ", table->timesteps()[i], ", this run's at t = ", grid[i], ")", calibrate);
+  return "";
+}
+
+void check_method(const method_spec& s, const methods::problem& p) {
+  check_method(s);
+  if (const auto why = learned_weights_mismatch(s, p); !why.empty()) throw std::invalid_argument(why);
+}
+
 
 std::optional<double> image_fd(const conditional_model& m, const sample_batch& b, std::span<const float> latents) {
   if (!fd_unavailable_reason(m, b).empty()) return std::nullopt;

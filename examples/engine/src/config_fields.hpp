@@ -63,8 +63,10 @@ inline nlohmann::json parse_config_object(std::string_view json_text, std::strin
         bad_config(source, e.what());
     }
     if (!j.is_object()) bad_config(source, "top level is not a JSON object");
-    if (auto it = j.find("_class_name"); it != j.end() && it->is_string() && *it != class_name)
-        bad_config(source, "_class_name = ", json_excerpt(*it), ", expected \"", class_name, "\"");
+    // Any _class_name that is not this class, a string or not (a number there is no class at all).
+    if (auto it = j.find("_class_name"); it != j.end() && (!it->is_string() || *it != class_name))
+        bad_config(source, "_class_name = ", json_excerpt(*it), ", expected \"", class_name, "\"",
+                   it->is_string() ? "" : " (a string naming the model class)");
     return j;
 }
 

@@ -10,7 +10,6 @@
 #include <stdexcept>
 
 #include <fcntl.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -130,42 +129,55 @@ std::uint16_t float_to_half(float f) noexcept {
 }
 
 safetensors_file::safetensors_file(const std::filesystem::path& path) : path_(path) {
+    // Read, not mapped: a file truncated while open then gives a short read, reported by read_at, where a
+    // mapping would give SIGBUS (issue 28).
     const auto file = open_regular_file(path, file_role);  // a directory, FIFO or device is refused here
-    const int fd = file.fd;
+    fd_ = file.fd;
     size_ = file.size;
-    if (size_ < 8) {
-        ::close(fd);
-        fail(path_, message("truncated: ", size_, " bytes, shorter than the 8-byte header length"));
-    }
-    void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
-    const int err = errno;
-    ::close(fd);
-    if (p == MAP_FAILED) fail(path_, std::string("cannot map: ") + std::strerror(err));
-    map_ = static_cast<const std::byte*>(p);
     try {
+        if (size_ < 8) fail(path_, message("truncated: ", size_, " bytes, shorter than the 8-byte header length"));
         parse();
     } catch (...) {
-        unmap();
+        close_file();
         throw;
     }
 }
 
-safetensors_file::~safetensors_file() { unmap(); }
+safetensors_file::~safetensors_file() { close_file(); }
 
-void safetensors_file::unmap() noexcept {
-    if (map_) ::munmap(const_cast<std::byte*>(map_), size_);
-    map_ = nullptr;
+void safetensors_file::close_file() noexcept {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+}
+
+void safetensors_file::read_at(std::size_t offset, std::byte* out, std::size_t bytes) const {
+    std::size_t done = 0;
+    while (done < bytes) {
+        const ssize_t got = ::pread(fd_, out + done, bytes - done, static_cast<off_t>(offset + done));
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0) fail(path_, message("cannot read ", bytes, " bytes at offset ", offset, ": ", std::strerror(errno)));
+        if (got == 0)
+            fail(path_, message("truncated while open: it ends before byte ", offset + bytes, " (it had ", size_,
+                                " bytes when opened)"));
+        done += static_cast<std::size_t>(got);
+    }
+}
+
+std::vector<std::byte> safetensors_file::data_bytes(const tensor_info& t) const {
+    std::vector<std::byte> bytes(t.end - t.begin);
+    if (!bytes.empty()) read_at(data_start_ + t.begin, bytes.data(), bytes.size());
+    return bytes;
 }
 
 safetensors_file::safetensors_file(safetensors_file&& o) noexcept
-    : path_(std::move(o.path_)), map_(std::exchange(o.map_, nullptr)), size_(o.size_), data_start_(o.data_start_),
+    : path_(std::move(o.path_)), fd_(std::exchange(o.fd_, -1)), size_(o.size_), data_start_(o.data_start_),
       tensors_(std::move(o.tensors_)), metadata_(std::move(o.metadata_)) {}
 
 safetensors_file& safetensors_file::operator=(safetensors_file&& o) noexcept {
     if (this != &o) {
-        unmap();
+        close_file();
         path_ = std::move(o.path_);
-        map_ = std::exchange(o.map_, nullptr);
+        fd_ = std::exchange(o.fd_, -1);
         size_ = o.size_;
         data_start_ = o.data_start_;
         tensors_ = std::move(o.tensors_);
@@ -176,7 +188,7 @@ safetensors_file& safetensors_file::operator=(safetensors_file&& o) noexcept {
 
 void safetensors_file::parse() {
     std::uint64_t header_len = 0;
-    std::memcpy(&header_len, map_, 8);
+    read_at(0, reinterpret_cast<std::byte*>(&header_len), 8);
     if (header_len > size_ - 8)
         fail(path_, message("header length ", header_len, " runs past the end of the file (", size_, " bytes)"));
     if (header_len > max_safetensors_header_bytes)
@@ -184,13 +196,18 @@ void safetensors_file::parse() {
     data_start_ = 8 + static_cast<std::size_t>(header_len);
     const std::size_t data_size = size_ - data_start_;
 
+    std::string text(static_cast<std::size_t>(header_len), '\0');
+    read_at(8, reinterpret_cast<std::byte*>(text.data()), text.size());
     nlohmann::json header;
     try {
-        header = parse_json({reinterpret_cast<const char*>(map_ + 8), static_cast<std::size_t>(header_len)});
+        header = parse_json(text, safetensors_header_limits);
     } catch (const std::runtime_error& e) {
         fail(path_, message("header is ", e.what()));
     }
     if (!header.is_object()) fail(path_, "header is not a JSON object");
+    if (header.size() > max_safetensors_tensors + 1)  // + __metadata__
+        fail(path_, message("header lists ", header.size(), " entries, more than the limit of ", max_safetensors_tensors, " tensors"));
+    tensors_.reserve(header.size());
 
     for (auto it = header.begin(); it != header.end(); ++it) {
         const std::string& name = it.key();
@@ -271,10 +288,7 @@ const tensor_info& safetensors_file::info(std::string_view name) const {
     return *it;
 }
 
-std::span<const std::byte> safetensors_file::raw(std::string_view name) const {
-    const auto& t = info(name);
-    return {map_ + data_start_ + t.begin, t.end - t.begin};
-}
+std::vector<std::byte> safetensors_file::raw(std::string_view name) const { return data_bytes(info(name)); }
 
 std::vector<float> safetensors_file::read(std::string_view name) const {
     std::vector<float> out(static_cast<std::size_t>(info(name).numel()));
@@ -290,12 +304,16 @@ void safetensors_file::read_into(std::string_view name, std::span<float> out) co
     const auto n = static_cast<std::size_t>(t.numel());
     if (out.size() != n)
         fail(path_, name, message("destination holds ", out.size(), " floats, tensor has ", n));
-    if (n == 0) return;  // empty tensors: nothing to copy (and memcpy must not see a null pointer)
-    const std::byte* src = map_ + data_start_ + t.begin;
+    if (n == 0) return;  // empty tensors: nothing to read
+    if (t.type == dtype::f32) {
+        read_at(data_start_ + t.begin, reinterpret_cast<std::byte*>(out.data()), n * 4);
+        return;
+    }
+    const auto bytes = data_bytes(t);
+    const std::byte* src = bytes.data();
     switch (t.type) {
         case dtype::f32:
-            std::memcpy(out.data(), src, n * 4);
-            break;
+            break;  // read above
         case dtype::f16:
             for (std::size_t i = 0; i < n; ++i) {
                 std::uint16_t h;
@@ -335,7 +353,8 @@ std::vector<double> safetensors_file::read_doubles(std::string_view name) const 
         return {f.begin(), f.end()};
     }
     std::vector<double> out(static_cast<std::size_t>(t.numel()));
-    const std::byte* src = map_ + data_start_ + t.begin;
+    const auto bytes = data_bytes(t);
+    const std::byte* src = bytes.data();
     for (std::size_t i = 0; i < out.size(); ++i) out[i] = load_le<double>(src + 8 * i);
     return out;
 }
@@ -345,7 +364,8 @@ std::vector<std::int64_t> safetensors_file::read_ints(std::string_view name) con
     if (!is_integer(t.type))
         fail(path_, name, message("dtype ", dtype_name(t.type), " is a floating type, asked for integer values"));
     std::vector<std::int64_t> out(static_cast<std::size_t>(t.numel()));
-    const std::byte* src = map_ + data_start_ + t.begin;
+    const auto bytes = data_bytes(t);
+    const std::byte* src = bytes.data();
     for (std::size_t i = 0; i < out.size(); ++i)
         out[i] = t.type == dtype::i64 ? load_le<std::int64_t>(src + 8 * i) : load_le<std::int32_t>(src + 4 * i);
     return out;

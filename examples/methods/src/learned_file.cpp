@@ -40,7 +40,8 @@ std::optional<specdiff::learned_table> load_learned_c3(const std::filesystem::pa
   if (!ws.is_array() || ws.size() != ts.size()) fail("needs \"weights\": one entry per timestep (", ts.size(), "), got ", ws.is_array() ? ws.size() : 0);
   std::vector<float> timesteps, weights(ts.size() * static_cast<std::size_t>(d * d), 0.f);
   for (std::size_t k = 0; k < ts.size(); ++k) {
-    if (!ts[k].is_number()) fail("has timesteps[", k, "] = ", sd3::json_excerpt(ts[k]), ", expected a number");
+    if (!ts[k].is_number() || !std::isfinite(ts[k].get<float>()))
+      fail("has timesteps[", k, "] = ", sd3::json_excerpt(ts[k]), ", expected a finite number");
     timesteps.push_back(ts[k].get<float>());
     if (!ws[k].is_array() || ws[k].size() != static_cast<std::size_t>(d)) fail("needs weights[", k, "]: ", d, " lists (history lengths 1 to ", d, ")");
     for (int n = 1; n <= d; ++n) {
@@ -54,6 +55,11 @@ std::optional<specdiff::learned_table> load_learned_c3(const std::filesystem::pa
       for (int i = 0; i < n; ++i) {
         const auto& w = row[static_cast<std::size_t>(i)];
         if (!w.is_number() || !std::isfinite(w.get<double>())) fail("has weights[", k, "][", n - 1, "][", i, "] = ", sd3::json_excerpt(w), ", expected a finite number");
+        // A fitted weight is a blend of a few history rows (the shipped ones lie within +-2); anything this large
+        // would blow the latents up to inf, found only as "verification inf" after the run.
+        if (std::abs(w.get<double>()) > max_learned_weight)
+          fail("has weights[", k, "][", n - 1, "][", i, "] = ", sd3::json_excerpt(w), ", outside the allowed [-", max_learned_weight, ", ",
+               max_learned_weight, "] (re-run specdiff-calibrate)");
         out[i] = w.get<float>();
       }
     }

@@ -7,6 +7,7 @@
 #include "sd3/errors.hpp"
 #include "sd3/files.hpp"
 #include "sd3/json_input.hpp"
+#include "sd3/resources.hpp"
 #include "sd3/safetensors.hpp"
 
 namespace quality {
@@ -21,6 +22,12 @@ struct activation_shape {
 // Largest value accepted for any size in classifier.json (image sides, channels, classes, kernel, stride,
 // padding): keeps every shape product far from overflow.
 constexpr std::size_t max_description_size = 4096;
+
+// The work of one image through the network, estimated at load and refused above these bounds (issue 28:
+// zero-element tensors with "padding": 4096 asked for gigabytes and minutes per image). The shipped
+// classifier needs about 5 M multiply-adds and 33 K activation values per image.
+constexpr std::size_t max_activation_values = std::size_t{1} << 24;  // one layer's output, per image
+constexpr std::size_t max_image_operations = std::size_t{1} << 30;   // multiply-adds (or visits) per image
 
 std::runtime_error layer_error(const std::filesystem::path& json, std::size_t index, const std::string& what) {
   return std::runtime_error(sd3::message("digit_classifier: '", sd3::path_excerpt(json.string()), "' layer ", index, ": ", what));
@@ -90,7 +97,7 @@ digit_classifier digit_classifier::load(const std::filesystem::path& dir) {
     net.width_ = size_field(desc.at("input"), "width", 1, json_path, "input.");
     net.classes_ = size_field(desc, "classes", 1, json_path, "");
     activation_shape shape{net.channels_, net.height_, net.width_, false};
-    std::size_t index = 0;
+    std::size_t index = 0, operations = 0;
     for (const auto& spec : desc.at("layers")) {
       net.features_ = shape.c * shape.h * shape.w;  // this layer's input: the features if it is the last one
       layer l{};
@@ -118,6 +125,9 @@ digit_classifier digit_classifier::load(const std::filesystem::path& dir) {
             throw layer_error(json_path, index, "conv2d kernel/stride do not fit the input");
           shape = {l.out, (shape.h + 2 * l.padding - l.kernel) / l.stride + 1,
                    (shape.w + 2 * l.padding - l.kernel) / l.stride + 1, false};
+          // Every output value visits in * k * k inputs (padding included), at least once even when in is 0.
+          operations = sd3::saturating_add(operations, sd3::saturating_product(shape.c, shape.h, shape.w,
+                                                                                 std::max<std::size_t>(1, sd3::saturating_product(l.in, l.kernel, l.kernel))));
         } else {
           if (!shape.flat) throw layer_error(json_path, index, "linear before flatten");
           if (wshape.size() != 2) throw layer_error(json_path, index, "linear weight '" + wname + "' must be [out, in]");
@@ -128,6 +138,7 @@ digit_classifier digit_classifier::load(const std::filesystem::path& dir) {
             throw layer_error(json_path, index, "linear expects " + std::to_string(l.in) + " features, gets " +
                                                     std::to_string(shape.c));
           shape.c = l.out;
+          operations = sd3::saturating_add(operations, sd3::saturating_product(l.out, std::max<std::size_t>(1, l.in)));
         }
         if (l.bias.size() != l.out)
           throw layer_error(json_path, index, "bias '" + bname + "' has " + std::to_string(l.bias.size()) +
@@ -142,12 +153,22 @@ digit_classifier digit_classifier::load(const std::filesystem::path& dir) {
         if (l.kernel == 0 || l.stride == 0 || shape.h < l.kernel || shape.w < l.kernel)
           throw layer_error(json_path, index, "maxpool2d kernel/stride do not fit the input");
         shape = {shape.c, (shape.h - l.kernel) / l.stride + 1, (shape.w - l.kernel) / l.stride + 1, false};
+        operations = sd3::saturating_add(operations, sd3::saturating_product(shape.c, shape.h, shape.w, l.kernel, l.kernel));
       } else if (type == "flatten") {
         l.type = layer::kind::flatten;
         shape = {shape.c * shape.h * shape.w, 1, 1, true};
       } else {
         throw layer_error(json_path, index, sd3::message("unknown layer type '", sd3::excerpt(type), "'"));
       }
+      const std::size_t values = sd3::saturating_product(shape.c, shape.h, shape.w);
+      if (values > max_activation_values)
+        throw layer_error(json_path, index, sd3::message("outputs ", shape.c, "x", shape.h, "x", shape.w, " = ",
+                                                         values == sd3::size_overflow ? std::string("more than 2^64") : std::to_string(values),
+                                                         " values per image (padding ", l.padding, " included); the limit is ", max_activation_values));
+      if (operations > max_image_operations)
+        throw layer_error(json_path, index, sd3::message("the network up to here needs ",
+                                                         operations == sd3::size_overflow ? std::string("more than 2^64") : std::to_string(operations),
+                                                         " multiply-adds per image (padding included); the limit is ", max_image_operations));
       net.layers_.push_back(std::move(l));
       ++index;
     }

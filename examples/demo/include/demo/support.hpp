@@ -10,6 +10,8 @@
 #include <variant>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "methods/learned_file.hpp"
 #include "methods/methods.hpp"
 #include "quality/classifier.hpp"
@@ -80,7 +82,13 @@ struct workload {
 };
 std::unique_ptr<workload> make_workload(const std::filesystem::path& model_dir, int samples, std::uint64_t seed, int steps,
                                         std::optional<float> guidance,
-                                        int threads);
+                                        int threads, quality::noise_domain domain = quality::noise_domain::evaluation);
+
+/// A measured number as the results' JSON writes it: itself when finite, else the string "inf", "-inf" or "nan"
+/// (JSON has no such numbers and nlohmann would write null, which the results reserve for "not measured").
+nlohmann::json json_number(double v);
+/// Every non-finite number in `j`, at any depth, replaced as json_number does (before dump()).
+void mark_non_finite(nlohmann::json& j);
 
 /// The methods, as the command line names them (docs/methods.md).
 inline constexpr const char* method_names[] = {"full",       "specdiff", "specdiff-adaptive", "forecast", "ras", "toca", "fora",
@@ -133,6 +141,11 @@ std::string c3_rule_error(const std::string& name);
 struct quality_report {
   std::optional<double> psnr_db;  ///< empty when the images are identical (infinite PSNR)
   double ssim = 1.0;
+/// check_method, and the learned weights the spec reads (if any) against the problem's own time grid: weights
+/// fitted for 28 steps are refused for a run of 10 before any sampling, naming --steps and the file
+/// (std::invalid_argument; learned_weights_mismatch says why without throwing, "" when they fit or none are read).
+void check_method(const method_spec& spec, const methods::problem& p);
+std::string learned_weights_mismatch(const method_spec& spec, const methods::problem& p);
   double class_acc = 0.0;         ///< the classifier's accuracy against the requested labels
   std::optional<double> fd;       ///< image_fd of the run's images
 };

@@ -1,10 +1,12 @@
-// Reader (memory-mapped) and small writer for the .safetensors format:
+// Reader (positioned reads of an open file, never a mapping) and small writer for the .safetensors format:
 //   [u64 little-endian header length N][N bytes of JSON header][data bytes]
 // The header maps tensor names to {"dtype", "shape", "data_offsets": [begin, end]} with offsets relative
 // to the start of the data section. Every offset and shape is checked against the file before any byte
-// is read, so a damaged file raises std::runtime_error naming the file (and the tensor), never a crash. The
-// path must be a regular file (a directory, FIFO or device is reported); the JSON header may nest at most
-// sd3::max_json_depth levels and hold at most max_safetensors_header_bytes.
+// is read, so a damaged file raises std::runtime_error naming the file (and the tensor), never a crash; a file
+// truncated while open is reported when a read comes short (a mapping would raise SIGBUS instead). The path
+// must be a regular file (a directory, FIFO or device is reported); the JSON header may nest at most
+// sd3::max_json_depth levels, hold at most max_safetensors_header_bytes and max_safetensors_header_entries
+// entries, and list at most max_safetensors_tensors tensors, all checked in linear time before it is parsed.
 #pragma once
 
 #include <cstddef>
@@ -16,10 +18,18 @@
 #include <string_view>
 #include <vector>
 
+#include "sd3/json_input.hpp"
+
 namespace sd3 {
 
 // Largest header accepted (the format's reference implementation uses the same bound).
 inline constexpr std::uint64_t max_safetensors_header_bytes = 100'000'000;
+// Most JSON entries in a header (array elements and object members, at every level) and most tensors: a
+// tensor takes 5 to 12 entries; the largest real checkpoints list a few thousand tensors.
+inline constexpr std::size_t max_safetensors_header_entries = 16'000'000;
+inline constexpr std::size_t max_safetensors_tensors = 1'000'000;
+inline constexpr json_limits safetensors_header_limits{static_cast<std::size_t>(max_safetensors_header_bytes), max_json_depth,
+                                                       max_safetensors_header_entries};
 
 // Element types this reader understands; a file holding any other (U8, BOOL, F8, ...) is rejected when opened.
 // The floating types F32 / F16 / BF16 read as float (the model weights); F64 reads as double and I64 / I32 as
@@ -40,7 +50,8 @@ struct tensor_info {
     std::int64_t numel() const noexcept;
 };
 
-// One safetensors file mapped read-only. Movable, not copyable; the mapping lives as long as the object.
+// One safetensors file, open read-only; tensors are read on request. Movable, not copyable; the file stays
+// open as long as the object.
 class safetensors_file {
 public:
     explicit safetensors_file(const std::filesystem::path& path);
@@ -68,15 +79,18 @@ public:
     std::vector<double> read_doubles(std::string_view name) const;
     // An I64 / I32 tensor as int64; floating types throw.
     std::vector<std::int64_t> read_ints(std::string_view name) const;
-    // The raw little-endian bytes of the tensor.
-    std::span<const std::byte> raw(std::string_view name) const;
+    // The raw little-endian bytes of the tensor (a copy).
+    std::vector<std::byte> raw(std::string_view name) const;
 
 private:
     void parse();
-    void unmap() noexcept;
+    void close_file() noexcept;
+    // Exactly `bytes` bytes at `offset` of the file; a short read (the file shrank) throws.
+    void read_at(std::size_t offset, std::byte* out, std::size_t bytes) const;
+    std::vector<std::byte> data_bytes(const tensor_info& t) const;
 
     std::filesystem::path path_;
-    const std::byte* map_ = nullptr;
+    int fd_ = -1;
     std::size_t size_ = 0;
     std::size_t data_start_ = 0;
     std::vector<tensor_info> tensors_;

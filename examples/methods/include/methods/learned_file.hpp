@@ -26,9 +26,12 @@ std::string learned_forecast_file_name(int interval);  ///< "learned_forecast_N<
 /// empty for any other name.
 std::optional<int> learned_forecast_interval(std::string_view file_name);
 
+/// Largest magnitude of a learned weight accepted at load (the shipped files' lie within 2; specdiff-calibrate's ridge
+/// keeps them small): a larger one is refused naming the file and the entry.
+inline constexpr double max_learned_weight = 1000.0;
 /// Reads a learned table; std::nullopt when `path` does not exist. Throws std::runtime_error naming the file
 /// and the field for anything else that is not a valid table (not a regular file, not JSON, wrong format or
-/// version, sizes that disagree, weights that are not finite numbers).
+/// version, sizes that disagree, weights that are not finite numbers or exceed max_learned_weight).
 std::optional<specdiff::learned_table> load_learned_c3(const std::filesystem::path& path);
 /// The table and its provenance (`calibration`, a JSON object's text) as the file's text.
 std::string learned_c3_json(const specdiff::learned_table& table, const std::string& calibration);
