@@ -1,0 +1,632 @@
+"""SpecDiff's methods on diffusers' SD3 transformers, in one line (docs/python.md).
+
+    import specdiff.diffusers as sd
+    sd.enable(pipe, sd.SpecDiffConfig(cache_rate=0.9))   # or sd.ForecastConfig(learned=...), sd.SpecDiffAdaptiveConfig()
+    image = pipe(prompt).images[0]
+    sd.disable(pipe)
+
+What runs where: every decision (scores, token plans, levels, cache stores, C3 approximators, schedules, the free
+verification, learned weights) is the C++ library's (``specdiff._core``, the same headers and compositions as the C++
+demo's methods); PyTorch runs the network. The transformer's forward is replaced through diffusers' ``HookRegistry``
+and its attention through attention processors: a partial step runs the C1 image tokens (and every context token)
+through every block against the keys and values cached for the other image tokens, and the attention each image
+token received is read from the log-sum-exp that torch's SDPA kernel returns (a second, transposed SDPA call over
+the keys; no attention matrix is formed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from . import _core
+
+__all__ = [
+    "SpecDiffConfig",
+    "SpecDiffAdaptiveConfig",
+    "ForecastConfig",
+    "enable",
+    "disable",
+    "calibrate_forecast",
+    "SpecDiffError",
+]
+
+_HOOK_NAME = "specdiff"
+_C3_RULES = ("specdiff", "latest", "taylor", "learned")
+
+
+class SpecDiffError(ValueError):
+    """Bad input to enable()/disable()/calibrate_forecast(): the message names the argument and the value."""
+
+
+# --- configs ------------------------------------------------------------------------------------------------------
+
+
+def _check_range(name: str, value, lo, hi, lo_open=False, hi_open=False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) if hi != math.inf else (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value))
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        lb = "(" if lo_open else "["
+        rb = ")" if hi_open else "]"
+        raise SpecDiffError(f"{name}: {value!r} is out of range; allowed: {lb}{lo}, {hi}{rb}")
+
+
+def _check_int(name: str, value, lo, hi=None):
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
+        raise SpecDiffError(f"{name}: {value!r} is out of range; allowed: integers {lo} to {hi if hi is not None else 'any'}")
+
+
+@dataclass
+class SpecDiffConfig:
+    """SpecDiff at token level (the C++ demo's ``--method specdiff``; defaults are its 28-step settings).
+
+    cache_rate: share of image tokens not computed on a partial step, [0, 1).
+    spec_steps: steps of the speculative pass (every token, the attention recorded); 0 = none (score his·star).
+    reuse_mass: share of the cached tokens' score mass reused (C2) rather than approximated (C3).
+    warmup_steps: dense steps at the start. refresh_interval: a dense step every this many steps (0 = none).
+    dense_steps: further dense steps (those past the run's steps are dropped).
+    starvation_scale: the staleness weight in the score.
+    share_cfg_plan: the two CFG halves share one plan (when the batch is [uncond; cond]).
+    c3: how C3 rows are filled: 'specdiff' (the paper's mix of the last three), 'latest', 'taylor', 'learned'.
+    learned: c3='learned': a learned-weights file (path) or a LearnedTable fitted for this run's timesteps.
+    guidance_scale: the CFG scale the speculative pass samples with; None = the pipeline's (enable(pipe)) or 1.
+    error_budget, max_partial_steps, cache_rate_buckets, bucket_error_step: SpecDiff-adaptive's knobs (see there).
+    """
+
+    cache_rate: float = 0.9
+    spec_steps: int = 2
+    reuse_mass: float = 0.10
+    warmup_steps: int = 2
+    refresh_interval: int = 0
+    dense_steps: Sequence[int] = (14,)
+    starvation_scale: float = 1.0
+    share_cfg_plan: bool = True
+    c3: str = "specdiff"
+    learned: Any = None
+    guidance_scale: Optional[float] = None
+    error_budget: float = math.inf
+    max_partial_steps: int = 0
+    cache_rate_buckets: Sequence[float] = ()
+    bucket_error_step: float = 0.1
+
+    method = "specdiff"
+
+    def validate(self) -> None:
+        _check_range("cache_rate", self.cache_rate, 0.0, 1.0, hi_open=True)
+        _check_int("spec_steps", self.spec_steps, 0, 1000)
+        _check_range("reuse_mass", self.reuse_mass, 0.0, 1.0)
+        _check_int("warmup_steps", self.warmup_steps, 0, 100000)
+        _check_int("refresh_interval", self.refresh_interval, 0, 100000)
+        for i, s in enumerate(self.dense_steps):
+            _check_int(f"dense_steps[{i}]", s, 0, 100000)
+        _check_range("starvation_scale", self.starvation_scale, 0.0, 1e6)
+        if self.c3 not in _C3_RULES:
+            raise SpecDiffError(f"c3: {self.c3!r} is not a C3 rule; allowed: {', '.join(_C3_RULES)}")
+        if self.c3 == "learned" and self.learned is None:
+            raise SpecDiffError("learned: c3='learned' needs learned weights (a file path or a LearnedTable)")
+        if self.guidance_scale is not None:
+            _check_range("guidance_scale", self.guidance_scale, 0.0, 1e4)
+        _check_range("error_budget", self.error_budget, 0.0, math.inf)
+        _check_int("max_partial_steps", self.max_partial_steps, 0, 100000)
+        for i, c in enumerate(self.cache_rate_buckets):
+            _check_range(f"cache_rate_buckets[{i}]", c, 0.0, 1.0, hi_open=True)
+        _check_range("bucket_error_step", self.bucket_error_step, 0.0, 1e6, lo_open=True)
+
+
+@dataclass
+class SpecDiffAdaptiveConfig(SpecDiffConfig):
+    """SpecDiff-adaptive (``--method specdiff-adaptive``): SpecDiff plus a dense step as soon as the error the
+    accelerator verified for free since the last dense step exceeds ``error_budget`` (default 0.05)."""
+
+    error_budget: float = 0.05
+    method = "specdiff-adaptive"
+
+
+@dataclass
+class ForecastConfig:
+    """Output forecasting between full steps (``--method forecast``, L2P's structure): full steps are the warm-up
+    and then every ``interval``-th; on the others the whole network is skipped and every token's output is the C3
+    rule's forecast from its outputs at the last full steps.
+
+    interval: full-step interval (>= 1). warmup_steps: full steps at the start (>= 1).
+    c3: 'learned' (per-step least-squares weights: ``learned`` or calibrate_forecast()), 'taylor' (TaylorSeer's
+    rule, ``order`` 1 or 2, over step indices when variable='step' as diffusers' TaylorSeerCache, or over the
+    timestep), 'latest' (FORA at the output).
+    learned: a learned-weights file (path) or a LearnedTable fitted for this run's timesteps and interval.
+    """
+
+    interval: int = 3
+    warmup_steps: int = 2
+    c3: str = "learned"
+    learned: Any = None
+    order: int = 1
+    variable: str = "step"
+
+    method = "forecast"
+
+    def validate(self) -> None:
+        _check_int("interval", self.interval, 1, 100000)
+        _check_int("warmup_steps", self.warmup_steps, 1, 100000)
+        if self.c3 not in ("learned", "taylor", "latest"):
+            raise SpecDiffError(f"c3: {self.c3!r} is not a forecast rule; allowed: learned, taylor, latest")
+        if self.c3 == "learned" and self.learned is None:
+            raise SpecDiffError("learned: c3='learned' needs learned weights (a file path, a LearnedTable, or calibrate_forecast())")
+        _check_int("order", self.order, 1, 2)
+        if self.variable not in ("step", "timestep"):
+            raise SpecDiffError(f"variable: {self.variable!r}; allowed: step, timestep")
+
+
+def _learned_table(value, name="learned") -> Optional[_core.LearnedTable]:
+    if value is None or isinstance(value, _core.LearnedTable):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        table = _core.load_learned(os.fspath(value))
+        if table is None:
+            raise SpecDiffError(f"{name}: the file {os.fspath(value)!r} does not exist")
+        return table
+    raise SpecDiffError(f"{name}: expected a file path or a specdiff.LearnedTable, got {type(value).__name__}")
+
+
+# --- the model adapter -------------------------------------------------------------------------------------------
+
+
+def _supported(model) -> str:
+    from diffusers import SD3Transformer2DModel
+
+    if isinstance(model, SD3Transformer2DModel):
+        return "sd3"
+    try:
+        from diffusers import FluxTransformer2DModel
+
+        if isinstance(model, FluxTransformer2DModel):
+            raise SpecDiffError("model: FluxTransformer2DModel is not supported by this version of specdiff.diffusers "
+                                "(SD3Transformer2DModel only; docs/python.md)")
+    except ImportError:
+        pass
+    raise SpecDiffError(f"model: {type(model).__name__} is not supported; allowed: SD3Transformer2DModel "
+                        "(SD3, SD3.5, MMDiT-X) or a pipeline holding one as `transformer`")
+
+
+class _Processor:
+    """The joint attention of one block (or MMDiT-X's image-only attn2) over the active image tokens, reading and
+    refreshing the per-layer image K/V cache; identical to diffusers' JointAttnProcessor2_0 when every token is
+    computed. Falls back to the original processor outside a SpecDiff forward."""
+
+    def __init__(self, runner: "_Runner", slot: int, original):
+        self.runner = runner
+        self.slot = slot
+        self.original = original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        r = self.runner
+        if not r.active or attention_mask is not None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        residual = hidden_states
+        batch_size = hidden_states.shape[0]
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        n = query.shape[2]
+        # The image keys/values: this step's rows into the cache; a partial step attends to every cached row.
+        kc, vc = r.kv(self.slot, key, value)
+        if r.ids is None:
+            kc.copy_(key)
+            vc.copy_(value)
+            key_img, value_img = key, value
+        else:
+            index = r.kv_index(head_dim, attn.heads)
+            kc.scatter_(2, index, key)
+            vc.scatter_(2, index, value)
+            key_img, value_img = kc, vc
+        if encoder_hidden_states is not None:
+            eq = attn.add_q_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            ek = attn.add_k_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            ev = attn.add_v_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            if attn.norm_added_q is not None:
+                eq = attn.norm_added_q(eq)
+            if attn.norm_added_k is not None:
+                ek = attn.norm_added_k(ek)
+            query = torch.cat([query, eq], dim=2)
+            key_all = torch.cat([key_img, ek], dim=2)
+            value_all = torch.cat([value_img, ev], dim=2)
+        else:
+            key_all, value_all = key_img, value_img
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key_all, value_all)[:2]
+        if r.probe is not None and self.slot < r.joint_slots:
+            r.add_probe(query[:, :, :n], lse[:, :, :n], key_img, head_dim)
+        hidden_states = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        if encoder_hidden_states is not None:
+            hidden_states, encoder_hidden_states = hidden_states[:, : residual.shape[1]], hidden_states[:, residual.shape[1]:]
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if encoder_hidden_states is not None:
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+class _Runner:
+    """Drives one composed accelerator over an SD3 transformer's calls (one call per denoising step)."""
+
+    def __init__(self, model, config, scheduler=None, pipe=None):
+        self.model = model
+        self.config = config
+        self.scheduler = scheduler
+        self.pipe = pipe
+        self.learned = _learned_table(config.learned)
+        self.active = False
+        self.ids = None
+        self.probe = None
+        self.acc = None
+        self.key = None
+        self.caches = {}
+        self.model_calls = 0
+        self.partial_calls = 0
+        self.last_run = {}
+        blocks = model.transformer_blocks
+        self.joint_slots = len(blocks)
+        self.processors = []
+        for i, b in enumerate(blocks):
+            self.processors.append((b.attn, b.attn.processor))
+        for i, b in enumerate(blocks):
+            if getattr(b, "attn2", None) is not None:
+                self.processors.append((b.attn2, b.attn2.processor))
+
+    # -- processors
+    def install(self):
+        for slot, (attn, original) in enumerate(self.processors):
+            attn.set_processor(_Processor(self, slot, original))
+
+    def uninstall(self):
+        for attn, original in self.processors:
+            attn.set_processor(original)
+
+    # -- K/V cache, probe
+    def kv(self, slot, key, value):
+        b, h, _, d = key.shape
+        shape = (b, h, self.tokens, d)
+        c = self.caches.get(slot)
+        if c is None or c[0].shape != shape or c[0].dtype != key.dtype:
+            c = (torch.empty(shape, dtype=key.dtype), torch.empty(shape, dtype=value.dtype))
+            self.caches[slot] = c
+        return c
+
+    def kv_index(self, head_dim, heads):
+        if self._kv_index is None or self._kv_index.shape[1] != heads or self._kv_index.shape[3] != head_dim:
+            self._kv_index = self.ids[:, None, :, None].expand(-1, heads, -1, head_dim)
+        return self._kv_index
+
+    def add_probe(self, q_img, lse_img, key_img, head_dim):
+        # Column sums of the image queries' attention over the image keys, per head: log sum_i exp(s q_i.k_j - lse_i)
+        # is the log-sum-exp of a transposed attention (keys as queries, the queries with -lse_i / s appended as keys).
+        scale = 1.0 / math.sqrt(head_dim)
+        ones = torch.ones(key_img.shape[:3] + (1,), dtype=key_img.dtype)
+        qt = torch.cat([key_img, ones], dim=-1)
+        kt = torch.cat([q_img, (-lse_img / scale).unsqueeze(-1)], dim=-1)
+        lse_t = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, kt, scale=scale)[1]
+        self.probe += lse_t.exp().mean(dim=1)
+
+    # -- the network
+    def forward_rows(self, x, ctx, pooled, timestep, ids, probe):
+        """Rows [B, n, p*p*C] of the active image tokens (ids [B, n], or None = all)."""
+        m = self.model
+        h = m.pos_embed(x).contiguous()
+        temb = m.time_text_embed(timestep, pooled)
+        enc = m.context_embedder(ctx)
+        if ids is not None:
+            h = torch.gather(h, 1, ids[:, :, None].expand(-1, -1, h.shape[-1]))
+        self.ids, self._kv_index, self.probe = ids, None, probe
+        self.active = True
+        try:
+            for block in m.transformer_blocks:
+                enc, h = block(hidden_states=h, encoder_hidden_states=enc, temb=temb, joint_attention_kwargs=None)
+            h = m.norm_out(h, temb)
+            return m.proj_out(h)
+        finally:
+            self.active, self.ids, self.probe = False, None, None
+
+    def unpatchify(self, rows, height, width):
+        p = self.model.config.patch_size
+        c = self.model.out_channels
+        h, w = height // p, width // p
+        rows = rows.reshape(rows.shape[0], h, w, p, p, c)
+        rows = torch.einsum("nhwpqc->nchpwq", rows)
+        return rows.reshape(rows.shape[0], c, h * p, w * p)
+
+    # -- the schedule of the run
+    def grid(self, t: float):
+        sched = self.scheduler if self.scheduler is not None else getattr(self.pipe, "scheduler", None)
+        if sched is None or getattr(sched, "timesteps", None) is None:
+            raise SpecDiffError("scheduler: enable() on a bare transformer needs scheduler= (the run's FlowMatchEulerDiscreteScheduler, "
+                                "after set_timesteps) to know the run's timesteps")
+        ts = sched.timesteps.detach().to("cpu", torch.float32).numpy()
+        hits = np.nonzero(ts == np.float32(t))[0]
+        if hits.size == 0:
+            raise SpecDiffError(f"timestep: {t} is not on the scheduler's grid ({ts.size} steps); call set_timesteps before sampling")
+        return ts, int(hits[0])
+
+    def guidance(self, batch):
+        g = self.config.guidance_scale if isinstance(self.config, SpecDiffConfig) else None
+        if g is None and self.pipe is not None:
+            g = getattr(self.pipe, "_guidance_scale", None)
+        if g is None:
+            g = 1.0
+        return float(g), batch % 2 == 0 and g > 1.0
+
+    def make_accelerator(self, ts, batch, tokens, features, cfg):
+        c = self.config
+        steps = len(ts)
+        if isinstance(c, ForecastConfig):
+            return _core.forecast_accelerator(tokens, batch, steps, features, c.interval, c.warmup_steps, c.c3, c.order,
+                                              c.variable == "step", self.learned, list(ts))
+        return _core.specdiff_accelerator(tokens, batch, steps, features, bool(c.share_cfg_plan and cfg), c.cache_rate, c.spec_steps,
+                                          c.reuse_mass, c.warmup_steps, c.refresh_interval, list(c.dense_steps), c.starvation_scale,
+                                          c.error_budget, c.max_partial_steps, list(c.cache_rate_buckets), c.bucket_error_step, c.c3,
+                                          self.learned, list(ts))
+
+    def speculate(self, ts, x, ctx, pooled, guidance, cfg):
+        c = self.config
+        spec_t = _core.aligned_speculative_timesteps(list(ts), c.spec_steps, c.warmup_steps, c.refresh_interval, list(c.dense_steps))
+        self.acc.begin_speculation(spec_t)
+        batch = x.shape[0]
+        lat = x[batch // 2:].clone() if cfg else x.clone()
+        for s, t in enumerate(spec_t):
+            inp = torch.cat([lat, lat]) if cfg else lat
+            probe = torch.zeros(batch, self.tokens)
+            timestep = torch.full((batch,), t, dtype=torch.float32)
+            rows = self.forward_rows(inp, ctx, pooled, timestep, None, probe)
+            self.model_calls += 1
+            self.acc.record_speculation(s, probe.reshape(-1))
+            v = self.unpatchify(rows, x.shape[-2], x.shape[-1])
+            if cfg:
+                vu, vc = v.chunk(2)
+                v = vu + guidance * (vc - vu)
+            sigma = np.float32(t) / np.float32(1000.0)
+            sigma_next = np.float32(spec_t[s + 1]) / np.float32(1000.0) if s + 1 < len(spec_t) else np.float32(0.0)
+            lat = lat + float(np.float32(sigma_next - sigma)) * v
+
+    def __call__(self, hidden_states, encoder_hidden_states=None, pooled_projections=None, timestep=None,
+                 block_controlnet_hidden_states=None, joint_attention_kwargs=None, return_dict=True, skip_layers=None):
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        x = hidden_states
+        if x.device.type != "cpu":
+            raise SpecDiffError(f"hidden_states: on {x.device}; this build of specdiff runs on CPU tensors only (docs/python.md, the CUDA build)")
+        if x.dtype != torch.float32:
+            raise SpecDiffError(f"hidden_states: dtype {x.dtype}; specdiff's accelerator caches float32 rows (load the model in float32)")
+        if block_controlnet_hidden_states is not None or skip_layers or (joint_attention_kwargs and len(joint_attention_kwargs)):
+            raise SpecDiffError("transformer call: ControlNet residuals, skip_layers and joint_attention_kwargs are not supported with specdiff")
+        batch, _, height, width = x.shape
+        p = self.model.config.patch_size
+        self.tokens = (height // p) * (width // p)
+        features = p * p * self.model.out_channels
+        t = float(timestep.reshape(-1)[0])
+        ts, k = self.grid(t)
+        guidance, cfg = self.guidance(batch)
+        key = (batch, self.tokens, features, tuple(ts.tolist()), cfg)
+        if k == 0:
+            if self.acc is None or self.key != key:
+                self.acc = self.make_accelerator(ts, batch, self.tokens, features, cfg)
+                self.key = key
+            else:
+                self.acc.reset()
+            self.model_calls = 0
+            self.partial_calls = 0
+            if self.acc.speculates and getattr(self.config, "spec_steps", 0) > 0:
+                self.speculate(ts, x, encoder_hidden_states, pooled_projections, guidance, cfg)
+        elif self.acc is None or self.key != key or self.acc.next_step != k:
+            raise SpecDiffError(f"timestep: step {k} (t = {t}) came before step {self.acc.next_step if self.acc else 0} of this run; "
+                                "specdiff expects the scheduler's steps in order from the first")
+        acc = self.acc
+        count = acc.plan_step(k, t)
+        out = torch.empty(batch * self.tokens, features, dtype=torch.float32)
+        probe = torch.zeros(batch, self.tokens) if acc.reads_attention else None
+        try:
+            if count == 0:
+                acc.complete_step(torch.empty(0, features), out, None)
+            elif count == self.tokens:
+                rows = self.forward_rows(x, encoder_hidden_states, pooled_projections, timestep, None, probe)
+                out = rows.reshape(batch * self.tokens, features).contiguous()
+                acc.complete_step_in_place(out, probe.reshape(-1) if probe is not None else None)
+                self.model_calls += 1
+            else:
+                ids = torch.from_numpy(acc.compute_tokens().astype(np.int64))
+                rows = self.forward_rows(x, encoder_hidden_states, pooled_projections, timestep, ids, probe)
+                acc.complete_step(rows.reshape(batch * count, features).contiguous(), out, probe.reshape(-1) if probe is not None else None)
+                self.model_calls += 1
+                self.partial_calls += 1
+        except BaseException:
+            acc.abandon()
+            self.acc = None
+            raise
+        sample = self.unpatchify(out.reshape(batch, self.tokens, features), height, width)
+        if not return_dict:
+            return (sample,)
+        return Transformer2DModelOutput(sample=sample)
+
+
+def _hook_class():
+    from diffusers.hooks import ModelHook
+
+    class SpecDiffHook(ModelHook):
+        _is_stateful = False
+
+        def __init__(self, runner):
+            super().__init__()
+            self.runner = runner
+
+        def new_forward(self, module, *args, **kwargs):
+            with torch.no_grad():
+                return self.runner(*args, **kwargs)
+
+    return SpecDiffHook
+
+
+# --- enable / disable --------------------------------------------------------------------------------------------
+
+
+def _split(pipe_or_model):
+    import torch.nn as nn
+
+    if isinstance(pipe_or_model, nn.Module):
+        return None, pipe_or_model
+    model = getattr(pipe_or_model, "transformer", None)
+    if model is None:
+        raise SpecDiffError(f"pipe_or_transformer: a {type(pipe_or_model).__name__} has no `transformer`; pass a diffusers "
+                            "pipeline or an SD3Transformer2DModel")
+    return pipe_or_model, model
+
+
+def _other_cache(model) -> Optional[str]:
+    if getattr(model, "is_cache_enabled", False):
+        return "a diffusers cache (enable_cache)"
+    registry = getattr(model, "_diffusers_hook", None)
+    if registry is not None:
+        others = [n for n in registry.hooks if n != _HOOK_NAME]
+        if others:
+            return "hooks " + ", ".join(repr(n) for n in others)
+    for name, sub in model.named_modules():
+        r = getattr(sub, "_diffusers_hook", None)
+        if r is not None and sub is not model and r.hooks:
+            return f"hooks on {name}"
+        if hasattr(sub, "_forward_original") or hasattr(sub, "_cache_context"):  # cache-dit style patching
+            return f"a patched forward on {name or 'the transformer'}"
+    if "cache_dit" in type(model.forward).__module__ if hasattr(type(model.forward), "__module__") else False:
+        return "cache-dit"
+    return None
+
+
+def enable(pipe_or_transformer, config: Union[SpecDiffConfig, ForecastConfig, None] = None, *, scheduler=None):
+    """Enables a SpecDiff method on a diffusers pipeline (its ``transformer``) or on an SD3Transformer2DModel.
+
+    config: SpecDiffConfig (default), SpecDiffAdaptiveConfig or ForecastConfig. scheduler: with a bare transformer,
+    the scheduler whose ``timesteps`` the run uses (a pipeline's own is used otherwise). Raises SpecDiffError naming
+    the argument for an unsupported model, a model already using another cache, a config out of range, or a model
+    not in float32 on the CPU; the pipeline is then unchanged.
+    """
+    from diffusers.hooks import HookRegistry
+
+    config = SpecDiffConfig() if config is None else config
+    if not isinstance(config, (SpecDiffConfig, ForecastConfig)):
+        raise SpecDiffError(f"config: expected SpecDiffConfig, SpecDiffAdaptiveConfig or ForecastConfig, got {type(config).__name__}")
+    config = dataclasses.replace(config)  # a private copy: later edits of the caller's object change nothing
+    config.validate()
+    pipe, model = _split(pipe_or_transformer)
+    _supported(model)
+    registry = getattr(model, "_diffusers_hook", None)
+    if registry is not None and registry.get_hook(_HOOK_NAME) is not None:
+        raise SpecDiffError("pipe_or_transformer: specdiff is already enabled on this model; disable() it first")
+    other = _other_cache(model)
+    if other is not None:
+        raise SpecDiffError(f"pipe_or_transformer: the transformer already uses {other}; disable it first")
+    param = next(model.parameters())
+    if param.device.type != "cpu":
+        raise SpecDiffError(f"transformer: on {param.device}; this build of specdiff runs on CPU only (docs/python.md, the CUDA build)")
+    if param.dtype != torch.float32:
+        raise SpecDiffError(f"transformer: dtype {param.dtype}; specdiff needs float32 weights on the CPU")
+    if scheduler is not None and not hasattr(scheduler, "timesteps"):
+        raise SpecDiffError(f"scheduler: a {type(scheduler).__name__} has no timesteps")
+    if pipe is None and isinstance(config, SpecDiffConfig) and config.guidance_scale is None:
+        raise SpecDiffError("config.guidance_scale: needed when enabling on a bare transformer (SpecDiff's speculative pass samples "
+                            "with the CFG scale of the run, and the CFG halves share a plan); give the scale you sample with, 1 for none")
+    runner = _Runner(model, config, scheduler=scheduler, pipe=pipe)
+    runner.install()
+    try:
+        registry = HookRegistry.check_if_exists_or_initialize(model)
+        registry.register_hook(_hook_class()(runner), _HOOK_NAME)
+    except BaseException:
+        runner.uninstall()
+        raise
+    model._specdiff_runner = runner
+    return runner
+
+
+def disable(pipe_or_transformer) -> None:
+    """Removes specdiff from the pipeline or transformer: its forward and attention processors are the originals again
+    (the weights were never touched)."""
+    _, model = _split(pipe_or_transformer)
+    runner = getattr(model, "_specdiff_runner", None)
+    if runner is None:
+        raise SpecDiffError("pipe_or_transformer: specdiff is not enabled on this model")
+    registry = getattr(model, "_diffusers_hook", None)
+    if registry is not None and registry.get_hook(_HOOK_NAME) is not None:
+        registry.remove_hook(_HOOK_NAME, recurse=False)
+    runner.uninstall()
+    del model._specdiff_runner
+
+
+def stats(pipe_or_transformer) -> dict:
+    """Model calls of the last run (the speculative pass included) and how many were partial."""
+    _, model = _split(pipe_or_transformer)
+    runner = getattr(model, "_specdiff_runner", None)
+    if runner is None:
+        raise SpecDiffError("pipe_or_transformer: specdiff is not enabled on this model")
+    return {"model_calls": runner.model_calls, "partial_calls": runner.partial_calls}
+
+
+def calibrate_forecast(pipe, runs: Sequence[dict], config: ForecastConfig = None, *, ridge: float = 1e-3, min_pairs: int = 16):
+    """Fits the learned forecast's weights from full runs of the user's own pipeline: ``pipe(**kwargs)`` for each
+    kwargs in ``runs`` (same num_inference_steps; use prompts/seeds other than the ones you evaluate on). Returns a
+    LearnedTable for ForecastConfig(learned=...) (save it with specdiff.learned_json)."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    config = ForecastConfig(c3="taylor") if config is None else dataclasses.replace(config)
+    if not isinstance(config, ForecastConfig):
+        raise SpecDiffError(f"config: expected a ForecastConfig, got {type(config).__name__}")
+    if config.c3 == "learned" and config.learned is None:
+        config.c3 = "taylor"
+    config.validate()
+    if not runs:
+        raise SpecDiffError("runs: empty; give at least one dict of pipeline arguments")
+    pipe_, model = _split(pipe)
+    if pipe_ is None:
+        raise SpecDiffError("pipe: calibrate_forecast needs a pipeline (it runs it)")
+    _supported(model)
+    state = {"fit": None, "grid": None}
+
+    class Observe(ModelHook):
+        def new_forward(self, module, *args, **kwargs):
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            sample = out[0] if isinstance(out, tuple) else out.sample
+            ts = pipe_.scheduler.timesteps.detach().to("cpu", torch.float32).numpy()
+            t = np.float32(float(kwargs.get("timestep", args[3] if len(args) > 3 else None).reshape(-1)[0]))
+            k = int(np.nonzero(ts == t)[0][0])
+            p = model.config.patch_size
+            b, c, h, w = sample.shape
+            rows = sample.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b * (h // p) * (w // p), p * p * c)
+            rows = rows.detach().to(torch.float32).contiguous()
+            if state["fit"] is None:
+                state["grid"] = list(ts)
+                state["fit"] = _core.ForecastCalibration(state["grid"], rows.shape[0], rows.shape[1], config.interval, config.warmup_steps, 3)
+            elif list(ts) != state["grid"]:
+                raise SpecDiffError("runs: every run must use the same timesteps (num_inference_steps and scheduler)")
+            if k == 0:
+                state["fit"].begin_run()
+            state["fit"].observe(k, rows)
+            return out
+
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    registry.register_hook(Observe(), "specdiff_calibrate")
+    try:
+        for kwargs in runs:
+            pipe_(**kwargs)
+    finally:
+        registry.remove_hook("specdiff_calibrate", recurse=False)
+    return state["fit"].solve(ridge, min_pairs)
