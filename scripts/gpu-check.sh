@@ -14,6 +14,7 @@
 #   memcheck            compute-sanitizer memcheck on the library's gpu suites
 #   racecheck           compute-sanitizer racecheck on the classifier's determinism case
 #   synccheck           compute-sanitizer synccheck on the graph suites
+#   memcheck-fa2        compute-sanitizer memcheck on gpu/engine_fa2 (the new attention kernels, never run before)
 #   build-bench         specdiff_cuda_bench and specdiff-gpu-bench
 #   bench-micro         specdiff_cuda_bench --quick (bench.jsonl, written line by line)
 #   bench-engine        specdiff-gpu-bench, a small first-run configuration (gpu-bench.json, rewritten after each part)
@@ -47,7 +48,7 @@ arch=${SPECDIFF_CUDA_ARCH:-90}
 budget=${SPECDIFF_GPU_CHECK_BUDGET:-480}
 dry=${SPECDIFF_GPU_CHECK_DRY_RUN:-0}
 dry_sleep=${SPECDIFF_GPU_CHECK_DRY_RUN_SLEEP:-0}
-all_steps=preflight,configure,build-library,test-library,build-engine,test-engine,memcheck,racecheck,synccheck,build-bench,bench-micro,bench-engine
+all_steps=preflight,configure,build-library,test-library,build-engine,test-engine,memcheck,racecheck,synccheck,memcheck-fa2,build-bench,bench-micro,bench-engine
 wanted=",${SPECDIFF_GPU_CHECK_STEPS:-$all_steps},"
 # The first device run's benchmark: small shapes (4 blocks, 1024 + 77 tokens), 3 repeats, mnist-sd3 with 4 images
 # and 20 steps. The full SD3-medium table (--shapes sd3-medium --repeats 5) is for a second session.
@@ -407,7 +408,7 @@ gate() {
 
 # Caps (seconds) on a 16-core device machine, release builds without ccache: configure 90, library build 150 (five
 # translation units, CUB-heavy), library suites 120, engine build 150, engine suites 120, memcheck 90, racecheck 40,
-# synccheck 40, bench build 120, microbenchmarks 45, engine benchmark 90. Their sum exceeds the budget on purpose: the
+# synccheck 40, memcheck of the fa2 suite 45, bench build 120, microbenchmarks 45, engine benchmark 90. Their sum exceeds the budget on purpose: the
 # budget cuts the last steps short, never the first.
 gate configure build && step configure 90 "$cmake_bin" "${configure_args[@]}"
 gate build-library build configured && step build-library 150 "$cmake_bin" --build "$build" --target specdiff_cuda_tests -j "$jobs"
@@ -425,6 +426,8 @@ gate racecheck gpu sanitizer built:"$lib_tests" &&
     --test-case="classification is deterministic and reuses its workspace"
 gate synccheck gpu sanitizer built:"$lib_tests" &&
   step synccheck 40 "${sanitizer:-compute-sanitizer}" --tool synccheck --error-exitcode 99 --print-limit 20 "$lib_tests" --gpu --test-suite=graph,accelerator_graph
+gate memcheck-fa2 gpu sanitizer engine built:"$engine_tests" &&
+  step memcheck-fa2 45 "${sanitizer:-compute-sanitizer}" --tool memcheck --error-exitcode 99 --print-limit 20 "$engine_tests" --gpu --test-suite=engine_fa2
 bench_targets=(specdiff_cuda_bench)
 [[ -f $build/engine-built ]] && bench_targets+=(specdiff-gpu-bench)
 gate build-bench build configured && step build-bench 120 "$cmake_bin" --build "$build" --target "${bench_targets[@]}" -j "$jobs"

@@ -18,7 +18,7 @@ summary=$tmp/a/summary.md
 grep -q "| commit | dry-run-test (SPECDIFF_COMMIT) |" "$summary" || fail "the commit passed in is not in the summary" a
 grep -q "| state | finished |" "$summary" || fail "the summary does not say finished" a
 grep -q "^| preflight | ok" "$summary" || fail "preflight did not run" a
-for s in configure build-library test-library build-engine test-engine memcheck racecheck synccheck build-bench bench-micro bench-engine; do
+for s in configure build-library test-library build-engine test-engine memcheck racecheck synccheck memcheck-fa2 build-bench bench-micro bench-engine; do
   grep -q "^| $s | SKIPPED: dry run" "$summary" || fail "step $s is not reported skipped with its reason" a
 done
 [[ -e $tmp/a-build/CMakeCache.txt ]] && fail "a dry run configured something" a

@@ -128,6 +128,7 @@ namespace tc {
 constexpr int head_dim = 64, warps = 4, rows = 16, queries = warps * rows, keys = 32;
 }  // namespace tc
 
+template <int = 0>
 __global__ void __launch_bounds__(tc::warps * 32) attention_tc_kernel(attention_args<__nv_bfloat16> a) {
     using namespace nvcuda;
     using bf16 = __nv_bfloat16;
@@ -262,7 +263,7 @@ void launch_attention(const attention_args<T>& a, int batch, int head_dim, cudaS
     if constexpr (std::is_same_v<T, __nv_bfloat16>) {
         if (head_dim == tc::head_dim && vector_aligned(a)) {
             const dim3 grid((queries + tc::queries - 1) / tc::queries, a.heads, batch);
-            attention_tc_kernel<<<grid, tc::warps * 32, 0, stream>>>(a);
+            attention_tc_kernel<><<<grid, tc::warps * 32, 0, stream>>>(a);
             return;
         }
     }

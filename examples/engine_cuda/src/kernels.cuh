@@ -1,7 +1,9 @@
 // The element-wise and row-wise stages of the device forward: each the device twin of one helper of the CPU
 // engine (examples/engine/src/transformer_impl.hpp), written with the same formulas in the same order, so that an
 // fp32 forward agrees with the CPU one to rounding. Every kernel reads fp32 GEMM outputs and writes either the
-// fp32 residual stream or the next GEMM's operand in the engine's precision T (float or __nv_bfloat16).
+// fp32 residual stream or the next GEMM's operand in the engine's precision T (float or __nv_bfloat16). Every kernel
+// here is a template (`template <int = 0>` where nothing else varies): two translation units include these headers
+// (transformer.cu, attention_check.cu), and only a template's definitions may repeat across them.
 #pragma once
 
 #include <cstddef>
@@ -85,6 +87,7 @@ __device__ __forceinline__ int token_of(const std::int32_t* tokens, int r, int p
 }
 
 // Sets bit 0 of *status when a sample's list is not strictly ascending within [0, limit).
+template <int = 0>
 __global__ void check_tokens_kernel(const std::int32_t* tokens, int per, int rows, int limit, unsigned* status) {
     for (int r = blockIdx.x * blockDim.x + threadIdx.x; r < rows; r += gridDim.x * blockDim.x) {
         const int t = tokens[r];
@@ -107,6 +110,7 @@ __global__ void gather_patches_kernel(const float* latents, int latent_batch, in
 
 // x = (y + bias) + the position table's row for the token's cell of the crop (the CPU engine: GEMM with bias, then
 // += table row (top + i, left + j)).
+template <int = 0>
 __global__ void patch_position_kernel(const float* y, const float* bias, const float* table, int table_side, int top, int left, int grid_width,
                                       int tokens, const std::int32_t* ids, int n, int rows, int D, float* x) {
     const std::size_t total = static_cast<std::size_t>(rows) * D;
@@ -213,6 +217,7 @@ __global__ void qkv_kernel(const float* y, const float* bias, const float* norm_
 
 // x[r] += gate * (y[r] + bias), the gate of sample r / per at mod + sample * stride + gate_at (the CPU engine's
 // apply_module, with the output projection's bias added first as its GEMM does).
+template <int = 0>
 __global__ void gated_residual_kernel(float* x, const float* y, const float* bias, const float* mod, int stride, int gate_at, int per, int rows,
                                       int D) {
     const std::size_t total = static_cast<std::size_t>(rows) * D;

@@ -20,6 +20,7 @@
 #include <specdiff/cuda/views.cuh>
 
 #include "attention.cuh"
+#include "attention_fa2.cuh"
 #include "cublas_check.hpp"
 #include "device_array.hpp"
 #include "kernels.cuh"
@@ -104,6 +105,7 @@ struct workspace::impl {
         float *time_out, *text_out, *small_f, *mod_img, *mod_ctx, *mod_final, *x_img, *x_ctx, *y_img, *y_ctx, *lse;
         void* lse_ws;
         void* blas_ws;
+        float *fa2_out, *fa2_lse, *fa2_probe;  // split-KV partials and per-head probe sums (bf16, head 64 / 128 only)
         unsigned* status;
     } buf{};
     std::size_t lse_ws_bytes = 0;
@@ -122,6 +124,8 @@ struct transformer::impl {
     precision type;
     device_limits limits;
     int D = 0, heads = 0, hd = 0, F = 0, P = 0, K = 0;
+    int multiprocessors = 1;  // of the current device at construction: the split-KV heuristic's
+    bool fa2 = false;         // bf16 with head size 64 or 128: the FlashAttention-2-class path exists
 
     // weights
     bytes_on_device weights;
@@ -156,6 +160,9 @@ void gemm(cublasHandle_t h, const void* x, int ldx, int rows, const void* w, int
 }
 
 constexpr unsigned threads = 256;
+// Split over keys: at most this many splits, and only when a sample has at most this many queries (a partial step),
+// which bounds the partials' workspace: max_splits x batch x heads x split_query_limit x (head_dim + 1) floats.
+constexpr int max_splits = 4, split_query_limit = 1024;
 constexpr std::size_t blas_workspace_bytes = std::size_t{32} << 20;  // NVIDIA's recommendation for Hopper
 
 }  // namespace
@@ -188,6 +195,7 @@ transformer::impl::impl(const model& m, precision t, const device_limits& l) : c
         fail("sd3::gpu::transformer: limits.max_image_tokens = ", limits.max_image_tokens, " exceeds the position table's ", side, " x ", side,
              " cells");
     m.validate();  // every weight's size against the config (the CPU engine's check)
+    fa2 = type == precision::bf16 && (hd == 64 || hd == 128);
     F = m.blocks.front().ff1.out;
     // Row counts are int in the kernels (elements are indexed in size_t), and the largest workspace buffer's bytes
     // must be a size_t: refused by name before anything is allocated.
@@ -197,6 +205,10 @@ transformer::impl::impl(const model& m, precision t, const device_limits& l) : c
                                                          limits.max_batch, std::max(limits.max_image_tokens, limits.max_context_tokens),
                                                          std::max(3 * D, F), 4);
     upload(m);
+    int device = 0;
+    SPECDIFF_CUDA_CHECK(cudaGetDevice(&device));
+    SPECDIFF_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
+    if (fa2) SPECDIFF_CUDA_CHECK(detail::fa2::prepare(hd));
 }
 
 void transformer::impl::upload(const model& m) {
@@ -293,6 +305,10 @@ workspace::impl::impl(const transformer::impl& net) : owner(&net) {
     specdiff::gpu::lse_column_sums(nullptr, lse_ws_bytes, largest, {}, specdiff::column_mode::overwrite, nullptr);
     add(buf.lse_ws, lse_ws_bytes);
     add(buf.blas_ws, blas_workspace_bytes);
+    const std::size_t split_rows = net.fa2 ? B * static_cast<std::size_t>(heads) * std::min<std::size_t>(N + L, split_query_limit) * max_splits : 0;
+    add(buf.fa2_out, split_rows * static_cast<std::size_t>(hd) * f);
+    add(buf.fa2_lse, split_rows * f);
+    add(buf.fa2_probe, net.fa2 ? B * static_cast<std::size_t>(heads) * N * f : 0);
     bytes = layout.bytes();
     work = bytes_on_device(bytes);
     for (const auto& set : place) set(work.get());
@@ -376,12 +392,12 @@ void transformer::impl::run(const forward_inputs& in, float* velocity, const for
     auto residual = [&](float* x, const float* y, const device_linear& l, const float* mod, int stride, int gate_at, int per, int rows) {
         const std::size_t total = static_cast<std::size_t>(rows) * D;
         if (total == 0) return;
-        detail::gated_residual_kernel<<<blocks_for(total, threads), threads, 0, stream>>>(x, y, b(l), mod, stride, gate_at, per, rows, D);
+        detail::gated_residual_kernel<><<<blocks_for(total, threads), threads, 0, stream>>>(x, y, b(l), mod, stride, gate_at, per, rows, D);
         launched("gated_residual_kernel");
     };
 
     if (ids) {
-        detail::check_tokens_kernel<<<blocks_for(static_cast<std::size_t>(img), threads), threads, 0, stream>>>(ids, n, img, N, buf.status);
+        detail::check_tokens_kernel<><<<blocks_for(static_cast<std::size_t>(img), threads), threads, 0, stream>>>(ids, n, img, N, buf.status);
         launched("check_tokens_kernel");
     }
 
@@ -417,7 +433,7 @@ void transformer::impl::run(const forward_inputs& in, float* velocity, const for
                                                                                           as_t(buf.patches));
     launched("gather_patches_kernel");
     linear(buf.patches, img, patch_embed, buf.y_img);
-    detail::patch_position_kernel<<<blocks_for(static_cast<std::size_t>(img) * D, threads), threads, 0, stream>>>(
+    detail::patch_position_kernel<><<<blocks_for(static_cast<std::size_t>(img) * D, threads), threads, 0, stream>>>(
         buf.y_img, b(patch_embed), weight_at<const float>(pos_table), side, top, left, Wg, N, ids, n, img, D, buf.x_img);
     launched("patch_position_kernel");
 
@@ -462,9 +478,36 @@ void transformer::impl::run(const forward_inputs& in, float* velocity, const for
         a.out[0] = as_t(buf.att_img);
         a.out[1] = as_t(buf.att_ctx);
         a.lse = buf.lse;
-        detail::launch_attention(a, B, hd, stream);
-        launched("attention_kernel");
-        if (o.attention_probe) {
+        bool fast_probe = false;
+        if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+            if (fa2 && !o.reference_attention && detail::vector_aligned(a)) {
+                const int queries = n + ctx_queries, key_tiles = (N + L + detail::fa2::block_keys - 1) / detail::fa2::block_keys;
+                const long long blocks = static_cast<long long>((queries + detail::fa2::block_queries - 1) / detail::fa2::block_queries) * heads * B;
+                const int splits = queries <= split_query_limit ? detail::fa2::choose_splits(blocks, multiprocessors, key_tiles, max_splits) : 1;
+                const detail::fa2::split_args sp{.splits = splits, .batch = B, .partial_out = buf.fa2_out, .partial_lse = buf.fa2_lse};
+                if (hd == 64) detail::fa2::launch<64>(a, B, sp, stream);
+                else detail::fa2::launch<128>(a, B, sp, stream);
+                launched("attention_fa2_kernel");
+                fast_probe = o.probe_query_step == 1;
+            } else {
+                detail::launch_attention(a, B, hd, stream);
+                launched("attention_kernel");
+            }
+        } else {
+            detail::launch_attention(a, B, hd, stream);
+            launched("attention_kernel");
+        }
+        if (o.attention_probe && fast_probe) {
+            // The same sums on tensor cores (attention_fa2.cuh): one head per block, per-head partials summed in order.
+            if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+                const detail::fa2::probe_args pa{.q = as_t(buf.q_img), .k = k_img, .lse = buf.lse, .partial = buf.fa2_probe, .n = n, .keys = N, .heads = heads,
+                                                 .hidden = D, .lse_queries = n + ctx_queries, .q_sample_stride = static_cast<long long>(n) * D,
+                                                 .k_sample_stride = static_cast<long long>(N) * D, .scale = scale};
+                if (hd == 64) detail::fa2::launch_probe<64>(pa, B, l != 0, o.attention_probe, stream);
+                else detail::fa2::launch_probe<128>(pa, B, l != 0, o.attention_probe, stream);
+                launched("fa2_probe_kernel");
+            }
+        } else if (o.attention_probe) {
             // The attention each image token received from the computed image queries, from their LSE: no
             // probabilities stored (specdiff::gpu::lse_column_sums), summed over the layers.
             using key = std::conditional_t<std::is_same_v<T, float>, float, specdiff::bfloat16>;

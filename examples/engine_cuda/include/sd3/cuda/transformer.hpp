@@ -126,6 +126,11 @@ struct forward_options {
     // 1: the exact sums. s > 1: the estimate over every s-th computed query, scaled up
     // (specdiff::gpu::lse_column_sums_estimate: about s times less work; an odd s keeps the ranking, docs/cuda.md).
     int probe_query_step = 1;
+    // bf16 with head size 64 or 128 runs the FlashAttention-2-class kernel (attention_fa2.cuh: mma.sync, cp.async,
+    // split over keys on steps with few queries) and folds the exact probe into a tensor-core sweep. true: the
+    // reference kernels (attention.cuh) and the library's lse_column_sums instead — what the gpu tests compare it
+    // with. fp32 and other head sizes always run the reference kernels.
+    bool reference_attention = false;
 };
 
 class transformer {
