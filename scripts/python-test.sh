@@ -28,7 +28,7 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
     "${VPIP[@]}" install "torch==$TORCH_VERSION"
   fi
 fi
-"${VPIP[@]}" install "diffusers==0.42.*" "transformers>=4.46,<6" nanobind "scikit-build-core>=0.10" pytest safetensors
+"${VPIP[@]}" install "diffusers==0.42.*" "transformers>=5,<6" nanobind "scikit-build-core>=0.10" pytest safetensors
 deps=$(date +%s)
 command -v ccache >/dev/null && export CMAKE_CXX_COMPILER_LAUNCHER=ccache
 "${VPIP[@]}" install --no-build-isolation ./python
