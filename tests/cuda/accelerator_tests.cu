@@ -9,8 +9,10 @@
 #include "support.cuh"
 
 #include <specdiff/cuda/accelerator.cuh>
+#include <specdiff/cuda/probe.cuh>
 
 #include <cmath>
+#include <memory>
 #include <type_traits>
 
 namespace gpu = specdiff::gpu;
@@ -570,6 +572,38 @@ TEST_SUITE("accelerator_errors") {
     CHECK(acc.read_status() == 0);
   }
 
+  TEST_CASE("API 0.3: overlapping views, late records, a pass in another unit and an orphaned step, refused as on the host") {
+    {
+      fixture f;
+      f.speculate();
+      auto st = f.acc.plan_step(0, f.t[0]);
+      const gpu::device_matrix<const float> inside_output(f.output.get(), 128, fixture::dim);
+      expect_error<std::invalid_argument>([&] { f.acc.complete_step(std::move(st), inside_output, f.out(), f.attention.cspan()); },
+                                          {"computed and output overlap"});
+      expect_error<std::invalid_argument>([&] { f.acc.complete_step(std::move(st), f.rows(128), f.out(), {f.output.get(), 128}); },
+                                          {"output and attention overlap"});
+      expect_error<std::invalid_argument>([&] { f.acc.complete_step(std::move(st), f.out(), {f.output.get() + 8, 128}); },
+                                          {"output and attention overlap"});
+      expect_error<std::logic_error>([&] { f.acc.record_speculation(0, f.attention.cspan()); }, {"record_speculation", "main pass has started"});
+      f.complete(std::move(st));
+      CHECK(f.acc.next_step() == 1);
+    }
+    {
+      fixture f;
+      f.acc.begin_speculation(std::vector<float>{1.f, 0.5f});  // t runs 1000 .. 125
+      for (index_t k = 0; k < 2; ++k) f.acc.record_speculation(k, f.attention.cspan());
+      expect_error<std::invalid_argument>([&] { (void)f.acc.plan_step(0, f.t[0]); }, {"speculative pass starts at", "same unit"});
+      CHECK(f.acc.next_step() == 0);
+    }
+    {
+      auto f = std::make_unique<fixture>();
+      f->speculate();
+      auto st = f->acc.plan_step(0, f->t[0]);
+      f.reset();  // the accelerator goes first: the step is detached, its destructor a no-op
+      expect_error<std::logic_error>([&] { (void)st.compute_count(); }, {"outlived its accelerator"});
+    }
+  }
+
   TEST_CASE("bad data raises status bits where the host throws, and check_status names them") {
     fixture f;
     f.speculate();
@@ -651,6 +685,44 @@ TEST_SUITE("host") {
                                         {"memory_bytes: 512 bytes supplied", std::to_string(bytes).c_str()});
     expect_error<std::invalid_argument>([&] { host_checked a(cfg, {}, {}, {}, schedule, nullptr, bytes, nullptr); }, {"memory: null pointer"});
     expect_error<std::invalid_argument>([&] { host_checked a(cfg, {}, {}, {}, schedule, fake + 8, bytes, nullptr); }, {"256-byte aligned"});
+  }
+
+  TEST_CASE("API 0.3 on the host side of the device API: refusals at construction, the probe's sizes, one bfloat16") {
+    const specdiff::accelerator_config cfg{64, 2, 8, 16};
+    // speculative = 0 with a scorer reading the future from a recording predictor: refused before any CUDA call.
+    expect_error<std::invalid_argument>([&] { (void)host_checked::memory_bytes(cfg, {}, specdiff::step_schedule{2, 0, 0, {}}); },
+                                        {"step_schedule.speculative", "0 speculative steps", "signal::future"});
+    // The default schedule is valid for any step count; its speculative pass is min(2, steps) records.
+    for (index_t steps : {1, 8, 20, 50}) {
+      const specdiff::accelerator_config c{64, 2, steps, 16};
+      CHECK(host_checked::memory_bytes(c, {}, specdiff::step_schedule{}) > 0);
+    }
+    CHECK(host_checked::memory_bytes({64, 2, 1, 16}, {}, specdiff::step_schedule{}) + 512 == host_checked::memory_bytes({64, 2, 8, 16}, {}, specdiff::step_schedule{}));
+
+    // The probe: sizes and argument checks without a CUDA call.
+    const gpu::probe_shape shape{.batch = 2, .heads = 4, .head_dim = 16, .keys = 64, .max_queries = 64};
+    const std::size_t bytes = gpu::attention_probe<specdiff::bfloat16>::memory_bytes(shape);
+    CHECK(bytes >= 2 * 64 * sizeof(float));
+    CHECK(gpu::attention_probe<__nv_bfloat16>::memory_bytes(shape) == bytes);  // one bfloat16
+    expect_error<std::invalid_argument>([&] { (void)gpu::attention_probe<float>::memory_bytes({.batch = 2, .heads = 4, .head_dim = 0, .keys = 64, .max_queries = 8}); },
+                                        {"probe_shape.head_dim", "0"});
+    static std::vector<unsigned char> fake(bytes + 256);
+    void* aligned = fake.data() + (256 - reinterpret_cast<std::uintptr_t>(fake.data()) % 256) % 256;
+    gpu::attention_probe<specdiff::bfloat16> probe(shape, aligned, bytes);
+    expect_error<std::logic_error>([&] { (void)probe.his(); }, {"no layer was added since begin()"});
+    expect_error<std::invalid_argument>([&] { probe.add_layer(nullptr, 65, nullptr, nullptr, nullptr); }, {"queries", "[1, 64]", "65"});
+    expect_error<std::invalid_argument>([&] { gpu::attention_probe<float> p(shape, aligned, bytes / 2); }, {"memory_bytes", "needed"});
+
+    static_assert(gpu::row_element<specdiff::bfloat16> && gpu::row_element<__nv_bfloat16> && !gpu::row_element<double>);
+    static_assert(gpu::view_element<specdiff::bfloat16> && gpu::view_element<__nv_bfloat16> && !gpu::view_element<__half>);
+    static_assert(specdiff::storage_type<__nv_bfloat16> && specdiff::storage_type<specdiff::bfloat16>);
+
+    // gpu::three_level_classifier sizes CUB's workspace: without a device, a message that says so.
+    int devices = 0;
+    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+      (void)cudaGetLastError();
+      expect_error<std::runtime_error>([] { gpu::three_level_classifier<> c(64, 2, 0.75); }, {"needs a CUDA device"});
+    }
   }
 
   TEST_CASE("device self-speculation keeps the host predictor's rules") {

@@ -270,12 +270,13 @@ TEST_SUITE("host") {
     static_assert(gpu::status_conversion_overflow == 64u);
     CHECK(gpu::describe_status(gpu::status_conversion_overflow) == "conversion overflowed to infinity");
     CHECK(gpu::describe_status(gpu::status_conversion_overflow | gpu::status_nonfinite_feature) == "non-finite feature, conversion overflowed to infinity");
-    CHECK(gpu::describe_status(128u) == "unknown bits 128");
+    CHECK(gpu::describe_status(gpu::status_negative_attention) == "negative attention");
+    CHECK(gpu::describe_status(256u) == "unknown bits 256");
   }
 
   TEST_CASE("rows: the accelerator takes half and bf16 rows with the same memory and the same checks") {
     static_assert(gpu::row_element<float> && gpu::row_element<__half> && gpu::row_element<__nv_bfloat16>);
-    static_assert(!gpu::row_element<bfloat16> && !gpu::row_element<double>);
+    static_assert(gpu::row_element<bfloat16> && !gpu::row_element<double>);  // API 0.3: one bfloat16, either spelling
     // all_compute_classifier: a device classifier whose construction makes no CUDA call.
     using C = gpu::all_compute_classifier;
     using base = gpu::accelerator<specdiff::specdiff_scorer, gpu::self_speculation, C, specdiff::step_schedule>;

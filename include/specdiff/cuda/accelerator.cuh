@@ -718,7 +718,7 @@ class accelerator {
     }
     const index_t n = per_plan_values();
     const device_score_inputs in{{his_, n}, {fut_, n}, {cf_, n}, {change_, n}, {metric_, n}};
-    score(scorer_, in, {scores_, n}, stream_);
+    score(scorer_, in, {scores_, n}, stream_, plans_.status);  // a negative signal: status_negative_attention
     std::size_t bytes = classifier_.workspace_bytes();
     classifier_.classify(workspace_, bytes, {scores_, n}, plans_, stream_);
   }

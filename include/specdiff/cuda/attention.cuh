@@ -14,6 +14,7 @@
 #include "../common.hpp"
 #include "../storage.hpp"
 #include "error.cuh"
+#include "rows.cuh"
 #include "views.cuh"
 
 namespace specdiff::gpu {
@@ -139,6 +140,8 @@ class attention_column_sums {
   template <class T>
   void reduce(void* workspace, std::size_t& workspace_bytes, device_span<const T> probabilities, device_span<float> out,
               column_mode mode, cudaStream_t stream) const {
+    static_assert(view_element<std::remove_const_t<T>>,
+                  "attention_column_sums::reduce: probabilities must be float or bfloat16 (specdiff::bfloat16 or __nv_bfloat16: one type to the device API)");
     if (workspace == nullptr) {
       workspace_bytes = this->workspace_bytes();
       return;

@@ -280,6 +280,15 @@ class three_level_classifier {
   static auto counters(const level* levels) { return thrust::make_transform_iterator(levels, detail::counter_of_level{}); }
 
   void size_workspace() {
+    // CUB sizes its workspace for the current device: without one, say so instead of a raw CUB error.
+    int devices = 0;
+    const cudaError_t probe = cudaGetDeviceCount(&devices);
+    if (probe != cudaSuccess || devices == 0) {
+      (void)cudaGetLastError();  // not sticky: clear it
+      throw std::runtime_error(std::string("gpu::three_level_classifier: sizing CUB's sort and scan workspace needs a CUDA device, and none is usable (") +
+                               (probe != cudaSuccess ? cudaGetErrorString(probe) : "no device") +
+                               "); construct it, and ask accelerator::memory_bytes, on a machine with a GPU");
+    }
     const index_t n = batch_ * tokens_;
     std::size_t sort = 0, scan_by_key = 0, scan = 0;
     SPECDIFF_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, sort, static_cast<const std::uint64_t*>(nullptr), static_cast<std::uint64_t*>(nullptr),

@@ -77,7 +77,7 @@ void copy_rows(device_matrix<const T> src, const Rows& rows, device_matrix<T> ds
 
   const bool vector = vectorisable(src) && vectorisable(dst);
   const index_t unit_bytes = vector ? 16 : static_cast<index_t>(sizeof(T));
-  const index_t units = static_cast<index_t>(full.cols * sizeof(T) / static_cast<std::size_t>(unit_bytes));
+  const index_t units = static_cast<index_t>(static_cast<std::size_t>(full.cols) * sizeof(T) / static_cast<std::size_t>(unit_bytes));
   if (static_cast<long long>(rows.capacity()) * units > (1ll << 31) - 1) fail("rows: capacity ", rows.capacity(), " x ", units, " units exceeds 2^31 - 1");
   const std::size_t per_block = static_cast<std::size_t>(Policy::block_threads) * Policy::items_per_thread;
   const dim3 grid(blocks_for(static_cast<std::size_t>(rows.capacity()) * static_cast<std::size_t>(units), per_block),

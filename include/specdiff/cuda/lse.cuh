@@ -18,6 +18,7 @@
 #include "../storage.hpp"
 #include "attention.cuh"
 #include "error.cuh"
+#include "rows.cuh"
 #include "views.cuh"
 
 namespace specdiff::gpu {
@@ -188,6 +189,8 @@ void lse_column_sums_launch(void* workspace, std::size_t& workspace_bytes, const
 template <class Policy = lse_policy<>, class T>
 void lse_column_sums(void* workspace, std::size_t& workspace_bytes, const device_lse_attention<T>& in, device_span<float> out, column_mode mode,
                      cudaStream_t stream) {
+  static_assert(view_element<std::remove_const_t<T>>,
+                "lse_column_sums: Q and K must be float or bfloat16 (specdiff::bfloat16 or __nv_bfloat16: one type to the device API)");
   detail::lse_column_sums_launch<Policy>(workspace, workspace_bytes, in, 1, out, mode, stream);
 }
 
@@ -197,6 +200,8 @@ void lse_column_sums(void* workspace, std::size_t& workspace_bytes, const device
 template <class Policy = lse_policy<>, class T>
 void lse_column_sums_estimate(void* workspace, std::size_t& workspace_bytes, const device_lse_attention<T>& in, index_t query_step,
                               device_span<float> out, column_mode mode, cudaStream_t stream) {
+  static_assert(view_element<std::remove_const_t<T>>,
+                "lse_column_sums: Q and K must be float or bfloat16 (specdiff::bfloat16 or __nv_bfloat16: one type to the device API)");
   detail::lse_column_sums_launch<Policy>(workspace, workspace_bytes, in, query_step, out, mode, stream);
 }
 

@@ -1,6 +1,6 @@
 // Row element types: the engine's rows going into the device store and coming out of its fills (and so the
-// device accelerator's computed and output rows) may be float, __half or __nv_bfloat16, whatever the store
-// keeps (float or specdiff::bfloat16). The row type is a template parameter of the kernels, as an accessor
+// device accelerator's computed and output rows) may be float, __half or bfloat16 (specdiff::bfloat16 or
+// __nv_bfloat16: one type to the device API, see below), whatever the store keeps. The row type is a template parameter of the kernels, as an accessor
 // policy is for mdspan: every element is loaded to float for arithmetic and stored back from float, so one
 // kernel serves every pair of row type and storage type, and the arithmetic is the float path's.
 //
@@ -21,6 +21,15 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+
+namespace specdiff {
+/// __nv_bfloat16 as a storage and view element: the same conversions as specdiff::bfloat16 (rows.cuh's one bfloat16).
+template <>
+struct storage_traits<__nv_bfloat16> {
+  SPECDIFF_HD static float load(__nv_bfloat16 x) { return __bfloat162float(x); }
+  SPECDIFF_HD static __nv_bfloat16 store(float f) { return __float2bfloat16_rn(f); }
+};
+}  // namespace specdiff
 
 namespace specdiff::gpu {
 
@@ -47,11 +56,6 @@ struct row_traits<__nv_bfloat16> {
   SPECDIFF_HD static __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
 };
 
-/// The engine row types the store and the accelerator take: float, __half, __nv_bfloat16. (The library's
-/// own bfloat16 is a storage type; its rows are __nv_bfloat16 rows with the same bits, see below.)
-template <class T>
-concept row_element = std::same_as<T, float> || std::same_as<T, __half> || std::same_as<T, __nv_bfloat16>;
-
 // specdiff::bfloat16 and __nv_bfloat16 are the same 16 bits (the top half of a float) and both round to
 // nearest even, so a pointer to one may be read as the other and a bfloat16 store holds exactly what an
 // engine's bf16 tensor holds. The rounding itself is checked against __float2bfloat16_rn in cuda/host.
@@ -71,6 +75,25 @@ SPECDIFF_HD inline bfloat16 from_nv_bfloat16(__nv_bfloat16 x) {
   memcpy(static_cast<void*>(&y), &x, sizeof y);
   return y;
 }
+
+/// One bfloat16 in the device API: specdiff::bfloat16 (what the device API's own views and stores name) and
+/// CUDA's __nv_bfloat16 (what an engine's tensors hold) are the same type to every device call: rows, LSE and
+/// attention views, and storage all take either, with the same bits and the same rounding.
+template <>
+struct row_traits<bfloat16> {
+  SPECDIFF_HD static float load(bfloat16 x) { return __bfloat162float(to_nv_bfloat16(x)); }
+  SPECDIFF_HD static bfloat16 store(float x) { return from_nv_bfloat16(__float2bfloat16_rn(x)); }
+};
+
+/// The row element types the store and the accelerator take: float, __half, and bfloat16 (either spelling).
+template <class T>
+concept row_element =
+    std::same_as<T, float> || std::same_as<T, __half> || std::same_as<T, __nv_bfloat16> || std::same_as<T, bfloat16>;
+
+/// The element types of the attention views (Q, K, probabilities: lse.cuh, attention.cuh): float and
+/// bfloat16 (either spelling).
+template <class T>
+concept view_element = std::same_as<T, float> || std::same_as<T, __nv_bfloat16> || std::same_as<T, bfloat16>;
 
 namespace detail {
 

@@ -12,6 +12,7 @@
 #include "../scorers.hpp"
 #include "error.cuh"
 #include "plan.cuh"
+#include "status.cuh"
 #include "views.cuh"
 
 namespace specdiff::gpu {
@@ -45,9 +46,12 @@ __device__ token_signals signals_of(const device_score_inputs& in, index_t i) {
 }
 
 template <int BlockThreads, class Scorer>
-__global__ void __launch_bounds__(BlockThreads) score_kernel(Scorer scorer, device_score_inputs in, device_span<float> out) {
-  for (index_t i = blockIdx.x * BlockThreads + threadIdx.x; i < out.size; i += gridDim.x * BlockThreads)
-    out[i] = scorer.score(signals_of<Scorer>(in, i));
+__global__ void __launch_bounds__(BlockThreads) score_kernel(Scorer scorer, device_score_inputs in, device_span<float> out, std::uint32_t* status) {
+  for (index_t i = blockIdx.x * BlockThreads + threadIdx.x; i < out.size; i += gridDim.x * BlockThreads) {
+    const token_signals x = signals_of<Scorer>(in, i);
+    if (x.attention < 0.f || x.future < 0.f) raise_status(status, status_negative_attention);
+    out[i] = scorer.score(x);
+  }
 }
 
 template <int BlockThreads>
@@ -77,10 +81,13 @@ inline void expect_score_args(signal needs, const device_score_inputs& in, devic
 /// Writes one log-domain score per token into `log_score` (batch * tokens values): scorer.score of each
 /// token's signals, exactly as score_tokens does on the host. Stream-ordered; the sizes are checked on the
 /// host, the values are not read there (a non-finite score raises the classifier's status bit).
+/// `status` (optional, device): raises status_negative_attention where an attention or future signal the scorer
+/// reads is negative (the host accelerator refuses such attention at the call; the device cannot read it there).
 template <importance_scorer Scorer>
-void score(const Scorer& scorer, const device_score_inputs& in, device_span<float> log_score, cudaStream_t stream) {
+void score(const Scorer& scorer, const device_score_inputs& in, device_span<float> log_score, cudaStream_t stream,
+           std::uint32_t* status = nullptr) {
   detail::expect_score_args(Scorer::needs, in, log_score);
-  detail::score_kernel<256><<<detail::blocks_for(static_cast<std::size_t>(log_score.size), 256), 256, 0, stream>>>(scorer, in, log_score);
+  detail::score_kernel<256><<<detail::blocks_for(static_cast<std::size_t>(log_score.size), 256), 256, 0, stream>>>(scorer, in, log_score, status);
   SPECDIFF_CUDA_CHECK_LAUNCH("score_kernel");
 }
 

@@ -11,6 +11,7 @@
 #include "gather.cuh"
 #include "lse.cuh"
 #include "plan.cuh"
+#include "probe.cuh"
 #include "rows.cuh"
 #include "scorers.cuh"
 #include "status.cuh"

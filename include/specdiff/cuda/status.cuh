@@ -23,13 +23,15 @@ enum status_bit : std::uint32_t {
   status_count_over_capacity = 1u << 5, ///< a plan level holds more rows than the caller's capacity (rest skipped)
   status_conversion_overflow = 1u << 6, ///< a finite float became infinite on conversion to a half or bfloat16 row
                                         ///< or store entry (written as infinity, as the host conversion would)
+  status_negative_attention = 1u << 7,  ///< score: a negative attention or future signal (the host refuses it at the call)
 };
 
 /// Names of the raised bits, comma separated ("ok" when none).
 inline std::string describe_status(std::uint32_t bits) {
   static constexpr const char* names[] = {"non-finite score", "non-finite feature", "fill of a token with no cached row",
                                           "approximator refused the history tags", "row index out of range",
-                                          "plan level count over capacity", "conversion overflowed to infinity"};
+                                          "plan level count over capacity", "conversion overflowed to infinity",
+                                          "negative attention"};
   if (bits == 0) return "ok";
   std::string out;
   for (unsigned b = 0; b < sizeof names / sizeof names[0]; ++b)

@@ -1,0 +1,47 @@
+# package/cuda_doc_snippet_{cmake,plain_include}: docs/cuda.md's device integration (the ```cpp block after the
+# cuda-snippet marker) must stay within 30 lines of code and compile against the installed package with
+# -Wall -Wextra -Wconversion -Wsign-conversion -Werror: MODE=cmake through find_package(specdiff 0.3) and
+# specdiff::cuda, MODE=plain with nvcc and a plain -I of the installed headers. Compiled, not run.
+file(REMOVE_RECURSE ${WORK_DIR})
+file(READ ${DOC} doc)
+string(FIND "${doc}" "<!-- cuda-snippet:" marker)
+if(marker EQUAL -1)
+  message(FATAL_ERROR "${DOC}: no cuda-snippet marker")
+endif()
+string(SUBSTRING "${doc}" ${marker} -1 rest)
+string(FIND "${rest}" "```cpp\n" open)
+string(SUBSTRING "${rest}" ${open} -1 rest)
+string(LENGTH "```cpp\n" open_length)
+string(SUBSTRING "${rest}" ${open_length} -1 rest)
+string(FIND "${rest}" "```" close)
+string(SUBSTRING "${rest}" 0 ${close} snippet)
+# Lines of code: neither blank nor a comment alone.
+string(REPLACE ";" "," flat "${snippet}")  # a list separator in code would split a line
+string(REPLACE "\n" ";" lines "${flat}")
+set(code 0)
+foreach(line IN LISTS lines)
+  string(STRIP "${line}" stripped)
+  if(NOT stripped STREQUAL "" AND NOT stripped MATCHES "^//")
+    math(EXPR code "${code} + 1")
+  endif()
+endforeach()
+message("docs/cuda.md device integration: ${code} lines of code")
+if(code GREATER 30)
+  message(FATAL_ERROR "docs/cuda.md's device integration has ${code} lines of code, more than 30")
+endif()
+file(WRITE ${WORK_DIR}/snippet/cuda_snippet.inc "${snippet}")
+function(run)
+  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "failed (${rc}): ${ARGN}\n${out}\n${err}")
+  endif()
+endfunction()
+run(${CMAKE_COMMAND} --install ${SPECDIFF_BUILD_DIR} --prefix ${WORK_DIR}/prefix --component Unspecified)
+if(MODE STREQUAL "cmake")
+  run(${CMAKE_COMMAND} -S ${PROJECT_DIR} -B ${WORK_DIR}/build -DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix -DCMAKE_BUILD_TYPE=Release
+      -DCMAKE_CUDA_COMPILER=${CUDA_COMPILER} -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHITECTURES} -DSNIPPET_DIR=${WORK_DIR}/snippet)
+  run(${CMAKE_COMMAND} --build ${WORK_DIR}/build)
+else()
+  run(${CUDA_COMPILER} -std=c++20 -arch=sm_${CUDA_ARCHITECTURES} -I${WORK_DIR}/prefix/include -I${WORK_DIR}/snippet
+      -Xcompiler=-Wall,-Wextra,-Wconversion,-Wsign-conversion -Werror=all-warnings -c ${PROJECT_DIR}/snippet_main.cu -o ${WORK_DIR}/snippet_main.o)
+endif()
