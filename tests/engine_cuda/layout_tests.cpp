@@ -7,8 +7,13 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <random>
 #include <set>
 #include <utility>
+#include <vector>
 
 #include "../../examples/engine_cuda/src/mma_layout.hpp"
 
@@ -135,5 +140,222 @@ TEST_SUITE("engine_layout") {
                     CHECK(plain(fa2::ldmatrix_v_row) == 8);
                 }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// A lane-by-lane host transliteration of attention_fa2_kernel's warp (and of fa2_merge_kernel), built from the same
+// index maps: 32 lanes' registers as arrays, mma.sync as "gather the fragments into tiles, multiply, scatter back",
+// shuffles as exchanges between lane arrays. Against direct fp64 attention it checks the kernel's algorithm — the
+// masking of ragged key tiles, the base-2 online softmax and its rescales, P's reuse as the A fragment, the
+// epilogue's indexing, the split over keys and the LSE merge. (The PTX instructions' own semantics are what the
+// maps above encode; only a device can check those.)
+namespace {
+
+float round_bf16(float x) {  // round to nearest even at 8 significant bits, as __float2bfloat16_rn for finite x
+    std::uint32_t u = 0;
+    std::memcpy(&u, &x, 4);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    u &= 0xffff0000u;
+    float r = 0;
+    std::memcpy(&r, &u, 4);
+    return r;
+}
+
+// d (16 x 8) += a (16 x 16) b (16 x 8), each given as the 32 lanes' fragment registers.
+void mma_lanes(float (&d)[32][4], const float (&a)[32][8], const float (&b)[32][4]) {
+    float A[16][16] = {}, B[16][8] = {}, D[16][8] = {};
+    for (int l = 0; l < 32; ++l) {
+        for (int i = 0; i < 8; ++i) A[fa2::a_element(l, i).row][fa2::a_element(l, i).col] = a[l][i];
+        for (int i = 0; i < 4; ++i) B[fa2::b_element(l, i).row][fa2::b_element(l, i).col] = b[l][i];
+        for (int i = 0; i < 4; ++i) D[fa2::c_element(l, i).row][fa2::c_element(l, i).col] = d[l][i];
+    }
+    for (int r = 0; r < 16; ++r)
+        for (int c = 0; c < 8; ++c)
+            for (int k = 0; k < 16; ++k) D[r][c] += A[r][k] * B[k][c];
+    for (int l = 0; l < 32; ++l)
+        for (int i = 0; i < 4; ++i) d[l][i] = D[fa2::c_element(l, i).row][fa2::c_element(l, i).col];
+}
+
+struct emulated {
+    std::vector<float> out, lse;  // [queries][hd], [queries]
+};
+
+// One head of one sample: q [queries][hd], k and v [keys][hd] (bf16 values as floats); the kernel's grid over query
+// blocks and splits, then the merge when splits > 1.
+template <int HD>
+emulated emulate_fa2(const std::vector<float>& q, const std::vector<float>& k, const std::vector<float>& v, int queries, int keys, float scale, int splits) {
+    constexpr int block_queries = 64, block_keys = 64, ksteps = HD / 16, ntiles = block_keys / 8, dtiles = HD / 8;
+    constexpr float log2e = 1.4426950408889634f, ln2 = 0.6931471805599453f;
+    const int tiles = (keys + block_keys - 1) / block_keys, per_split = (tiles + splits - 1) / splits;
+    std::vector<float> part_out(static_cast<std::size_t>(splits) * queries * HD), part_lse(static_cast<std::size_t>(splits) * queries);
+    auto at = [](const std::vector<float>& m, int rows, int r, int c) { return r < rows ? m[static_cast<std::size_t>(r) * HD + c] : 0.f; };  // zero fill
+    for (int split = 0; split < splits; ++split)
+        for (int q0 = 0; q0 < queries; q0 += block_queries)
+            for (int warp = 0; warp < 4; ++warp) {
+                const int t_begin = split * per_split, t_end = std::min(tiles, t_begin + per_split);
+                static float qf[ksteps][32][8];
+                for (int kk = 0; kk < ksteps; ++kk)
+                    for (int l = 0; l < 32; ++l)
+                        for (int i = 0; i < 8; ++i) {
+                            const auto e = fa2::a_element(l, i);
+                            qf[kk][l][i] = at(q, queries, q0 + warp * 16 + e.row, kk * 16 + e.col);
+                        }
+                float o[dtiles][32][4] = {}, m[32][2], lsum[32][2] = {};
+                for (int l = 0; l < 32; ++l) m[l][0] = m[l][1] = -INFINITY;
+                for (int t = t_begin; t < t_end; ++t) {
+                    const int key0 = t * block_keys;
+                    float s[ntiles][32][4] = {};
+                    for (int kk = 0; kk < ksteps; ++kk)
+                        for (int n = 0; n < ntiles; ++n) {
+                            float kb[32][4];
+                            for (int l = 0; l < 32; ++l)
+                                for (int i = 0; i < 4; ++i) {
+                                    const auto e = fa2::b_element(l, i);  // B[k = dim][n = key]
+                                    kb[l][i] = at(k, keys, key0 + n * 8 + e.col, kk * 16 + e.row);
+                                }
+                            mma_lanes(s[n], qf[kk], kb);
+                        }
+                    float tile_max[32][2];
+                    for (int l = 0; l < 32; ++l) {
+                        tile_max[l][0] = tile_max[l][1] = -INFINITY;
+                        for (int n = 0; n < ntiles; ++n)
+                            for (int i = 0; i < 4; ++i) {
+                                const int key = key0 + n * 8 + fa2::c_element(l, i).col;
+                                const float x = key < keys ? s[n][l][i] * (scale * log2e) : -INFINITY;
+                                s[n][l][i] = x;
+                                tile_max[l][i >> 1] = std::max(tile_max[l][i >> 1], x);
+                            }
+                    }
+                    for (int mask : {1, 2}) {  // __shfl_xor_sync
+                        float copy[32][2];
+                        std::memcpy(copy, tile_max, sizeof copy);
+                        for (int l = 0; l < 32; ++l)
+                            for (int r = 0; r < 2; ++r) tile_max[l][r] = std::max(copy[l][r], copy[l ^ mask][r]);
+                    }
+                    float base[32][2];
+                    for (int l = 0; l < 32; ++l)
+                        for (int r = 0; r < 2; ++r) {
+                            const float next = std::max(m[l][r], tile_max[l][r]);
+                            base[l][r] = next == -INFINITY ? 0.f : next;
+                            const float rescale = std::exp2(m[l][r] - base[l][r]);
+                            lsum[l][r] *= rescale;
+                            for (int d = 0; d < dtiles; ++d) {
+                                o[d][l][2 * r] *= rescale;
+                                o[d][l][2 * r + 1] *= rescale;
+                            }
+                            m[l][r] = next;
+                        }
+                    for (int n = 0; n < ntiles; ++n)
+                        for (int l = 0; l < 32; ++l)
+                            for (int i = 0; i < 4; ++i) {
+                                const float p = std::exp2(s[n][l][i] - base[l][i >> 1]);
+                                lsum[l][i >> 1] += p;
+                                s[n][l][i] = p;
+                            }
+                    for (int j = 0; j < ntiles / 2; ++j) {
+                        float pa[32][8];
+                        for (int l = 0; l < 32; ++l)
+                            for (int i = 0; i < 8; ++i) {
+                                const auto src = fa2::p_source(i);
+                                pa[l][i] = round_bf16(s[2 * j + src.tile][l][src.elem]);
+                            }
+                        for (int d = 0; d < dtiles; ++d) {
+                            float vb[32][4];
+                            for (int l = 0; l < 32; ++l)
+                                for (int i = 0; i < 4; ++i) {
+                                    const auto e = fa2::b_element(l, i);  // B[k = key][n = dim]
+                                    vb[l][i] = at(v, keys, key0 + j * 16 + e.row, d * 8 + e.col);
+                                }
+                            mma_lanes(o[d], pa, vb);
+                        }
+                    }
+                }
+                for (int mask : {1, 2}) {
+                    float copy[32][2];
+                    std::memcpy(copy, lsum, sizeof copy);
+                    for (int l = 0; l < 32; ++l)
+                        for (int r = 0; r < 2; ++r) lsum[l][r] = copy[l][r] + copy[l ^ mask][r];
+                }
+                for (int l = 0; l < 32; ++l)
+                    for (int r = 0; r < 2; ++r) {
+                        const int i = q0 + warp * 16 + (l >> 2) + 8 * r;
+                        if (i >= queries) continue;
+                        const float inv = lsum[l][r] > 0.f ? 1.f / lsum[l][r] : 0.f;
+                        const float lse = lsum[l][r] > 0.f ? (m[l][r] + std::log2(lsum[l][r])) * ln2 : -INFINITY;
+                        for (int d = 0; d < dtiles; ++d)
+                            for (int h = 0; h < 2; ++h)
+                                part_out[(static_cast<std::size_t>(split) * queries + i) * HD + d * 8 + (l & 3) * 2 + h] = o[d][l][2 * r + h] * inv;
+                        if ((l & 3) == 0) part_lse[static_cast<std::size_t>(split) * queries + i] = lse;
+                    }
+            }
+    emulated r;
+    r.out.assign(static_cast<std::size_t>(queries) * HD, 0.f);
+    r.lse.assign(static_cast<std::size_t>(queries), 0.f);
+    for (int i = 0; i < queries; ++i) {  // fa2_merge_kernel (with one split: the same numbers, as the kernel writes them)
+        float top = -INFINITY;
+        for (int s = 0; s < splits; ++s) top = std::max(top, part_lse[static_cast<std::size_t>(s) * queries + i]);
+        float total = 0;
+        std::vector<float> acc(HD, 0.f);
+        for (int s = 0; s < splits && top != -INFINITY; ++s) {
+            const float w = std::exp(part_lse[static_cast<std::size_t>(s) * queries + i] - top);
+            total += w;
+            for (int d = 0; d < HD; ++d) acc[static_cast<std::size_t>(d)] += w * part_out[(static_cast<std::size_t>(s) * queries + i) * HD + d];
+        }
+        for (int d = 0; d < HD; ++d) r.out[static_cast<std::size_t>(i) * HD + d] = splits == 1 ? part_out[static_cast<std::size_t>(i) * HD + d] : acc[static_cast<std::size_t>(d)] / total;
+        r.lse[static_cast<std::size_t>(i)] = splits == 1 ? part_lse[static_cast<std::size_t>(i)] : top + std::log(total);
+    }
+    return r;
+}
+
+template <int HD>
+void check_emulation(int queries, int keys, int splits, float sharpness, std::uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<float> normal;
+    auto draw = [&](int rows) {
+        std::vector<float> m(static_cast<std::size_t>(rows) * HD);
+        for (auto& x : m) x = round_bf16(normal(rng));
+        return m;
+    };
+    const auto q = draw(queries), k = draw(keys), v = draw(keys);
+    const float scale = sharpness / std::sqrt(static_cast<float>(HD));
+    const auto got = emulate_fa2<HD>(q, k, v, queries, keys, scale, splits);
+    double worst_out = 0, worst_lse = 0, top = 0;
+    for (int i = 0; i < queries; ++i) {
+        std::vector<double> logit(static_cast<std::size_t>(keys));
+        double mx = -INFINITY;
+        for (int j = 0; j < keys; ++j) {
+            double dot = 0;
+            for (int d = 0; d < HD; ++d) dot += static_cast<double>(q[static_cast<std::size_t>(i) * HD + d]) * k[static_cast<std::size_t>(j) * HD + d];
+            logit[static_cast<std::size_t>(j)] = dot * scale;
+            mx = std::max(mx, logit[static_cast<std::size_t>(j)]);
+        }
+        double sum = 0;
+        for (double x : logit) sum += std::exp(x - mx);
+        const double lse = mx + std::log(sum);
+        worst_lse = std::max(worst_lse, std::abs(lse - got.lse[static_cast<std::size_t>(i)]));
+        for (int d = 0; d < HD; ++d) {
+            double o = 0;
+            for (int j = 0; j < keys; ++j) o += std::exp(logit[static_cast<std::size_t>(j)] - lse) * v[static_cast<std::size_t>(j) * HD + d];
+            worst_out = std::max(worst_out, std::abs(o - got.out[static_cast<std::size_t>(i) * HD + d]));
+            top = std::max(top, std::abs(o));
+        }
+    }
+    INFO("queries ", queries, " keys ", keys, " splits ", splits, " head ", HD, ": out error ", worst_out / top, " of the largest output, LSE error ", worst_lse);
+    CHECK(worst_out / top <= 1e-2);  // P rounded to bf16 before P·V (2^-9 per weight), nothing else rounded
+    CHECK(worst_lse <= 1e-4);       // fp32 throughout
+}
+
+}  // namespace
+
+TEST_SUITE("engine_layout") {
+    TEST_CASE("a lane-by-lane transliteration of the fa2 kernel's warps and merge equals fp64 attention, ragged tiles, split or not") {
+        check_emulation<64>(70, 150, 1, 1.f, 1);   // a part-filled query block, a part-filled last key tile
+        check_emulation<64>(70, 150, 3, 1.f, 2);   // three splits of one tile each
+        check_emulation<64>(5, 64, 1, 1.f, 3);     // exactly one key tile
+        check_emulation<64>(17, 1, 1, 1.f, 4);     // one key
+        check_emulation<64>(33, 200, 8, 1.f, 5);   // more splits than tiles: empty splits merge as weight 0
+        check_emulation<64>(64, 130, 2, 5.f, 6);   // sharp softmax: the maximum moves between tiles
+        check_emulation<128>(20, 97, 2, 1.f, 7);
     }
 }
