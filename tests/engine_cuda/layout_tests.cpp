@@ -359,3 +359,105 @@ TEST_SUITE("engine_layout") {
         check_emulation<128>(20, 97, 2, 1.f, 7);
     }
 }
+
+namespace {
+
+// fa2_probe_kernel's warps, transliterated as above: per 64-key tile, K as the A operand (rows = keys), each 64-query
+// tile of Q as B, exp2(scale log2e s - lse log2e) summed per key over the valid queries, the quad's sums combined.
+template <int HD>
+std::vector<float> emulate_probe(const std::vector<float>& q, const std::vector<float>& k, const std::vector<float>& lse, int n, int keys, float scale) {
+    constexpr int ksteps = HD / 16, ntiles = 64 / 8;
+    constexpr float log2e = 1.4426950408889634f;
+    auto at = [](const std::vector<float>& m, int rows, int r, int c) { return r < rows ? m[static_cast<std::size_t>(r) * HD + c] : 0.f; };
+    std::vector<float> partial(static_cast<std::size_t>(keys), 0.f);
+    for (int j0 = 0; j0 < keys; j0 += 64)
+        for (int warp = 0; warp < 4; ++warp) {
+            static float kf[ksteps][32][8];
+            for (int kk = 0; kk < ksteps; ++kk)
+                for (int l = 0; l < 32; ++l)
+                    for (int i = 0; i < 8; ++i) {
+                        const auto e = fa2::a_element(l, i);
+                        kf[kk][l][i] = at(k, keys, j0 + warp * 16 + e.row, kk * 16 + e.col);
+                    }
+            float sum[32][2] = {};
+            for (int i0 = 0; i0 < n; i0 += 64) {
+                float s[ntiles][32][4] = {};
+                for (int kk = 0; kk < ksteps; ++kk)
+                    for (int t = 0; t < ntiles; ++t) {
+                        float qb[32][4];
+                        for (int l = 0; l < 32; ++l)
+                            for (int i = 0; i < 4; ++i) {
+                                const auto e = fa2::b_element(l, i);  // B[k = dim][n = query]
+                                qb[l][i] = at(q, n, i0 + t * 8 + e.col, kk * 16 + e.row);
+                            }
+                        mma_lanes(s[t], kf[kk], qb);
+                    }
+                for (int t = 0; t < ntiles; ++t)
+                    for (int l = 0; l < 32; ++l)
+                        for (int e = 0; e < 4; ++e) {
+                            const int i = i0 + t * 8 + fa2::c_element(l, e).col;
+                            if (i < n) sum[l][e >> 1] += std::exp2(s[t][l][e] * (scale * log2e) - lse[static_cast<std::size_t>(i)] * log2e);
+                        }
+            }
+            for (int mask : {1, 2}) {
+                float copy[32][2];
+                std::memcpy(copy, sum, sizeof copy);
+                for (int l = 0; l < 32; ++l)
+                    for (int r = 0; r < 2; ++r) sum[l][r] = copy[l][r] + copy[l ^ mask][r];
+            }
+            for (int l = 0; l < 32; ++l)
+                for (int r = 0; r < 2; ++r) {
+                    const int j = j0 + warp * 16 + (l >> 2) + 8 * r;
+                    if ((l & 3) == 0 && j < keys) partial[static_cast<std::size_t>(j)] = sum[l][r];
+                }
+        }
+    return partial;
+}
+
+template <int HD>
+void check_probe_emulation(int n, int keys, std::uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<float> normal;
+    auto draw = [&](int rows) {
+        std::vector<float> m(static_cast<std::size_t>(rows) * HD);
+        for (auto& x : m) x = round_bf16(normal(rng));
+        return m;
+    };
+    const auto q = draw(n), k = draw(keys);
+    const float scale = 1.f / std::sqrt(static_cast<float>(HD));
+    // Each query's LSE over these keys (as the attention would return it over its keys; any LSE serves the check).
+    std::vector<double> logits(static_cast<std::size_t>(n) * keys);
+    std::vector<float> lse(static_cast<std::size_t>(n));
+    for (int i = 0; i < n; ++i) {
+        double mx = -INFINITY, sum = 0;
+        for (int j = 0; j < keys; ++j) {
+            double dot = 0;
+            for (int d = 0; d < HD; ++d) dot += static_cast<double>(q[static_cast<std::size_t>(i) * HD + d]) * k[static_cast<std::size_t>(j) * HD + d];
+            logits[static_cast<std::size_t>(i) * keys + j] = dot * scale;
+            mx = std::max(mx, dot * scale);
+        }
+        for (int j = 0; j < keys; ++j) sum += std::exp(logits[static_cast<std::size_t>(i) * keys + j] - mx);
+        lse[static_cast<std::size_t>(i)] = static_cast<float>(mx + std::log(sum));
+    }
+    const auto got = emulate_probe<HD>(q, k, lse, n, keys, scale);
+    double diff = 0, norm = 0;
+    for (int j = 0; j < keys; ++j) {
+        double want = 0;
+        for (int i = 0; i < n; ++i) want += std::exp(logits[static_cast<std::size_t>(i) * keys + j] - lse[static_cast<std::size_t>(i)]);
+        diff += (got[static_cast<std::size_t>(j)] - want) * (got[static_cast<std::size_t>(j)] - want);
+        norm += want * want;
+    }
+    INFO("queries ", n, " keys ", keys, " head ", HD, ": relative L2 ", std::sqrt(diff / norm));
+    CHECK(std::sqrt(diff / norm) <= 1e-4);
+}
+
+}  // namespace
+
+TEST_SUITE("engine_layout") {
+    TEST_CASE("a lane-by-lane transliteration of the fa2 probe sweep equals the fp64 column sums, ragged tiles") {
+        check_probe_emulation<64>(70, 150, 11);
+        check_probe_emulation<64>(1, 64, 12);
+        check_probe_emulation<64>(130, 17, 13);
+        check_probe_emulation<128>(40, 90, 14);
+    }
+}
