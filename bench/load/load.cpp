@@ -8,7 +8,6 @@
 // Prints a Markdown table, writes JSON.
 #include <CLI/CLI.hpp>
 #include <cstdio>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 #include <string>
@@ -22,6 +21,8 @@
 
 #include "demo/support.hpp"
 #include "demo/timing.hpp"
+#include "quality/cli.hpp"
+#include "sd3/files.hpp"
 #include <memory>
 #include "sd3/transformer.hpp"
 
@@ -87,9 +88,10 @@ int main(int argc, char** argv) {
   std::string model_dir = demo::default_model_dir().string(), out = "load.json";
   std::vector<int> thread_counts{1, 2};
   app.add_option("--model", model_dir)->capture_default_str();
-  app.add_option("--samples", samples)->capture_default_str()->check(CLI::Range(1, 4096));
-  app.add_option("--steps", steps)->capture_default_str()->check(CLI::Range(1, 1000));
-  auto* cfg_option = app.add_option("--cfg", cfg, "classifier-free guidance scale (default: the model's sampling.json, else 4)");
+  // The options every tool shares, with their ranges, and its output checked before any work (quality/cli.hpp).
+  quality::cli::add_samples(app, samples);
+  quality::cli::add_steps(app, steps);
+  auto* cfg_option = quality::cli::add_cfg(app, cfg);
   app.add_option("--cache-rate", cache_rate)->capture_default_str()->check(CLI::Range(0.0, 0.99));
   app.add_option("--repeats", repeats, "timed pairs per case, after an untimed warm-up")->capture_default_str()->check(CLI::Range(1, 100));
   app.add_option("--threads", thread_counts, "thread counts to run")->capture_default_str()->check(CLI::Range(1, sd3::max_threads));
@@ -97,9 +99,13 @@ int main(int argc, char** argv) {
   app.add_option("--competitor-seconds", competitor_seconds, "the competing process ends itself after this long")
       ->capture_default_str()->check(CLI::Range(1u, 86400u));
   app.add_option("--json", out, "output file")->capture_default_str();
-  CLI11_PARSE(app, argc, argv);
+  if (const auto status = quality::cli::parse(app, argc, argv)) return *status;
 
   try {
+    sd3::file_plan plan;
+    plan.output(out, "--json");
+    plan.input(model_dir, "--model");
+    plan.check();
     const demo::method_spec full_spec{.name = "full"}, spec{.name = "specdiff", .cache_rate = cache_rate};
     std::vector<result> results;
     float guidance = cfg;  // the scale the runs used (the model's unless --cfg)
@@ -151,7 +157,7 @@ int main(int argc, char** argv) {
     }
     const nlohmann::json all{{"model", model_dir}, {"samples", samples}, {"steps", steps}, {"cfg", guidance}, {"cache_rate", cache_rate},
                              {"repeats", repeats}, {"competitor_core", core}, {"results", rows}};
-    std::ofstream(out) << all.dump(2) << "\n";
+    sd3::write_file(out, all.dump(2) + "\n", "--json");
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 1;

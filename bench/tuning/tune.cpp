@@ -1,12 +1,14 @@
 // specdiff-tune: varies one SpecDiff setting at a time around the defaults, at a fixed cache rate, and
 // prints speedup (against full RFlow timed before and after), FLOP ratio, PSNR, SSIM and class accuracy.
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <string>
 #include <thread>
 
 #include "demo/support.hpp"
+#include "quality/cli.hpp"
 
 namespace {
 
@@ -45,15 +47,17 @@ int main(int argc, char** argv) {
   std::string model_dir = demo::default_model_dir().string();
   bool grids = false;
   std::string only;
-  app.add_option("--samples", samples)->capture_default_str();
-  app.add_option("--steps", steps)->capture_default_str();
+  // The options every tool shares, with their ranges (quality/cli.hpp).
+  threads = std::min(threads, sd3::max_threads);
+  quality::cli::add_samples(app, samples);
+  quality::cli::add_steps(app, steps);
   app.add_option("--cache-rate", cache_rate)->capture_default_str()->check(CLI::Range(0.0, 0.999));
-  auto* cfg_option = app.add_option("--cfg", cfg, "classifier-free guidance scale (default: the model's sampling.json, else 4)");
-  app.add_option("--threads", threads)->capture_default_str();
+  auto* cfg_option = quality::cli::add_cfg(app, cfg);
+  quality::cli::add_threads(app, threads);
   app.add_option("--model", model_dir)->capture_default_str();
   app.add_option("--only", only, "run only the default and the variants whose name contains this text (e.g. ranking)");
   app.add_flag("--speculative-grid", grids, "instead: the speculative pass's grid (aligned vs the sampler's) for S = 0..4");
-  CLI11_PARSE(app, argc, argv);
+  if (const auto status = quality::cli::parse(app, argc, argv)) return *status;
   try {
     const auto work = demo::make_workload(model_dir, samples, 0, steps, cfg_option->count() ? std::optional(cfg) : std::nullopt, threads);
     const auto& p = work->problem;

@@ -27,11 +27,9 @@ if [[ $mode == sigint ]]; then
   mkdir -p "$dir"
   for delay in "${delays[@]}"; do
     printf previous > "$dir/$file"
-    "$@" > "$dir/log" 2>&1 &
-    pid=$!
-    sleep "$delay"
-    kill -INT "$pid" 2>/dev/null
-    wait "$pid"
+    # timeout runs the tool in the foreground (a background job of a script would ignore SIGINT) and sends
+    # SIGINT after the delay; --preserve-status: death by the signal reads 130.
+    timeout --preserve-status -s INT "$delay" "$@" > "$dir/log" 2>&1
     status=$?
     content=$(head -c 8 "$dir/$file")
     echo "delay $delay s: exit status $status, file $(stat -c %s "$dir/$file") bytes"
