@@ -1,7 +1,7 @@
 // What only FLUX has in the forward (diffusers' FluxTransformer2DModel): its block plan (double-stream blocks are
 // the shared joint blocks; single-stream blocks run the same stages with one set of weights for both streams), the
 // packed-token embedding with the guidance embedding, and the rotary position embedding over (axis 0, row,
-// column) ids. Everything else is transformer.cpp's.
+// column) ids. Everything else is the shared stages' (transformer.cpp and the files it names).
 #include <cmath>
 #include <stdexcept>
 #include <string>

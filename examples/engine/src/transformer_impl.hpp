@@ -1,4 +1,4 @@
-// The engine's internals, shared by the stages of transformer.cpp (every architecture, and SD3's own) and
+// The engine's internals, shared by the stages of the forward (transformer.cpp and the stage files it names below) and
 // flux_forward.cpp (FLUX's own): the element-wise helpers, the parallel loop, and transformer::impl, whose
 // workspaces and stages are one two-stream MMDiT that SD3, MMDiT-X and FLUX blocks all run on. Not installed.
 #pragma once
@@ -312,6 +312,10 @@ struct transformer::impl {
     void validate_attention2_hook(const module_hook& h, int layer) const;
 
     // ----- stages -----
+    // Where each lives: embedding, modulation and the gated residual in modulation.cpp; the attention stage in
+    // attention.cpp (its score product in attention_kernel.hpp), the probe in probe.cpp, the K/V cache and the
+    // packed keys/values in kv_cache.cpp; the MLP in mlp.cpp; validation in validate.cpp; the blocks, the final
+    // layer and run() in transformer.cpp; FLUX's own embedding and rotary positions in flux_forward.cpp.
     // The conditioning MLPs: timestep, guidance (nullptr without guidance_embeds), pooled text.
     struct conditioning_weights {
         const linear *time1, *time2, *guidance1, *guidance2, *text1, *text2;
@@ -329,6 +333,12 @@ struct transformer::impl {
     void image_attention_stage(int layer, const block_weights& w, const module_hook& h);
     void store_kv(int layer, attention_kind kind);
     void attend(int layer, attention_kind kind, bool image_queries, bool context_queries);
+    // The attention probe (probe.cpp): a task's zeroed slice of probe_parts (nullptr: its queries are not counted),
+    // one head's column sums into it, and the fixed-order reduction into forward_options::attention_probe.
+    float* probe_part(int task, bool image_chunk);
+    void probe_columns(const detail::attention_scratch& w, const float* packed_image_keys, int nq, int q_panels, float scale,
+                       float* part) const;
+    void reduce_probe(int per_sample, int image_chunks);
     void apply_module(stream s, const module_hook& h, const float* computed, int gate_offset);
     void mlp_compute(stream s, const module_hook& h, const block_plan& p, float* out);
     void joint_block(int layer, const block_plan& p, const block_hooks& h);
