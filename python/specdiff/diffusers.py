@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
@@ -279,7 +280,7 @@ class _Runner:
         self.caches = {}
         self.model_calls = 0
         self.partial_calls = 0
-        self.last_run = {}
+        self.library_seconds = 0.0
         blocks = model.transformer_blocks
         self.joint_slots = len(blocks)
         self.processors = []
@@ -393,7 +394,9 @@ class _Runner:
             timestep = torch.full((batch,), t, dtype=torch.float32)
             rows = self.forward_rows(inp, ctx, pooled, timestep, None, probe)
             self.model_calls += 1
+            t0 = time.perf_counter()
             self.acc.record_speculation(s, probe.reshape(-1))
+            self.library_seconds += time.perf_counter() - t0
             v = self.unpatchify(rows, x.shape[-2], x.shape[-1])
             if cfg:
                 vu, vc = v.chunk(2)
@@ -429,27 +432,38 @@ class _Runner:
                 self.acc.reset()
             self.model_calls = 0
             self.partial_calls = 0
+            self.library_seconds = 0.0
             if self.acc.speculates and getattr(self.config, "spec_steps", 0) > 0:
                 self.speculate(ts, x, encoder_hidden_states, pooled_projections, guidance, cfg)
         elif self.acc is None or self.key != key or self.acc.next_step != k:
             raise SpecDiffError(f"timestep: step {k} (t = {t}) came before step {self.acc.next_step if self.acc else 0} of this run; "
                                 "specdiff expects the scheduler's steps in order from the first")
         acc = self.acc
+        t0 = time.perf_counter()
         count = acc.plan_step(k, t)
+        self.library_seconds += time.perf_counter() - t0
         out = torch.empty(batch * self.tokens, features, dtype=torch.float32)
         probe = torch.zeros(batch, self.tokens) if acc.reads_attention else None
         try:
             if count == 0:
+                t0 = time.perf_counter()
                 acc.complete_step(torch.empty(0, features), out, None)
+                self.library_seconds += time.perf_counter() - t0
             elif count == self.tokens:
                 rows = self.forward_rows(x, encoder_hidden_states, pooled_projections, timestep, None, probe)
                 out = rows.reshape(batch * self.tokens, features).contiguous()
+                t0 = time.perf_counter()
                 acc.complete_step_in_place(out, probe.reshape(-1) if probe is not None else None)
+                self.library_seconds += time.perf_counter() - t0
                 self.model_calls += 1
             else:
+                t0 = time.perf_counter()
                 ids = torch.from_numpy(acc.compute_tokens().astype(np.int64))
+                self.library_seconds += time.perf_counter() - t0
                 rows = self.forward_rows(x, encoder_hidden_states, pooled_projections, timestep, ids, probe)
+                t0 = time.perf_counter()
                 acc.complete_step(rows.reshape(batch * count, features).contiguous(), out, probe.reshape(-1) if probe is not None else None)
+                self.library_seconds += time.perf_counter() - t0
                 self.model_calls += 1
                 self.partial_calls += 1
         except BaseException:
@@ -573,12 +587,13 @@ def disable(pipe_or_transformer) -> None:
 
 
 def stats(pipe_or_transformer) -> dict:
-    """Model calls of the last run (the speculative pass included) and how many were partial."""
+    """The last run: model calls (the speculative pass included), how many were partial, and the seconds spent in the
+    C++ library's calls (planning, cache fills, records)."""
     _, model = _split(pipe_or_transformer)
     runner = getattr(model, "_specdiff_runner", None)
     if runner is None:
         raise SpecDiffError("pipe_or_transformer: specdiff is not enabled on this model")
-    return {"model_calls": runner.model_calls, "partial_calls": runner.partial_calls}
+    return {"model_calls": runner.model_calls, "partial_calls": runner.partial_calls, "library_seconds": runner.library_seconds}
 
 
 def calibrate_forecast(pipe, runs: Sequence[dict], config: ForecastConfig = None, *, ridge: float = 1e-3, min_pairs: int = 16):

@@ -37,7 +37,7 @@ def test_cache_rate_zero_is_the_plain_loop_bit_for_bit(sd3_problem, sd3_full):
          {"cache_rate": 0.7, "spec_steps": 3, "c3": "latest"}),
         ("specdiff-adaptive", lambda g: sd.SpecDiffAdaptiveConfig(guidance_scale=g), {}),
         ("forecast", lambda g: sd.ForecastConfig(learned=MODELS / "mnist-sd3" / "learned_forecast_N3.json"), {}),
-        ("forecast", lambda g: sd.ForecastConfig(interval=2, c3="taylor", order=2), {"interval": 2, "c3": "taylor", "order": 2}),
+        ("forecast", lambda g: sd.ForecastConfig(interval=3, c3="taylor", order=2), {"interval": 3, "c3": "taylor", "order": 2}),
     ],
     ids=["specdiff", "specdiff-cr0.7-latest", "specdiff-adaptive", "forecast-learned", "forecast-taylor2"],
 )
