@@ -63,9 +63,14 @@ std::vector<demo::method_spec> sweep(bool quick) {
   // ... and with the cache rate moving between 0.95 and 0.8 with the verified error (learned C3 rule)
   for (double budget : quick ? values{} : values{0.2, 0.4, 0.8})
     s.push_back({.name = "specdiff-adaptive", .cache_rate = 0.95, .error_budget = budget, .cache_rate_min = 0.8, .c3 = std::string("learned")});
-  // The output forecast between full steps (L2P's structure) with learned weights, and TaylorSeer's order-1 rule there.
-  for (const char* c3 : {"learned", "taylor"})
-    for (int n : quick ? counts{3} : counts{2, 3, 4, 6}) s.push_back({.name = "forecast", .interval = n, .c3 = std::string(c3)});
+  // The output forecast between full steps (L2P's structure) with learned weights, and the Taylor rule there over step
+  // indices (diffusers' TaylorSeerCache lite: order 1 and 2); intervals from FLOP ratio 1.87 (N=2) to 5.6 (N=8).
+  for (int n : quick ? counts{3} : counts{2, 3, 4, 5, 6, 7, 8}) s.push_back({.name = "forecast", .interval = n, .c3 = std::string("learned")});
+  for (int o : quick ? counts{1} : counts{1, 2})
+    for (int n : quick ? counts{3} : counts{2, 3, 4, 6}) s.push_back({.name = "forecast", .interval = n, .order = o, .c3 = std::string("taylor")});
+  // ... and on diffusers' refresh steps (warm-up 3, then k full iff (k - 4) % N == 0): its TaylorSeerCache lite, order 1.
+  for (int n : quick ? counts{} : counts{2, 3, 4, 6})
+    s.push_back({.name = "forecast", .interval = n, .order = 1, .warmup = 3, .refresh = std::string("diffusers"), .c3 = std::string("taylor")});
   for (int n : quick ? counts{3} : counts{2, 3, 5}) s.push_back({.name = "toca", .cache_rate = 0.9, .interval = n});
   for (int n : quick ? counts{3} : counts{2, 3, 4, 6}) s.push_back({.name = "fora", .interval = n});
   for (int n : quick ? counts{4} : counts{3, 4, 6})

@@ -1,6 +1,6 @@
 // specdiff-calibrate: the learned C3 rule's weights for a model folder, by self-calibration. It runs the method
-// the weights are for (SpecDiff-adaptive by default) on calibration samples — a seed of their own, never one the
-// demo or the benchmarks evaluate on — with specdiff::history_fit attached to the accelerator: every partial step
+// the weights are for (SpecDiff-adaptive by default) on calibration samples — drawn from the calibration noise
+// domain (quality::noise_domain::calibration: Philox streams no evaluation ever draws, for every seed) — with specdiff::history_fit attached to the accelerator: every partial step
 // adds its computed rows and their histories, and a least-squares solve per (main step, history length) gives
 // the weights (specdiff/learned.hpp). Writes MODEL/learned_c3.json unless told otherwise; prints the seconds.
 #include <CLI/CLI.hpp>
@@ -11,6 +11,7 @@
 
 #include "demo/support.hpp"
 #include "quality/cli.hpp"
+#include "quality/noise.hpp"
 #include "quality/options.hpp"
 #include "sd3/errors.hpp"
 #include "sd3/files.hpp"
@@ -35,13 +36,25 @@ int main(int argc, char** argv) {
   app.add_option("--cache-rate", cache_rate, "cache rate during calibration")->capture_default_str()
       ->check(real_in(0.0, 1.0, quality::interval::open_above));
   app.add_option("--samples", samples, "calibration samples (class i % 10)")->capture_default_str()->check(integer_in(1, 4096));
-  app.add_option("--seed", seed_text, "noise seed of the calibration samples (keep it apart from evaluation seeds)")->capture_default_str()
+  app.add_option("--seed", seed_text, "noise seed of the calibration samples (drawn from the calibration key space: never an evaluation's noise, whatever the seed)")->capture_default_str()
       ->check(checked([](const std::string& t) { return quality::check_seed(t); }, "UINT64"));
   app.add_option("--steps", steps, "sampling steps (the weights hold for this step count only)")->capture_default_str()->check(integer_in(1, 1000));
   app.add_option("--ridge", ridge, "ridge toward reusing the latest row, relative to the mean Gram diagonal")->capture_default_str()
       ->check(real_in(0.0, 1e6));
   app.add_option("--min-pairs", min_pairs, "a (step, history length) with fewer pairs stays unfitted (reuses the latest row)")
       ->capture_default_str()->check(integer_in(1, 1 << 30));
+  std::string fit_on = "halves", trajectory = "full", start_weights, refresh = "library";
+  int warmup = methods::forecast_options{}.warmup_steps;
+  app.add_option("--warmup", warmup, "forecast: the full warm-up steps the weights are for (0: the forecast's default for the interval)")
+      ->capture_default_str()->check(integer_in(0, 1000));
+  app.add_option("--refresh", refresh, "forecast: the refresh rule after the warm-up the weights are for (methods::forecast_options)")
+      ->capture_default_str()->check(CLI::IsMember({"library", "diffusers"}));
+  app.add_option("--fit-on", fit_on, "forecast: fit on the CFG-guided output (what the sampler steps with) or on both halves' rows")
+      ->capture_default_str()->check(CLI::IsMember({"guided", "halves"}));
+  app.add_option("--trajectory", trajectory, "forecast: pairs on the full-compute trajectory (teacher forcing) or on the forecast's own")
+      ->capture_default_str()->check(CLI::IsMember({"full", "forecast"}));
+  app.add_option("--start-weights", start_weights,
+                 "forecast --trajectory forecast: the learned file whose forecast the trajectory follows (default: the Taylor rule)");
   app.add_option("--threads", threads, "threads")->capture_default_str()->check(integer_in(1, sd3::max_threads));
   CLI11_PARSE(app, argc, argv);
   try {
@@ -57,7 +70,7 @@ int main(int argc, char** argv) {
         if (!entry.path().filename().string().starts_with("learned_")) plan.input(entry.path(), "--model");
     plan.check();
     const std::uint64_t seed = quality::parse_seed(seed_text);
-    const auto work = demo::make_workload(model_dir, samples, seed, steps, std::nullopt, threads);
+    const auto work = demo::make_workload(model_dir, samples, seed, steps, std::nullopt, threads, quality::noise_domain::calibration);
     const auto& problem = work->problem;
     const auto start = std::chrono::steady_clock::now();
     const sd3::flow_match_euler main = problem.schedule(problem.steps);
@@ -65,12 +78,21 @@ int main(int argc, char** argv) {
     // SpecDiff: self-calibration under SpecDiff's C3 rule (the fit sees the computed rows' histories, which do not
     // depend on the rule; the rule only shifts the trajectory slightly). The forecast: full trajectories.
     const demo::method_spec spec =
-        forecast ? demo::method_spec{.name = method, .interval = interval, .c3 = "taylor"}
+        forecast ? demo::method_spec{.name = method, .interval = interval, .warmup = warmup, .refresh = refresh, .c3 = "taylor"}
                  : demo::method_spec{.name = method, .cache_rate = cache_rate,
                                      .error_budget = method == "specdiff-adaptive" ? std::optional(error_budget) : std::nullopt};
     methods::run_result run;
     if (forecast) {
-      run = methods::calibrate_forecast(problem, demo::forecast_options_of(spec), fit);
+      auto options = demo::forecast_options_of(spec);
+      options.fit_on = fit_on == "guided" ? methods::forecast_options::fit_target::guided : methods::forecast_options::fit_target::halves;
+      options.trajectory = trajectory == "forecast" ? methods::forecast_options::fit_trajectory::forecast : methods::forecast_options::fit_trajectory::full;
+      std::optional<specdiff::learned_table> start;
+      if (!start_weights.empty()) {
+        start = methods::load_learned_c3(start_weights);
+        if (!start) throw std::invalid_argument(sd3::message("--start-weights: ", start_weights, " does not exist"));
+        options.learned_weights = &*start;
+      }
+      run = methods::calibrate_forecast(problem, options, fit);
     } else {
       auto options = demo::specdiff_options_of(spec);
       options.calibrate = &fit;
@@ -84,7 +106,11 @@ int main(int argc, char** argv) {
         fitted += !std::isnan(table.weights(k, n)[0]);
         pairs += fit.pairs(k, n);
       }
-    const nlohmann::json calibration{{"tool", "specdiff-calibrate"}, {"method", forecast ? sd3::message("forecast N=", interval) : spec.describe()}, {"samples", samples}, {"seed", seed},
+    const nlohmann::json calibration{{"tool", "specdiff-calibrate"}, {"method", forecast ? sd3::message("forecast N=", interval, " W=", demo::forecast_options_of(spec).warmup(), " refresh=", refresh, ", fit on ", fit_on, ", ", trajectory, " trajectory") : spec.describe()},
+                                     {"warmup", forecast ? nlohmann::json(demo::forecast_options_of(spec).warmup()) : nlohmann::json(nullptr)},
+                                     {"refresh", forecast ? nlohmann::json(refresh) : nlohmann::json(nullptr)}, {"samples", samples}, {"seed", seed},
+                                     {"noise", quality::noise_domain_name(quality::noise_domain::calibration)},
+                                     {"noise_stream_tag", quality::calibration_stream_tag},
                                      {"steps", steps}, {"cfg", problem.guidance}, {"ridge", ridge}, {"min_pairs", min_pairs},
                                      {"pairs", pairs}, {"fitted", fitted}, {"dense_steps", run.dense_steps}, {"seconds", seconds},
                                      {"threads", threads}};

@@ -97,14 +97,15 @@ std::vector<float> conditional_model::images(std::span<const float> latents) con
   return out;
 }
 
-sample_batch make_batch(const conditional_model& m, int samples, std::uint64_t seed) {
+sample_batch make_batch(const conditional_model& m, int samples, std::uint64_t seed, quality::noise_domain domain) {
   if (samples < 1) throw std::invalid_argument("samples: must be >= 1, got " + std::to_string(samples));
   const auto& e = m.classes;
   sample_batch b;
   b.height = m.latent_height(), b.width = m.latent_width();
   // The same noise image for every architecture; FLUX packs it as FluxPipeline.prepare_latents does.
   const std::size_t per = static_cast<std::size_t>(m.image_channels) * m.image_height * m.image_width;
-  b.noise = quality::sample_latents(static_cast<std::size_t>(samples), per, seed);
+  b.domain = domain;
+  b.noise = quality::sample_latents(static_cast<std::size_t>(samples), per, seed, 0, domain);
   if (m.flux()) {
     std::vector<float> packed(b.noise.size());
     sd3::flux_pack_latents(samples, m.image_channels, m.image_height, m.image_width, b.noise, packed);
@@ -139,9 +140,43 @@ methods::problem make_problem(sd3::transformer& net, const conditional_model& m,
   return p;
 }
 
+std::vector<std::string> calibration_noise_overlaps(const std::filesystem::path& model_dir, std::uint64_t seed) {
+  std::vector<std::string> found;
+  if (!std::filesystem::is_directory(model_dir)) return found;
+  std::vector<std::filesystem::path> files;
+  for (const auto& entry : std::filesystem::directory_iterator(model_dir)) {
+    const auto name = entry.path().filename().string();
+    if (name == methods::learned_c3_file_name || methods::learned_forecast_interval(name)) files.push_back(entry.path());
+  }
+  std::ranges::sort(files);
+  for (const auto& file : files) {
+    const auto calibration = sd3::parse_json(methods::learned_c3_calibration(file));
+    const auto noise = calibration.find("noise");
+    if (noise != calibration.end() && noise->is_string() && noise->get<std::string>() == quality::noise_domain_name(quality::noise_domain::calibration))
+      continue;  // fitted on calibration noise: a key space no evaluation draws from
+    const auto s = calibration.find("seed");
+    if (s == calibration.end() || !s->is_number_unsigned())
+      found.push_back(sd3::message(file.string(), " records neither its calibration noise nor its seed; refit it with specdiff-calibrate"));
+    else if (s->get<std::uint64_t>() == seed)
+      found.push_back(sd3::message(file.string(), " was fitted on the evaluation noise of seed ", seed,
+                                   " (a file from before the calibration key space): evaluating --seed ", seed,
+                                   " would judge it on its own calibration trajectories; refit it with specdiff-calibrate or pick another --seed"));
+  }
+  return found;
+}
+
+void refuse_calibration_noise(const std::filesystem::path& model_dir, std::uint64_t seed) {
+  const auto found = calibration_noise_overlaps(model_dir, seed);
+  if (found.empty()) return;
+  std::string text = "evaluation on calibration noise refused:";
+  for (const auto& f : found) text += "\n  " + f;
+  throw std::invalid_argument(text);
+}
+
 std::unique_ptr<workload> make_workload(const std::filesystem::path& model_dir, int samples, std::uint64_t seed, int steps,
-                                        std::optional<float> guidance, int threads) {
+                                        std::optional<float> guidance, int threads, quality::noise_domain domain) {
   if (samples < 1) throw std::invalid_argument(sd3::message("samples: must be >= 1, got ", samples));
+  if (domain == quality::noise_domain::evaluation) refuse_calibration_noise(model_dir, seed);
   auto w = std::make_unique<workload>(workload{conditional_model::load(model_dir), {}, nullptr, {}});
   // The largest per-run state of any method, checked before anything is sized from `samples`: per block, the
   // CFG batch's image rows at up to three sites (MMDiT-X: two attentions and the MLP) with up to three cached
@@ -151,7 +186,7 @@ std::unique_ptr<workload> make_workload(const std::filesystem::path& model_dir, 
   const std::size_t rows = sd3::saturating_product(2 * std::int64_t{samples}, m.image_tokens());
   sd3::require_memory(sd3::message("demo: the methods' caches for ", samples, " samples"),
                       sd3::saturating_product(m.blocks(), rows, m.hidden(), 3 * (1 + 3), sizeof(float)));
-  w->batch = make_batch(w->model, samples, seed);
+  w->batch = make_batch(w->model, samples, seed, domain);
   sd3::engine_limits limits;
   limits.max_batch = 2 * samples;
   limits.max_context_tokens = w->model.classes.context_tokens;
@@ -245,6 +280,13 @@ methods::forecast_options forecast_of(const method_spec& s) {
   o.interval = s.interval.value_or(o.interval);
   o.c3 = c3_of(s, o.c3, methods::learned_forecast_file_name(o.interval).c_str());
   o.learned_weights = s.learned_weights;
+  o.order = s.order.value_or(o.order);
+  o.warmup_steps = s.warmup.value_or(o.warmup_steps);
+  if (s.refresh) {
+    if (*s.refresh != "library" && *s.refresh != "diffusers")
+      throw std::invalid_argument(sd3::message("refresh: '", sd3::excerpt(*s.refresh), "' is not a refresh rule; allowed: library, diffusers"));
+    o.refresh = *s.refresh == "diffusers" ? methods::forecast_options::refresh_rule::diffusers : methods::forecast_options::refresh_rule::library;
+  }
   return o;
 }
 methods::ras_options ras_of(const method_spec& s) {
@@ -299,6 +341,9 @@ std::string method_spec::describe() const {
     if (c3) os << " c3=" << *c3;
   } else if (name == "forecast") {
     os << " N=" << interval.value_or(methods::forecast_options{}.interval) << " c3=" << c3.value_or("learned");
+    if (order && c3 == "taylor") os << " O=" << *order;
+    if (warmup) os << " W=" << *warmup;
+    if (refresh) os << " refresh=" << *refresh;
   } else if (name == "ras") {
     os << " cr=" << ras_of(*this).cache_rate;
   } else if (name == "fbcache") {

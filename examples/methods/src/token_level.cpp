@@ -59,7 +59,7 @@ static_assert(specdiff::importance_scorer<ras_scorer> && specdiff::level_classif
 // records it. Everything is allocated before the clock starts.
 template <class Accelerator, class AfterStep>
 run_result run_token_level(const problem& p, Accelerator& acc, const std::optional<sd3::flow_match_euler>& speculative, bool context_queries,
-                           AfterStep&& after_step, const progress_fn& progress) {
+                           AfterStep&& after_step, const progress_fn& progress, bool step_tags = false) {
   sd3::transformer& net = *p.net;
   const sd3::transformer& c = net;
   const int batch = model_batch(p), h = p.inputs.height, w = p.inputs.width, ctx = p.inputs.context_tokens;
@@ -102,7 +102,7 @@ run_result run_token_level(const problem& p, Accelerator& acc, const std::option
   r.latents = sd3::sample_cfg(net, scheduler, p.inputs, p.guidance, [&](const sd3::model_call& call) {
     auto step = [&] {
       stopwatch::scope s(r.overhead_seconds);
-      return acc.plan_step(call.step, call.timestep);
+      return acc.plan_step(call.step, step_tags ? static_cast<float>(p.steps - call.step) : call.timestep);
     }();
     const int computed = step.compute_count();
     sd3::forward_options options;
@@ -212,43 +212,104 @@ specdiff_options specdiff_adaptive_defaults(double error_budget) {
 }
 
 namespace {
-specdiff::step_schedule forecast_schedule(const forecast_options& o) {
+specdiff::step_schedule forecast_schedule(const forecast_options& o, int steps) {
   if (o.interval < 1) throw std::invalid_argument(sd3::message("interval: must be >= 1, got ", o.interval));
-  if (o.warmup_steps < 1) throw std::invalid_argument(sd3::message("warmup_steps: must be >= 1, got ", o.warmup_steps));
-  return {o.warmup_steps, o.interval, 0, {}};
+  if (o.warmup_steps < 0) throw std::invalid_argument(sd3::message("warmup_steps: must be >= 0 (0: by the interval), got ", o.warmup_steps));
+  const int warmup = o.warmup();
+  if (o.refresh == forecast_options::refresh_rule::library) return {warmup, o.interval, 0, {}};
+  // diffusers' TaylorSeerCacheHook._measure_should_compute: full iff k < warm-up or (k - warm-up - 1) % N == 0.
+  std::vector<index_t> full;
+  for (int k = warmup + 1; k < steps; k += o.interval) full.push_back(k);
+  return {warmup, 0, 0, std::move(full)};
+}
+
+// The Taylor rule of a forecast over step-index tags (diffusers' TaylorSeerCache divides its differences by the gap
+// in forward calls): the accelerator is handed the tag steps - k, which falls by one per step.
+bool forecast_on_steps(const forecast_options& o) { return o.c3 == c3_rule::linear && o.variable == forecast_options::taylor_variable::step; }
+
+void check_forecast_order(const forecast_options& o) {
+  if (o.order < 1 || o.order > 2) throw std::invalid_argument(sd3::message("order: must be 1 or 2, got ", o.order));
 }
 }  // namespace
 
 run_result run_forecast(const problem& p, const forecast_options& o, const progress_fn& progress) {
   const specdiff::accelerator_config config{.tokens = image_tokens(p), .batch = model_batch(p), .steps = p.steps, .feature_dim = p.net->patch_features()};
-  const auto schedule = forecast_schedule(o);
+  const auto schedule = forecast_schedule(o, p.steps);
+  check_forecast_order(o);
   auto run = [&](auto approximator) {
     specdiff::accelerator acc(config, specdiff::uniform_scorer{}, specdiff::no_speculation{}, specdiff::all_approximate_classifier{}, schedule,
                               approximator);
-    return run_token_level(p, acc, std::nullopt, false, [](auto&, const std::vector<float>&) {}, progress);
+    return run_token_level(p, acc, std::nullopt, false, [](auto&, const std::vector<float>&) {}, progress, forecast_on_steps(o));
   };
+  // Order 1 over either variable is linear extrapolation through the last two full steps; order 2 is TaylorSeer's
+  // recursive divided differences (every cached full step starts a difference, as diffusers' hook forms them).
+  if (o.c3 == c3_rule::linear && o.order == 2) return run(specdiff::taylorseer<2>{});
+  if (o.c3 == c3_rule::learned && o.learned_weights != nullptr) {
+    // A table holds weights for the steps its calibration forecast: a step this schedule forecasts without them
+    // would silently reuse the latest output, so a table fitted for another warm-up or interval is refused.
+    const auto& table = *o.learned_weights;
+    int cached = 0;
+    for (int k = 0; k < p.steps && k < table.steps(); ++k) {
+      if (k == 0 || schedule.is_dense(k, p.steps)) {
+        ++cached;
+        continue;
+      }
+      const int n = std::min(cached, table.depth());
+      if (std::isnan(table.weights(k, n)[0]))
+        throw std::invalid_argument(sd3::message("learned weights: step ", k, " has none for a history of ", n, " full steps; they were fitted for ",
+                                                 "another schedule than warm-up ", o.warmup(), ", interval ", o.interval, " (specdiff-calibrate --method forecast)"));
+    }
+  }
   return with_c3_rule(p, o.c3, o.learned_weights, run);
 }
 
 run_result calibrate_forecast(const problem& p, const forecast_options& o, specdiff::history_fit& fit, const progress_fn& progress) {
-  const auto schedule = forecast_schedule(o);
+  using target = forecast_options::fit_target;
+  const auto schedule = forecast_schedule(o, p.steps);
   const sd3::transformer& c = *p.net;
   const int batch = model_batch(p), tokens = image_tokens(p), features = c.patch_features(), rows = batch * tokens;
   const sd3::flow_match_euler main = p.schedule(p.steps);
   if (fit.timesteps().size() != main.timesteps().size() || !std::equal(fit.timesteps().begin(), fit.timesteps().end(), main.timesteps().begin()))
     throw std::invalid_argument("fit: its timesteps are not this problem's main grid");
-  specdiff::host_cache_store<float> store({.layers = 1, .sites = 1, .tokens = rows, .dim = features, .history_depth = fit.depth()});
-  std::vector<float> out(static_cast<std::size_t>(rows * features));
+  // The guided output needs the CFG pair: [uncond; cond] halves of the model batch.
+  const bool guided = o.fit_on == target::guided && batch == 2 * p.inputs.batch && p.guidance > 1.f;
+  const int fit_rows = guided ? p.inputs.batch * tokens : rows;
+  const bool on_forecast = o.trajectory == forecast_options::fit_trajectory::forecast;
+  specdiff::host_cache_store<float> store({.layers = 1, .sites = 1, .tokens = fit_rows, .dim = features, .history_depth = fit.depth()});
+  // The forecast trajectory's own history (every row of the batch), tagged as its approximator reads them.
+  std::optional<specdiff::host_cache_store<float>> trajectory;
+  if (on_forecast) trajectory.emplace(specdiff::cache_shape{1, 1, rows, features, 3});
+  const specdiff::learned_table* table = o.learned_weights;
+  std::optional<specdiff::learned<3>> learned_rule;
+  if (table != nullptr) learned_rule.emplace(table->approximator<3>(std::span<const float>(main.timesteps())));
+  std::vector<float> out(static_cast<std::size_t>(rows * features)), target_rows(static_cast<std::size_t>(fit_rows * features));
   std::vector<specdiff::index_t> all(static_cast<std::size_t>(rows));
   for (int i = 0; i < rows; ++i) all[static_cast<std::size_t>(i)] = i;
-  const specdiff::matrix_view<const float> view(out.data(), rows, features);
+  const std::span<const specdiff::index_t> fit_all(all.data(), static_cast<std::size_t>(fit_rows));
+  const specdiff::matrix_view<const float> view(out.data(), rows, features), fit_view(guided ? target_rows.data() : out.data(), fit_rows, features);
   run_result r;
   const auto start = std::chrono::steady_clock::now();
   r.latents = sd3::sample_cfg(*p.net, main, p.inputs, p.guidance, [&](const sd3::model_call& call) {
     p.net->forward(*call.inputs, call.velocity, {});
     c.velocity_to_rows(batch, p.inputs.height, p.inputs.width, call.velocity, out);
-    if (call.step == 0 || schedule.is_dense(call.step, p.steps)) store.write(0, 0, call.timestep, view);
-    else fit.add(store, 0, 0, call.step, all, view, all);
+    if (guided) {  // v_u + g (v_c - v_u), as sample_cfg combines the halves
+      const std::size_t half = static_cast<std::size_t>(fit_rows * features);
+      for (std::size_t i = 0; i < half; ++i) target_rows[i] = out[i] + p.guidance * (out[half + i] - out[i]);
+    }
+    const bool full = call.step == 0 || schedule.is_dense(call.step, p.steps);
+    const float step_tag = static_cast<float>(p.steps - call.step);
+    if (full) {
+      store.write(0, 0, call.timestep, fit_view);
+      if (trajectory) trajectory->write(0, 0, table != nullptr ? call.timestep : step_tag, view);
+    } else {
+      fit.add(store, 0, 0, call.step, fit_all, fit_view, fit_all);
+      if (trajectory) {  // the trajectory moves on with the forecast, not with the true output
+        const specdiff::matrix_view<float> forecast(out.data(), rows, features);
+        if (learned_rule) trajectory->fill(0, 0, call.timestep, all, *learned_rule, forecast);
+        else trajectory->fill(0, 0, step_tag, all, specdiff::linear{}, forecast);
+        c.rows_to_velocity(batch, p.inputs.height, p.inputs.width, out, call.velocity);
+      }
+    }
     r.flops += batch * full_forward_flops(c, tokens, p.inputs.context_tokens);
     ++r.model_calls;
     if (progress) progress(r.model_calls, p.steps);

@@ -109,10 +109,20 @@ std::vector<float> gaussian_noise(std::size_t count, std::uint64_t seed, std::ui
   return out;
 }
 
-std::vector<float> sample_latents(std::size_t samples, std::size_t per_sample, std::uint64_t seed, std::uint64_t first_sample) {
+std::uint64_t noise_stream(noise_domain domain, std::uint64_t sample) {
+  if (sample >= max_domain_samples) throw std::invalid_argument("noise sample index: must be < 2^32, got " + std::to_string(sample));
+  return domain == noise_domain::calibration ? (std::uint64_t{calibration_stream_tag} << 32) | sample : sample;
+}
+
+const char* noise_domain_name(noise_domain domain) { return domain == noise_domain::calibration ? "calibration" : "evaluation"; }
+
+std::vector<float> sample_latents(std::size_t samples, std::size_t per_sample, std::uint64_t seed, std::uint64_t first_sample,
+                                  noise_domain domain) {
+  if (samples > 0 && (first_sample >= max_domain_samples || samples - 1 >= max_domain_samples - first_sample))
+    throw std::invalid_argument("noise samples: indices " + std::to_string(first_sample) + " .. +" + std::to_string(samples) + " pass 2^32");
   std::vector<float> out(samples * per_sample);
   for (std::size_t k = 0; k < samples; ++k)
-    fill_gaussian(std::span<float>(out).subspan(k * per_sample, per_sample), seed, first_sample + k, 0);
+    fill_gaussian(std::span<float>(out).subspan(k * per_sample, per_sample), seed, noise_stream(domain, first_sample + k), 0);
   return out;
 }
 

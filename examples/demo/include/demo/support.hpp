@@ -17,6 +17,7 @@
 #include "quality/classifier.hpp"
 #include "quality/default_model.hpp"
 #include "quality/frechet.hpp"
+#include "quality/noise.hpp"
 #include "sd3/flux_model.hpp"
 #include "sd3/model.hpp"
 #include "sd3/transformer.hpp"
@@ -61,13 +62,16 @@ struct conditional_model {
   std::vector<float> images(std::span<const float> latents) const;
 };
 
-/// The inputs of one batch of samples: noise from (seed, stream 0), labels i % classes, the class rows.
+/// The inputs of one batch of samples: noise from (seed, sample i's stream in `domain`: stream i for evaluation,
+/// quality::noise_stream), labels i % classes, the class rows.
 struct sample_batch {
+  quality::noise_domain domain = quality::noise_domain::evaluation;
   std::vector<int> labels;
   std::vector<float> noise, context, negative_context, pooled, negative_pooled;
   int height = 0, width = 0;
 };
-sample_batch make_batch(const conditional_model& m, int samples, std::uint64_t seed);
+sample_batch make_batch(const conditional_model& m, int samples, std::uint64_t seed,
+                        quality::noise_domain domain = quality::noise_domain::evaluation);
 /// `guidance`: the CFG scale; empty = the model's (conditional_model::guidance).
 methods::problem make_problem(sd3::transformer& net, const conditional_model& m, const sample_batch& b, int steps,
                               std::optional<float> guidance);
@@ -80,6 +84,16 @@ struct workload {
   std::unique_ptr<sd3::transformer> net;
   methods::problem problem;
 };
+/// The learned files in `model_dir` whose calibration drew *evaluation* noise of `seed` (files from before the
+/// calibration key space, whose `calibration` object has no "noise": "calibration", and whose seed is `seed`): a
+/// run evaluated on that seed would be judged on the trajectories its weights were fitted on. One message per file
+/// naming it; empty when there is none. Files that record neither domain nor seed are reported too.
+std::vector<std::string> calibration_noise_overlaps(const std::filesystem::path& model_dir, std::uint64_t seed);
+/// Throws std::invalid_argument with every calibration_noise_overlaps message (the demo and the benchmarks call
+/// it through make_workload for evaluation noise).
+void refuse_calibration_noise(const std::filesystem::path& model_dir, std::uint64_t seed);
+/// Builds the workload; with evaluation noise (the default) it first refuses a seed whose noise some learned file
+/// of the folder was fitted on (refuse_calibration_noise).
 std::unique_ptr<workload> make_workload(const std::filesystem::path& model_dir, int samples, std::uint64_t seed, int steps,
                                         std::optional<float> guidance,
                                         int threads, quality::noise_domain domain = quality::noise_domain::evaluation);
@@ -109,6 +123,9 @@ struct method_spec {
   // .interval = 4}) under -Wmissing-field-initializers.
   std::optional<double> cache_rate = {};
   std::optional<int> spec_steps = {}, interval = {}, order = {}, fast_steps = {};
+  /// forecast: warm-up steps and the refresh rule after them ("library" or "diffusers": methods::forecast_options)
+  std::optional<int> warmup = {};
+  std::optional<std::string> refresh = {};
   std::optional<double> threshold = {};   ///< fbcache, teacache: the gate's threshold
   std::optional<std::string> dense = {};  ///< specdiff, ras: one of dense_schedule_names
   std::optional<double> error_budget = {};  ///< specdiff-adaptive (default 0.05)

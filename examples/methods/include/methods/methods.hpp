@@ -77,9 +77,30 @@ std::optional<sd3::flow_match_euler> speculative_pass(const problem& p, const sp
 /// TaylorSeer's order-1 rule at the output, `latest` reuses the output (FORA at the output).
 struct forecast_options {
   int interval = 3;
-  int warmup_steps = 2;
+  /// Full steps at the start; 0 = by the interval: 3 for N <= 2 (diffusers' TaylorSeerCache's disable_cache_before_step:
+  /// 0.3's 2 forecast step 2 from steps 0 and 1, where the output still changes fastest; +2.4 dB at N = 2 on mnist-sd3),
+  /// 2 for N >= 3 (there a third warm-up step costs more than it gives: docs/results.md).
+  int warmup_steps = 0;
+  /// Which steps after the warm-up run in full: `library` = the step_schedule's refresh rule, step k full iff
+  /// (k - warmup + 1) % interval == 0 (warm-up 2, N = 2: 0, 1, 3, 5, ..., 27); `diffusers` = TaylorSeerCache's,
+  /// k full iff (k - warmup - 1) % interval == 0 (its disable_cache_before_step = warm-up 3, N = 2: 0, 1, 2, 4, ..., 26).
+  enum class refresh_rule { library, diffusers } refresh = refresh_rule::library;
   c3_rule c3 = c3_rule::learned;
   const specdiff::learned_table* learned_weights = nullptr;  ///< c3 = learned: from calibrate_forecast, for this interval
+  /// c3 = linear: what the Taylor rule differentiates over — the step index (`step`, diffusers' TaylorSeerCache: its
+  /// differences are divided by the gap in steps counted per forward call) or the timestep (`timestep`, 0.3's). The
+  /// learned rule reads its table by timestep whatever this says.
+  enum class taylor_variable { step, timestep } variable = taylor_variable::step;
+  int order = 1;  ///< c3 = linear: the Taylor order (1 or 2), TaylorSeer's recursive divided differences (specdiff::taylorseer)
+  /// calibrate_forecast: fit the weights on the rows of both CFG halves (`halves`, the default), or on the guided output
+  /// v_u + g (v_c - v_u) the sampler steps with (`guided`: measured 0.9 dB worse at N = 2 on mnist-sd3, docs/results.md).
+  enum class fit_target { guided, halves } fit_on = fit_target::halves;
+  /// calibrate_forecast: teacher forcing (`full`: the pairs lie on the full-compute trajectory, L2P's) or the
+  /// forecast's own trajectory (`forecast`: the latents follow the forecast with `learned_weights`, or the Taylor rule
+  /// when none is given, and every skipped step's true output is computed there to pair with the history; DAgger's idea).
+  enum class fit_trajectory { full, forecast } trajectory = fit_trajectory::full;
+  /// The warm-up steps a run uses (warmup_steps, or its default by the interval).
+  int warmup() const { return warmup_steps > 0 ? warmup_steps : interval <= 2 ? 3 : 2; }
 };
 run_result run_forecast(const problem& p, const forecast_options& o, const progress_fn& progress = {});
 /// The learned forecast's calibration: full RFlow (teacher-forced: every step computed), the outputs of o's full
