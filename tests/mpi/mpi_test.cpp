@@ -1,0 +1,181 @@
+// The sharded mode under MPI: `mpirun -n 2 specdiff_mpi_tests <case>`. Every rank checks, the failures are
+// summed across ranks, and every rank exits 1 if any rank failed.
+#include <mpi.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <set>
+#include <string>
+
+#include <specdiff/mpi/communicator.hpp>
+
+#include "sharded_run.hpp"
+
+using namespace specdiff;
+using namespace sharded_test;
+
+namespace {
+int failures = 0;
+int my_rank = 0;
+#define EXPECT(cond)                                                                          \
+  do {                                                                                        \
+    if (!(cond)) {                                                                            \
+      ++failures;                                                                             \
+      std::fprintf(stderr, "rank %d: %s:%d: FAILED: %s\n", my_rank, __FILE__, __LINE__, #cond); \
+    }                                                                                         \
+  } while (0)
+
+void rank_and_size(mpi_communicator& c) {
+  EXPECT(c.size() == 2);
+  const float me = static_cast<float>(c.rank());
+  std::vector<float> all(2);
+  const std::vector<index_t> counts{1, 1};
+  c.all_gather(std::span<const float>(&me, 1), counts, all);
+  EXPECT(all == (std::vector<float>{0.f, 1.f}));
+}
+
+void all_gather_variable_rows(mpi_communicator& c) {
+  // rank 0: 2 values, rank 1: 3 values; then rank 0 contributes nothing.
+  const std::vector<float> send = c.rank() == 0 ? std::vector<float>{1.5f, -2.f} : std::vector<float>{3.f, 4.25f, 8.f};
+  std::vector<float> recv(5);
+  const std::vector<index_t> counts{2, 3};
+  c.all_gather(send, counts, recv);
+  EXPECT(recv == (std::vector<float>{1.5f, -2.f, 3.f, 4.25f, 8.f}));
+  const std::vector<float> send2 = c.rank() == 0 ? std::vector<float>{} : std::vector<float>{7.f};
+  std::vector<float> recv2(1);
+  const std::vector<index_t> counts2{0, 1};
+  c.all_gather(send2, counts2, recv2);
+  EXPECT(recv2 == std::vector<float>{7.f});
+}
+
+void all_reduce_sum(mpi_communicator& c) {
+  std::vector<float> v = c.rank() == 0 ? std::vector<float>{1.f, 2.5f, -3.f, 1e-8f} : std::vector<float>{10.f, 0.25f, 3.f, 1.f};
+  c.all_reduce_sum(v);
+  EXPECT(v == (std::vector<float>{11.f, 2.75f, 0.f, 1e-8f + 1.f}));
+  // bitwise the same on both ranks
+  std::vector<float> both(8);
+  const std::vector<index_t> counts{4, 4};
+  c.all_gather(v, counts, both);
+  EXPECT(std::memcmp(both.data(), both.data() + 4, 4 * sizeof(float)) == 0);
+}
+
+// global_plan: the same C1 sets and the same output rows as one process over a whole run (uneven shards of 37
+// tokens; batch 1, and a CFG pair sharing its plan), and the same global plan on both ranks.
+void global_plan_matches_one_process(mpi_communicator& c) {
+  for (bool cfg : {false, true}) {
+    problem p;
+    p.share_cfg = cfg;
+    p.batch = cfg ? 2 : 1;
+    const token_shard sh = token_shard::of(p.tokens, c.rank(), c.size());
+    const record ref = restrict(run_reference(p), p, sh);
+    const record got = run_sharded<global_plan>(p, c);
+    EXPECT(got.c1.size() == ref.c1.size());
+    int partial_steps = 0;
+    for (std::size_t k = 0; k < ref.c1.size() && k < got.c1.size(); ++k) {
+      EXPECT(got.c1[k] == ref.c1[k]);
+      EXPECT(got.output[k].size() == ref.output[k].size());
+      EXPECT(std::memcmp(got.output[k].data(), ref.output[k].data(), ref.output[k].size() * sizeof(float)) == 0);
+      if (static_cast<index_t>(ref.c1[k].size()) < p.batch * sh.count) ++partial_steps;
+    }
+    EXPECT(partial_steps >= 5);  // the run exercised partial steps, not only dense ones
+  }
+}
+
+// The union of both ranks' C1 sets is the reference's global C1 set, step by step (the plan is global).
+void global_plan_union_is_global(mpi_communicator& c) {
+  problem p;
+  const record full = run_reference(p);
+  const record got = run_sharded<global_plan>(p, c);
+  for (std::size_t k = 0; k < full.c1.size(); ++k) {
+    const index_t n = static_cast<index_t>(got.c1[k].size());
+    std::vector<index_t> counts{0, 0};
+    std::vector<float> mine(got.c1[k].begin(), got.c1[k].end()), sizes{static_cast<float>(n), static_cast<float>(n)};
+    std::vector<float> both_sizes(2);
+    c.all_gather(std::span<const float>(sizes.data(), 1), std::vector<index_t>{1, 1}, both_sizes);
+    counts = {static_cast<index_t>(both_sizes[0]), static_cast<index_t>(both_sizes[1])};
+    std::vector<float> all(static_cast<std::size_t>(counts[0] + counts[1]));
+    c.all_gather(mine, counts, all);
+    std::vector<index_t> joined(all.begin(), all.end());
+    EXPECT(joined == full.c1[k]);
+  }
+}
+
+// per_shard_plan: runs with no exchange, equal |C1| per rank (38 tokens: shards of 19), and its difference from
+// the global plan is reported (C1 overlap, relative L2 of the outputs against one process).
+void per_shard_runs_and_reports(mpi_communicator& c) {
+  problem p;
+  p.tokens = 38;
+  const token_shard sh = token_shard::of(p.tokens, c.rank(), c.size());
+  const record ref = restrict(run_reference(p), p, sh);
+  const record got = run_sharded<per_shard_plan>(p, c);
+  double err2 = 0.0, norm2 = 0.0;
+  int same = 0, total = 0;
+  for (std::size_t k = 0; k < ref.c1.size(); ++k) {
+    const index_t n = static_cast<index_t>(got.c1[k].size());
+    float nf = static_cast<float>(n);
+    std::vector<float> both(2);
+    c.all_gather(std::span<const float>(&nf, 1), std::vector<index_t>{1, 1}, both);
+    EXPECT(both[0] == both[1]);  // equal |C1| per rank
+    if (k >= 2) EXPECT(n == math::compute_count(p.cache_rate, sh.count));
+    const std::set<index_t> a(got.c1[k].begin(), got.c1[k].end()), b(ref.c1[k].begin(), ref.c1[k].end());
+    for (index_t t : a) same += b.count(t) ? 1 : 0;
+    total += static_cast<int>(std::max(a.size(), b.size()));
+    for (std::size_t i = 0; i < ref.output[k].size(); ++i) {
+      const double d = got.output[k][i] - ref.output[k][i];
+      err2 += d * d;
+      norm2 += static_cast<double>(ref.output[k][i]) * ref.output[k][i];
+      EXPECT(std::isfinite(got.output[k][i]));
+    }
+  }
+  std::vector<float> sums{static_cast<float>(err2), static_cast<float>(norm2), static_cast<float>(same), static_cast<float>(total)};
+  c.all_reduce_sum(sums);
+  if (c.rank() == 0)
+    std::printf("per_shard_plan vs global plan (T=%d, 2 ranks, CR %.2f, %d steps): C1 overlap %.3f, output relative L2 %.4g\n",
+                static_cast<int>(p.tokens), p.cache_rate, static_cast<int>(p.steps), sums[2] / sums[3], std::sqrt(sums[0] / sums[1]));
+}
+
+// Rank 1 hands over one computed row too few at step 3: every rank goes down with rank 1's message.
+void bad_input_brings_every_rank_down(mpi_communicator& c) {
+  problem p;
+  (void)run_sharded<global_plan>(p, c, c.rank() == 1 ? 3 : -1);
+  std::printf("rank %d finished normally\n", c.rank());
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  MPI_Init(&argc, &argv);
+  int code = 0;
+  {
+    mpi_communicator comm;
+    my_rank = comm.rank();
+    const std::map<std::string, std::function<void(mpi_communicator&)>> cases{
+        {"rank_and_size", rank_and_size},
+        {"all_gather_variable_rows", all_gather_variable_rows},
+        {"all_reduce_sum", all_reduce_sum},
+        {"global_plan_matches_one_process", global_plan_matches_one_process},
+        {"global_plan_union_is_global", global_plan_union_is_global},
+        {"per_shard_runs_and_reports", per_shard_runs_and_reports},
+        {"bad_input_brings_every_rank_down", bad_input_brings_every_rank_down}};
+    const auto it = argc == 2 ? cases.find(argv[1]) : cases.end();
+    if (it == cases.end()) {
+      if (my_rank == 0) std::fprintf(stderr, "usage: specdiff_mpi_tests <case>\n");
+      code = 2;
+    } else {
+      try {
+        it->second(comm);
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "rank %d: unexpected exception: %s\n", my_rank, e.what());
+        ++failures;
+      }
+      int total = 0;
+      MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+      code = total == 0 ? 0 : 1;
+      if (my_rank == 0) std::printf("%s: %s\n", argv[1], code == 0 ? "passed" : "FAILED");
+    }
+  }
+  MPI_Finalize();
+  return code;
+}
