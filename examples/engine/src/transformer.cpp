@@ -47,7 +47,7 @@ void transformer::impl::check_limits(engine_limits& limits, int patch, int defau
     if (limits.max_height < patch || limits.max_width < patch)
         bad_limit_value(message("max_height/max_width = ", limits.max_height, "/", limits.max_width, " must be >= ",
                                 default_side == 0 ? "1 (a FLUX engine needs its token grid)" : "patch_size",
-                                default_side == 0 ? std::string() : " " + std::to_string(patch)));
+                                default_side == 0 ? std::string() : message(" ", patch)));
 }
 
 transformer::impl::impl(const model& model_, const engine_limits& lim, int threads) : m(&model_), limits(lim) {
