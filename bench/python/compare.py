@@ -197,8 +197,13 @@ def main():
                 full_s.append(tf)
                 if lib is not None:
                     lib_share.append(lib / tm)
-        finally:
+        except Exception as e:  # a peer that fails on this model (reported, not hidden)
             off()
+            msg = f"fails: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            rows.append((name, None, None, None, None, None, msg))
+            print(f"{name}: {msg}", file=sys.stderr)
+            continue
+        off()
         row = (name, full_flops / flops, psnr(x, full), ssim(x, full), statistics.median(ratios),
                statistics.median(lib_share) if lib_share else None,
                f"{statistics.median(method_s):.2f} s vs full {statistics.median(full_s):.2f} s")
