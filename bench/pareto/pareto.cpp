@@ -71,13 +71,14 @@ std::vector<demo::method_spec> sweep(bool quick) {
   // ... and on diffusers' refresh steps (warm-up 3, then k full iff (k - 4) % N == 0): its TaylorSeerCache lite, order 1.
   for (int n : quick ? counts{} : counts{2, 3, 4, 6})
     s.push_back({.name = "forecast", .interval = n, .order = 1, .warmup = 3, .refresh = std::string("diffusers"), .c3 = std::string("taylor")});
-  for (int n : quick ? counts{3} : counts{2, 3, 5}) s.push_back({.name = "toca", .cache_rate = 0.9, .interval = n});
-  for (int n : quick ? counts{3} : counts{2, 3, 4, 6}) s.push_back({.name = "fora", .interval = n});
-  for (int n : quick ? counts{4} : counts{3, 4, 6})
+  // Every family from FLOP ratio ~1.5 to ~6 (issue 30): the module-level peers from N = 2, fewer steps from 18 to 5.
+  for (int n : quick ? counts{3} : counts{2, 3, 5, 8}) s.push_back({.name = "toca", .cache_rate = 0.9, .interval = n});
+  for (int n : quick ? counts{3} : counts{2, 3, 4, 6, 8}) s.push_back({.name = "fora", .interval = n});
+  for (int n : quick ? counts{4} : counts{2, 3, 4, 6, 8})
     for (int o : quick ? counts{1} : counts{1, 2}) s.push_back({.name = "taylorseer", .interval = n, .order = o});
   for (double t : quick ? values{0.12} : values{0.05, 0.12, 0.2, 0.3}) s.push_back({.name = "fbcache", .threshold = t});
-  for (double t : quick ? values{0.6} : values{0.25, 0.4, 0.6, 1.0}) s.push_back({.name = "teacache", .threshold = t});
-  for (int n : quick ? counts{10} : counts{7, 10, 14}) s.push_back({.name = "steps", .fast_steps = n});
+  for (double t : quick ? values{0.6} : values{0.25, 0.4, 0.6, 1.0, 1.5}) s.push_back({.name = "teacache", .threshold = t});
+  for (int n : quick ? counts{10} : counts{5, 7, 10, 14, 18}) s.push_back({.name = "steps", .fast_steps = n});
   return s;
 }
 
