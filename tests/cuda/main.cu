@@ -318,6 +318,13 @@ TEST_SUITE("host") {
     expect_error<std::invalid_argument>(
         [&] { gpu::gather_rows<gpu::copy_policy<>, float>(gpu::device_matrix<const float>(fake, 10, 8, 6), gpu::all_rows{10}, gpu::device_matrix<float>(fake, 10, 8), nullptr); },
         {"stride 6", "cols 8"});
+    // API 0.3: full and compact sharing memory (the kernel reads one while it writes the other), refused by name.
+    expect_error<std::invalid_argument>(
+        [&] { gpu::gather_rows<gpu::copy_policy<>, float>(gpu::device_matrix<const float>(fake, 10, 8), gpu::index_list{idx, 2, 10}, gpu::device_matrix<float>(fake + 40, 4, 8), nullptr); },
+        {"full and compact overlap"});
+    expect_error<std::invalid_argument>(
+        [&] { gpu::scatter_rows<gpu::copy_policy<>, float>(gpu::device_matrix<const float>(fake + 72, 4, 8), gpu::index_list{idx, 2, 10}, gpu::device_matrix<float>(fake, 10, 8), nullptr); },
+        {"compact and full overlap"});
     gpu::device_plan_view plan;
     plan.order = reinterpret_cast<index_t*>(fake), plan.counts = plan.order, plan.batch = 2, plan.tokens = 5;
     expect_error<std::invalid_argument>([&] { (void)gpu::rows_of(plan, level::compute, 6).validate(); }, {"capacity", "6"});

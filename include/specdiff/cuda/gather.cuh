@@ -72,6 +72,8 @@ void copy_rows(device_matrix<const T> src, const Rows& rows, device_matrix<T> ds
   if (compact.rows < compact_rows)
     fail(compact_name, ": ", compact.rows, " rows, the row set needs ", rows.samples(), " x ", rows.capacity(), " = ", compact_rows);
   expect_matrix(compact_name, compact, compact.rows, full.cols);
+  specdiff::detail::expect_disjoint(Gather ? "full" : "compact", specdiff::detail::extent_of(src), Gather ? "compact" : "full",
+                                    specdiff::detail::extent_of(dst));  // the kernel reads one while it writes the other
   if (rows.samples() > 65535) fail("rows: ", rows.samples(), " samples exceed 65535");
   if (full.cols == 0 || rows.capacity() == 0) return;
 
