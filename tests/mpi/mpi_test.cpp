@@ -2,6 +2,7 @@
 // summed across ranks, and every rank exits 1 if any rank failed.
 #include <mpi.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -137,6 +138,48 @@ void per_shard_runs_and_reports(mpi_communicator& c) {
                 static_cast<int>(p.tokens), p.cache_rate, static_cast<int>(p.steps), sums[2] / sums[3], std::sqrt(sums[0] / sums[1]));
 }
 
+// Module level (fill, cache_rows, complete_step(step, attention)) with a metric scorer: set_metric's all-gather of
+// uneven shards (37 tokens) for a CFG pair, the same plans and rows as one process.
+void global_plan_module_level_metric(mpi_communicator& c) {
+  problem p;
+  p.share_cfg = true;
+  p.batch = 2;
+  int partial = 0;
+  const auto same = compare_module_level(p, c, partial);
+  EXPECT(same[0]);
+  EXPECT(same[1]);
+  EXPECT(partial >= 5);
+}
+
+// Reports (asserts nothing about time): the library's time per main step (plan_step + complete_step) under each policy at an SD3-medium
+// 1024 x 1024 shape (T = 4096 tokens, a CFG pair sharing its plan, rows of 64 floats), and one all_reduce_sum of
+// the step's batch * T attention floats alone.
+void global_plan_step_cost(mpi_communicator& c) {
+  problem p;
+  p.tokens = 4096;
+  p.batch = 2;
+  p.share_cfg = true;
+  p.steps = 28;
+  p.dim = 64;
+  auto time_run = [&](auto policy) {
+    double us = 0.0;
+    (void)run_sharded<decltype(policy)>(p, c, -1, &us);
+    return us / static_cast<double>(p.steps);
+  };
+  const double per_shard = time_run(per_shard_plan{}), global = time_run(global_plan{});
+  std::vector<float> v(static_cast<std::size_t>(p.batch * p.tokens), 1.f);
+  const int reps = 200;
+  MPI_Barrier(c.handle());
+  const auto r0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < reps; ++i) c.all_reduce_sum(v);
+  const double reduce_us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - r0).count() / reps;
+  EXPECT(v[0] > 1.f);
+  if (c.rank() == 0)
+    std::printf("T=%d batch=%d dim=%d, 2 ranks: library time per main step %.1f us (per_shard_plan) vs %.1f us (global_plan); "
+                "one all_reduce_sum of %d floats (%d bytes) %.1f us\n",
+                static_cast<int>(p.tokens), static_cast<int>(p.batch), static_cast<int>(p.dim), per_shard, global, static_cast<int>(v.size()), static_cast<int>(4 * v.size()), reduce_us);
+}
+
 // Rank 1 hands over one computed row too few at step 3: every rank goes down with rank 1's message.
 void bad_input_brings_every_rank_down(mpi_communicator& c) {
   problem p;
@@ -158,6 +201,8 @@ int main(int argc, char** argv) {
         {"global_plan_matches_one_process", global_plan_matches_one_process},
         {"global_plan_union_is_global", global_plan_union_is_global},
         {"per_shard_runs_and_reports", per_shard_runs_and_reports},
+        {"global_plan_module_level_metric", global_plan_module_level_metric},
+        {"global_plan_step_cost", global_plan_step_cost},
         {"bad_input_brings_every_rank_down", bad_input_brings_every_rank_down}};
     const auto it = argc == 2 ? cases.find(argv[1]) : cases.end();
     if (it == cases.end()) {

@@ -82,3 +82,16 @@ TEST_CASE("sharded refusals name the parameter, and a refused call changes nothi
                                          matrix_view<float>(out.data(), 37, 6), {}),
                        doctest::Contains("attention: the scorer reads attention, got none"), std::invalid_argument);
 }
+
+TEST_CASE("global_plan, module level with a metric scorer: the same plans and rows as one process") {
+  problem p;
+  p.ranks = 1;
+  p.share_cfg = true;
+  p.batch = 2;
+  single_process comm;
+  int partial = 0;
+  const auto same = compare_module_level(p, comm, partial);
+  CHECK(same[0]);
+  CHECK(same[1]);
+  CHECK(partial >= 5);
+}
