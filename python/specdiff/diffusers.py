@@ -561,6 +561,9 @@ def enable(pipe_or_transformer, config: Union[SpecDiffConfig, ForecastConfig, No
         raise SpecDiffError("config.guidance_scale: needed when enabling on a bare transformer (SpecDiff's speculative pass samples "
                             "with the CFG scale of the run, and the CFG halves share a plan); give the scale you sample with, 1 for none")
     runner = _Runner(model, config, scheduler=scheduler, pipe=pipe)
+    # What disable() puts back: whether the model had a hook registry and an instance-level forward before.
+    runner.had_registry = getattr(model, "_diffusers_hook", None) is not None
+    runner.instance_forward = model.__dict__.get("forward")
     runner.install()
     try:
         registry = HookRegistry.check_if_exists_or_initialize(model)
@@ -583,6 +586,12 @@ def disable(pipe_or_transformer) -> None:
     if registry is not None and registry.get_hook(_HOOK_NAME) is not None:
         registry.remove_hook(_HOOK_NAME, recurse=False)
     runner.uninstall()
+    if not runner.had_registry and registry is not None and not registry.hooks:
+        del model._diffusers_hook  # the registry enable() created, now empty
+        if runner.instance_forward is None:
+            model.__dict__.pop("forward", None)  # the class's forward again, as before enable()
+        else:
+            model.forward = runner.instance_forward
     del model._specdiff_runner
 
 
