@@ -905,6 +905,56 @@ TEST_SUITE("lse") {
     check_layer<bfloat16>(L, s);
   }
 
+  // gpu::attention_probe (API 0.3): an engine's token-major Q [B][queries][H*d], K [B][N][H*d] and packed LSE per
+  // layer; the first layer after begin() overwrites, the next adds: the host twin's overwrite + accumulate.
+  template <class T>
+  void check_probe(lsetest::layer L1, lsetest::layer L2, const stream& s) {
+    if constexpr (std::is_same_v<T, bfloat16>) lsetest::round_to_bfloat16(L1), lsetest::round_to_bfloat16(L2);
+    REQUIRE(L1.scale == L2.scale);
+    const index_t B = L1.batch, H = L1.heads, Q = L1.queries, N = L1.keys, d = L1.dim;
+    const auto token_major = [&](const lsetest::layer& L, bool keys) {
+      const index_t tokens = keys ? N : Q;
+      std::vector<float> out(static_cast<std::size_t>(B * tokens * H * d));
+      for (index_t b = 0; b < B; ++b)
+        for (index_t t = 0; t < tokens; ++t)
+          for (index_t h = 0; h < H; ++h)
+            for (index_t i = 0; i < d; ++i)
+              out[static_cast<std::size_t>(((b * tokens + t) * H + h) * d + i)] =
+                  keys ? L.k[L.k_at(b, h, t) + static_cast<std::size_t>(i)] : L.q[L.q_at(b, h, t) + static_cast<std::size_t>(i)];
+      return out;
+    };
+    buffer<T> q1(lsetest::as<T>(token_major(L1, false))), k1(lsetest::as<T>(token_major(L1, true))), q2(lsetest::as<T>(token_major(L2, false))),
+        k2(lsetest::as<T>(token_major(L2, true)));
+    buffer<float> lse1(L1.lse), lse2(L2.lse);
+    const gpu::probe_shape shape{.batch = B, .heads = H, .head_dim = d, .keys = N, .max_queries = Q, .scale = L1.scale};
+    buffer<unsigned char> memory(gpu::attention_probe<T>::memory_bytes(shape));
+    gpu::attention_probe<T> probe(shape, memory.get(), memory.size());
+    std::vector<float> want(static_cast<std::size_t>(B * N));
+    const auto q1h = lsetest::as<T>(L1.q), k1h = lsetest::as<T>(L1.k), q2h = lsetest::as<T>(L2.q), k2h = lsetest::as<T>(L2.k);
+    specdiff::lse_column_sums(specdiff::lse_attention<T>{{q1h.data(), B, H, Q, d}, {k1h.data(), B, H, N, d}, {L1.lse.data()}, L1.scale}, want,
+                              column_mode::overwrite);
+    specdiff::lse_column_sums(specdiff::lse_attention<T>{{q2h.data(), B, H, Q, d}, {k2h.data(), B, H, N, d}, {L2.lse.data()}, L2.scale}, want,
+                              column_mode::accumulate);
+    for (int call = 0; call < 2; ++call) {  // a second call's first layer overwrites again
+      probe.begin();
+      probe.add_layer(q1.get(), Q, k1.get(), lse1.get(), s);
+      probe.add_layer(q2.get(), Q, k2.get(), lse2.get(), s);
+      const auto his = probe.his();
+      std::vector<float> got(static_cast<std::size_t>(his.size));
+      REQUIRE(cudaMemcpyAsync(got.data(), his.data, got.size() * sizeof(float), cudaMemcpyDeviceToHost, s) == cudaSuccess);
+      REQUIRE(cudaStreamSynchronize(s) == cudaSuccess);
+      expect_within(got, want, 2.0 * std::max(lse_tolerance(L1), lse_tolerance(L2)));
+    }
+  }
+
+  TEST_CASE("attention_probe: two layers per call, overwrite then accumulate, as the host twin (float and bfloat16)") {
+    auto g = rng(72);
+    const stream s;
+    const auto L1 = lsetest::random_layer(g, 2, 3, 70, 70, 0, 16), L2 = lsetest::random_layer(g, 2, 3, 70, 70, 0, 16);
+    check_probe<float>(L1, L2, s);
+    check_probe<bfloat16>(L1, L2, s);
+  }
+
   TEST_CASE("lse column sums on the device read an engine's fused QKV rows through strides") {
     auto g = rng(71);
     const stream s;
