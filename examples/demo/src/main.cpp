@@ -79,7 +79,7 @@ int main(int argc, char** argv) {
       ->check(real_in(0.0, 1.0, quality::interval::open_above));
   auto* ss = app.add_option("--spec-steps", spec_steps, "SpecDiff's speculative steps, 0 to --steps (default 2)")->check(integer_in(0, 1000));
   auto* iv = app.add_option("--interval", interval, "full-step interval (toca 5, fora 3, taylorseer 6, forecast 3; specdiff: refresh interval)")->check(integer_in(1, 1000));
-  auto* od = app.add_option("--order", order, "TaylorSeer's order, 1 or 2 (default 1)")->check(integer_in(1, 2));
+  auto* od = app.add_option("--order", order, "Taylor order, 1 or 2 (default 1): taylorseer, and forecast with --c3 taylor")->check(integer_in(1, 2));
   auto* fs = app.add_option("--fast-steps", fast_steps, "steps of the plain fewer-step baseline (method steps, default 10)")->check(integer_in(1, 1000));
   auto* th = app.add_option("--threshold", threshold, "the step-level gate's threshold (fbcache 0.05, teacache 0.6)")->check(real_in(0.0, 1000.0));
   auto* ds = app.add_option("--dense", dense, "dense-step schedule of a token-level method: specdiff (2 + {14}) or ras (4 + {12, 20}); default: the method's own")
@@ -127,7 +127,7 @@ int main(int argc, char** argv) {
                                      {"--error-budget", eb, {"specdiff-adaptive"}},
                                      {"--cache-rate-min", crm, {"specdiff-adaptive"}},
                                      {"--c3", c3o, {"specdiff", "specdiff-adaptive", "forecast"}},
-                                     {"--order", od, {"taylorseer"}},
+                                     {"--order", od, {"taylorseer", "forecast"}},
                                      {"--fast-steps", fs, {"steps"}},
                                      {"--threshold", th, {"fbcache", "teacache"}},
                                      {"--dense", ds, {"specdiff", "specdiff-adaptive", "ras"}}});
