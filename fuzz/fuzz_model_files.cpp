@@ -17,6 +17,17 @@
 #include "methods/learned_file.hpp"
 #include "quality/classifier.hpp"
 #include "quality/default_model.hpp"
+#include "sd3/transformer.hpp"
+
+// sampler.cpp is linked for sd3::flux_mu (load_schedule's dynamic shift); its samplers call into the transformer,
+// which this target neither builds nor runs. These definitions satisfy the linker and are never reached.
+namespace sd3 {
+architecture transformer::arch() const noexcept { std::abort(); }
+const transformer_config& transformer::config() const { std::abort(); }
+const sd3::flux_config& transformer::flux() const { std::abort(); }
+const engine_limits& transformer::limits() const noexcept { std::abort(); }
+void transformer::forward(const forward_inputs&, std::span<float>) { std::abort(); }
+}  // namespace sd3
 
 namespace {
 
@@ -46,6 +57,13 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     static const char* const names[] = {"sampling.json", "scheduler_config.json", "classifier.json", "learned_c3.json"};
     const int which = data[0] % 4;
     const auto path = folder() / names[which];
+    // Registered once the folder exists (so it runs before the folder's name is destroyed); libFuzzer leaves via exit().
+    static const bool cleanup = (std::atexit([] {
+                                     std::error_code ignored;
+                                     fs::remove_all(folder(), ignored);
+                                 }),
+                                 true);
+    (void)cleanup;
     {
         std::ofstream f(path, std::ios::binary | std::ios::trunc);
         f.write(reinterpret_cast<const char*>(data + 1), static_cast<std::streamsize>(size - 1));

@@ -100,7 +100,7 @@ std::string learned_c3_json(const specdiff::learned_table& table, const std::str
                          {"depth", table.depth()},
                          {"timesteps", std::vector<float>(table.timesteps().begin(), table.timesteps().end())},
                          {"weights", weights},
-                         {"calibration", nlohmann::json::parse(calibration)}};
+                         {"calibration", sd3::parse_json(calibration)}};
   return j.dump(1) + "\n";
 }
 

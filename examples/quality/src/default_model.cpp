@@ -95,7 +95,10 @@ double load_scheduler_shift(const std::filesystem::path& dir) { return scheduler
 
 sd3::schedule_rule load_schedule(const std::filesystem::path& dir, int image_tokens) {
   const scheduler_file file(dir);
-  const auto& [path, config, shift] = file;
+  // Plain references, not a structured binding: clang 14 (the fuzz build's compiler) cannot capture one in a lambda.
+  const auto& path = file.path;
+  const auto& config = file.config;
+  const double shift = file.shift;
   sd3::schedule_rule rule{shift, std::nullopt};
   const auto dynamic = config.find("use_dynamic_shifting");
   if (dynamic == config.end() || dynamic->is_null()) return rule;
