@@ -1,6 +1,7 @@
 // The K/V cache: sd3::kv_cache (every layer's image-token keys and values, kept across forwards so a token-subset
 // forward attends to all tokens), the per-head packing of keys and values the attention's products read, and
-// store_kv, which refreshes the cache with the tokens a forward computed.
+// store_kv, which refreshes the cache with the tokens a forward computed (and, sequence-parallel, calls the
+// caller's K/V exchange).
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -90,6 +91,7 @@ void transformer::impl::store_kv(int layer, attention_kind kind) {
             std::copy_n(row + 2 * D, D, values + t);
         }
     });
+    if (opts->kv_exchange) opts->kv_exchange(layer, kind, *opts->kv);  // sequence parallel: the other ranks' rows
 }
 
 }  // namespace sd3

@@ -162,6 +162,7 @@ void transformer::impl::validate(const forward_inputs& in, std::span<float> velo
     } else {
         check_size("velocity", velocity.size(), B * tokens_all * P);
     }
+    if (o.kv_exchange && !o.kv) bad_arg("kv_exchange needs a kv_cache (options.kv is null)");
     if (o.kv) {
         if (o.kv->layers() != blocks() || o.kv->hidden() != D)
             bad_arg("kv_cache has " + std::to_string(o.kv->layers()) + " layers x hidden " + std::to_string(o.kv->hidden()) +

@@ -162,6 +162,11 @@ struct block_boundary {
 // block to run, in [next_layer, num_layers]: next_layer goes on; a larger value skips the blocks in between,
 // num_layers goes straight to the final layer. Before the final layer it must return num_layers.
 using boundary_fn = std::function<int(const block_boundary&)>;
+// Sequence parallelism by K/V exchange (docs/scale-out.md): called at every layer and attention kind, right after
+// the forward wrote the keys and values of the tokens it computes into `kv` and before any query reads them, so
+// that the caller can bring in the rows other ranks computed (an all-gather per sample). Rank r then runs a
+// token-subset forward over its shard and attends to every token's fresh keys and values.
+using kv_exchange_fn = std::function<void(int layer, attention_kind kind, kv_cache& kv)>;
 
 struct forward_options {
     // Token-subset forward: [batch * n] ascending absolute image-token ids per sample, n the same for every
@@ -182,6 +187,8 @@ struct forward_options {
     // Empty, or the step-level caching callback (block_boundary). Its calls do not allocate; a return value
     // outside its range throws std::logic_error (the forward stops there).
     boundary_fn between_blocks;
+    // Empty, or the K/V exchange of a sequence-parallel forward (kv_exchange_fn); needs `kv`.
+    kv_exchange_fn kv_exchange;
 };
 
 // The module sites of a block (the block_hooks entries it accepts), for methods that cache them.
