@@ -6,11 +6,14 @@
 #include <mpi.h>
 
 #include <cmath>
+#include <optional>
 #include <cstdio>
 #include <stdexcept>
 #include <string>
 
 #include <specdiff/mpi/communicator.hpp>
+#include <specdiff/sharded.hpp>
+#include <specdiff/specdiff.hpp>
 
 #include "engine_fixture.hpp"
 
@@ -121,6 +124,177 @@ void flux_forward(specdiff::mpi_communicator& comm) {
   sd3::transformer net(model, {.max_batch = batch, .max_height = rows, .max_width = cols, .max_context_tokens = 4}, 1);
   compare(comm, net, in, N, "flux", [](std::span<const float> vel, std::span<float> out) { std::copy(vel.begin(), vel.end(), out.begin()); });
 }
+
+// A whole SpecDiff run (RFlow Euler, token level: the cached feature is a token's velocity row), one process
+// against two ranks: the ranks plan with sharded_accelerator<global_plan>, run token-subset forwards over their
+// shard's C1 tokens, exchange the computed tokens' K/V at every layer and the updated latent rows after every
+// step. Every step's global C1 set must equal one process's, and the final latents must match within 1e-5.
+struct specdiff_run {
+  std::vector<std::vector<specdiff::index_t>> c1;  // per step: sample 0's global C1 ids
+  std::vector<float> latents;                     // final, [B, C, H, W]
+};
+
+// comm == nullptr: one process, all tokens.
+specdiff_run run_specdiff(const test_util::random_problem& p, sd3::transformer& net, specdiff::mpi_communicator* comm) {
+  constexpr int steps = 8;
+  const int B = p.batch, T = p.tokens(), P = net.patch_features(), D = net.hidden();
+  const int ranks = comm ? comm->size() : 1, rank = comm ? comm->rank() : 0;
+  const specdiff::token_shard sh = specdiff::token_shard::of(T, rank, ranks);
+  const specdiff::accelerator_config config{T, B, steps, P, 1, 1, true};
+  const specdiff::step_schedule schedule{2, 0, 2, {}};
+  specdiff::accelerator<specdiff::specdiff_scorer, specdiff::self_speculation, specdiff::three_level_classifier, specdiff::step_schedule>
+      plain(config, {}, {}, specdiff::three_level_classifier(0.5), schedule);
+  std::optional<specdiff::sharded_accelerator<specdiff::specdiff_scorer, specdiff::self_speculation, specdiff::three_level_classifier,
+                                              specdiff::step_schedule, specdiff::mpi_communicator>>
+      sharded;
+  if (comm) sharded.emplace(*comm, config, specdiff::specdiff_scorer{}, specdiff::self_speculation{}, specdiff::three_level_classifier(0.5), schedule);
+
+  std::vector<float> latents = p.latents, x_rows(static_cast<std::size_t>(B) * T * P);
+  net.velocity_to_rows(B, p.height, p.width, latents, x_rows);
+  sd3::kv_cache kv(net, B, T);
+  std::vector<float> probe(static_cast<std::size_t>(B) * T), timesteps(static_cast<std::size_t>(B));
+  // lists[b][r]: the tokens rank r computes in the current forward, sample b (global ids, ascending)
+  std::vector<std::vector<std::vector<std::int32_t>>> lists(static_cast<std::size_t>(B), std::vector<std::vector<std::int32_t>>(static_cast<std::size_t>(ranks)));
+  std::vector<float> send, recv;
+  sd3::forward_options o;
+  o.kv = &kv;
+  o.attention_probe = probe;
+  if (comm) {
+    o.kv_exchange = [&](int layer, sd3::attention_kind kind, sd3::kv_cache& cache) {
+      for (int b = 0; b < B; ++b)
+        for (float* rows : {cache.keys(layer, b, kind), cache.values(layer, b, kind)}) {
+          const auto& mine = lists[static_cast<std::size_t>(b)][static_cast<std::size_t>(rank)];
+          send.resize(mine.size() * static_cast<std::size_t>(D));
+          for (std::size_t i = 0; i < mine.size(); ++i) std::copy_n(rows + static_cast<std::size_t>(mine[i]) * D, D, send.begin() + static_cast<std::ptrdiff_t>(i) * D);
+          std::vector<specdiff::index_t> counts;
+          std::size_t total = 0;
+          for (const auto& l : lists[static_cast<std::size_t>(b)]) {
+            counts.push_back(static_cast<specdiff::index_t>(l.size()) * D);
+            total += l.size() * static_cast<std::size_t>(D);
+          }
+          recv.resize(total);
+          comm->all_gather(send, counts, recv);
+          std::size_t at = 0;
+          for (const auto& l : lists[static_cast<std::size_t>(b)])
+            for (const std::int32_t t : l) {
+              std::copy_n(recv.begin() + static_cast<std::ptrdiff_t>(at), D, rows + static_cast<std::size_t>(t) * D);
+              at += static_cast<std::size_t>(D);
+            }
+        }
+    };
+  }
+  // One forward at t over `ids` ([sample][token], this rank's; empty: every token, no subset).
+  auto forward = [&](float t, std::vector<std::int32_t>& ids, std::vector<float>& out) {
+    std::fill(timesteps.begin(), timesteps.end(), t);
+    sd3::forward_inputs in = p.inputs();
+    in.latents = latents;
+    in.timesteps = timesteps;
+    o.image_tokens = ids;
+    net.forward(in, out, o);
+  };
+  auto set_lists = [&](auto tokens_of_rank) {
+    for (int b = 0; b < B; ++b)
+      for (int r = 0; r < ranks; ++r) lists[static_cast<std::size_t>(b)][static_cast<std::size_t>(r)] = tokens_of_rank(b, r);
+  };
+  auto shard_tokens = [&](int, int r) {
+    const auto s = specdiff::token_shard::of(T, r, ranks);
+    std::vector<std::int32_t> v;
+    for (specdiff::index_t t = s.begin; t < s.begin + s.count; ++t) v.push_back(static_cast<std::int32_t>(t));
+    return v;
+  };
+  auto my_ids = [&] {
+    std::vector<std::int32_t> ids;
+    for (int b = 0; b < B; ++b) for (auto t : lists[static_cast<std::size_t>(b)][static_cast<std::size_t>(rank)]) ids.push_back(t);
+    return ids;
+  };
+  std::vector<float> ts;
+  for (int k = 0; k <= steps; ++k) ts.push_back(1000.f * static_cast<float>(steps - k) / steps);
+  // the speculative pass: full forwards on the initial latents at two main-grid timesteps
+  const std::vector<float> spec{ts[0], ts[steps / 2]};
+  if (comm) sharded->begin_speculation(spec); else plain.begin_speculation(spec);
+  std::vector<float> full_out(static_cast<std::size_t>(B) * T * P), computed(full_out.size()), output(full_out.size());
+  for (int s = 0; s < 2; ++s) {
+    set_lists(shard_tokens);
+    std::vector<std::int32_t> ids = comm ? my_ids() : std::vector<std::int32_t>{};
+    std::vector<float> out(comm ? static_cast<std::size_t>(B) * sh.count * P : full_out.size());
+    forward(spec[static_cast<std::size_t>(s)], ids, out);
+    if (comm) sharded->record_speculation(s, probe); else plain.record_speculation(s, probe);
+  }
+  specdiff_run result;
+  for (int k = 0; k < steps; ++k) {
+    const float t = ts[static_cast<std::size_t>(k)], dt = (ts[static_cast<std::size_t>(k) + 1] - t) / 1000.f;
+    if (!comm) {
+      auto step = plain.plan_step(k, t);
+      const auto c1 = step.plan(0).compute();
+      result.c1.emplace_back(c1.begin(), c1.end());
+      std::vector<std::int32_t> ids;
+      if (!step.dense()) for (auto id : step.compute_tokens()) ids.push_back(static_cast<std::int32_t>(id));
+      const int n = step.compute_count();
+      std::vector<float> out(static_cast<std::size_t>(B) * (step.dense() ? T : n) * P);
+      forward(t, ids, out);
+      if (step.dense()) net.velocity_to_rows(B, p.height, p.width, out, computed);
+      else std::copy(out.begin(), out.end(), computed.begin());
+      plain.complete_step(std::move(step), specdiff::matrix_view<const float>(computed.data(), B * n, P),
+                          specdiff::matrix_view<float>(output.data(), B * T, P), probe);
+      for (std::size_t i = 0; i < x_rows.size(); ++i) x_rows[i] += dt * output[i];
+    } else {
+      auto step = sharded->plan_step(k, t);
+      const auto c1 = step.global_plan_of(0).compute();
+      result.c1.emplace_back(c1.begin(), c1.end());
+      set_lists([&](int b, int r) {
+        const auto s = specdiff::token_shard::of(T, r, ranks);
+        std::vector<std::int32_t> v;
+        for (auto id : step.global_plan_of(b).compute())
+          if (id >= s.begin && id < s.begin + s.count) v.push_back(static_cast<std::int32_t>(id));
+        return v;
+      });
+      std::vector<std::int32_t> ids = my_ids();
+      const int n = step.compute_count();
+      std::vector<float> out(static_cast<std::size_t>(B) * n * P);
+      forward(t, ids, out);
+      std::vector<float> shard_out(static_cast<std::size_t>(B) * sh.count * P);
+      sharded->complete_step(std::move(step), specdiff::matrix_view<const float>(out.data(), B * n, P),
+                             specdiff::matrix_view<float>(shard_out.data(), B * sh.count, P), probe);
+      // the shard's latent rows, then every rank's: [rank][b][shard rows] -> [b][T rows]
+      std::vector<float> mine(shard_out.size());
+      for (int b = 0; b < B; ++b)
+        for (specdiff::index_t i = 0; i < sh.count * P; ++i) {
+          const std::size_t g = (static_cast<std::size_t>(b) * T + sh.begin) * P + static_cast<std::size_t>(i);
+          mine[static_cast<std::size_t>(b * sh.count * P + i)] = x_rows[g] + dt * shard_out[static_cast<std::size_t>(b * sh.count * P + i)];
+        }
+      std::vector<specdiff::index_t> counts;
+      for (int r = 0; r < ranks; ++r) counts.push_back(B * specdiff::token_shard::of(T, r, ranks).count * P);
+      std::vector<float> all(x_rows.size());
+      comm->all_gather(mine, counts, all);
+      std::size_t at = 0;
+      for (int r = 0; r < ranks; ++r) {
+        const auto s = specdiff::token_shard::of(T, r, ranks);
+        for (int b = 0; b < B; ++b, at += static_cast<std::size_t>(s.count * P))
+          std::copy_n(all.begin() + static_cast<std::ptrdiff_t>(at), s.count * P, x_rows.begin() + (static_cast<std::ptrdiff_t>(b) * T + s.begin) * P);
+      }
+    }
+    net.rows_to_velocity(B, p.height, p.width, x_rows, latents);
+  }
+  result.latents = latents;
+  return result;
+}
+
+void sd3_specdiff_run(specdiff::mpi_communicator& comm) {
+  test_util::random_problem p(13);
+  sd3::transformer net(p.model, p.limits(), 1);
+  const specdiff_run one = run_specdiff(p, net, nullptr);
+  const specdiff_run two = run_specdiff(p, net, &comm);
+  expect(one.c1.size() == two.c1.size(), "step count", comm.rank());
+  int partial = 0;
+  for (std::size_t k = 0; k < one.c1.size() && k < two.c1.size(); ++k) {
+    expect(one.c1[k] == two.c1[k], "C1 set of step " + std::to_string(k), comm.rank());
+    if (static_cast<int>(one.c1[k].size()) < p.tokens()) ++partial;
+  }
+  expect(partial >= 4, "partial steps: " + std::to_string(partial), comm.rank());
+  const double err = relative_l2(two.latents, one.latents);
+  expect(err <= 1e-5, "latents relative L2 " + std::to_string(err), comm.rank());
+  std::printf("rank %d specdiff run (SD3, 8 steps, CR 0.5, %d partial): same C1 sets, latents relative L2 %.3g\n", comm.rank(), partial, err);
+}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -132,6 +306,7 @@ int main(int argc, char** argv) {
     try {
       if (which == "sd3_forward") sd3_forward(comm);
       else if (which == "flux_forward") flux_forward(comm);
+      else if (which == "sd3_specdiff_run") sd3_specdiff_run(comm);
       else throw std::invalid_argument("usage: specdiff_engine_sp_tests sd3_forward|flux_forward");
       int total = 0;
       MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
