@@ -31,7 +31,7 @@ std::string read_text_file(const std::filesystem::path& path, std::string_view r
                            std::size_t max_bytes = max_text_file_bytes);
 
 // A file the program will write later, checked before any work: it is a regular file that may be written,
-// or it does not exist and its folder does and is writable.
+// or it does not exist; either way its folder exists and is writable (write_file renames a new file into it).
 void require_writable_file(const std::filesystem::path& path, std::string_view role);
 
 // A folder the program will write into: created (with its parents) when absent; must be a writable folder.
