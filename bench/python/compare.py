@@ -108,9 +108,13 @@ def settings(p: Problem, only):
 
         return on, lambda: sd.disable(m)
 
+    def fresh_children():  # diffusers caches the list of child registries at the first context set: drop it
+        HookRegistry.check_if_exists_or_initialize(m)._child_registries_cache = None
+
     def theirs(apply):
         def on():
             apply()
+            fresh_children()
             return lambda: None
 
         def off():  # the hooks sit on the model and its blocks: remove every one by name
@@ -119,6 +123,7 @@ def settings(p: Problem, only):
                 if r is not None:
                     for name in list(r.hooks):
                         r.remove_hook(name, recurse=False)
+            fresh_children()
         return on, off
 
     g = p.guidance
