@@ -195,6 +195,19 @@ std::unique_ptr<workload> make_workload(const std::filesystem::path& model_dir, 
   return w;
 }
 
+nlohmann::json json_number(double v) {
+  if (std::isfinite(v)) return v;
+  return std::isnan(v) ? "nan" : v > 0 ? "inf" : "-inf";
+}
+
+void mark_non_finite(nlohmann::json& j) {
+  if (j.is_number_float()) {
+    j = json_number(j.get<double>());
+  } else if (j.is_structured()) {
+    for (auto& v : j) mark_non_finite(v);
+  }
+}
+
 bool known_method(const std::string& name) { return std::ranges::find(method_names, name) != std::end(method_names); }
 
 namespace {
@@ -230,19 +243,6 @@ void apply_dense_schedule(Options& o, const std::optional<std::string>& dense) {
     const methods::ras_options d;
     o.warmup_steps = d.warmup_steps, o.reset_steps = d.reset_steps;
   }
-nlohmann::json json_number(double v) {
-  if (std::isfinite(v)) return v;
-  return std::isnan(v) ? "nan" : v > 0 ? "inf" : "-inf";
-}
-
-void mark_non_finite(nlohmann::json& j) {
-  if (j.is_number_float()) {
-    j = json_number(j.get<double>());
-  } else if (j.is_structured()) {
-    for (auto& v : j) mark_non_finite(v);
-  }
-}
-
 }
 
 // The spec's C3 rule (`fallback` when unset), checked against the learned table it needs.
@@ -388,6 +388,35 @@ void check_method(const method_spec& s) {
   else if (!known_method(s.name)) unknown_method(s.name);
 }
 
+std::string learned_weights_mismatch(const method_spec& s, const methods::problem& p) {
+  const specdiff::learned_table* table = nullptr;
+  std::string file;
+  if (s.name == "specdiff" || s.name == "specdiff-adaptive") {
+    if (specdiff_of(s).c3 == methods::c3_rule::learned) table = s.learned_weights, file = methods::learned_c3_file_name;
+  } else if (s.name == "forecast") {
+    const auto o = forecast_of(s);
+    if (o.c3 == methods::c3_rule::learned) table = s.learned_weights, file = methods::learned_forecast_file_name(o.interval);
+  }
+  if (table == nullptr) return "";
+  const auto grid = p.schedule(p.steps).timesteps();
+  const auto calibrate = sd3::message("; make weights for this run with specdiff-calibrate --model DIR --steps ", p.steps,
+                                      s.name == "forecast" ? sd3::message(" --method forecast --interval ", forecast_of(s).interval) : std::string(),
+                                      ", or choose another --c3 rule");
+  if (static_cast<std::size_t>(table->steps()) != grid.size())
+    return sd3::message("--steps ", p.steps, ": --method ", s.name, " reads the model's ", file, ", which holds weights for ", table->steps(),
+                        " steps", calibrate);
+  for (std::size_t i = 0; i < grid.size(); ++i)
+    if (grid[i] != table->timesteps()[i])
+      return sd3::message("--steps ", p.steps, ": --method ", s.name, " reads the model's ", file, ", fitted on another time grid (step ", i,
+                          " at t = ", table->timesteps()[i], ", this run's at t = ", grid[i], ")", calibrate);
+  return "";
+}
+
+void check_method(const method_spec& s, const methods::problem& p) {
+  check_method(s);
+  if (const auto why = learned_weights_mismatch(s, p); !why.empty()) throw std::invalid_argument(why);
+}
+
 methods::run_result run_method(const methods::problem& p, const method_spec& s, const methods::progress_fn& progress) {
   if (s.name == "full") return methods::run_full(p, progress);
   if (s.name == "steps") return methods::run_steps(p, s.fast_steps.value_or(10), progress);
@@ -433,35 +462,6 @@ std::string fd_unavailable_reason(const conditional_model& m, const sample_batch
   if (b.labels.size() < 2) return "it needs at least 2 samples";
   return "";
 }
-std::string learned_weights_mismatch(const method_spec& s, const methods::problem& p) {
-  const specdiff::learned_table* table = nullptr;
-  std::string file;
-  if (s.name == "specdiff" || s.name == "specdiff-adaptive") {
-    if (specdiff_of(s).c3 == methods::c3_rule::learned) table = s.learned_weights, file = methods::learned_c3_file_name;
-  } else if (s.name == "forecast") {
-    const auto o = forecast_of(s);
-    if (o.c3 == methods::c3_rule::learned) table = s.learned_weights, file = methods::learned_forecast_file_name(o.interval);
-  }
-  if (table == nullptr) return "";
-  const auto grid = p.schedule(p.steps).timesteps();
-  const auto calibrate = sd3::message("; make weights for this run with specdiff-calibrate --model DIR --steps ", p.steps,
-                                      s.name == "forecast" ? sd3::message(" --method forecast --interval ", forecast_of(s).interval) : std::string(),
-                                      ", or choose another --c3 rule");
-  if (static_cast<std::size_t>(table->steps()) != grid.size())
-    return sd3::message("--steps ", p.steps, ": --method ", s.name, " reads the model's ", file, ", which holds weights for ", table->steps(),
-                        " steps", calibrate);
-  for (std::size_t i = 0; i < grid.size(); ++i)
-    if (grid[i] != table->timesteps()[i])
-      return sd3::message("--steps ", p.steps, ": --method ", s.name, " reads the model's ", file, ", fitted on another time grid (step ", i,
-                          " at t = ", table->timesteps()[i], ", this run's at t = ", grid[i], ")", calibrate);
-  return "";
-}
-
-void check_method(const method_spec& s, const methods::problem& p) {
-  check_method(s);
-  if (const auto why = learned_weights_mismatch(s, p); !why.empty()) throw std::invalid_argument(why);
-}
-
 
 std::optional<double> image_fd(const conditional_model& m, const sample_batch& b, std::span<const float> latents) {
   if (!fd_unavailable_reason(m, b).empty()) return std::nullopt;

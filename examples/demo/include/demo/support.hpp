@@ -141,6 +141,11 @@ methods::run_result run_method(const methods::problem& p, const method_spec& spe
 /// Throws what run_method would throw for the spec's settings (a C3 rule without its learned weights, an
 /// unknown schedule, ...), without running anything: programs check before the first, untimed full run.
 void check_method(const method_spec& spec);
+/// check_method, and the learned weights the spec reads (if any) against the problem's own time grid: weights
+/// fitted for 28 steps are refused for a run of 10 before any sampling, naming --steps and the file
+/// (std::invalid_argument; learned_weights_mismatch says why without throwing, "" when they fit or none are read).
+void check_method(const method_spec& spec, const methods::problem& p);
+std::string learned_weights_mismatch(const method_spec& spec, const methods::problem& p);
 /// The options a specdiff or specdiff-adaptive spec runs with (defaults filled in, --c3 and --dense applied).
 methods::specdiff_options specdiff_options_of(const method_spec& spec);
 /// The options a forecast spec runs with.
@@ -158,11 +163,6 @@ std::string c3_rule_error(const std::string& name);
 struct quality_report {
   std::optional<double> psnr_db;  ///< empty when the images are identical (infinite PSNR)
   double ssim = 1.0;
-/// check_method, and the learned weights the spec reads (if any) against the problem's own time grid: weights
-/// fitted for 28 steps are refused for a run of 10 before any sampling, naming --steps and the file
-/// (std::invalid_argument; learned_weights_mismatch says why without throwing, "" when they fit or none are read).
-void check_method(const method_spec& spec, const methods::problem& p);
-std::string learned_weights_mismatch(const method_spec& spec, const methods::problem& p);
   double class_acc = 0.0;         ///< the classifier's accuracy against the requested labels
   std::optional<double> fd;       ///< image_fd of the run's images
 };
