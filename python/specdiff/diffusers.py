@@ -136,7 +136,8 @@ class ForecastConfig:
     and then every ``interval``-th; on the others the whole network is skipped and every token's output is the C3
     rule's forecast from its outputs at the last full steps.
 
-    interval: full-step interval (>= 1). warmup_steps: full steps at the start (>= 1).
+    interval: full-step interval (>= 1). warmup_steps: full steps at the start (>= 1); None (the default) takes the
+    C++ method's default for the interval (3 for interval <= 2, else 2: docs/results.md), as ``--method forecast`` does.
     c3: 'learned' (per-step least-squares weights: ``learned`` or calibrate_forecast()), 'taylor' (TaylorSeer's
     rule, ``order`` 1 or 2, over step indices when variable='step' as diffusers' TaylorSeerCache, or over the
     timestep), 'latest' (FORA at the output).
@@ -144,7 +145,7 @@ class ForecastConfig:
     """
 
     interval: int = 3
-    warmup_steps: int = 2
+    warmup_steps: Optional[int] = None
     c3: str = "learned"
     learned: Any = None
     order: int = 1
@@ -154,7 +155,8 @@ class ForecastConfig:
 
     def validate(self) -> None:
         _check_int("interval", self.interval, 1, 100000)
-        _check_int("warmup_steps", self.warmup_steps, 1, 100000)
+        if self.warmup_steps is not None:
+            _check_int("warmup_steps", self.warmup_steps, 1, 100000)
         if self.c3 not in ("learned", "taylor", "latest"):
             raise SpecDiffError(f"c3: {self.c3!r} is not a forecast rule; allowed: learned, taylor, latest")
         if self.c3 == "learned" and self.learned is None:
@@ -162,6 +164,13 @@ class ForecastConfig:
         _check_int("order", self.order, 1, 2)
         if self.variable not in ("step", "timestep"):
             raise SpecDiffError(f"variable: {self.variable!r}; allowed: step, timestep")
+
+
+def _forecast_warmup(config: ForecastConfig) -> int:
+    """The warm-up a forecast runs with: the config's, or the C++ method's default for its interval."""
+    if config.warmup_steps is not None:
+        return int(config.warmup_steps)
+    return int(_core.forecast_default_warmup(int(config.interval)))
 
 
 def _learned_table(value, name="learned") -> Optional[_core.LearnedTable]:
@@ -375,7 +384,7 @@ class _Runner:
         c = self.config
         steps = len(ts)
         if isinstance(c, ForecastConfig):
-            return _core.forecast_accelerator(tokens, batch, steps, features, c.interval, c.warmup_steps, c.c3, c.order,
+            return _core.forecast_accelerator(tokens, batch, steps, features, c.interval, _forecast_warmup(c), c.c3, c.order,
                                               c.variable == "step", self.learned, list(ts))
         return _core.specdiff_accelerator(tokens, batch, steps, features, bool(c.share_cfg_plan and cfg), c.cache_rate, c.spec_steps,
                                           c.reuse_mass, c.warmup_steps, c.refresh_interval, list(c.dense_steps), c.starvation_scale,
@@ -638,7 +647,7 @@ def calibrate_forecast(pipe, runs: Sequence[dict], config: ForecastConfig = None
             rows = rows.detach().to(torch.float32).contiguous()
             if state["fit"] is None:
                 state["grid"] = list(ts)
-                state["fit"] = _core.ForecastCalibration(state["grid"], rows.shape[0], rows.shape[1], config.interval, config.warmup_steps, 3)
+                state["fit"] = _core.ForecastCalibration(state["grid"], rows.shape[0], rows.shape[1], config.interval, _forecast_warmup(config), 3)
             elif list(ts) != state["grid"]:
                 raise SpecDiffError("runs: every run must use the same timesteps (num_inference_steps and scheduler)")
             if k == 0:

@@ -21,6 +21,7 @@
 #include <specdiff/specdiff.hpp>
 
 #include "methods/learned_file.hpp"
+#include "methods/methods.hpp"
 #include "quality/noise.hpp"
 
 namespace nb = nanobind;
@@ -250,6 +251,12 @@ NB_MODULE(_core, m) {
         "The engine's initial latents (quality::sample_latents: Philox4x32-10 + portable Box-Muller), [samples, per_sample] float32: "
         "sample k draws stream k of `seed`, the same values as the C++ demo and tools.");
 
+  // The forecast's warm-up when the config leaves it unset: the C++ method's own rule (methods::forecast_options::warmup),
+  // so the Python default cannot drift from the demo's.
+  m.def("forecast_default_warmup", [](int interval) {
+    if (interval < 1) throw std::invalid_argument("interval: must be >= 1, got " + std::to_string(interval));
+    return methods::forecast_options{.interval = interval}.warmup();
+  }, nb::arg("interval"));
   m.def("aligned_speculative_timesteps",
         [](const std::vector<float>& main, int spec_steps, int warmup_steps, int refresh_interval, const std::vector<int>& dense_steps) {
           const int steps = static_cast<int>(main.size());

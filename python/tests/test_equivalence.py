@@ -38,8 +38,11 @@ def test_cache_rate_zero_is_the_plain_loop_bit_for_bit(sd3_problem, sd3_full):
         ("specdiff-adaptive", lambda g: sd.SpecDiffAdaptiveConfig(guidance_scale=g), {}),
         ("forecast", lambda g: sd.ForecastConfig(learned=MODELS / "mnist-sd3" / "learned_forecast_N3.json"), {}),
         ("forecast", lambda g: sd.ForecastConfig(interval=3, c3="taylor", order=2), {"interval": 3, "c3": "taylor", "order": 2}),
+        # interval 2: the default warm-up is the C++ method's (3 there), so the shipped N2 weights are accepted on both sides
+        ("forecast", lambda g: sd.ForecastConfig(interval=2, learned=MODELS / "mnist-sd3" / "learned_forecast_N2.json"),
+         {"interval": 2}),
     ],
-    ids=["specdiff", "specdiff-cr0.7-latest", "specdiff-adaptive", "forecast-learned", "forecast-taylor2"],
+    ids=["specdiff", "specdiff-cr0.7-latest", "specdiff-adaptive", "forecast-learned", "forecast-taylor2", "forecast-learned-N2"],
 )
 def test_method_matches_the_cpp_demo(sd3_problem, sd3_full, tmp_path, method, config, options):
     x = run(sd3_problem, config(sd3_problem.guidance))
