@@ -188,6 +188,7 @@ def _learned_table(value, name="learned") -> Optional[_core.LearnedTable]:
 
 
 def _supported(model) -> str:
+    """'sd3' or 'flux' (FluxTransformer2DModel: step-level methods only, see _check_config_for)."""
     from diffusers import SD3Transformer2DModel
 
     if isinstance(model, SD3Transformer2DModel):
@@ -196,12 +197,28 @@ def _supported(model) -> str:
         from diffusers import FluxTransformer2DModel
 
         if isinstance(model, FluxTransformer2DModel):
-            raise SpecDiffError("model: FluxTransformer2DModel is not supported by this version of specdiff.diffusers "
-                                "(SD3Transformer2DModel only; docs/python.md)")
+            return "flux"
     except ImportError:
         pass
     raise SpecDiffError(f"model: {type(model).__name__} is not supported; allowed: SD3Transformer2DModel "
-                        "(SD3, SD3.5, MMDiT-X) or a pipeline holding one as `transformer`")
+                        "(SD3, SD3.5, MMDiT-X; every method), FluxTransformer2DModel (ForecastConfig) or a pipeline holding "
+                        "one as `transformer`")
+
+
+def _check_config_for(kind: str, config) -> None:
+    """FLUX runs the step-level forecast only: token-level SpecDiff needs attention processors for FLUX's double- and
+    single-stream blocks, which this version does not have."""
+    if kind == "flux" and not isinstance(config, ForecastConfig):
+        raise SpecDiffError(f"config: {type(config).__name__} (token-level SpecDiff) is not supported on FluxTransformer2DModel "
+                            "by this version of specdiff.diffusers; ForecastConfig is (docs/python.md)")
+
+
+def _grid_index(ts: np.ndarray, t: float, kind: str) -> Optional[int]:
+    """The step of a transformer call's timestep on the scheduler's grid. SD3 pipelines pass the grid value itself;
+    FluxPipeline passes it divided by 1000 in float32 (``timestep / 1000``), so FLUX compares against that."""
+    grid = ts if kind == "sd3" else ts / np.float32(1000.0)
+    hits = np.nonzero(grid == np.float32(t))[0]
+    return int(hits[0]) if hits.size else None
 
 
 class _Processor:
@@ -290,14 +307,16 @@ class _Runner:
         self.model_calls = 0
         self.partial_calls = 0
         self.library_seconds = 0.0
+        self.kind = _supported(model)
         blocks = model.transformer_blocks
         self.joint_slots = len(blocks)
         self.processors = []
-        for i, b in enumerate(blocks):
-            self.processors.append((b.attn, b.attn.processor))
-        for i, b in enumerate(blocks):
-            if getattr(b, "attn2", None) is not None:
-                self.processors.append((b.attn2, b.attn2.processor))
+        if self.kind == "sd3":  # FLUX runs step-level methods only: its attention is never touched
+            for i, b in enumerate(blocks):
+                self.processors.append((b.attn, b.attn.processor))
+            for i, b in enumerate(blocks):
+                if getattr(b, "attn2", None) is not None:
+                    self.processors.append((b.attn2, b.attn2.processor))
 
     # -- processors
     def install(self):
@@ -367,10 +386,11 @@ class _Runner:
             raise SpecDiffError("scheduler: enable() on a bare transformer needs scheduler= (the run's FlowMatchEulerDiscreteScheduler, "
                                 "after set_timesteps) to know the run's timesteps")
         ts = sched.timesteps.detach().to("cpu", torch.float32).numpy()
-        hits = np.nonzero(ts == np.float32(t))[0]
-        if hits.size == 0:
-            raise SpecDiffError(f"timestep: {t} is not on the scheduler's grid ({ts.size} steps); call set_timesteps before sampling")
-        return ts, int(hits[0])
+        k = _grid_index(ts, t, self.kind)
+        if k is None:
+            raise SpecDiffError(f"timestep: {t} is not on the scheduler's grid ({ts.size} steps{', divided by 1000 as FluxPipeline passes it' if self.kind == 'flux' else ''}); "
+                                "call set_timesteps before sampling")
+        return ts, k
 
     def guidance(self, batch):
         g = self.config.guidance_scale if isinstance(self.config, SpecDiffConfig) else None
@@ -380,9 +400,23 @@ class _Runner:
             g = 1.0
         return float(g), batch % 2 == 0 and g > 1.0
 
+    def run_grid(self, ts):
+        """The timesteps the accelerator is built on: the run's, or a learned table's own grid where every step is within
+        4 float32 ulp of the run's. The C++ engine computes FLUX's shifted schedule (exp(mu) / (exp(mu) + 1/sigma - 1))
+        in another order of operations than diffusers' scheduler, so a table fitted on the engine's grid sits up to 2 ulp
+        off diffusers' grid on mnist-flux: the same sampler, steps and shift, which is what the table's exact check
+        stands for. The step-indexed rules never read the values otherwise."""
+        if self.learned is not None:
+            table = np.asarray(self.learned.timesteps, dtype=np.float32)
+            if table.shape == ts.shape and np.all(np.abs(table - ts) <= 4 * np.spacing(np.abs(ts))):
+                return table
+        return ts
+
     def make_accelerator(self, ts, batch, tokens, features, cfg):
         c = self.config
         steps = len(ts)
+        ts = self.run_grid(ts)
+        self.acc_ts = ts
         if isinstance(c, ForecastConfig):
             return _core.forecast_accelerator(tokens, batch, steps, features, c.interval, _forecast_warmup(c), c.c3, c.order,
                                               c.variable == "step", self.learned, list(ts))
@@ -485,6 +519,72 @@ class _Runner:
         return Transformer2DModelOutput(sample=sample)
 
 
+def _flux_call(runner: "_Runner", original, hidden_states, encoder_hidden_states=None, pooled_projections=None, timestep=None,
+               img_ids=None, txt_ids=None, guidance=None, joint_attention_kwargs=None, controlnet_block_samples=None,
+               controlnet_single_block_samples=None, return_dict=True, controlnet_blocks_repeat=False):
+    """One FluxTransformer2DModel call under a step-level method (forecast): a full step is diffusers' own forward
+    (its output rows handed to the accelerator in place); on the other steps the transformer is not called and every
+    row is the library's forecast. hidden_states are FluxPipeline's packed latents [B, tokens, features]."""
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    r = runner
+    x = hidden_states
+    if x.device.type != "cpu":
+        raise SpecDiffError(f"hidden_states: on {x.device}; this build of specdiff runs on CPU tensors only (docs/python.md, the CUDA build)")
+    if x.dtype != torch.float32:
+        raise SpecDiffError(f"hidden_states: dtype {x.dtype}; specdiff's accelerator caches float32 rows (load the model in float32)")
+    if x.dim() != 3:
+        raise SpecDiffError(f"hidden_states: shape {tuple(x.shape)}; FluxTransformer2DModel takes packed latents [batch, tokens, features]")
+    if controlnet_block_samples is not None or controlnet_single_block_samples is not None or (joint_attention_kwargs and len(joint_attention_kwargs)):
+        raise SpecDiffError("transformer call: ControlNet residuals and joint_attention_kwargs are not supported with specdiff")
+    batch, tokens, features = x.shape
+    r.tokens = tokens
+    ts, k = r.grid(float(timestep.reshape(-1)[0]))
+    g, cfg = r.guidance(batch)
+    key = (batch, tokens, features, tuple(ts.tolist()), cfg)
+    if k == 0:
+        if r.acc is None or r.key != key:
+            r.acc = r.make_accelerator(ts, batch, tokens, features, cfg)
+            r.key = key
+        else:
+            r.acc.reset()
+        r.model_calls = 0
+        r.partial_calls = 0
+        r.library_seconds = 0.0
+    elif r.acc is None or r.key != key or r.acc.next_step != k:
+        raise SpecDiffError(f"timestep: step {k} (t = {float(ts[k])}) came before step {r.acc.next_step if r.acc else 0} of this run; "
+                            "specdiff expects the scheduler's steps in order from the first, one transformer call per step "
+                            "(FluxPipeline's true_cfg_scale makes two)")
+    acc = r.acc
+    t0 = time.perf_counter()
+    count = acc.plan_step(k, float(r.acc_ts[k]))
+    r.library_seconds += time.perf_counter() - t0
+    try:
+        if count == 0:
+            out = torch.empty(batch * tokens, features, dtype=torch.float32)
+            t0 = time.perf_counter()
+            acc.complete_step(torch.empty(0, features), out, None)
+            r.library_seconds += time.perf_counter() - t0
+        elif count == tokens:
+            sample = original(hidden_states=x, encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections,
+                              timestep=timestep, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
+            out = sample.reshape(batch * tokens, features).to(torch.float32).contiguous()
+            t0 = time.perf_counter()
+            acc.complete_step_in_place(out, None)
+            r.library_seconds += time.perf_counter() - t0
+            r.model_calls += 1
+        else:
+            raise SpecDiffError(f"config: {type(r.config).__name__} planned {count} of {tokens} tokens; FLUX runs step-level methods only")
+    except BaseException:
+        acc.abandon()
+        r.acc = None
+        raise
+    sample = out.reshape(batch, tokens, features)
+    if not return_dict:
+        return (sample,)
+    return Transformer2DModelOutput(sample=sample)
+
+
 def _hook_class():
     from diffusers.hooks import ModelHook
 
@@ -497,6 +597,8 @@ def _hook_class():
 
         def new_forward(self, module, *args, **kwargs):
             with torch.no_grad():
+                if self.runner.kind == "flux":
+                    return _flux_call(self.runner, self.fn_ref.original_forward, *args, **kwargs)
                 return self.runner(*args, **kwargs)
 
     return SpecDiffHook
@@ -552,7 +654,7 @@ def enable(pipe_or_transformer, config: Union[SpecDiffConfig, ForecastConfig, No
     config = dataclasses.replace(config)  # a private copy: later edits of the caller's object change nothing
     config.validate()
     pipe, model = _split(pipe_or_transformer)
-    _supported(model)
+    _check_config_for(_supported(model), config)
     registry = getattr(model, "_diffusers_hook", None)
     if registry is not None and registry.get_hook(_HOOK_NAME) is not None:
         raise SpecDiffError("pipe_or_transformer: specdiff is already enabled on this model; disable() it first")
@@ -631,7 +733,7 @@ def calibrate_forecast(pipe, runs: Sequence[dict], config: ForecastConfig = None
     pipe_, model = _split(pipe)
     if pipe_ is None:
         raise SpecDiffError("pipe: calibrate_forecast needs a pipeline (it runs it)")
-    _supported(model)
+    kind = _supported(model)
     state = {"fit": None, "grid": None}
 
     class Observe(ModelHook):
@@ -639,11 +741,16 @@ def calibrate_forecast(pipe, runs: Sequence[dict], config: ForecastConfig = None
             out = self.fn_ref.original_forward(*args, **kwargs)
             sample = out[0] if isinstance(out, tuple) else out.sample
             ts = pipe_.scheduler.timesteps.detach().to("cpu", torch.float32).numpy()
-            t = np.float32(float(kwargs.get("timestep", args[3] if len(args) > 3 else None).reshape(-1)[0]))
-            k = int(np.nonzero(ts == t)[0][0])
-            p = model.config.patch_size
-            b, c, h, w = sample.shape
-            rows = sample.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b * (h // p) * (w // p), p * p * c)
+            t = float(kwargs.get("timestep", args[3] if len(args) > 3 else None).reshape(-1)[0])
+            k = _grid_index(ts, t, kind)
+            if k is None:
+                raise SpecDiffError(f"timestep: {t} is not on the scheduler's grid")
+            if kind == "flux":  # packed rows [B, tokens, features] already
+                rows = sample.reshape(-1, sample.shape[-1])
+            else:
+                p = model.config.patch_size
+                b, c, h, w = sample.shape
+                rows = sample.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b * (h // p) * (w // p), p * p * c)
             rows = rows.detach().to(torch.float32).contiguous()
             if state["fit"] is None:
                 state["grid"] = list(ts)

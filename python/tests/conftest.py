@@ -94,3 +94,61 @@ def sd3_problem():
 def sd3_full(sd3_problem):
     """The plain diffusers loop's final latents (no specdiff)."""
     return sd3_problem.sample()
+
+
+class FluxProblem:
+    """The demo's batch on mnist-flux in FluxPipeline's layout: the same noise image as SD3's, packed 2x2 into tokens
+    (FluxPipeline._pack_latents), FluxPipeline's schedule (sigmas linspace(1, 1/n, n), mu from calculate_shift of the
+    image tokens), the transformer called with timestep / 1000, CFG as one batch [uncond; cond] as the C++ demo runs it."""
+
+    def __init__(self, name: str, samples: int, steps: int, seed: int = 0):
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+        from safetensors.numpy import load_file
+        import json
+
+        folder = MODELS / name
+        self.model = FluxTransformer2DModel.from_pretrained(str(folder / "transformer")).eval()
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(folder))
+        self.steps = steps
+        emb = load_file(str(folder / "class_embeddings.safetensors"))
+        classes = emb["pooled"].shape[0] - 1
+        labels = [k % classes for k in range(samples)]
+        channels = self.model.config.in_channels // 4
+        size = 32  # the image side (models/mnist-flux/README.md); the token grid is 16 x 16
+        image = torch.from_numpy(np.array(specdiff.sample_latents(samples, channels * size * size, seed))).reshape(samples, channels, size, size)
+        self.noise = FluxPipeline._pack_latents(image, samples, channels, size, size)
+        self.img_ids = FluxPipeline._prepare_latent_image_ids(samples, size // 2, size // 2, "cpu", torch.float32)
+        ctx = torch.from_numpy(emb["context"])
+        pooled = torch.from_numpy(emb["pooled"])
+        self.txt_ids = torch.zeros(ctx.shape[1], 3)
+        null = [classes] * samples
+        self.context = torch.cat([ctx[null], ctx[labels]])
+        self.pooled = torch.cat([pooled[null], pooled[labels]])
+        self.guidance = json.loads((folder / "sampling.json").read_text()).get("guidance_scale", 4.0)
+        c = self.scheduler.config
+        self.mu = calculate_shift(self.noise.shape[1], c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+
+    def sample(self) -> torch.Tensor:
+        self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / self.steps, self.steps), mu=self.mu)
+        lat = self.noise.clone()
+        with torch.no_grad():
+            for t in self.scheduler.timesteps:
+                inp = torch.cat([lat, lat])
+                v = self.model(hidden_states=inp, timestep=t.expand(inp.shape[0]).to(inp.dtype) / 1000, encoder_hidden_states=self.context,
+                               pooled_projections=self.pooled, img_ids=self.img_ids, txt_ids=self.txt_ids, return_dict=False)[0]
+                vu, vc = v.chunk(2)
+                v = vu + self.guidance * (vc - vu)
+                lat = self.scheduler.step(v, t, lat, return_dict=False)[0]
+        return lat
+
+
+@pytest.fixture(scope="session")
+def flux_problem():
+    return FluxProblem("mnist-flux", samples=SAMPLES, steps=28)
+
+
+@pytest.fixture(scope="session")
+def flux_full(flux_problem):
+    """The plain diffusers loop's final (packed) latents on mnist-flux (no specdiff)."""
+    return flux_problem.sample()
