@@ -1,4 +1,4 @@
-"""SpecDiff's methods on diffusers' SD3 transformers, in one line (docs/python.md).
+"""SpecDiff's methods on diffusers' SD3 transformers (and the forecast on FLUX), in one line (docs/python.md).
 
     import specdiff.diffusers as sd
     sd.enable(pipe, sd.SpecDiffConfig(cache_rate=0.9))   # or sd.ForecastConfig(learned=...), sd.SpecDiffAdaptiveConfig()

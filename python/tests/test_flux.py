@@ -74,3 +74,20 @@ def test_flux_disable_restores_the_model(flux_problem, flux_full):
     run(flux_problem, sd.ForecastConfig(interval=3, c3="taylor"))
     assert "forward" not in m.__dict__ and not hasattr(m, "_diffusers_hook")
     assert torch.equal(flux_problem.sample(), flux_full)
+
+
+def test_flux_calibrate_forecast_fits_a_usable_table(flux_problem, flux_full):
+    """calibrate_forecast on a pipeline-like object whose transformer is FLUX: the rows are the packed output."""
+
+    class Loop:
+        transformer = flux_problem.model
+        scheduler = flux_problem.scheduler
+
+        def __call__(self):
+            return flux_problem.sample()
+
+    table = sd.calibrate_forecast(Loop(), [{}], sd.ForecastConfig(interval=3))
+    assert table.steps == flux_problem.steps
+    x = run(flux_problem, sd.ForecastConfig(interval=3, learned=table))
+    assert rel_l2(x.numpy(), flux_full.numpy()) < 0.1
+    assert not torch.equal(x, flux_full)
