@@ -1,4 +1,4 @@
-"""SpecDiff's methods on diffusers' SD3 transformers (and the forecast on FLUX), in one line (docs/python.md).
+"""SpecDiff's methods on diffusers' SD3 and FLUX transformers, in one line (docs/python.md).
 
     import specdiff.diffusers as sd
     sd.enable(pipe, sd.SpecDiffConfig(cache_rate=0.9))   # or sd.ForecastConfig(learned=...), sd.SpecDiffAdaptiveConfig()
@@ -188,7 +188,7 @@ def _learned_table(value, name="learned") -> Optional[_core.LearnedTable]:
 
 
 def _supported(model) -> str:
-    """'sd3' or 'flux' (FluxTransformer2DModel: step-level methods only, see _check_config_for)."""
+    """'sd3' or 'flux': the transformer classes every method runs on."""
     from diffusers import SD3Transformer2DModel
 
     if isinstance(model, SD3Transformer2DModel):
@@ -201,16 +201,7 @@ def _supported(model) -> str:
     except ImportError:
         pass
     raise SpecDiffError(f"model: {type(model).__name__} is not supported; allowed: SD3Transformer2DModel "
-                        "(SD3, SD3.5, MMDiT-X; every method), FluxTransformer2DModel (ForecastConfig) or a pipeline holding "
-                        "one as `transformer`")
-
-
-def _check_config_for(kind: str, config) -> None:
-    """FLUX runs the step-level forecast only: token-level SpecDiff needs attention processors for FLUX's double- and
-    single-stream blocks, which this version does not have."""
-    if kind == "flux" and not isinstance(config, ForecastConfig):
-        raise SpecDiffError(f"config: {type(config).__name__} (token-level SpecDiff) is not supported on FluxTransformer2DModel "
-                            "by this version of specdiff.diffusers; ForecastConfig is (docs/python.md)")
+                        "(SD3, SD3.5, MMDiT-X), FluxTransformer2DModel or a pipeline holding one as `transformer`")
 
 
 def _grid_index(ts: np.ndarray, t: float, kind: str) -> Optional[int]:
@@ -289,6 +280,72 @@ class _Processor:
         return hidden_states
 
 
+def _rope(x, cos, sin):
+    """diffusers' apply_rotary_emb (use_real, pairs interleaved) on x [B, S, H, D] with tables [B or 1, S, D]."""
+    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return (x.float() * c + rotated.float() * s).to(x.dtype)
+
+
+class _FluxProcessor:
+    """FLUX's attention (a double-stream block's joint attention, or a single-stream block's over [text; image]) over
+    the active image tokens, against the per-layer cache of the rotated image keys and the values; diffusers'
+    FluxAttnProcessor when every token is computed. Falls back to the original processor outside a SpecDiff forward."""
+
+    def __init__(self, runner: "_Runner", slot: int, original):
+        self.runner = runner
+        self.slot = slot
+        self.original = original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, **kwargs):
+        r = self.runner
+        if not r.active or attention_mask is not None or kwargs:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs)
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+        query, key, value, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        if encoder_hidden_states is not None:
+            eq = attn.norm_added_q(eq.unflatten(-1, (-1, attn.head_dim)))
+            ek = attn.norm_added_k(ek.unflatten(-1, (-1, attn.head_dim)))
+            ev = ev.unflatten(-1, (-1, attn.head_dim))
+            query = torch.cat([eq, query], dim=1)
+            key = torch.cat([ek, key], dim=1)
+            value = torch.cat([ev, value], dim=1)
+        cos, sin = r.rope
+        query = _rope(query, cos, sin).transpose(1, 2)
+        key = _rope(key, cos, sin).transpose(1, 2)
+        value = value.transpose(1, 2)
+        L = r.txt_len
+        k_img, v_img = key[:, :, L:], value[:, :, L:]
+        kc, vc = r.kv(self.slot, k_img, v_img)
+        if r.ids is None:
+            kc.copy_(k_img)
+            vc.copy_(v_img)
+            key_img, value_img = k_img, v_img
+        else:
+            index = r.kv_index(attn.head_dim, key.shape[1])
+            kc.scatter_(2, index, k_img)
+            vc.scatter_(2, index, v_img)
+            key_img, value_img = kc, vc
+        key_all = torch.cat([key[:, :, :L], key_img], dim=2)
+        value_all = torch.cat([value[:, :, :L], value_img], dim=2)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key_all, value_all)[:2]
+        if r.probe is not None:
+            r.add_probe(query[:, :, L:], lse[:, :, L:], key_img, attn.head_dim)
+        hidden = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is not None:
+            enc, hidden = hidden[:, :L], hidden[:, L:]
+            hidden = attn.to_out[0](hidden.contiguous())
+            hidden = attn.to_out[1](hidden)
+            enc = attn.to_add_out(enc.contiguous())
+            return hidden, enc
+        return hidden
+
+
 class _Runner:
     """Drives one composed accelerator over an SD3 transformer's calls (one call per denoising step)."""
 
@@ -311,7 +368,11 @@ class _Runner:
         blocks = model.transformer_blocks
         self.joint_slots = len(blocks)
         self.processors = []
-        if self.kind == "sd3":  # FLUX runs step-level methods only: its attention is never touched
+        if self.kind == "flux":  # token-level SpecDiff: every double- and single-stream block's attention (the forecast
+            if not isinstance(config, ForecastConfig):  # calls diffusers' own forward and touches no processor)
+                for b in list(blocks) + list(model.single_transformer_blocks):
+                    self.processors.append((b.attn, b.attn.processor))
+        else:
             for i, b in enumerate(blocks):
                 self.processors.append((b.attn, b.attn.processor))
             for i, b in enumerate(blocks):
@@ -320,8 +381,9 @@ class _Runner:
 
     # -- processors
     def install(self):
+        cls = _FluxProcessor if self.kind == "flux" else _Processor
         for slot, (attn, original) in enumerate(self.processors):
-            attn.set_processor(_Processor(self, slot, original))
+            attn.set_processor(cls(self, slot, original))
 
     def uninstall(self):
         for attn, original in self.processors:
@@ -370,6 +432,60 @@ class _Runner:
             return m.proj_out(h)
         finally:
             self.active, self.ids, self.probe = False, None, None
+
+    def forward_rows_flux(self, x, ctx, pooled, timestep, img_ids, txt_ids, guidance, ids, probe):
+        """FLUX's output rows [B, n, features] of the active image tokens (ids [B, n], or None = all): FluxTransformer2DModel's
+        forward with the active tokens' rows and rotary tables gathered; attention in _FluxProcessor."""
+        m = self.model
+        h = m.x_embedder(x)
+        t = timestep.to(x.dtype) * 1000
+        temb = m.time_text_embed(t, pooled) if guidance is None else m.time_text_embed(t, guidance.to(x.dtype) * 1000, pooled)
+        enc = m.context_embedder(ctx)
+        txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
+        img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+        rotary = m.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+        L = enc.shape[1]
+        cos, sin = rotary[0][None], rotary[1][None]
+        if ids is not None:
+            h = torch.gather(h, 1, ids[:, :, None].expand(-1, -1, h.shape[-1]))
+            b = ids.shape[0]
+            cos = torch.cat([cos[:, :L].expand(b, -1, -1), cos[0, L:][ids]], dim=1)
+            sin = torch.cat([sin[:, :L].expand(b, -1, -1), sin[0, L:][ids]], dim=1)
+        self.ids, self._kv_index, self.probe, self.rope, self.txt_len = ids, None, probe, (cos, sin), L
+        self.active = True
+        try:
+            for block in m.transformer_blocks:
+                enc, h = block(hidden_states=h, encoder_hidden_states=enc, temb=temb, image_rotary_emb=rotary, joint_attention_kwargs=None)
+            for block in m.single_transformer_blocks:
+                enc, h = block(hidden_states=h, encoder_hidden_states=enc, temb=temb, image_rotary_emb=rotary, joint_attention_kwargs=None)
+            h = m.norm_out(h, temb)
+            return m.proj_out(h)
+        finally:
+            self.active, self.ids, self.probe, self.rope = False, None, None, None
+
+    def speculate_flux(self, ts, x, ctx, pooled, img_ids, txt_ids, guidance_in, g, cfg):
+        """SpecDiff's speculative pass on FLUX: the same Euler sampler as speculate(), in the packed layout, the model
+        called with t / 1000 as FluxPipeline calls it."""
+        c = self.config
+        spec_t = _core.aligned_speculative_timesteps(list(ts), c.spec_steps, c.warmup_steps, c.refresh_interval, list(c.dense_steps))
+        self.acc.begin_speculation(spec_t)
+        batch = x.shape[0]
+        lat = x[batch // 2:].clone() if cfg else x.clone()
+        for s, t in enumerate(spec_t):
+            inp = torch.cat([lat, lat]) if cfg else lat
+            probe = torch.zeros(batch, self.tokens)
+            timestep = torch.full((batch,), t, dtype=torch.float32) / 1000
+            v = self.forward_rows_flux(inp, ctx, pooled, timestep, img_ids, txt_ids, guidance_in, None, probe)
+            self.model_calls += 1
+            t0 = time.perf_counter()
+            self.acc.record_speculation(s, probe.reshape(-1))
+            self.library_seconds += time.perf_counter() - t0
+            if cfg:
+                vu, vc = v.chunk(2)
+                v = vu + g * (vc - vu)
+            sigma = np.float32(t) / np.float32(1000.0)
+            sigma_next = np.float32(spec_t[s + 1]) / np.float32(1000.0) if s + 1 < len(spec_t) else np.float32(0.0)
+            lat = lat + float(np.float32(sigma_next - sigma)) * v
 
     def unpatchify(self, rows, height, width):
         p = self.model.config.patch_size
@@ -522,9 +638,11 @@ class _Runner:
 def _flux_call(runner: "_Runner", original, hidden_states, encoder_hidden_states=None, pooled_projections=None, timestep=None,
                img_ids=None, txt_ids=None, guidance=None, joint_attention_kwargs=None, controlnet_block_samples=None,
                controlnet_single_block_samples=None, return_dict=True, controlnet_blocks_repeat=False):
-    """One FluxTransformer2DModel call under a step-level method (forecast): a full step is diffusers' own forward
-    (its output rows handed to the accelerator in place); on the other steps the transformer is not called and every
-    row is the library's forecast. hidden_states are FluxPipeline's packed latents [B, tokens, features]."""
+    """One FluxTransformer2DModel call (one step). hidden_states are FluxPipeline's packed latents [B, tokens, features].
+    Forecast: a full step is diffusers' own forward (its output rows handed to the accelerator in place); on the other
+    steps the transformer is not called and every row is the library's forecast. SpecDiff: the speculative pass at
+    step 0, then each step's planned image tokens through forward_rows_flux (every token on a dense step, filling the
+    K/V caches), the others' rows filled by the library."""
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
     r = runner
@@ -551,6 +669,8 @@ def _flux_call(runner: "_Runner", original, hidden_states, encoder_hidden_states
         r.model_calls = 0
         r.partial_calls = 0
         r.library_seconds = 0.0
+        if r.acc.speculates and getattr(r.config, "spec_steps", 0) > 0:
+            r.speculate_flux(ts, x, encoder_hidden_states, pooled_projections, img_ids, txt_ids, guidance, g, cfg)
     elif r.acc is None or r.key != key or r.acc.next_step != k:
         raise SpecDiffError(f"timestep: step {k} (t = {float(ts[k])}) came before step {r.acc.next_step if r.acc else 0} of this run; "
                             "specdiff expects the scheduler's steps in order from the first, one transformer call per step "
@@ -565,6 +685,24 @@ def _flux_call(runner: "_Runner", original, hidden_states, encoder_hidden_states
             t0 = time.perf_counter()
             acc.complete_step(torch.empty(0, features), out, None)
             r.library_seconds += time.perf_counter() - t0
+        elif not isinstance(r.config, ForecastConfig):  # token-level SpecDiff: the K/V caches and the probe
+            probe = torch.zeros(batch, tokens) if acc.reads_attention else None
+            ids = None
+            if count != tokens:
+                t0 = time.perf_counter()
+                ids = torch.from_numpy(acc.compute_tokens().astype(np.int64))
+                r.library_seconds += time.perf_counter() - t0
+            rows = r.forward_rows_flux(x, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance, ids, probe)
+            t0 = time.perf_counter()
+            if ids is None:
+                out = rows.reshape(batch * tokens, features).contiguous()
+                acc.complete_step_in_place(out, probe.reshape(-1) if probe is not None else None)
+            else:
+                out = torch.empty(batch * tokens, features, dtype=torch.float32)
+                acc.complete_step(rows.reshape(batch * count, features).contiguous(), out, probe.reshape(-1) if probe is not None else None)
+                r.partial_calls += 1
+            r.library_seconds += time.perf_counter() - t0
+            r.model_calls += 1
         elif count == tokens:
             sample = original(hidden_states=x, encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections,
                               timestep=timestep, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
@@ -654,7 +792,7 @@ def enable(pipe_or_transformer, config: Union[SpecDiffConfig, ForecastConfig, No
     config = dataclasses.replace(config)  # a private copy: later edits of the caller's object change nothing
     config.validate()
     pipe, model = _split(pipe_or_transformer)
-    _check_config_for(_supported(model), config)
+    _supported(model)
     registry = getattr(model, "_diffusers_hook", None)
     if registry is not None and registry.get_hook(_HOOK_NAME) is not None:
         raise SpecDiffError("pipe_or_transformer: specdiff is already enabled on this model; disable() it first")

@@ -1,4 +1,4 @@
-"""The step-level forecast on FluxTransformer2DModel (mnist-flux) against the C++ demo's: same noise image packed as
+"""SpecDiff (token-level), SpecDiff-adaptive and the forecast on FluxTransformer2DModel (mnist-flux) against the C++ demo's: same noise image packed as
 FluxPipeline packs it, same labels, FluxPipeline's schedule. Tolerance: relative L2 of the final packed latents < 1e-4,
 as on SD3."""
 import numpy as np
@@ -59,20 +59,46 @@ def test_flux_forecast_skips_the_transformer(flux_problem):
     assert 0 < calls < flux_problem.steps
 
 
-def test_flux_token_level_is_refused_and_the_model_left_as_it_was(flux_problem):
-    m = flux_problem.model
-    processors = [b.attn.processor for b in m.transformer_blocks] + [b.attn.processor for b in m.single_transformer_blocks]
-    for config in (sd.SpecDiffConfig(guidance_scale=4.0), sd.SpecDiffAdaptiveConfig(guidance_scale=4.0)):
-        with pytest.raises(sd.SpecDiffError, match=rf"config: {type(config).__name__} .*FluxTransformer2DModel"):
-            sd.enable(m, config, scheduler=flux_problem.scheduler)
-    assert [b.attn.processor for b in m.transformer_blocks] + [b.attn.processor for b in m.single_transformer_blocks] == processors
-    assert "forward" not in m.__dict__ and not hasattr(m, "_diffusers_hook")
+@pytest.mark.parametrize(
+    "method, config, options",
+    [
+        ("specdiff", lambda g: sd.SpecDiffConfig(guidance_scale=g), {}),
+        ("specdiff", lambda g: sd.SpecDiffConfig(guidance_scale=g, cache_rate=0.7, spec_steps=3, c3="latest"),
+         {"cache_rate": 0.7, "spec_steps": 3, "c3": "latest"}),
+        ("specdiff-adaptive", lambda g: sd.SpecDiffAdaptiveConfig(guidance_scale=g), {}),
+    ],
+    ids=["specdiff", "specdiff-cr0.7-latest", "specdiff-adaptive"],
+)
+def test_flux_specdiff_matches_the_cpp_demo(flux_problem, flux_full, tmp_path, method, config, options):
+    """Token-level: the C1 tokens through every double- and single-stream block against the cached rotated keys and
+    values, the probe from the SDPA log-sum-exp over all six blocks."""
+    x = run(flux_problem, config(flux_problem.guidance))
+    ref = cpp_latents(tmp_path, "mnist-flux", method, SAMPLES, 28, **options)
+    err = rel_l2(x.numpy(), ref)
+    print(f"mnist-flux {method} {options}: relative L2 {err:.3g}")
+    assert err < TOL, f"{method} {options}: relative L2 {err:.3g} against the C++ demo"
+    assert not torch.equal(x, flux_full)
+
+
+def test_flux_specdiff_partial_steps_and_cache_rate_zero(flux_problem, flux_full):
+    sd.enable(flux_problem.model, sd.SpecDiffConfig(guidance_scale=flux_problem.guidance), scheduler=flux_problem.scheduler)
+    try:
+        flux_problem.sample()
+        assert sd.stats(flux_problem.model)["partial_calls"] > 0
+    finally:
+        sd.disable(flux_problem.model)
+    assert torch.equal(run(flux_problem, sd.SpecDiffConfig(cache_rate=0.0, guidance_scale=flux_problem.guidance)), flux_full)
 
 
 def test_flux_disable_restores_the_model(flux_problem, flux_full):
     m = flux_problem.model
+    processors = [b.attn.processor for b in m.transformer_blocks] + [b.attn.processor for b in m.single_transformer_blocks]
+    state = {k: v.clone() for k, v in m.state_dict().items()}
     run(flux_problem, sd.ForecastConfig(interval=3, c3="taylor"))
+    run(flux_problem, sd.SpecDiffConfig(guidance_scale=flux_problem.guidance))
+    assert [b.attn.processor for b in m.transformer_blocks] + [b.attn.processor for b in m.single_transformer_blocks] == processors
     assert "forward" not in m.__dict__ and not hasattr(m, "_diffusers_hook")
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in state.items())
     assert torch.equal(flux_problem.sample(), flux_full)
 
 
