@@ -124,3 +124,79 @@ def test_forecast_calibrated_on_the_users_pipeline(sd3_pipe, tmp_path):
     # teacher-forced on the full trajectory, which the forecast then leaves.
     assert errors["same"] < errors["latest"] and errors["other"] < errors["latest"], errors
     assert errors["same"] < 3 * errors["taylor"] and errors["other"] < 3 * errors["taylor"], errors
+
+
+@pytest.fixture(scope="module")
+def flux_pipe():
+    """FluxPipeline from random components: CLIP (pooled) with the byte tokenizer, a one-layer T5 over the same tokenizer,
+    a one-level VAE (latents 32 x 32, packed 2x2 into 256 tokens), FLUX's dynamic-shift scheduler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    tok = byte_tokenizer()
+    clip = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                          num_hidden_layers=2, vocab_size=len(tok), max_position_embeddings=77)
+    t5 = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2, pad_token_id=1, eos_token_id=1,
+                  decoder_start_token_id=0, dropout_rate=0.0)
+    components = dict(
+        transformer=FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8,
+                                           num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(2, 2, 4)),
+        vae=AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=4,
+                          norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611),
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                  max_image_seq_len=4096),
+        text_encoder=CLIPTextModel(clip),
+        tokenizer=tok,
+        text_encoder_2=T5EncoderModel(t5),
+        tokenizer_2=tok,
+    )
+    for c in components.values():
+        if isinstance(c, torch.nn.Module):
+            c.eval()  # built from configs: training mode (T5's dropout) until told otherwise
+    pipe = FluxPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate_flux(pipe, seed=0, prompt="a digit seven"):
+    out = pipe(prompt, num_inference_steps=STEPS, height=32, width=32, output_type="np", generator=torch.Generator().manual_seed(seed),
+               max_sequence_length=16)
+    return out.images
+
+
+def test_flux_pipeline_each_method_in_one_line(flux_pipe):
+    """FluxPipeline without true CFG: one transformer call per step (batch 1), so SpecDiff's guidance_scale is 1."""
+    plain = generate_flux(flux_pipe)
+    assert plain.shape == (1, 32, 32, 3) and np.isfinite(plain).all()
+    for config in (sd.SpecDiffConfig(cache_rate=0.75, guidance_scale=1.0), sd.SpecDiffAdaptiveConfig(cache_rate=0.75, guidance_scale=1.0),
+                   sd.ForecastConfig(interval=2, c3="taylor")):
+        sd.enable(flux_pipe, config)
+        try:
+            image = generate_flux(flux_pipe)
+            calls = sd.stats(flux_pipe)
+        finally:
+            sd.disable(flux_pipe)
+        assert image.shape == plain.shape and np.isfinite(image).all()
+        assert not np.array_equal(image, plain), type(config).__name__
+        assert np.abs(image - plain).mean() < 0.2, type(config).__name__
+        assert calls["model_calls"] <= STEPS + getattr(config, "spec_steps", 0)
+    sd.enable(flux_pipe, sd.SpecDiffConfig(cache_rate=0.0, guidance_scale=1.0))
+    try:
+        np.testing.assert_array_equal(generate_flux(flux_pipe), plain)  # cache rate 0: the plain pipeline
+    finally:
+        sd.disable(flux_pipe)
+    np.testing.assert_array_equal(generate_flux(flux_pipe), plain)  # disabled: the plain pipeline again
+
+
+def test_flux_pipeline_true_cfg_is_refused(flux_pipe):
+    """true_cfg_scale > 1 calls the transformer twice per step: refused naming the timestep, and the pipeline still works."""
+    plain = generate_flux(flux_pipe)
+    sd.enable(flux_pipe, sd.ForecastConfig(interval=2, c3="taylor"))
+    try:
+        with pytest.raises(sd.SpecDiffError, match="timestep: step 1 .*true_cfg_scale"):
+            flux_pipe("a digit seven", negative_prompt="noise", true_cfg_scale=2.0, num_inference_steps=STEPS, height=32, width=32,
+                      output_type="np", max_sequence_length=16)
+    finally:
+        sd.disable(flux_pipe)
+    np.testing.assert_array_equal(generate_flux(flux_pipe), plain)
