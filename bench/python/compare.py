@@ -7,6 +7,11 @@ median of --repeats timed runs with a full-compute run timed right before each (
 pairs' ratios), and for the SpecDiff methods the share of the run spent in the C++ library's calls.
 
     .venv/bin/python bench/python/compare.py --model models/mnist-sd3 --samples 4 --repeats 3 --markdown out.md
+
+cache-dit's DBCache rows (with and without its TaylorSeer calibrator) run when `import cache_dit` works; otherwise one
+row says why. To keep the venv's torch and diffusers as they are, cache-dit 1.5.3 was used from its unpacked wheel
+(`pip download --no-deps cache-dit==1.5.3`, unzip, PYTHONPATH=<that folder>); its other needs (packaging, pyyaml,
+transformers) are already in the venv. `pip install cache-dit` would also pull CUDA wheels and triton.
 """
 import argparse
 import json
@@ -47,10 +52,13 @@ class Problem:
         sampling = folder / "sampling.json"
         self.guidance = json.loads(sampling.read_text()).get("guidance_scale", 4.0) if sampling.exists() else 4.0
         self.step_index = 0
+        self.before_run = None  # a peer's per-run reset (what its pipeline wrapper would do at each call), or None
 
     def sample(self) -> torch.Tensor:
         from diffusers.hooks.hooks import CacheContext, _set_cache_context  # what a pipeline's cache_context() sets
 
+        if self.before_run is not None:
+            self.before_run()
         self.scheduler.set_timesteps(self.steps)
         lat = self.noise.clone()
         with torch.no_grad():
@@ -146,9 +154,62 @@ def settings(p: Problem, only):
                 *theirs(lambda: apply_pyramid_attention_broadcast(m, PyramidAttentionBroadcastConfig(
                     spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(100, 800),
                     current_timestep_callback=lambda: p.current_t)))))
+    out += cache_dit_settings(p)
     if only:
         out = [s for s in out if any(o in s[0] for o in only)]
     return out
+
+
+def cache_dit_settings(p: Problem):
+    """cache-dit's DBCache, with and without its TaylorSeer calibrator, through its one-line API. cache-dit registers
+    SD3 under the pipeline class (StableDiffusion3Pipeline) only, so on the bare transformer it takes the BlockAdapter
+    that cache-dit's own SD3 registration builds (caching/block_adapters/adapters.py: transformer_blocks,
+    ForwardPattern.Pattern_1). Each run starts with cache_dit.refresh_context(transformer, num_inference_steps=steps),
+    cache-dit's documented transformer-only flow (what its pipeline wrapper does per call); without it the context
+    carries over from run to run and the same noise gives a different image each run (seen: 47.2 / 51.6 / 48.8 dB).
+    Defaults (cache-dit 1.5.3, caching/cache_contexts/cache_config.py lines 28-47): F8B0, residual_diff_threshold 0.08,
+    8 warm-up steps; TaylorSeerCalibratorConfig (calibrators/__init__.py line 128): order 1. The mnist-sd3 transformer
+    has 4 blocks, fewer than F8, so the defaults are also run with F1B0 (cache-dit's fastest documented F/B setting)."""
+    try:
+        import cache_dit
+        from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
+    except Exception as e:  # not installed, or not importable against this torch/diffusers
+        msg = f"cache-dit not importable: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+
+        def failing():
+            raise RuntimeError(msg)
+        return [("cache-dit DBCache", failing, lambda: None)]
+    import logging
+
+    logging.getLogger("cache_dit").setLevel(logging.WARNING)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("cache_dit"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    m = p.model
+
+    def run(cache, calibrator):
+        def on():
+            adapter = cache_dit.BlockAdapter(transformer=m, blocks=m.transformer_blocks,
+                                             forward_pattern=cache_dit.ForwardPattern.Pattern_1, check_forward_pattern=True)
+            cache_dit.enable_cache(adapter, cache_config=cache, calibrator_config=calibrator)
+            p.before_run = lambda: cache_dit.refresh_context(m, num_inference_steps=p.steps)
+            return lambda: None
+
+        def off():
+            p.before_run = None
+            cache_dit.disable_cache(m)
+        return on, off
+
+    def db(f, b, r=0.08):
+        return DBCacheConfig(Fn_compute_blocks=f, Bn_compute_blocks=b, residual_diff_threshold=r, num_inference_steps=p.steps)
+
+    ts, ts_no_enc = TaylorSeerCalibratorConfig, lambda: TaylorSeerCalibratorConfig(enable_encoder_calibrator=False)
+    grid = [("defaults F8B0 R0.08", (8, 0, 0.08), None), ("defaults F8B0 R0.08 + TaylorSeer", (8, 0, 0.08), ts),
+            ("F1B0 R0.08", (1, 0, 0.08), None), ("F1B0 R0.08 + TaylorSeer", (1, 0, 0.08), ts),
+            ("F1B0 R0.08 + TaylorSeer (encoder calibrator off)", (1, 0, 0.08), ts_no_enc),
+            ("F1B0 R0.16", (1, 0, 0.16), None), ("F1B0 R0.16 + TaylorSeer (encoder calibrator off)", (1, 0, 0.16), ts_no_enc),
+            ("F1B1 R0.08", (1, 1, 0.08), None), ("F1B1 R0.08 + TaylorSeer", (1, 1, 0.08), ts)]
+    return [(f"cache-dit DBCache {tag}", *run(db(*fbr), cal() if cal else None)) for tag, fbr, cal in grid]
 
 
 def flops_of(p: Problem) -> float:
