@@ -463,30 +463,6 @@ class _Runner:
         finally:
             self.active, self.ids, self.probe, self.rope = False, None, None, None
 
-    def speculate_flux(self, ts, x, ctx, pooled, img_ids, txt_ids, guidance_in, g, cfg):
-        """SpecDiff's speculative pass on FLUX: the same Euler sampler as speculate(), in the packed layout, the model
-        called with t / 1000 as FluxPipeline calls it."""
-        c = self.config
-        spec_t = _core.aligned_speculative_timesteps(list(ts), c.spec_steps, c.warmup_steps, c.refresh_interval, list(c.dense_steps))
-        self.acc.begin_speculation(spec_t)
-        batch = x.shape[0]
-        lat = x[batch // 2:].clone() if cfg else x.clone()
-        for s, t in enumerate(spec_t):
-            inp = torch.cat([lat, lat]) if cfg else lat
-            probe = torch.zeros(batch, self.tokens)
-            timestep = torch.full((batch,), t, dtype=torch.float32) / 1000
-            v = self.forward_rows_flux(inp, ctx, pooled, timestep, img_ids, txt_ids, guidance_in, None, probe)
-            self.model_calls += 1
-            t0 = time.perf_counter()
-            self.acc.record_speculation(s, probe.reshape(-1))
-            self.library_seconds += time.perf_counter() - t0
-            if cfg:
-                vu, vc = v.chunk(2)
-                v = vu + g * (vc - vu)
-            sigma = np.float32(t) / np.float32(1000.0)
-            sigma_next = np.float32(spec_t[s + 1]) / np.float32(1000.0) if s + 1 < len(spec_t) else np.float32(0.0)
-            lat = lat + float(np.float32(sigma_next - sigma)) * v
-
     def unpatchify(self, rows, height, width):
         p = self.model.config.patch_size
         c = self.model.out_channels
@@ -541,7 +517,11 @@ class _Runner:
                                           c.error_budget, c.max_partial_steps, list(c.cache_rate_buckets), c.bucket_error_step, c.c3,
                                           self.learned, list(ts))
 
-    def speculate(self, ts, x, ctx, pooled, guidance, cfg):
+    def speculate(self, ts, x, guidance, cfg, velocity):
+        """SpecDiff's speculative pass, for SD3 and FLUX alike: Euler steps of the run's own sampler from the same noise at
+        the aligned speculative timesteps, every token computed and each step's attention recorded. velocity(latents, t,
+        probe) runs the model at timestep t (the scheduler's unit) on latents in the run's layout, fills probe and returns
+        the velocity in that layout."""
         c = self.config
         spec_t = _core.aligned_speculative_timesteps(list(ts), c.spec_steps, c.warmup_steps, c.refresh_interval, list(c.dense_steps))
         self.acc.begin_speculation(spec_t)
@@ -550,13 +530,11 @@ class _Runner:
         for s, t in enumerate(spec_t):
             inp = torch.cat([lat, lat]) if cfg else lat
             probe = torch.zeros(batch, self.tokens)
-            timestep = torch.full((batch,), t, dtype=torch.float32)
-            rows = self.forward_rows(inp, ctx, pooled, timestep, None, probe)
+            v = velocity(inp, t, probe)
             self.model_calls += 1
             t0 = time.perf_counter()
             self.acc.record_speculation(s, probe.reshape(-1))
             self.library_seconds += time.perf_counter() - t0
-            v = self.unpatchify(rows, x.shape[-2], x.shape[-1])
             if cfg:
                 vu, vc = v.chunk(2)
                 v = vu + guidance * (vc - vu)
@@ -593,7 +571,12 @@ class _Runner:
             self.partial_calls = 0
             self.library_seconds = 0.0
             if self.acc.speculates and getattr(self.config, "spec_steps", 0) > 0:
-                self.speculate(ts, x, encoder_hidden_states, pooled_projections, guidance, cfg)
+                def velocity(inp, t, probe):
+                    timestep = torch.full((inp.shape[0],), t, dtype=torch.float32)
+                    rows = self.forward_rows(inp, encoder_hidden_states, pooled_projections, timestep, None, probe)
+                    return self.unpatchify(rows, x.shape[-2], x.shape[-1])
+
+                self.speculate(ts, x, guidance, cfg, velocity)
         elif self.acc is None or self.key != key or self.acc.next_step != k:
             raise SpecDiffError(f"timestep: step {k} (t = {t}) came before step {self.acc.next_step if self.acc else 0} of this run; "
                                 "specdiff expects the scheduler's steps in order from the first")
@@ -670,7 +653,11 @@ def _flux_call(runner: "_Runner", original, hidden_states, encoder_hidden_states
         r.partial_calls = 0
         r.library_seconds = 0.0
         if r.acc.speculates and getattr(r.config, "spec_steps", 0) > 0:
-            r.speculate_flux(ts, x, encoder_hidden_states, pooled_projections, img_ids, txt_ids, guidance, g, cfg)
+            def velocity(inp, t, probe):  # FluxPipeline calls the model with t / 1000, in the packed layout
+                timestep = torch.full((inp.shape[0],), t, dtype=torch.float32) / 1000
+                return r.forward_rows_flux(inp, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance, None, probe)
+
+            r.speculate(ts, x, g, cfg, velocity)
     elif r.acc is None or r.key != key or r.acc.next_step != k:
         raise SpecDiffError(f"timestep: step {k} (t = {float(ts[k])}) came before step {r.acc.next_step if r.acc else 0} of this run; "
                             "specdiff expects the scheduler's steps in order from the first, one transformer call per step "
