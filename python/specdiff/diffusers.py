@@ -517,6 +517,26 @@ class _Runner:
                                           c.error_budget, c.max_partial_steps, list(c.cache_rate_buckets), c.bucket_error_step, c.c3,
                                           self.learned, list(ts))
 
+    def begin_step(self, k, t, ts, batch, features, cfg, speculate, order_hint=""):
+        """Step k of a run, for SD3 and FLUX alike: at k = 0 the accelerator for the run's shape (made anew, or reset),
+        the counters zeroed and speculate() run when the config asks for a speculative pass; a later step must be the
+        accelerator's next one of the same run."""
+        key = (batch, self.tokens, features, tuple(ts.tolist()), cfg)
+        if k == 0:
+            if self.acc is None or self.key != key:
+                self.acc = self.make_accelerator(ts, batch, self.tokens, features, cfg)
+                self.key = key
+            else:
+                self.acc.reset()
+            self.model_calls = 0
+            self.partial_calls = 0
+            self.library_seconds = 0.0
+            if self.acc.speculates and getattr(self.config, "spec_steps", 0) > 0:
+                speculate()
+        elif self.acc is None or self.key != key or self.acc.next_step != k:
+            raise SpecDiffError(f"timestep: step {k} (t = {t}) came before step {self.acc.next_step if self.acc else 0} of this run; "
+                                "specdiff expects the scheduler's steps in order from the first" + order_hint)
+
     def speculate(self, ts, x, guidance, cfg, velocity):
         """SpecDiff's speculative pass, for SD3 and FLUX alike: Euler steps of the run's own sampler from the same noise at
         the aligned speculative timesteps, every token computed and each step's attention recorded. velocity(latents, t,
@@ -560,26 +580,13 @@ class _Runner:
         t = float(timestep.reshape(-1)[0])
         ts, k = self.grid(t)
         guidance, cfg = self.guidance(batch)
-        key = (batch, self.tokens, features, tuple(ts.tolist()), cfg)
-        if k == 0:
-            if self.acc is None or self.key != key:
-                self.acc = self.make_accelerator(ts, batch, self.tokens, features, cfg)
-                self.key = key
-            else:
-                self.acc.reset()
-            self.model_calls = 0
-            self.partial_calls = 0
-            self.library_seconds = 0.0
-            if self.acc.speculates and getattr(self.config, "spec_steps", 0) > 0:
-                def velocity(inp, t, probe):
-                    timestep = torch.full((inp.shape[0],), t, dtype=torch.float32)
-                    rows = self.forward_rows(inp, encoder_hidden_states, pooled_projections, timestep, None, probe)
-                    return self.unpatchify(rows, x.shape[-2], x.shape[-1])
 
-                self.speculate(ts, x, guidance, cfg, velocity)
-        elif self.acc is None or self.key != key or self.acc.next_step != k:
-            raise SpecDiffError(f"timestep: step {k} (t = {t}) came before step {self.acc.next_step if self.acc else 0} of this run; "
-                                "specdiff expects the scheduler's steps in order from the first")
+        def velocity(inp, t, probe):
+            timestep = torch.full((inp.shape[0],), t, dtype=torch.float32)
+            rows = self.forward_rows(inp, encoder_hidden_states, pooled_projections, timestep, None, probe)
+            return self.unpatchify(rows, x.shape[-2], x.shape[-1])
+
+        self.begin_step(k, t, ts, batch, features, cfg, lambda: self.speculate(ts, x, guidance, cfg, velocity))
         acc = self.acc
         t0 = time.perf_counter()
         count = acc.plan_step(k, t)
@@ -642,26 +649,13 @@ def _flux_call(runner: "_Runner", original, hidden_states, encoder_hidden_states
     r.tokens = tokens
     ts, k = r.grid(float(timestep.reshape(-1)[0]))
     g, cfg = r.guidance(batch)
-    key = (batch, tokens, features, tuple(ts.tolist()), cfg)
-    if k == 0:
-        if r.acc is None or r.key != key:
-            r.acc = r.make_accelerator(ts, batch, tokens, features, cfg)
-            r.key = key
-        else:
-            r.acc.reset()
-        r.model_calls = 0
-        r.partial_calls = 0
-        r.library_seconds = 0.0
-        if r.acc.speculates and getattr(r.config, "spec_steps", 0) > 0:
-            def velocity(inp, t, probe):  # FluxPipeline calls the model with t / 1000, in the packed layout
-                timestep = torch.full((inp.shape[0],), t, dtype=torch.float32) / 1000
-                return r.forward_rows_flux(inp, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance, None, probe)
 
-            r.speculate(ts, x, g, cfg, velocity)
-    elif r.acc is None or r.key != key or r.acc.next_step != k:
-        raise SpecDiffError(f"timestep: step {k} (t = {float(ts[k])}) came before step {r.acc.next_step if r.acc else 0} of this run; "
-                            "specdiff expects the scheduler's steps in order from the first, one transformer call per step "
-                            "(FluxPipeline's true_cfg_scale makes two)")
+    def velocity(inp, t, probe):  # FluxPipeline calls the model with t / 1000, in the packed layout
+        timestep = torch.full((inp.shape[0],), t, dtype=torch.float32) / 1000
+        return r.forward_rows_flux(inp, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance, None, probe)
+
+    r.begin_step(k, float(ts[k]), ts, batch, features, cfg, lambda: r.speculate(ts, x, g, cfg, velocity),
+                 order_hint=", one transformer call per step (FluxPipeline's true_cfg_scale makes two)")
     acc = r.acc
     t0 = time.perf_counter()
     count = acc.plan_step(k, float(r.acc_ts[k]))
