@@ -8,6 +8,7 @@
 #include <numeric>
 #include <thread>
 
+#include "demo/sequence_parallel.hpp"
 #include "demo/support.hpp"
 #include "demo/timing.hpp"
 #include "quality/cli.hpp"
@@ -16,8 +17,34 @@
 #include "sd3/errors.hpp"
 #include "sd3/files.hpp"
 #include "sd3/transformer.hpp"
+#ifdef SPECDIFF_DEMO_MPI
+#include <mpi.h>
+
+#include <specdiff/mpi/communicator.hpp>
+#endif
 
 namespace {
+
+// --sequence-parallel: MPI starts before the options are parsed (every rank parses them and refuses bad input the
+// same way, before any collective) and is finalized when main returns. A rank that fails later brings every rank
+// down through the communicator (MPI_Abort with its message), so none waits for it.
+struct mpi_session {
+  bool active = false;
+  mpi_session([[maybe_unused]] int& argc, [[maybe_unused]] char**& argv) {
+#ifdef SPECDIFF_DEMO_MPI
+    for (int i = 1; i < argc; ++i)
+      if (std::string(argv[i]) == "--sequence-parallel") active = true;
+    if (active) MPI_Init(&argc, &argv);
+#endif
+  }
+  ~mpi_session() {
+#ifdef SPECDIFF_DEMO_MPI
+    if (active) MPI_Finalize();
+#endif
+  }
+  mpi_session(const mpi_session&) = delete;
+  mpi_session& operator=(const mpi_session&) = delete;
+};
 
 using quality::cli::checked;
 using quality::cli::integer_in;
@@ -60,6 +87,7 @@ std::string format_fixed(double value, int digits) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  const mpi_session mpi(argc, argv);
   CLI::App app{"SpecDiff demo: full RFlow vs an accelerated method on the default model, same noise"};
   demo::method_spec spec;
   int steps = 28, samples = 16, threads = sd3::usable_cores(), repeats = 3;
@@ -99,13 +127,18 @@ int main(int argc, char** argv) {
   quality::cli::add_samples(app, samples);
   quality::cli::add_seed(app, seed_text);
   threads = std::min(threads, sd3::max_threads);
-  quality::cli::add_threads(app, threads);
+  auto* threads_option = quality::cli::add_threads(app, threads);
   app.add_option("--repeats", repeats, "timed pairs after an untimed warm-up of each, alternating (full, method; method, full; ...); medians are reported")
       ->capture_default_str()->check(integer_in(1, 100));
   app.add_option("--out", out_dir, "folder for the PNG grids")->capture_default_str();
   app.add_option("--json", json_path, "write the results as one JSON object to this file");
   app.add_option("--model", model_dir, "model folder")->capture_default_str();
   app.add_flag("--no-progress", no_progress, "no progress bar");
+  bool sequence_parallel = false;
+  std::string latents_path;
+  app.add_flag("--sequence-parallel", sequence_parallel,
+               "split every sample's image tokens over the ranks of mpirun -n P (full, specdiff; docs/scale-out.md); rank 0 prints and writes");
+  app.add_option("--latents", latents_path, "write both runs' final latents as one JSON object {\"full\": [...], \"method\": [...]}, to compare runs");
   // Checks that involve two options, after both are known.
   const auto cross_checks = [&] {
     if (ss->count() && spec_steps > steps)
@@ -121,6 +154,14 @@ int main(int argc, char** argv) {
     if (const int fast_default = 10; !fs->count() && spec.name == "steps" && fast_default > steps)
       throw CLI::ValidationError("--steps", sd3::message("'", steps, "' is fewer than the baseline's steps (--fast-steps, default ",
                                                          fast_default, "); give --fast-steps 1 to ", steps));
+    if (sequence_parallel) {
+#ifndef SPECDIFF_DEMO_MPI
+      throw CLI::ValidationError("--sequence-parallel", "this demo was built without MPI (install libopenmpi-dev, reconfigure and rebuild)");
+#endif
+      demo::method_spec s = spec;
+      if (c3o->count()) s.c3 = c3;
+      if (const auto why = demo::sequence_parallel_refusal(s); !why.empty()) throw CLI::ValidationError("--sequence-parallel", why);
+    }
     check_method_options(spec.name, {{"--cache-rate", cr, {"specdiff", "specdiff-adaptive", "ras", "toca"}},
                                      {"--spec-steps", ss, {"specdiff", "specdiff-adaptive"}},
                                      {"--interval", iv, {"specdiff", "specdiff-adaptive", "forecast", "toca", "fora", "taylorseer"}},
@@ -144,16 +185,29 @@ int main(int argc, char** argv) {
   if (crm->count()) spec.cache_rate_min = cache_rate_min;
   if (c3o->count()) spec.c3 = c3;
 
+#ifdef SPECDIFF_DEMO_MPI
+  std::optional<specdiff::mpi_communicator> comm;
+  if (sequence_parallel) comm.emplace();
+  const int rank = comm ? comm->rank() : 0, ranks = comm ? comm->size() : 1;
+#else
+  const int rank = 0, ranks = 1;
+#endif
+  // Rank 0 prints and writes; the others compute their share and stay silent (their errors still reach stderr).
+  if (rank != 0 && std::freopen("/dev/null", "w", stdout) == nullptr) return 1;
+  if (ranks > 1 && threads_option->count() == 0) threads = std::max(1, threads / ranks);  // the cores are shared
   try {
     const std::uint64_t seed = quality::parse_seed(seed_text);
     // Every output is checked before the work: a path that cannot be written, two outputs that are one file, or an
     // output that is one of the model's files fail now, not after sampling.
     const auto full_png = std::filesystem::path(out_dir) / "full.png", method_png = std::filesystem::path(out_dir) / (spec.name + ".png");
-    sd3::prepare_output_folder(out_dir, "--out");
     sd3::file_plan plan;
-    plan.output(full_png, "--out grid");
-    if (method_png != full_png) plan.output(method_png, "--out grid");  // --method full: one grid
-    if (!json_path.empty()) plan.output(json_path, "--json");
+    if (rank == 0) {
+      sd3::prepare_output_folder(out_dir, "--out");
+      plan.output(full_png, "--out grid");
+      if (method_png != full_png) plan.output(method_png, "--out grid");  // --method full: one grid
+      if (!json_path.empty()) plan.output(json_path, "--json");
+      if (!latents_path.empty()) plan.output(latents_path, "--latents");
+    }
     plan.input(model_dir, "--model");
     plan.check();
 
@@ -162,11 +216,21 @@ int main(int argc, char** argv) {
     spec.learned_weights = model.learned_weights_for(spec);
     demo::check_method(spec, problem);  // before minutes of sampling (learned weights against --steps too)
     const float guidance = problem.guidance;
-    const bool bar = !no_progress;
+    const bool bar = !no_progress && rank == 0;
 
     std::printf("SpecDiff demo: %d samples, %d steps, cfg %.1f, seed %llu, %d threads, %d timed repeats, model %s\n", samples, steps,
                 guidance, static_cast<unsigned long long>(seed), threads, repeats, model_dir.c_str());
-    const auto timing = demo::time_against_full(problem, spec, {repeats, true},
+    demo::timing_options timing_options{repeats, true};
+    if (ranks > 1)
+      std::printf("sequence-parallel: every sample's image tokens split over %d ranks (K/V exchange; docs/scale-out.md)\n", ranks);
+#ifdef SPECDIFF_DEMO_MPI
+    std::optional<demo::sequence_parallel_runner<specdiff::mpi_communicator>> runner;
+    if (comm) {
+      runner.emplace(*comm, problem);
+      timing_options.run = [&](const methods::problem&, const demo::method_spec& s, const methods::progress_fn& f) { return runner->run(s, f); };
+    }
+#endif
+    const auto timing = demo::time_against_full(problem, spec, timing_options,
                                                 [&](const std::string& label) { return progress_bar(label, bar); });
     const auto& full = timing.full;
     const auto& accelerated = timing.method;
@@ -191,8 +255,16 @@ int main(int argc, char** argv) {
       g.scale = 2;
       quality::write_png_grid(path, demo::as_image_batch(model, batch, images), g);
     };
-    grid(full_png, full.latents);
-    if (method_png != full_png) grid(method_png, accelerated.latents);
+    if (rank == 0) {
+      grid(full_png, full.latents);
+      if (method_png != full_png) grid(method_png, accelerated.latents);
+      if (!latents_path.empty()) {
+        nlohmann::json l;
+        l["full"] = full.latents;
+        l["method"] = accelerated.latents;
+        sd3::write_file(latents_path, l.dump() + "\n", "--latents");
+      }
+    }
 
     // Medians of the timed runs with their (min-max); the speedup's range is that of the per-pair ratios.
     const auto range = [](double lo, double hi, const char* unit) { return sd3::message("(", format_fixed(lo, 2), "-", format_fixed(hi, 2), unit, ")"); };
@@ -206,7 +278,9 @@ int main(int argc, char** argv) {
     std::printf("%-26s %7.2f %-13s %6.2fx %-13s %10.2f %8s %6.3f %9.3f %8s %7.1f%% %10s\n", spec.describe().c_str(), timing.seconds_method(),
                 range(method_spread.min, method_spread.max, "").c_str(), speedup, range(speedup_spread.min, speedup_spread.max, "x").c_str(),
                 flops_ratio, psnr.c_str(), q.ssim, q.class_acc, fd_text(q.fd).c_str(), 100 * overhead_share, spec_text.c_str());
-    if (token_level)
+    if (token_level && ranks > 1)  // the shards' verification errors are not summed over the ranks yet
+      std::printf("\nmain pass: %d dense steps of %d; free verification: not measured with --sequence-parallel\n", accelerated.dense_steps, steps);
+    else if (token_level)
       std::printf("\nmain pass: %d dense steps of %d; free verification (the C3 rule's relative error on the computed rows): %.4f per "
                   "partial step\n", accelerated.dense_steps, steps, verified_mean);
     if (const auto why = demo::fd_unavailable_reason(model, batch); !why.empty()) std::printf("\nFD not measured: %s.\n", why.c_str());
@@ -255,12 +329,16 @@ int main(int argc, char** argv) {
       j["threads"] = threads;
       j["repeats"] = repeats;
       demo::mark_non_finite(j);
+      j["ranks"] = ranks;
       const std::string text = j.dump(2) + "\n";
-      sd3::write_file(json_path, text, "--json");
+      if (rank == 0) sd3::write_file(json_path, text, "--json");
       std::printf("json: %s\n", json_path.c_str());
     }
     if (std::fflush(stdout) != 0) throw std::runtime_error("stdout: write failed");
   } catch (const std::exception& e) {
+#ifdef SPECDIFF_DEMO_MPI
+    if (comm && comm->size() > 1) comm->fail(std::current_exception());  // "specdiff: rank r of P: ...", every rank ends
+#endif
     std::fprintf(stderr, "specdiff-demo: %s\n", e.what());
     return 1;
   }

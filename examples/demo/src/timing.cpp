@@ -33,13 +33,16 @@ timed_comparison time_against_full(const methods::problem& p, const method_spec&
   const method_spec full_spec{.name = "full"};
   const std::string full_label = "full RFlow", method_label = method.describe();
   const auto bar = [&](const std::string& label) { return progress ? progress(label) : methods::progress_fn{}; };
+  const auto run_one = [&](const methods::problem& problem, const method_spec& spec, const methods::progress_fn& bar_fn) {
+    return options.run ? options.run(problem, spec, bar_fn) : demo::run_method(problem, spec, bar_fn);
+  };
 
   // Warm-up, untimed: the first run in a process pays for what later runs find ready (heap and stack pages
   // first touched, cold caches and branch predictors), and a method's first run may pay for its own buffers'
   // first touch; it would otherwise land on whichever of the two is timed first.
   timed_comparison c;
-  if (options.warm_up_full) c.full = run_method(p, full_spec, bar(full_label + " (warm-up)"));
-  c.method = run_method(p, method, bar(method_label + " (warm-up)"));
+  if (options.warm_up_full) c.full = run_one(p, full_spec, bar(full_label + " (warm-up)"));
+  c.method = run_one(p, method, bar(method_label + " (warm-up)"));
 
   // Timed pairs, alternating which runs first: F M, M F, F M, ... Each pair runs back to back, so its ratio
   // compares the two under the same machine state; over every two pairs (F M M F) both have the same mean
@@ -50,11 +53,11 @@ timed_comparison time_against_full(const methods::problem& p, const method_spec&
   const auto label = [&](const std::string& name, std::size_t k) { return sd3::message(name, " ", k + 1, "/", repeats); };
   for (std::size_t k = 0; k < repeats; ++k) {
     const auto time_full = [&] {
-      c.full = run_method(p, full_spec, bar(label(full_label, k)));
+      c.full = run_one(p, full_spec, bar(label(full_label, k)));
       c.full_seconds.push_back(c.full.seconds);
     };
     const auto time_method = [&] {
-      c.method = run_method(p, method, bar(label(method_label, k)));
+      c.method = run_one(p, method, bar(label(method_label, k)));
       c.method_seconds.push_back(c.method.seconds);
       c.method_overhead_shares.push_back(c.method.overhead_seconds / c.method.seconds);
       c.method_speculative_shares.push_back(c.method.speculative_seconds / c.method.seconds);

@@ -44,9 +44,13 @@ struct timed_comparison {
   [[nodiscard]] double speculative_share() const { return median(method_speculative_shares); }
 };
 
+/// Runs a method on a problem (demo::run_method, or the sequence-parallel runner of --sequence-parallel).
+using method_runner = std::function<methods::run_result(const methods::problem&, const method_spec&, const methods::progress_fn&)>;
+
 struct timing_options {
   int repeats = 3;           ///< timed pairs, >= 1
   bool warm_up_full = true;  ///< false where this process has already run full RFlow on this problem
+  method_runner run = {};    ///< empty = run_method
 };
 
 /// A progress display for one run, given its label ("full RFlow 2/3"); empty = none.
