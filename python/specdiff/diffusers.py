@@ -372,7 +372,7 @@ class _Runner:
             if not isinstance(config, ForecastConfig):  # calls diffusers' own forward and touches no processor)
                 for b in list(blocks) + list(model.single_transformer_blocks):
                     self.processors.append((b.attn, b.attn.processor))
-        else:
+        elif not isinstance(config, ForecastConfig):  # SD3: token-level SpecDiff only (the forecast runs diffusers' own forward)
             for i, b in enumerate(blocks):
                 self.processors.append((b.attn, b.attn.processor))
             for i, b in enumerate(blocks):
@@ -462,6 +462,13 @@ class _Runner:
             return m.proj_out(h)
         finally:
             self.active, self.ids, self.probe, self.rope = False, None, None, None
+
+    def patchify(self, sample):
+        """[B, C, H, W] -> the accelerator's rows [B * tokens, p*p*C] (unpatchify's inverse), one contiguous copy."""
+        p = self.model.config.patch_size
+        b, c, h, w = sample.shape
+        rows = sample.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+        return rows.reshape(b * (h // p) * (w // p), p * p * c).contiguous()
 
     def unpatchify(self, rows, height, width):
         p = self.model.config.patch_size
@@ -591,13 +598,23 @@ class _Runner:
         t0 = time.perf_counter()
         count = acc.plan_step(k, t)
         self.library_seconds += time.perf_counter() - t0
-        out = torch.empty(batch * self.tokens, features, dtype=torch.float32)
-        probe = torch.zeros(batch, self.tokens) if acc.reads_attention else None
+        probe = torch.zeros(batch, self.tokens) if acc.reads_attention and count else None
         try:
             if count == 0:
+                out = torch.empty(batch * self.tokens, features, dtype=torch.float32)
                 t0 = time.perf_counter()
                 acc.complete_step(torch.empty(0, features), out, None)
                 self.library_seconds += time.perf_counter() - t0
+            elif count == self.tokens and isinstance(self.config, ForecastConfig):
+                # A full forecast step is diffusers' own forward, unchanged (no K/V cache to fill, no probe); its output
+                # in the accelerator's row layout, handed over in place.
+                sample = self.original_forward(hidden_states=x, encoder_hidden_states=encoder_hidden_states,
+                                               pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
+                out = self.patchify(sample.to(torch.float32))
+                t0 = time.perf_counter()
+                acc.complete_step_in_place(out, None)
+                self.library_seconds += time.perf_counter() - t0
+                self.model_calls += 1
             elif count == self.tokens:
                 rows = self.forward_rows(x, encoder_hidden_states, pooled_projections, timestep, None, probe)
                 out = rows.reshape(batch * self.tokens, features).contiguous()
@@ -610,6 +627,7 @@ class _Runner:
                 ids = torch.from_numpy(acc.compute_tokens().astype(np.int64))
                 self.library_seconds += time.perf_counter() - t0
                 rows = self.forward_rows(x, encoder_hidden_states, pooled_projections, timestep, ids, probe)
+                out = torch.empty(batch * self.tokens, features, dtype=torch.float32)
                 t0 = time.perf_counter()
                 acc.complete_step(rows.reshape(batch * count, features).contiguous(), out, probe.reshape(-1) if probe is not None else None)
                 self.library_seconds += time.perf_counter() - t0
@@ -718,6 +736,7 @@ def _hook_class():
             with torch.no_grad():
                 if self.runner.kind == "flux":
                     return _flux_call(self.runner, self.fn_ref.original_forward, *args, **kwargs)
+                self.runner.original_forward = self.fn_ref.original_forward
                 return self.runner(*args, **kwargs)
 
     return SpecDiffHook
