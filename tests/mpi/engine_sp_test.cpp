@@ -15,6 +15,8 @@
 #include <specdiff/sharded.hpp>
 #include <specdiff/specdiff.hpp>
 
+#include "sd3/sequence_parallel.hpp"
+
 #include "engine_fixture.hpp"
 
 namespace {
@@ -127,85 +129,54 @@ void flux_forward(specdiff::mpi_communicator& comm) {
 
 // A whole SpecDiff run (RFlow Euler, token level: the cached feature is a token's velocity row), one process
 // against two ranks: the ranks plan with sharded_accelerator<global_plan>, run token-subset forwards over their
-// shard's C1 tokens, exchange the computed tokens' K/V at every layer and the updated latent rows after every
-// step. Every step's global C1 set must equal one process's, and the final latents must match within 1e-5.
+// share of the C1 tokens with every layer's K/V exchanged (sd3::sequence_parallel, the piece the demo's
+// --sequence-parallel runs on), and all-gather the updated latent rows after every step. Every step's global C1 set
+// must equal one process's, and the final latents must match within 1e-5.
 struct specdiff_run {
   std::vector<std::vector<specdiff::index_t>> c1;  // per step: sample 0's global C1 ids
   std::vector<float> latents;                     // final, [B, C, H, W]
+  int empty_shares = 0;                           // steps where a rank computed none of the C1 tokens
 };
 
 // comm == nullptr: one process, all tokens.
-specdiff_run run_specdiff(const test_util::random_problem& p, sd3::transformer& net, specdiff::mpi_communicator* comm) {
+specdiff_run run_specdiff(const test_util::random_problem& p, sd3::transformer& net, specdiff::mpi_communicator* comm,
+                          double cache_rate = 0.5) {
   constexpr int steps = 8;
-  const int B = p.batch, T = p.tokens(), P = net.patch_features(), D = net.hidden();
-  const int ranks = comm ? comm->size() : 1, rank = comm ? comm->rank() : 0;
-  const specdiff::token_shard sh = specdiff::token_shard::of(T, rank, ranks);
+  const int B = p.batch, T = p.tokens(), P = net.patch_features();
+  const int ranks = comm ? comm->size() : 1;
   const specdiff::accelerator_config config{T, B, steps, P, 1, 1, true};
   const specdiff::step_schedule schedule{2, 0, 2, {}};
+  const specdiff::three_level_classifier classifier(cache_rate);
   specdiff::accelerator<specdiff::specdiff_scorer, specdiff::self_speculation, specdiff::three_level_classifier, specdiff::step_schedule>
-      plain(config, {}, {}, specdiff::three_level_classifier(0.5), schedule);
+      plain(config, {}, {}, classifier, schedule);
   std::optional<specdiff::sharded_accelerator<specdiff::specdiff_scorer, specdiff::self_speculation, specdiff::three_level_classifier,
                                               specdiff::step_schedule, specdiff::mpi_communicator>>
       sharded;
-  if (comm) sharded.emplace(*comm, config, specdiff::specdiff_scorer{}, specdiff::self_speculation{}, specdiff::three_level_classifier(0.5), schedule);
+  std::optional<sd3::sequence_parallel<specdiff::mpi_communicator>> sp;
+  if (comm) {
+    sharded.emplace(*comm, config, specdiff::specdiff_scorer{}, specdiff::self_speculation{}, classifier, schedule);
+    sp.emplace(*comm, net, B, T);
+  }
+  const specdiff::token_shard sh = specdiff::token_shard::of(T, comm ? comm->rank() : 0, ranks);
 
   std::vector<float> latents = p.latents, x_rows(static_cast<std::size_t>(B) * T * P);
   net.velocity_to_rows(B, p.height, p.width, latents, x_rows);
   sd3::kv_cache kv(net, B, T);
   std::vector<float> probe(static_cast<std::size_t>(B) * T), timesteps(static_cast<std::size_t>(B));
-  // lists[b][r]: the tokens rank r computes in the current forward, sample b (global ids, ascending)
-  std::vector<std::vector<std::vector<std::int32_t>>> lists(static_cast<std::size_t>(B), std::vector<std::vector<std::int32_t>>(static_cast<std::size_t>(ranks)));
-  std::vector<float> send, recv;
   sd3::forward_options o;
   o.kv = &kv;
   o.attention_probe = probe;
-  if (comm) {
-    o.kv_exchange = [&](int layer, sd3::attention_kind kind, sd3::kv_cache& cache) {
-      for (int b = 0; b < B; ++b)
-        for (float* rows : {cache.keys(layer, b, kind), cache.values(layer, b, kind)}) {
-          const auto& mine = lists[static_cast<std::size_t>(b)][static_cast<std::size_t>(rank)];
-          send.resize(mine.size() * static_cast<std::size_t>(D));
-          for (std::size_t i = 0; i < mine.size(); ++i) std::copy_n(rows + static_cast<std::size_t>(mine[i]) * D, D, send.begin() + static_cast<std::ptrdiff_t>(i) * D);
-          std::vector<specdiff::index_t> counts;
-          std::size_t total = 0;
-          for (const auto& l : lists[static_cast<std::size_t>(b)]) {
-            counts.push_back(static_cast<specdiff::index_t>(l.size()) * D);
-            total += l.size() * static_cast<std::size_t>(D);
-          }
-          recv.resize(total);
-          comm->all_gather(send, counts, recv);
-          std::size_t at = 0;
-          for (const auto& l : lists[static_cast<std::size_t>(b)])
-            for (const std::int32_t t : l) {
-              std::copy_n(recv.begin() + static_cast<std::ptrdiff_t>(at), D, rows + static_cast<std::size_t>(t) * D);
-              at += static_cast<std::size_t>(D);
-            }
-        }
-    };
-  }
-  // One forward at t over `ids` ([sample][token], this rank's; empty: every token, no subset).
-  auto forward = [&](float t, std::vector<std::int32_t>& ids, std::vector<float>& out) {
+  auto inputs_at = [&](float t) {
     std::fill(timesteps.begin(), timesteps.end(), t);
     sd3::forward_inputs in = p.inputs();
     in.latents = latents;
     in.timesteps = timesteps;
+    return in;
+  };
+  // One process's forward at t over `ids` ([sample][token]; empty: every token, no subset).
+  auto forward = [&](float t, std::vector<std::int32_t>& ids, std::vector<float>& out) {
     o.image_tokens = ids;
-    net.forward(in, out, o);
-  };
-  auto set_lists = [&](auto tokens_of_rank) {
-    for (int b = 0; b < B; ++b)
-      for (int r = 0; r < ranks; ++r) lists[static_cast<std::size_t>(b)][static_cast<std::size_t>(r)] = tokens_of_rank(b, r);
-  };
-  auto shard_tokens = [&](int, int r) {
-    const auto s = specdiff::token_shard::of(T, r, ranks);
-    std::vector<std::int32_t> v;
-    for (specdiff::index_t t = s.begin; t < s.begin + s.count; ++t) v.push_back(static_cast<std::int32_t>(t));
-    return v;
-  };
-  auto my_ids = [&] {
-    std::vector<std::int32_t> ids;
-    for (int b = 0; b < B; ++b) for (auto t : lists[static_cast<std::size_t>(b)][static_cast<std::size_t>(rank)]) ids.push_back(t);
-    return ids;
+    net.forward(inputs_at(t), out, o);
   };
   std::vector<float> ts;
   for (int k = 0; k <= steps; ++k) ts.push_back(1000.f * static_cast<float>(steps - k) / steps);
@@ -214,13 +185,17 @@ specdiff_run run_specdiff(const test_util::random_problem& p, sd3::transformer& 
   if (comm) sharded->begin_speculation(spec); else plain.begin_speculation(spec);
   std::vector<float> full_out(static_cast<std::size_t>(B) * T * P), computed(full_out.size()), output(full_out.size());
   for (int s = 0; s < 2; ++s) {
-    set_lists(shard_tokens);
-    std::vector<std::int32_t> ids = comm ? my_ids() : std::vector<std::int32_t>{};
-    std::vector<float> out(comm ? static_cast<std::size_t>(B) * sh.count * P : full_out.size());
-    forward(spec[static_cast<std::size_t>(s)], ids, out);
-    if (comm) sharded->record_speculation(s, probe); else plain.record_speculation(s, probe);
+    if (comm) {
+      sp->forward_full(inputs_at(spec[static_cast<std::size_t>(s)]), full_out, probe);
+      sharded->record_speculation(s, probe);
+    } else {
+      std::vector<std::int32_t> all;
+      forward(spec[static_cast<std::size_t>(s)], all, full_out);
+      plain.record_speculation(s, probe);
+    }
   }
   specdiff_run result;
+  std::vector<std::vector<std::int32_t>> lists(static_cast<std::size_t>(ranks));
   for (int k = 0; k < steps; ++k) {
     const float t = ts[static_cast<std::size_t>(k)], dt = (ts[static_cast<std::size_t>(k) + 1] - t) / 1000.f;
     if (!comm) {
@@ -239,39 +214,31 @@ specdiff_run run_specdiff(const test_util::random_problem& p, sd3::transformer& 
       for (std::size_t i = 0; i < x_rows.size(); ++i) x_rows[i] += dt * output[i];
     } else {
       auto step = sharded->plan_step(k, t);
-      const auto c1 = step.global_plan_of(0).compute();
+      const auto c1 = step.global_plan_of(0).compute();  // one plan: the CFG pair shares it
       result.c1.emplace_back(c1.begin(), c1.end());
-      set_lists([&](int b, int r) {
+      for (int r = 0; r < ranks; ++r) {
         const auto s = specdiff::token_shard::of(T, r, ranks);
-        std::vector<std::int32_t> v;
-        for (auto id : step.global_plan_of(b).compute())
-          if (id >= s.begin && id < s.begin + s.count) v.push_back(static_cast<std::int32_t>(id));
-        return v;
-      });
-      std::vector<std::int32_t> ids = my_ids();
+        auto& l = lists[static_cast<std::size_t>(r)];
+        l.clear();
+        for (auto id : c1)
+          if (id >= s.begin && id < s.begin + s.count) l.push_back(static_cast<std::int32_t>(id));
+        if (l.empty()) ++result.empty_shares;
+      }
       const int n = step.compute_count();
-      std::vector<float> out(static_cast<std::size_t>(B) * n * P);
-      forward(t, ids, out);
-      std::vector<float> shard_out(static_cast<std::size_t>(B) * sh.count * P);
-      sharded->complete_step(std::move(step), specdiff::matrix_view<const float>(out.data(), B * n, P),
-                             specdiff::matrix_view<float>(shard_out.data(), B * sh.count, P), probe);
-      // the shard's latent rows, then every rank's: [rank][b][shard rows] -> [b][T rows]
-      std::vector<float> mine(shard_out.size());
+      const sd3::forward_inputs in = inputs_at(t);
+      for (int b = 0; b < B; ++b)
+        sp->forward_sample(in, b, lists, std::span<float>(computed).subspan(static_cast<std::size_t>(b) * n * P, static_cast<std::size_t>(n) * P),
+                           std::span<float>(probe).subspan(static_cast<std::size_t>(b) * T, static_cast<std::size_t>(T)));
+      sharded->complete_step(std::move(step), specdiff::matrix_view<const float>(computed.data(), B * n, P),
+                             specdiff::matrix_view<float>(output.data(), B * sh.count, P), probe);
+      // the shard's new latent rows, then every rank's
+      std::vector<float> mine(static_cast<std::size_t>(B) * sh.count * P);
       for (int b = 0; b < B; ++b)
         for (specdiff::index_t i = 0; i < sh.count * P; ++i) {
           const std::size_t g = (static_cast<std::size_t>(b) * T + sh.begin) * P + static_cast<std::size_t>(i);
-          mine[static_cast<std::size_t>(b * sh.count * P + i)] = x_rows[g] + dt * shard_out[static_cast<std::size_t>(b * sh.count * P + i)];
+          mine[static_cast<std::size_t>(b * sh.count * P + i)] = x_rows[g] + dt * output[static_cast<std::size_t>(b * sh.count * P + i)];
         }
-      std::vector<specdiff::index_t> counts;
-      for (int r = 0; r < ranks; ++r) counts.push_back(B * specdiff::token_shard::of(T, r, ranks).count * P);
-      std::vector<float> all(x_rows.size());
-      comm->all_gather(mine, counts, all);
-      std::size_t at = 0;
-      for (int r = 0; r < ranks; ++r) {
-        const auto s = specdiff::token_shard::of(T, r, ranks);
-        for (int b = 0; b < B; ++b, at += static_cast<std::size_t>(s.count * P))
-          std::copy_n(all.begin() + static_cast<std::ptrdiff_t>(at), s.count * P, x_rows.begin() + (static_cast<std::ptrdiff_t>(b) * T + s.begin) * P);
-      }
+      sp->gather_shards(B, mine, x_rows);
     }
     net.rows_to_velocity(B, p.height, p.width, x_rows, latents);
   }
@@ -279,11 +246,13 @@ specdiff_run run_specdiff(const test_util::random_problem& p, sd3::transformer& 
   return result;
 }
 
-void sd3_specdiff_run(specdiff::mpi_communicator& comm) {
-  test_util::random_problem p(13);
+// `mmdit_x`: blocks 0 and 1 with the image-only attention (a second exchange per layer). `min_empty`: steps at which
+// some rank must have computed none of the C1 tokens (it then joins the exchanges without a forward).
+void specdiff_run_case(specdiff::mpi_communicator& comm, const char* name, unsigned seed, bool mmdit_x, double cache_rate, int min_empty) {
+  const test_util::random_problem p = mmdit_x ? test_util::random_problem(seed, true, {0, 1}) : test_util::random_problem(seed);
   sd3::transformer net(p.model, p.limits(), 1);
-  const specdiff_run one = run_specdiff(p, net, nullptr);
-  const specdiff_run two = run_specdiff(p, net, &comm);
+  const specdiff_run one = run_specdiff(p, net, nullptr, cache_rate);
+  const specdiff_run two = run_specdiff(p, net, &comm, cache_rate);
   expect(one.c1.size() == two.c1.size(), "step count", comm.rank());
   int partial = 0;
   for (std::size_t k = 0; k < one.c1.size() && k < two.c1.size(); ++k) {
@@ -291,9 +260,17 @@ void sd3_specdiff_run(specdiff::mpi_communicator& comm) {
     if (static_cast<int>(one.c1[k].size()) < p.tokens()) ++partial;
   }
   expect(partial >= 4, "partial steps: " + std::to_string(partial), comm.rank());
+  expect(two.empty_shares >= min_empty, "steps with an empty share: " + std::to_string(two.empty_shares) + ", at least " + std::to_string(min_empty), comm.rank());
   const double err = relative_l2(two.latents, one.latents);
   expect(err <= 1e-5, "latents relative L2 " + std::to_string(err), comm.rank());
-  std::printf("rank %d specdiff run (SD3, 8 steps, CR 0.5, %d partial): same C1 sets, latents relative L2 %.3g\n", comm.rank(), partial, err);
+  std::printf("rank %d %s (8 steps, CR %.2f, %d partial, %d empty shares): same C1 sets, latents relative L2 %.3g\n", comm.rank(), name,
+              cache_rate, partial, two.empty_shares, err);
+}
+
+void sd3_specdiff_run(specdiff::mpi_communicator& comm) { specdiff_run_case(comm, "specdiff run (SD3)", 13, false, 0.5, 0); }
+// A rank with no C1 token: at CR 0.95 a step computes ceil(0.05 T) tokens, often all in one shard.
+void sd3_specdiff_empty_share(specdiff::mpi_communicator& comm) {
+  specdiff_run_case(comm, "specdiff run with empty shares (SD3 MMDiT-X)", 11, true, 0.95, 1);
 }
 }  // namespace
 
@@ -307,7 +284,8 @@ int main(int argc, char** argv) {
       if (which == "sd3_forward") sd3_forward(comm);
       else if (which == "flux_forward") flux_forward(comm);
       else if (which == "sd3_specdiff_run") sd3_specdiff_run(comm);
-      else throw std::invalid_argument("usage: specdiff_engine_sp_tests sd3_forward|flux_forward");
+      else if (which == "sd3_specdiff_empty_share") sd3_specdiff_empty_share(comm);
+      else throw std::invalid_argument("usage: specdiff_engine_sp_tests sd3_forward|flux_forward|sd3_specdiff_run|sd3_specdiff_empty_share");
       int total = 0;
       MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
       code = total == 0 ? 0 : 1;
