@@ -4,9 +4,12 @@
 // adds its computed rows and their histories, and a least-squares solve per (main step, history length) gives
 // the weights (specdiff/learned.hpp). Writes MODEL/learned_c3.json unless told otherwise; prints the seconds.
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <limits>
+#include <optional>
 #include <nlohmann/json.hpp>
 
 #include "demo/support.hpp"
@@ -17,6 +20,68 @@
 #include "sd3/files.hpp"
 #include "sd3/transformer.hpp"
 #include "sd3/workers.hpp"
+
+namespace {
+
+// --full-steps: one full RFlow run per calibration batch gives every step's output; the inner products of every pair
+// (specdiff::trajectory_gram) rank every set of `count` full steps by the teacher-forced forecast's first-order error
+// in the final latent; the best `verify` sets then run the learned forecast on the same calibration samples, and the
+// best mean PSNR against the full run's images wins. Only calibration noise is read.
+int calibrate_full_steps(const demo::workload& work, int count, int verify, double ridge, std::uint64_t seed, int samples, int threads,
+                         const std::filesystem::path& out_path, std::chrono::steady_clock::time_point start) {
+  const auto& problem = work.problem;
+  const sd3::flow_match_euler main = problem.schedule(problem.steps);
+  specdiff::trajectory_gram gram(problem.steps);
+  specdiff::forecast_steps_options options{.depth = 3, .ridge = ridge};
+  const auto full = methods::forecast_gram(problem, gram, options.step_weight);
+  auto ranked = specdiff::rank_full_steps(gram, count, options, verify);
+  // The even schedules of the same count (the forecast's own rule, warm-up by the interval) run too, as the reference.
+  for (int n = 2; n <= problem.steps; ++n) {
+    methods::forecast_options even;
+    even.interval = n;
+    std::vector<int> list;
+    for (int k = 0; k < problem.steps; ++k)
+      if (k < even.warmup() || (k - even.warmup() + 1) % n == 0) list.push_back(k);
+    if (static_cast<int>(list.size()) != count) continue;
+    if (std::none_of(ranked.begin(), ranked.end(), [&](const auto& r) { return r.full_steps == list; }))
+      ranked.push_back({list, specdiff::forecast_error(gram, list, options)});
+  }
+  const double search_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::printf("ranked every set of %d full steps of %d in %.1f s; the best %zu on the calibration samples:\n", count, problem.steps, search_seconds,
+              ranked.size());
+  std::optional<specdiff::learned_table> best_table;
+  std::vector<int> best_steps;
+  double best_psnr = -std::numeric_limits<double>::infinity(), best_error = 0.0;
+  nlohmann::json candidates = nlohmann::json::array();
+  for (const auto& r : ranked) {
+    auto table = specdiff::forecast_table(gram, std::span<const float>(main.timesteps()), r.full_steps, options);
+    methods::forecast_options o;
+    o.c3 = methods::c3_rule::learned;
+    o.learned_weights = &table;
+    o.full_steps = r.full_steps;
+    const auto run = methods::run_forecast(problem, o);
+    const auto q = demo::evaluate(work.model, work.batch, full.latents, run.latents);
+    const double psnr = q.psnr_db.value_or(std::numeric_limits<double>::infinity());
+    std::string list;
+    for (int k : r.full_steps) list += sd3::message(list.empty() ? "" : ",", k);
+    std::printf("  steps %s: forecast error %.3e, PSNR %.2f dB, class acc %.3f\n", list.c_str(), r.error, psnr, q.class_acc);
+    candidates.push_back({{"full_steps", r.full_steps}, {"forecast_error", r.error}, {"psnr_db", demo::json_number(psnr)}});
+    if (psnr > best_psnr) best_psnr = psnr, best_steps = r.full_steps, best_error = r.error, best_table = std::move(table);
+  }
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const nlohmann::json calibration{{"tool", "specdiff-calibrate"}, {"method", sd3::message("forecast, ", count, " full steps placed by rank_full_steps")},
+                                   {"full_steps", best_steps}, {"forecast_error", best_error}, {"calibration_psnr_db", demo::json_number(best_psnr)},
+                                   {"candidates", candidates}, {"fit_on", "halves"}, {"trajectory", "full"}, {"depth", options.depth},
+                                   {"samples", samples}, {"seed", seed}, {"noise", quality::noise_domain_name(quality::noise_domain::calibration)},
+                                   {"noise_stream_tag", quality::calibration_stream_tag}, {"steps", problem.steps}, {"cfg", problem.guidance},
+                                   {"ridge", ridge}, {"seconds", seconds}, {"threads", threads}};
+  sd3::write_file(out_path, methods::learned_c3_json(*best_table, calibration.dump()), "--out");
+  std::printf("chose full steps %s (calibration PSNR %.2f dB) in %.1f s\nwrote %s\n", calibration["full_steps"].dump().c_str(), best_psnr, seconds,
+              out_path.string().c_str());
+  return 0;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"Fits a model's learned C3 weights (learned_c3.json) from calibration runs of SpecDiff's own schedule"};
@@ -55,12 +120,24 @@ int main(int argc, char** argv) {
       ->capture_default_str()->check(CLI::IsMember({"full", "forecast"}));
   app.add_option("--start-weights", start_weights,
                  "forecast --trajectory forecast: the learned file whose forecast the trajectory follows (default: the Taylor rule)");
+  int full_steps = 0, verify = 8;
+  app.add_option("--full-steps", full_steps,
+                 "forecast: place this many full steps where they forecast best (specdiff::rank_full_steps over every set holding step 0, on the "
+                 "calibration runs' outputs; the best --verify sets run the forecast and the best final PSNR against full RFlow wins); "
+                 "writes MODEL/learned_forecast_F<count>.json with the steps (0: the interval's even steps)")
+      ->capture_default_str()->check(integer_in(0, 1000));
+  app.add_option("--verify", verify, "forecast --full-steps: how many of the best-ranked sets run the forecast on the calibration samples")
+      ->capture_default_str()->check(integer_in(1, 1000));
   app.add_option("--threads", threads, "threads")->capture_default_str()->check(integer_in(1, sd3::max_threads));
   CLI11_PARSE(app, argc, argv);
   try {
     const bool forecast = method == "forecast";
+    if (full_steps > 0 && !forecast) throw std::invalid_argument(sd3::message("--full-steps: only for --method forecast, got --method ", method));
+    if (full_steps > steps) throw std::invalid_argument(sd3::message("--full-steps: ", full_steps, " is more than --steps ", steps));
     const auto out_path = !out.empty() ? std::filesystem::path(out)
-                          : std::filesystem::path(model_dir) / (forecast ? methods::learned_forecast_file_name(interval) : methods::learned_c3_file_name);
+                          : std::filesystem::path(model_dir) / (full_steps > 0 ? methods::learned_forecast_steps_file_name(full_steps)
+                                                                : forecast       ? methods::learned_forecast_file_name(interval)
+                                                                                 : methods::learned_c3_file_name);
     // Checked before the calibration runs: the output is writable and is none of the model's files but the
     // learned ones it is meant to replace.
     sd3::file_plan plan;
@@ -81,6 +158,7 @@ int main(int argc, char** argv) {
         forecast ? demo::method_spec{.name = method, .interval = interval, .warmup = warmup, .refresh = refresh, .c3 = "taylor"}
                  : demo::method_spec{.name = method, .cache_rate = cache_rate,
                                      .error_budget = method == "specdiff-adaptive" ? std::optional(error_budget) : std::nullopt};
+    if (full_steps > 0) return calibrate_full_steps(*work, full_steps, verify, ridge, seed, samples, threads, out_path, start);
     methods::run_result run;
     if (forecast) {
       auto options = demo::forecast_options_of(spec);

@@ -102,6 +102,9 @@ TEST_CASE("calibration noise: the benchmarks refuse evaluation on a seed an old 
   // A file that records neither its noise nor its seed is reported for every seed.
   write("learned_forecast_N2.json", "{}");
   CHECK(demo::calibration_noise_overlaps(dir, 5).size() == 1u);
+  // ... and so are the placed full steps' files (learned_forecast_F<count>.json).
+  write("learned_forecast_F7.json", R"({"seed": 5, "full_steps": [0, 1]})");
+  CHECK(demo::calibration_noise_overlaps(dir, 5).size() == 2u);
   std::filesystem::remove_all(dir);
 }
 

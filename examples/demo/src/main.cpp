@@ -122,6 +122,10 @@ int main(int argc, char** argv) {
   auto* c3o = app.add_option("--c3", c3, "C3 rule of specdiff / specdiff-adaptive (default specdiff) and forecast (default learned): specdiff, latest, taylor, learned "
                              "(the model folder's learned_c3.json / learned_forecast.json)")
       ->check(checked([](const std::string& r) { return demo::c3_rule_error(r); }, "RULE"));
+  int full_steps = 0;
+  auto* fst = app.add_option("--full-steps", full_steps, "forecast: this many full steps, placed where they forecast best (the model folder's "
+                             "learned_forecast_F<count>.json, made by specdiff-calibrate --full-steps); replaces --interval")
+      ->check(integer_in(1, 1000));
   quality::cli::add_steps(app, steps);
   auto* cf = quality::cli::add_cfg(app, cfg);
   quality::cli::add_samples(app, samples);
@@ -169,6 +173,7 @@ int main(int argc, char** argv) {
                                      {"--cache-rate-min", crm, {"specdiff-adaptive"}},
                                      {"--c3", c3o, {"specdiff", "specdiff-adaptive", "forecast"}},
                                      {"--order", od, {"taylorseer", "forecast"}},
+                                     {"--full-steps", fst, {"forecast"}},
                                      {"--fast-steps", fs, {"steps"}},
                                      {"--threshold", th, {"fbcache", "teacache"}},
                                      {"--dense", ds, {"specdiff", "specdiff-adaptive", "ras"}}});
@@ -184,6 +189,7 @@ int main(int argc, char** argv) {
   if (eb->count()) spec.error_budget = error_budget;
   if (crm->count()) spec.cache_rate_min = cache_rate_min;
   if (c3o->count()) spec.c3 = c3;
+  if (fst->count()) spec.full_steps = full_steps;
 
 #ifdef SPECDIFF_DEMO_MPI
   std::optional<specdiff::mpi_communicator> comm;
@@ -214,6 +220,7 @@ int main(int argc, char** argv) {
     const auto work = demo::make_workload(model_dir, samples, seed, steps, cf->count() ? std::optional(cfg) : std::nullopt, threads);
     const auto& [model, batch, net, problem] = *work;
     spec.learned_weights = model.learned_weights_for(spec);
+    spec.full_step_list = model.full_steps_for(spec);
     demo::check_method(spec, problem);  // before minutes of sampling (learned weights against --steps too)
     const float guidance = problem.guidance;
     const bool bar = !no_progress && rank == 0;

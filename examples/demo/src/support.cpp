@@ -28,7 +28,7 @@ conditional_model conditional_model::load(const std::filesystem::path& dir) {
   const bool is_flux = name != config.end() && name->is_string() && name->get<std::string>() == "FluxTransformer2DModel";
   conditional_model m{is_flux ? decltype(network){sd3::flux_model::load(net_dir)} : decltype(network){sd3::model::load(net_dir)},
                       quality::class_embeddings::load(dir), {}, quality::digit_classifier::load(dir),
-                      quality::load_guidance_scale(dir), std::nullopt, 0, 0, 0, std::nullopt, {}};
+                      quality::load_guidance_scale(dir), std::nullopt, 0, 0, 0, std::nullopt, {}, {}};
   // Older model folders have no reference statistics: FD is then reported as unavailable, not as an error.
   if (const auto reference = dir / quality::fd_reference_file_name; std::filesystem::exists(reference))
     m.fd_reference = quality::load_fd_reference(reference, m.classifier.feature_size());
@@ -36,6 +36,14 @@ conditional_model conditional_model::load(const std::filesystem::path& dir) {
   for (const auto& entry : std::filesystem::directory_iterator(dir))  // learned_forecast_N<interval>.json, each N
     if (const auto interval = methods::learned_forecast_interval(entry.path().filename().string()); interval && *interval <= max_forecast_interval)
       m.learned_forecast.emplace(*interval, *methods::load_learned_c3(entry.path()));
+  for (const auto& entry : std::filesystem::directory_iterator(dir))  // learned_forecast_F<count>.json: placed full steps
+    if (const auto count = methods::learned_forecast_steps_count(entry.path().filename().string()); count && *count <= max_forecast_interval) {
+      auto steps = methods::learned_forecast_full_steps(entry.path());
+      if (static_cast<int>(steps.size()) != *count)
+        throw std::runtime_error(sd3::message("learned weights: ", entry.path().string(), ": calibration.full_steps lists ", steps.size(),
+                                              " steps, the file name says ", *count));
+      m.learned_forecast_steps.emplace(*count, std::pair{*methods::load_learned_c3(entry.path()), std::move(steps)});
+    }
   auto fail = [&](const auto&... what) { throw std::runtime_error(sd3::message("model: ", dir.string(), ": ", what...)); };
   int pooled_dim = 0, joint_dim = 0, in_channels = 0;
   if (const auto* f = std::get_if<sd3::flux_model>(&m.network)) {
@@ -146,7 +154,8 @@ std::vector<std::string> calibration_noise_overlaps(const std::filesystem::path&
   std::vector<std::filesystem::path> files;
   for (const auto& entry : std::filesystem::directory_iterator(model_dir)) {
     const auto name = entry.path().filename().string();
-    if (name == methods::learned_c3_file_name || methods::learned_forecast_interval(name)) files.push_back(entry.path());
+    if (name == methods::learned_c3_file_name || methods::learned_forecast_interval(name) || methods::learned_forecast_steps_count(name))
+      files.push_back(entry.path());
   }
   std::ranges::sort(files);
   for (const auto& file : files) {
@@ -255,7 +264,10 @@ methods::c3_rule c3_of(const method_spec& s, methods::c3_rule fallback, const ch
   }
   if (r == rule::learned && s.learned_weights == nullptr)
     throw std::invalid_argument(sd3::message("c3: 'learned' needs the model folder's ", file_name, " (make it with specdiff-calibrate --model DIR",
-                                             s.name == "forecast" ? sd3::message(" --method forecast --interval ", s.interval.value_or(3)) : "", ")"));
+                                             s.name != "forecast" ? std::string()
+                                             : s.full_steps       ? sd3::message(" --method forecast --full-steps ", *s.full_steps)
+                                                                  : sd3::message(" --method forecast --interval ", s.interval.value_or(3)),
+                                             ")"));
   return r;
 }
 
@@ -278,7 +290,15 @@ methods::specdiff_options specdiff_of(const method_spec& s) {
 methods::forecast_options forecast_of(const method_spec& s) {
   methods::forecast_options o;
   o.interval = s.interval.value_or(o.interval);
-  o.c3 = c3_of(s, o.c3, methods::learned_forecast_file_name(o.interval).c_str());
+  o.c3 = c3_of(s, o.c3, (s.full_steps ? methods::learned_forecast_steps_file_name(*s.full_steps) : methods::learned_forecast_file_name(o.interval)).c_str());
+  if (s.full_steps) {
+    if (s.interval || s.warmup || s.refresh)
+      throw std::invalid_argument("full_steps: the placed full steps replace interval, warm-up and refresh; give none of them");
+    if (s.full_step_list == nullptr)
+      throw std::invalid_argument(sd3::message("full_steps: needs the model folder's ", methods::learned_forecast_steps_file_name(*s.full_steps),
+                                               " (make it with specdiff-calibrate --model DIR --method forecast --full-steps ", *s.full_steps, ")"));
+    o.full_steps = *s.full_step_list;
+  }
   o.learned_weights = s.learned_weights;
   o.order = s.order.value_or(o.order);
   o.warmup_steps = s.warmup.value_or(o.warmup_steps);
@@ -340,7 +360,8 @@ std::string method_spec::describe() const {
     if (cache_rate_min) os << " cr_min=" << *cache_rate_min;
     if (c3) os << " c3=" << *c3;
   } else if (name == "forecast") {
-    os << " N=" << interval.value_or(methods::forecast_options{}.interval) << " c3=" << c3.value_or("learned");
+    if (full_steps) os << " F=" << *full_steps << " c3=" << c3.value_or("learned");
+    else os << " N=" << interval.value_or(methods::forecast_options{}.interval) << " c3=" << c3.value_or("learned");
     if (order && c3 == "taylor") os << " O=" << *order;
     if (warmup) os << " W=" << *warmup;
     if (refresh) os << " refresh=" << *refresh;
@@ -370,8 +391,18 @@ methods::forecast_options forecast_options_of(const method_spec& spec) { return 
 
 const specdiff::learned_table* conditional_model::learned_weights_for(const method_spec& spec) const {
   if (spec.name != "forecast") return learned_c3 ? &*learned_c3 : nullptr;
+  if (spec.full_steps) {
+    const auto it = learned_forecast_steps.find(*spec.full_steps);
+    return it == learned_forecast_steps.end() ? nullptr : &it->second.first;
+  }
   const auto it = learned_forecast.find(spec.interval.value_or(methods::forecast_options{}.interval));
   return it == learned_forecast.end() ? nullptr : &it->second;
+}
+
+const std::vector<int>* conditional_model::full_steps_for(const method_spec& spec) const {
+  if (spec.name != "forecast" || !spec.full_steps) return nullptr;
+  const auto it = learned_forecast_steps.find(*spec.full_steps);
+  return it == learned_forecast_steps.end() ? nullptr : &it->second.second;
 }
 
 namespace {
@@ -395,12 +426,16 @@ std::string learned_weights_mismatch(const method_spec& s, const methods::proble
     if (specdiff_of(s).c3 == methods::c3_rule::learned) table = s.learned_weights, file = methods::learned_c3_file_name;
   } else if (s.name == "forecast") {
     const auto o = forecast_of(s);
-    if (o.c3 == methods::c3_rule::learned) table = s.learned_weights, file = methods::learned_forecast_file_name(o.interval);
+    if (o.c3 == methods::c3_rule::learned)
+      table = s.learned_weights,
+      file = s.full_steps ? methods::learned_forecast_steps_file_name(*s.full_steps) : methods::learned_forecast_file_name(o.interval);
   }
   if (table == nullptr) return "";
   const auto grid = p.schedule(p.steps).timesteps();
   const auto calibrate = sd3::message("; make weights for this run with specdiff-calibrate --model DIR --steps ", p.steps,
-                                      s.name == "forecast" ? sd3::message(" --method forecast --interval ", forecast_of(s).interval) : std::string(),
+                                      s.name != "forecast" ? std::string()
+                                      : s.full_steps       ? sd3::message(" --method forecast --full-steps ", *s.full_steps)
+                                                           : sd3::message(" --method forecast --interval ", forecast_of(s).interval),
                                       ", or choose another --c3 rule");
   if (static_cast<std::size_t>(table->steps()) != grid.size())
     return sd3::message("--steps ", p.steps, ": --method ", s.name, " reads the model's ", file, ", which holds weights for ", table->steps(),

@@ -85,6 +85,36 @@ std::optional<int> learned_forecast_interval(std::string_view file_name) {
   return interval;
 }
 
+constexpr std::string_view steps_prefix = "learned_forecast_F";
+
+std::string learned_forecast_steps_file_name(int count) { return sd3::message(steps_prefix, count, ".json"); }
+
+std::optional<int> learned_forecast_steps_count(std::string_view file_name) {
+  if (!file_name.starts_with(steps_prefix)) return std::nullopt;
+  int count = 0;
+  const auto [end, error] = std::from_chars(file_name.data() + steps_prefix.size(), file_name.data() + file_name.size(), count);
+  if (error != std::errc() || count < 1 || file_name != learned_forecast_steps_file_name(count)) return std::nullopt;
+  return count;
+}
+
+std::vector<int> learned_forecast_full_steps(const std::filesystem::path& path) {
+  const auto j = parse(path);
+  if (!j.is_object() || !j.contains("calibration") || !j["calibration"].is_object() || !j["calibration"].contains("full_steps")) return {};
+  const auto& list = j["calibration"]["full_steps"];
+  auto fail = [&](const auto&... what) -> std::vector<int> {
+    throw std::runtime_error(sd3::message("learned weights: ", path.string(), ": calibration.full_steps ", what...));
+  };
+  if (!list.is_array() || list.empty()) return fail("must be a non-empty list of step indices, got ", sd3::json_excerpt(list));
+  std::vector<int> steps;
+  for (const auto& v : list) {
+    if (!v.is_number_integer() || v.get<long long>() < 0 || v.get<long long>() > 1'000'000) return fail("holds ", sd3::json_excerpt(v), ", not a step index");
+    steps.push_back(v.get<int>());
+    if (steps.size() == 1 ? steps[0] != 0 : steps.back() <= steps[steps.size() - 2])
+      return fail("must start with 0 and strictly increase, got ", sd3::json_excerpt(list));
+  }
+  return steps;
+}
+
 std::string learned_c3_json(const specdiff::learned_table& table, const std::string& calibration) {
   nlohmann::json weights = nlohmann::json::array();
   for (int k = 0; k < table.steps(); ++k) {

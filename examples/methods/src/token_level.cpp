@@ -215,6 +215,16 @@ namespace {
 specdiff::step_schedule forecast_schedule(const forecast_options& o, int steps) {
   if (o.interval < 1) throw std::invalid_argument(sd3::message("interval: must be >= 1, got ", o.interval));
   if (o.warmup_steps < 0) throw std::invalid_argument(sd3::message("warmup_steps: must be >= 0 (0: by the interval), got ", o.warmup_steps));
+  if (!o.full_steps.empty()) {
+    if (o.full_steps[0] != 0) throw std::invalid_argument(sd3::message("full_steps: must start with step 0, got ", o.full_steps[0]));
+    for (std::size_t i = 0; i < o.full_steps.size(); ++i) {
+      if (o.full_steps[i] < 0 || o.full_steps[i] >= steps)
+        throw std::invalid_argument(sd3::message("full_steps: ", o.full_steps[i], " is out of range [0, ", steps, ") (the run's steps)"));
+      if (i > 0 && o.full_steps[i] <= o.full_steps[i - 1])
+        throw std::invalid_argument(sd3::message("full_steps: must strictly increase, got ", o.full_steps[i - 1], " then ", o.full_steps[i]));
+    }
+    return {1, 0, 0, std::vector<index_t>(o.full_steps.begin() + 1, o.full_steps.end())};
+  }
   const int warmup = o.warmup();
   if (o.refresh == forecast_options::refresh_rule::library) return {warmup, o.interval, 0, {}};
   // diffusers' TaylorSeerCacheHook._measure_should_compute: full iff k < warm-up or (k - warm-up - 1) % N == 0.
@@ -257,7 +267,10 @@ run_result run_forecast(const problem& p, const forecast_options& o, const progr
       const int n = std::min(cached, table.depth());
       if (std::isnan(table.weights(k, n)[0]))
         throw std::invalid_argument(sd3::message("learned weights: step ", k, " has none for a history of ", n, " full steps; they were fitted for ",
-                                                 "another schedule than warm-up ", o.warmup(), ", interval ", o.interval, " (specdiff-calibrate --method forecast)"));
+                                                 "another schedule than ",
+                                                 o.full_steps.empty() ? sd3::message("warm-up ", o.warmup(), ", interval ", o.interval)
+                                                                      : sd3::message("these ", o.full_steps.size(), " full steps"),
+                                                 " (specdiff-calibrate --method forecast)"));
     }
   }
   return with_c3_rule(p, o.c3, o.learned_weights, run);
@@ -314,6 +327,36 @@ run_result calibrate_forecast(const problem& p, const forecast_options& o, specd
     ++r.model_calls;
     if (progress) progress(r.model_calls, p.steps);
   });
+  r.seconds = seconds_since(start);
+  return r;
+}
+
+run_result forecast_gram(const problem& p, specdiff::trajectory_gram& gram, std::vector<double>& step_weight, const progress_fn& progress) {
+  const sd3::transformer& c = *p.net;
+  const sd3::flow_match_euler main = p.schedule(p.steps);
+  if (gram.steps() != p.steps) throw std::invalid_argument(sd3::message("gram: holds ", gram.steps(), " steps, the problem runs ", p.steps));
+  const int batch = model_batch(p);
+  const bool cfg = batch == 2 * p.inputs.batch && p.guidance > 1.f;
+  const std::size_t per_step = static_cast<std::size_t>(batch) * static_cast<std::size_t>(image_tokens(p)) * static_cast<std::size_t>(c.patch_features());
+  const std::size_t guided_size = cfg ? per_step / 2 : per_step;
+  std::vector<float> fit(per_step * static_cast<std::size_t>(p.steps)), guided(guided_size * static_cast<std::size_t>(p.steps));
+  step_weight.assign(static_cast<std::size_t>(p.steps), 0.0);
+  run_result r;
+  const auto start = std::chrono::steady_clock::now();
+  r.latents = sd3::sample_cfg(*p.net, main, p.inputs, p.guidance, [&](const sd3::model_call& call) {
+    p.net->forward(*call.inputs, call.velocity, {});
+    // Inner products do not depend on the order of the values: the velocity's layout serves as well as the rows'.
+    const std::size_t k = static_cast<std::size_t>(call.step);
+    std::copy(call.velocity.begin(), call.velocity.end(), fit.begin() + static_cast<std::ptrdiff_t>(k * per_step));
+    float* g = guided.data() + k * guided_size;
+    for (std::size_t i = 0; i < guided_size; ++i)
+      g[i] = cfg ? call.velocity[i] + p.guidance * (call.velocity[guided_size + i] - call.velocity[i]) : call.velocity[i];  // as sample_cfg
+    step_weight[k] = static_cast<double>(call.sigma_next) - static_cast<double>(call.sigma);
+    r.flops += batch * full_forward_flops(c, image_tokens(p), p.inputs.context_tokens);
+    ++r.model_calls;
+    if (progress) progress(r.model_calls, p.steps);
+  });
+  gram.add(fit, guided);
   r.seconds = seconds_since(start);
   return r;
 }

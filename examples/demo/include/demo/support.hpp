@@ -45,6 +45,11 @@ struct conditional_model {
   /// (methods::learned_c3_file_name) and the output forecast's per full-step interval (learned_forecast_file_name).
   std::optional<specdiff::learned_table> learned_c3;
   std::map<int, specdiff::learned_table> learned_forecast;
+  /// The forecast's calibrations with placed full steps (methods::learned_forecast_steps_file_name), per count: the
+  /// table and its full steps.
+  std::map<int, std::pair<specdiff::learned_table, std::vector<int>>> learned_forecast_steps;
+  /// The full steps a forecast spec with `full_steps` runs on (nullptr: not such a spec, or the folder has none).
+  const std::vector<int>* full_steps_for(const struct method_spec& spec) const;
   /// The table a spec's learned C3 rule reads (nullptr: the folder has none for it).
   const specdiff::learned_table* learned_weights_for(const struct method_spec& spec) const;
 
@@ -126,6 +131,10 @@ struct method_spec {
   /// forecast: warm-up steps and the refresh rule after them ("library" or "diffusers": methods::forecast_options)
   std::optional<int> warmup = {};
   std::optional<std::string> refresh = {};
+  /// forecast: run on the model folder's placed full steps for this count (learned_forecast_F<count>.json; the steps
+  /// themselves in `full_step_list`, set with learned_weights by conditional_model::full_steps_for)
+  std::optional<int> full_steps = {};
+  const std::vector<int>* full_step_list = nullptr;
   std::optional<double> threshold = {};   ///< fbcache, teacache: the gate's threshold
   std::optional<std::string> dense = {};  ///< specdiff, ras: one of dense_schedule_names
   std::optional<double> error_budget = {};  ///< specdiff-adaptive (default 0.05)

@@ -12,6 +12,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include <specdiff/learned.hpp>
 
@@ -25,6 +26,14 @@ std::string learned_forecast_file_name(int interval);  ///< "learned_forecast_N<
 /// The interval a file name of that form names (a positive int, exactly as learned_forecast_file_name writes it);
 /// empty for any other name.
 std::optional<int> learned_forecast_interval(std::string_view file_name);
+/// The forecast's calibration for `count` full steps placed by specdiff::rank_full_steps (specdiff-calibrate
+/// --full-steps): "learned_forecast_F<count>.json"; its `calibration` object lists the steps ("full_steps").
+std::string learned_forecast_steps_file_name(int count);
+/// The count a file name of that form names; empty for any other name.
+std::optional<int> learned_forecast_steps_count(std::string_view file_name);
+/// The "full_steps" of a learned file's `calibration` object (strictly increasing, step 0 first; empty when absent).
+/// Throws naming the file when present but not such a list.
+std::vector<int> learned_forecast_full_steps(const std::filesystem::path& path);
 
 /// Largest magnitude of a learned weight accepted at load (the shipped files' lie within 2; specdiff-calibrate's ridge
 /// keeps them small): a larger one is refused naming the file and the entry.

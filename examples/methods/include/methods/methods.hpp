@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include <specdiff/forecast_steps.hpp>
 #include <specdiff/learned.hpp>
 #include <specdiff/predictors.hpp>
 
@@ -99,6 +100,10 @@ struct forecast_options {
   /// forecast's own trajectory (`forecast`: the latents follow the forecast with `learned_weights`, or the Taylor rule
   /// when none is given, and every skipped step's true output is computed there to pair with the history; DAgger's idea).
   enum class fit_trajectory { full, forecast } trajectory = fit_trajectory::full;
+  /// Explicit full steps (strictly increasing, step 0 first; each below the run's steps): when not empty, exactly these
+  /// steps run in full and warmup_steps, interval and refresh are not read — a schedule placed where the trajectory
+  /// bends (specdiff::rank_full_steps, chosen on calibration noise by specdiff-calibrate --full-steps).
+  std::vector<int> full_steps = {};
   /// The warm-up steps a run uses (warmup_steps, or its default by the interval).
   int warmup() const { return warmup_steps > 0 ? warmup_steps : interval <= 2 ? 3 : 2; }
 };
@@ -106,6 +111,11 @@ run_result run_forecast(const problem& p, const forecast_options& o, const progr
 /// The learned forecast's calibration: full RFlow (teacher-forced: every step computed), the outputs of o's full
 /// steps cached and, on every other step, each token's (cached outputs, true output) pair added to `fit`.
 run_result calibrate_forecast(const problem& p, const forecast_options& o, specdiff::history_fit& fit, const progress_fn& progress = {});
+/// Full RFlow with every step's model output kept: the inner products of each pair of steps' outputs are added to
+/// `gram` (specdiff::trajectory_gram) — over both CFG halves' rows (what the learned weights are fitted on) and over the
+/// guided output the sampler steps with (what forecast_error measures). `step_weight` gets each step's Euler step size
+/// sigma_next - sigma (the weight of its output in the final latent). One trajectory per call.
+run_result forecast_gram(const problem& p, specdiff::trajectory_gram& gram, std::vector<double>& step_weight, const progress_fn& progress = {});
 
 /// RAS (Region-Adaptive Sampling), SD3 script defaults: output-level metric (here the L2 norm of the
 /// velocity over channels, averaged per patch: our model has one channel, where RAS's channel std is 0),
