@@ -18,6 +18,12 @@
 //                             to stderr and calls MPI_Abort, which brings every rank down with a non-zero status.
 // Collectives are blocking and called by every rank in the same order with the same sizes (counts agree on every
 // rank). The calls must not allocate (the models size their scratch once, at construction).
+//
+// all_to_all_communicator (a refinement: what an engine's Ulysses attention needs, not the sharded accelerator):
+//   all_to_all(send, recv)    send and recv hold size() equal blocks (send.size() == recv.size(), a multiple of
+//                             size()); block q of `send` goes to rank q, and block r of `recv` is what rank r sent
+//                             here (MPI_Alltoall): [tokens/P, all heads] rows become [all tokens, heads/P] and back.
+//                             Every model shipped here has it.
 #pragma once
 
 #include <algorithm>
@@ -56,7 +62,22 @@ inline void expect_gather_sizes(int rank, int size, std::span<const float> send,
 }
 }  // namespace detail
 
-/// One rank: all_gather copies, all_reduce_sum leaves the values as they are, fail rethrows.
+/// A communicator that also exchanges equal blocks between every pair of ranks (see the contract above).
+template <class C>
+concept all_to_all_communicator = communicator<C> && requires(C& c, std::span<const float> send, std::span<float> recv) {
+  c.all_to_all(send, recv);
+};
+
+namespace detail {
+/// The size checks every model makes before all_to_all (the same message everywhere).
+inline void expect_all_to_all_sizes(int size, std::span<const float> send, std::span<float> recv) {
+  expect_size("recv", recv.size(), send.size());
+  if (send.size() % static_cast<std::size_t>(size) != 0)
+    fail("send: ", send.size(), " floats do not split into ", size, " equal blocks (one per rank)");
+}
+}  // namespace detail
+
+/// One rank: all_gather and all_to_all copy, all_reduce_sum leaves the values as they are, fail rethrows.
 struct single_process {
   int rank() const noexcept { return 0; }
   int size() const noexcept { return 1; }
@@ -65,10 +86,14 @@ struct single_process {
     if (!send.empty()) std::memmove(recv.data(), send.data(), send.size_bytes());
   }
   void all_reduce_sum(std::span<float>) {}
+  void all_to_all(std::span<const float> send, std::span<float> recv) {
+    detail::expect_all_to_all_sizes(1, send, recv);
+    if (!send.empty()) std::memmove(recv.data(), send.data(), send.size_bytes());
+  }
   [[noreturn]] void fail(std::exception_ptr error) { std::rethrow_exception(error); }
 };
 
-static_assert(communicator<single_process>);
+static_assert(all_to_all_communicator<single_process>);
 
 /// A contiguous token shard: rank r of P owns tokens [begin, begin + count) of T; the first T % P ranks hold one
 /// token more (so every shard is non-empty when T >= P).

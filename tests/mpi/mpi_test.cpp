@@ -63,6 +63,29 @@ void all_reduce_sum(mpi_communicator& c) {
   EXPECT(std::memcmp(both.data(), both.data() + 4, 4 * sizeof(float)) == 0);
 }
 
+// all_to_all against hand values: rank r sends block q = {10 r + q, 100 r + q} to rank q; rank q receives block r
+// from rank r. Then the head layout Ulysses uses and back: [tokens/P, heads] rows to [tokens, heads/P] and inverse.
+void all_to_all(mpi_communicator& c) {
+  const float r = static_cast<float>(c.rank());
+  const std::vector<float> send{10 * r + 0, 100 * r + 0, 10 * r + 1, 100 * r + 1};
+  std::vector<float> recv(4);
+  c.all_to_all(send, recv);
+  const float q = r;  // this rank receives block q of every rank
+  EXPECT(recv == (std::vector<float>{0 + q, 0 + q, 10 + q, 100 + q}));
+  std::vector<float> twice(4);
+  c.all_to_all(recv, twice);  // an all-to-all is its own inverse with equal blocks
+  EXPECT(twice == send);
+  // sizes that do not split into one block per rank: refused by name before any transfer
+  bool refused = false;
+  try {
+    std::vector<float> odd(3), out(3);
+    c.all_to_all(odd, out);
+  } catch (const std::invalid_argument& e) {
+    refused = std::string(e.what()).find("send: 3 floats do not split into 2 equal blocks") != std::string::npos;
+  }
+  EXPECT(refused);
+}
+
 // global_plan: the same C1 sets and the same output rows as one process over a whole run (uneven shards of 37
 // tokens; batch 1, and a CFG pair sharing its plan), and the same global plan on both ranks.
 void global_plan_matches_one_process(mpi_communicator& c) {
@@ -198,6 +221,7 @@ int main(int argc, char** argv) {
         {"rank_and_size", rank_and_size},
         {"all_gather_variable_rows", all_gather_variable_rows},
         {"all_reduce_sum", all_reduce_sum},
+        {"all_to_all", all_to_all},
         {"global_plan_matches_one_process", global_plan_matches_one_process},
         {"global_plan_union_is_global", global_plan_union_is_global},
         {"per_shard_runs_and_reports", per_shard_runs_and_reports},

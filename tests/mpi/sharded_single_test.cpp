@@ -38,6 +38,16 @@ TEST_CASE("single_process: all_gather copies, all_reduce_sum keeps, fail rethrow
   CHECK_THROWS_AS(c.fail(std::make_exception_ptr(std::invalid_argument("x"))), std::invalid_argument);
 }
 
+TEST_CASE("single_process: all_to_all copies its one block; other sizes are refused by name") {
+  single_process c;
+  const std::vector<float> send{1.5f, -2.f, 4.f};
+  std::vector<float> recv(3), small(2);
+  c.all_to_all(send, recv);
+  CHECK(recv == send);
+  CHECK_THROWS_WITH_AS(c.all_to_all(send, small), doctest::Contains("recv: expected 3"), std::invalid_argument);
+  static_assert(all_to_all_communicator<single_process>);
+}
+
 TEST_CASE("global_plan on one process makes the reference's plans and rows, bit for bit") {
   for (bool cfg : {false, true}) {
     problem p;

@@ -47,6 +47,19 @@ class nccl_communicator {
     check(ncclBroadcast(values.data(), values.data(), values.size(), ncclFloat32, 0, comm_, stream_), "ncclBroadcast");
   }
 
+  /// Equal blocks between every pair of ranks: one ncclSend and one ncclRecv per peer, grouped (NCCL's all-to-all).
+  void all_to_all(std::span<const float> send, std::span<float> recv) {
+    detail::expect_all_to_all_sizes(size_, send, recv);
+    const std::size_t block = send.size() / static_cast<std::size_t>(size_);
+    check(ncclGroupStart(), "ncclGroupStart");
+    for (int r = 0; r < size_; ++r) {
+      const std::size_t at = static_cast<std::size_t>(r) * block;
+      check(ncclSend(send.data() + at, block, ncclFloat32, r, comm_, stream_), "ncclSend");
+      check(ncclRecv(recv.data() + at, block, ncclFloat32, r, comm_, stream_), "ncclRecv");
+    }
+    check(ncclGroupEnd(), "ncclGroupEnd");
+  }
+
   /// Every rank down: the message on stderr, the communicator aborted (peers' pending collectives fail), then
   /// this process ends with status 1 (a launcher such as mpirun or torchrun then stops the others).
   [[noreturn]] void fail(std::exception_ptr error) {
@@ -73,6 +86,6 @@ class nccl_communicator {
   int rank_ = 0, size_ = 1;
 };
 
-static_assert(communicator<nccl_communicator>);
+static_assert(all_to_all_communicator<nccl_communicator>);
 
 }  // namespace specdiff::gpu

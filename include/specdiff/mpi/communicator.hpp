@@ -56,6 +56,16 @@ class mpi_communicator {
     check(MPI_Bcast(values.data(), n, MPI_FLOAT, 0, comm_), "MPI_Bcast");
   }
 
+  /// Equal blocks between every pair of ranks (MPI_Alltoall).
+  void all_to_all(std::span<const float> send, std::span<float> recv) {
+    detail::expect_all_to_all_sizes(size_, send, recv);
+    const std::size_t block = send.size() / static_cast<std::size_t>(size_);
+    if (block > static_cast<std::size_t>(std::numeric_limits<int>::max()))
+      detail::fail("send: blocks of ", block, " floats, more than MPI's int counts hold");
+    check(MPI_Alltoall(send.data(), static_cast<int>(block), MPI_FLOAT, recv.data(), static_cast<int>(block), MPI_FLOAT, comm_),
+          "MPI_Alltoall");
+  }
+
   /// Every rank down: the message on stderr, then MPI_Abort (status 1).
   [[noreturn]] void fail(std::exception_ptr error) {
     const char* what = "unknown error";
@@ -85,6 +95,6 @@ class mpi_communicator {
   std::vector<int> counts_, displacements_;
 };
 
-static_assert(communicator<mpi_communicator>);
+static_assert(all_to_all_communicator<mpi_communicator>);
 
 }  // namespace specdiff
