@@ -34,20 +34,41 @@ int calibrate_full_steps(const demo::workload& work, int count, int verify, doub
   specdiff::trajectory_gram gram(problem.steps);
   specdiff::forecast_steps_options options{.depth = 3, .ridge = ridge};
   const auto full = methods::forecast_gram(problem, gram, options.step_weight);
-  auto ranked = specdiff::rank_full_steps(gram, count, options, verify);
-  // The even schedules of the same count (the forecast's own rule, warm-up by the interval) run too, as the reference.
-  for (int n = 2; n <= problem.steps; ++n) {
-    methods::forecast_options even;
-    even.interval = n;
+  // The even schedules of the same count (the forecast's own rule, warm-up by the interval, 2 or 3), and a spread one.
+  std::vector<std::vector<int>> evens;
+  for (int n = 2; n <= problem.steps; ++n)
+    for (int w : {0, 2, 3}) {
+      methods::forecast_options even;
+      even.interval = n, even.warmup_steps = w;
+      std::vector<int> list;
+      for (int k = 0; k < problem.steps; ++k)
+        if (k < even.warmup() || (k - even.warmup() + 1) % n == 0) list.push_back(k);
+      if (static_cast<int>(list.size()) == count && std::find(evens.begin(), evens.end(), list) == evens.end()) evens.push_back(list);
+    }
+  if (evens.empty()) {
     std::vector<int> list;
-    for (int k = 0; k < problem.steps; ++k)
-      if (k < even.warmup() || (k - even.warmup() + 1) % n == 0) list.push_back(k);
-    if (static_cast<int>(list.size()) != count) continue;
+    for (int i = 0; i < count; ++i) list.push_back(static_cast<int>(static_cast<long long>(i) * problem.steps / count));
+    evens.push_back(list);
+  }
+  double sets = 1.0;  // C(steps - 1, count - 1): rank them all when there are few enough, else search locally from the even ones
+  for (int i = 0; i < count - 1; ++i) sets = sets * (problem.steps - 1 - i) / (i + 1);
+  constexpr std::size_t max_sets = 5'000'000;
+  std::vector<specdiff::ranked_full_steps> ranked;
+  if (sets <= static_cast<double>(max_sets)) {
+    ranked = specdiff::rank_full_steps(gram, count, options, verify, max_sets);
+  } else {
+    std::printf("%.3g sets of %d full steps: a local search from each even schedule instead of ranking them all\n", sets, count);
+    for (const auto& even : evens) {
+      auto r = specdiff::refine_full_steps(gram, even, options);
+      if (std::none_of(ranked.begin(), ranked.end(), [&](const auto& x) { return x.full_steps == r.full_steps; })) ranked.push_back(std::move(r));
+    }
+  }
+  // The even schedules run too, as the reference.
+  for (const auto& list : evens)
     if (std::none_of(ranked.begin(), ranked.end(), [&](const auto& r) { return r.full_steps == list; }))
       ranked.push_back({list, specdiff::forecast_error(gram, list, options)});
-  }
   const double search_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::printf("ranked every set of %d full steps of %d in %.1f s; the best %zu on the calibration samples:\n", count, problem.steps, search_seconds,
+  std::printf("searched the sets of %d full steps of %d in %.1f s; %zu run on the calibration samples:\n", count, problem.steps, search_seconds,
               ranked.size());
   std::optional<specdiff::learned_table> best_table;
   std::vector<int> best_steps;

@@ -241,4 +241,29 @@ inline std::vector<ranked_full_steps> rank_full_steps(const trajectory_gram& g, 
   return best;
 }
 
+/// Local search from `start` (a valid set, step 0 first) for counts too large to rank exhaustively: repeatedly moves
+/// one full step (never step 0) to the free step within `reach` of it that lowers forecast_error most, until no move
+/// lowers it. Returns the set reached and its error (a local minimum: never worse than `start`).
+inline ranked_full_steps refine_full_steps(const trajectory_gram& g, std::vector<int> start, const forecast_steps_options& o, int reach = 3) {
+  if (reach < 1) detail::fail("reach: must be >= 1, got ", reach);
+  ranked_full_steps best{std::move(start), 0.0};
+  best.error = forecast_error(g, best.full_steps, o);  // checks the set
+  for (bool moved = true; moved;) {
+    moved = false;
+    ranked_full_steps step = best;
+    for (std::size_t i = 1; i < best.full_steps.size(); ++i)
+      for (int d = -reach; d <= reach; ++d) {
+        const int to = best.full_steps[i] + d;
+        if (d == 0 || to <= 0 || to >= g.steps() || std::find(best.full_steps.begin(), best.full_steps.end(), to) != best.full_steps.end()) continue;
+        std::vector<int> set = best.full_steps;
+        set[i] = to;
+        std::sort(set.begin(), set.end());
+        const double e = forecast_error(g, set, o);
+        if (e < step.error) step = {std::move(set), e};
+      }
+    if (step.error < best.error) best = std::move(step), moved = true;
+  }
+  return best;
+}
+
 }  // namespace specdiff

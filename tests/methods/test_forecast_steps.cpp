@@ -219,6 +219,35 @@ TEST_CASE("forecast steps: the ranking is the exhaustive minimum, sorted, and re
   CHECK_THROWS_WITH_AS(bad.add(std::vector<float>(6), std::vector<float>(4)), doctest::Contains("error"), std::invalid_argument);
 }
 
+TEST_CASE("forecast steps: the local search ends no worse than it starts, where no single move within reach helps") {
+  const std::uint64_t seed = std::random_device{}();
+  INFO("seed ", seed);
+  const random_trajectories t(seed, 12, 2, 20, 20);
+  const auto g = t.gram();
+  const specdiff::forecast_steps_options o{.depth = 3, .ridge = 1e-3};
+  for (int reach : {1, 3}) {
+    CAPTURE(reach);
+    const std::vector<int> start{0, 1, 2, 6, 11};
+    const auto r = specdiff::refine_full_steps(g, start, o, reach);
+    CHECK(r.error <= specdiff::forecast_error(g, start, o));
+    CHECK(r.error == specdiff::forecast_error(g, r.full_steps, o));
+    CHECK(r.full_steps.size() == start.size());
+    CHECK(r.full_steps[0] == 0);
+    // Every single move of a step other than 0 by at most `reach` to a free step: none lowers the error.
+    for (std::size_t i = 1; i < r.full_steps.size(); ++i)
+      for (int d = -reach; d <= reach; ++d) {
+        const int to = r.full_steps[i] + d;
+        if (d == 0 || to <= 0 || to >= t.steps || std::find(r.full_steps.begin(), r.full_steps.end(), to) != r.full_steps.end()) continue;
+        auto set = r.full_steps;
+        set[i] = to;
+        std::sort(set.begin(), set.end());
+        CHECK(reference_error(t, set, 3, 1e-3, std::vector<double>(12, 1.0)) >= r.error * (1 - 1e-9));
+      }
+  }
+  CHECK_THROWS_WITH_AS(specdiff::refine_full_steps(g, {0, 3}, o, 0), doctest::Contains("reach"), std::invalid_argument);
+  CHECK_THROWS_WITH_AS(specdiff::refine_full_steps(g, {2, 3}, o), doctest::Contains("full_steps"), std::invalid_argument);
+}
+
 namespace {
 struct model_fixture : methods_testing::sampling_inputs {
   sd3::model model;
