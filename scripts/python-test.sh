@@ -37,6 +37,21 @@ rc=0
 "$VPY" -m pytest -q -p no:cacheprovider python/tests || rc=$?
 end=$(date +%s)
 echo "python-test: environment $((deps - start)) s, package build $((built - deps)) s, pytest $((end - built)) s"
+# The CUDA build of the extension (SPECDIFF_PY_CUDA=ON: specdiff::gpu::accelerator over CUDA tensors) where nvcc exists:
+# compiled with the same CMake list pip runs, into build/python-cuda, and imported by python/tests/test_cuda.py, whose
+# device tests skip without a GPU (saying so). SPECDIFF_SKIP_PYTHON_CUDA=1 skips it.
+source scripts/env.sh
+if [[ ${SPECDIFF_SKIP_PYTHON_CUDA:-0} != 1 ]] && command -v nvcc >/dev/null; then
+  command -v ccache >/dev/null && export CMAKE_CUDA_COMPILER_LAUNCHER=ccache
+  cuda_dir=build/python-cuda
+  cmake -S python -B "$cuda_dir" -DCMAKE_BUILD_TYPE=Release -DSPECDIFF_PY_CUDA=ON -DPython_EXECUTABLE="$PWD/$VPY" \
+    -Dnanobind_DIR="$("$VPY" -m nanobind --cmake_dir)" >/dev/null
+  cmake --build "$cuda_dir" -j2
+  pkg="$cuda_dir/pkg/specdiff"
+  rm -rf "$pkg" && mkdir -p "$pkg" && cp python/specdiff/*.py "$pkg"/ && cp "$cuda_dir"/_core*.so "$pkg"/
+  PYTHONPATH="$cuda_dir/pkg" "$VPY" -m pytest -q -p no:cacheprovider -rs python/tests/test_cuda.py || rc=$?
+  echo "python-test: the CUDA build and its tests $(( $(date +%s) - end )) s"
+fi
 if [[ $rc -eq 5 ]]; then
   echo "python-test: pytest collected no tests: failing" >&2
   exit 1

@@ -1,12 +1,19 @@
 #!/usr/bin/env python3
-"""Side by side in diffusers: SpecDiff's methods (specdiff.diffusers) against diffusers' own cache hooks on a shipped
-SD3 model, same noise (the engine's Philox, sample k = stream k of --seed), same labels (k % 10), the SD3 pipeline's
-loop with CFG. Per setting: FLOP ratio (torch's FlopCounterMode over the whole run, the speculative pass included, in
-a separate untimed run), PSNR / SSIM of the final images against full compute (clamped to [-1, 1]), wall time as the
-median of --repeats timed runs with a full-compute run timed right before each (the speedup is the median of those
-pairs' ratios), and for the SpecDiff methods the share of the run spent in the C++ library's calls.
+"""Side by side in diffusers: SpecDiff's methods (specdiff.diffusers) against diffusers' own cache hooks and cache-dit
+on a shipped model (models/mnist-sd3, models/canvas-sd3: SD3Transformer2DModel; models/mnist-flux:
+FluxTransformer2DModel), same noise (the engine's Philox, sample k = stream k of --seed), same labels (k % 10), the
+pipeline's loop with CFG as one batch [uncond; cond].
 
-    .venv/bin/python bench/python/compare.py --model models/mnist-sd3 --samples 4 --repeats 3 --markdown out.md
+Per setting: FLOP ratio (torch's FlopCounterMode over the whole run, the speculative pass included), PSNR / SSIM of
+the final images against full compute (the C++ tools' quality::mean_psnr / mean_ssim, bound as
+specdiff._core.image_quality, on images clamped to [-1, 1]), class accuracy (the model's shipped classifier, as the
+C++ tools' class_accuracy), and with --repeats > 0 the wall speedup: full compute and the setting timed alternately
+(full then setting, then setting then full, ...) after the untimed run, the speedup the median of the pairs' ratios;
+for the SpecDiff methods also the share of the run spent in the C++ library's calls. The images are those of the
+FLOP-counting run (FlopCounterMode only observes).
+
+    .venv/bin/python bench/python/compare.py --model models/mnist-sd3 --samples 4 --repeats 3 --threads 2 --markdown out.md
+    .venv/bin/python bench/python/compare.py --model models/canvas-sd3 --seed 2000 --samples 16 --repeats 0 --csv docs/results/python_canvas-sd3_2000.csv
 
 cache-dit's DBCache rows (with and without its TaylorSeer calibrator) run when `import cache_dit` works; otherwise one
 row says why. To keep the venv's torch and diffusers as they are, cache-dit 1.5.3 was used from its unpacked wheel
@@ -14,9 +21,12 @@ row says why. To keep the venv's torch and diffusers as they are, cache-dit 1.5.
 transformers) are already in the venv. `pip install cache-dit` would also pull CUDA wheels and triton.
 """
 import argparse
+import contextlib
+import csv
+import io
 import json
-import math
 import pathlib
+import re
 import statistics
 import sys
 import time
@@ -30,47 +40,125 @@ import specdiff.diffusers as sd
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
+def model_kind(folder: pathlib.Path) -> str:
+    """'flux' when the transformer's config is a FluxTransformer2DModel's, else 'sd3'."""
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    return "flux" if "num_single_layers" in config else "sd3"
+
+
+class Classifier:
+    """The model folder's digit classifier (classifier.json + classifier.safetensors: conv2d, relu, maxpool2d, flatten,
+    linear, as examples/quality's digit_classifier reads them) run by torch; accuracy on the clamped images, as the C++
+    tools' class_accuracy measures it."""
+
+    def __init__(self, folder: pathlib.Path):
+        from safetensors.torch import load_file
+
+        self.spec = json.loads((folder / "classifier.json").read_text())
+        self.weights = load_file(str(folder / "classifier.safetensors"))
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        x = images.clamp(-1, 1)
+        w = self.weights
+        for layer in self.spec["layers"]:
+            t = layer["type"]
+            if t == "conv2d":
+                x = F.conv2d(x, w[layer["weight"]], w[layer["bias"]], stride=layer.get("stride", 1), padding=layer.get("padding", 0))
+            elif t == "relu":
+                x = F.relu(x)
+            elif t == "maxpool2d":
+                x = F.max_pool2d(x, layer["kernel"], layer.get("stride", layer["kernel"]))
+            elif t == "flatten":
+                x = x.flatten(1)
+            elif t == "linear":
+                x = F.linear(x, w[layer["weight"]], w[layer["bias"]])
+            else:
+                raise ValueError(f"classifier.json: layer type {t!r} unknown")
+        return x.argmax(dim=1)
+
+    def accuracy(self, images: torch.Tensor, labels) -> float:
+        return float((self.predict(images) == torch.tensor(labels)).float().mean())
+
+
 class Problem:
+    """The C++ demo's batch on a shipped model, in diffusers' objects: noise from the engine's generator, labels
+    k % classes, the class-embedding rows, CFG as one batch [uncond; cond]. SD3: the SD3 pipeline's loop. FLUX: FluxPipeline's
+    layout and schedule (the noise image packed 2x2, sigmas linspace(1, 1/n, n) with the dynamic shift, the transformer
+    called with t / 1000), as python/tests runs it."""
+
     def __init__(self, folder: pathlib.Path, samples: int, steps: int, seed: int):
-        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from diffusers import FlowMatchEulerDiscreteScheduler
         from safetensors.numpy import load_file
 
         self.folder = folder
         self.steps = steps
-        self.model = SD3Transformer2DModel.from_pretrained(str(folder / "transformer")).eval()
+        self.seed = seed
+        self.kind = model_kind(folder)
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(folder))
         emb = load_file(str(folder / "class_embeddings.safetensors"))
         classes = emb["pooled"].shape[0] - 1
-        labels = [k % classes for k in range(samples)]
-        c = self.model.config
-        shape = (samples, c.in_channels, c.sample_size, c.sample_size)
-        self.noise = torch.from_numpy(np.array(specdiff.sample_latents(samples, int(np.prod(shape[1:])), seed))).reshape(shape)
+        self.labels = [k % classes for k in range(samples)]
+        self.classifier = Classifier(folder)
+        size = self.classifier.spec["input"]["height"]
+        channels = self.classifier.spec["input"]["channels"]
+        self.image_shape = (samples, channels, size, size)
+        image = torch.from_numpy(np.array(specdiff.sample_latents(samples, channels * size * size, seed))).reshape(self.image_shape)
+        if self.kind == "flux":
+            from diffusers import FluxPipeline, FluxTransformer2DModel
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+            self.model = FluxTransformer2DModel.from_pretrained(str(folder / "transformer")).eval()
+            self.noise = FluxPipeline._pack_latents(image, samples, channels, size, size)
+            self.img_ids = FluxPipeline._prepare_latent_image_ids(samples, size // 2, size // 2, "cpu", torch.float32)
+            c = self.scheduler.config
+            self.mu = calculate_shift(self.noise.shape[1], c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+        else:
+            from diffusers import SD3Transformer2DModel
+
+            self.model = SD3Transformer2DModel.from_pretrained(str(folder / "transformer")).eval()
+            self.noise = image
         ctx, pooled = torch.from_numpy(emb["context"]), torch.from_numpy(emb["pooled"])
+        self.txt_ids = torch.zeros(ctx.shape[1], 3)
         null = [classes] * samples
-        self.context = torch.cat([ctx[null], ctx[labels]])
-        self.pooled = torch.cat([pooled[null], pooled[labels]])
+        self.context = torch.cat([ctx[null], ctx[self.labels]])
+        self.pooled = torch.cat([pooled[null], pooled[self.labels]])
         sampling = folder / "sampling.json"
         self.guidance = json.loads(sampling.read_text()).get("guidance_scale", 4.0) if sampling.exists() else 4.0
         self.step_index = 0
+        self.run_steps = steps  # a "fewer steps" setting changes this
         self.before_run = None  # a peer's per-run reset (what its pipeline wrapper would do at each call), or None
+
+    def set_timesteps(self, steps):
+        if self.kind == "flux":
+            self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=self.mu)
+        else:
+            self.scheduler.set_timesteps(steps)
 
     def sample(self) -> torch.Tensor:
         from diffusers.hooks.hooks import CacheContext, _set_cache_context  # what a pipeline's cache_context() sets
 
         if self.before_run is not None:
             self.before_run()
-        self.scheduler.set_timesteps(self.steps)
+        steps = self.run_steps
+        self.set_timesteps(steps)
         lat = self.noise.clone()
         with torch.no_grad():
             for i, t in enumerate(self.scheduler.timesteps):
                 self.step_index = i
                 self.current_t = float(t)
                 inp = torch.cat([lat, lat])
-                _set_cache_context(self.model, CacheContext("cond_uncond", step_index=i, num_inference_steps=self.steps, timestep=t,
+                _set_cache_context(self.model, CacheContext("cond_uncond", step_index=i, num_inference_steps=steps, timestep=t,
                                                             sigma=float(self.scheduler.sigmas[i])))
                 try:
-                    v = self.model(hidden_states=inp, timestep=t.expand(inp.shape[0]), encoder_hidden_states=self.context,
-                                   pooled_projections=self.pooled, return_dict=False)[0]
+                    if self.kind == "flux":
+                        v = self.model(hidden_states=inp, timestep=t.expand(inp.shape[0]).to(inp.dtype) / 1000,
+                                       encoder_hidden_states=self.context, pooled_projections=self.pooled, img_ids=self.img_ids,
+                                       txt_ids=self.txt_ids, return_dict=False)[0]
+                    else:
+                        v = self.model(hidden_states=inp, timestep=t.expand(inp.shape[0]), encoder_hidden_states=self.context,
+                                       pooled_projections=self.pooled, return_dict=False)[0]
                 finally:
                     _set_cache_context(self.model, None)
                 vu, vc = v.chunk(2)
@@ -78,36 +166,31 @@ class Problem:
                 lat = self.scheduler.step(v, t, lat, return_dict=False)[0]
         return lat
 
+    def images(self, lat: torch.Tensor) -> torch.Tensor:
+        """The classifier's images [N, C, H, W] of final latents (FLUX: unpacked as FluxPipeline unpacks them)."""
+        if self.kind == "flux":
+            from diffusers import FluxPipeline
 
-def psnr(a, b):
-    a, b = np.clip(a, -1, 1), np.clip(b, -1, 1)
-    mse = float(np.mean((a - b) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(4.0 / mse)  # peak-to-peak 2
+            lat = FluxPipeline._unpack_latents(lat, self.image_shape[2], self.image_shape[3], 1)
+        return lat.clamp(-1, 1).contiguous()
 
 
-def ssim(a, b):
-    """Mean SSIM over samples and channels, 7x7 uniform windows, data range 2 (images in [-1, 1])."""
-    a, b = np.clip(a, -1, 1).astype(np.float64), np.clip(b, -1, 1).astype(np.float64)
-    c1, c2, w = (0.01 * 2) ** 2, (0.03 * 2) ** 2, 7
-
-    def box(x):
-        k = np.lib.stride_tricks.sliding_window_view(x, (w, w), axis=(-2, -1))
-        return k.mean(axis=(-2, -1))
-
-    ma, mb = box(a), box(b)
-    va, vb, cov = box(a * a) - ma * ma, box(b * b) - mb * mb, box(a * b) - ma * mb
-    s = ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma * ma + mb * mb + c1) * (va + vb + c2))
-    return float(s.mean())
+def quality(p: Problem, reference: torch.Tensor, lat: torch.Tensor):
+    """PSNR dB, SSIM (quality::mean_psnr / mean_ssim on the clamped images, data range 2) and class accuracy."""
+    ref, img = p.images(reference), p.images(lat)
+    ps, ss = specdiff._core.image_quality(ref.numpy(), img.numpy(), 2.0)
+    return ps, ss, p.classifier.accuracy(img, p.labels)
 
 
 def settings(p: Problem, only):
-    """(name, enable(), disable()) per setting. Each enable returns a callable giving the run's library seconds."""
-    from diffusers.hooks import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
+    """(name, family, enable(), disable()) per setting. Each enable returns a callable giving the run's library seconds."""
+    from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
+    from diffusers.hooks import FasterCacheConfig, apply_faster_cache, apply_mag_cache
     from diffusers.hooks import apply_first_block_cache, apply_pyramid_attention_broadcast, apply_taylorseer_cache
     from diffusers.hooks import HookRegistry
 
     m = p.model
-    learned = {n: p.folder / f"learned_forecast_N{n}.json" for n in (2, 3, 4, 6)}
+    learned = {n: p.folder / f"learned_forecast_N{n}.json" for n in range(2, 9)}
 
     def ours(config):
         def on():
@@ -134,42 +217,85 @@ def settings(p: Problem, only):
             fresh_children()
         return on, off
 
+    def fewer(n):
+        def on():
+            p.run_steps = n
+            return lambda: None
+
+        def off():
+            p.run_steps = p.steps
+        return on, off
+
     g = p.guidance
     out = [
-        ("specdiff cr=0.9", *ours(sd.SpecDiffConfig(guidance_scale=g))),
-        ("specdiff cr=0.7", *ours(sd.SpecDiffConfig(guidance_scale=g, cache_rate=0.7))),
-        ("specdiff-adaptive", *ours(sd.SpecDiffAdaptiveConfig(guidance_scale=g))),
+        ("specdiff cr=0.9", "specdiff", *ours(sd.SpecDiffConfig(guidance_scale=g))),
+        ("specdiff cr=0.7", "specdiff", *ours(sd.SpecDiffConfig(guidance_scale=g, cache_rate=0.7))),
+        ("specdiff-adaptive", "specdiff", *ours(sd.SpecDiffAdaptiveConfig(guidance_scale=g))),
     ]
     for n in (2, 3, 4, 6):
         if learned[n].exists():
-            out.append((f"forecast N={n} learned", *ours(sd.ForecastConfig(interval=n, learned=learned[n]))))
-    out.append(("forecast N=3 taylor", *ours(sd.ForecastConfig(interval=3, c3="taylor"))))
-    for th in (0.05, 0.1, 0.2):
-        out.append((f"diffusers FirstBlockCache th={th}", *theirs(lambda th=th: apply_first_block_cache(m, FirstBlockCacheConfig(threshold=th)))))
-    for iv in (3, 5):
-        out.append((f"diffusers TaylorSeerCache interval={iv}",
-                    *theirs(lambda iv=iv: apply_taylorseer_cache(m, TaylorSeerCacheConfig(cache_interval=iv, disable_cache_before_step=3,
-                                                                                        taylor_factors_dtype=torch.float32)))))
-    out.append(("diffusers PAB range=2",
+            out.append((f"forecast N={n} learned", "forecast learned", *ours(sd.ForecastConfig(interval=n, learned=learned[n]))))
+    for n in (2, 3):
+        out.append((f"forecast N={n} taylor", "forecast taylor", *ours(sd.ForecastConfig(interval=n, c3="taylor"))))
+    for n in (14, 9, 7):
+        out.append((f"fewer steps {n}", "fewer steps", *fewer(n)))
+    for th in (0.05, 0.2):
+        out.append((f"diffusers FirstBlockCache th={th}", "diffusers FirstBlockCache",
+                    *theirs(lambda th=th: apply_first_block_cache(m, FirstBlockCacheConfig(threshold=th)))))
+    for iv, lite in ((2, False), (3, False), (2, True), (3, True), (4, True), (6, True)):
+        out.append((f"diffusers TaylorSeerCache interval={iv}{' lite' if lite else ''}", "diffusers TaylorSeerCache",
+                    *theirs(lambda iv=iv, lite=lite: apply_taylorseer_cache(m, TaylorSeerCacheConfig(
+                        cache_interval=iv, disable_cache_before_step=3, taylor_factors_dtype=torch.float32, use_lite_mode=lite)))))
+    out.append(("diffusers PAB range=2", "diffusers PAB",
                 *theirs(lambda: apply_pyramid_attention_broadcast(m, PyramidAttentionBroadcastConfig(
                     spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(100, 800),
                     current_timestep_callback=lambda: p.current_t)))))
+    ratios = {}
+
+    def mag(th):
+        def apply():
+            if "r" not in ratios:
+                ratios["r"] = mag_ratios(p)
+            apply_mag_cache(m, MagCacheConfig(threshold=th, num_inference_steps=p.steps, mag_ratios=ratios["r"]))
+        return apply
+
+    for th in (0.06, 0.24):
+        out.append((f"diffusers MagCache th={th} (ratios calibrated on seed {p.seed + 1})", "diffusers MagCache", *theirs(mag(th))))
+    out.append(("diffusers FasterCache (defaults, current_timestep_callback)", "diffusers FasterCache",
+                *theirs(lambda: apply_faster_cache(m, FasterCacheConfig(current_timestep_callback=lambda: p.current_t)))))
     out += cache_dit_settings(p)
     if only:
         out = [s for s in out if any(o in s[0] for o in only)]
     return out
 
 
+def mag_ratios(p: Problem):
+    """MagCache's per-step magnitude ratios for this model, from diffusers' own calibration mode (MagCacheConfig(
+    calibrate=True): one full run, the ratios printed at its end) on other noise (the run's seed + 1)."""
+    from diffusers.hooks import MagCacheConfig, apply_mag_cache
+
+    other = Problem(p.folder, len(p.labels), p.steps, p.seed + 1)
+    apply_mag_cache(other.model, MagCacheConfig(calibrate=True, num_inference_steps=p.steps))
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        other.sample()
+    found = re.findall(r"\[([^\[\]]+)\]", text.getvalue())
+    if not found:
+        raise RuntimeError("MagCache calibration printed no ratios")
+    return [float(x) for x in found[-1].split(",")]
+
+
 def cache_dit_settings(p: Problem):
     """cache-dit's DBCache, with and without its TaylorSeer calibrator, through its one-line API. cache-dit registers
-    SD3 under the pipeline class (StableDiffusion3Pipeline) only, so on the bare transformer it takes the BlockAdapter
-    that cache-dit's own SD3 registration builds (caching/block_adapters/adapters.py: transformer_blocks,
-    ForwardPattern.Pattern_1). Each run starts with cache_dit.refresh_context(transformer, num_inference_steps=steps),
-    cache-dit's documented transformer-only flow (what its pipeline wrapper does per call); without it the context
-    carries over from run to run and the same noise gives a different image each run (seen: 47.2 / 51.6 / 48.8 dB).
-    Defaults (cache-dit 1.5.3, caching/cache_contexts/cache_config.py lines 28-47): F8B0, residual_diff_threshold 0.08,
-    8 warm-up steps; TaylorSeerCalibratorConfig (calibrators/__init__.py line 128): order 1. The mnist-sd3 transformer
-    has 4 blocks, fewer than F8, so the defaults are also run with F1B0 (cache-dit's fastest documented F/B setting)."""
+    SD3 and FLUX under their pipeline classes only, so on the bare transformer it takes the BlockAdapter that
+    cache-dit's own registration builds (caching/block_adapters/adapters.py: SD3 `transformer_blocks`,
+    ForwardPattern.Pattern_1; FLUX [transformer_blocks, single_transformer_blocks], Pattern_1 both). Each run starts
+    with cache_dit.refresh_context(transformer, num_inference_steps=steps), cache-dit's documented transformer-only flow
+    (what its pipeline wrapper does per call); without it the context carries over from run to run and the same noise
+    gives a different image each run (seen: 47.2 / 51.6 / 48.8 dB). Defaults (cache-dit 1.5.3,
+    caching/cache_contexts/cache_config.py lines 28-47): F8B0, residual_diff_threshold 0.08, 8 warm-up steps;
+    TaylorSeerCalibratorConfig (calibrators/__init__.py line 128): order 1. The shipped transformers have 4 (SD3) or
+    2 + 4 (FLUX) blocks, fewer than F8, so the defaults are also run with F1B0 / F1B1."""
     try:
         import cache_dit
         from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
@@ -178,7 +304,7 @@ def cache_dit_settings(p: Problem):
 
         def failing():
             raise RuntimeError(msg)
-        return [("cache-dit DBCache", failing, lambda: None)]
+        return [("cache-dit DBCache", "cache-dit", failing, lambda: None)]
     import logging
 
     logging.getLogger("cache_dit").setLevel(logging.WARNING)
@@ -189,8 +315,13 @@ def cache_dit_settings(p: Problem):
 
     def run(cache, calibrator):
         def on():
-            adapter = cache_dit.BlockAdapter(transformer=m, blocks=m.transformer_blocks,
-                                             forward_pattern=cache_dit.ForwardPattern.Pattern_1, check_forward_pattern=True)
+            if p.kind == "flux":
+                adapter = cache_dit.BlockAdapter(transformer=m, blocks=[m.transformer_blocks, m.single_transformer_blocks],
+                                                 forward_pattern=[cache_dit.ForwardPattern.Pattern_1, cache_dit.ForwardPattern.Pattern_1],
+                                                 check_forward_pattern=True)
+            else:
+                adapter = cache_dit.BlockAdapter(transformer=m, blocks=m.transformer_blocks,
+                                                 forward_pattern=cache_dit.ForwardPattern.Pattern_1, check_forward_pattern=True)
             cache_dit.enable_cache(adapter, cache_config=cache, calibrator_config=calibrator)
             p.before_run = lambda: cache_dit.refresh_context(m, num_inference_steps=p.steps)
             return lambda: None
@@ -207,17 +338,19 @@ def cache_dit_settings(p: Problem):
     grid = [("defaults F8B0 R0.08", (8, 0, 0.08), None), ("defaults F8B0 R0.08 + TaylorSeer", (8, 0, 0.08), ts),
             ("F1B0 R0.08", (1, 0, 0.08), None), ("F1B0 R0.08 + TaylorSeer", (1, 0, 0.08), ts),
             ("F1B0 R0.08 + TaylorSeer (encoder calibrator off)", (1, 0, 0.08), ts_no_enc),
-            ("F1B0 R0.16", (1, 0, 0.16), None), ("F1B0 R0.16 + TaylorSeer (encoder calibrator off)", (1, 0, 0.16), ts_no_enc),
+            ("F1B0 R0.24", (1, 0, 0.24), None), ("F1B0 R0.24 + TaylorSeer (encoder calibrator off)", (1, 0, 0.24), ts_no_enc),
             ("F1B1 R0.08", (1, 1, 0.08), None), ("F1B1 R0.08 + TaylorSeer", (1, 1, 0.08), ts)]
-    return [(f"cache-dit DBCache {tag}", *run(db(*fbr), cal() if cal else None)) for tag, fbr, cal in grid]
+    return [(f"cache-dit DBCache {tag}", "cache-dit DBCache" + (" + TaylorSeer" if cal else ""), *run(db(*fbr), cal() if cal else None))
+            for tag, fbr, cal in grid]
 
 
-def flops_of(p: Problem) -> float:
+def counted_run(p: Problem):
+    """One run under torch's FlopCounterMode: (FLOPs, final latents)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        p.sample()
-    return float(counter.get_total_flops())
+        lat = p.sample()
+    return float(counter.get_total_flops()), lat
 
 
 def main():
@@ -226,68 +359,96 @@ def main():
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed (full, setting) pairs per setting; 0: no timing")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (set explicitly)")
     ap.add_argument("--only", nargs="*", default=[], help="settings whose name contains one of these")
     ap.add_argument("--markdown", help="also write the table here")
+    ap.add_argument("--csv", help="also write the rows here")
     a = ap.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    torch.set_num_threads(a.threads)
     p = Problem(pathlib.Path(a.model), a.samples, a.steps, a.seed)
-    full = p.sample().numpy()
-    full_flops = flops_of(p)
+    full_flops, full = counted_run(p)
+    full_acc = p.classifier.accuracy(p.images(full), p.labels)
     rows = []
-    for name, on, off in settings(p, a.only):
+    for name, family, on, off in settings(p, a.only):
         try:
             library = on()
         except Exception as e:  # a peer that does not apply to this model
-            rows.append((name, None, None, None, None, None, f"not applicable: {e}"))
-            print(f"{name}: not applicable: {e}", file=sys.stderr)
+            msg = f"fails at enable: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            rows.append(dict(setting=name, family=family, note=msg))
+            print(f"{name}: {msg}", file=sys.stderr)
+            with contextlib.suppress(Exception):
+                off()
             continue
         try:
-            flops = flops_of(p)
-            x = p.sample().numpy()
+            flops, x = counted_run(p)
             ratios, method_s, full_s, lib_share = [], [], [], []
-            for _ in range(a.repeats):
-                off()
-                t0 = time.perf_counter()
-                p.sample()
-                tf = time.perf_counter() - t0
-                library = on()
-                t0 = time.perf_counter()
-                p.sample()
-                tm = time.perf_counter() - t0
-                lib = library()
-                ratios.append(tf / tm)
-                method_s.append(tm)
-                full_s.append(tf)
-                if lib is not None:
-                    lib_share.append(lib / tm)
+            for i in range(a.repeats):
+                def timed_full():
+                    off()
+                    t0 = time.perf_counter()
+                    p.sample()
+                    full_s.append(time.perf_counter() - t0)
+
+                def timed_setting():
+                    nonlocal library
+                    library = on()
+                    t0 = time.perf_counter()
+                    p.sample()
+                    method_s.append(time.perf_counter() - t0)
+                    lib = library()
+                    if lib is not None:
+                        lib_share.append(lib / method_s[-1])
+                    off()
+                if i % 2 == 0:
+                    timed_full(), timed_setting()
+                else:
+                    timed_setting(), timed_full()
+                ratios.append(full_s[-1] / method_s[-1])
         except Exception as e:  # a peer that fails on this model (reported, not hidden)
-            off()
-            msg = f"fails: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-            rows.append((name, None, None, None, None, None, msg))
+            with contextlib.suppress(Exception):
+                off()
+            msg = f"fails: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            rows.append(dict(setting=name, family=family, note=msg))
             print(f"{name}: {msg}", file=sys.stderr)
             continue
-        off()
-        row = (name, full_flops / flops, psnr(x, full), ssim(x, full), statistics.median(ratios),
-               statistics.median(lib_share) if lib_share else None,
-               f"{statistics.median(method_s):.2f} s vs full {statistics.median(full_s):.2f} s")
+        if not a.repeats:
+            off()
+        ps, ss, acc = quality(p, full, x)
+        row = dict(setting=name, family=family, flop_ratio=full_flops / flops, psnr_db=ps, ssim=ss, class_acc=acc)
+        if ratios:
+            row.update(wall_speedup=statistics.median(ratios), wall_speedup_min=min(ratios), wall_speedup_max=max(ratios),
+                       setting_s=statistics.median(method_s), full_s=statistics.median(full_s))
+        if lib_share:
+            row["library_share"] = statistics.median(lib_share)
         rows.append(row)
         print(row, file=sys.stderr)
     head = (f"{p.folder.name}, {a.samples} samples, {a.steps} steps, CFG {p.guidance}, seed {a.seed}, torch {torch.__version__} CPU, "
-            f"{torch.get_num_threads()} threads, {a.repeats} timed pairs")
-    lines = [head, "", "| setting | FLOP ratio | PSNR dB | SSIM | wall speedup | library share | wall |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
-    for name, fr, ps, ss, sp, lib, note in rows:
-        if fr is None:
-            lines.append(f"| {name} | – | – | – | – | – | {note} |")
+            f"{torch.get_num_threads()} threads, {a.repeats} timed pairs; full compute's class accuracy {full_acc:.3f}")
+    lines = [head, "", "| setting | FLOP ratio | PSNR dB | SSIM | class acc | wall speedup (min-max) | library share |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if "flop_ratio" not in r:
+            lines.append(f"| {r['setting']} | – | – | – | – | {r['note']} | |")
             continue
-        lines.append(f"| {name} | {fr:.2f}x | {ps:.1f} | {ss:.3f} | {sp:.2f}x | {'' if lib is None else f'{100 * lib:.1f}%'} | {note} |")
+        wall = (f"{r['wall_speedup']:.2f}x ({r['wall_speedup_min']:.2f}-{r['wall_speedup_max']:.2f})" if "wall_speedup" in r else "")
+        lib = f"{100 * r['library_share']:.1f}%" if "library_share" in r else ""
+        lines.append(f"| {r['setting']} | {r['flop_ratio']:.2f}x | {r['psnr_db']:.2f} | {r['ssim']:.3f} | {r['class_acc']:.3f} | {wall} | {lib} |")
     text = "\n".join(lines)
     print(text)
     if a.markdown:
         pathlib.Path(a.markdown).write_text(text + "\n")
+    if a.csv:
+        fields = ["model", "seed", "samples", "steps", "threads", "setting", "family", "flop_ratio", "psnr_db", "ssim", "class_acc",
+                  "full_class_acc", "wall_speedup", "wall_speedup_min", "wall_speedup_max", "setting_s", "full_s", "library_share", "note"]
+        with open(a.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            for r in rows:
+                out = dict(model=p.folder.name, seed=a.seed, samples=a.samples, steps=a.steps, threads=torch.get_num_threads(),
+                           full_class_acc=round(full_acc, 4))
+                out.update({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+                w.writerow(out)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/unique_ptr.h>
 #include <nanobind/stl/vector.h>
@@ -22,7 +23,12 @@
 
 #include "methods/learned_file.hpp"
 #include "methods/methods.hpp"
+#include "quality/metrics.hpp"
 #include "quality/noise.hpp"
+
+#ifdef SPECDIFF_PY_CUDA
+#include "device.hpp"
+#endif
 
 namespace nb = nanobind;
 using specdiff::index_t;
@@ -214,6 +220,35 @@ class forecast_calibration {
   std::vector<index_t> all_;
 };
 
+
+#ifdef SPECDIFF_PY_CUDA
+// A torch CUDA tensor (or any DLPack array) handed to the device accelerator: checked here, by name, since a typed
+// nanobind signature would refuse it with a generic overload error that names no argument.
+struct device_array {
+  float* data;
+  index_t rows, cols;
+};
+device_array device_rows(const nb::ndarray<>& a, const char* name, int device, std::size_t ndim) {
+  if (a.device_type() != nb::device::cuda::value)
+    throw std::invalid_argument(std::string(name) + ": not a CUDA tensor (DLPack device type " + std::to_string(a.device_type()) +
+                                "); the device accelerator takes CUDA tensors on device " + std::to_string(device));
+  if (a.device_id() != device)
+    throw std::invalid_argument(std::string(name) + ": on CUDA device " + std::to_string(a.device_id()) + "; the accelerator lives on device " +
+                                std::to_string(device));
+  if (a.dtype() != nb::dtype<float>())
+    throw std::invalid_argument(std::string(name) + ": dtype is not float32 (DLPack code " + std::to_string(a.dtype().code) + ", " +
+                                std::to_string(a.dtype().bits) + " bits); the accelerator's rows and signals are float32");
+  if (a.ndim() != ndim)
+    throw std::invalid_argument(std::string(name) + ": " + std::to_string(a.ndim()) + " dimensions; expected " + std::to_string(ndim));
+  const std::size_t cols = ndim == 2 ? a.shape(1) : 1;
+  if (a.size() > 0 && ((ndim == 2 && a.shape(0) > 1 && a.stride(0) != static_cast<int64_t>(cols)) || (a.shape(ndim - 1) > 1 && a.stride(ndim - 1) != 1)))
+    throw std::invalid_argument(std::string(name) + ": not C-contiguous; pass tensor.contiguous()");
+  if (a.size() > static_cast<std::size_t>(std::numeric_limits<index_t>::max()))
+    throw std::invalid_argument(std::string(name) + ": too many elements");
+  return {static_cast<float*>(a.data()), static_cast<index_t>(ndim == 2 ? a.shape(0) : a.shape(0)), static_cast<index_t>(cols)};
+}
+#endif
+
 }  // namespace
 
 NB_MODULE(_core, m) {
@@ -250,6 +285,22 @@ NB_MODULE(_core, m) {
         nb::arg("samples"), nb::arg("per_sample"), nb::arg("seed"), nb::arg("first_sample") = 0,
         "The engine's initial latents (quality::sample_latents: Philox4x32-10 + portable Box-Muller), [samples, per_sample] float32: "
         "sample k draws stream k of `seed`, the same values as the C++ demo and tools.");
+
+  // The C++ tools' image metrics (quality/metrics.hpp: per-image PSNR and Gaussian-window SSIM, averaged), so that a
+  // benchmark in Python reports the same numbers as specdiff-demo / specdiff-pareto for the same images.
+  using images4 = nb::ndarray<const float, nb::ndim<4>, nb::c_contig, nb::device::cpu>;
+  m.def("image_quality", [](const images4& reference, const images4& images, double data_range) {
+    for (std::size_t d = 0; d < 4; ++d)
+      if (reference.shape(d) != images.shape(d))
+        throw std::invalid_argument("images: shape differs from reference's in dimension " + std::to_string(d));
+    auto batch = [](const images4& a) {
+      return quality::image_batch{{a.data(), a.size()}, a.shape(0), a.shape(1), a.shape(2), a.shape(3)};
+    };
+    const auto ref = batch(reference), img = batch(images);
+    return std::make_pair(quality::mean_psnr(ref, img, data_range), quality::mean_ssim(ref, img, data_range));
+  }, nb::arg("reference"), nb::arg("images"), nb::arg("data_range") = 2.0,
+     "(mean PSNR dB, mean SSIM) of images [N, C, H, W] against reference, float32 C-contiguous: quality::mean_psnr / mean_ssim, "
+     "as the C++ tools compute them (clamp first where they do).");
 
   // The forecast's warm-up when the config leaves it unset: the C++ method's own rule (methods::forecast_options::warmup),
   // so the Python default cannot drift from the demo's.
@@ -324,4 +375,73 @@ NB_MODULE(_core, m) {
       .def("observe", &forecast_calibration::observe, nb::arg("step"), nb::arg("rows").noconvert())
       .def("pairs", &forecast_calibration::pairs, nb::arg("step"), nb::arg("n"))
       .def("solve", &forecast_calibration::solve, nb::arg("ridge") = 1e-3, nb::arg("min_pairs") = 16);
+
+#ifdef SPECDIFF_PY_CUDA
+  using specdiff_python::device_method;
+  m.attr("cuda") = true;
+  m.def("cuda_device_count", &specdiff_python::device_count, "CUDA devices the runtime sees (0 without a driver or device)");
+  nb::class_<device_method>(m, "DeviceAccelerator",
+                            "specdiff::gpu::accelerator over CUDA tensors (float32, C-contiguous, on the accelerator's device), every call "
+                            "enqueued on its stream (torch.cuda.current_stream().cuda_stream); no call synchronises but check_status()")
+      .def("begin_speculation", [](device_method& a, const std::vector<float>& t) { a.begin_speculation(t); }, nb::arg("timesteps"))
+      .def("record_speculation",
+           [](device_method& a, int step, const nb::ndarray<>& attention) {
+             const auto v = device_rows(attention, "attention", a.device(), 1);
+             a.record_speculation(step, v.data, v.rows);
+           },
+           nb::arg("step"), nb::arg("attention"))
+      .def("plan_step", &device_method::plan_step, nb::arg("k"), nb::arg("t"), "Plans step k at timestep t; returns the compute count per sample")
+      .def_prop_ro("dense", &device_method::dense)
+      .def("compute_tokens",
+           [](nb::handle self, index_t count) {
+             auto& a = nb::cast<device_method&>(self);
+             return nb::ndarray<nb::pytorch, const index_t, nb::ndim<2>>(a.compute_tokens(), {static_cast<std::size_t>(a.batch()), static_cast<std::size_t>(count)},
+                                                                         self, {}, nb::dtype<index_t>(), nb::device::cuda::value, a.device());
+           },
+           nb::arg("count"), "The planned step's C1 token ids [batch, count] (int32, a view of the accelerator's device memory)")
+      .def("gather_rows",
+           [](device_method& a, const nb::ndarray<>& full, const nb::ndarray<>& compact) {
+             const auto f = device_rows(full, "full", a.device(), 2), c = device_rows(compact, "compact", a.device(), 2);
+             a.gather_rows(f.data, f.rows, c.data, c.rows, f.cols);
+           },
+           nb::arg("full"), nb::arg("compact"), "compact[r] = full[the r-th planned row] (gpu::gather_rows), on the stream")
+      .def("complete_step",
+           [](device_method& a, const nb::ndarray<>& computed, const nb::ndarray<>& output, const std::optional<nb::ndarray<>>& attention) {
+             const auto c = device_rows(computed, "computed", a.device(), 2), o = device_rows(output, "output", a.device(), 2);
+             const auto at = attention ? device_rows(*attention, "attention", a.device(), 1) : device_array{nullptr, 0, 1};
+             if (c.cols != o.cols && c.rows != 0)
+               throw std::invalid_argument("computed: " + std::to_string(c.cols) + " columns; output has " + std::to_string(o.cols));
+             a.complete_step(c.data, c.rows, o.data, o.rows, o.cols, at.data, at.rows);
+           },
+           nb::arg("computed"), nb::arg("output"), nb::arg("attention").none() = nb::none())
+      .def("complete_step_in_place",
+           [](device_method& a, const nb::ndarray<>& output, const std::optional<nb::ndarray<>>& attention) {
+             const auto o = device_rows(output, "output", a.device(), 2);
+             const auto at = attention ? device_rows(*attention, "attention", a.device(), 1) : device_array{nullptr, 0, 1};
+             a.complete_step_in_place(o.data, o.rows, o.cols, at.data, at.rows);
+           },
+           nb::arg("output"), nb::arg("attention").none() = nb::none())
+      .def("abandon", &device_method::abandon)
+      .def("reset", &device_method::reset)
+      .def("check_status", &device_method::check_status, "Synchronises the stream and raises on a status the device raised")
+      .def_prop_rw("stream", &device_method::stream, &device_method::set_stream)
+      .def_prop_ro("reads_attention", &device_method::reads_attention)
+      .def_prop_ro("speculates", &device_method::speculates)
+      .def_prop_ro("next_step", &device_method::next_step)
+      .def_prop_ro("device", &device_method::device)
+      .def_prop_ro("tokens", &device_method::tokens)
+      .def_prop_ro("batch", &device_method::batch)
+      .def_prop_ro("steps", &device_method::steps)
+      .def_prop_ro("feature_dim", &device_method::feature_dim)
+      .def_prop_ro("memory_bytes", &device_method::memory_bytes);
+  m.def("device_specdiff_accelerator", &specdiff_python::make_device_specdiff, nb::arg("tokens"), nb::arg("batch"), nb::arg("steps"),
+        nb::arg("feature_dim"), nb::arg("share_cfg_plan"), nb::arg("cache_rate"), nb::arg("spec_steps"), nb::arg("reuse_mass"), nb::arg("warmup_steps"),
+        nb::arg("refresh_interval"), nb::arg("dense_steps"), nb::arg("starvation_scale"), nb::arg("c3"), nb::arg("stream"),
+        "SpecDiff on the device (fixed cache rate), on `stream` (an integer cudaStream_t: torch.cuda.current_stream().cuda_stream)");
+  m.def("device_forecast_accelerator", &specdiff_python::make_device_forecast, nb::arg("tokens"), nb::arg("batch"), nb::arg("steps"),
+        nb::arg("feature_dim"), nb::arg("interval"), nb::arg("warmup_steps"), nb::arg("c3"), nb::arg("order"), nb::arg("step_variable"), nb::arg("stream"),
+        "The output forecast on the device (taylor / latest), on `stream`");
+#else
+  m.attr("cuda") = false;
+#endif
 }

@@ -88,3 +88,19 @@ def test_learned_file_round_trip(tmp_path):
     bad.write_text("{}")
     with pytest.raises(Exception, match="bad.json"):
         specdiff.load_learned(str(bad))
+
+
+def test_image_quality_is_the_cpp_tools_metric():
+    """specdiff._core.image_quality (quality::mean_psnr / mean_ssim, what bench/python/compare.py reports): a constant
+    offset d on images of range 2 gives PSNR 10 log10(4 / d^2) per image; equal images SSIM 1; shapes must agree."""
+    from specdiff import _core
+
+    g = np.random.default_rng(0)
+    a = g.uniform(-1, 1, (3, 1, 16, 16)).astype(np.float32)
+    b = (a + np.float32(0.125)).astype(np.float32)
+    psnr, ssim = _core.image_quality(a, b, 2.0)
+    assert abs(psnr - 10 * np.log10(4 / 0.125 ** 2)) < 1e-3
+    assert 0 < ssim < 1
+    assert _core.image_quality(a, a.copy(), 2.0)[1] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="shape"):
+        _core.image_quality(a, a[:2].copy(), 2.0)
