@@ -31,8 +31,11 @@ int main(int argc, char** argv) {
   app.add_option("--steps", steps, "sampling steps")->capture_default_str()->check(integer_in(1, 1000));
   app.add_option("--threads", threads, "threads")->capture_default_str()->check(integer_in(1, sd3::max_threads));
   app.add_option("--cache-rate", cache_rate, "SpecDiff's cache rate")->capture_default_str()->check(real_in(0.0, 1.0, quality::interval::open_above));
-  app.add_option("--interval", interval, "the forecast's full-step interval N (its learned weights: MODEL/learned_forecast_N<N>.json)")
+  auto* iv = app.add_option("--interval", interval, "the forecast's full-step interval N (its learned weights: MODEL/learned_forecast_N<N>.json)")
       ->capture_default_str()->check(integer_in(1, demo::max_forecast_interval));
+  int full_steps = 0;
+  auto* fs = app.add_option("--full-steps", full_steps, "the forecast on this many placed full steps instead of --interval (MODEL/learned_forecast_F<K>.json)")
+      ->check(integer_in(1, demo::max_forecast_interval))->excludes(iv);
   app.add_option("--heat-scale", heat_scale, "the difference drawn white (image range [-1, 1])")->capture_default_str()->check(real_in(1e-6, 2.0));
   if (const auto status = quality::cli::parse(app, argc, argv)) return *status;
   return quality::cli::run("specdiff-compare", [&] {
@@ -46,8 +49,11 @@ int main(int argc, char** argv) {
     const auto work = demo::make_workload(model_dir, samples, seed, steps, std::nullopt, threads);
     const auto& [model, batch, net, problem] = *work;
     demo::method_spec specdiff{.name = "specdiff", .cache_rate = cache_rate};
-    demo::method_spec forecast{.name = "forecast", .interval = interval, .c3 = std::string("learned")};
+    demo::method_spec forecast{.name = "forecast", .c3 = std::string("learned")};
+    if (fs->count()) forecast.full_steps = full_steps;
+    else forecast.interval = interval;
     forecast.learned_weights = model.learned_weights_for(forecast);
+    forecast.full_step_list = model.full_steps_for(forecast);
     demo::check_method(specdiff, problem);
     demo::check_method(forecast, problem);
     const auto full = demo::run_method(problem, {.name = "full"});
