@@ -38,7 +38,7 @@ TEST_CASE("single_process: all_gather copies, all_reduce_sum keeps, fail rethrow
   CHECK_THROWS_AS(c.fail(std::make_exception_ptr(std::invalid_argument("x"))), std::invalid_argument);
 }
 
-TEST_CASE("single_process: all_to_all copies its one block; other sizes are refused by name") {
+TEST_CASE("single_process: all_to_all copies its one block, and other sizes are refused by name") {
   single_process c;
   const std::vector<float> send{1.5f, -2.f, 4.f};
   std::vector<float> recv(3), small(2);
