@@ -66,8 +66,8 @@ std::vector<demo::method_spec> sweep(bool quick) {
   // The output forecast between full steps (L2P's structure) with learned weights, and the Taylor rule there over step
   // indices (diffusers' TaylorSeerCache lite: order 1 and 2); intervals from FLOP ratio 1.87 (N=2) to 5.6 (N=8).
   for (int n : quick ? counts{3} : counts{2, 3, 4, 5, 6, 7, 8}) s.push_back({.name = "forecast", .interval = n, .c3 = std::string("learned")});
-  // ... and on full steps placed where they forecast best (learned_forecast_F<count>.json, specdiff-calibrate --full-steps): 5 to 10 of 28.
-  for (int f : quick ? counts{} : counts{5, 6, 7, 8, 10}) s.push_back({.name = "forecast", .full_steps = f, .c3 = std::string("learned")});
+  // ... and on full steps placed where they forecast best (learned_forecast_F<count>.json, specdiff-calibrate --full-steps): 5 to 15 of 28.
+  for (int f : quick ? counts{} : counts{5, 6, 7, 8, 10, 15}) s.push_back({.name = "forecast", .full_steps = f, .c3 = std::string("learned")});
   for (int o : quick ? counts{1} : counts{1, 2})
     for (int n : quick ? counts{3} : counts{2, 3, 4, 6}) s.push_back({.name = "forecast", .interval = n, .order = o, .c3 = std::string("taylor")});
   // ... and on diffusers' refresh steps (warm-up 3, then k full iff (k - 4) % N == 0): its TaylorSeerCache lite, order 1.
