@@ -30,13 +30,21 @@
 namespace {
 
 // A communicator that times and counts what passes through it (the engine and the library see only the concept).
+// Each collective is preceded by a barrier, timed apart: `waited` is the time a rank waits for the slower one (load
+// imbalance, a busy core), `seconds` the collective itself once both are there (the transfer).
 struct timed_communicator {
   specdiff::mpi_communicator& inner;
-  double seconds = 0, sent = 0, received = 0;
+  double seconds = 0, waited = 0, sent = 0, received = 0;
   int calls = 0;
+  void wait() {
+    const double t = MPI_Wtime();
+    MPI_Barrier(inner.handle());
+    waited += MPI_Wtime() - t;
+  }
   int rank() const { return inner.rank(); }
   int size() const { return inner.size(); }
   void all_gather(std::span<const float> send, std::span<const specdiff::index_t> counts, std::span<float> recv) {
+    wait();
     const double t = MPI_Wtime();
     inner.all_gather(send, counts, recv);
     seconds += MPI_Wtime() - t;
@@ -45,6 +53,7 @@ struct timed_communicator {
     ++calls;
   }
   void all_reduce_sum(std::span<float> values) {
+    wait();
     const double t = MPI_Wtime();
     inner.all_reduce_sum(values);
     seconds += MPI_Wtime() - t;
@@ -53,7 +62,7 @@ struct timed_communicator {
     ++calls;
   }
   [[noreturn]] void fail(std::exception_ptr e) { inner.fail(e); }
-  void clear() { seconds = sent = received = 0, calls = 0; }
+  void clear() { seconds = waited = sent = received = 0, calls = 0; }
 };
 static_assert(specdiff::communicator<timed_communicator>);
 
@@ -67,7 +76,7 @@ stats of(std::vector<double> v) {
 }
 std::string ms(const stats& s) {
   char t[96];
-  std::snprintf(t, sizeof t, "%.2f (%.2f-%.2f)", 1e3 * s.median, 1e3 * s.min, 1e3 * s.max);
+  std::snprintf(t, sizeof t, "%.3f (%.3f-%.3f)", 1e3 * s.median, 1e3 * s.min, 1e3 * s.max);
   return t;
 }
 
@@ -122,7 +131,7 @@ void measure(specdiff::mpi_communicator& mpi, const shape& sh, int repeats, doub
   std::vector<float> sums(static_cast<std::size_t>(batch) * T, 1.f);
 
   struct series {
-    std::vector<double> total, exchange, sent, received;
+    std::vector<double> total, exchange, waited, sent, received;
     int calls = 0;
   };
   auto run = [&](series& s, auto&& step) {
@@ -135,6 +144,7 @@ void measure(specdiff::mpi_communicator& mpi, const shape& sh, int repeats, doub
       if (k < 0) continue;
       s.total.push_back(total);
       s.exchange.push_back(comm.seconds);
+      s.waited.push_back(comm.waited);
       s.sent.push_back(comm.sent);
       s.received.push_back(comm.received);
       s.calls = comm.calls;
@@ -159,7 +169,7 @@ void measure(specdiff::mpi_communicator& mpi, const shape& sh, int repeats, doub
     for (auto* s : {&full, &partial, &plan}) {
       const char* kind = s == &full ? "full step" : s == &partial ? "partial step" : "global-plan exchange";
       std::vector<double> mine;
-      for (auto* v : {&s->total, &s->exchange}) mine.insert(mine.end(), v->begin(), v->end());
+      for (auto* v : {&s->total, &s->exchange, &s->waited}) mine.insert(mine.end(), v->begin(), v->end());
       mine.push_back(s->sent.empty() ? 0 : s->sent.front());
       mine.push_back(s->received.empty() ? 0 : s->received.front());
       mine.push_back(s->calls);
@@ -170,17 +180,18 @@ void measure(specdiff::mpi_communicator& mpi, const shape& sh, int repeats, doub
       }
       if (rank != 0) continue;
       const auto R = static_cast<std::ptrdiff_t>(repeats);
-      std::vector<double> total(mine.begin(), mine.begin() + R), exch(mine.begin() + R, mine.begin() + 2 * R), compute(total.size());
-      for (std::size_t i = 0; i < total.size(); ++i) compute[i] = total[i] - exch[i];
-      const double sent = mine[static_cast<std::size_t>(2 * R)], received = mine[static_cast<std::size_t>(2 * R + 1)];
-      const int calls = static_cast<int>(mine[static_cast<std::size_t>(2 * R + 2)]);
+      std::vector<double> total(mine.begin(), mine.begin() + R), exch(mine.begin() + R, mine.begin() + 2 * R),
+          waited(mine.begin() + 2 * R, mine.begin() + 3 * R), compute(total.size());
+      for (std::size_t i = 0; i < total.size(); ++i) compute[i] = total[i] - exch[i] - waited[i];
+      const double sent = mine[static_cast<std::size_t>(3 * R)], received = mine[static_cast<std::size_t>(3 * R + 1)];
+      const int calls = static_cast<int>(mine[static_cast<std::size_t>(3 * R + 2)]);
       const auto tokens = s == &full ? specdiff::token_shard::of(T, r, P).count : s == &partial ? static_cast<int>(mine.back()) : 0;
-      std::printf("| T=%d D=%d L=%d | %s | %d | %d | %s | %s | %s | %.1f | %.1f | %d |\n", T, D, sh.layers, kind, r, tokens, ms(of(total)).c_str(),
-                  ms(of(exch)).c_str(), ms(of(compute)).c_str(), sent / 1024.0, received / 1024.0, calls);
+      std::printf("| T=%d D=%d L=%d | %s | %d | %d | %s | %s | %s | %s | %.1f | %.1f | %d |\n", T, D, sh.layers, kind, r, tokens,
+                  ms(of(total)).c_str(), ms(of(exch)).c_str(), ms(of(waited)).c_str(), ms(of(compute)).c_str(), sent / 1024.0, received / 1024.0, calls);
     }
   }
   if (rank == 0)
-    std::printf("| T=%d D=%d L=%d | full step, one process | - | %d | %s | - | - | - | - | - |\n", T, D, sh.layers, T, ms(of(alone)).c_str());
+    std::printf("| T=%d D=%d L=%d | full step, one process | - | %d | %s | - | - | - | - | - | - |\n", T, D, sh.layers, T, ms(of(alone)).c_str());
 }
 
 // --- the model ---
@@ -264,10 +275,11 @@ int main(int argc, char** argv) {
     try {
       if (comm.rank() == 0) {
         std::printf("Measured: %d ranks, %d engine thread(s) each, %d timed steps after a warm-up, cache rate %.2f, batch 1; times in ms "
-                    "median (min-max); exchange = time inside the collectives (transfer and waiting); KiB per rank and step\n\n",
+                    "median (min-max); transfer = inside the collectives, wait = in a barrier before each (the other rank still computing); compute = step - "
+                    "transfer - wait; KiB per rank and step\n\n",
                     comm.size(), threads, repeats, cache_rate);
-        std::printf("| model | step | rank | tokens computed | step ms | exchange ms | compute ms | KiB sent | KiB received | collectives |\n");
-        std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
+        std::printf("| model | step | rank | tokens computed | step ms | transfer ms | wait ms | compute ms | KiB sent | KiB received | collectives |\n");
+        std::printf("|---|---|---|---|---|---|---|---|---|---|---|\n");
       }
       for (const int side : sides) measure(comm, {side, heads, 64, 4}, repeats, cache_rate, threads);
     } catch (...) {
