@@ -25,6 +25,8 @@ int main(int argc, char** argv) {
   auto* od = app.add_option("--order", order, "Taylor order");
   auto* eb = app.add_option("--error-budget", error_budget, "specdiff-adaptive's error budget");
   auto* c3o = app.add_option("--c3", c3, "C3 rule");
+  double threshold = 0;
+  auto* th = app.add_option("--threshold", threshold, "fbcache / teacache: the step gate's threshold");
   app.add_option("--samples", samples, "samples")->capture_default_str()->check(CLI::Range(1, 4096));
   app.add_option("--steps", steps, "steps")->capture_default_str()->check(CLI::Range(1, 1000));
   app.add_option("--seed", seed_text, "noise seed")->capture_default_str();
@@ -38,6 +40,7 @@ int main(int argc, char** argv) {
     if (od->count()) spec.order = order;
     if (eb->count()) spec.error_budget = error_budget;
     if (c3o->count()) spec.c3 = c3;
+    if (th->count()) spec.threshold = threshold;
     const auto seed = static_cast<std::uint64_t>(std::stoull(seed_text));
     const auto work = demo::make_workload(model_dir, samples, seed, steps, std::nullopt, threads);
     spec.learned_weights = work->model.learned_weights_for(spec);

@@ -31,6 +31,8 @@ __all__ = [
     "SpecDiffConfig",
     "SpecDiffAdaptiveConfig",
     "ForecastConfig",
+    "FBCacheConfig",
+    "TeaCacheConfig",
     "enable",
     "disable",
     "calibrate_forecast",
@@ -164,6 +166,60 @@ class ForecastConfig:
         _check_int("order", self.order, 1, 2)
         if self.variable not in ("step", "timestep"):
             raise SpecDiffError(f"variable: {self.variable!r}; allowed: step, timestep")
+
+
+@dataclass
+class FBCacheConfig:
+    """First-Block Cache (the C++ demo's ``--method fbcache``, diffusers' FirstBlockCache / cache-dit's DBCache F1B0):
+    every step runs the first block; while the relative L1 change of its residual against the last computed step's
+    stays below ``threshold`` the other blocks are skipped and their residual from the last computed step is added.
+    The gate is the library's (specdiff::relative_change_gate); SD3 transformers only.
+
+    threshold: >= 0 (0 switches skipping off). warmup_steps: steps always computed at the start (the first always is).
+    max_consecutive_skips, max_skips: -1 = no limit."""
+
+    threshold: float = 0.05
+    warmup_steps: int = 0
+    max_consecutive_skips: int = -1
+    max_skips: int = -1
+
+    method = "fbcache"
+
+    def validate(self) -> None:
+        _check_range("threshold", self.threshold, 0.0, math.inf)
+        _check_int("warmup_steps", self.warmup_steps, 0, 100000)
+        _check_int("max_consecutive_skips", self.max_consecutive_skips, -1, 100000)
+        _check_int("max_skips", self.max_skips, -1, 100000)
+
+    def gate(self):
+        return _core.StepGate(float(self.threshold), self.warmup_steps, self.max_consecutive_skips, self.max_skips, False, False, "identity")
+
+
+@dataclass
+class TeaCacheConfig:
+    """TeaCache (``--method teacache``): per step, the relative L1 change of block 0's timestep-modulated input
+    LN(x)(1 + scale_msa) + shift_msa against the previous step's, rescaled (``rescale``: 'teacache_flux', the authors'
+    FLUX polynomial, as the C++ method; or 'identity') and accumulated; while the sum stays below ``threshold`` the
+    whole network is skipped and the last computed step's residual added. The first and last steps compute. The gate
+    is the library's (specdiff::relative_change_gate); SD3 transformers only."""
+
+    threshold: float = 0.6
+    rescale: str = "teacache_flux"
+    max_consecutive_skips: int = -1
+
+    method = "teacache"
+
+    def validate(self) -> None:
+        _check_range("threshold", self.threshold, 0.0, math.inf)
+        if self.rescale not in ("teacache_flux", "identity"):
+            raise SpecDiffError(f"rescale: {self.rescale!r}; allowed: teacache_flux, identity")
+        _check_int("max_consecutive_skips", self.max_consecutive_skips, -1, 100000)
+
+    def gate(self):
+        return _core.StepGate(float(self.threshold), 0, self.max_consecutive_skips, -1, True, True, self.rescale)
+
+
+_STEP_LEVEL = (FBCacheConfig, TeaCacheConfig)
 
 
 def _forecast_warmup(config: ForecastConfig) -> int:
@@ -354,7 +410,7 @@ class _Runner:
         self.config = config
         self.scheduler = scheduler
         self.pipe = pipe
-        self.learned = _learned_table(config.learned)
+        self.learned = _learned_table(getattr(config, "learned", None))
         self.active = False
         self.ids = None
         self.probe = None
@@ -368,7 +424,11 @@ class _Runner:
         blocks = model.transformer_blocks
         self.joint_slots = len(blocks)
         self.processors = []
-        if self.kind == "flux":  # token-level SpecDiff: every double- and single-stream block's attention (the forecast
+        if isinstance(config, _STEP_LEVEL):  # whole blocks skipped or run with their own processors
+            if self.kind == "flux":
+                raise SpecDiffError(f"config: {type(config).__name__} runs on SD3Transformer2DModel only (FLUX: ForecastConfig, SpecDiffConfig)")
+            self.gate = config.gate()
+        elif self.kind == "flux":  # token-level SpecDiff: every double- and single-stream block's attention (the forecast
             if not isinstance(config, ForecastConfig):  # calls diffusers' own forward and touches no processor)
                 for b in list(blocks) + list(model.single_transformer_blocks):
                     self.processors.append((b.attn, b.attn.processor))
@@ -469,6 +529,58 @@ class _Runner:
         b, c, h, w = sample.shape
         rows = sample.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
         return rows.reshape(b * (h // p) * (w // p), p * p * c).contiguous()
+
+    def step_level(self, k, steps, x, ctx, pooled, timestep):
+        """FBCache / TeaCache on SD3 (examples/methods/src/step_level.cpp's compositions): the gate decides from the
+        proxy's relative change; a skipped step adds the cached residual instead of running the blocks."""
+        m = self.model
+        if k == 0:
+            self.gate.reset()
+            self.step_prev, self.step_residual, self.model_calls, self.partial_calls, self.library_seconds = None, None, 0, 0, 0.0
+        elif k != getattr(self, "step_next", 0):
+            raise SpecDiffError(f"timestep: step {k} came before step {getattr(self, 'step_next', 0)} of this run; specdiff expects the "
+                                "scheduler's steps in order from the first")
+        self.step_next = k + 1
+        h = m.pos_embed(x)
+        temb = m.time_text_embed(timestep, pooled)
+        enc = m.context_embedder(ctx)
+        blocks = m.transformer_blocks
+        teacache = isinstance(self.config, TeaCacheConfig)
+        if teacache:  # block 0's timestep-modulated input, LN(x)(1 + scale_msa) + shift_msa
+            proxy = blocks[0].norm1(h, emb=temb)[0].contiguous()
+            t0 = time.perf_counter()
+            change = _core.relative_l1(proxy, self.step_prev) if self.step_prev is not None else math.inf
+            computing = self.gate.advance(k, steps, change)
+            self.library_seconds += time.perf_counter() - t0
+            self.step_prev = proxy
+            if not computing:
+                h = h + self.step_residual
+            else:
+                h_in = h
+                for block in blocks:
+                    enc, h = block(hidden_states=h, encoder_hidden_states=enc, temb=temb, joint_attention_kwargs=None)
+                self.step_residual = h - h_in
+        else:  # FBCache: the first block always; its residual's change against the last computed step's
+            h_in = h
+            enc, h = blocks[0](hidden_states=h, encoder_hidden_states=enc, temb=temb, joint_attention_kwargs=None)
+            front = (h - h_in).contiguous()
+            t0 = time.perf_counter()
+            change = _core.relative_l1(front, self.step_prev) if self.step_prev is not None else math.inf
+            computing = self.gate.advance(k, steps, change)
+            self.library_seconds += time.perf_counter() - t0
+            if not computing:
+                h = h + self.step_residual
+            else:
+                self.step_prev = front  # the reference is the last computed step's residual
+                middle_in = h
+                for block in blocks[1:]:
+                    enc, h = block(hidden_states=h, encoder_hidden_states=enc, temb=temb, joint_attention_kwargs=None)
+                self.step_residual = h - middle_in
+        self.model_calls += 1
+        if not computing:
+            self.partial_calls += 1
+        h = m.norm_out(h, temb)
+        return m.proj_out(h)
 
     def unpatchify(self, rows, height, width):
         p = self.model.config.patch_size
@@ -586,6 +698,10 @@ class _Runner:
         features = p * p * self.model.out_channels
         t = float(timestep.reshape(-1)[0])
         ts, k = self.grid(t)
+        if isinstance(self.config, _STEP_LEVEL):
+            rows = self.step_level(k, len(ts), x, encoder_hidden_states, pooled_projections, timestep)
+            sample = self.unpatchify(rows, height, width)
+            return (sample,) if not return_dict else Transformer2DModelOutput(sample=sample)
         guidance, cfg = self.guidance(batch)
 
         def velocity(inp, t, probe):
@@ -787,8 +903,9 @@ def enable(pipe_or_transformer, config: Union[SpecDiffConfig, ForecastConfig, No
     from diffusers.hooks import HookRegistry
 
     config = SpecDiffConfig() if config is None else config
-    if not isinstance(config, (SpecDiffConfig, ForecastConfig)):
-        raise SpecDiffError(f"config: expected SpecDiffConfig, SpecDiffAdaptiveConfig or ForecastConfig, got {type(config).__name__}")
+    if not isinstance(config, (SpecDiffConfig, ForecastConfig) + _STEP_LEVEL):
+        raise SpecDiffError(f"config: expected SpecDiffConfig, SpecDiffAdaptiveConfig, ForecastConfig, FBCacheConfig or TeaCacheConfig, "
+                            f"got {type(config).__name__}")
     config = dataclasses.replace(config)  # a private copy: later edits of the caller's object change nothing
     config.validate()
     pipe, model = _split(pipe_or_transformer)

@@ -286,6 +286,35 @@ NB_MODULE(_core, m) {
         "The engine's initial latents (quality::sample_latents: Philox4x32-10 + portable Box-Muller), [samples, per_sample] float32: "
         "sample k draws stream k of `seed`, the same values as the C++ demo and tools.");
 
+  // The step-level gate of FBCache / TeaCache (specdiff::relative_change_gate, step_cache.hpp) and the change it
+  // reads (specdiff::relative_l1): the decision stays in the header; Python measures the proxy and keeps the caches.
+  nb::class_<specdiff::relative_change_gate>(m, "StepGate", "specdiff::relative_change_gate: skip a step while the (rescaled, optionally "
+                                                            "accumulated) relative change of a proxy stays below the threshold")
+      .def("__init__",
+           [](specdiff::relative_change_gate* g, double threshold, int warmup_steps, int max_consecutive_skips, int max_skips, bool accumulate,
+              bool compute_last, const std::string& rescale) {
+             specdiff::gate_options o;
+             o.threshold = threshold;
+             o.warmup_steps = warmup_steps;
+             o.max_consecutive_skips = max_consecutive_skips;
+             o.max_skips = max_skips;
+             o.accumulate = accumulate;
+             o.compute_last = compute_last;
+             if (rescale == "teacache_flux") o.rescale = specdiff::change_rescale::teacache_flux();
+             else if (rescale != "identity") throw std::invalid_argument("rescale: '" + rescale + "'; allowed: identity, teacache_flux");
+             new (g) specdiff::relative_change_gate(o);
+           },
+           nb::arg("threshold"), nb::arg("warmup_steps") = 0, nb::arg("max_consecutive_skips") = -1, nb::arg("max_skips") = -1,
+           nb::arg("accumulate") = false, nb::arg("compute_last") = false, nb::arg("rescale") = "identity")
+      .def("advance", &specdiff::relative_change_gate::advance, nb::arg("step"), nb::arg("steps"), nb::arg("change"),
+           "Decides step `step` of `steps` for the measured change (inf: no reference yet) and keeps the state; True = compute")
+      .def("reset", &specdiff::relative_change_gate::reset)
+      .def_prop_ro("skips", [](const specdiff::relative_change_gate& g) { return g.state().skips; });
+  using any_floats = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
+  m.def("relative_l1", [](const any_floats& now, const any_floats& before) {
+    return specdiff::relative_l1({now.data(), now.size()}, {before.data(), before.size()});
+  }, nb::arg("now").noconvert(), nb::arg("before").noconvert(), "specdiff::relative_l1: sum|now - before| / sum|before|, accumulated in double");
+
   // The C++ tools' image metrics (quality/metrics.hpp: per-image PSNR and Gaussian-window SSIM, averaged), so that a
   // benchmark in Python reports the same numbers as specdiff-demo / specdiff-pareto for the same images.
   using images4 = nb::ndarray<const float, nb::ndim<4>, nb::c_contig, nb::device::cpu>;

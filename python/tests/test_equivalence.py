@@ -61,3 +61,34 @@ def test_disable_restores_the_model(sd3_problem, sd3_full):
     assert "forward" not in m.__dict__ and not hasattr(m, "_diffusers_hook")  # the class's forward, no registry left
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in state.items())
     assert torch.equal(sd3_problem.sample(), sd3_full)
+
+
+@pytest.mark.parametrize(
+    "method, config, options",
+    [
+        # the default 0.05 skips no step on mnist-sd3 (the images still equal the C++ demo's); 0.2 skips
+        ("fbcache", lambda: sd.FBCacheConfig(threshold=0.2), {"threshold": 0.2}),
+        ("teacache", lambda: sd.TeaCacheConfig(), {}),
+        ("teacache", lambda: sd.TeaCacheConfig(threshold=1.2), {"threshold": 1.2}),
+    ],
+    ids=["fbcache-0.2", "teacache", "teacache-1.2"],
+)
+def test_step_level_method_matches_the_cpp_demo(sd3_problem, sd3_full, tmp_path, method, config, options):
+    """FBCache and TeaCache: the library's relative_change_gate decides from the proxy the diffusers port measures; the
+    skipped steps (and so the images) equal the C++ demo's."""
+    sd.enable(sd3_problem.model, config(), scheduler=sd3_problem.scheduler)
+    try:
+        x = sd3_problem.sample()
+        skipped = sd.stats(sd3_problem.model)["partial_calls"]
+    finally:
+        sd.disable(sd3_problem.model)
+    ref = cpp_latents(tmp_path, "mnist-sd3", method, SAMPLES, 28, **options)
+    err = rel_l2(x.numpy(), ref)
+    print(f"mnist-sd3 {method} {options}: {skipped} skipped steps, relative L2 {err:.3g}")
+    assert err < TOL, f"{method} {options}: relative L2 {err:.3g} against the C++ demo"
+    assert skipped > 0 and not torch.equal(x, sd3_full)
+
+
+@pytest.mark.parametrize("config", [sd.FBCacheConfig(threshold=0.0), sd.TeaCacheConfig(threshold=0.0)], ids=["fbcache", "teacache"])
+def test_step_level_threshold_zero_is_the_plain_loop_bit_for_bit(sd3_problem, sd3_full, config):
+    assert torch.equal(run(sd3_problem, config), sd3_full)
