@@ -142,6 +142,13 @@ int main(int argc, char** argv) {
   std::string latents_path;
   app.add_flag("--sequence-parallel", sequence_parallel,
                "split every sample's image tokens over the ranks of mpirun -n P (full, specdiff; docs/scale-out.md); rank 0 prints and writes");
+  std::string shard_plan_name = "global";
+  auto* spo = app.add_option("--shard-plan", shard_plan_name,
+                             "with --sequence-parallel, specdiff: global (every rank makes one process's plan; an all-reduce per step) or "
+                             "per-shard (each rank plans its own tokens, no exchange; docs/scale-out.md)")
+      ->capture_default_str()->check(checked([](const std::string& v) {
+        return v == "global" || v == "per-shard" ? std::string() : sd3::message("'", sd3::excerpt(v), "' is not a shard plan; allowed: global, per-shard");
+      }, "PLAN"));
   app.add_option("--latents", latents_path, "write both runs' final latents as one JSON object {\"full\": [...], \"method\": [...]}, to compare runs");
   // Checks that involve two options, after both are known.
   const auto cross_checks = [&] {
@@ -166,6 +173,9 @@ int main(int argc, char** argv) {
       if (c3o->count()) s.c3 = c3;
       if (const auto why = demo::sequence_parallel_refusal(s); !why.empty()) throw CLI::ValidationError("--sequence-parallel", why);
     }
+    if (spo->count() && !sequence_parallel) throw CLI::ValidationError("--shard-plan", "needs --sequence-parallel");
+    if (spo->count() && spec.name != "specdiff")
+      throw CLI::ValidationError("--shard-plan", sd3::message("--method ", spec.name, " does not use it (used by: specdiff)"));
     check_method_options(spec.name, {{"--cache-rate", cr, {"specdiff", "specdiff-adaptive", "ras", "toca"}},
                                      {"--spec-steps", ss, {"specdiff", "specdiff-adaptive"}},
                                      {"--interval", iv, {"specdiff", "specdiff-adaptive", "forecast", "toca", "fora", "taylorseer"}},
@@ -233,7 +243,7 @@ int main(int argc, char** argv) {
 #ifdef SPECDIFF_DEMO_MPI
     std::optional<demo::sequence_parallel_runner<specdiff::mpi_communicator>> runner;
     if (comm) {
-      runner.emplace(*comm, problem);
+      runner.emplace(*comm, problem, shard_plan_name == "per-shard" ? demo::shard_plan::per_shard : demo::shard_plan::global);
       timing_options.run = [&](const methods::problem&, const demo::method_spec& s, const methods::progress_fn& f) { return runner->run(s, f); };
     }
 #endif
@@ -337,6 +347,7 @@ int main(int argc, char** argv) {
       j["repeats"] = repeats;
       demo::mark_non_finite(j);
       j["ranks"] = ranks;
+      j["shard_plan"] = ranks > 1 && spec.name == "specdiff" ? nlohmann::json(shard_plan_name) : nlohmann::json(nullptr);
       const std::string text = j.dump(2) + "\n";
       if (rank == 0) sd3::write_file(json_path, text, "--json");
       std::printf("json: %s\n", json_path.c_str());

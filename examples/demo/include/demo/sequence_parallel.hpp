@@ -11,6 +11,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <specdiff/sharded.hpp>
@@ -40,12 +41,15 @@ inline std::string sequence_parallel_refusal(const method_spec& spec) {
   return "";
 }
 
+/// How SpecDiff over ranks selects its C1 tokens (specdiff::global_plan or specdiff::per_shard_plan; --shard-plan).
+enum class shard_plan { global, per_shard };
+
 /// Runs full RFlow and SpecDiff over the ranks of `comm` on one problem (the K/V caches are made once, here).
 template <specdiff::communicator Comm>
 class sequence_parallel_runner {
  public:
-  sequence_parallel_runner(Comm& comm, const methods::problem& p)
-      : p_(p), sp_(comm, *p.net, methods::model_batch(p), methods::image_tokens(p)) {}
+  sequence_parallel_runner(Comm& comm, const methods::problem& p, shard_plan plan = shard_plan::global)
+      : p_(p), plan_(plan), sp_(comm, *p.net, methods::model_batch(p), methods::image_tokens(p)) {}
 
   /// Every rank calls it with the same arguments. Throws std::invalid_argument for what
   /// sequence_parallel_refusal refuses.
@@ -83,17 +87,24 @@ class sequence_parallel_runner {
     if (o.rank != methods::specdiff_options::ranking::specdiff) throw std::invalid_argument("rank: not sequence-parallel yet (his * fut * star only)");
     if (o.calibrate != nullptr) throw std::invalid_argument("calibrate: not sequence-parallel yet");
     if (o.context_queries) throw std::invalid_argument("context_queries: not sequence-parallel yet (every rank computes the context queries)");
-    if (o.spec_steps > 0) return run_specdiff_with(o, specdiff::self_speculation{}, progress);
-    return run_specdiff_with(o, specdiff::no_speculation{}, progress);
+    if (plan_ == shard_plan::per_shard) {
+      if (o.spec_steps > 0) return run_specdiff_with<specdiff::per_shard_plan>(o, specdiff::self_speculation{}, progress);
+      return run_specdiff_with<specdiff::per_shard_plan>(o, specdiff::no_speculation{}, progress);
+    }
+    if (o.spec_steps > 0) return run_specdiff_with<specdiff::global_plan>(o, specdiff::self_speculation{}, progress);
+    return run_specdiff_with<specdiff::global_plan>(o, specdiff::no_speculation{}, progress);
   }
 
   // SpecDiff as methods::run_specdiff runs it (the same scorer, classifier, schedule and C3 rule), with one
   // sharded accelerator per plan (a CFG pair sharing its plan, or one sample): a rank's share of a plan's C1 set
   // differs between plans, and the global plan takes one plan per accelerator.
-  template <class Predictor>
+  // per_shard_plan: each rank plans its shard alone; the ranks' C1 lists are then all-gathered (a count, then the ids)
+  // so that every rank can place the others' keys and values.
+  template <class Policy, class Predictor>
   methods::run_result run_specdiff_with(const methods::specdiff_options& o, Predictor predictor, const methods::progress_fn& progress) {
     using accelerator = specdiff::sharded_accelerator<specdiff::specdiff_scorer, Predictor, specdiff::three_level_classifier,
-                                                      specdiff::step_schedule, Comm, specdiff::global_plan>;
+                                                      specdiff::step_schedule, Comm, Policy>;
+    constexpr bool global = std::is_same_v<Policy, specdiff::global_plan>;
     const sd3::transformer& c = *p_.net;
     const int batch = methods::model_batch(p_), tokens = methods::image_tokens(p_), features = c.patch_features(), ctx = p_.inputs.context_tokens;
     const bool share = o.share_cfg_plan && batch % 2 == 0 && p_.guidance > 1.f;
@@ -154,17 +165,25 @@ class sequence_parallel_runner {
         methods::stopwatch::scope s(r.overhead_seconds);
         for (int g = 0; g < plans; ++g) steps[static_cast<std::size_t>(g)].emplace(acc[static_cast<std::size_t>(g)]->plan_step(call.step, call.timestep));
       }
-      int computed_tokens = 0;  // plan 0's global |C1| (every plan has the same count)
+      int computed_tokens = 0;  // plan 0's |C1| over all ranks (every plan has the same count)
       for (int g = 0; g < plans; ++g) {
         auto& step = *steps[static_cast<std::size_t>(g)];
-        const auto c1 = step.global_plan_of(0).compute();
-        if (g == 0) computed_tokens = static_cast<int>(c1.size());
-        for (int q = 0; q < ranks; ++q) {
-          const auto s = specdiff::token_shard::of(tokens, q, ranks);
-          auto& l = lists[static_cast<std::size_t>(q)];
-          l.clear();
-          for (const auto id : c1)
-            if (id >= s.begin && id < s.begin + s.count) l.push_back(static_cast<std::int32_t>(id));
+        if constexpr (global) {
+          const auto c1 = step.global_plan_of(0).compute();
+          if (g == 0) computed_tokens = static_cast<int>(c1.size());
+          for (int q = 0; q < ranks; ++q) {
+            const auto s = specdiff::token_shard::of(tokens, q, ranks);
+            auto& l = lists[static_cast<std::size_t>(q)];
+            l.clear();
+            for (const auto id : c1)
+              if (id >= s.begin && id < s.begin + s.count) l.push_back(static_cast<std::int32_t>(id));
+          }
+        } else {
+          gather_lists(step, shard, lists);
+          if (g == 0) {
+            computed_tokens = 0;
+            for (const auto& l : lists) computed_tokens += static_cast<int>(l.size());
+          }
         }
         const std::size_t n = lists[static_cast<std::size_t>(rank)].size();
         if (static_cast<specdiff::index_t>(n) != step.compute_count())
@@ -198,8 +217,39 @@ class sequence_parallel_runner {
     return r;
   }
 
+  // Every rank's C1 ids of a per-shard step (global, ascending): the counts, then the ids, all-gathered as floats
+  // (exact: ids < 2^24).
+  template <class Step>
+  void gather_lists(const Step& step, const specdiff::token_shard& shard, std::vector<std::vector<std::int32_t>>& lists) {
+    const int ranks = sp_.ranks();
+    const auto n = static_cast<std::size_t>(step.compute_count());
+    const auto ids = step.compute_tokens().first(n);  // sample 0's (a shared plan: the same for its pair)
+    count_send_.assign(1, static_cast<float>(n));
+    counts_.assign(static_cast<std::size_t>(ranks), 1);
+    rank_counts_.resize(static_cast<std::size_t>(ranks));
+    sp_.communicator().all_gather(count_send_, counts_, rank_counts_);
+    id_send_.resize(n);
+    for (std::size_t i = 0; i < n; ++i) id_send_[i] = static_cast<float>(ids[i] + shard.begin);
+    std::size_t total = 0;
+    for (int q = 0; q < ranks; ++q) {
+      counts_[static_cast<std::size_t>(q)] = static_cast<specdiff::index_t>(rank_counts_[static_cast<std::size_t>(q)]);
+      total += static_cast<std::size_t>(counts_[static_cast<std::size_t>(q)]);
+    }
+    id_recv_.resize(total);
+    sp_.communicator().all_gather(id_send_, counts_, id_recv_);
+    std::size_t at = 0;
+    for (int q = 0; q < ranks; ++q) {
+      auto& l = lists[static_cast<std::size_t>(q)];
+      l.clear();
+      for (specdiff::index_t i = 0; i < counts_[static_cast<std::size_t>(q)]; ++i) l.push_back(static_cast<std::int32_t>(id_recv_[at++]));
+    }
+  }
+
   const methods::problem& p_;
+  shard_plan plan_;
   sd3::sequence_parallel<Comm> sp_;
+  std::vector<float> count_send_, rank_counts_, id_send_, id_recv_;
+  std::vector<specdiff::index_t> counts_;
 };
 
 }  // namespace demo
