@@ -223,12 +223,12 @@ inline std::vector<ranked_full_steps> rank_full_steps(const trajectory_gram& g, 
   std::vector<ranked_full_steps> best;
   std::vector<int> set(static_cast<std::size_t>(count));
   for (int i = 0; i < count; ++i) set[static_cast<std::size_t>(i)] = i;  // 0, 1, ..., count - 1: the first set
-  const auto worse = [](const ranked_full_steps& a, const ranked_full_steps& b) { return a.error < b.error; };
+  const auto lower = [](const ranked_full_steps& a, const ranked_full_steps& b) { return a.error < b.error; };
   while (true) {
     const double e = forecast_error(g, set, o);
     if (static_cast<int>(best.size()) < keep || e < best.back().error) {
       ranked_full_steps r{set, e};
-      best.insert(std::upper_bound(best.begin(), best.end(), r, worse), std::move(r));
+      best.insert(std::upper_bound(best.begin(), best.end(), r, lower), std::move(r));
       if (static_cast<int>(best.size()) > keep) best.pop_back();
     }
     // The next set in lexicographic order with set[0] = 0.
