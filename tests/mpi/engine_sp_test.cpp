@@ -127,6 +127,150 @@ void flux_forward(specdiff::mpi_communicator& comm) {
   compare(comm, net, in, N, "flux", [](std::span<const float> vel, std::span<float> out) { std::copy(vel.begin(), vel.end(), out.begin()); });
 }
 
+// Ulysses (forward_options::ulysses): rank r runs its contiguous shard with the q|k|v rows exchanged over heads by
+// the communicator's all_to_all, against one process's full forward: the shard's rows and the probe (the ranks'
+// partial sums over their heads, summed) within 1e-5 relative L2. Also one rank alone (single_process, P = 1)
+// against the plain forward, where nothing is split: equal within 1e-6.
+template <class RowsOf>
+void compare_ulysses(specdiff::mpi_communicator& comm, sd3::transformer& net, const sd3::forward_inputs& in, int N,
+                     bool context_queries, const char* name, RowsOf rows_of_full) {
+  const int B = in.batch, P = net.patch_features(), ranks = comm.size(), per = N / ranks, begin = comm.rank() * per;
+  std::vector<float> velocity(static_cast<std::size_t>(B) * N * P), full_rows(velocity.size()),
+      full_probe(static_cast<std::size_t>(B) * N);
+  sd3::forward_options all;
+  all.attention_probe = full_probe;
+  all.probe_context_queries = context_queries;
+  net.forward(in, velocity, all);
+  rows_of_full(velocity, full_rows);
+  std::vector<std::int32_t> ids;
+  for (int b = 0; b < B; ++b)
+    for (int t = 0; t < per; ++t) ids.push_back(static_cast<std::int32_t>(begin + t));
+  std::vector<float> rows(static_cast<std::size_t>(B) * per * P), probe(static_cast<std::size_t>(B) * N);
+  int exchanges = 0;
+  sd3::forward_options mine;
+  mine.image_tokens = ids;
+  mine.attention_probe = probe;
+  mine.probe_context_queries = context_queries;
+  mine.ulysses = {comm.rank(), ranks, [&](std::span<const float> send, std::span<float> recv) {
+                    ++exchanges;
+                    comm.all_to_all(send, recv);
+                  }};
+  net.forward(in, rows, mine);
+  comm.all_reduce_sum(probe);
+  std::vector<float> want;
+  for (int b = 0; b < B; ++b)
+    want.insert(want.end(), full_rows.begin() + (static_cast<std::ptrdiff_t>(b) * N + begin) * P,
+                full_rows.begin() + (static_cast<std::ptrdiff_t>(b) * N + begin + per) * P);
+  const double rows_err = relative_l2(rows, want), probe_err = relative_l2(probe, full_probe);
+  expect(rows_err <= 1e-5, std::string(name) + ": Ulysses rows relative L2 " + std::to_string(rows_err), comm.rank());
+  expect(probe_err <= 1e-5, std::string(name) + ": Ulysses probe relative L2 " + std::to_string(probe_err), comm.rank());
+  expect(exchanges >= 2 * net.blocks(), std::string(name) + ": " + std::to_string(exchanges) + " all-to-alls", comm.rank());
+  // P = 1: the same path with nothing to split
+  specdiff::single_process one;
+  std::vector<float> one_rows(velocity.size()), one_probe(full_probe.size());
+  sd3::forward_options alone;
+  alone.attention_probe = one_probe;
+  alone.probe_context_queries = context_queries;
+  alone.ulysses = {0, 1, [&](std::span<const float> send, std::span<float> recv) { one.all_to_all(send, recv); }};
+  net.forward(in, one_rows, alone);
+  std::vector<float> one_full(velocity.size());
+  rows_of_full(one_rows, one_full);
+  const double one_err = relative_l2(one_full, full_rows), one_probe_err = relative_l2(one_probe, full_probe);
+  expect(one_err <= 1e-6 && one_probe_err <= 1e-6,
+         std::string(name) + ": Ulysses P = 1 relative L2 " + std::to_string(one_err) + " / probe " + std::to_string(one_probe_err), comm.rank());
+  std::printf("rank %d %s Ulysses: tokens [%d, %d) of %d, heads %d/%d, %d all-to-alls, rows relative L2 %.3g, probe (%s queries) "
+              "relative L2 %.3g; P = 1: %.3g / %.3g\n",
+              comm.rank(), name, begin, begin + per, N, net.arch() == sd3::architecture::sd3 ? net.config().num_attention_heads / ranks
+                                                                                                 : net.flux().num_attention_heads / ranks,
+              net.arch() == sd3::architecture::sd3 ? net.config().num_attention_heads : net.flux().num_attention_heads, exchanges,
+              rows_err, context_queries ? "image and context" : "image", probe_err, one_err, one_probe_err);
+}
+
+void sd3_ulysses(specdiff::mpi_communicator& comm) {
+  test_util::random_problem p(11, true, {0, 1});  // MMDiT-X: the image-only attention exchanges heads too
+  sd3::transformer net(p.model, p.limits(), 1);
+  compare_ulysses(comm, net, p.inputs(), p.tokens(), false, "sd3 (MMDiT-X)", [&](std::span<const float> vel, std::span<float> rows) {
+    net.velocity_to_rows(p.batch, p.height, p.width, vel, rows);
+  });
+}
+
+struct flux_problem {
+  sd3::flux_model model;
+  int batch = 2, rows, cols, context_tokens = 3;
+  std::vector<float> latents, context, pooled, timesteps{700.f, 250.f}, guidance{3.5f, 1.f};
+  flux_problem(const sd3::flux_config& c, int rows_, int cols_) : model(sd3::flux_model::random(c, 5)), rows(rows_), cols(cols_) {
+    std::mt19937 rng(5);
+    std::normal_distribution<float> n;
+    auto draw = [&](std::size_t count) {
+      std::vector<float> v(count);
+      for (auto& x : v) x = n(rng);
+      return v;
+    };
+    latents = draw(static_cast<std::size_t>(batch) * rows * cols * c.in_channels);
+    context = draw(static_cast<std::size_t>(batch) * context_tokens * c.joint_attention_dim);
+    pooled = draw(static_cast<std::size_t>(batch) * c.pooled_projection_dim);
+  }
+  sd3::forward_inputs inputs() const {
+    return {.batch = batch, .height = rows, .width = cols, .context_tokens = context_tokens, .latents = latents,
+            .timesteps = timesteps, .context = context, .pooled = pooled, .guidance = guidance};
+  }
+  sd3::engine_limits limits() const { return {.max_batch = batch, .max_height = rows, .max_width = cols, .max_context_tokens = 4}; }
+};
+
+void flux_ulysses(specdiff::mpi_communicator& comm) {
+  const flux_problem p(test_util::small_flux_config(), 4, 5);  // rotary positions applied per token before the exchange
+  sd3::transformer net(p.model, p.limits(), 1);
+  compare_ulysses(comm, net, p.inputs(), p.rows * p.cols, true, "flux", [](std::span<const float> vel, std::span<float> out) {
+    std::copy(vel.begin(), vel.end(), out.begin());
+  });
+}
+
+// Refused by name on every rank, before any exchange (so no rank waits for another): heads % ranks != 0, tokens %
+// ranks != 0, a token subset within the shard, a K/V cache alongside.
+void ulysses_refused(specdiff::mpi_communicator& comm) {
+  const int ranks = comm.size();
+  auto refused = [&](sd3::transformer& net, const sd3::forward_inputs& in, std::vector<std::int32_t> ids, sd3::kv_cache* kv,
+                     const std::string& text) {
+    std::vector<float> rows(ids.size() * static_cast<std::size_t>(net.patch_features()));
+    sd3::forward_options o;
+    o.image_tokens = ids;
+    o.kv = kv;
+    o.ulysses = {comm.rank(), ranks, [&](std::span<const float> send, std::span<float> recv) { comm.all_to_all(send, recv); }};
+    bool ok = false;
+    std::string what = "(nothing thrown)";
+    try {
+      net.forward(in, rows, o);
+    } catch (const std::invalid_argument& e) {
+      what = e.what();
+      ok = what.find(text) != std::string::npos;
+    }
+    expect(ok, "refused by name: expected '" + text + "', got: " + what, comm.rank());
+    std::printf("rank %d refused: %s\n", comm.rank(), what.c_str());
+  };
+  auto shard = [&](int batch, int N, int count) {
+    std::vector<std::int32_t> ids;
+    const int begin = comm.rank() * (N / ranks);
+    for (int b = 0; b < batch; ++b)
+      for (int t = 0; t < count; ++t) ids.push_back(static_cast<std::int32_t>(begin + t));
+    return ids;
+  };
+  auto three_heads = test_util::small_flux_config();
+  three_heads.num_attention_heads = 3;
+  const flux_problem odd_heads(three_heads, 4, 5);
+  sd3::transformer net3(odd_heads.model, odd_heads.limits(), 1);
+  refused(net3, odd_heads.inputs(), shard(2, 20, 20 / ranks), nullptr,
+          "ulysses: heads = 3 do not split over ranks = " + std::to_string(ranks));
+  const flux_problem odd_tokens(test_util::small_flux_config(), 3, 5);
+  sd3::transformer net(odd_tokens.model, odd_tokens.limits(), 1);
+  refused(net, odd_tokens.inputs(), shard(2, 15, 15 / ranks), nullptr,
+          "ulysses: image tokens = 15 do not split over ranks = " + std::to_string(ranks));
+  const flux_problem ok(test_util::small_flux_config(), 4, 5);
+  sd3::transformer net2(ok.model, ok.limits(), 1);
+  refused(net2, ok.inputs(), shard(2, 20, 20 / ranks - 1), nullptr, "a token subset under ulysses (SpecDiff's partial forward) is not built");
+  sd3::kv_cache kv(net2, 2, 20);
+  refused(net2, ok.inputs(), shard(2, 20, 20 / ranks), &kv, "ulysses: a head-exchange forward keeps no K/V cache");
+}
+
 // A whole SpecDiff run (RFlow Euler, token level: the cached feature is a token's velocity row), one process
 // against two ranks: the ranks plan with sharded_accelerator<global_plan>, run token-subset forwards over their
 // share of the C1 tokens with every layer's K/V exchanged (sd3::sequence_parallel, the piece the demo's
@@ -285,7 +429,11 @@ int main(int argc, char** argv) {
       else if (which == "flux_forward") flux_forward(comm);
       else if (which == "sd3_specdiff_run") sd3_specdiff_run(comm);
       else if (which == "sd3_specdiff_empty_share") sd3_specdiff_empty_share(comm);
-      else throw std::invalid_argument("usage: specdiff_engine_sp_tests sd3_forward|flux_forward|sd3_specdiff_run|sd3_specdiff_empty_share");
+      else if (which == "sd3_ulysses") sd3_ulysses(comm);
+      else if (which == "flux_ulysses") flux_ulysses(comm);
+      else if (which == "ulysses_refused") ulysses_refused(comm);
+      else throw std::invalid_argument("usage: specdiff_engine_sp_tests sd3_forward|flux_forward|sd3_specdiff_run|sd3_specdiff_empty_share|"
+                                       "sd3_ulysses|flux_ulysses|ulysses_refused");
       int total = 0;
       MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
       code = total == 0 ? 0 : 1;

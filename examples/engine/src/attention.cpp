@@ -56,8 +56,13 @@ void transformer::impl::attention_stage(int layer, const block_plan& p, const bl
             }
         });
     }
-    store_kv(layer, attention_kind::joint);
-    attend(layer, attention_kind::joint, image_out, context_out || (probe && opts->probe_context_queries));
+    const bool context_queries = context_out || (probe && opts->probe_context_queries);
+    if (opts->ulysses) {
+        ulysses_attend(layer, attention_kind::joint, image_out, context_queries, context_out);
+    } else {
+        store_kv(layer, attention_kind::joint);
+        attend(layer, attention_kind::joint, image_out, context_queries);
+    }
     if (image_out) linear_rows(split(), att_img.data(), D, B * n, *p.attention_out[0], out_img.data(), D);
     if (context_out) linear_rows(split(), att_ctx.data(), D, B * L, *p.attention_out[1], out_ctx.data(), D);
 }
@@ -74,11 +79,109 @@ void transformer::impl::image_attention_stage(int layer, const block_weights& w,
                 qk_norm(qkv_img.data() + static_cast<std::size_t>(r) * 3 * D, w.attn2_norm_q.data(), w.attn2_norm_k.data());
             });
         }
-        store_kv(layer, attention_kind::image_only);
-        attend(layer, attention_kind::image_only, true, false);
+        if (opts->ulysses) {
+            ulysses_attend(layer, attention_kind::image_only, true, false, false);
+        } else {
+            store_kv(layer, attention_kind::image_only);
+            attend(layer, attention_kind::image_only, true, false);
+        }
         linear_rows(split(), att_img.data(), D, B * n, w.attn2_out, out_img.data(), D);
     }
     apply_module(stream::image, h, out_img.data(), 8 * D);
+}
+
+namespace {
+void grow(buffer& b, std::size_t floats) {
+    if (b.size() < floats) b.resize(floats);
+}
+}  // namespace
+
+// Ulysses (forward_options::ulysses, docs/scale-out.md): this rank computed q|k|v (after qk-norm and rotary
+// positions, which are per token) of its n = N/P image tokens for all heads, and of every context token. One
+// all_to_all turns the image rows into all N tokens' rows of the rank's heads/P heads ([source rank][sample][token]
+// blocks: the shards are contiguous, so rank order is token order); the context rows are sliced to the same heads
+// locally. attend then runs as a full forward of a model with heads/P heads and width D/P (the members it reads
+// are swapped for the time of the call), the probe's head average still over all heads. A second all_to_all
+// takes each token's output of these heads back to the rank that owns the token; the context's output (every rank
+// needs all heads) is gathered over heads by a third one, every block of its send the same.
+void transformer::impl::ulysses_attend(int layer, attention_kind kind, bool image_queries, bool context_queries, bool context_out) {
+    const head_exchange& x = opts->ulysses;
+    const int ranks = x.ranks, Dl = D / ranks, Hl = heads / ranks;
+    const bool joint = kind == attention_kind::joint;
+    const auto sz = [](auto... v) { return (static_cast<std::size_t>(v) * ...); };
+    const std::size_t image_floats = sz(B, n, 3, D), context_floats = sz(B, L, D);
+    grow(u_send, std::max(image_floats, context_floats));
+    grow(u_recv, std::max(image_floats, context_floats));
+    grow(u_qkv, image_floats);
+    grow(u_ctx, sz(B, L, 3, Dl));
+    grow(u_att, sz(B, n, D));
+    grow(u_att_ctx, sz(B, L, Dl));
+    // [token][q|k|v][all heads] -> send blocks [rank][sample][token][q|k|v][the rank's heads]
+    parallel_for(split(), B * n, 3.0 * B * n * D, [&](int r, int) {
+        const int b = r / n, i = r % n;
+        const float* src = qkv_img.data() + sz(r, 3, D);
+        for (int p = 0; p < ranks; ++p)
+            for (int c = 0; c < 3; ++c)
+                std::copy_n(src + c * D + p * Dl, Dl, u_send.data() + sz((p * B + b) * n + i, 3, Dl) + sz(c, Dl));
+    });
+    x.all_to_all(std::span<const float>(u_send.data(), image_floats), std::span<float>(u_recv.data(), image_floats));
+    parallel_for(split(), B * N, 3.0 * B * N * Dl, [&](int r, int) {  // -> [sample][all tokens][q|k|v of the rank's heads]
+        const int b = r / N, t = r % N, from = t / n, i = t % n;
+        std::copy_n(u_recv.data() + sz((from * B + b) * n + i, 3, Dl), 3 * Dl, u_qkv.data() + sz(r, 3, Dl));
+    });
+    if (joint) {
+        parallel_for(split(), B * L, 3.0 * B * L * Dl, [&](int r, int) {
+            for (int c = 0; c < 3; ++c)
+                std::copy_n(qkv_ctx.data() + sz(r, 3, D) + sz(c, D) + sz(x.rank, Dl), Dl, u_ctx.data() + sz(r, 3, Dl) + sz(c, Dl));
+        });
+    }
+    {
+        // attend over the rank's heads: every token's queries, keys and values, as a full forward of heads/P heads
+        struct swapped {
+            impl& e;
+            int n, D, heads;
+            explicit swapped(impl& s) : e(s), n(s.n), D(s.D), heads(s.heads) { swap_buffers(); }
+            ~swapped() {
+                swap_buffers();
+                e.n = n;
+                e.D = D;
+                e.heads = heads;
+                e.head_share = 1;
+            }
+            void swap_buffers() {
+                std::swap(e.qkv_img, e.u_qkv);
+                std::swap(e.qkv_ctx, e.u_ctx);
+                std::swap(e.att_img, e.u_att);
+                std::swap(e.att_ctx, e.u_att_ctx);
+            }
+        } guard(*this);
+        n = N;
+        D = Dl;
+        heads = Hl;
+        head_share = ranks;
+        attend(layer, kind, image_queries, context_queries);
+    }
+    if (image_queries) {  // [sample][all tokens][the rank's heads] -> blocks [owner rank][sample][its token] -> att_img
+        parallel_for(split(), B * N, 1.0 * B * N * Dl, [&](int r, int) {
+            const int b = r / N, t = r % N, to = t / n, i = t % n;
+            std::copy_n(u_att.data() + sz(r, Dl), Dl, u_send.data() + sz((to * B + b) * n + i, Dl));
+        });
+        x.all_to_all(std::span<const float>(u_send.data(), sz(B, n, D)), std::span<float>(u_recv.data(), sz(B, n, D)));
+        parallel_for(split(), B * n, 1.0 * B * n * D, [&](int r, int) {
+            const int b = r / n, i = r % n;
+            for (int p = 0; p < ranks; ++p)
+                std::copy_n(u_recv.data() + sz((p * B + b) * n + i, Dl), Dl, att_img.data() + sz(r, D) + sz(p, Dl));
+        });
+    }
+    if (joint && context_out) {  // the context's output of the rank's heads to every rank: an all-gather over heads
+        const std::size_t block = sz(B, L, Dl);
+        for (int p = 0; p < ranks; ++p) std::copy_n(u_att_ctx.data(), block, u_send.data() + sz(p) * block);
+        x.all_to_all(std::span<const float>(u_send.data(), context_floats), std::span<float>(u_recv.data(), context_floats));
+        parallel_for(split(), B * L, 1.0 * B * L * D, [&](int r, int) {
+            for (int p = 0; p < ranks; ++p)
+                std::copy_n(u_recv.data() + sz(p) * block + sz(r, Dl), Dl, att_ctx.data() + sz(r, D) + sz(p, Dl));
+        });
+    }
 }
 
 // softmax(Q K^T / sqrt(hd)) V over the keys [image tokens (all N); context tokens], per head; queries are the

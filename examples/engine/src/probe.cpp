@@ -39,7 +39,7 @@ void transformer::impl::reduce_probe(int per_sample, int image_chunks) {
         const int counted = opts->probe_context_queries ? per_sample : image_chunks;
         for (int chunk = 0; chunk < counted; ++chunk)
             dst += const_vec(probe_parts.data() + static_cast<std::size_t>(b * per_sample + chunk) * N + c0, nc) *
-                   (1.0f / static_cast<float>(heads));
+                   (1.0f / static_cast<float>(heads * head_share));  // Ulysses: the rank's heads of all
     });
 }
 

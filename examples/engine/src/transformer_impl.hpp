@@ -217,6 +217,10 @@ struct transformer::impl {
     detail::buffer x_img, x_ctx, nrm_img, nrm_ctx, qkv_img, qkv_ctx, att_img, att_ctx, out_img, out_ctx;
     detail::buffer hidden, patches, out_rows, scratch, probe_parts, kv_packed;
     detail::buffer nrm2_img;  // MMDiT-X: the image-only attention's modulated input (empty without dual-attention layers)
+    // Ulysses (forward_options::ulysses): the all-to-all's send and receive blocks, and every token's q|k|v, the
+    // context's q|k|v and both attention outputs of the rank's heads. Grown at the first such forward, kept after.
+    detail::buffer u_send, u_recv, u_qkv, u_ctx, u_att, u_att_ctx;
+    int head_share = 1;  // ranks the heads are split over while attend runs on the rank's heads (1 otherwise)
     detail::buffer rope_img, rope_ctx;  // FLUX: per token, the rotation's cos then sin for each pair of a head's dims
     std::vector<double> rope_frequencies;  // FLUX: per pair of a head's dims, its rotation frequency (made once)
     std::size_t scratch_slot = 0;  // floats per worker in `scratch`, a multiple of 16 (64 bytes)
@@ -333,6 +337,8 @@ struct transformer::impl {
     void image_attention_stage(int layer, const block_weights& w, const module_hook& h);
     void store_kv(int layer, attention_kind kind);
     void attend(int layer, attention_kind kind, bool image_queries, bool context_queries);
+    // attend under forward_options::ulysses: heads exchanged for tokens before, back after (attention.cpp).
+    void ulysses_attend(int layer, attention_kind kind, bool image_queries, bool context_queries, bool context_out);
     // The attention probe (probe.cpp): a task's zeroed slice of probe_parts (nullptr: its queries are not counted),
     // one head's column sums into it, and the fixed-order reduction into forward_options::attention_probe.
     float* probe_part(int task, bool image_chunk);

@@ -157,10 +157,33 @@ void transformer::impl::validate(const forward_inputs& in, std::span<float> velo
     int active = tokens_all;
     if (!o.image_tokens.empty()) {
         active = check_token_list([] { return "image_tokens"; }, "", o.image_tokens, in.batch, tokens_all);
-        if (!o.kv) bad_arg("a token-subset forward (image_tokens set) needs a kv_cache (options.kv is null)");
+        if (!o.kv && !o.ulysses) bad_arg("a token-subset forward (image_tokens set) needs a kv_cache (options.kv is null)");
         check_size("velocity (token rows)", velocity.size(), B * active * P);
     } else {
         check_size("velocity", velocity.size(), B * tokens_all * P);
+    }
+    if (o.ulysses) {
+        const head_exchange& u = o.ulysses;
+        const std::string P = std::to_string(u.ranks);
+        if (u.ranks < 1) bad_arg("ulysses.ranks = " + P + " must be >= 1");
+        if (u.rank < 0 || u.rank >= u.ranks)
+            bad_arg("ulysses.rank = " + std::to_string(u.rank) + " is outside [0, ranks = " + P + ")");
+        if (heads % u.ranks != 0)
+            bad_arg("ulysses: heads = " + std::to_string(heads) + " do not split over ranks = " + P +
+                    " (heads % ranks must be 0)");
+        if (tokens_all % u.ranks != 0)
+            bad_arg("ulysses: image tokens = " + std::to_string(tokens_all) + " do not split over ranks = " + P +
+                    " (tokens % ranks must be 0; pick a size that does)");
+        if (o.kv || o.kv_exchange) bad_arg("ulysses: a head-exchange forward keeps no K/V cache (kv and kv_exchange must be unset)");
+        const int per = tokens_all / u.ranks, begin = u.rank * per;
+        bool shard = active == per;
+        for (int b = 0; shard && b < in.batch; ++b)
+            for (int i = 0; shard && i < per; ++i)
+                shard = (o.image_tokens.empty() ? i : o.image_tokens[static_cast<std::size_t>(b) * per + i]) == begin + i;
+        if (!shard)
+            bad_arg("ulysses: image_tokens must be this rank's shard [" + std::to_string(begin) + ", " +
+                    std::to_string(begin + per) + ") of every sample (" + std::to_string(active) +
+                    " tokens given); a token subset under ulysses (SpecDiff's partial forward) is not built");
     }
     if (o.kv_exchange && !o.kv) bad_arg("kv_exchange needs a kv_cache (options.kv is null)");
     if (o.kv) {

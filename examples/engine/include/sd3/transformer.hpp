@@ -167,6 +167,22 @@ using boundary_fn = std::function<int(const block_boundary&)>;
 // that the caller can bring in the rows other ranks computed (an all-gather per sample). Rank r then runs a
 // token-subset forward over its shard and attends to every token's fresh keys and values.
 using kv_exchange_fn = std::function<void(int layer, attention_kind kind, kv_cache& kv)>;
+// Sequence parallelism by head exchange (DeepSpeed-Ulysses, docs/scale-out.md). Rank `rank` of `ranks` runs a
+// token-subset forward over its contiguous shard, the image tokens [rank * T/P, (rank + 1) * T/P) of every sample
+// (T % P == 0 and heads % P == 0 required), with every context token; around each attention, `all_to_all` (a
+// communicator's MPI_Alltoall: send and recv of equal size, P equal blocks, block q of send goes to rank q, block r of
+// recv came from rank r) turns the shard's q|k|v rows of all heads into every token's rows of the rank's heads/P
+// heads, and the attention's output back. The context stream is replicated (every rank computes it; its q|k|v are
+// sliced by head locally and its attention output gathered over heads by one more all_to_all). No K/V cache: `kv`
+// and `kv_exchange` must be unset. Every rank must make the same calls with the same hooks. The attention probe
+// then holds this rank's partial sums over its heads (averaged over all heads): sum it over the ranks.
+using all_to_all_fn = std::function<void(std::span<const float> send, std::span<float> recv)>;
+struct head_exchange {
+    int rank = 0;
+    int ranks = 1;
+    all_to_all_fn all_to_all;  // empty: no head exchange
+    explicit operator bool() const noexcept { return static_cast<bool>(all_to_all); }
+};
 
 struct forward_options {
     // Token-subset forward: [batch * n] ascending absolute image-token ids per sample, n the same for every
@@ -189,6 +205,9 @@ struct forward_options {
     boundary_fn between_blocks;
     // Empty, or the K/V exchange of a sequence-parallel forward (kv_exchange_fn); needs `kv`.
     kv_exchange_fn kv_exchange;
+    // Unset, or the head exchange of a Ulysses sequence-parallel forward (head_exchange); image_tokens must then be
+    // this rank's shard, and a token subset within it (SpecDiff's partial forward) is refused (not built).
+    head_exchange ulysses;
 };
 
 // The module sites of a block (the block_hooks entries it accepts), for methods that cache them.
