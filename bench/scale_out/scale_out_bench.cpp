@@ -6,7 +6,8 @@
 // rank), the bytes each rank sends and receives, for a full step and a SpecDiff partial step (a cache rate's share of
 // the tokens computed, the same random C1 set on every rank), and the global plan's exchange (one all_reduce_sum of
 // batch * T floats). One untimed warm-up, then --repeats timed steps: medians with min-max. Rank 0 then runs the same
-// full step alone (rank 1 waits) for the one-process time.
+// full step alone (rank 1 waits) for the one-process time. Also the full step by head exchange (Ulysses:
+// forward_options::ulysses, its all-to-alls timed the same way) where T and the heads split over the ranks.
 //
 // Modelled (--model-only, one process): the same quantities at SD3-medium and FLUX shapes on 2 to 8 GPUs, from FLOP
 // counts and a link bandwidth (parameters, printed with the table).
@@ -61,10 +62,20 @@ struct timed_communicator {
     received += static_cast<double>(values.size_bytes());
     ++calls;
   }
+  void all_to_all(std::span<const float> send, std::span<float> recv) {  // Ulysses (forward_options::ulysses)
+    wait();
+    const double t = MPI_Wtime();
+    inner.all_to_all(send, recv);
+    seconds += MPI_Wtime() - t;
+    const double others = static_cast<double>(send.size_bytes()) * (size() - 1) / size();  // this rank's own block stays
+    sent += others;
+    received += others;
+    ++calls;
+  }
   [[noreturn]] void fail(std::exception_ptr e) { inner.fail(e); }
   void clear() { seconds = waited = sent = received = 0, calls = 0; }
 };
-static_assert(specdiff::communicator<timed_communicator>);
+static_assert(specdiff::all_to_all_communicator<timed_communicator>);
 
 struct stats {
   double median = 0, min = 0, max = 0;
@@ -150,8 +161,27 @@ void measure(specdiff::mpi_communicator& mpi, const shape& sh, int repeats, doub
       s.calls = comm.calls;
     }
   };
-  series full, partial, plan;
+  series full, partial, plan, ulysses;
   run(full, [&] { sp.forward_full(in, velocity, probe); });
+  // the same full step by head exchange (Ulysses): the shard's forward with q|k|v all-to-all'd over heads, then the
+  // shards' rows gathered as forward_full gathers them (needs T % P == 0 and heads % P == 0)
+  const bool ulysses_runs = T % P == 0 && sh.heads % P == 0;
+  if (ulysses_runs) {
+    const auto shard = specdiff::token_shard::of(T, rank, P);
+    std::vector<std::int32_t> ids(static_cast<std::size_t>(shard.count));
+    std::iota(ids.begin(), ids.end(), static_cast<std::int32_t>(shard.begin));
+    std::vector<float> shard_rows(ids.size() * static_cast<std::size_t>(net.patch_features())),
+        gathered(static_cast<std::size_t>(T) * static_cast<std::size_t>(net.patch_features()));
+    sd3::forward_options o;
+    o.image_tokens = ids;
+    o.attention_probe = probe;
+    o.ulysses = {rank, P, [&](std::span<const float> send, std::span<float> recv) { comm.all_to_all(send, recv); }};
+    run(ulysses, [&] {
+      net.forward(in, shard_rows, o);
+      sp.gather_shards(batch, shard_rows, gathered);
+      net.rows_to_velocity(batch, sh.side, sh.side, gathered, velocity);
+    });
+  }
   run(partial, [&] { sp.forward_sample(in, 0, lists, rows, probe); });
   run(plan, [&] { comm.all_reduce_sum(sums); });
   // one process, the same full step (rank 0 alone; the others wait)
@@ -166,8 +196,9 @@ void measure(specdiff::mpi_communicator& mpi, const shape& sh, int repeats, doub
   }
   // rank 0 prints every rank's numbers (gathered), one row per (step kind, rank)
   for (int r = 0; r < P; ++r) {
-    for (auto* s : {&full, &partial, &plan}) {
-      const char* kind = s == &full ? "full step" : s == &partial ? "partial step" : "global-plan exchange";
+    for (auto* s : {&full, &ulysses, &partial, &plan}) {
+      if (s == &ulysses && !ulysses_runs) continue;
+      const char* kind = s == &full ? "full step" : s == &ulysses ? "full step, Ulysses" : s == &partial ? "partial step" : "global-plan exchange";
       std::vector<double> mine;
       for (auto* v : {&s->total, &s->exchange, &s->waited}) mine.insert(mine.end(), v->begin(), v->end());
       mine.push_back(s->sent.empty() ? 0 : s->sent.front());
@@ -185,7 +216,7 @@ void measure(specdiff::mpi_communicator& mpi, const shape& sh, int repeats, doub
       for (std::size_t i = 0; i < total.size(); ++i) compute[i] = total[i] - exch[i] - waited[i];
       const double sent = mine[static_cast<std::size_t>(3 * R)], received = mine[static_cast<std::size_t>(3 * R + 1)];
       const int calls = static_cast<int>(mine[static_cast<std::size_t>(3 * R + 2)]);
-      const auto tokens = s == &full ? specdiff::token_shard::of(T, r, P).count : s == &partial ? static_cast<int>(mine.back()) : 0;
+      const auto tokens = s == &full || s == &ulysses ? specdiff::token_shard::of(T, r, P).count : s == &partial ? static_cast<int>(mine.back()) : 0;
       std::printf("| T=%d D=%d L=%d | %s | %d | %d | %s | %s | %s | %s | %.1f | %.1f | %d |\n", T, D, sh.layers, kind, r, tokens,
                   ms(of(total)).c_str(), ms(of(exch)).c_str(), ms(of(waited)).c_str(), ms(of(compute)).c_str(), sent / 1024.0, received / 1024.0, calls);
     }
