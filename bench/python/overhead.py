@@ -36,7 +36,10 @@ def per_call(p, runner):
         lib, part, calls = runner.library_seconds, runner.partial_calls, runner.model_calls
         t0 = time.perf_counter()
         out = inner(*a, **k)
-        steps.append((time.perf_counter() - t0, runner.library_seconds - lib, runner.partial_calls > part, runner.model_calls > calls))
+        wall = time.perf_counter() - t0
+        if len(steps) == 0 or runner.model_calls < calls:  # step 0: the runner zeroed its counters for the new run
+            lib, part, calls = 0.0, 0, 0
+        steps.append((wall, runner.library_seconds - lib, runner.partial_calls > part, runner.model_calls > calls))
         return out
 
     m.forward = timed

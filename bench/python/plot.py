@@ -20,6 +20,7 @@ STYLE = {  # family -> (colour, marker); ours filled, peers hollow
     "forecast taylor": ("tab:orange", "s"),
     "fewer steps": ("black", "x"),
     "diffusers TaylorSeerCache": ("tab:blue", "^"),
+    "diffusers TaylorSeerCache lite": ("tab:blue", "1"),
     "diffusers FirstBlockCache": ("tab:cyan", "v"),
     "diffusers PAB": ("tab:purple", "D"),
     "diffusers MagCache": ("tab:green", "P"),
@@ -41,12 +42,13 @@ def main():
             rows = [r for r in csv.DictReader(f) if r.get("flop_ratio")]
         if rows:
             models[rows[0]["model"]] = rows
-    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(5.6 * len(models), 4.9), squeeze=False)
     for ax, (model, rows) in zip(axes[0], models.items()):
         by = defaultdict(list)
         for r in rows:
             psnr = float(r["psnr_db"])
-            by[r["family"]].append((float(r["flop_ratio"]), min(psnr, 70.0)))
+            family = r["family"] + (" lite" if r["setting"].endswith(" lite") else "")  # lite mode: another curve
+            by[family].append((float(r["flop_ratio"]), min(psnr, 70.0)))
         for family, pts in by.items():
             pts.sort()
             colour, marker = STYLE.get(family, ("gray", "."))
@@ -62,8 +64,8 @@ def main():
     for ax in axes[0]:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
-    fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=min(6, len(handles)), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=min(4, len(handles)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
     pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(a.out, dpi=110)
     print(a.out)
