@@ -225,6 +225,36 @@ void flux_ulysses(specdiff::mpi_communicator& comm) {
   });
 }
 
+// sd3::sequence_parallel with use_ulysses(true) (what the demo's --sequence-parallel --ulysses runs for full RFlow):
+// forward_full against one process's forward (velocity on every rank, summed probe); forward_sample refused by name
+// while Ulysses is on. (Full RFlow over ranks: mpi/demo_sd3_full_ulysses.)
+void sd3_ulysses_sampler(specdiff::mpi_communicator& comm) {
+  test_util::random_problem p(13, true, {1});
+  sd3::transformer net(p.model, p.limits(), 1);
+  const int N = p.tokens();
+  sd3::sequence_parallel<specdiff::mpi_communicator> sp(comm, net, p.batch, N);
+  sp.use_ulysses(true);
+  std::vector<float> want(p.velocity_size()), got(want.size()), want_probe(static_cast<std::size_t>(p.batch) * N), probe(want_probe.size());
+  sd3::forward_options all;
+  all.attention_probe = want_probe;
+  net.forward(p.inputs(), want, all);
+  sp.forward_full(p.inputs(), got, probe);
+  comm.all_reduce_sum(probe);
+  const double err = relative_l2(got, want), probe_err = relative_l2(probe, want_probe);
+  expect(err <= 1e-5, "sampler Ulysses forward_full relative L2 " + std::to_string(err), comm.rank());
+  expect(probe_err <= 1e-5, "sampler Ulysses probe relative L2 " + std::to_string(probe_err), comm.rank());
+  bool refused = false;
+  std::vector<float> rows(static_cast<std::size_t>(sp.shard().count) * static_cast<std::size_t>(net.patch_features()));
+  try {
+    sp.forward_sample(p.inputs(), 0, sp.shards(), rows);
+  } catch (const std::invalid_argument& e) {
+    refused = std::string(e.what()).find("ulysses: a token-subset forward (forward_sample) under Ulysses is not built") != std::string::npos;
+  }
+  expect(refused, "forward_sample under Ulysses refused by name", comm.rank());
+  std::printf("rank %d sampler Ulysses: forward_full velocity relative L2 %.3g, probe %.3g; forward_sample refused\n", comm.rank(), err,
+              probe_err);
+}
+
 // Refused by name on every rank, before any exchange (so no rank waits for another): heads % ranks != 0, tokens %
 // ranks != 0, a token subset within the shard, a K/V cache alongside.
 void ulysses_refused(specdiff::mpi_communicator& comm) {
@@ -432,8 +462,9 @@ int main(int argc, char** argv) {
       else if (which == "sd3_ulysses") sd3_ulysses(comm);
       else if (which == "flux_ulysses") flux_ulysses(comm);
       else if (which == "ulysses_refused") ulysses_refused(comm);
+      else if (which == "sd3_ulysses_sampler") sd3_ulysses_sampler(comm);
       else throw std::invalid_argument("usage: specdiff_engine_sp_tests sd3_forward|flux_forward|sd3_specdiff_run|sd3_specdiff_empty_share|"
-                                       "sd3_ulysses|flux_ulysses|ulysses_refused");
+                                       "sd3_ulysses|flux_ulysses|ulysses_refused|sd3_ulysses_sampler");
       int total = 0;
       MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
       code = total == 0 ? 0 : 1;

@@ -149,6 +149,10 @@ int main(int argc, char** argv) {
       ->capture_default_str()->check(checked([](const std::string& v) {
         return v == "global" || v == "per-shard" ? std::string() : sd3::message("'", sd3::excerpt(v), "' is not a shard plan; allowed: global, per-shard");
       }, "PLAN"));
+  bool ulysses = false;
+  app.add_flag("--ulysses", ulysses,
+               "with --sequence-parallel and --method full: full forwards by head exchange (Ulysses: q|k|v all-to-all over heads) "
+               "instead of the K/V exchange (docs/scale-out.md)");
   app.add_option("--latents", latents_path, "write both runs' final latents as one JSON object {\"full\": [...], \"method\": [...]}, to compare runs");
   // Checks that involve two options, after both are known.
   const auto cross_checks = [&] {
@@ -174,6 +178,9 @@ int main(int argc, char** argv) {
       if (const auto why = demo::sequence_parallel_refusal(s); !why.empty()) throw CLI::ValidationError("--sequence-parallel", why);
     }
     if (spo->count() && !sequence_parallel) throw CLI::ValidationError("--shard-plan", "needs --sequence-parallel");
+    if (ulysses && !sequence_parallel) throw CLI::ValidationError("--ulysses", "needs --sequence-parallel");
+    if (ulysses && spec.name != "full")
+      throw CLI::ValidationError("--ulysses", sd3::message("--method ", spec.name, ": a token-subset forward under Ulysses is not built (it runs: full)"));
     if (spo->count() && spec.name != "specdiff")
       throw CLI::ValidationError("--shard-plan", sd3::message("--method ", spec.name, " does not use it (used by: specdiff)"));
     check_method_options(spec.name, {{"--cache-rate", cr, {"specdiff", "specdiff-adaptive", "ras", "toca"}},
@@ -239,11 +246,13 @@ int main(int argc, char** argv) {
                 guidance, static_cast<unsigned long long>(seed), threads, repeats, model_dir.c_str());
     demo::timing_options timing_options{repeats, true};
     if (ranks > 1)
-      std::printf("sequence-parallel: every sample's image tokens split over %d ranks (K/V exchange; docs/scale-out.md)\n", ranks);
+      std::printf("sequence-parallel: every sample's image tokens split over %d ranks (%s; docs/scale-out.md)\n", ranks,
+                  ulysses ? "Ulysses head exchange" : "K/V exchange");
 #ifdef SPECDIFF_DEMO_MPI
     std::optional<demo::sequence_parallel_runner<specdiff::mpi_communicator>> runner;
     if (comm) {
       runner.emplace(*comm, problem, shard_plan_name == "per-shard" ? demo::shard_plan::per_shard : demo::shard_plan::global);
+      runner->use_ulysses(ulysses);
       timing_options.run = [&](const methods::problem&, const demo::method_spec& s, const methods::progress_fn& f) { return runner->run(s, f); };
     }
 #endif

@@ -51,10 +51,15 @@ class sequence_parallel_runner {
   sequence_parallel_runner(Comm& comm, const methods::problem& p, shard_plan plan = shard_plan::global)
       : p_(p), plan_(plan), sp_(comm, *p.net, methods::model_batch(p), methods::image_tokens(p)) {}
 
+  /// Full forwards by head exchange (Ulysses) instead of the K/V exchange: full RFlow only (the demo's --ulysses).
+  void use_ulysses(bool on) { sp_.use_ulysses(on); }
+
   /// Every rank calls it with the same arguments. Throws std::invalid_argument for what
   /// sequence_parallel_refusal refuses.
   methods::run_result run(const method_spec& spec, const methods::progress_fn& progress = {}) {
     if (const auto why = sequence_parallel_refusal(spec); !why.empty()) throw std::invalid_argument(why);
+    if (sp_.ulysses() && spec.name != "full")
+      throw std::invalid_argument(sd3::message("--method ", spec.name, ": not available with --ulysses (it runs: full)"));
     sp_.reset();
     return spec.name == "full" ? run_full(progress) : run_specdiff(specdiff_options_of(spec), progress);
   }

@@ -9,6 +9,7 @@
 // own: the engine's subset forward takes one token count for every sample of a call, and the ranks' shares of
 // different samples' C1 sets differ in size. A rank that computes no token of a sample still joins that sample's
 // exchanges (it sends nothing and stores what the others computed), so no rank waits for another.
+// use_ulysses(true): full forwards by head exchange instead (forward_options::ulysses, one call per batch).
 #pragma once
 
 #include <algorithm>
@@ -20,6 +21,7 @@
 #include <specdiff/communicator.hpp>
 
 #include "sd3/errors.hpp"
+#include "sd3/flux_model.hpp"
 #include "sd3/sampler.hpp"
 #include "sd3/transformer.hpp"
 
@@ -65,6 +67,29 @@ public:
     /// Every rank's shard as token lists (what forward_sample takes for a full forward).
     rank_tokens shards() const noexcept { return shards_; }
     Comm& communicator() noexcept { return comm_; }
+    /// Full forwards (forward_full, sample) by head exchange (Ulysses, forward_options::ulysses) instead of the K/V
+    /// exchange: needs an all_to_all_communicator, heads % ranks == 0 and tokens % ranks == 0 (refused by name). The
+    /// K/V caches are then not filled, so forward_sample (a token-subset forward) is refused while it is on.
+    void use_ulysses(bool on) {
+        if (!on) {
+            ulysses_ = false;
+            return;
+        }
+        if constexpr (!specdiff::all_to_all_communicator<Comm>) {
+            throw std::invalid_argument("ulysses: the communicator has no all_to_all (specdiff::all_to_all_communicator)");
+        } else {
+            const int heads = net_.arch() == architecture::sd3 ? net_.config().num_attention_heads : net_.flux().num_attention_heads;
+            if (heads % ranks() != 0)
+                throw std::invalid_argument(message("ulysses: heads = ", heads, " do not split over ranks = ", ranks(), " (heads % ranks must be 0)"));
+            if (tokens_ % ranks() != 0)
+                throw std::invalid_argument(message("ulysses: tokens = ", tokens_, " do not split over ranks = ", ranks(), " (tokens % ranks must be 0)"));
+            ulysses_ids_.clear();
+            for (std::size_t b = 0; b < caches_.size(); ++b)
+                ulysses_ids_.insert(ulysses_ids_.end(), shards_[static_cast<std::size_t>(rank())].begin(), shards_[static_cast<std::size_t>(rank())].end());
+            ulysses_ = true;
+        }
+    }
+    bool ulysses() const noexcept { return ulysses_; }
     /// Empties every K/V cache (as a new one is), for a new run that must not read the last one's keys and values.
     void reset() {
         for (auto& kv : caches_) kv = kv_cache(net_, 1, tokens_);
@@ -85,6 +110,8 @@ public:
             throw std::invalid_argument(message("rows: expected ", mine.size() * static_cast<std::size_t>(features_), " floats, got ", rows.size()));
         if (!probe.empty() && probe.size() != static_cast<std::size_t>(tokens_))
             throw std::invalid_argument(message("probe: expected ", tokens_, " floats, got ", probe.size()));
+        if (ulysses_)
+            throw std::invalid_argument("ulysses: a token-subset forward (forward_sample) under Ulysses is not built; use_ulysses(false) for it");
         kv_cache& kv = caches_[static_cast<std::size_t>(b)];
         std::size_t any = 0;
         for (const auto& c : computed) any += c.size();
@@ -117,9 +144,21 @@ public:
     /// this rank's partial sums (sum them over ranks for one process's probe).
     void forward_full(const forward_inputs& in, std::span<float> velocity, std::span<float> probe = {}) {
         const std::size_t shard_floats = static_cast<std::size_t>(shard_.count) * static_cast<std::size_t>(features_);
-        for (int b = 0; b < in.batch; ++b)
-            forward_sample(in, b, shards_, std::span<float>(shard_rows_).subspan(static_cast<std::size_t>(b) * shard_floats, shard_floats),
-                           probe.empty() ? probe : probe.subspan(static_cast<std::size_t>(b) * static_cast<std::size_t>(tokens_), static_cast<std::size_t>(tokens_)));
+        if (ulysses_) {
+            if constexpr (specdiff::all_to_all_communicator<Comm>) {
+                if (in.batch > static_cast<int>(caches_.size()))
+                    throw std::invalid_argument(message("batch: ", in.batch, " samples, more than the ", caches_.size(), " this was made for"));
+                forward_options o;
+                o.image_tokens = std::span<const std::int32_t>(ulysses_ids_.data(), static_cast<std::size_t>(in.batch) * static_cast<std::size_t>(shard_.count));
+                o.attention_probe = probe;
+                o.ulysses = {rank(), ranks(), [this](std::span<const float> send, std::span<float> recv) { comm_.all_to_all(send, recv); }};
+                net_.forward(in, std::span<float>(shard_rows_.data(), static_cast<std::size_t>(in.batch) * shard_floats), o);
+            }
+        } else {
+            for (int b = 0; b < in.batch; ++b)
+                forward_sample(in, b, shards_, std::span<float>(shard_rows_).subspan(static_cast<std::size_t>(b) * shard_floats, shard_floats),
+                               probe.empty() ? probe : probe.subspan(static_cast<std::size_t>(b) * static_cast<std::size_t>(tokens_), static_cast<std::size_t>(tokens_)));
+        }
         gather_shards(in.batch, std::span<const float>(shard_rows_.data(), static_cast<std::size_t>(in.batch) * shard_floats), gathered_);
         net_.rows_to_velocity(in.batch, in.height, in.width,
                               std::span<const float>(gathered_.data(), static_cast<std::size_t>(in.batch) * static_cast<std::size_t>(tokens_) * static_cast<std::size_t>(features_)),
@@ -197,6 +236,8 @@ private:
     std::vector<kv_cache> caches_;
     std::vector<int> dual_;
     std::vector<std::vector<std::int32_t>> shards_;
+    bool ulysses_ = false;
+    std::vector<std::int32_t> ulysses_ids_;  // the shard once per sample (forward_full's image_tokens under Ulysses)
     std::vector<float> send_, recv_, shard_rows_, gathered_, gather_recv_;
     std::vector<specdiff::index_t> counts_, row_counts_;
 };
