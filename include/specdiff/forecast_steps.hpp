@@ -140,37 +140,57 @@ inline bool forecast_weights(const trajectory_gram& g, int step, std::span<const
   return true;
 }
 
+namespace detail {
+// Visits every step k the forecast on `full_steps` forecasts, in order, with its history (its last
+// min(depth, full steps before k) full steps, newest first) and the teacher-forced weights for that history;
+// `fitted` is false where the fit is singular. The visitor returns false to stop. No allocation.
+template <class Visit>
+void visit_forecasts(const trajectory_gram& g, std::span<const int> full_steps, const forecast_steps_options& o, Visit&& visit) {
+  std::array<int, cache_shape::max_history> history{};
+  std::array<double, cache_shape::max_history> w{};
+  std::size_t next = 0;  // full_steps[next] is the next full step at or after k
+  for (int k = 0; k < g.steps(); ++k) {
+    if (next < full_steps.size() && full_steps[next] == k) {
+      ++next;
+      continue;
+    }
+    const std::size_t n = std::min(static_cast<std::size_t>(o.depth), next);
+    for (std::size_t i = 0; i < n; ++i) history[i] = full_steps[next - 1 - i];
+    const std::span<const int> h(history.data(), n);
+    const std::span<double> weights(w.data(), n);
+    const bool fitted = forecast_weights(g, k, h, o.ridge, weights);
+    if (!visit(k, h, std::span<const double>(weights), fitted)) return;
+  }
+}
+}  // namespace detail
+
 /// The teacher-forced forecast's first-order error in the final latent for a set of full steps (strictly
 /// increasing, step 0 first): || sum_k s_k e_k ||^2 / || sum_k s_k y_k ||^2 over the error rows, e_k the forecast
 /// error of every step k not in `full_steps` (from its last min(depth, full steps so far) full steps, newest first,
 /// weights by forecast_weights) and s_k = step_weight[k]. Infinity when a fit is singular.
 inline double forecast_error(const trajectory_gram& g, std::span<const int> full_steps, const forecast_steps_options& o) {
   detail::check_forecast_steps(g, full_steps, o);
-  const int steps = g.steps();
-  std::vector<double> c(static_cast<std::size_t>(steps), 0.0), y(c.size(), 0.0);
-  std::array<int, cache_shape::max_history> history{};
-  std::array<double, cache_shape::max_history> w{};
-  std::size_t next = 0;  // full_steps[next] is the next full step at or after k
-  for (int k = 0; k < steps; ++k) {
-    const double s = o.step_weight.empty() ? 1.0 : o.step_weight[static_cast<std::size_t>(k)];
-    y[static_cast<std::size_t>(k)] = s;
-    if (next < full_steps.size() && full_steps[next] == k) {
-      ++next;
-      continue;
+  const auto steps = static_cast<std::size_t>(g.steps());
+  const auto step_weight = [&](std::size_t k) { return o.step_weight.empty() ? 1.0 : o.step_weight[k]; };
+  std::vector<double> c(steps, 0.0);  // the final latent's error as a combination of the step outputs
+  bool singular = false;
+  detail::visit_forecasts(g, full_steps, o, [&](int k, std::span<const int> history, std::span<const double> w, bool fitted) {
+    if (!fitted) {
+      singular = true;
+      return false;
     }
-    const int n = std::min<int>(o.depth, static_cast<int>(next));
-    for (int i = 0; i < n; ++i) history[static_cast<std::size_t>(i)] = full_steps[next - 1 - static_cast<std::size_t>(i)];
-    if (!forecast_weights(g, k, std::span<const int>(history.data(), static_cast<std::size_t>(n)), o.ridge, std::span<double>(w.data(), static_cast<std::size_t>(n))))
-      return std::numeric_limits<double>::infinity();
+    const double s = step_weight(static_cast<std::size_t>(k));
     c[static_cast<std::size_t>(k)] += s;
-    for (int i = 0; i < n; ++i) c[static_cast<std::size_t>(history[static_cast<std::size_t>(i)])] -= s * w[static_cast<std::size_t>(i)];
-  }
+    for (std::size_t i = 0; i < history.size(); ++i) c[static_cast<std::size_t>(history[i])] -= s * w[i];
+    return true;
+  });
+  if (singular) return std::numeric_limits<double>::infinity();
   double num = 0.0, den = 0.0;
-  for (int a = 0; a < steps; ++a)
-    for (int b = 0; b < steps; ++b) {
-      const double e = g.error(a, b);
-      num += c[static_cast<std::size_t>(a)] * c[static_cast<std::size_t>(b)] * e;
-      den += y[static_cast<std::size_t>(a)] * y[static_cast<std::size_t>(b)] * e;
+  for (std::size_t a = 0; a < steps; ++a)
+    for (std::size_t b = 0; b < steps; ++b) {
+      const double e = g.error(static_cast<int>(a), static_cast<int>(b));
+      num += c[a] * c[b] * e;
+      den += step_weight(a) * step_weight(b) * e;
     }
   return den > 0.0 ? std::max(num, 0.0) / den : std::max(num, 0.0);
 }
@@ -185,21 +205,13 @@ inline learned_table forecast_table(const trajectory_gram& g, std::span<const fl
   const auto d = static_cast<std::size_t>(o.depth);
   std::vector<float> weights(timesteps.size() * d * d, 0.f);
   for (std::size_t row = 0; row < timesteps.size() * d; ++row) weights[row * d] = std::numeric_limits<float>::quiet_NaN();
-  std::array<int, cache_shape::max_history> history{};
-  std::array<double, cache_shape::max_history> w{};
-  std::size_t next = 0;
-  for (int k = 0; k < g.steps(); ++k) {
-    if (next < full_steps.size() && full_steps[next] == k) {
-      ++next;
-      continue;
-    }
-    const int n = std::min<int>(o.depth, static_cast<int>(next));
-    for (int i = 0; i < n; ++i) history[static_cast<std::size_t>(i)] = full_steps[next - 1 - static_cast<std::size_t>(i)];
-    if (!forecast_weights(g, k, std::span<const int>(history.data(), static_cast<std::size_t>(n)), o.ridge, std::span<double>(w.data(), static_cast<std::size_t>(n))))
-      continue;  // stays unfitted: the forecast refuses the table for this schedule
-    float* out = weights.data() + (static_cast<std::size_t>(k) * d + static_cast<std::size_t>(n - 1)) * d;
-    for (int i = 0; i < n; ++i) out[i] = static_cast<float>(w[static_cast<std::size_t>(i)]);
-  }
+  detail::visit_forecasts(g, full_steps, o, [&](int k, std::span<const int> history, std::span<const double> w, bool fitted) {
+    if (!fitted) return true;  // stays unfitted: the forecast refuses the table for this schedule
+    const std::size_t n = history.size();
+    float* out = weights.data() + (static_cast<std::size_t>(k) * d + (n - 1)) * d;
+    for (std::size_t i = 0; i < n; ++i) out[i] = static_cast<float>(w[i]);
+    return true;
+  });
   return learned_table(std::vector<float>(timesteps.begin(), timesteps.end()), o.depth, std::move(weights));
 }
 
