@@ -173,7 +173,8 @@ class FBCacheConfig:
     """First-Block Cache (the C++ demo's ``--method fbcache``, diffusers' FirstBlockCache / cache-dit's DBCache F1B0):
     every step runs the first block; while the relative L1 change of its residual against the last computed step's
     stays below ``threshold`` the other blocks are skipped and their residual from the last computed step is added.
-    The gate is the library's (specdiff::relative_change_gate); SD3 transformers only.
+    The gate is the library's (specdiff::relative_change_gate); SD3 and FLUX transformers (FLUX: the double- then
+    single-stream blocks are the blocks).
 
     threshold: >= 0 (0 switches skipping off). warmup_steps: steps always computed at the start (the first always is).
     max_consecutive_skips, max_skips: -1 = no limit."""
@@ -201,7 +202,8 @@ class TeaCacheConfig:
     LN(x)(1 + scale_msa) + shift_msa against the previous step's, rescaled (``rescale``: 'teacache_flux', the authors'
     FLUX polynomial, as the C++ method; or 'identity') and accumulated; while the sum stays below ``threshold`` the
     whole network is skipped and the last computed step's residual added. The first and last steps compute. The gate
-    is the library's (specdiff::relative_change_gate); SD3 transformers only."""
+    is the library's (specdiff::relative_change_gate); SD3 and FLUX transformers (FLUX: block 0 is the first double-stream
+    block)."""
 
     threshold: float = 0.6
     rescale: str = "teacache_flux"
@@ -425,8 +427,6 @@ class _Runner:
         self.joint_slots = len(blocks)
         self.processors = []
         if isinstance(config, _STEP_LEVEL):  # whole blocks skipped or run with their own processors
-            if self.kind == "flux":
-                raise SpecDiffError(f"config: {type(config).__name__} runs on SD3Transformer2DModel only (FLUX: ForecastConfig, SpecDiffConfig)")
             self.gate = config.gate()
         elif self.kind == "flux":  # token-level SpecDiff: every double- and single-stream block's attention (the forecast
             if not isinstance(config, ForecastConfig):  # calls diffusers' own forward and touches no processor)
@@ -530,10 +530,11 @@ class _Runner:
         rows = sample.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
         return rows.reshape(b * (h // p) * (w // p), p * p * c).contiguous()
 
-    def step_level(self, k, steps, x, ctx, pooled, timestep):
-        """FBCache / TeaCache on SD3 (examples/methods/src/step_level.cpp's compositions): the gate decides from the
-        proxy's relative change; a skipped step adds the cached residual instead of running the blocks."""
-        m = self.model
+    def step_level(self, k, steps, h, enc, temb, blocks, block_kwargs):
+        """FBCache / TeaCache (examples/methods/src/step_level.cpp's compositions) over the embedded image and context
+        streams h, enc and the blocks in order (SD3's joint blocks; FLUX's double- then single-stream blocks): the gate
+        decides from the proxy's relative change; a skipped step adds the cached residual instead of running the blocks.
+        Returns the image stream before the final norm."""
         if k == 0:
             self.gate.reset()
             self.step_prev, self.step_residual, self.model_calls, self.partial_calls, self.library_seconds = None, None, 0, 0, 0.0
@@ -541,46 +542,64 @@ class _Runner:
             raise SpecDiffError(f"timestep: step {k} came before step {getattr(self, 'step_next', 0)} of this run; specdiff expects the "
                                 "scheduler's steps in order from the first")
         self.step_next = k + 1
-        h = m.pos_embed(x)
-        temb = m.time_text_embed(timestep, pooled)
-        enc = m.context_embedder(ctx)
-        blocks = m.transformer_blocks
-        teacache = isinstance(self.config, TeaCacheConfig)
-        if teacache:  # block 0's timestep-modulated input, LN(x)(1 + scale_msa) + shift_msa
-            proxy = blocks[0].norm1(h, emb=temb)[0].contiguous()
+
+        def run(blocks, h, enc):
+            for block in blocks:
+                enc, h = block(hidden_states=h, encoder_hidden_states=enc, temb=temb, **block_kwargs)
+            return h
+
+        def gate(proxy):
             t0 = time.perf_counter()
             change = _core.relative_l1(proxy, self.step_prev) if self.step_prev is not None else math.inf
             computing = self.gate.advance(k, steps, change)
             self.library_seconds += time.perf_counter() - t0
-            self.step_prev = proxy
-            if not computing:
-                h = h + self.step_residual
-            else:
+            return computing
+
+        if isinstance(self.config, TeaCacheConfig):  # block 0's timestep-modulated input, LN(x)(1 + scale_msa) + shift_msa
+            proxy = blocks[0].norm1(h, emb=temb)[0].contiguous()
+            computing = gate(proxy)
+            self.step_prev = proxy  # the previous step's proxy, computed or skipped
+            if computing:
                 h_in = h
-                for block in blocks:
-                    enc, h = block(hidden_states=h, encoder_hidden_states=enc, temb=temb, joint_attention_kwargs=None)
+                h = run(blocks, h, enc)
                 self.step_residual = h - h_in
+            else:
+                h = h + self.step_residual
         else:  # FBCache: the first block always; its residual's change against the last computed step's
             h_in = h
-            enc, h = blocks[0](hidden_states=h, encoder_hidden_states=enc, temb=temb, joint_attention_kwargs=None)
+            enc, h = blocks[0](hidden_states=h, encoder_hidden_states=enc, temb=temb, **block_kwargs)
             front = (h - h_in).contiguous()
-            t0 = time.perf_counter()
-            change = _core.relative_l1(front, self.step_prev) if self.step_prev is not None else math.inf
-            computing = self.gate.advance(k, steps, change)
-            self.library_seconds += time.perf_counter() - t0
-            if not computing:
-                h = h + self.step_residual
-            else:
+            computing = gate(front)
+            if computing:
                 self.step_prev = front  # the reference is the last computed step's residual
                 middle_in = h
-                for block in blocks[1:]:
-                    enc, h = block(hidden_states=h, encoder_hidden_states=enc, temb=temb, joint_attention_kwargs=None)
+                h = run(blocks[1:], h, enc)
                 self.step_residual = h - middle_in
+            else:
+                h = h + self.step_residual
         self.model_calls += 1
         if not computing:
             self.partial_calls += 1
-        h = m.norm_out(h, temb)
-        return m.proj_out(h)
+        return h
+
+    def step_level_sd3(self, k, steps, x, ctx, pooled, timestep):
+        m = self.model
+        temb = m.time_text_embed(timestep, pooled)
+        h = self.step_level(k, steps, m.pos_embed(x), m.context_embedder(ctx), temb, m.transformer_blocks, {"joint_attention_kwargs": None})
+        return m.proj_out(m.norm_out(h, temb))
+
+    def step_level_flux(self, k, steps, x, ctx, pooled, timestep, img_ids, txt_ids, guidance):
+        """FLUX's output rows [B, tokens, features] (FluxTransformer2DModel's forward, its blocks under step_level)."""
+        m = self.model
+        t = timestep.to(x.dtype) * 1000
+        temb = m.time_text_embed(t, pooled) if guidance is None else m.time_text_embed(t, guidance.to(x.dtype) * 1000, pooled)
+        txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
+        img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+        rotary = m.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+        blocks = list(m.transformer_blocks) + list(m.single_transformer_blocks)
+        h = self.step_level(k, steps, m.x_embedder(x), m.context_embedder(ctx), temb, blocks,
+                            {"image_rotary_emb": rotary, "joint_attention_kwargs": None})
+        return m.proj_out(m.norm_out(h, temb))
 
     def unpatchify(self, rows, height, width):
         p = self.model.config.patch_size
@@ -699,7 +718,7 @@ class _Runner:
         t = float(timestep.reshape(-1)[0])
         ts, k = self.grid(t)
         if isinstance(self.config, _STEP_LEVEL):
-            rows = self.step_level(k, len(ts), x, encoder_hidden_states, pooled_projections, timestep)
+            rows = self.step_level_sd3(k, len(ts), x, encoder_hidden_states, pooled_projections, timestep)
             sample = self.unpatchify(rows, height, width)
             return (sample,) if not return_dict else Transformer2DModelOutput(sample=sample)
         guidance, cfg = self.guidance(batch)
@@ -782,6 +801,9 @@ def _flux_call(runner: "_Runner", original, hidden_states, encoder_hidden_states
     batch, tokens, features = x.shape
     r.tokens = tokens
     ts, k = r.grid(float(timestep.reshape(-1)[0]))
+    if isinstance(r.config, _STEP_LEVEL):
+        sample = r.step_level_flux(k, len(ts), x, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance)
+        return (sample,) if not return_dict else Transformer2DModelOutput(sample=sample)
     g, cfg = r.guidance(batch)
 
     def velocity(inp, t, probe):  # FluxPipeline calls the model with t / 1000, in the packed layout

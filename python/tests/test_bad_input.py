@@ -105,9 +105,3 @@ def test_wrong_tensors_at_call_time(sd3_problem):
             m(hidden_states=x.float(), timestep=sched.timesteps[2].expand(2), encoder_hidden_states=ctx, pooled_projections=pooled)
     finally:
         sd.disable(m)
-
-
-def test_step_level_methods_refuse_flux(flux_problem):
-    with pytest.raises(sd.SpecDiffError, match="config: TeaCacheConfig runs on SD3Transformer2DModel only"):
-        sd.enable(flux_problem.model, sd.TeaCacheConfig(), scheduler=flux_problem.scheduler)
-    assert not hasattr(flux_problem.model, "_specdiff_runner") and not hasattr(flux_problem.model, "_diffusers_hook")

@@ -117,3 +117,32 @@ def test_flux_calibrate_forecast_fits_a_usable_table(flux_problem, flux_full):
     x = run(flux_problem, sd.ForecastConfig(interval=3, learned=table))
     assert rel_l2(x.numpy(), flux_full.numpy()) < 0.1
     assert not torch.equal(x, flux_full)
+
+
+@pytest.mark.parametrize(
+    "method, config, options",
+    [
+        ("fbcache", lambda: sd.FBCacheConfig(threshold=0.4), {"threshold": 0.4}),
+        ("teacache", lambda: sd.TeaCacheConfig(threshold=1.0), {"threshold": 1.0}),
+    ],
+    ids=["fbcache-0.4", "teacache-1.0"],
+)
+def test_flux_step_level_method_matches_the_cpp_demo(flux_problem, flux_full, tmp_path, method, config, options):
+    """FBCache and TeaCache on FLUX: the double- then single-stream blocks are the blocks (block 0 the first double-stream
+    one, as in the engine); the gate's skipped steps, and so the images, equal the C++ demo's."""
+    sd.enable(flux_problem.model, config(), scheduler=flux_problem.scheduler)
+    try:
+        x = flux_problem.sample()
+        skipped = sd.stats(flux_problem.model)["partial_calls"]
+    finally:
+        sd.disable(flux_problem.model)
+    ref = cpp_latents(tmp_path, "mnist-flux", method, SAMPLES, 28, **options)
+    err = rel_l2(x.numpy(), ref)
+    print(f"mnist-flux {method} {options}: {skipped} skipped steps, relative L2 {err:.3g}")
+    assert err < TOL, f"{method} {options}: relative L2 {err:.3g} against the C++ demo"
+    assert skipped > 0 and not torch.equal(x, flux_full)
+
+
+@pytest.mark.parametrize("config", [sd.FBCacheConfig(threshold=0.0), sd.TeaCacheConfig(threshold=0.0)], ids=["fbcache", "teacache"])
+def test_flux_step_level_threshold_zero_is_the_plain_loop_bit_for_bit(flux_problem, flux_full, config):
+    assert torch.equal(run(flux_problem, config), flux_full)
