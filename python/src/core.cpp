@@ -26,6 +26,8 @@
 #include "quality/metrics.hpp"
 #include "quality/noise.hpp"
 
+#include "dense_steps.hpp"
+
 #ifdef SPECDIFF_PY_CUDA
 #include "device.hpp"
 #endif
@@ -34,6 +36,8 @@ namespace nb = nanobind;
 using specdiff::index_t;
 
 namespace {
+
+using specdiff_python::within;
 
 using const_rows = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
 using rows_out = nb::ndarray<float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
@@ -129,14 +133,6 @@ template <class Scorer, class Predictor, class Classifier, class Schedule, class
 std::unique_ptr<method> make(bool step_tags, const specdiff::accelerator_config& c, Scorer s, Predictor p, Classifier cl, Schedule sch, Approx a) {
   using acc = specdiff::accelerator<Scorer, Predictor, Classifier, Schedule, Approx>;
   return std::make_unique<method_of<acc>>(step_tags, c, std::move(s), std::move(p), std::move(cl), std::move(sch), a);
-}
-
-// The dense steps of a method's defaults that fit the run (the C++ methods drop the ones past a shorter run).
-std::vector<index_t> within(const std::vector<int>& steps_list, int steps) {
-  std::vector<index_t> kept;
-  for (int r : steps_list)
-    if (r < steps) kept.push_back(r);
-  return kept;
 }
 
 template <class Run>

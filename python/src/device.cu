@@ -2,6 +2,7 @@
 // memory, composed as the host methods are (python/src/core.cpp), on the caller's stream. Compiled by nvcc only when
 // the package is built with SPECDIFF_PY_CUDA=ON.
 #include "device.hpp"
+#include "dense_steps.hpp"
 
 #include <cuda_runtime.h>
 
@@ -114,13 +115,6 @@ std::unique_ptr<device_method> make(bool step_tags, const specdiff::accelerator_
                                     std::uintptr_t stream) {
   using acc = gpu::accelerator<Scorer, Predictor, Classifier, Schedule, Approx>;
   return std::make_unique<method_of<acc>>(step_tags, c, std::move(s), std::move(p), std::move(cl), std::move(sch), a, stream);
-}
-
-std::vector<index_t> within(const std::vector<int>& steps_list, int steps) {
-  std::vector<index_t> kept;
-  for (int r : steps_list)
-    if (r < steps) kept.push_back(r);
-  return kept;
 }
 
 template <class Run>
