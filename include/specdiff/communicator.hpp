@@ -23,7 +23,14 @@
 //   all_to_all(send, recv)    send and recv hold size() equal blocks (send.size() == recv.size(), a multiple of
 //                             size()); block q of `send` goes to rank q, and block r of `recv` is what rank r sent
 //                             here (MPI_Alltoall): [tokens/P, all heads] rows become [all tokens, heads/P] and back.
-//                             Every model shipped here has it.
+//   all_to_all_v(send, send_counts, recv, recv_counts)
+//                             blocks of per-rank sizes (MPI_Alltoallv): `send` is size() consecutive blocks, block q of
+//                             send_counts[q] floats going to rank q; `recv` is size() consecutive blocks, block r of
+//                             recv_counts[r] floats coming from rank r. recv_counts[r] here must equal send_counts[rank()]
+//                             on rank r (the caller's to keep, as with MPI; a model cannot check it without a collective).
+//                             Counts may be zero: a Ulysses rank whose share of a token subset is empty sends nothing
+//                             and still receives the others' rows.
+//                             Every model shipped here has both.
 #pragma once
 
 #include <algorithm>
@@ -32,6 +39,7 @@
 #include <exception>
 #include <numeric>
 #include <span>
+#include <tuple>
 
 #include "common.hpp"
 
@@ -64,8 +72,10 @@ inline void expect_gather_sizes(int rank, int size, std::span<const float> send,
 
 /// A communicator that also exchanges equal blocks between every pair of ranks (see the contract above).
 template <class C>
-concept all_to_all_communicator = communicator<C> && requires(C& c, std::span<const float> send, std::span<float> recv) {
+concept all_to_all_communicator = communicator<C> && requires(C& c, std::span<const float> send, std::span<float> recv,
+                                                              std::span<const index_t> counts) {
   c.all_to_all(send, recv);
+  c.all_to_all_v(send, counts, recv, counts);
 };
 
 namespace detail {
@@ -74,6 +84,21 @@ inline void expect_all_to_all_sizes(int size, std::span<const float> send, std::
   expect_size("recv", recv.size(), send.size());
   if (send.size() % static_cast<std::size_t>(size) != 0)
     fail("send: ", send.size(), " floats do not split into ", size, " equal blocks (one per rank)");
+}
+/// The size checks every model makes before all_to_all_v: one count per rank, none negative, and the counts adding
+/// up to the span they describe. Returns nothing; fails naming the argument and its value.
+inline void expect_all_to_all_v_sizes(int size, std::span<const float> send, std::span<const index_t> send_counts,
+                                      std::span<float> recv, std::span<const index_t> recv_counts) {
+  for (const auto& [name, counts, span_name, floats] :
+       {std::tuple{"send_counts", send_counts, "send", send.size()}, std::tuple{"recv_counts", recv_counts, "recv", recv.size()}}) {
+    expect_size(name, counts.size(), static_cast<std::size_t>(size));
+    std::size_t total = 0;
+    for (std::size_t r = 0; r < counts.size(); ++r) {
+      if (counts[r] < 0) fail(name, "[", r, "]: must be >= 0, got ", counts[r]);
+      total += static_cast<std::size_t>(counts[r]);
+    }
+    if (total != floats) fail(span_name, ": holds ", floats, " floats, but ", name, " add up to ", total);
+  }
 }
 }  // namespace detail
 
@@ -88,6 +113,11 @@ struct single_process {
   void all_reduce_sum(std::span<float>) {}
   void all_to_all(std::span<const float> send, std::span<float> recv) {
     detail::expect_all_to_all_sizes(1, send, recv);
+    if (!send.empty()) std::memmove(recv.data(), send.data(), send.size_bytes());
+  }
+  void all_to_all_v(std::span<const float> send, std::span<const index_t> send_counts, std::span<float> recv,
+                    std::span<const index_t> recv_counts) {
+    detail::expect_all_to_all_v_sizes(1, send, send_counts, recv, recv_counts);
     if (!send.empty()) std::memmove(recv.data(), send.data(), send.size_bytes());
   }
   [[noreturn]] void fail(std::exception_ptr error) { std::rethrow_exception(error); }

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <functional>
 #include <map>
+#include <random>
 #include <set>
 #include <string>
 
@@ -84,6 +85,57 @@ void all_to_all(mpi_communicator& c) {
     refused = std::string(e.what()).find("send: 3 floats do not split into 2 equal blocks") != std::string::npos;
   }
   EXPECT(refused);
+}
+
+// all_to_all_v against hand values: rank r sends rank q the block {1000 r + 100 q + i : i < n(r, q)} of n(r, q) floats.
+// Fixed counts first (a zero count each way: rank 0 sends itself nothing, rank 1 sends rank 0 nothing), then fresh
+// random counts in [0, 4] drawn from a seed both ranks share (a new one per run, printed), each round checked against
+// the values every rank can compute for itself. Bad counts are refused by name before any transfer.
+void all_to_all_v(mpi_communicator& c) {
+  const int me = c.rank(), P = c.size();
+  auto value = [](int from, int to, int i) { return static_cast<float>(1000 * from + 100 * to + i); };
+  auto round = [&](const std::function<int(int, int)>& n) {  // n(from, to): floats rank `from` sends rank `to`
+    std::vector<float> send, recv, want;
+    std::vector<index_t> send_counts, recv_counts;
+    for (int q = 0; q < P; ++q) {
+      send_counts.push_back(n(me, q));
+      for (int i = 0; i < n(me, q); ++i) send.push_back(value(me, q, i));
+    }
+    for (int r = 0; r < P; ++r) {
+      recv_counts.push_back(n(r, me));
+      for (int i = 0; i < n(r, me); ++i) want.push_back(value(r, me, i));
+    }
+    recv.assign(want.size(), -1.f);
+    c.all_to_all_v(send, send_counts, recv, recv_counts);
+    return recv == want;
+  };
+  const int fixed[2][2] = {{0, 3}, {0, 2}};  // fixed[from][to]
+  EXPECT(round([&](int from, int to) { return fixed[from][to]; }));
+  EXPECT(round([](int, int) { return 0; }));  // nothing at all: still a collective every rank enters
+  unsigned seed = static_cast<unsigned>(std::chrono::steady_clock::now().time_since_epoch().count());
+  MPI_Bcast(&seed, 1, MPI_UNSIGNED, 0, c.handle());
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int> count(0, 4);
+  int zeros = 0;
+  for (int k = 0; k < 20; ++k) {
+    std::vector<int> n(static_cast<std::size_t>(P * P));
+    for (auto& x : n) zeros += (x = count(rng)) == 0;
+    EXPECT(round([&](int from, int to) { return n[static_cast<std::size_t>(from * P + to)]; }));
+  }
+  if (me == 0) std::printf("all_to_all_v: fixed counts, no counts, and 20 random rounds (seed %u, %d zero counts) match\n", seed, zeros);
+  auto refused = [&](std::vector<index_t> sc, std::size_t send_size, std::vector<index_t> rc, std::size_t recv_size, const char* text) {
+    std::vector<float> send(send_size), recv(recv_size);
+    try {
+      c.all_to_all_v(send, sc, recv, rc);
+    } catch (const std::invalid_argument& e) {
+      if (std::string(e.what()).find(text) != std::string::npos) return true;
+      std::fprintf(stderr, "rank %d: refused with '%s', expected '%s'\n", me, e.what(), text);
+    }
+    return false;
+  };
+  EXPECT(refused({1, 1}, 3, {1, 1}, 2, "send: holds 3 floats, but send_counts add up to 2"));
+  EXPECT(refused({1, -1}, 0, {0, 0}, 0, "send_counts[1]: must be >= 0, got -1"));
+  EXPECT(refused({1, 1}, 2, {1}, 1, "recv_counts: expected 2"));
 }
 
 // global_plan: the same C1 sets and the same output rows as one process over a whole run (uneven shards of 37
@@ -222,6 +274,7 @@ int main(int argc, char** argv) {
         {"all_gather_variable_rows", all_gather_variable_rows},
         {"all_reduce_sum", all_reduce_sum},
         {"all_to_all", all_to_all},
+        {"all_to_all_v", all_to_all_v},
         {"global_plan_matches_one_process", global_plan_matches_one_process},
         {"global_plan_union_is_global", global_plan_union_is_global},
         {"per_shard_runs_and_reports", per_shard_runs_and_reports},

@@ -48,6 +48,22 @@ TEST_CASE("single_process: all_to_all copies its one block, and other sizes are 
   static_assert(all_to_all_communicator<single_process>);
 }
 
+TEST_CASE("single_process: all_to_all_v copies its one block (zero floats too), bad counts refused by name") {
+  single_process c;
+  const std::vector<float> send{1.5f, -2.f};
+  std::vector<float> recv(2);
+  const std::vector<index_t> two{2}, none{0}, negative{-1};
+  c.all_to_all_v(send, two, recv, two);
+  CHECK(recv == send);
+  c.all_to_all_v({}, none, {}, none);
+  CHECK_THROWS_WITH_AS(c.all_to_all_v(send, none, recv, two), doctest::Contains("send: holds 2 floats, but send_counts add up to 0"),
+                       std::invalid_argument);
+  CHECK_THROWS_WITH_AS(c.all_to_all_v({}, negative, {}, none), doctest::Contains("send_counts[0]: must be >= 0, got -1"),
+                       std::invalid_argument);
+  CHECK_THROWS_WITH_AS(c.all_to_all_v(send, two, recv, std::vector<index_t>{2, 0}), doctest::Contains("recv_counts: expected 1"),
+                       std::invalid_argument);
+}
+
 TEST_CASE("global_plan on one process makes the reference's plans and rows, bit for bit") {
   for (bool cfg : {false, true}) {
     problem p;

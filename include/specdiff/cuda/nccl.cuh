@@ -60,6 +60,24 @@ class nccl_communicator {
     check(ncclGroupEnd(), "ncclGroupEnd");
   }
 
+  /// Blocks of per-rank sizes: one ncclSend and one ncclRecv per peer with its own count, grouped (a zero count
+  /// posts nothing for that direction).
+  void all_to_all_v(std::span<const float> send, std::span<const index_t> send_counts, std::span<float> recv,
+                    std::span<const index_t> recv_counts) {
+    detail::expect_all_to_all_v_sizes(size_, send, send_counts, recv, recv_counts);
+    check(ncclGroupStart(), "ncclGroupStart");
+    std::size_t sent = 0, received = 0;
+    for (int r = 0; r < size_; ++r) {
+      const auto out = static_cast<std::size_t>(send_counts[static_cast<std::size_t>(r)]);
+      const auto in = static_cast<std::size_t>(recv_counts[static_cast<std::size_t>(r)]);
+      if (out > 0) check(ncclSend(send.data() + sent, out, ncclFloat32, r, comm_, stream_), "ncclSend");
+      if (in > 0) check(ncclRecv(recv.data() + received, in, ncclFloat32, r, comm_, stream_), "ncclRecv");
+      sent += out;
+      received += in;
+    }
+    check(ncclGroupEnd(), "ncclGroupEnd");
+  }
+
   /// Every rank down: the message on stderr, the communicator aborted (peers' pending collectives fail), then
   /// this process ends with status 1 (a launcher such as mpirun or torchrun then stops the others).
   [[noreturn]] void fail(std::exception_ptr error) {

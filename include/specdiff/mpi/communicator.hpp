@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <exception>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace specdiff {
@@ -24,6 +25,8 @@ class mpi_communicator {
     MPI_Comm_size(comm_, &size_);
     counts_.resize(static_cast<std::size_t>(size_));
     displacements_.resize(static_cast<std::size_t>(size_));
+    recv_counts_.resize(static_cast<std::size_t>(size_));
+    recv_displacements_.resize(static_cast<std::size_t>(size_));
   }
 
   int rank() const noexcept { return rank_; }
@@ -66,6 +69,27 @@ class mpi_communicator {
           "MPI_Alltoall");
   }
 
+  /// Blocks of per-rank sizes (MPI_Alltoallv); counts may be zero.
+  void all_to_all_v(std::span<const float> send, std::span<const index_t> send_counts, std::span<float> recv,
+                    std::span<const index_t> recv_counts) {
+    detail::expect_all_to_all_v_sizes(size_, send, send_counts, recv, recv_counts);
+    for (const auto& [name, floats] : {std::pair{"send", send.size()}, std::pair{"recv", recv.size()}})
+      if (floats > static_cast<std::size_t>(std::numeric_limits<int>::max()))
+        detail::fail(name, ": ", floats, " floats, more than MPI's int counts and displacements hold");
+    int sent = 0, received = 0;
+    for (std::size_t r = 0; r < counts_.size(); ++r) {
+      counts_[r] = static_cast<int>(send_counts[r]);
+      displacements_[r] = sent;
+      sent += counts_[r];
+      recv_counts_[r] = static_cast<int>(recv_counts[r]);
+      recv_displacements_[r] = received;
+      received += recv_counts_[r];
+    }
+    check(MPI_Alltoallv(send.data(), counts_.data(), displacements_.data(), MPI_FLOAT, recv.data(), recv_counts_.data(),
+                        recv_displacements_.data(), MPI_FLOAT, comm_),
+          "MPI_Alltoallv");
+  }
+
   /// Every rank down: the message on stderr, then MPI_Abort (status 1).
   [[noreturn]] void fail(std::exception_ptr error) {
     const char* what = "unknown error";
@@ -92,7 +116,7 @@ class mpi_communicator {
 
   MPI_Comm comm_;
   int rank_ = 0, size_ = 1;
-  std::vector<int> counts_, displacements_;
+  std::vector<int> counts_, displacements_, recv_counts_, recv_displacements_;
 };
 
 static_assert(all_to_all_communicator<mpi_communicator>);
