@@ -72,6 +72,17 @@ struct timed_communicator {
     received += others;
     ++calls;
   }
+  void all_to_all_v(std::span<const float> send, std::span<const specdiff::index_t> send_counts, std::span<float> recv,
+                    std::span<const specdiff::index_t> recv_counts) {  // Ulysses token subsets (ulysses.rank_tokens)
+    wait();
+    const double t = MPI_Wtime();
+    inner.all_to_all_v(send, send_counts, recv, recv_counts);
+    seconds += MPI_Wtime() - t;
+    const auto me = static_cast<std::size_t>(rank());  // this rank's own block stays
+    sent += static_cast<double>(send.size_bytes()) - 4.0 * static_cast<double>(send_counts[me]);
+    received += static_cast<double>(recv.size_bytes()) - 4.0 * static_cast<double>(recv_counts[me]);
+    ++calls;
+  }
   [[noreturn]] void fail(std::exception_ptr e) { inner.fail(e); }
   void clear() { seconds = waited = sent = received = 0, calls = 0; }
 };
