@@ -5,7 +5,11 @@
 // (with MMDiT-X's image-only attention) and FLUX. `mpirun -n 2 specdiff_engine_sp_tests <case>`.
 #include <mpi.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <numeric>
+#include <random>
 #include <optional>
 #include <cstdio>
 #include <stdexcept>
@@ -225,6 +229,170 @@ void flux_ulysses(specdiff::mpi_communicator& comm) {
   });
 }
 
+// Ulysses token-subset forwards (SpecDiff's partial forward under forward_options::ulysses with rank_tokens), against
+// one process: a full forward at t = 700 fills the caches (one process: every head; each rank: its heads, kv_cache
+// with head_ranks = 2), then token-subset forwards at later timesteps, each on the K/V the earlier ones left (so
+// the caches must be written at the computed tokens before attention reads the rest). Each step's token set is given
+// per sample as every rank's share (the global plan's: the C1 tokens inside the rank's shard), with the same count
+// per rank in every sample; one process runs the union. Checked per step: this rank's rows and the summed probe
+// within 1e-5 relative L2 of one process's. Steps: a fixed set, one where rank 1's share is empty (it runs a forward of
+// zero image tokens, image_selection::none), one where rank 0's is, and fresh random sets (seed printed).
+template <class Inputs>
+void compare_ulysses_subset(specdiff::mpi_communicator& comm, sd3::transformer& net, Inputs inputs_at, int B, int N,
+                            bool context_queries, const char* name) {
+  const int P = net.patch_features(), ranks = comm.size(), me = comm.rank();
+  const auto shard = [&](int r) { return specdiff::token_shard::of(N, r, ranks); };
+  unsigned seed = static_cast<unsigned>(std::chrono::steady_clock::now().time_since_epoch().count());
+  MPI_Bcast(&seed, 1, MPI_UNSIGNED, 0, comm.handle());
+  std::mt19937 rng(seed);
+  // a step: counts[r] tokens of rank r's shard per sample; picks[b][r] their offsets in the shard
+  struct step_set {
+    float t;
+    std::vector<std::vector<std::vector<int>>> picks;  // [sample][rank] ascending shard offsets
+  };
+  auto first_of = [&](std::vector<int> counts, bool same_for_samples) {
+    std::vector<std::vector<std::vector<int>>> picks(static_cast<std::size_t>(B), std::vector<std::vector<int>>(static_cast<std::size_t>(ranks)));
+    for (int b = 0; b < B; ++b)
+      for (int r = 0; r < ranks; ++r) {
+        std::vector<int> all(static_cast<std::size_t>(shard(r).count));
+        std::iota(all.begin(), all.end(), 0);
+        if (!same_for_samples || b == 0) std::shuffle(all.begin(), all.end(), rng);
+        else all = picks[0][static_cast<std::size_t>(r)];
+        all.resize(static_cast<std::size_t>(counts[static_cast<std::size_t>(r)]));
+        std::sort(all.begin(), all.end());
+        picks[static_cast<std::size_t>(b)][static_cast<std::size_t>(r)] = all;
+      }
+    return picks;
+  };
+  std::vector<step_set> steps;
+  {  // fixed: tokens 1, 2 and 5 of shard 0 and 0, 4 of shard 1, the same in both samples
+    std::vector<std::vector<std::vector<int>>> fixed(static_cast<std::size_t>(B), {{1, 2, 5}, {0, 4}});
+    steps.push_back({500.f, fixed});
+  }
+  steps.push_back({400.f, first_of({4, 0}, false)});  // rank 1's share empty
+  steps.push_back({300.f, first_of({0, 3}, false)});  // rank 0's share empty
+  std::uniform_int_distribution<int> count0(0, shard(0).count), count1(0, shard(1).count);
+  for (int k = 0; k < 3; ++k) {
+    int c0 = count0(rng), c1 = count1(rng);
+    if (c0 + c1 == 0) c1 = 1;
+    steps.push_back({250.f - 50.f * k, first_of({c0, c1}, k == 1)});
+  }
+
+  // one process: every head, the union of the ranks' sets
+  sd3::kv_cache kv(net, B, N);
+  std::vector<float> velocity(static_cast<std::size_t>(B) * N * P), full_probe(static_cast<std::size_t>(B) * N);
+  sd3::forward_options all;
+  all.kv = &kv;
+  all.attention_probe = full_probe;
+  all.probe_context_queries = context_queries;
+  net.forward(inputs_at(700.f), velocity, all);
+  // two ranks: a Ulysses full forward fills the caches of the rank's heads
+  sd3::kv_cache mine_kv(net, B, N, ranks);
+  const auto sh = shard(me);
+  std::vector<std::int32_t> shard_ids;
+  for (int b = 0; b < B; ++b)
+    for (int t = 0; t < sh.count; ++t) shard_ids.push_back(static_cast<std::int32_t>(sh.begin + t));
+  std::vector<float> shard_rows(static_cast<std::size_t>(B) * sh.count * P), probe(full_probe.size());
+  const auto a2a = [&](std::span<const float> send, std::span<float> recv) { comm.all_to_all(send, recv); };
+  const auto a2av = [&](std::span<const float> send, std::span<const std::int32_t> sc, std::span<float> recv, std::span<const std::int32_t> rc) {
+    comm.all_to_all_v(send, sc, recv, rc);
+  };
+  sd3::forward_options full;
+  full.image_tokens = shard_ids;
+  full.kv = &mine_kv;
+  full.attention_probe = probe;
+  full.probe_context_queries = context_queries;
+  full.ulysses = {me, ranks, a2a};
+  net.forward(inputs_at(700.f), shard_rows, full);
+
+  int k = 0, empty_steps = 0;
+  double worst_rows = 0, worst_probe = 0;
+  for (const auto& st : steps) {
+    std::vector<std::vector<std::int32_t>> lists(static_cast<std::size_t>(ranks));
+    std::vector<std::int32_t> unions;
+    for (int b = 0; b < B; ++b)
+      for (int r = 0; r < ranks; ++r)
+        for (const int o : st.picks[static_cast<std::size_t>(b)][static_cast<std::size_t>(r)]) {
+          lists[static_cast<std::size_t>(r)].push_back(static_cast<std::int32_t>(shard(r).begin + o));
+          unions.push_back(static_cast<std::int32_t>(shard(r).begin + o));
+        }
+    const int n = static_cast<int>(unions.size()) / B;
+    std::vector<float> ref_rows(static_cast<std::size_t>(B) * n * P), ref_probe(full_probe.size());
+    sd3::forward_options one;
+    one.image_tokens = unions;
+    one.kv = &kv;
+    one.attention_probe = ref_probe;
+    one.probe_context_queries = context_queries;
+    net.forward(inputs_at(st.t), ref_rows, one);
+
+    const auto& own = lists[static_cast<std::size_t>(me)];
+    const int m = static_cast<int>(own.size()) / B;
+    std::vector<std::span<const std::int32_t>> spans(lists.begin(), lists.end());
+    std::vector<float> rows(static_cast<std::size_t>(B) * m * P);
+    int exchanges = 0;
+    sd3::forward_options o;
+    o.image_tokens = own;
+    o.select = own.empty() ? sd3::image_selection::none : sd3::image_selection::listed;
+    o.kv = &mine_kv;
+    o.attention_probe = probe;
+    o.probe_context_queries = context_queries;
+    o.ulysses = {me, ranks, a2a, spans, [&](std::span<const float> send, std::span<const std::int32_t> sc, std::span<float> recv,
+                                            std::span<const std::int32_t> rc) {
+                   ++exchanges;
+                   a2av(send, sc, recv, rc);
+                 }};
+    net.forward(inputs_at(st.t), rows, o);
+    comm.all_reduce_sum(probe);
+    // this rank's rows of one process's: its share sits after the earlier ranks' in every sample
+    int before = 0;
+    for (int r = 0; r < me; ++r) before += static_cast<int>(lists[static_cast<std::size_t>(r)].size()) / B;
+    std::vector<float> want;
+    for (int b = 0; b < B; ++b)
+      want.insert(want.end(), ref_rows.begin() + (static_cast<std::ptrdiff_t>(b) * n + before) * P,
+                  ref_rows.begin() + (static_cast<std::ptrdiff_t>(b) * n + before + m) * P);
+    const double rows_err = m == 0 ? 0.0 : relative_l2(rows, want), probe_err = relative_l2(probe, ref_probe);
+    bool empty = false;
+    for (const auto& l : lists) empty = empty || l.empty();
+    empty_steps += empty;
+    worst_rows = std::max(worst_rows, rows_err);
+    worst_probe = std::max(worst_probe, probe_err);
+    const std::string at = std::string(name) + " Ulysses subset step " + std::to_string(k) + " (" + std::to_string(lists[0].size() / B) + " + " +
+                           std::to_string(lists[1].size() / B) + " tokens per sample)";
+    expect(rows_err <= 1e-5, at + ": rows relative L2 " + std::to_string(rows_err), me);
+    expect(probe_err <= 1e-5, at + ": probe relative L2 " + std::to_string(probe_err), me);
+    expect(exchanges >= 2 * net.blocks(), at + ": " + std::to_string(exchanges) + " all-to-alls with counts (every rank joins them)", me);
+    ++k;
+  }
+  expect(empty_steps >= 2, std::string(name) + ": steps with an empty share " + std::to_string(empty_steps), me);
+  std::printf("rank %d %s Ulysses subset: %d steps (%d with an empty share; random sets, seed %u): worst rows relative L2 %.3g, "
+              "worst summed probe relative L2 %.3g\n",
+              me, name, k, empty_steps, seed, worst_rows, worst_probe);
+}
+
+void sd3_ulysses_subset(specdiff::mpi_communicator& comm) {
+  test_util::random_problem p(11, true, {0, 1});  // MMDiT-X: the image-only attention's cache slots too
+  sd3::transformer net(p.model, p.limits(), 1);
+  std::vector<float> timesteps(static_cast<std::size_t>(p.batch));
+  compare_ulysses_subset(comm, net, [&](float t) {
+    std::fill(timesteps.begin(), timesteps.end(), t);
+    sd3::forward_inputs in = p.inputs();
+    in.timesteps = timesteps;
+    return in;
+  }, p.batch, p.tokens(), false, "sd3 (MMDiT-X)");
+}
+
+void flux_ulysses_subset(specdiff::mpi_communicator& comm) {
+  const flux_problem p(test_util::small_flux_config(), 4, 5);  // rotary positions, single-stream blocks, probe with context queries
+  sd3::transformer net(p.model, p.limits(), 1);
+  std::vector<float> timesteps(static_cast<std::size_t>(p.batch));
+  compare_ulysses_subset(comm, net, [&](float t) {
+    std::fill(timesteps.begin(), timesteps.end(), t);
+    sd3::forward_inputs in = p.inputs();
+    in.timesteps = timesteps;
+    return in;
+  }, p.batch, p.rows * p.cols, true, "flux");
+}
+
 // sd3::sequence_parallel with use_ulysses(true) (what the demo's --sequence-parallel --ulysses runs for full RFlow):
 // forward_full against one process's forward (velocity on every rank, summed probe); forward_sample refused by name
 // while Ulysses is on. (Full RFlow over ranks: mpi/demo_sd3_full_ulysses.)
@@ -296,9 +464,62 @@ void ulysses_refused(specdiff::mpi_communicator& comm) {
           "ulysses: image tokens = 15 do not split over ranks = " + std::to_string(ranks));
   const flux_problem ok(test_util::small_flux_config(), 4, 5);
   sd3::transformer net2(ok.model, ok.limits(), 1);
-  refused(net2, ok.inputs(), shard(2, 20, 20 / ranks - 1), nullptr, "a token subset under ulysses (SpecDiff's partial forward) is not built");
-  sd3::kv_cache kv(net2, 2, 20);
-  refused(net2, ok.inputs(), shard(2, 20, 20 / ranks), &kv, "ulysses: a head-exchange forward keeps no K/V cache");
+  refused(net2, ok.inputs(), shard(2, 20, 20 / ranks - 1), nullptr, "a token subset under ulysses needs ulysses.rank_tokens");
+  sd3::kv_cache kv(net2, 2, 20);  // every head: not a Ulysses rank's cache
+  refused(net2, ok.inputs(), shard(2, 20, 20 / ranks), &kv, "(ulysses: the rank's heads, kv_cache(net, batch, tokens, ranks = ");
+  // token subsets (ulysses.rank_tokens): every rank's list, this rank's the call's, disjoint, a cache of the rank's heads
+  sd3::kv_cache heads_kv(net2, 2, 20, ranks);
+  auto subset = [&](std::vector<std::vector<std::int32_t>> lists, std::vector<std::int32_t> ids, sd3::image_selection select, sd3::kv_cache* cache,
+                    const std::string& text) {
+    std::vector<std::span<const std::int32_t>> spans(lists.begin(), lists.end());
+    // every token's rows where the call asks for every token (ids empty, listed)
+    std::vector<float> rows((ids.empty() && select == sd3::image_selection::listed ? 2 * 20 : ids.size()) * static_cast<std::size_t>(net2.patch_features()));
+    sd3::forward_options o;
+    o.image_tokens = ids;
+    o.select = select;
+    o.kv = cache;
+    o.ulysses = {comm.rank(), ranks, [&](std::span<const float> send, std::span<float> recv) { comm.all_to_all(send, recv); }, spans,
+                 [&](std::span<const float> send, std::span<const std::int32_t> sc, std::span<float> recv, std::span<const std::int32_t> rc) {
+                   comm.all_to_all_v(send, sc, recv, rc);
+                 }};
+    bool good = false;
+    std::string what = "(nothing thrown)";
+    try {
+      net2.forward(ok.inputs(), rows, o);
+    } catch (const std::invalid_argument& e) {
+      what = e.what();
+      good = what.find(text) != std::string::npos;
+    }
+    expect(good, "refused by name: expected '" + text + "', got: " + what, comm.rank());
+    std::printf("rank %d refused: %s\n", comm.rank(), what.c_str());
+  };
+  const auto listed = sd3::image_selection::listed, none = sd3::image_selection::none;
+  const std::vector<std::vector<std::int32_t>> two_each{{1, 3, 1, 3}, {12, 15, 12, 15}};  // 2 tokens per sample on each rank
+  const auto& own = two_each[static_cast<std::size_t>(comm.rank())];
+  subset(two_each, own, listed, nullptr, "reads the other tokens' keys and values from a kv_cache of the rank's heads (options.kv is null)");
+  subset({{1, 3, 1, 3}, {3, 15, 3, 15}}, comm.rank() == 0 ? std::vector<std::int32_t>{1, 3, 1, 3} : std::vector<std::int32_t>{3, 15, 3, 15}, listed,
+         &heads_kv, "ulysses.rank_tokens: token 3 of sample 0 is in two ranks' lists");
+  subset(two_each, {own[0], own[0]}, listed, &heads_kv, "differ from ulysses.rank_tokens[" + std::to_string(comm.rank()) + "]");
+  subset({{1, 3, 1, 3}}, own, listed, &heads_kv, "ulysses.rank_tokens has 1 lists, expected one per rank");
+  subset(two_each, {}, none, &heads_kv, "select = image_selection::none, but ulysses.rank_tokens[" + std::to_string(comm.rank()) + "] (this rank's) holds 4 ids");
+  // rank 1's list descends: rank 0 finds it in rank_tokens, rank 1 in its own image_tokens (checked first)
+  subset({{1, 3, 1, 3}, {15, 12, 15, 12}}, comm.rank() == 0 ? std::vector<std::int32_t>{1, 3, 1, 3} : std::vector<std::int32_t>{15, 12, 15, 12},
+         listed, &heads_kv, comm.rank() == 0 ? "ulysses.rank_tokens[1] of sample 0 is not strictly ascending" : "image_tokens of sample 0 is not strictly ascending");
+  subset(two_each, {}, listed, &heads_kv, "ulysses.rank_tokens is set: image_tokens must be this rank's list (or select = image_selection::none");
+  {
+    std::vector<float> rows;
+    sd3::forward_options o;
+    o.select = none;
+    bool good = false;
+    std::string what = "(nothing thrown)";
+    try {
+      net2.forward(ok.inputs(), rows, o);
+    } catch (const std::invalid_argument& e) {
+      what = e.what();
+      good = what.find("a forward of zero image tokens runs only under ulysses with rank_tokens") != std::string::npos;
+    }
+    expect(good, "image_selection::none without ulysses refused by name, got: " + what, comm.rank());
+  }
 }
 
 // A whole SpecDiff run (RFlow Euler, token level: the cached feature is a token's velocity row), one process
@@ -463,8 +684,10 @@ int main(int argc, char** argv) {
       else if (which == "flux_ulysses") flux_ulysses(comm);
       else if (which == "ulysses_refused") ulysses_refused(comm);
       else if (which == "sd3_ulysses_sampler") sd3_ulysses_sampler(comm);
+      else if (which == "sd3_ulysses_subset") sd3_ulysses_subset(comm);
+      else if (which == "flux_ulysses_subset") flux_ulysses_subset(comm);
       else throw std::invalid_argument("usage: specdiff_engine_sp_tests sd3_forward|flux_forward|sd3_specdiff_run|sd3_specdiff_empty_share|"
-                                       "sd3_ulysses|flux_ulysses|ulysses_refused|sd3_ulysses_sampler");
+                                       "sd3_ulysses|flux_ulysses|ulysses_refused|sd3_ulysses_sampler|sd3_ulysses_subset|flux_ulysses_subset");
       int total = 0;
       MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
       code = total == 0 ? 0 : 1;

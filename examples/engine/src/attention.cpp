@@ -97,24 +97,54 @@ void grow(buffer& b, std::size_t floats) {
 }  // namespace
 
 // Ulysses (forward_options::ulysses, docs/scale-out.md): this rank computed q|k|v (after qk-norm and rotary
-// positions, which are per token) of its n = N/P image tokens for all heads, and of every context token. One
-// all_to_all turns the image rows into all N tokens' rows of the rank's heads/P heads ([source rank][sample][token]
-// blocks: the shards are contiguous, so rank order is token order); the context rows are sliced to the same heads
-// locally. attend then runs as a full forward of a model with heads/P heads and width D/P (the members it reads
-// are swapped for the time of the call), the probe's head average still over all heads. A second all_to_all
-// takes each token's output of these heads back to the rank that owns the token; the context's output (every rank
-// needs all heads) is gathered over heads by a third one, every block of its send the same.
+// positions, which are per token) of its n image tokens for all heads, and of every context token. Rank r computed
+// m_r tokens per sample (its shard, or its list in ulysses.rank_tokens, possibly none), M = sum m_r in all. One
+// all-to-all (equal blocks for shards, per-rank counts for lists) turns the image rows into all M tokens' rows of the
+// rank's heads/P heads (blocks [source rank][sample][its token]; rows placed in rank order, which is token order for
+// shards); the context rows are sliced to the same heads locally. The computed tokens' keys and values go into the
+// rank's K/V cache when there is one; attend then runs as a forward of M image queries of a model with heads/P heads
+// and width D/P (the members it reads are swapped for the time of the call), its keys every token's from that cache
+// (or, in a full forward without one, the exchanged rows themselves), the probe's head average still over all heads.
+// A second all-to-all takes each token's output of these heads back to the rank that owns the token; the context's
+// output (every rank needs all heads) is gathered over heads by a third one, every block of its send the same.
 void transformer::impl::ulysses_attend(int layer, attention_kind kind, bool image_queries, bool context_queries, bool context_out) {
     const head_exchange& x = opts->ulysses;
     const int ranks = x.ranks, Dl = D / ranks, Hl = heads / ranks;
-    const bool joint = kind == attention_kind::joint;
+    const bool joint = kind == attention_kind::joint, lists = !x.rank_tokens.empty();
     const auto sz = [](auto... v) { return (static_cast<std::size_t>(v) * ...); };
-    const std::size_t image_floats = sz(B, n, 3, D), context_floats = sz(B, L, D);
-    grow(u_send, std::max(image_floats, context_floats));
-    grow(u_recv, std::max(image_floats, context_floats));
-    grow(u_qkv, image_floats);
+    if (u_count.size() < static_cast<std::size_t>(ranks)) {  // grown at the first call with more ranks, kept after
+        u_count.resize(static_cast<std::size_t>(ranks));
+        u_first.resize(static_cast<std::size_t>(ranks));
+        u_send_counts.resize(static_cast<std::size_t>(ranks));
+        u_recv_counts.resize(static_cast<std::size_t>(ranks));
+    }
+    int M = 0;
+    for (int r = 0; r < ranks; ++r) {
+        const auto ru = static_cast<std::size_t>(r);
+        u_count[ru] = lists ? static_cast<int>(x.rank_tokens[ru].size() / static_cast<std::size_t>(B)) : n;
+        u_first[ru] = M;
+        M += u_count[ru];
+    }
+    // rank r's row i of sample b: its token id, and its row among the received blocks
+    const auto id_of = [&](int r, int b, int i) {
+        const auto ru = static_cast<std::size_t>(r);
+        return lists ? x.rank_tokens[ru][sz(b, u_count[ru]) + static_cast<std::size_t>(i)] : r * n + i;
+    };
+    const auto block_row = [&](int r, int b, int i) {
+        const auto ru = static_cast<std::size_t>(r);
+        return sz(B, u_first[ru]) + sz(b, u_count[ru]) + static_cast<std::size_t>(i);
+    };
+    const auto rank_of = [&](int j) {  // the rank whose rows hold position j of [0, M)
+        int r = 0;
+        while (r + 1 < ranks && u_first[static_cast<std::size_t>(r) + 1] <= j) ++r;
+        return r;
+    };
+    const std::size_t image_floats = sz(B, n, 3, D), all_floats = sz(B, M, 3, Dl), context_floats = sz(B, L, D);
+    grow(u_send, std::max({image_floats, sz(B, M, Dl), context_floats}));
+    grow(u_recv, std::max({all_floats, sz(B, n, D), context_floats}));
+    grow(u_qkv, all_floats);
     grow(u_ctx, sz(B, L, 3, Dl));
-    grow(u_att, sz(B, n, D));
+    grow(u_att, sz(B, M, Dl));
     grow(u_att_ctx, sz(B, L, Dl));
     // [token][q|k|v][all heads] -> send blocks [rank][sample][token][q|k|v][the rank's heads]
     parallel_for(split(), B * n, 3.0 * B * n * D, [&](int r, int) {
@@ -124,10 +154,26 @@ void transformer::impl::ulysses_attend(int layer, attention_kind kind, bool imag
             for (int c = 0; c < 3; ++c)
                 std::copy_n(src + c * D + p * Dl, Dl, u_send.data() + sz((p * B + b) * n + i, 3, Dl) + sz(c, Dl));
     });
-    x.all_to_all(std::span<const float>(u_send.data(), image_floats), std::span<float>(u_recv.data(), image_floats));
-    parallel_for(split(), B * N, 3.0 * B * N * Dl, [&](int r, int) {  // -> [sample][all tokens][q|k|v of the rank's heads]
-        const int b = r / N, t = r % N, from = t / n, i = t % n;
-        std::copy_n(u_recv.data() + sz((from * B + b) * n + i, 3, Dl), 3 * Dl, u_qkv.data() + sz(r, 3, Dl));
+    if (lists) {
+        for (int p = 0; p < ranks; ++p) {
+            u_send_counts[static_cast<std::size_t>(p)] = static_cast<std::int32_t>(sz(B, n, 3, Dl));
+            u_recv_counts[static_cast<std::size_t>(p)] = static_cast<std::int32_t>(sz(B, u_count[static_cast<std::size_t>(p)], 3, Dl));
+        }
+        x.all_to_all_v(std::span<const float>(u_send.data(), image_floats), std::span<const std::int32_t>(u_send_counts.data(), static_cast<std::size_t>(ranks)),
+                       std::span<float>(u_recv.data(), all_floats), std::span<const std::int32_t>(u_recv_counts.data(), static_cast<std::size_t>(ranks)));
+    } else {
+        x.all_to_all(std::span<const float>(u_send.data(), image_floats), std::span<float>(u_recv.data(), image_floats));
+    }
+    kv_cache* kv = opts->kv;
+    parallel_for(split(), B * M, 3.0 * B * M * Dl, [&](int r, int) {  // -> [sample][all computed tokens][q|k|v of the rank's heads]
+        const int b = r / M, j = r % M, from = rank_of(j), i = j - u_first[static_cast<std::size_t>(from)];
+        const float* row = u_recv.data() + sz(block_row(from, b, i), 3, Dl);
+        std::copy_n(row, 3 * Dl, u_qkv.data() + sz(r, 3, Dl));
+        if (kv) {  // the rank's K/V cache of every token, refreshed at the computed ones before attend reads it
+            const auto t = static_cast<std::size_t>(id_of(from, b, i));
+            std::copy_n(row + Dl, Dl, kv->keys(layer, b, kind) + t * static_cast<std::size_t>(Dl));
+            std::copy_n(row + 2 * Dl, Dl, kv->values(layer, b, kind) + t * static_cast<std::size_t>(Dl));
+        }
     });
     if (joint) {
         parallel_for(split(), B * L, 3.0 * B * L * Dl, [&](int r, int) {
@@ -136,7 +182,7 @@ void transformer::impl::ulysses_attend(int layer, attention_kind kind, bool imag
         });
     }
     {
-        // attend over the rank's heads: every token's queries, keys and values, as a full forward of heads/P heads
+        // attend over the rank's heads: every computed token's queries, keys and values, as a forward of heads/P heads
         struct swapped {
             impl& e;
             int n, D, heads;
@@ -155,18 +201,27 @@ void transformer::impl::ulysses_attend(int layer, attention_kind kind, bool imag
                 std::swap(e.att_ctx, e.u_att_ctx);
             }
         } guard(*this);
-        n = N;
+        n = M;
         D = Dl;
         heads = Hl;
         head_share = ranks;
         attend(layer, kind, image_queries, context_queries);
     }
-    if (image_queries) {  // [sample][all tokens][the rank's heads] -> blocks [owner rank][sample][its token] -> att_img
-        parallel_for(split(), B * N, 1.0 * B * N * Dl, [&](int r, int) {
-            const int b = r / N, t = r % N, to = t / n, i = t % n;
-            std::copy_n(u_att.data() + sz(r, Dl), Dl, u_send.data() + sz((to * B + b) * n + i, Dl));
+    if (image_queries) {  // [sample][computed tokens][the rank's heads] -> blocks [owner rank][sample][its token] -> att_img
+        parallel_for(split(), B * M, 1.0 * B * M * Dl, [&](int r, int) {
+            const int b = r / M, j = r % M, to = rank_of(j), i = j - u_first[static_cast<std::size_t>(to)];
+            std::copy_n(u_att.data() + sz(r, Dl), Dl, u_send.data() + sz(block_row(to, b, i), Dl));
         });
-        x.all_to_all(std::span<const float>(u_send.data(), sz(B, n, D)), std::span<float>(u_recv.data(), sz(B, n, D)));
+        if (lists) {
+            for (int p = 0; p < ranks; ++p) {
+                u_send_counts[static_cast<std::size_t>(p)] = static_cast<std::int32_t>(sz(B, u_count[static_cast<std::size_t>(p)], Dl));
+                u_recv_counts[static_cast<std::size_t>(p)] = static_cast<std::int32_t>(sz(B, n, Dl));
+            }
+            x.all_to_all_v(std::span<const float>(u_send.data(), sz(B, M, Dl)), std::span<const std::int32_t>(u_send_counts.data(), static_cast<std::size_t>(ranks)),
+                           std::span<float>(u_recv.data(), sz(B, n, D)), std::span<const std::int32_t>(u_recv_counts.data(), static_cast<std::size_t>(ranks)));
+        } else {
+            x.all_to_all(std::span<const float>(u_send.data(), sz(B, n, D)), std::span<float>(u_recv.data(), sz(B, n, D)));
+        }
         parallel_for(split(), B * n, 1.0 * B * n * D, [&](int r, int) {
             const int b = r / n, i = r % n;
             for (int p = 0; p < ranks; ++p)

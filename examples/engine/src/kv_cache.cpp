@@ -48,8 +48,19 @@ kv_cache::kv_cache(const flux_config& config, int max_batch, int max_image_token
     : kv_cache((config.validate(), config.num_layers + config.num_single_layers), config.hidden(), {}, max_batch,
                max_image_tokens) {}
 
-kv_cache::kv_cache(const transformer& net, int max_batch, int max_image_tokens)
-    : kv_cache(net.blocks(), net.hidden(),
+namespace {
+// The hidden width of one Ulysses rank's cache: its heads / head_ranks heads (refused by name when they do not split).
+int hidden_share(const transformer& net, int head_ranks) {
+    const int heads = net.arch() == architecture::sd3 ? net.config().num_attention_heads : net.flux().num_attention_heads;
+    if (head_ranks < 1 || heads % head_ranks != 0)
+        throw std::invalid_argument(message("kv_cache: head_ranks = ", head_ranks, " does not split heads = ", heads,
+                                            " (head_ranks >= 1 and heads % head_ranks == 0)"));
+    return net.hidden() / head_ranks;
+}
+}  // namespace
+
+kv_cache::kv_cache(const transformer& net, int max_batch, int max_image_tokens, int head_ranks)
+    : kv_cache(net.blocks(), hidden_share(net, head_ranks),
                net.arch() == architecture::sd3 ? net.config().dual_attention_layers : std::vector<int>{}, max_batch,
                max_image_tokens) {}
 

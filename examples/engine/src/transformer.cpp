@@ -95,6 +95,7 @@ void transformer::impl::size_workspaces(int threads, int modulation_width, int t
                                 limits.max_width, " give ", tokens64, " image tokens per sample and ", tasks64,
                                 " attention tasks, more than the engine indexes"));
     max_tokens = static_cast<int>(tokens64);
+    token_seen.assign(static_cast<std::size_t>(max_tokens), 0);
     max_ctx = limits.max_context_tokens;
     max_tasks = static_cast<int>(tasks64);
     const std::size_t Bm = limits.max_batch, Nm = max_tokens, Lm = max_ctx;
@@ -268,7 +269,7 @@ void transformer::impl::final_layer(std::span<float> velocity) {
         norm_modulate(x_img.data() + static_cast<std::size_t>(r) * D, nrm_img.data() + static_cast<std::size_t>(r) * D, D,
                       md + D, md);
     });
-    const bool rows_out = tokens != nullptr || fx;  // FLUX returns the token sequence; SD3 the image
+    const bool rows_out = subset || fx;  // FLUX returns the token sequence; SD3 the image
     float* dst = rows_out ? velocity.data() : out_rows.data();
     linear_rows(split(), nrm_img.data(), D, B * n, proj_out, dst, P);
     if (!rows_out) {  // unpatchify: row (i, j) features (u, v, ch) -> image [ch, i*p+u, j*p+v]
@@ -314,7 +315,8 @@ void transformer::impl::run(const forward_inputs& in, std::span<float> velocity,
     N = Hg * Wg;
     L = in.context_tokens;
     tokens = o.image_tokens.empty() ? nullptr : o.image_tokens.data();
-    n = tokens ? static_cast<int>(o.image_tokens.size() / B) : N;
+    subset = tokens != nullptr || o.select == image_selection::none;
+    n = o.select == image_selection::none ? 0 : tokens ? static_cast<int>(o.image_tokens.size() / B) : N;
     if (!o.attention_probe.empty()) std::fill(o.attention_probe.begin(), o.attention_probe.end(), 0.0f);
 
     if (fx) embed_flux(in);

@@ -220,6 +220,10 @@ struct transformer::impl {
     // Ulysses (forward_options::ulysses): the all-to-all's send and receive blocks, and every token's q|k|v, the
     // context's q|k|v and both attention outputs of the rank's heads. Grown at the first such forward, kept after.
     detail::buffer u_send, u_recv, u_qkv, u_ctx, u_att, u_att_ctx;
+    // per rank: image rows per sample (m_r), the first of them among all ranks' rows, and the all-to-all's counts
+    std::vector<int> u_count, u_first;
+    std::vector<std::int32_t> u_send_counts, u_recv_counts;
+    bool subset = false;  // this call computes a token subset (image_tokens set, or select = none): rows out, not the image
     int head_share = 1;  // ranks the heads are split over while attend runs on the rank's heads (1 otherwise)
     detail::buffer rope_img, rope_ctx;  // FLUX: per token, the rotation's cos then sin for each pair of a head's dims
     std::vector<double> rope_frequencies;  // FLUX: per pair of a head's dims, its rotation frequency (made once)
@@ -314,6 +318,8 @@ struct transformer::impl {
     void validate_hook(const module_hook& h, int layer, stream s, bool is_mlp, const forward_inputs& in,
                        std::span<const std::int32_t> active) const;
     void validate_attention2_hook(const module_hook& h, int layer) const;
+    void validate_rank_tokens(const forward_inputs& in, const forward_options& o, int tokens_all) const;
+    mutable std::vector<std::uint8_t> token_seen;  // validate_rank_tokens' per-token marks ([max_tokens], sized once)
 
     // ----- stages -----
     // Where each lives: embedding, modulation and the gated residual in modulation.cpp; the attention stage in

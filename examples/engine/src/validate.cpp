@@ -94,9 +94,12 @@ void check_size(const char* name, std::size_t got, std::size_t want) {
 }
 
 // Checks [batch * count] ascending ids in [0, limit); returns count.
+// allow_empty: zero ids per sample are fine (a Ulysses rank's share of a token subset).
 template <class Name>
-int check_token_list(Name name_of, const char* suffix, std::span<const std::int32_t> ids, int batch, int limit) {
+int check_token_list(Name name_of, const char* suffix, std::span<const std::int32_t> ids, int batch, int limit,
+                     bool allow_empty = false) {
     auto name = [&] { return std::string(name_of()) + suffix; };
+    if (allow_empty && ids.empty()) return 0;
     if (ids.empty() || ids.size() % static_cast<std::size_t>(batch) != 0)
         bad_arg(name() + " has " + std::to_string(ids.size()) + " entries, not a positive multiple of batch " +
                 std::to_string(batch));
@@ -154,8 +157,20 @@ void transformer::impl::validate(const forward_inputs& in, std::span<float> velo
             if (!std::isfinite(ids[i]))
                 bad_arg(std::string(name) + "[" + std::to_string(i) + "] = " + std::to_string(ids[i]) + " is not finite");
 
+    const int select = static_cast<int>(o.select);
+    if (select < 0 || select > 1) bad_arg("select = " + std::to_string(select) + " is not an image_selection (listed 0, none 1)");
+    const bool none = o.select == image_selection::none;
+    if (none && !o.image_tokens.empty())
+        bad_arg("select = image_selection::none (no image token) but image_tokens holds " + std::to_string(o.image_tokens.size()) +
+                " ids");
+    if (none && (!o.ulysses || o.ulysses.rank_tokens.empty()))
+        bad_arg("select = image_selection::none: a forward of zero image tokens runs only under ulysses with rank_tokens "
+                "(a rank whose share of the others' token subset is empty)");
     int active = tokens_all;
-    if (!o.image_tokens.empty()) {
+    if (none) {
+        active = 0;
+        check_size("velocity (token rows)", velocity.size(), 0);
+    } else if (!o.image_tokens.empty()) {
         active = check_token_list([] { return "image_tokens"; }, "", o.image_tokens, in.batch, tokens_all);
         if (!o.kv && !o.ulysses) bad_arg("a token-subset forward (image_tokens set) needs a kv_cache (options.kv is null)");
         check_size("velocity (token rows)", velocity.size(), B * active * P);
@@ -171,25 +186,33 @@ void transformer::impl::validate(const forward_inputs& in, std::span<float> velo
         if (heads % u.ranks != 0)
             bad_arg("ulysses: heads = " + std::to_string(heads) + " do not split over ranks = " + P +
                     " (heads % ranks must be 0)");
-        if (tokens_all % u.ranks != 0)
-            bad_arg("ulysses: image tokens = " + std::to_string(tokens_all) + " do not split over ranks = " + P +
-                    " (tokens % ranks must be 0; pick a size that does)");
-        if (o.kv || o.kv_exchange) bad_arg("ulysses: a head-exchange forward keeps no K/V cache (kv and kv_exchange must be unset)");
-        const int per = tokens_all / u.ranks, begin = u.rank * per;
-        bool shard = active == per;
-        for (int b = 0; shard && b < in.batch; ++b)
-            for (int i = 0; shard && i < per; ++i)
-                shard = (o.image_tokens.empty() ? i : o.image_tokens[static_cast<std::size_t>(b) * per + i]) == begin + i;
-        if (!shard)
-            bad_arg("ulysses: image_tokens must be this rank's shard [" + std::to_string(begin) + ", " +
-                    std::to_string(begin + per) + ") of every sample (" + std::to_string(active) +
-                    " tokens given); a token subset under ulysses (SpecDiff's partial forward) is not built");
+        if (o.kv_exchange)
+            bad_arg("ulysses: kv_exchange must be unset (the head exchange brings every computed token's keys and values)");
+        if (u.rank_tokens.empty()) {
+            if (tokens_all % u.ranks != 0)
+                bad_arg("ulysses: image tokens = " + std::to_string(tokens_all) + " do not split over ranks = " + P +
+                        " (tokens % ranks must be 0 for equal shards; pick a size that does, or pass rank_tokens)");
+            const int per = tokens_all / u.ranks, begin = u.rank * per;
+            bool shard = active == per;
+            for (int b = 0; shard && b < in.batch; ++b)
+                for (int i = 0; shard && i < per; ++i)
+                    shard = (o.image_tokens.empty() ? i : o.image_tokens[static_cast<std::size_t>(b) * per + i]) == begin + i;
+            if (!shard)
+                bad_arg("ulysses: image_tokens must be this rank's shard [" + std::to_string(begin) + ", " +
+                        std::to_string(begin + per) + ") of every sample (" + std::to_string(active) +
+                        " tokens given); a token subset under ulysses needs ulysses.rank_tokens (every rank's list)");
+        } else {
+            validate_rank_tokens(in, o, tokens_all);
+        }
     }
     if (o.kv_exchange && !o.kv) bad_arg("kv_exchange needs a kv_cache (options.kv is null)");
     if (o.kv) {
-        if (o.kv->layers() != blocks() || o.kv->hidden() != D)
+        const int hidden = o.ulysses ? D / o.ulysses.ranks : D;  // Ulysses: the rank's heads
+        if (o.kv->layers() != blocks() || o.kv->hidden() != hidden)
             bad_arg("kv_cache has " + std::to_string(o.kv->layers()) + " layers x hidden " + std::to_string(o.kv->hidden()) +
-                    ", model needs " + std::to_string(blocks()) + " x " + std::to_string(D));
+                    ", model needs " + std::to_string(blocks()) + " x " + std::to_string(hidden) +
+                    (o.ulysses ? " (ulysses: the rank's heads, kv_cache(net, batch, tokens, ranks = " + std::to_string(o.ulysses.ranks) + "))"
+                               : std::string()));
         const std::vector<int> none;
         const std::vector<int>& dual = m ? m->config.dual_attention_layers : none;
         if (o.kv->dual_attention_layers() != dual)
@@ -213,6 +236,58 @@ void transformer::impl::validate(const forward_inputs& in, std::span<float> velo
             validate_attention2_hook(o.blocks[l].attention2, l);
         }
     }
+}
+
+// ulysses.rank_tokens: one list per rank, each ascending ids per sample (possibly none), disjoint across ranks, this
+// rank's the call's image_tokens; without a kv_cache every token in rank order (the keys are the exchanged rows).
+void transformer::impl::validate_rank_tokens(const forward_inputs& in, const forward_options& o, int tokens_all) const {
+    const head_exchange& u = o.ulysses;
+    if (!u.all_to_all_v) bad_arg("ulysses.rank_tokens needs ulysses.all_to_all_v (an all-to-all with per-rank counts)");
+    if (u.rank_tokens.size() != static_cast<std::size_t>(u.ranks))
+        bad_arg("ulysses.rank_tokens has " + std::to_string(u.rank_tokens.size()) + " lists, expected one per rank (ranks = " +
+                std::to_string(u.ranks) + ")");
+    for (int r = 0; r < u.ranks; ++r) {
+        const auto name = [r] { return "ulysses.rank_tokens[" + std::to_string(r) + "]"; };
+        check_token_list(name, "", u.rank_tokens[static_cast<std::size_t>(r)], in.batch, tokens_all, true);
+    }
+    const auto& mine = u.rank_tokens[static_cast<std::size_t>(u.rank)];
+    if (o.select == image_selection::none) {
+        if (!mine.empty())
+            bad_arg("select = image_selection::none, but ulysses.rank_tokens[" + std::to_string(u.rank) + "] (this rank's) holds " +
+                    std::to_string(mine.size()) + " ids");
+    } else if (o.image_tokens.empty()) {
+        bad_arg("ulysses.rank_tokens is set: image_tokens must be this rank's list (or select = image_selection::none when it is "
+                "empty), got every token");
+    } else if (!std::equal(mine.begin(), mine.end(), o.image_tokens.begin(), o.image_tokens.end())) {
+        bad_arg("image_tokens (" + std::to_string(o.image_tokens.size()) + " ids) differ from ulysses.rank_tokens[" +
+                std::to_string(u.rank) + "] (" + std::to_string(mine.size()) + "), this rank's list");
+    }
+    // disjoint, and (without a cache) every token in rank order
+    for (int b = 0; b < in.batch; ++b) {
+        std::fill_n(token_seen.begin(), tokens_all, std::uint8_t{0});
+        int next = 0;
+        bool in_order = true;
+        for (int r = 0; r < u.ranks; ++r) {
+            const auto& list = u.rank_tokens[static_cast<std::size_t>(r)];
+            const std::size_t m = list.size() / static_cast<std::size_t>(in.batch);
+            for (std::size_t i = 0; i < m; ++i) {
+                const std::int32_t t = list[static_cast<std::size_t>(b) * m + i];
+                if (token_seen[static_cast<std::size_t>(t)])
+                    bad_arg("ulysses.rank_tokens: token " + std::to_string(t) + " of sample " + std::to_string(b) +
+                            " is in two ranks' lists (rank " + std::to_string(r) + " and an earlier one)");
+                token_seen[static_cast<std::size_t>(t)] = 1;
+                in_order = in_order && t == next++;
+            }
+        }
+        if (!o.kv && !(in_order && next == tokens_all))
+            bad_arg("ulysses.rank_tokens: a token subset (" + std::to_string(next) + " of " + std::to_string(tokens_all) +
+                    " tokens of sample " + std::to_string(b) + ", or not in rank order) reads the other tokens' keys and values "
+                    "from a kv_cache of the rank's heads (options.kv is null)");
+    }
+    if (!o.blocks.empty() && o.select == image_selection::none)
+        for (int l = 0; l < blocks(); ++l)
+            if (o.blocks[static_cast<std::size_t>(l)].mlp[0].mode == module_mode::subset)
+                bad_arg("blocks[" + std::to_string(l) + "].mlp[image]: mode subset with select = image_selection::none (no image token)");
 }
 
 void transformer::impl::validate_attention2_hook(const module_hook& h, int layer) const {

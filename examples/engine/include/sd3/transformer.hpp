@@ -86,7 +86,9 @@ class kv_cache {
 public:
     kv_cache(const transformer_config& config, int max_batch, int max_image_tokens);
     kv_cache(const flux_config& config, int max_batch, int max_image_tokens);
-    kv_cache(const transformer& net, int max_batch, int max_image_tokens);  // for the model `net` runs
+    // For the model `net` runs. head_ranks > 1: the cache of one Ulysses rank (forward_options::ulysses), which holds
+    // its heads/head_ranks heads of every token (hidden() = net.hidden() / head_ranks); heads % head_ranks must be 0.
+    kv_cache(const transformer& net, int max_batch, int max_image_tokens, int head_ranks = 1);
     int layers() const noexcept { return layers_; }
     const std::vector<int>& dual_attention_layers() const noexcept { return dual_; }
     int max_batch() const noexcept { return max_batch_; }
@@ -167,30 +169,52 @@ using boundary_fn = std::function<int(const block_boundary&)>;
 // that the caller can bring in the rows other ranks computed (an all-gather per sample). Rank r then runs a
 // token-subset forward over its shard and attends to every token's fresh keys and values.
 using kv_exchange_fn = std::function<void(int layer, attention_kind kind, kv_cache& kv)>;
-// Sequence parallelism by head exchange (DeepSpeed-Ulysses, docs/scale-out.md). Rank `rank` of `ranks` runs a
-// token-subset forward over its contiguous shard, the image tokens [rank * T/P, (rank + 1) * T/P) of every sample
-// (T % P == 0 and heads % P == 0 required), with every context token; around each attention, `all_to_all` (a
-// communicator's MPI_Alltoall: send and recv of equal size, P equal blocks, block q of send goes to rank q, block r of
-// recv came from rank r) turns the shard's q|k|v rows of all heads into every token's rows of the rank's heads/P
-// heads, and the attention's output back. The context stream is replicated (every rank computes it; its q|k|v are
-// sliced by head locally and its attention output gathered over heads by one more all_to_all). No K/V cache: `kv`
-// and `kv_exchange` must be unset. Every rank must make the same calls with the same hooks. The attention probe
-// then holds this rank's partial sums over its heads (averaged over all heads): sum it over the ranks.
+// Sequence parallelism by head exchange (DeepSpeed-Ulysses, docs/scale-out.md). Rank `rank` of `ranks` computes some
+// image tokens of every sample (heads % P == 0 required); around each attention an all-to-all turns the q|k|v rows
+// of its tokens (all heads) into the rows of every computed token of the rank's heads/P heads, and the attention's
+// output back. Two forms:
+//  - rank_tokens empty: a full forward, rank r computing its contiguous shard [r * T/P, (r + 1) * T/P) of every sample
+//    (T % P == 0), exchanged by `all_to_all` (equal blocks, as MPI_Alltoall: block q of send goes to rank q, block r
+//    of recv came from rank r);
+//  - rank_tokens set (SpecDiff's partial forward): every rank's image_tokens of the call, [rank] -> [batch * m_r]
+//    ascending ids per sample (m_r >= 0, the lists disjoint), the same on every rank; this rank's entry is its
+//    image_tokens (image_selection::none when it is empty). The rows are exchanged by `all_to_all_v` (per-rank counts,
+//    as MPI_Alltoallv); every rank runs the attention of its heads for every computed token, a rank with no token
+//    of its own included. The other tokens' keys and values come from `kv`, a kv_cache of the rank's heads
+//    (kv_cache(net, batch, tokens, ranks)), written at the computed tokens first. Without `kv` the lists must be
+//    every token in rank order (a full forward of uneven shards: T % P need not be 0).
+// The context stream is replicated (every rank computes it; its q|k|v are sliced by head locally and its attention
+// output gathered over heads by one more `all_to_all`). `kv`, when set, receives every computed token's keys and
+// values of the rank's heads (a full forward fills it for later partial ones); `kv_exchange` must be unset. Every
+// rank must make the same calls with the same hooks. The attention probe then holds this rank's partial sums over its
+// heads (averaged over all heads): sum it over the ranks.
 using all_to_all_fn = std::function<void(std::span<const float> send, std::span<float> recv)>;
+// send: P blocks, block q of send_counts[q] floats going to rank q; recv: P blocks, block r of recv_counts[r] floats
+// from rank r (specdiff::all_to_all_communicator's all_to_all_v).
+using all_to_all_v_fn = std::function<void(std::span<const float> send, std::span<const std::int32_t> send_counts,
+                                           std::span<float> recv, std::span<const std::int32_t> recv_counts)>;
 struct head_exchange {
     int rank = 0;
     int ranks = 1;
     all_to_all_fn all_to_all;  // empty: no head exchange
+    std::span<const std::span<const std::int32_t>> rank_tokens = {};  // empty: contiguous shards (see above)
+    all_to_all_v_fn all_to_all_v = {};                                 // required with rank_tokens
     explicit operator bool() const noexcept { return static_cast<bool>(all_to_all); }
 };
 
+// What a forward's image_tokens select: `listed` = the ids in image_tokens, every token when it is empty (the
+// default); `none` = no image token at all, image_tokens empty (a Ulysses rank whose share of a token subset is
+// empty: it still runs the attention of its heads for the other ranks' tokens; refused without ulysses.rank_tokens).
+enum class image_selection : std::uint8_t { listed = 0, none = 1 };
+
 struct forward_options {
     // Token-subset forward: [batch * n] ascending absolute image-token ids per sample, n the same for every
-    // sample. Empty = every token. With a subset, `velocity` receives [batch, n, patch_features] rows
+    // sample. Empty = every token (select = image_selection::none: no token). With a subset, `velocity` receives [batch, n, patch_features] rows
     // (features ordered (p, q, c) like proj_out) instead of the image, and `kv` is required.
     std::span<const std::int32_t> image_tokens;
     // Per-layer K/V of all image tokens. A forward refreshes the rows of the tokens it computes (all tokens in
     // a full forward); a subset forward reads the other rows. Layers whose attention is reused leave it as is.
+    // Under ulysses: the rank's heads only (kv_cache with head_ranks = ulysses.ranks).
     kv_cache* kv = nullptr;
     // [batch, image tokens]: overwritten with, per image token, the column sum over the computed queries of
     // the head-averaged attention probabilities, summed over all layers that computed attention.
@@ -205,9 +229,11 @@ struct forward_options {
     boundary_fn between_blocks;
     // Empty, or the K/V exchange of a sequence-parallel forward (kv_exchange_fn); needs `kv`.
     kv_exchange_fn kv_exchange;
-    // Unset, or the head exchange of a Ulysses sequence-parallel forward (head_exchange); image_tokens must then be
-    // this rank's shard, and a token subset within it (SpecDiff's partial forward) is refused (not built).
+    // Unset, or the head exchange of a Ulysses sequence-parallel forward (head_exchange): image_tokens are then this
+    // rank's shard, or its entry of ulysses.rank_tokens (a token subset: SpecDiff's partial forward).
     head_exchange ulysses;
+    // image_selection::none: a forward of zero image tokens (image_tokens empty; Ulysses with rank_tokens only).
+    image_selection select = image_selection::listed;
 };
 
 // The module sites of a block (the block_hooks entries it accepts), for methods that cache them.
