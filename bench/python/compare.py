@@ -233,9 +233,9 @@ def settings(p: Problem, only):
         ("specdiff-adaptive", "specdiff", *ours(sd.SpecDiffAdaptiveConfig(guidance_scale=g))),
     ]
     for th in (0.2, 0.4):  # the package's step-level methods (the library's gate; the C++ demo's --method fbcache / teacache)
-        out.append((f"specdiff FBCache th={th}", "specdiff step-level", *ours(sd.FBCacheConfig(threshold=th))))
+        out.append((f"specdiff FBCache th={th}", "specdiff FBCache", *ours(sd.FBCacheConfig(threshold=th))))
     for th in (0.6, 1.0):
-        out.append((f"specdiff TeaCache th={th}", "specdiff step-level", *ours(sd.TeaCacheConfig(threshold=th))))
+        out.append((f"specdiff TeaCache th={th}", "specdiff TeaCache", *ours(sd.TeaCacheConfig(threshold=th))))
     for n in (2, 3, 4, 6):
         if learned[n].exists():
             out.append((f"forecast N={n} learned", "forecast learned", *ours(sd.ForecastConfig(interval=n, learned=learned[n]))))

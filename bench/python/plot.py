@@ -16,6 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 STYLE = {  # family -> (colour, marker); ours filled, peers hollow
     "specdiff": ("tab:red", "o"),
+    "specdiff FBCache": ("darkred", "v"),
+    "specdiff TeaCache": ("darkred", "h"),
     "forecast learned": ("tab:red", "s"),
     "forecast taylor": ("tab:orange", "s"),
     "fewer steps": ("black", "x"),
@@ -28,7 +30,7 @@ STYLE = {  # family -> (colour, marker); ours filled, peers hollow
     "cache-dit DBCache": ("tab:brown", "<"),
     "cache-dit DBCache + TaylorSeer": ("tab:pink", ">"),
 }
-OURS = ("specdiff", "forecast learned", "forecast taylor")
+OURS = ("specdiff", "specdiff FBCache", "specdiff TeaCache", "forecast learned", "forecast taylor")
 
 
 def main():
