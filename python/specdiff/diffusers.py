@@ -40,6 +40,13 @@ __all__ = [
 ]
 
 _HOOK_NAME = "specdiff"
+# diffusers' context-parallel hooks (hooks/context_parallel.py: _CONTEXT_PARALLEL_INPUT/OUTPUT_HOOK_TEMPLATE): not a cache
+_CP_HOOK_PREFIXES = ("cp_input---", "cp_output---")
+
+
+def _parallel(model) -> bool:
+    """Whether diffusers' enable_parallelism() (context or tensor parallelism) is on for the model."""
+    return getattr(model, "_parallel_config", None) is not None
 _C3_RULES = ("specdiff", "latest", "taylor", "learned")
 
 
@@ -871,6 +878,9 @@ def _hook_class():
             self.runner = runner
 
         def new_forward(self, module, *args, **kwargs):
+            if _parallel(module) and module._diffusers_hook._hook_order[-1] != _HOOK_NAME:
+                raise SpecDiffError("transformer: enable_parallelism() came after specdiff's enable(), so its hooks split the inputs "
+                                    "before specdiff sees them; disable() specdiff and enable it again after enable_parallelism()")
             with torch.no_grad():
                 if self.runner.kind == "flux":
                     return _flux_call(self.runner, self.fn_ref.original_forward, *args, **kwargs)
@@ -900,12 +910,12 @@ def _other_cache(model) -> Optional[str]:
         return "a diffusers cache (enable_cache)"
     registry = getattr(model, "_diffusers_hook", None)
     if registry is not None:
-        others = [n for n in registry.hooks if n != _HOOK_NAME]
+        others = [n for n in registry.hooks if n != _HOOK_NAME and not n.startswith(_CP_HOOK_PREFIXES)]
         if others:
             return "hooks " + ", ".join(repr(n) for n in others)
     for name, sub in model.named_modules():
         r = getattr(sub, "_diffusers_hook", None)
-        if r is not None and sub is not model and r.hooks:
+        if r is not None and sub is not model and any(not n.startswith(_CP_HOOK_PREFIXES) for n in r.hooks):
             return f"hooks on {name}"
         if hasattr(sub, "_forward_original") or hasattr(sub, "_cache_context"):  # cache-dit style patching
             return f"a patched forward on {name or 'the transformer'}"
@@ -938,6 +948,10 @@ def enable(pipe_or_transformer, config: Union[SpecDiffConfig, ForecastConfig, No
     other = _other_cache(model)
     if other is not None:
         raise SpecDiffError(f"pipe_or_transformer: the transformer already uses {other}; disable it first")
+    if _parallel(model) and not isinstance(config, ForecastConfig):
+        raise SpecDiffError(f"config: {type(config).__name__} under diffusers' enable_parallelism() is not supported (its forward runs "
+                            "the blocks itself, unsharded; the token-level methods need the sharded accelerator over torch.distributed, "
+                            "docs/scale-out.md); ForecastConfig composes with it")
     param = next(model.parameters())
     if param.device.type != "cpu":
         raise SpecDiffError(f"transformer: on {param.device}; this build of specdiff runs on CPU only (docs/python.md, the CUDA build)")
