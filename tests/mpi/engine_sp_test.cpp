@@ -394,8 +394,8 @@ void flux_ulysses_subset(specdiff::mpi_communicator& comm) {
 }
 
 // sd3::sequence_parallel with use_ulysses(true) (what the demo's --sequence-parallel --ulysses runs for full RFlow):
-// forward_full against one process's forward (velocity on every rank, summed probe); forward_sample refused by name
-// while Ulysses is on. (Full RFlow over ranks: mpi/demo_sd3_full_ulysses.)
+// forward_full against one process's forward (velocity on every rank, summed probe). (Its forward_sample: the
+// Ulysses SpecDiff runs below; full RFlow over ranks: mpi/demo_sd3_ulysses.)
 void sd3_ulysses_sampler(specdiff::mpi_communicator& comm) {
   test_util::random_problem p(13, true, {1});
   sd3::transformer net(p.model, p.limits(), 1);
@@ -411,16 +411,29 @@ void sd3_ulysses_sampler(specdiff::mpi_communicator& comm) {
   const double err = relative_l2(got, want), probe_err = relative_l2(probe, want_probe);
   expect(err <= 1e-5, "sampler Ulysses forward_full relative L2 " + std::to_string(err), comm.rank());
   expect(probe_err <= 1e-5, "sampler Ulysses probe relative L2 " + std::to_string(probe_err), comm.rank());
-  bool refused = false;
-  std::vector<float> rows(static_cast<std::size_t>(sp.shard().count) * static_cast<std::size_t>(net.patch_features()));
-  try {
-    sp.forward_sample(p.inputs(), 0, sp.shards(), rows);
-  } catch (const std::invalid_argument& e) {
-    refused = std::string(e.what()).find("ulysses: a token-subset forward (forward_sample) under Ulysses is not built") != std::string::npos;
-  }
-  expect(refused, "forward_sample under Ulysses refused by name", comm.rank());
-  std::printf("rank %d sampler Ulysses: forward_full velocity relative L2 %.3g, probe %.3g; forward_sample refused\n", comm.rank(), err,
-              probe_err);
+  std::printf("rank %d sampler Ulysses: forward_full velocity relative L2 %.3g, probe %.3g\n", comm.rank(), err, probe_err);
+}
+
+// Uneven shards under Ulysses (T % P != 0: 15 tokens on 2 ranks, shards of 8 and 7): the sampler's forwards give every
+// rank's shard in ulysses.rank_tokens, exchanged with per-rank counts. forward_full against one process (FLUX).
+void flux_ulysses_uneven(specdiff::mpi_communicator& comm) {
+  const flux_problem p(test_util::small_flux_config(), 3, 5);
+  sd3::transformer net(p.model, p.limits(), 1);
+  const int N = p.rows * p.cols;
+  sd3::sequence_parallel<specdiff::mpi_communicator> sp(comm, net, p.batch, N);
+  sp.use_ulysses(true);
+  std::vector<float> want(static_cast<std::size_t>(p.batch) * N * net.patch_features()), got(want.size()),
+      want_probe(static_cast<std::size_t>(p.batch) * N), probe(want_probe.size());
+  sd3::forward_options all;
+  all.attention_probe = want_probe;
+  net.forward(p.inputs(), want, all);
+  sp.forward_full(p.inputs(), got, probe);
+  comm.all_reduce_sum(probe);
+  const double err = relative_l2(got, want), probe_err = relative_l2(probe, want_probe);
+  expect(err <= 1e-5, "uneven Ulysses forward_full relative L2 " + std::to_string(err), comm.rank());
+  expect(probe_err <= 1e-5, "uneven Ulysses probe relative L2 " + std::to_string(probe_err), comm.rank());
+  std::printf("rank %d FLUX Ulysses, %d tokens on %d ranks (shard of %d): forward_full velocity relative L2 %.3g, probe %.3g\n", comm.rank(), N,
+              comm.size(), static_cast<int>(sp.shard().count), err, probe_err);
 }
 
 // Refused by name on every rank, before any exchange (so no rank waits for another): heads % ranks != 0, tokens %
@@ -534,8 +547,10 @@ struct specdiff_run {
 };
 
 // comm == nullptr: one process, all tokens.
+// ulysses: the sampler's forwards by head exchange (sd3::sequence_parallel::use_ulysses: token-subset forwards with every
+// rank's share in ulysses.rank_tokens, an empty share running a forward of zero image tokens).
 specdiff_run run_specdiff(const test_util::random_problem& p, sd3::transformer& net, specdiff::mpi_communicator* comm,
-                          double cache_rate = 0.5) {
+                          double cache_rate = 0.5, bool ulysses = false) {
   constexpr int steps = 8;
   const int B = p.batch, T = p.tokens(), P = net.patch_features();
   const int ranks = comm ? comm->size() : 1;
@@ -551,6 +566,7 @@ specdiff_run run_specdiff(const test_util::random_problem& p, sd3::transformer& 
   if (comm) {
     sharded.emplace(*comm, config, specdiff::specdiff_scorer{}, specdiff::self_speculation{}, classifier, schedule);
     sp.emplace(*comm, net, B, T);
+    sp->use_ulysses(ulysses);
   }
   const specdiff::token_shard sh = specdiff::token_shard::of(T, comm ? comm->rank() : 0, ranks);
 
@@ -643,11 +659,12 @@ specdiff_run run_specdiff(const test_util::random_problem& p, sd3::transformer& 
 
 // `mmdit_x`: blocks 0 and 1 with the image-only attention (a second exchange per layer). `min_empty`: steps at which
 // some rank must have computed none of the C1 tokens (it then joins the exchanges without a forward).
-void specdiff_run_case(specdiff::mpi_communicator& comm, const char* name, unsigned seed, bool mmdit_x, double cache_rate, int min_empty) {
+void specdiff_run_case(specdiff::mpi_communicator& comm, const char* name, unsigned seed, bool mmdit_x, double cache_rate, int min_empty,
+                       bool ulysses = false) {
   const test_util::random_problem p = mmdit_x ? test_util::random_problem(seed, true, {0, 1}) : test_util::random_problem(seed);
   sd3::transformer net(p.model, p.limits(), 1);
   const specdiff_run one = run_specdiff(p, net, nullptr, cache_rate);
-  const specdiff_run two = run_specdiff(p, net, &comm, cache_rate);
+  const specdiff_run two = run_specdiff(p, net, &comm, cache_rate, ulysses);
   expect(one.c1.size() == two.c1.size(), "step count", comm.rank());
   int partial = 0;
   for (std::size_t k = 0; k < one.c1.size() && k < two.c1.size(); ++k) {
@@ -667,6 +684,11 @@ void sd3_specdiff_run(specdiff::mpi_communicator& comm) { specdiff_run_case(comm
 void sd3_specdiff_empty_share(specdiff::mpi_communicator& comm) {
   specdiff_run_case(comm, "specdiff run with empty shares (SD3 MMDiT-X)", 11, true, 0.95, 1);
 }
+// The same two runs with the sampler's forwards by head exchange (Ulysses): the same C1 sets, latents within 1e-5.
+void sd3_ulysses_specdiff_run(specdiff::mpi_communicator& comm) { specdiff_run_case(comm, "Ulysses specdiff run (SD3)", 13, false, 0.5, 0, true); }
+void sd3_ulysses_specdiff_empty_share(specdiff::mpi_communicator& comm) {
+  specdiff_run_case(comm, "Ulysses specdiff run with empty shares (SD3 MMDiT-X)", 11, true, 0.95, 1, true);
+}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -685,9 +707,13 @@ int main(int argc, char** argv) {
       else if (which == "ulysses_refused") ulysses_refused(comm);
       else if (which == "sd3_ulysses_sampler") sd3_ulysses_sampler(comm);
       else if (which == "sd3_ulysses_subset") sd3_ulysses_subset(comm);
+      else if (which == "flux_ulysses_uneven") flux_ulysses_uneven(comm);
+      else if (which == "sd3_ulysses_specdiff_run") sd3_ulysses_specdiff_run(comm);
+      else if (which == "sd3_ulysses_specdiff_empty_share") sd3_ulysses_specdiff_empty_share(comm);
       else if (which == "flux_ulysses_subset") flux_ulysses_subset(comm);
       else throw std::invalid_argument("usage: specdiff_engine_sp_tests sd3_forward|flux_forward|sd3_specdiff_run|sd3_specdiff_empty_share|"
-                                       "sd3_ulysses|flux_ulysses|ulysses_refused|sd3_ulysses_sampler|sd3_ulysses_subset|flux_ulysses_subset");
+                                       "sd3_ulysses|flux_ulysses|ulysses_refused|sd3_ulysses_sampler|sd3_ulysses_subset|flux_ulysses_subset|"
+                                       "sd3_ulysses_specdiff_run|sd3_ulysses_specdiff_empty_share|flux_ulysses_uneven");
       int total = 0;
       MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
       code = total == 0 ? 0 : 1;

@@ -151,8 +151,8 @@ int main(int argc, char** argv) {
       }, "PLAN"));
   bool ulysses = false;
   app.add_flag("--ulysses", ulysses,
-               "with --sequence-parallel and --method full: full forwards by head exchange (Ulysses: q|k|v all-to-all over heads) "
-               "instead of the K/V exchange (docs/scale-out.md)");
+               "with --sequence-parallel (full, specdiff): every forward by head exchange (Ulysses: q|k|v all-to-all over heads; "
+               "SpecDiff's partial steps with per-rank counts) instead of the K/V exchange (docs/scale-out.md)");
   app.add_option("--latents", latents_path, "write both runs' final latents as one JSON object {\"full\": [...], \"method\": [...]}, to compare runs");
   // Checks that involve two options, after both are known.
   const auto cross_checks = [&] {
@@ -179,8 +179,6 @@ int main(int argc, char** argv) {
     }
     if (spo->count() && !sequence_parallel) throw CLI::ValidationError("--shard-plan", "needs --sequence-parallel");
     if (ulysses && !sequence_parallel) throw CLI::ValidationError("--ulysses", "needs --sequence-parallel");
-    if (ulysses && spec.name != "full")
-      throw CLI::ValidationError("--ulysses", sd3::message("--method ", spec.name, ": a token-subset forward under Ulysses is not built (it runs: full)"));
     if (spo->count() && spec.name != "specdiff")
       throw CLI::ValidationError("--shard-plan", sd3::message("--method ", spec.name, " does not use it (used by: specdiff)"));
     check_method_options(spec.name, {{"--cache-rate", cr, {"specdiff", "specdiff-adaptive", "ras", "toca"}},

@@ -1,6 +1,6 @@
 // The demo's methods with the image tokens split over ranks (--sequence-parallel; docs/scale-out.md): full RFlow and
 // SpecDiff, on the engine's sequence-parallel forwards (sd3::sequence_parallel: token-subset forwards with every
-// layer's keys and values all-gathered) and the library's sharded accelerator with the global plan, so every rank
+// layer's keys and values all-gathered, or, with use_ulysses, their q|k|v exchanged over heads) and the library's sharded accelerator with the global plan, so every rank
 // makes the plans one process makes. Every rank ends a run with the whole latents; the FLOPs are the model's, as
 // one process counts them (the context stream, which every rank computes whole, is counted once).
 #pragma once
@@ -51,15 +51,14 @@ class sequence_parallel_runner {
   sequence_parallel_runner(Comm& comm, const methods::problem& p, shard_plan plan = shard_plan::global)
       : p_(p), plan_(plan), sp_(comm, *p.net, methods::model_batch(p), methods::image_tokens(p)) {}
 
-  /// Full forwards by head exchange (Ulysses) instead of the K/V exchange: full RFlow only (the demo's --ulysses).
+  /// Every forward by head exchange (Ulysses) instead of the K/V exchange (the demo's --ulysses): full RFlow and
+  /// SpecDiff alike (its partial steps give every rank's share of C1 to the head exchange, an empty share included).
   void use_ulysses(bool on) { sp_.use_ulysses(on); }
 
   /// Every rank calls it with the same arguments. Throws std::invalid_argument for what
   /// sequence_parallel_refusal refuses.
   methods::run_result run(const method_spec& spec, const methods::progress_fn& progress = {}) {
     if (const auto why = sequence_parallel_refusal(spec); !why.empty()) throw std::invalid_argument(why);
-    if (sp_.ulysses() && spec.name != "full")
-      throw std::invalid_argument(sd3::message("--method ", spec.name, ": not available with --ulysses (it runs: full)"));
     sp_.reset();
     return spec.name == "full" ? run_full(progress) : run_specdiff(specdiff_options_of(spec), progress);
   }

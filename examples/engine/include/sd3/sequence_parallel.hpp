@@ -9,7 +9,9 @@
 // own: the engine's subset forward takes one token count for every sample of a call, and the ranks' shares of
 // different samples' C1 sets differ in size. A rank that computes no token of a sample still joins that sample's
 // exchanges (it sends nothing and stores what the others computed), so no rank waits for another.
-// use_ulysses(true): full forwards by head exchange instead (forward_options::ulysses, one call per batch).
+// use_ulysses(true): every forward by head exchange instead (forward_options::ulysses with every rank's token list in
+// ulysses.rank_tokens: its shard in a full forward, its share of C1 in a SpecDiff step, possibly none), each sample's
+// K/V cache then holding the rank's heads/P heads of every token.
 #pragma once
 
 #include <algorithm>
@@ -56,6 +58,7 @@ public:
         gathered_.resize(n);
         gather_recv_.resize(n);
         row_counts_.resize(static_cast<std::size_t>(comm.size()));
+        rank_spans_.resize(static_cast<std::size_t>(comm.size()));
         if (net.arch() == architecture::sd3) dual_ = net.config().dual_attention_layers;
     }
 
@@ -67,11 +70,13 @@ public:
     /// Every rank's shard as token lists (what forward_sample takes for a full forward).
     rank_tokens shards() const noexcept { return shards_; }
     Comm& communicator() noexcept { return comm_; }
-    /// Full forwards (forward_full, sample) by head exchange (Ulysses, forward_options::ulysses) instead of the K/V
-    /// exchange: needs an all_to_all_communicator, heads % ranks == 0 and tokens % ranks == 0 (refused by name). The
-    /// K/V caches are then not filled, so forward_sample (a token-subset forward) is refused while it is on.
+    /// Every forward (forward_full, forward_sample, sample) by head exchange (Ulysses, forward_options::ulysses with
+    /// ulysses.rank_tokens) instead of the K/V exchange: needs an all_to_all_communicator and heads % ranks == 0
+    /// (refused by name); any token count (the shards' blocks have counts). The K/V caches are remade with the rank's
+    /// heads/P heads of every token (and full width again when it is switched off), empty, as reset() leaves them.
     void use_ulysses(bool on) {
         if (!on) {
+            if (ulysses_) remake_caches(1);
             ulysses_ = false;
             return;
         }
@@ -81,19 +86,16 @@ public:
             const int heads = net_.arch() == architecture::sd3 ? net_.config().num_attention_heads : net_.flux().num_attention_heads;
             if (heads % ranks() != 0)
                 throw std::invalid_argument(message("ulysses: heads = ", heads, " do not split over ranks = ", ranks(), " (heads % ranks must be 0)"));
-            if (tokens_ % ranks() != 0)
-                throw std::invalid_argument(message("ulysses: tokens = ", tokens_, " do not split over ranks = ", ranks(), " (tokens % ranks must be 0)"));
-            ulysses_ids_.clear();
-            for (std::size_t b = 0; b < caches_.size(); ++b)
-                ulysses_ids_.insert(ulysses_ids_.end(), shards_[static_cast<std::size_t>(rank())].begin(), shards_[static_cast<std::size_t>(rank())].end());
+            all_to_all_ = [this](std::span<const float> send, std::span<float> recv) { comm_.all_to_all(send, recv); };
+            all_to_all_v_ = [this](std::span<const float> send, std::span<const std::int32_t> send_counts, std::span<float> recv,
+                                   std::span<const std::int32_t> recv_counts) { comm_.all_to_all_v(send, send_counts, recv, recv_counts); };
+            if (!ulysses_) remake_caches(ranks());
             ulysses_ = true;
         }
     }
     bool ulysses() const noexcept { return ulysses_; }
     /// Empties every K/V cache (as a new one is), for a new run that must not read the last one's keys and values.
-    void reset() {
-        for (auto& kv : caches_) kv = kv_cache(net_, 1, tokens_);
-    }
+    void reset() { remake_caches(ulysses_ ? ranks() : 1); }
 
     /// Sample `b` of `in` (batch B; its K/V cache is cache b) on this rank: a token-subset forward over
     /// computed[rank()] with every layer's keys and values exchanged. `rows`: [computed[rank()].size(),
@@ -110,13 +112,22 @@ public:
             throw std::invalid_argument(message("rows: expected ", mine.size() * static_cast<std::size_t>(features_), " floats, got ", rows.size()));
         if (!probe.empty() && probe.size() != static_cast<std::size_t>(tokens_))
             throw std::invalid_argument(message("probe: expected ", tokens_, " floats, got ", probe.size()));
-        if (ulysses_)
-            throw std::invalid_argument("ulysses: a token-subset forward (forward_sample) under Ulysses is not built; use_ulysses(false) for it");
         kv_cache& kv = caches_[static_cast<std::size_t>(b)];
         std::size_t any = 0;
         for (const auto& c : computed) any += c.size();
         if (any == 0) {
             std::fill(probe.begin(), probe.end(), 0.f);
+            return;
+        }
+        if (ulysses_) {  // every rank runs the attention of its heads for every computed token, an empty share too
+            for (std::size_t r = 0; r < computed.size(); ++r) rank_spans_[r] = computed[r];
+            forward_options o;
+            o.image_tokens = mine;
+            o.select = mine.empty() ? image_selection::none : image_selection::listed;
+            o.kv = &kv;
+            o.attention_probe = probe;
+            o.ulysses = {rank(), ranks(), all_to_all_, rank_spans_, all_to_all_v_};
+            net_.forward(slice(in, b), rows, o);
             return;
         }
         const auto exchange = [&](int layer, attention_kind kind, kv_cache& cache) {
@@ -144,21 +155,9 @@ public:
     /// this rank's partial sums (sum them over ranks for one process's probe).
     void forward_full(const forward_inputs& in, std::span<float> velocity, std::span<float> probe = {}) {
         const std::size_t shard_floats = static_cast<std::size_t>(shard_.count) * static_cast<std::size_t>(features_);
-        if (ulysses_) {
-            if constexpr (specdiff::all_to_all_communicator<Comm>) {
-                if (in.batch > static_cast<int>(caches_.size()))
-                    throw std::invalid_argument(message("batch: ", in.batch, " samples, more than the ", caches_.size(), " this was made for"));
-                forward_options o;
-                o.image_tokens = std::span<const std::int32_t>(ulysses_ids_.data(), static_cast<std::size_t>(in.batch) * static_cast<std::size_t>(shard_.count));
-                o.attention_probe = probe;
-                o.ulysses = {rank(), ranks(), [this](std::span<const float> send, std::span<float> recv) { comm_.all_to_all(send, recv); }};
-                net_.forward(in, std::span<float>(shard_rows_.data(), static_cast<std::size_t>(in.batch) * shard_floats), o);
-            }
-        } else {
-            for (int b = 0; b < in.batch; ++b)
-                forward_sample(in, b, shards_, std::span<float>(shard_rows_).subspan(static_cast<std::size_t>(b) * shard_floats, shard_floats),
-                               probe.empty() ? probe : probe.subspan(static_cast<std::size_t>(b) * static_cast<std::size_t>(tokens_), static_cast<std::size_t>(tokens_)));
-        }
+        for (int b = 0; b < in.batch; ++b)
+            forward_sample(in, b, shards_, std::span<float>(shard_rows_).subspan(static_cast<std::size_t>(b) * shard_floats, shard_floats),
+                           probe.empty() ? probe : probe.subspan(static_cast<std::size_t>(b) * static_cast<std::size_t>(tokens_), static_cast<std::size_t>(tokens_)));
         gather_shards(in.batch, std::span<const float>(shard_rows_.data(), static_cast<std::size_t>(in.batch) * shard_floats), gathered_);
         net_.rows_to_velocity(in.batch, in.height, in.width,
                               std::span<const float>(gathered_.data(), static_cast<std::size_t>(in.batch) * static_cast<std::size_t>(tokens_) * static_cast<std::size_t>(features_)),
@@ -208,6 +207,10 @@ public:
     }
 
 private:
+    void remake_caches(int head_ranks) {
+        for (auto& kv : caches_) kv = kv_cache(net_, 1, tokens_, head_ranks);
+    }
+
     // One K/V table of one sample ([tokens][hidden]): each rank's computed rows to every rank.
     void exchange_rows(float* table, rank_tokens computed) {
         const auto d = static_cast<std::size_t>(hidden_);
@@ -237,7 +240,9 @@ private:
     std::vector<int> dual_;
     std::vector<std::vector<std::int32_t>> shards_;
     bool ulysses_ = false;
-    std::vector<std::int32_t> ulysses_ids_;  // the shard once per sample (forward_full's image_tokens under Ulysses)
+    all_to_all_fn all_to_all_;       // Ulysses: the communicator's collectives, made once (use_ulysses)
+    all_to_all_v_fn all_to_all_v_;
+    std::vector<std::span<const std::int32_t>> rank_spans_;  // Ulysses: ulysses.rank_tokens of a call
     std::vector<float> send_, recv_, shard_rows_, gathered_, gather_recv_;
     std::vector<specdiff::index_t> counts_, row_counts_;
 };
