@@ -194,6 +194,16 @@ void measure(specdiff::mpi_communicator& mpi, const shape& sh, int repeats, doub
     });
   }
   run(partial, [&] { sp.forward_sample(in, 0, lists, rows, probe); });
+  // the same partial step by head exchange (Ulysses token subset: every rank's share in ulysses.rank_tokens, exchanged
+  // with per-rank counts; its K/V cache of the rank's heads filled by one Ulysses full forward first)
+  series ulysses_partial;
+  const bool ulysses_partial_runs = sh.heads % P == 0;
+  if (ulysses_partial_runs) {
+    sd3::sequence_parallel<timed_communicator> sp_u(comm, net, batch, T);
+    sp_u.use_ulysses(true);
+    sp_u.forward_full(in, velocity, probe);
+    run(ulysses_partial, [&] { sp_u.forward_sample(in, 0, lists, rows, probe); });
+  }
   run(plan, [&] { comm.all_reduce_sum(sums); });
   // one process, the same full step (rank 0 alone; the others wait)
   std::vector<double> alone;
@@ -207,9 +217,11 @@ void measure(specdiff::mpi_communicator& mpi, const shape& sh, int repeats, doub
   }
   // rank 0 prints every rank's numbers (gathered), one row per (step kind, rank)
   for (int r = 0; r < P; ++r) {
-    for (auto* s : {&full, &ulysses, &partial, &plan}) {
+    for (auto* s : {&full, &ulysses, &partial, &ulysses_partial, &plan}) {
       if (s == &ulysses && !ulysses_runs) continue;
-      const char* kind = s == &full ? "full step" : s == &ulysses ? "full step, Ulysses" : s == &partial ? "partial step" : "global-plan exchange";
+      if (s == &ulysses_partial && !ulysses_partial_runs) continue;
+      const char* kind = s == &full ? "full step" : s == &ulysses ? "full step, Ulysses" : s == &partial ? "partial step"
+                       : s == &ulysses_partial ? "partial step, Ulysses" : "global-plan exchange";
       std::vector<double> mine;
       for (auto* v : {&s->total, &s->exchange, &s->waited}) mine.insert(mine.end(), v->begin(), v->end());
       mine.push_back(s->sent.empty() ? 0 : s->sent.front());
@@ -227,7 +239,7 @@ void measure(specdiff::mpi_communicator& mpi, const shape& sh, int repeats, doub
       for (std::size_t i = 0; i < total.size(); ++i) compute[i] = total[i] - exch[i] - waited[i];
       const double sent = mine[static_cast<std::size_t>(3 * R)], received = mine[static_cast<std::size_t>(3 * R + 1)];
       const int calls = static_cast<int>(mine[static_cast<std::size_t>(3 * R + 2)]);
-      const auto tokens = s == &full || s == &ulysses ? specdiff::token_shard::of(T, r, P).count : s == &partial ? static_cast<int>(mine.back()) : 0;
+      const auto tokens = s == &full || s == &ulysses ? specdiff::token_shard::of(T, r, P).count : s == &partial || s == &ulysses_partial ? static_cast<int>(mine.back()) : 0;
       std::printf("| T=%d D=%d L=%d | %s | %d | %d | %s | %s | %s | %s | %.1f | %.1f | %d |\n", T, D, sh.layers, kind, r, tokens,
                   ms(of(total)).c_str(), ms(of(exch)).c_str(), ms(of(waited)).c_str(), ms(of(compute)).c_str(), sent / 1024.0, received / 1024.0, calls);
     }
