@@ -82,6 +82,24 @@ def rel_l2(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def check_step_level(problem, full, tmp_path, model: str, method: str, config, options, tol=1e-4):
+    """FBCache / TeaCache through specdiff.diffusers against specdiff-pyref --method <method> on the same batch: the
+    final latents within tol relative L2, and some step skipped (the images differ from full compute's)."""
+    import specdiff.diffusers as sd
+
+    sd.enable(problem.model, config, scheduler=problem.scheduler)
+    try:
+        x = problem.sample()
+        skipped = sd.stats(problem.model)["partial_calls"]
+    finally:
+        sd.disable(problem.model)
+    ref = cpp_latents(tmp_path, model, method, SAMPLES, problem.steps, **options)
+    err = rel_l2(x.numpy(), ref)
+    print(f"{model} {method} {options}: {skipped} skipped steps, relative L2 {err:.3g}")
+    assert err < tol, f"{method} {options}: relative L2 {err:.3g} against the C++ demo"
+    assert skipped > 0 and not torch.equal(x, full)
+
+
 SAMPLES = 2  # the C++ reference draws the same noise per sample whatever the batch (Philox stream k)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import specdiff.diffusers as sd
-from conftest import MODELS, SAMPLES, cpp_latents, rel_l2
+from conftest import MODELS, SAMPLES, check_step_level, cpp_latents, rel_l2
 
 TOL = 1e-4
 
@@ -76,17 +76,7 @@ def test_disable_restores_the_model(sd3_problem, sd3_full):
 def test_step_level_method_matches_the_cpp_demo(sd3_problem, sd3_full, tmp_path, method, config, options):
     """FBCache and TeaCache: the library's relative_change_gate decides from the proxy the diffusers port measures; the
     skipped steps (and so the images) equal the C++ demo's."""
-    sd.enable(sd3_problem.model, config(), scheduler=sd3_problem.scheduler)
-    try:
-        x = sd3_problem.sample()
-        skipped = sd.stats(sd3_problem.model)["partial_calls"]
-    finally:
-        sd.disable(sd3_problem.model)
-    ref = cpp_latents(tmp_path, "mnist-sd3", method, SAMPLES, 28, **options)
-    err = rel_l2(x.numpy(), ref)
-    print(f"mnist-sd3 {method} {options}: {skipped} skipped steps, relative L2 {err:.3g}")
-    assert err < TOL, f"{method} {options}: relative L2 {err:.3g} against the C++ demo"
-    assert skipped > 0 and not torch.equal(x, sd3_full)
+    check_step_level(sd3_problem, sd3_full, tmp_path, "mnist-sd3", method, config(), options, TOL)
 
 
 @pytest.mark.parametrize("config", [sd.FBCacheConfig(threshold=0.0), sd.TeaCacheConfig(threshold=0.0)], ids=["fbcache", "teacache"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import specdiff.diffusers as sd
-from conftest import MODELS, SAMPLES, cpp_latents, rel_l2
+from conftest import MODELS, SAMPLES, check_step_level, cpp_latents, rel_l2
 
 TOL = 1e-4
 
@@ -130,17 +130,7 @@ def test_flux_calibrate_forecast_fits_a_usable_table(flux_problem, flux_full):
 def test_flux_step_level_method_matches_the_cpp_demo(flux_problem, flux_full, tmp_path, method, config, options):
     """FBCache and TeaCache on FLUX: the double- then single-stream blocks are the blocks (block 0 the first double-stream
     one, as in the engine); the gate's skipped steps, and so the images, equal the C++ demo's."""
-    sd.enable(flux_problem.model, config(), scheduler=flux_problem.scheduler)
-    try:
-        x = flux_problem.sample()
-        skipped = sd.stats(flux_problem.model)["partial_calls"]
-    finally:
-        sd.disable(flux_problem.model)
-    ref = cpp_latents(tmp_path, "mnist-flux", method, SAMPLES, 28, **options)
-    err = rel_l2(x.numpy(), ref)
-    print(f"mnist-flux {method} {options}: {skipped} skipped steps, relative L2 {err:.3g}")
-    assert err < TOL, f"{method} {options}: relative L2 {err:.3g} against the C++ demo"
-    assert skipped > 0 and not torch.equal(x, flux_full)
+    check_step_level(flux_problem, flux_full, tmp_path, "mnist-flux", method, config(), options, TOL)
 
 
 @pytest.mark.parametrize("config", [sd.FBCacheConfig(threshold=0.0), sd.TeaCacheConfig(threshold=0.0)], ids=["fbcache", "teacache"])
