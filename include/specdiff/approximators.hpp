@@ -56,6 +56,45 @@ struct taylorseer {
   }
 };
 
-static_assert(approximator<latest> && approximator<specdiff_weighted> && approximator<taylor<2>> && approximator<taylorseer<2>>);
+/// FoCa's forecast (Forecast-then-Calibrate, arXiv 2508.16211: the cached features as the solution of an ODE in
+/// the tag) as weights over the last three cached features, newest first. Derived here for any spacing (FoCa's
+/// paper states the even case): with tags t0 (newest), t1, t2, a = t0 - t1, b = t1 - t2, target t = t0 + h and
+/// r = h / a, the derivative at t0 is the one of the quadratic through the three (second-order backward
+/// difference) g = F0 (1/a + 1/(a+b)) - F1 (a+b)/(ab) + F2 a/(b(a+b)), and the forecast is the variable-step BDF2
+/// step from (t1, t0) to t with that derivative standing in for the one at t:
+///   F(t) = (1+r)^2/(1+2r) F0 - r^2/(1+2r) F1 + h (1+r)/(1+2r) g.
+/// Even spacing, one gap ahead (h = a = b): 7/3, -5/3, 1/3. Exact for features linear in the tag; on a quadratic
+/// c t^2 it is low by 2 c h^2 (1+r)/(1+2r) (the derivative held at t0's) — between linear extrapolation and the
+/// polynomial through three (taylor<2>), whose large weights of both signs it damps. Two features: the same step
+/// with g = (F0 - F1)/a, which is linear extrapolation; one: reuse. Returns 0 when two tags coincide or 1 + 2r = 0.
+/// Only the forecast (FoCa's predictor); what its calibration step becomes on an output-level forecast is
+/// methods::forecast_options::correct (docs/methods.md, "FoCa and TACache").
+struct foca {
+  static constexpr int depth = 3;
+  SPECDIFF_HD int weights(const float* history_t, int n, float target, float* w) const {
+    if (n < 1) return 0;
+    w[0] = 1.f;
+    if (n == 1) return 1;
+    const double a = static_cast<double>(history_t[0]) - static_cast<double>(history_t[1]);
+    const double h = static_cast<double>(target) - static_cast<double>(history_t[0]);
+    if (a == 0.0) return 0;
+    const double r = h / a, den = 1.0 + 2.0 * r;
+    if (den == 0.0) return 0;
+    const double c0 = (1.0 + r) * (1.0 + r) / den, c1 = r * r / den, beta = h * (1.0 + r) / den;  // beta multiplies g
+    if (n == 2) {
+      w[0] = static_cast<float>(c0 + beta / a);
+      w[1] = static_cast<float>(-c1 - beta / a);
+      return 2;
+    }
+    const double b = static_cast<double>(history_t[1]) - static_cast<double>(history_t[2]);
+    if (b == 0.0 || a + b == 0.0) return 0;
+    w[0] = static_cast<float>(c0 + beta * (1.0 / a + 1.0 / (a + b)));
+    w[1] = static_cast<float>(-c1 - beta * (a + b) / (a * b));
+    w[2] = static_cast<float>(beta * a / (b * (a + b)));
+    return 3;
+  }
+};
+
+static_assert(approximator<latest> && approximator<specdiff_weighted> && approximator<taylor<2>> && approximator<taylorseer<2>> && approximator<foca>);
 
 }  // namespace specdiff
