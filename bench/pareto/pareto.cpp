@@ -68,6 +68,12 @@ std::vector<demo::method_spec> sweep(bool quick) {
   for (int n : quick ? counts{3} : counts{2, 3, 4, 5, 6, 7, 8}) s.push_back({.name = "forecast", .interval = n, .c3 = std::string("learned")});
   // ... and on full steps placed where they forecast best (learned_forecast_F<count>.json, specdiff-calibrate --full-steps): 5 to 15 of 28.
   for (int f : quick ? counts{} : counts{5, 6, 7, 8, 10, 15}) s.push_back({.name = "forecast", .full_steps = f, .c3 = std::string("learned")});
+  // ... both again with the predictor-corrector (forecast_options::correct = 0.5: the skipped steps re-estimated through
+  // the next full output, FoCa's "calibrate" at the output; issue 30), at no extra FLOPs.
+  for (int n : quick ? counts{3} : counts{2, 3, 4, 5, 6, 7, 8})
+    s.push_back({.name = "forecast", .interval = n, .c3 = std::string("learned"), .correct = 0.5});
+  for (int f : quick ? counts{} : counts{5, 6, 7, 8, 10, 15})
+    s.push_back({.name = "forecast", .full_steps = f, .c3 = std::string("learned"), .correct = 0.5});
   for (int o : quick ? counts{1} : counts{1, 2})
     for (int n : quick ? counts{3} : counts{2, 3, 4, 6}) s.push_back({.name = "forecast", .interval = n, .order = o, .c3 = std::string("taylor")});
   // ... and on diffusers' refresh steps (warm-up 3, then k full iff (k - 4) % N == 0): its TaylorSeerCache lite, order 1.

@@ -260,7 +260,11 @@ methods::c3_rule c3_of(const method_spec& s, methods::c3_rule fallback, const ch
   rule r = fallback;
   if (s.c3) {
     if (const auto error = c3_rule_error(*s.c3); !error.empty()) throw std::invalid_argument(sd3::message("c3: ", error));
-    r = *s.c3 == "latest" ? rule::latest : *s.c3 == "taylor" ? rule::linear : *s.c3 == "learned" ? rule::learned : rule::specdiff;
+    r = *s.c3 == "latest"    ? rule::latest
+        : *s.c3 == "taylor"  ? rule::linear
+        : *s.c3 == "learned" ? rule::learned
+        : *s.c3 == "foca"    ? rule::foca
+                             : rule::specdiff;
   }
   if (r == rule::learned && s.learned_weights == nullptr)
     throw std::invalid_argument(sd3::message("c3: 'learned' needs the model folder's ", file_name, " (make it with specdiff-calibrate --model DIR",
@@ -302,6 +306,9 @@ methods::forecast_options forecast_of(const method_spec& s) {
   o.learned_weights = s.learned_weights;
   o.order = s.order.value_or(o.order);
   o.warmup_steps = s.warmup.value_or(o.warmup_steps);
+  if (s.correct && !(*s.correct >= 0.0 && *s.correct <= 1.0))
+    throw std::invalid_argument(sd3::message("correct: must lie in [0, 1], got ", *s.correct));
+  o.correct = s.correct.value_or(0.0);
   if (s.refresh) {
     if (*s.refresh != "library" && *s.refresh != "diffusers")
       throw std::invalid_argument(sd3::message("refresh: '", sd3::excerpt(*s.refresh), "' is not a refresh rule; allowed: library, diffusers"));
@@ -365,6 +372,7 @@ std::string method_spec::describe() const {
     if (order && c3 == "taylor") os << " O=" << *order;
     if (warmup) os << " W=" << *warmup;
     if (refresh) os << " refresh=" << *refresh;
+    if (correct) os << " corr=" << *correct;
   } else if (name == "ras") {
     os << " cr=" << ras_of(*this).cache_rate;
   } else if (name == "fbcache") {

@@ -1,7 +1,10 @@
 // Token-level caching (SpecDiff, RAS): the computed image tokens run every block against cached K/V; the
 // other tokens' model outputs come from the library's cache store. One runner, two policy sets.
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <stdexcept>
+#include <limits>
 #include <optional>
 
 #include <specdiff/specdiff.hpp>
@@ -144,6 +147,7 @@ run_result with_c3_rule(const problem& p, c3_rule rule, const specdiff::learned_
   switch (rule) {
     case c3_rule::latest: return run(specdiff::latest{});
     case c3_rule::linear: return run(specdiff::linear{});
+    case c3_rule::foca: return run(specdiff::foca{});
     case c3_rule::learned: {
       if (learned == nullptr) throw std::invalid_argument("c3: 'learned' needs learned weights (a calibration: specdiff-calibrate)");
       const sd3::flow_match_euler main = p.schedule(p.steps);
@@ -235,10 +239,139 @@ specdiff::step_schedule forecast_schedule(const forecast_options& o, int steps) 
 
 // The Taylor rule of a forecast over step-index tags (diffusers' TaylorSeerCache divides its differences by the gap
 // in forward calls): the accelerator is handed the tag steps - k, which falls by one per step.
-bool forecast_on_steps(const forecast_options& o) { return o.c3 == c3_rule::linear && o.variable == forecast_options::taylor_variable::step; }
+bool forecast_on_steps(const forecast_options& o) {
+  return (o.c3 == c3_rule::linear || o.c3 == c3_rule::foca) && o.variable == forecast_options::taylor_variable::step;
+}
+
+// forecast_options::correct: at each full step the forecast steps since the previous one are re-estimated by
+// interpolation through the newest three full outputs, and the latent moved by the difference (through the full
+// step's own output). Its buffers are sized before the run: nothing is allocated per step.
+class forecast_corrector {
+ public:
+  forecast_corrector(const problem& p, const specdiff::step_schedule& schedule, std::size_t size, double weight) : weight_(weight) {
+    const sd3::flow_match_euler main = p.schedule(p.steps);
+    for (int k = 0; k < p.steps; ++k) {
+      full_.push_back(k == 0 || schedule.is_dense(k, p.steps));
+      tag_.push_back(main.timesteps()[static_cast<std::size_t>(k)]);
+      step_size_.push_back(static_cast<double>(main.sigmas()[static_cast<std::size_t>(k) + 1]) - main.sigmas()[static_cast<std::size_t>(k)]);
+    }
+    for (auto& f : ring_) f.assign(size, 0.f);
+    forecast_sum_.assign(size, 0.0);
+    pending_.reserve(static_cast<std::size_t>(p.steps));
+  }
+  // The step's output rows (after the forecast filled them): the next step in order.
+  void after_step(std::vector<float>& rows) {
+    const auto k = static_cast<std::size_t>(step_++);
+    if (!full_[k]) {
+      const double s = step_size_[k];
+      for (std::size_t i = 0; i < rows.size(); ++i) forecast_sum_[i] += s * rows[i];
+      pending_.push_back(k);
+      return;
+    }
+    head_ = (head_ + 2) % 3;  // the newest full output goes first
+    std::copy(rows.begin(), rows.end(), ring_[head_].begin());
+    ring_tag_[head_] = tag_[k];
+    count_ = std::min(count_ + 1, 3);
+    if (pending_.empty()) return;
+    float tags[3];
+    for (int a = 0; a < count_; ++a) tags[a] = ring_tag_[(head_ + static_cast<std::size_t>(a)) % 3];
+    double c[3] = {0.0, 0.0, 0.0};  // the interpolated outputs' sum, sum_k s_k w_a(k), per full output a
+    for (std::size_t j : pending_) {
+      float w[3];
+      if (specdiff::math::polynomial_weights(tags, count_, tag_[j], w) != count_) throw std::logic_error("forecast_corrector: coincident timesteps");
+      for (int a = 0; a < count_; ++a) c[a] += step_size_[j] * w[a];
+    }
+    const double inv = weight_ / step_size_[k];
+    for (std::size_t i = 0; i < rows.size(); ++i) {
+      double interpolated = 0.0;
+      for (int a = 0; a < count_; ++a) interpolated += c[a] * ring_[(head_ + static_cast<std::size_t>(a)) % 3][i];
+      rows[i] = static_cast<float>(rows[i] + (interpolated - forecast_sum_[i]) * inv);
+    }
+    std::fill(forecast_sum_.begin(), forecast_sum_.end(), 0.0);
+    pending_.clear();
+  }
+
+ private:
+  double weight_;
+  std::vector<bool> full_;
+  std::vector<float> tag_;
+  std::vector<double> step_size_, forecast_sum_;
+  std::array<std::vector<float>, 3> ring_;
+  std::array<float, 3> ring_tag_{};
+  std::size_t head_ = 0;
+  int count_ = 0, step_ = 0;
+  std::vector<std::size_t> pending_;
+};
+
+// The full steps a forecast schedule computes, in order.
+std::vector<int> forecast_full_steps(const specdiff::step_schedule& schedule, int steps) {
+  std::vector<int> full;
+  for (int k = 0; k < steps; ++k)
+    if (k == 0 || schedule.is_dense(k, steps)) full.push_back(k);
+  return full;
+}
+
+// Per sample vector (`length` floats of `rows`, block b), the projections TACache reads: |v|, p = <d, u>, and o = d - p u
+// (written to `o`), with v the latest full output and d = v - the previous one; no previous: p = 0, o = 0.
+struct tacache_projection {
+  double norm = 0.0, parallel = 0.0;
+};
+tacache_projection tacache_project(const float* v, const float* previous, std::size_t length, float* o) {
+  double vv = 0.0, dv = 0.0;
+  for (std::size_t i = 0; i < length; ++i) {
+    vv += static_cast<double>(v[i]) * v[i];
+    if (previous != nullptr) dv += (static_cast<double>(v[i]) - previous[i]) * v[i];
+  }
+  tacache_projection r;
+  r.norm = std::sqrt(vv);
+  const double along = vv > 0.0 ? dv / vv : 0.0;  // d's coefficient on v
+  r.parallel = along * r.norm;
+  for (std::size_t i = 0; i < length; ++i)
+    o[i] = previous == nullptr ? 0.f : static_cast<float>(static_cast<double>(v[i]) - previous[i] - along * v[i]);
+  return r;
+}
+
+// TACache's forecast: keeps the last two full outputs and overwrites every forecast step's rows.
+class tacache_filler {
+ public:
+  tacache_filler(const tacache_table& t, int steps, std::size_t blocks, std::size_t length) : t_(t), blocks_(blocks), length_(length) {
+    for (auto& f : full_) f.assign(blocks * length, 0.f);
+    o_.assign(length, 0.f);
+    is_full_.assign(static_cast<std::size_t>(steps), false);
+    for (int k : t.full_steps) is_full_[static_cast<std::size_t>(k)] = true;
+  }
+  void after_step(std::vector<float>& rows) {
+    const auto k = static_cast<std::size_t>(step_++);
+    if (is_full_[k]) {
+      newest_ ^= 1;
+      std::copy(rows.begin(), rows.end(), full_[newest_].begin());
+      count_ = std::min(count_ + 1, 2);
+      return;
+    }
+    const double alpha = t_.alpha[k], beta = t_.beta[k], gamma = t_.gamma[k];
+    for (std::size_t b = 0; b < blocks_; ++b) {
+      const float* v = full_[newest_].data() + b * length_;
+      const float* previous = count_ > 1 ? full_[newest_ ^ 1].data() + b * length_ : nullptr;
+      const auto pr = tacache_project(v, previous, length_, o_.data());
+      const double scale = pr.norm > 0.0 ? alpha + beta * pr.parallel / pr.norm : alpha;  // along u, per unit of v
+      float* out = rows.data() + b * length_;
+      for (std::size_t i = 0; i < length_; ++i) out[i] = static_cast<float>(scale * v[i] + gamma * o_[i]);
+    }
+  }
+
+ private:
+  const tacache_table& t_;
+  std::size_t blocks_, length_;
+  std::array<std::vector<float>, 2> full_;
+  std::vector<float> o_;
+  std::vector<bool> is_full_;
+  std::size_t newest_ = 1;
+  int count_ = 0, step_ = 0;
+};
 
 void check_forecast_order(const forecast_options& o) {
   if (o.order < 1 || o.order > 2) throw std::invalid_argument(sd3::message("order: must be 1 or 2, got ", o.order));
+  if (!(o.correct >= 0.0 && o.correct <= 1.0)) throw std::invalid_argument(sd3::message("correct: must lie in [0, 1], got ", o.correct));
 }
 }  // namespace
 
@@ -249,10 +382,30 @@ run_result run_forecast(const problem& p, const forecast_options& o, const progr
   auto run = [&](auto approximator) {
     specdiff::accelerator acc(config, specdiff::uniform_scorer{}, specdiff::no_speculation{}, specdiff::all_approximate_classifier{}, schedule,
                               approximator);
-    return run_token_level(p, acc, std::nullopt, false, [](auto&, const std::vector<float>&) {}, progress, forecast_on_steps(o));
+    if (o.correct == 0.0 && o.tacache == nullptr)
+      return run_token_level(p, acc, std::nullopt, false, [](auto&, const std::vector<float>&) {}, progress, forecast_on_steps(o));
+    const std::size_t length = static_cast<std::size_t>(config.tokens) * static_cast<std::size_t>(config.feature_dim);
+    std::optional<forecast_corrector> corrector;
+    if (o.correct > 0.0) corrector.emplace(p, schedule, static_cast<std::size_t>(config.batch) * length, o.correct);
+    std::optional<tacache_filler> filler;
+    if (o.tacache != nullptr) filler.emplace(*o.tacache, p.steps, static_cast<std::size_t>(config.batch), length);
+    return run_token_level(p, acc, std::nullopt, false,
+                           [&](auto&, std::vector<float>& rows) {
+                             if (filler) filler->after_step(rows);
+                             if (corrector) corrector->after_step(rows);
+                           },
+                           progress, forecast_on_steps(o));
   };
   // Order 1 over either variable is linear extrapolation through the last two full steps; order 2 is TaylorSeer's
   // recursive divided differences (every cached full step starts a difference, as diffusers' hook forms them).
+  if (o.tacache != nullptr) {
+    const auto& t = *o.tacache;
+    if (t.full_steps != forecast_full_steps(schedule, p.steps))
+      throw std::invalid_argument("tacache: the table was fitted for other full steps than this schedule's (calibrate_tacache with these options)");
+    if (t.alpha.size() != static_cast<std::size_t>(p.steps) || t.beta.size() != t.alpha.size() || t.gamma.size() != t.alpha.size())
+      throw std::invalid_argument(sd3::message("tacache: the table holds ", t.alpha.size(), " steps, the run has ", p.steps));
+    return run(specdiff::latest{});  // every forecast row is overwritten by the filler
+  }
   if (o.c3 == c3_rule::linear && o.order == 2) return run(specdiff::taylorseer<2>{});
   if (o.c3 == c3_rule::learned && o.learned_weights != nullptr) {
     // A table holds weights for the steps its calibration forecast: a step this schedule forecasts without them
@@ -327,6 +480,72 @@ run_result calibrate_forecast(const problem& p, const forecast_options& o, specd
     ++r.model_calls;
     if (progress) progress(r.model_calls, p.steps);
   });
+  r.seconds = seconds_since(start);
+  return r;
+}
+
+run_result calibrate_tacache(const problem& p, const forecast_options& o, tacache_table& out, const progress_fn& progress) {
+  const auto schedule = forecast_schedule(o, p.steps);
+  const sd3::transformer& c = *p.net;
+  const int batch = model_batch(p), tokens = image_tokens(p), features = c.patch_features();
+  const std::size_t length = static_cast<std::size_t>(tokens) * static_cast<std::size_t>(features), blocks = static_cast<std::size_t>(batch);
+  const auto steps = static_cast<std::size_t>(p.steps);
+  out.full_steps = forecast_full_steps(schedule, p.steps);
+  std::vector<bool> is_full(steps, false);
+  for (int k : out.full_steps) is_full[static_cast<std::size_t>(k)] = true;
+  // Per step: the normal equations of y = alpha |v| + beta p (y = <v_k, u>), and <v_k, o>, <o, o>.
+  struct sums {
+    double nn = 0, np = 0, pp = 0, ny = 0, py = 0, ko = 0, oo = 0;
+  };
+  std::vector<sums> acc(steps);
+  std::vector<float> out_rows(blocks * length), latest(out_rows.size()), previous(out_rows.size()), o_buf(length);
+  int full_seen = 0;
+  run_result r;
+  const auto start = std::chrono::steady_clock::now();
+  r.latents = sd3::sample_cfg(*p.net, p.schedule(p.steps), p.inputs, p.guidance, [&](const sd3::model_call& call) {
+    p.net->forward(*call.inputs, call.velocity, {});
+    c.velocity_to_rows(batch, p.inputs.height, p.inputs.width, call.velocity, out_rows);
+    const auto k = static_cast<std::size_t>(call.step);
+    if (is_full[k]) {
+      std::swap(latest, previous);
+      std::copy(out_rows.begin(), out_rows.end(), latest.begin());
+      ++full_seen;
+    } else {
+      for (std::size_t b = 0; b < blocks; ++b) {
+        const float* v = latest.data() + b * length;
+        const auto pr = tacache_project(v, full_seen > 1 ? previous.data() + b * length : nullptr, length, o_buf.data());
+        const float* y = out_rows.data() + b * length;
+        double yv = 0, yo = 0, oo = 0;
+        for (std::size_t i = 0; i < length; ++i) {
+          yv += static_cast<double>(y[i]) * v[i];
+          yo += static_cast<double>(y[i]) * o_buf[i];
+          oo += static_cast<double>(o_buf[i]) * o_buf[i];
+        }
+        const double along = pr.norm > 0.0 ? yv / pr.norm : 0.0;
+        auto& s = acc[k];
+        s.nn += pr.norm * pr.norm, s.np += pr.norm * pr.parallel, s.pp += pr.parallel * pr.parallel;
+        s.ny += pr.norm * along, s.py += pr.parallel * along, s.ko += yo, s.oo += oo;
+      }
+    }
+    r.flops += batch * full_forward_flops(c, tokens, p.inputs.context_tokens);
+    ++r.model_calls;
+    if (progress) progress(r.model_calls, p.steps);
+  });
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  out.alpha.assign(steps, nan), out.beta.assign(steps, nan), out.gamma.assign(steps, nan);
+  for (std::size_t k = 0; k < steps; ++k) {
+    if (is_full[k]) continue;
+    const auto& s = acc[k];
+    // A ridge of 1e-9 of the diagonal's scale keeps the 2 x 2 solve defined when p is ~0 (no previous full step).
+    const double ridge = 1e-9 * (s.nn + s.pp), a = s.nn + ridge, b = s.np, d = s.pp + ridge, det = a * d - b * b;
+    if (s.pp <= 0.0 || !(det > 0.0)) {
+      out.alpha[k] = s.nn > 0.0 ? s.ny / s.nn : 1.0, out.beta[k] = 0.0;
+    } else {
+      out.alpha[k] = (d * s.ny - b * s.py) / det, out.beta[k] = (a * s.py - b * s.ny) / det;
+    }
+    out.gamma[k] = s.oo > 0.0 ? s.ko / s.oo : 0.0;
+  }
+  out.vectors = batch;
   r.seconds = seconds_since(start);
   return r;
 }

@@ -116,7 +116,7 @@ inline constexpr const char* method_names[] = {"full",       "specdiff", "specdi
 /// The largest full-step interval the demo accepts (--interval), and so the largest N of a learned_forecast_N file.
 inline constexpr int max_forecast_interval = 1000;
 /// The C3 rules of the token-level methods (methods::c3_rule).
-inline constexpr const char* c3_rule_names[] = {"specdiff", "latest", "taylor", "learned"};
+inline constexpr const char* c3_rule_names[] = {"specdiff", "latest", "taylor", "learned", "foca"};
 /// The dense-step schedules of the token-level methods, by whose default they are: SpecDiff's (2 warm-up steps +
 /// a reset at 14) and RAS's (4 + {12, 20}). Either method can run on either, for comparisons at equal schedules.
 inline constexpr const char* dense_schedule_names[] = {"specdiff", "ras"};
@@ -143,6 +143,8 @@ struct method_spec {
   std::optional<std::string> c3 = {};       ///< specdiff, specdiff-adaptive, forecast: one of c3_rule_names
   /// c3 = learned: the weights (the model folder's, conditional_model::learned_c3); not owned.
   const specdiff::learned_table* learned_weights = nullptr;
+  /// forecast: the predictor-corrector's weight in [0, 1] (methods::forecast_options::correct; none = 0, off)
+  std::optional<double> correct = {};
   /// The settings actually used (defaults filled in), for tables and JSON.
   std::string describe() const;
 };

@@ -17,9 +17,9 @@ namespace methods {
 
 /// How a token-level method fills the rows it does not compute (its C3 rows): SpecDiff's mix of the last three
 /// (`specdiff`), the latest row (`latest`), a first-order Taylor step through the last two (`linear`, TaylorSeer's
-/// order 1), or weights fitted per step by least squares (`learned`: a specdiff::learned_table, see
-/// specdiff-calibrate).
-enum class c3_rule { specdiff, latest, linear, learned };
+/// order 1), weights fitted per step by least squares (`learned`: a specdiff::learned_table, see
+/// specdiff-calibrate), or FoCa's BDF2-type forecast through the last three (`foca`: specdiff::foca).
+enum class c3_rule { specdiff, latest, linear, learned, foca };
 
 /// Full RFlow: every step, every token (the reference every method is measured against).
 run_result run_full(const problem& p, const progress_fn& progress = {});
@@ -71,6 +71,8 @@ specdiff_options specdiff_adaptive_defaults(double error_budget = 0.05);
 /// along, at the timesteps spec_grid chooses.
 std::optional<sd3::flow_match_euler> speculative_pass(const problem& p, const specdiff_options& o);
 
+struct tacache_table;  // below: TACache's fitted statistics
+
 /// Output forecasting between full steps, L2P's structure (shared/research/beyond.md, section 2; its authors' code
 /// is not published): full steps are the warm-up and then every `interval`-th; on the others the whole network is
 /// skipped and every token's model output is the C3 rule's forecast from its outputs at the last full steps —
@@ -93,6 +95,17 @@ struct forecast_options {
   /// learned rule reads its table by timestep whatever this says.
   enum class taylor_variable { step, timestep } variable = taylor_variable::step;
   int order = 1;  ///< c3 = linear: the Taylor order (1 or 2), TaylorSeer's recursive divided differences (specdiff::taylorseer)
+  /// Predictor-corrector weight in [0, 1] (FoCa's "calibrate" at the output level, docs/methods.md; 0 = off): at each
+  /// full step, once its true output is known, the outputs of the steps forecast since the previous full step are
+  /// re-estimated by the polynomial through the newest three full outputs (interpolation over timesteps, the new one
+  /// included), and the latent is moved by `correct` times what that changes, sum_k s_k (interpolated_k - forecast_k)
+  /// with s_k the Euler step size — as if each of those steps had stepped with (1 - correct) forecast + correct
+  /// interpolated. It is added to the full step's own output divided by its step size; the cache keeps the true
+  /// outputs and no model call is added. Steps forecast after the last full step stay uncorrected. Any c3 rule.
+  /// 0.5 (the two estimates averaged, as Heun's corrector averages) was measured best (docs/results.md, issue 30).
+  double correct = 0.0;
+  /// TACache's compensation instead of the c3 rule (tacache_table; fitted for exactly this schedule's full steps).
+  const tacache_table* tacache = nullptr;
   /// calibrate_forecast: fit the weights on the rows of both CFG halves (`halves`, the default), or on the guided output
   /// v_u + g (v_c - v_u) the sampler steps with (`guided`: measured 0.9 dB worse at N = 2 on mnist-sd3, docs/results.md).
   enum class fit_target { guided, halves } fit_on = fit_target::halves;
@@ -108,6 +121,24 @@ struct forecast_options {
   int warmup() const { return warmup_steps > 0 ? warmup_steps : interval <= 2 ? 3 : 2; }
 };
 run_result run_forecast(const problem& p, const forecast_options& o, const progress_fn& progress = {});
+
+/// TACache's direction-aware compensation (arXiv 2605.16789, "skip then compensate"; docs/methods.md) at the output
+/// of a forecast. Contract: per sample vector (one CFG half of one sample: all its tokens' output rows), with v the
+/// output of the latest full step, d = v - (the output of the full step before it), u = v / |v|, p = <d, u> (the
+/// sample's own change along its velocity) and o = d - p u (its orthogonal residual), a forecast step k's output is
+///   v_k = (alpha_k |v| + beta_k p) u + gamma_k o,
+/// with (alpha_k, beta_k) and gamma_k per step, fitted by least squares on full trajectories (teacher forced) of
+/// calibration noise by calibrate_tacache, and the projections p, o taken online from the sample being generated.
+/// Before a second full step there is no d: v_k = alpha_k v. Linear extrapolation is alpha = 1, beta = gamma = k / gap;
+/// a learned table of depth 2 is the special case beta = gamma. Data-dependent (a per-sample projection), so not a
+/// library approximator: a forecast option, replacing the c3 rule when set. Steps are the table's `full_steps`.
+struct tacache_table {
+  std::vector<int> full_steps;            ///< every full step of the schedule it was fitted for (step 0 first)
+  std::vector<double> alpha, beta, gamma;  ///< per step; NaN at full steps
+  int vectors = 0;                         ///< sample vectors the fit saw per step (calibration samples x CFG halves)
+};
+/// Full RFlow on `p` (calibration noise: the caller's choice, recorded nowhere else) with o's schedule; fits `out`.
+run_result calibrate_tacache(const problem& p, const forecast_options& o, tacache_table& out, const progress_fn& progress = {});
 /// The learned forecast's calibration: full RFlow (teacher-forced: every step computed), the outputs of o's full
 /// steps cached and, on every other step, each token's (cached outputs, true output) pair added to `fit`.
 run_result calibrate_forecast(const problem& p, const forecast_options& o, specdiff::history_fit& fit, const progress_fn& progress = {});
