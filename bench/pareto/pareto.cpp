@@ -74,6 +74,11 @@ std::vector<demo::method_spec> sweep(bool quick) {
     s.push_back({.name = "forecast", .interval = n, .c3 = std::string("learned"), .correct = 0.5});
   for (int f : quick ? counts{} : counts{5, 6, 7, 8, 10, 15})
     s.push_back({.name = "forecast", .full_steps = f, .c3 = std::string("learned"), .correct = 0.5});
+  // ... and TACache's direction-aware compensation with the same corrector on the same steps (its per-step statistics
+  // fitted here, on calibration noise: tacache_for below).
+  for (int n : quick ? counts{} : counts{2, 3, 4, 6}) s.push_back({.name = "forecast", .interval = n, .c3 = std::string("tacache"), .correct = 0.5});
+  for (int f : quick ? counts{} : counts{5, 6, 7, 8, 10, 15})
+    s.push_back({.name = "forecast", .full_steps = f, .c3 = std::string("tacache"), .correct = 0.5});
   for (int o : quick ? counts{1} : counts{1, 2})
     for (int n : quick ? counts{3} : counts{2, 3, 4, 6}) s.push_back({.name = "forecast", .interval = n, .order = o, .c3 = std::string("taylor")});
   // ... and on diffusers' refresh steps (warm-up 3, then k full iff (k - 4) % N == 0): its TaylorSeerCache lite, order 1.
@@ -200,6 +205,16 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "the model folder lacks calibrations (%s, learned_forecast_N*.json): %zu learned settings left out (make them "
                    "with specdiff-calibrate)\n", methods::learned_c3_file_name, before - specs.size());
     for (auto& s : specs) s.learned_weights = model.learned_weights_for(s), s.full_step_list = model.full_steps_for(s);
+    // TACache's rows on placed steps take the steps from the learned file of that count: without it they are left out.
+    std::erase_if(specs, [&](const demo::method_spec& s) { return s.c3 == "tacache" && s.full_steps && s.full_step_list == nullptr; });
+    // TACache's statistics, one table per schedule, fitted on calibration noise (the calibration key space, seed 1000,
+    // 8 samples: what the learned files are fitted on) at this run's steps and guidance — no evaluation seed draws it.
+    std::vector<std::unique_ptr<methods::tacache_table>> tacache_tables;
+    for (auto& s : specs)
+      if (s.c3 == "tacache") {
+        tacache_tables.push_back(demo::fit_tacache(model_dir, s, steps, cfg_option->count() ? std::optional(cfg) : std::nullopt, threads));
+        s.tacache = tacache_tables.back().get();
+      }
     // Learned weights fitted for another step count (or time grid) cannot run at --steps: those settings are left
     // out too, each file named once, before any sampling (they used to stop the sweep half-way).
     std::vector<std::string> mismatches;

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../common/testing.hpp"
+#include "demo/support.hpp"
 #include "methods/methods.hpp"
 #include "sampling_inputs.hpp"
 #include "sd3/model.hpp"
@@ -258,4 +259,22 @@ TEST_CASE("TACache with alpha = 1 and beta = gamma = k / gap is linear extrapola
   o.warmup_steps = 0;
   t.alpha.pop_back();
   testing::expect_error<std::invalid_argument>([&] { (void)methods::run_forecast(p, o); }, {"tacache", "steps"});
+}
+
+TEST_CASE("the demo's forecast spec: --correct and --c3 foca / tacache map to the options, bad ones refused by name") {
+  demo::method_spec s{.name = "forecast", .interval = 3, .c3 = std::string("foca"), .correct = 0.5};
+  const auto o = demo::forecast_options_of(s);
+  CHECK(o.c3 == methods::c3_rule::foca);
+  CHECK(o.correct == 0.5);
+  CHECK(s.describe() == "forecast N=3 c3=foca corr=0.5");
+  s.correct = 1.5;
+  testing::expect_error<std::invalid_argument>([&] { (void)demo::forecast_options_of(s); }, {"correct", "1.5"});
+  s.correct.reset();
+  s.c3 = "tacache";  // its statistics come from the program (fit_tacache): without them, refused
+  testing::expect_error<std::invalid_argument>([&] { (void)demo::forecast_options_of(s); }, {"tacache", "calibration noise"});
+  const methods::tacache_table table;
+  s.tacache = &table;
+  CHECK(demo::forecast_options_of(s).tacache == &table);
+  const demo::method_spec specdiff{.name = "specdiff", .c3 = std::string("tacache")};
+  testing::expect_error<std::invalid_argument>([&] { demo::check_method(specdiff); }, {"tacache", "forecast only"});
 }

@@ -120,8 +120,13 @@ int main(int argc, char** argv) {
                              "specdiff-adaptive: the cache rate moves from --cache-rate down to this in 3 buckets as the verified error grows")
       ->check(real_in(0.0, 1.0, quality::interval::open_above));
   auto* c3o = app.add_option("--c3", c3, "C3 rule of specdiff / specdiff-adaptive (default specdiff) and forecast (default learned): specdiff, latest, taylor, learned "
-                             "(the model folder's learned_c3.json / learned_forecast.json)")
+                             "(the model folder's learned_c3.json / learned_forecast.json), foca (FoCa's BDF2 forecast); forecast also tacache "
+                             "(TACache's compensation, fitted on calibration noise at start)")
       ->check(checked([](const std::string& r) { return demo::c3_rule_error(r); }, "RULE"));
+  double correct = 0;
+  auto* cor = app.add_option("--correct", correct, "forecast: predictor-corrector weight in [0, 1] (0.5 recommended; default 0, off): the steps forecast "
+                             "since the last full step re-estimated through the next one")
+      ->check(real_in(0.0, 1.0));
   int full_steps = 0;
   auto* fst = app.add_option("--full-steps", full_steps, "forecast: this many full steps, placed where they forecast best (the model folder's "
                              "learned_forecast_F<count>.json, made by specdiff-calibrate --full-steps); replaces --interval")
@@ -189,6 +194,7 @@ int main(int argc, char** argv) {
                                      {"--c3", c3o, {"specdiff", "specdiff-adaptive", "forecast"}},
                                      {"--order", od, {"taylorseer", "forecast"}},
                                      {"--full-steps", fst, {"forecast"}},
+                                     {"--correct", cor, {"forecast"}},
                                      {"--fast-steps", fs, {"steps"}},
                                      {"--threshold", th, {"fbcache", "teacache"}},
                                      {"--dense", ds, {"specdiff", "specdiff-adaptive", "ras"}}});
@@ -205,6 +211,7 @@ int main(int argc, char** argv) {
   if (crm->count()) spec.cache_rate_min = cache_rate_min;
   if (c3o->count()) spec.c3 = c3;
   if (fst->count()) spec.full_steps = full_steps;
+  if (cor->count()) spec.correct = correct;
 
 #ifdef SPECDIFF_DEMO_MPI
   std::optional<specdiff::mpi_communicator> comm;
@@ -236,6 +243,9 @@ int main(int argc, char** argv) {
     const auto& [model, batch, net, problem] = *work;
     spec.learned_weights = model.learned_weights_for(spec);
     spec.full_step_list = model.full_steps_for(spec);
+    std::unique_ptr<methods::tacache_table> tacache;  // --c3 tacache: its statistics, fitted on calibration noise first
+    if (spec.c3 == "tacache")
+      tacache = demo::fit_tacache(model_dir, spec, steps, cf->count() ? std::optional(cfg) : std::nullopt, threads), spec.tacache = tacache.get();
     demo::check_method(spec, problem);  // before minutes of sampling (learned weights against --steps too)
     const float guidance = problem.guidance;
     const bool bar = !no_progress && rank == 0;

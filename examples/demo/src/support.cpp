@@ -260,6 +260,10 @@ methods::c3_rule c3_of(const method_spec& s, methods::c3_rule fallback, const ch
   rule r = fallback;
   if (s.c3) {
     if (const auto error = c3_rule_error(*s.c3); !error.empty()) throw std::invalid_argument(sd3::message("c3: ", error));
+    if (*s.c3 == "tacache") {  // not a C3 rule of the accelerator: the forecast's TACache option (forecast_of)
+      if (s.name != "forecast") throw std::invalid_argument(sd3::message("c3: 'tacache' is for --method forecast only, not ", s.name));
+      return rule::latest;
+    }
     r = *s.c3 == "latest"    ? rule::latest
         : *s.c3 == "taylor"  ? rule::linear
         : *s.c3 == "learned" ? rule::learned
@@ -309,6 +313,12 @@ methods::forecast_options forecast_of(const method_spec& s) {
   if (s.correct && !(*s.correct >= 0.0 && *s.correct <= 1.0))
     throw std::invalid_argument(sd3::message("correct: must lie in [0, 1], got ", *s.correct));
   o.correct = s.correct.value_or(0.0);
+  if (s.c3 == "tacache") {
+    if (s.tacache == nullptr)
+      throw std::invalid_argument("c3: 'tacache' needs its statistics fitted on calibration noise for this schedule (methods::calibrate_tacache; "
+                                  "specdiff-pareto fits them)");
+    o.tacache = s.tacache;
+  }
   if (s.refresh) {
     if (*s.refresh != "library" && *s.refresh != "diffusers")
       throw std::invalid_argument(sd3::message("refresh: '", sd3::excerpt(*s.refresh), "' is not a refresh rule; allowed: library, diffusers"));
@@ -356,6 +366,17 @@ methods::module_cache_options module_of(const method_spec& s) {
 }
 
 }  // namespace
+
+std::unique_ptr<methods::tacache_table> fit_tacache(const std::filesystem::path& model_dir, const method_spec& spec, int steps,
+                                                    std::optional<float> cfg, int threads) {
+  if (spec.name != "forecast") throw std::invalid_argument(sd3::message("c3: 'tacache' is for --method forecast only, not ", spec.name));
+  method_spec schedule = spec;  // the schedule only: the statistics do not depend on the rule or the corrector
+  schedule.c3 = "latest", schedule.correct.reset(), schedule.tacache = nullptr, schedule.learned_weights = nullptr;
+  const auto calibration = make_workload(model_dir, 8, 1000, steps, cfg, threads, quality::noise_domain::calibration);
+  auto table = std::make_unique<methods::tacache_table>();
+  (void)methods::calibrate_tacache(calibration->problem, forecast_of(schedule), *table);
+  return table;
+}
 
 std::string method_spec::describe() const {
   std::ostringstream os;

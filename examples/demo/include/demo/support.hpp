@@ -116,7 +116,7 @@ inline constexpr const char* method_names[] = {"full",       "specdiff", "specdi
 /// The largest full-step interval the demo accepts (--interval), and so the largest N of a learned_forecast_N file.
 inline constexpr int max_forecast_interval = 1000;
 /// The C3 rules of the token-level methods (methods::c3_rule).
-inline constexpr const char* c3_rule_names[] = {"specdiff", "latest", "taylor", "learned", "foca"};
+inline constexpr const char* c3_rule_names[] = {"specdiff", "latest", "taylor", "learned", "foca", "tacache"};
 /// The dense-step schedules of the token-level methods, by whose default they are: SpecDiff's (2 warm-up steps +
 /// a reset at 14) and RAS's (4 + {12, 20}). Either method can run on either, for comparisons at equal schedules.
 inline constexpr const char* dense_schedule_names[] = {"specdiff", "ras"};
@@ -145,10 +145,18 @@ struct method_spec {
   const specdiff::learned_table* learned_weights = nullptr;
   /// forecast: the predictor-corrector's weight in [0, 1] (methods::forecast_options::correct; none = 0, off)
   std::optional<double> correct = {};
+  /// forecast, c3 = tacache: TACache's statistics for this spec's schedule (methods::calibrate_tacache on calibration
+  /// noise; the program fits them, as specdiff-pareto does); not owned.
+  const methods::tacache_table* tacache = nullptr;
   /// The settings actually used (defaults filled in), for tables and JSON.
   std::string describe() const;
 };
 methods::run_result run_method(const methods::problem& p, const method_spec& spec, const methods::progress_fn& progress = {});
+/// TACache's statistics for a forecast spec's schedule (its interval and warm-up, or its placed full steps: set
+/// full_step_list first), fitted by methods::calibrate_tacache on calibration noise — the calibration key space, seed
+/// 1000, 8 samples, as the learned files are — at `steps` and the guidance `cfg` (the model's when empty).
+std::unique_ptr<methods::tacache_table> fit_tacache(const std::filesystem::path& model_dir, const method_spec& spec, int steps,
+                                                    std::optional<float> cfg, int threads);
 /// Throws what run_method would throw for the spec's settings (a C3 rule without its learned weights, an
 /// unknown schedule, ...), without running anything: programs check before the first, untimed full run.
 void check_method(const method_spec& spec);
