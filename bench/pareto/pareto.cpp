@@ -66,18 +66,19 @@ std::vector<demo::method_spec> sweep(bool quick) {
   // The output forecast between full steps (L2P's structure) with learned weights, and the Taylor rule there over step
   // indices (diffusers' TaylorSeerCache lite: order 1 and 2); intervals from FLOP ratio 1.87 (N=2) to 5.6 (N=8).
   for (int n : quick ? counts{3} : counts{2, 3, 4, 5, 6, 7, 8}) s.push_back({.name = "forecast", .interval = n, .c3 = std::string("learned")});
-  // ... and on full steps placed where they forecast best (learned_forecast_F<count>.json, specdiff-calibrate --full-steps): 5 to 15 of 28.
-  for (int f : quick ? counts{} : counts{5, 6, 7, 8, 10, 15}) s.push_back({.name = "forecast", .full_steps = f, .c3 = std::string("learned")});
+  // ... and on full steps placed where they forecast best (learned_forecast_F<count>.json, specdiff-calibrate --full-steps): 5 to 15 of 28
+  // (the counts a model has files for; the shipped mnist-flux has 9 and 11 too).
+  for (int f : quick ? counts{} : counts{5, 6, 7, 8, 9, 10, 11, 15}) s.push_back({.name = "forecast", .full_steps = f, .c3 = std::string("learned")});
   // ... both again with the predictor-corrector (forecast_options::correct = 0.5: the skipped steps re-estimated through
   // the next full output, FoCa's "calibrate" at the output; issue 30), at no extra FLOPs.
   for (int n : quick ? counts{3} : counts{2, 3, 4, 5, 6, 7, 8})
     s.push_back({.name = "forecast", .interval = n, .c3 = std::string("learned"), .correct = 0.5});
-  for (int f : quick ? counts{} : counts{5, 6, 7, 8, 10, 15})
+  for (int f : quick ? counts{} : counts{5, 6, 7, 8, 9, 10, 11, 15})
     s.push_back({.name = "forecast", .full_steps = f, .c3 = std::string("learned"), .correct = 0.5});
   // ... and TACache's direction-aware compensation with the same corrector on the same steps (its per-step statistics
   // fitted here, on calibration noise: tacache_for below).
   for (int n : quick ? counts{} : counts{2, 3, 4, 6}) s.push_back({.name = "forecast", .interval = n, .c3 = std::string("tacache"), .correct = 0.5});
-  for (int f : quick ? counts{} : counts{5, 6, 7, 8, 10, 15})
+  for (int f : quick ? counts{} : counts{5, 6, 7, 8, 9, 10, 11, 15})
     s.push_back({.name = "forecast", .full_steps = f, .c3 = std::string("tacache"), .correct = 0.5});
   for (int o : quick ? counts{1} : counts{1, 2})
     for (int n : quick ? counts{3} : counts{2, 3, 4, 6}) s.push_back({.name = "forecast", .interval = n, .order = o, .c3 = std::string("taylor")});
@@ -196,6 +197,9 @@ int main(int argc, char** argv) {
     const auto& [model, batch, net, problem] = *work;
     auto specs = sweep(quick);
     if (!only.empty()) std::erase_if(specs, [&](const demo::method_spec& s) { return s.name != only; });
+    // Placed full steps come in the counts the model folder has files for (learned_forecast_F<count>.json): the others
+    // are not settings of this model, left out without a word.
+    std::erase_if(specs, [&](const demo::method_spec& s) { return s.full_steps && model.full_steps_for(s) == nullptr; });
     // The learned C3 rule needs the model folder's calibration (specdiff-calibrate): without it those rows are left out.
     const auto before = specs.size();
     std::erase_if(specs, [&](const demo::method_spec& s) {
@@ -205,8 +209,6 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "the model folder lacks calibrations (%s, learned_forecast_N*.json): %zu learned settings left out (make them "
                    "with specdiff-calibrate)\n", methods::learned_c3_file_name, before - specs.size());
     for (auto& s : specs) s.learned_weights = model.learned_weights_for(s), s.full_step_list = model.full_steps_for(s);
-    // TACache's rows on placed steps take the steps from the learned file of that count: without it they are left out.
-    std::erase_if(specs, [&](const demo::method_spec& s) { return s.c3 == "tacache" && s.full_steps && s.full_step_list == nullptr; });
     // TACache's statistics, one table per schedule, fitted on calibration noise (the calibration key space, seed 1000,
     // 8 samples: what the learned files are fitted on) at this run's steps and guidance — no evaluation seed draws it.
     std::vector<std::unique_ptr<methods::tacache_table>> tacache_tables;
