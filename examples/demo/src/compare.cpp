@@ -1,6 +1,7 @@
 // specdiff-compare: SpecDiff and the recommended composition side by side on the same noise. Runs full RFlow, SpecDiff
-// (--cache-rate, its schedule) and the forecast with learned weights (--interval; docs/results.md: the library's best
-// composition on the shipped models), prints each one's FLOP ratio, PSNR, SSIM and class accuracy against full compute,
+// (--cache-rate, its schedule) and the forecast (--interval or --full-steps; by default TACache's compensation with the
+// predictor-corrector at 0.5, docs/results.md: the library's best composition on the shipped models; --c3 and --correct
+// choose another), prints each one's FLOP ratio, PSNR, SSIM and class accuracy against full compute,
 // and writes OUT/compare.png: one column per sample; rows full RFlow, SpecDiff, SpecDiff's difference from full, the
 // forecast, the forecast's difference (a heat map: black = equal, red, yellow, white = --heat-scale or more, in
 // image units of [-1, 1]). Quality only: nothing is timed (the demo and specdiff-pareto time).
@@ -18,7 +19,7 @@
 #include "sd3/workers.hpp"
 
 int main(int argc, char** argv) {
-  CLI::App app{"SpecDiff and the recommended composition (the learned forecast) side by side, with heat maps of their difference from full RFlow"};
+  CLI::App app{"SpecDiff and the recommended composition (the forecast: TACache + corrector by default) side by side, with heat maps of their difference from full RFlow"};
   using quality::cli::integer_in;
   using quality::cli::real_in;
   std::string model_dir = demo::default_model_dir().string(), out_dir = "compare-out", seed_text = "0";
@@ -36,6 +37,12 @@ int main(int argc, char** argv) {
   int full_steps = 0;
   auto* fs = app.add_option("--full-steps", full_steps, "the forecast on this many placed full steps instead of --interval (MODEL/learned_forecast_F<K>.json)")
       ->check(integer_in(1, demo::max_forecast_interval))->excludes(iv);
+  std::string c3 = "tacache";
+  double correct = 0.5;
+  app.add_option("--c3", c3, "the forecast's rule: tacache (TACache's compensation, fitted on calibration noise at start), learned "
+                 "(MODEL/learned_forecast_*.json), foca, taylor, latest")
+      ->capture_default_str()->check(quality::cli::checked([](const std::string& r) { return demo::c3_rule_error(r); }, "RULE"));
+  app.add_option("--correct", correct, "the forecast's predictor-corrector weight in [0, 1] (0: off)")->capture_default_str()->check(real_in(0.0, 1.0));
   app.add_option("--heat-scale", heat_scale, "the difference drawn white (image range [-1, 1])")->capture_default_str()->check(real_in(1e-6, 2.0));
   if (const auto status = quality::cli::parse(app, argc, argv)) return *status;
   return quality::cli::run("specdiff-compare", [&] {
@@ -49,12 +56,15 @@ int main(int argc, char** argv) {
     const auto work = demo::make_workload(model_dir, samples, seed, steps, std::nullopt, threads);
     const auto& [model, batch, net, problem] = *work;
     demo::method_spec specdiff{.name = "specdiff", .cache_rate = cache_rate};
-    demo::method_spec forecast{.name = "forecast", .c3 = std::string("learned")};
+    demo::method_spec forecast{.name = "forecast", .c3 = c3};
     if (fs->count()) forecast.full_steps = full_steps;
     else forecast.interval = interval;
+    if (correct > 0) forecast.correct = correct;
     forecast.learned_weights = model.learned_weights_for(forecast);
     forecast.full_step_list = model.full_steps_for(forecast);
     demo::check_method(specdiff, problem);
+    std::unique_ptr<methods::tacache_table> tacache;  // its statistics, fitted on calibration noise before anything runs
+    if (c3 == "tacache") tacache = demo::fit_tacache(model_dir, forecast, steps, std::nullopt, threads), forecast.tacache = tacache.get();
     demo::check_method(forecast, problem);
     const auto full = demo::run_method(problem, {.name = "full"});
     const auto a = demo::run_method(problem, specdiff), b = demo::run_method(problem, forecast);
