@@ -393,47 +393,42 @@ void flux_ulysses_subset(specdiff::mpi_communicator& comm) {
   }, p.batch, p.rows * p.cols, true, "flux");
 }
 
-// sd3::sequence_parallel with use_ulysses(true) (what the demo's --sequence-parallel --ulysses runs for full RFlow):
-// forward_full against one process's forward (velocity on every rank, summed probe). (Its forward_sample: the
-// Ulysses SpecDiff runs below; full RFlow over ranks: mpi/demo_sd3_ulysses.)
+// sd3::sequence_parallel with use_ulysses(true): forward_full against one process's forward (velocity on every rank,
+// the probe summed over the ranks), both within 1e-5 relative L2. Prints the two errors after `what`.
+template <class Inputs>
+void check_ulysses_forward_full(specdiff::mpi_communicator& comm, sd3::transformer& net, const Inputs& inputs, int batch, int tokens,
+                                const std::string& what) {
+  sd3::sequence_parallel<specdiff::mpi_communicator> sp(comm, net, batch, tokens);
+  sp.use_ulysses(true);
+  const auto rows = static_cast<std::size_t>(batch) * static_cast<std::size_t>(tokens);
+  std::vector<float> want(rows * static_cast<std::size_t>(net.patch_features())), got(want.size()), want_probe(rows), probe(rows);
+  sd3::forward_options all;
+  all.attention_probe = want_probe;
+  net.forward(inputs, want, all);
+  sp.forward_full(inputs, got, probe);
+  comm.all_reduce_sum(probe);
+  const double err = relative_l2(got, want), probe_err = relative_l2(probe, want_probe);
+  expect(err <= 1e-5, what + ": forward_full relative L2 " + std::to_string(err), comm.rank());
+  expect(probe_err <= 1e-5, what + ": probe relative L2 " + std::to_string(probe_err), comm.rank());
+  std::printf("rank %d %s (shard of %d): forward_full velocity relative L2 %.3g, probe %.3g\n", comm.rank(), what.c_str(),
+              static_cast<int>(sp.shard().count), err, probe_err);
+}
+
+// What the demo's --sequence-parallel --ulysses runs for full RFlow. (Its forward_sample: the Ulysses SpecDiff runs
+// below; full RFlow over ranks: mpi/demo_sd3_ulysses.)
 void sd3_ulysses_sampler(specdiff::mpi_communicator& comm) {
   test_util::random_problem p(13, true, {1});
   sd3::transformer net(p.model, p.limits(), 1);
-  const int N = p.tokens();
-  sd3::sequence_parallel<specdiff::mpi_communicator> sp(comm, net, p.batch, N);
-  sp.use_ulysses(true);
-  std::vector<float> want(p.velocity_size()), got(want.size()), want_probe(static_cast<std::size_t>(p.batch) * N), probe(want_probe.size());
-  sd3::forward_options all;
-  all.attention_probe = want_probe;
-  net.forward(p.inputs(), want, all);
-  sp.forward_full(p.inputs(), got, probe);
-  comm.all_reduce_sum(probe);
-  const double err = relative_l2(got, want), probe_err = relative_l2(probe, want_probe);
-  expect(err <= 1e-5, "sampler Ulysses forward_full relative L2 " + std::to_string(err), comm.rank());
-  expect(probe_err <= 1e-5, "sampler Ulysses probe relative L2 " + std::to_string(probe_err), comm.rank());
-  std::printf("rank %d sampler Ulysses: forward_full velocity relative L2 %.3g, probe %.3g\n", comm.rank(), err, probe_err);
+  check_ulysses_forward_full(comm, net, p.inputs(), p.batch, p.tokens(), "sampler Ulysses");
 }
 
 // Uneven shards under Ulysses (T % P != 0: 15 tokens on 2 ranks, shards of 8 and 7): the sampler's forwards give every
-// rank's shard in ulysses.rank_tokens, exchanged with per-rank counts. forward_full against one process (FLUX).
+// rank's shard in ulysses.rank_tokens, exchanged with per-rank counts (FLUX).
 void flux_ulysses_uneven(specdiff::mpi_communicator& comm) {
   const flux_problem p(test_util::small_flux_config(), 3, 5);
   sd3::transformer net(p.model, p.limits(), 1);
-  const int N = p.rows * p.cols;
-  sd3::sequence_parallel<specdiff::mpi_communicator> sp(comm, net, p.batch, N);
-  sp.use_ulysses(true);
-  std::vector<float> want(static_cast<std::size_t>(p.batch) * N * net.patch_features()), got(want.size()),
-      want_probe(static_cast<std::size_t>(p.batch) * N), probe(want_probe.size());
-  sd3::forward_options all;
-  all.attention_probe = want_probe;
-  net.forward(p.inputs(), want, all);
-  sp.forward_full(p.inputs(), got, probe);
-  comm.all_reduce_sum(probe);
-  const double err = relative_l2(got, want), probe_err = relative_l2(probe, want_probe);
-  expect(err <= 1e-5, "uneven Ulysses forward_full relative L2 " + std::to_string(err), comm.rank());
-  expect(probe_err <= 1e-5, "uneven Ulysses probe relative L2 " + std::to_string(probe_err), comm.rank());
-  std::printf("rank %d FLUX Ulysses, %d tokens on %d ranks (shard of %d): forward_full velocity relative L2 %.3g, probe %.3g\n", comm.rank(), N,
-              comm.size(), static_cast<int>(sp.shard().count), err, probe_err);
+  check_ulysses_forward_full(comm, net, p.inputs(), p.batch, p.rows * p.cols,
+                             "FLUX Ulysses, " + std::to_string(p.rows * p.cols) + " tokens on " + std::to_string(comm.size()) + " ranks");
 }
 
 // Refused by name on every rank, before any exchange (so no rank waits for another): heads % ranks != 0, tokens %
