@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <limits>
 #include <optional>
+#include <utility>
 
 #include <specdiff/specdiff.hpp>
 
@@ -243,15 +244,23 @@ bool forecast_on_steps(const forecast_options& o) {
   return (o.c3 == c3_rule::linear || o.c3 == c3_rule::foca) && o.variable == forecast_options::taylor_variable::step;
 }
 
+// The steps a forecast computes in full: step 0 (the accelerator's first step always computes) and the schedule's
+// dense steps. Every reader of a forecast's schedule below goes through this mask.
+std::vector<bool> full_step_mask(const specdiff::step_schedule& schedule, int steps) {
+  std::vector<bool> full(static_cast<std::size_t>(steps));
+  for (int k = 0; k < steps; ++k) full[static_cast<std::size_t>(k)] = k == 0 || schedule.is_dense(k, steps);
+  return full;
+}
+
 // forecast_options::correct: at each full step the forecast steps since the previous one are re-estimated by
 // interpolation through the newest three full outputs, and the latent moved by the difference (through the full
 // step's own output). Its buffers are sized before the run: nothing is allocated per step.
 class forecast_corrector {
  public:
-  forecast_corrector(const problem& p, const specdiff::step_schedule& schedule, std::size_t size, double weight) : weight_(weight) {
+  // full: the run's full_step_mask.
+  forecast_corrector(const problem& p, std::vector<bool> full, std::size_t size, double weight) : weight_(weight), full_(std::move(full)) {
     const sd3::flow_match_euler main = p.schedule(p.steps);
     for (int k = 0; k < p.steps; ++k) {
-      full_.push_back(k == 0 || schedule.is_dense(k, p.steps));
       tag_.push_back(main.timesteps()[static_cast<std::size_t>(k)]);
       step_size_.push_back(static_cast<double>(main.sigmas()[static_cast<std::size_t>(k) + 1]) - main.sigmas()[static_cast<std::size_t>(k)]);
     }
@@ -303,11 +312,11 @@ class forecast_corrector {
   std::vector<std::size_t> pending_;
 };
 
-// The full steps a forecast schedule computes, in order.
-std::vector<int> forecast_full_steps(const specdiff::step_schedule& schedule, int steps) {
+// The full steps of a full_step_mask, in order.
+std::vector<int> full_step_list(const std::vector<bool>& mask) {
   std::vector<int> full;
-  for (int k = 0; k < steps; ++k)
-    if (k == 0 || schedule.is_dense(k, steps)) full.push_back(k);
+  for (std::size_t k = 0; k < mask.size(); ++k)
+    if (mask[k]) full.push_back(static_cast<int>(k));
   return full;
 }
 
@@ -334,11 +343,11 @@ tacache_projection tacache_project(const float* v, const float* previous, std::s
 // TACache's forecast: keeps the last two full outputs and overwrites every forecast step's rows.
 class tacache_filler {
  public:
-  tacache_filler(const tacache_table& t, int steps, std::size_t blocks, std::size_t length) : t_(t), blocks_(blocks), length_(length) {
+  // is_full: the run's full_step_mask (the table's full_steps, checked equal by run_forecast).
+  tacache_filler(const tacache_table& t, std::vector<bool> is_full, std::size_t blocks, std::size_t length)
+      : t_(t), blocks_(blocks), length_(length), is_full_(std::move(is_full)) {
     for (auto& f : full_) f.assign(blocks * length, 0.f);
     o_.assign(length, 0.f);
-    is_full_.assign(static_cast<std::size_t>(steps), false);
-    for (int k : t.full_steps) is_full_[static_cast<std::size_t>(k)] = true;
   }
   void after_step(std::vector<float>& rows) {
     const auto k = static_cast<std::size_t>(step_++);
@@ -378,6 +387,7 @@ void check_forecast_order(const forecast_options& o) {
 run_result run_forecast(const problem& p, const forecast_options& o, const progress_fn& progress) {
   const specdiff::accelerator_config config{.tokens = image_tokens(p), .batch = model_batch(p), .steps = p.steps, .feature_dim = p.net->patch_features()};
   const auto schedule = forecast_schedule(o, p.steps);
+  const auto full = full_step_mask(schedule, p.steps);
   check_forecast_order(o);
   auto run = [&](auto approximator) {
     specdiff::accelerator acc(config, specdiff::uniform_scorer{}, specdiff::no_speculation{}, specdiff::all_approximate_classifier{}, schedule,
@@ -386,9 +396,9 @@ run_result run_forecast(const problem& p, const forecast_options& o, const progr
       return run_token_level(p, acc, std::nullopt, false, [](auto&, const std::vector<float>&) {}, progress, forecast_on_steps(o));
     const std::size_t length = static_cast<std::size_t>(config.tokens) * static_cast<std::size_t>(config.feature_dim);
     std::optional<forecast_corrector> corrector;
-    if (o.correct > 0.0) corrector.emplace(p, schedule, static_cast<std::size_t>(config.batch) * length, o.correct);
+    if (o.correct > 0.0) corrector.emplace(p, full, static_cast<std::size_t>(config.batch) * length, o.correct);
     std::optional<tacache_filler> filler;
-    if (o.tacache != nullptr) filler.emplace(*o.tacache, p.steps, static_cast<std::size_t>(config.batch), length);
+    if (o.tacache != nullptr) filler.emplace(*o.tacache, full, static_cast<std::size_t>(config.batch), length);
     return run_token_level(p, acc, std::nullopt, false,
                            [&](auto&, std::vector<float>& rows) {
                              if (filler) filler->after_step(rows);
@@ -400,7 +410,7 @@ run_result run_forecast(const problem& p, const forecast_options& o, const progr
   // recursive divided differences (every cached full step starts a difference, as diffusers' hook forms them).
   if (o.tacache != nullptr) {
     const auto& t = *o.tacache;
-    if (t.full_steps != forecast_full_steps(schedule, p.steps))
+    if (t.full_steps != full_step_list(full))
       throw std::invalid_argument("tacache: the table was fitted for other full steps than this schedule's (calibrate_tacache with these options)");
     if (t.alpha.size() != static_cast<std::size_t>(p.steps) || t.beta.size() != t.alpha.size() || t.gamma.size() != t.alpha.size())
       throw std::invalid_argument(sd3::message("tacache: the table holds ", t.alpha.size(), " steps, the run has ", p.steps));
@@ -413,7 +423,7 @@ run_result run_forecast(const problem& p, const forecast_options& o, const progr
     const auto& table = *o.learned_weights;
     int cached = 0;
     for (int k = 0; k < p.steps && k < table.steps(); ++k) {
-      if (k == 0 || schedule.is_dense(k, p.steps)) {
+      if (full[static_cast<std::size_t>(k)]) {
         ++cached;
         continue;
       }
@@ -431,7 +441,7 @@ run_result run_forecast(const problem& p, const forecast_options& o, const progr
 
 run_result calibrate_forecast(const problem& p, const forecast_options& o, specdiff::history_fit& fit, const progress_fn& progress) {
   using target = forecast_options::fit_target;
-  const auto schedule = forecast_schedule(o, p.steps);
+  const auto full_steps = full_step_mask(forecast_schedule(o, p.steps), p.steps);
   const sd3::transformer& c = *p.net;
   const int batch = model_batch(p), tokens = image_tokens(p), features = c.patch_features(), rows = batch * tokens;
   const sd3::flow_match_euler main = p.schedule(p.steps);
@@ -462,7 +472,7 @@ run_result calibrate_forecast(const problem& p, const forecast_options& o, specd
       const std::size_t half = static_cast<std::size_t>(fit_rows * features);
       for (std::size_t i = 0; i < half; ++i) target_rows[i] = out[i] + p.guidance * (out[half + i] - out[i]);
     }
-    const bool full = call.step == 0 || schedule.is_dense(call.step, p.steps);
+    const bool full = full_steps[static_cast<std::size_t>(call.step)];
     const float step_tag = static_cast<float>(p.steps - call.step);
     if (full) {
       store.write(0, 0, call.timestep, fit_view);
@@ -485,14 +495,12 @@ run_result calibrate_forecast(const problem& p, const forecast_options& o, specd
 }
 
 run_result calibrate_tacache(const problem& p, const forecast_options& o, tacache_table& out, const progress_fn& progress) {
-  const auto schedule = forecast_schedule(o, p.steps);
+  const std::vector<bool> is_full = full_step_mask(forecast_schedule(o, p.steps), p.steps);
   const sd3::transformer& c = *p.net;
   const int batch = model_batch(p), tokens = image_tokens(p), features = c.patch_features();
   const std::size_t length = static_cast<std::size_t>(tokens) * static_cast<std::size_t>(features), blocks = static_cast<std::size_t>(batch);
   const auto steps = static_cast<std::size_t>(p.steps);
-  out.full_steps = forecast_full_steps(schedule, p.steps);
-  std::vector<bool> is_full(steps, false);
-  for (int k : out.full_steps) is_full[static_cast<std::size_t>(k)] = true;
+  out.full_steps = full_step_list(is_full);
   // Per step: the normal equations of y = alpha |v| + beta p (y = <v_k, u>), and <v_k, o>, <o, o>.
   struct sums {
     double nn = 0, np = 0, pp = 0, ny = 0, py = 0, ko = 0, oo = 0;
