@@ -369,28 +369,29 @@ void compare_ulysses_subset(specdiff::mpi_communicator& comm, sd3::transformer& 
               me, name, k, empty_steps, seed, worst_rows, worst_probe);
 }
 
-void sd3_ulysses_subset(specdiff::mpi_communicator& comm) {
-  test_util::random_problem p(11, true, {0, 1});  // MMDiT-X: the image-only attention's cache slots too
-  sd3::transformer net(p.model, p.limits(), 1);
-  std::vector<float> timesteps(static_cast<std::size_t>(p.batch));
-  compare_ulysses_subset(comm, net, [&](float t) {
+// The problem's inputs with every sample at timestep t (`timesteps`: the caller's buffer, one per sample).
+template <class Problem>
+auto inputs_at_timestep(Problem& p, std::vector<float>& timesteps) {
+  return [&p, &timesteps](float t) {
     std::fill(timesteps.begin(), timesteps.end(), t);
     sd3::forward_inputs in = p.inputs();
     in.timesteps = timesteps;
     return in;
-  }, p.batch, p.tokens(), false, "sd3 (MMDiT-X)");
+  };
+}
+
+void sd3_ulysses_subset(specdiff::mpi_communicator& comm) {
+  test_util::random_problem p(11, true, {0, 1});  // MMDiT-X: the image-only attention's cache slots too
+  sd3::transformer net(p.model, p.limits(), 1);
+  std::vector<float> timesteps(static_cast<std::size_t>(p.batch));
+  compare_ulysses_subset(comm, net, inputs_at_timestep(p, timesteps), p.batch, p.tokens(), false, "sd3 (MMDiT-X)");
 }
 
 void flux_ulysses_subset(specdiff::mpi_communicator& comm) {
   const flux_problem p(test_util::small_flux_config(), 4, 5);  // rotary positions, single-stream blocks, probe with context queries
   sd3::transformer net(p.model, p.limits(), 1);
   std::vector<float> timesteps(static_cast<std::size_t>(p.batch));
-  compare_ulysses_subset(comm, net, [&](float t) {
-    std::fill(timesteps.begin(), timesteps.end(), t);
-    sd3::forward_inputs in = p.inputs();
-    in.timesteps = timesteps;
-    return in;
-  }, p.batch, p.rows * p.cols, true, "flux");
+  compare_ulysses_subset(comm, net, inputs_at_timestep(p, timesteps), p.batch, p.rows * p.cols, true, "flux");
 }
 
 // sd3::sequence_parallel with use_ulysses(true): forward_full against one process's forward (velocity on every rank,
